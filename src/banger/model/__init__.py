@@ -1,0 +1,1 @@
+"""Pure records and rules. Stdlib only."""

@@ -1,0 +1,8 @@
+"""The step engine: named steps, each owning the undo of what it acquired.
+
+Knows nothing about VMs. See ARCHITECTURE.md section 1 for the contract.
+"""
+
+from banger.pipeline.steps import Event, Step, StepFailed, run_steps
+
+__all__ = ["Event", "Step", "StepFailed", "run_steps"]

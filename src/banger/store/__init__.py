@@ -1,0 +1,1 @@
+"""SQLite state: connection, migrations, repositories. No business rules."""

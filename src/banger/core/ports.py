@@ -1,0 +1,116 @@
+"""The small protocols through which use cases reach the host.
+
+Production adapters live in ``banger.host`` and are wired in the daemon; unit tests use
+the stateful fakes in ``tests/fakes.py``. Every method is idempotent where it releases
+something: "already gone" is success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    rootfs: Path
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    kernel_version: str = ""
+
+
+class ImagePort(Protocol):
+    def known(self) -> list[str]: ...
+
+    def get(self, name: str) -> ImageInfo | None:
+        """The built and verified image, or None when it is not built yet."""
+
+    def build(self, name: str, on_progress: Callable[[str], None]) -> ImageInfo: ...
+
+
+class DiskPort(Protocol):
+    def create_overlay(self, base: Path, overlay: Path) -> None: ...
+
+    def build_work_disk(self, path: Path, size_bytes: int,
+                        files: Mapping[str, tuple[bytes, int]]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Accel:
+    accel: str  # "kvm" | "tcg"
+    reason: str
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    vm_id: str
+    kernel: Path
+    initrd: Path
+    cmdline: str
+    root_disk: Path
+    work_disk: Path
+    vcpus: int
+    memory_mib: int
+    ssh_port: int
+    serial_log: Path
+    vmm_log: Path
+    qmp_socket: Path
+    hostname: str
+    restrict_net: bool
+    accel: str
+
+
+@dataclass(frozen=True)
+class Rediscovered:
+    pid: int
+    ssh_port: int | None
+
+
+class VmmPort(Protocol):
+    name: str
+
+    def accel(self) -> Accel: ...
+
+    def free_port(self) -> int: ...
+
+    def launch(self, spec: LaunchSpec) -> int:
+        """Start the VMM detached from the daemon; return its pid."""
+
+    def alive(self, pid: int, qmp_socket: Path) -> bool:
+        """True when ``pid`` is running and is the VMM of that socket (never a recycled pid)."""
+
+    def answering(self, qmp_socket: Path) -> bool:
+        """True when the VMM's control socket answers."""
+
+    def quit(self, qmp_socket: Path) -> bool: ...
+
+    def kill(self, pid: int, sig: int) -> None: ...
+
+    def wait_exit(self, pid: int, timeout: float) -> bool: ...
+
+    def rediscover(self, qmp_socket: Path) -> Rediscovered | None:
+        """Find a live VMM from its socket path alone (handles file lost or corrupt)."""
+
+
+class GuestPort(Protocol):
+    def ensure_key(self) -> str:
+        """The managed public key (created on first use)."""
+
+    def wait_ready(self, *, port: int, alias: str, timeout: float, serial_log: Path,
+                   alive: Callable[[], bool]) -> float: ...
+
+    def poweroff(self, *, port: int, alias: str, timeout: float) -> None: ...
+
+    def forget_host(self, alias: str) -> None: ...
+
+
+@dataclass
+class HostPorts:
+    images: ImagePort
+    disks: DiskPort
+    vmm: VmmPort
+    guest: GuestPort

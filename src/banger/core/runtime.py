@@ -1,0 +1,93 @@
+"""Transient handles of a running VM and the one function that releases them.
+
+Handles (VMM pid, forwarded port, control socket) never go into SQLite: they live in memory
+plus the VM directory's handles.json, and are rediscovered from the OS when that file is
+missing or corrupt. :func:`release_runtime` is used by start rollback, stop, kill, delete
+and reconcile alike, so teardown cannot drift from rollback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import threading
+from dataclasses import asdict, dataclass
+
+from banger.core.ports import VmmPort
+from banger.model.layout import VMPaths
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Handles:
+    pid: int
+    ssh_port: int | None
+    qmp_socket: str
+    accel: str
+    boot_id: str
+    started_at: float
+    vmm: str = "qemu"
+
+
+class HandleStore:
+    """In-memory handles, mirrored to each VM's handles.json."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mem: dict[str, Handles] = {}
+
+    def put(self, paths: VMPaths, h: Handles) -> None:
+        tmp = paths.handles.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(h)))
+        tmp.replace(paths.handles)
+        with self._lock:
+            self._mem[paths.names.vm_id] = h
+
+    def get(self, vm_id: str) -> Handles | None:
+        with self._lock:
+            return self._mem.get(vm_id)
+
+    def load(self, paths: VMPaths) -> Handles | None:
+        """Read handles.json; None when it is missing or corrupt (caller rediscovers)."""
+        try:
+            data = json.loads(paths.handles.read_text())
+            h = Handles(**data)
+            if not isinstance(h.pid, int):
+                raise TypeError("pid")
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:
+            log.warning("handles file %s is corrupt (%s): rediscovering from the OS",
+                        paths.handles, exc)
+            return None
+        with self._lock:
+            self._mem[paths.names.vm_id] = h
+        return h
+
+    def forget(self, paths: VMPaths) -> None:
+        with self._lock:
+            self._mem.pop(paths.names.vm_id, None)
+        paths.handles.unlink(missing_ok=True)
+        paths.handles.with_suffix(".tmp").unlink(missing_ok=True)
+
+
+def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
+                    *, kill_timeout: float = 5.0) -> None:
+    """Kill the VMM (if any) and remove sockets and handles. Idempotent."""
+    h = handles.get(paths.names.vm_id) or handles.load(paths)
+    pid: int | None = None
+    if h is not None and vmm.alive(h.pid, paths.qmp_socket):
+        pid = h.pid
+    else:
+        found = vmm.rediscover(paths.qmp_socket)
+        pid = found.pid if found else None
+    if pid is not None:
+        vmm.kill(pid, signal.SIGKILL)
+        if not vmm.wait_exit(pid, kill_timeout):
+            raise RuntimeError(f"VMM pid {pid} did not exit after SIGKILL")
+    handles.forget(paths)
+    paths.qmp_socket.unlink(missing_ok=True)
+    shutil.rmtree(paths.sock_dir, ignore_errors=True)

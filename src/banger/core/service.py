@@ -1,0 +1,380 @@
+"""VM use cases: create, start, stop, restart, kill, delete, set, prune, observe, reconcile.
+
+Reaches the host only through :mod:`banger.core.ports`. Each VM has a lock: one lifecycle
+operation at a time per VM; different VMs proceed concurrently.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal as signals
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+
+from banger.core.errors import (
+    BangerError,
+    ConflictError,
+    InvalidRequest,
+    NotFoundError,
+    OperationFailed,
+)
+from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
+from banger.core.ports import HostPorts
+from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.core.startplan import StartContext, start_steps
+from banger.model.layout import Layout, VMPaths
+from banger.model.vm import VM, InvalidSpec, VMSpec, VMState, default_name, new_vm_id, validate_name
+from banger.pipeline import Event, StepFailed, run_steps
+from banger.store.vms import Conflict, NotFound, VMRepository
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = frozenset({VMState.RUNNING, VMState.STARTING, VMState.STOPPING})
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    ready: float = 180.0
+    guest_poweroff: float = 10.0
+    qmp_quit: float = 5.0
+    kill: float = 5.0
+
+
+@dataclass(frozen=True)
+class VMView:
+    """A VM as shown to users: the record plus what was observed of it just now."""
+
+    vm: VM
+    handles: Handles | None
+    paths: VMPaths
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    ref: str
+    vm: VM | None
+    error: BangerError | None
+
+
+class VMService:
+    def __init__(self, *, repo: VMRepository, ops: Operations, host: HostPorts, layout: Layout,
+                 clock: Callable[[], float] = time.time, timeouts: Timeouts = Timeouts(),
+                 failpoint: str | None = None) -> None:
+        self.repo = repo
+        self.ops = ops
+        self.host = host
+        self.layout = layout
+        self.clock = clock
+        self.timeouts = timeouts
+        self.failpoint = failpoint
+        self.handles = HandleStore()
+        self._locks_guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+
+    # ---- lookup -------------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> VM:
+        vm = self.repo.by_name(ref)
+        if vm is not None:
+            return vm
+        try:
+            return self.repo.get(ref)
+        except NotFound:
+            pass
+        matches = [v for v in self.repo.list() if len(ref) >= 4 and v.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise ConflictError(f"VM ref {ref!r} is ambiguous: matches "
+                                f"{', '.join(v.name for v in matches)}")
+        raise NotFoundError(f"no VM named {ref!r} (see `banger vm list`)")
+
+    def _lock(self, vm_id: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(vm_id, threading.Lock())
+
+    # ---- create / start -----------------------------------------------------------------
+
+    def create(self, *, name: str | None, spec: VMSpec, start: bool = True,
+               sink: ProgressSink = no_progress) -> VM:
+        try:
+            spec = spec.validated()
+            if name is not None:
+                validate_name(name)
+        except InvalidSpec as exc:
+            raise InvalidRequest(str(exc)) from exc
+        if spec.image not in self.host.images.known():
+            raise InvalidRequest(f"unknown image {spec.image!r}; known images: "
+                                 f"{', '.join(self.host.images.known())}")
+        vm_id = new_vm_id()
+        now = self.clock()
+        vm = VM(id=vm_id, name=name or default_name(vm_id), spec=spec, state=VMState.CREATED,
+                created_at=now, updated_at=now)
+        try:
+            self.repo.insert(vm)
+        except Conflict as exc:
+            raise ConflictError(str(exc)) from exc
+        self.layout.vm(vm_id).dir.mkdir(parents=True, exist_ok=True)
+        if start:
+            return self.start(vm.id, sink=sink)
+        return vm
+
+    def start(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+        vm = self.resolve(ref)
+        with self._lock(vm.id):
+            vm = self._observe_locked(self.repo.get(vm.id))
+            if vm.state is VMState.RUNNING:
+                raise ConflictError(f"VM {vm.name!r} is already running")
+            return self._start_locked(vm, sink)
+
+    def _start_locked(self, vm: VM, sink: ProgressSink) -> VM:
+        paths = self.layout.vm(vm.id)
+        with self.ops.track("start", vm.id, vm.name, sink) as op:
+            vm = vm.with_state(VMState.STARTING, self.clock(), op_id=op.id)
+            self.repo.update(vm)
+            ctx = StartContext(
+                vm=vm, paths=paths, host=self.host, handles=self.handles, clock=self.clock,
+                ready_timeout=self.timeouts.ready, failpoint=self.failpoint,
+                on_detail=lambda stage, msg: self.ops.emit(
+                    op, Progress(op.id, vm.name, "detail", stage, message=msg)),
+            )
+            try:
+                run_steps(start_steps(ctx), ctx, on_event=self._forward(op, vm.name))
+            except StepFailed as err:
+                cause = err.cause
+                message = str(cause)
+                if err.undo_errors:
+                    message += "; cleanup also failed: " + "; ".join(
+                        f"{type(e).__name__}: {e}" for e in err.undo_errors)
+                failed = vm.with_state(VMState.ERROR, self.clock(), error=message,
+                                       stage=err.step, op_id=op.id)
+                self.repo.update(failed)
+                raise OperationFailed(f"start of {vm.name!r} failed at stage {err.step!r}: "
+                                      f"{message}", stage=err.step, op_id=op.id) from err
+            running = replace(vm.with_state(VMState.RUNNING, self.clock(), op_id=op.id),
+                              boot_id=ctx.boot_id)
+            self.repo.update(running)
+            return running
+
+    def _forward(self, op: Operation, vm_name: str) -> Callable[[Event], None]:
+        def forward(e: Event) -> None:
+            msg = f"{type(e.error).__name__}: {e.error}" if e.error is not None else None
+            self.ops.emit(op, Progress(op.id, vm_name, e.kind, e.step, e.progress, e.elapsed,
+                                       msg))
+        return forward
+
+    # ---- stop / kill / restart ----------------------------------------------------------
+
+    def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+        vm = self.resolve(ref)
+        with self._lock(vm.id):
+            vm = self._observe_locked(self.repo.get(vm.id))
+            if vm.state not in LIVE_STATES:
+                return vm
+            with self.ops.track("stop", vm.id, vm.name, sink) as op:
+                self._graceful_stop_locked(vm, op)
+                stopped = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
+                self.repo.update(stopped)
+                return stopped
+
+    def _graceful_stop_locked(self, vm: VM, op: Operation) -> None:
+        """Guest poweroff, then QMP quit, then SIGKILL, each after a short deadline."""
+        paths = self.layout.vm(vm.id)
+        h = self.handles.get(vm.id) or self.handles.load(paths)
+        vmm, t = self.host.vmm, self.timeouts
+        if h is not None and vmm.alive(h.pid, paths.qmp_socket):
+            emit = self._forward(op, vm.name)
+            gone = False
+            if h.ssh_port:
+                emit(Event("run", "guest_poweroff", "powering off the guest"))
+                try:
+                    self.host.guest.poweroff(port=h.ssh_port, alias=paths.names.ssh_alias,
+                                             timeout=t.guest_poweroff)
+                except Exception as exc:  # the next deadline takes over; say why
+                    log.info("guest poweroff of %s failed: %s", vm.name, exc)
+                gone = vmm.wait_exit(h.pid, t.guest_poweroff)
+                emit(Event("ok" if gone else "failed", "guest_poweroff", None))
+            if not gone:
+                emit(Event("run", "qmp_quit", "asking QEMU to quit"))
+                vmm.quit(paths.qmp_socket)
+                gone = vmm.wait_exit(h.pid, t.qmp_quit)
+                emit(Event("ok" if gone else "failed", "qmp_quit", None))
+        release_runtime(paths, vmm, self.handles, kill_timeout=t.kill)
+
+    def kill(self, ref: str, *, signal: int = signals.SIGKILL,
+             sink: ProgressSink = no_progress) -> VM:
+        vm = self.resolve(ref)
+        with self._lock(vm.id):
+            vm = self.repo.get(vm.id)
+            paths = self.layout.vm(vm.id)
+            with self.ops.track("kill", vm.id, vm.name, sink) as op:
+                h = self.handles.get(vm.id) or self.handles.load(paths)
+                if h is not None and self.host.vmm.alive(h.pid, paths.qmp_socket):
+                    self.host.vmm.kill(h.pid, signal)
+                    self.host.vmm.wait_exit(h.pid, self.timeouts.kill)
+                release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
+                stopped = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
+                self.repo.update(stopped)
+                return stopped
+
+    def restart(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+        vm = self.resolve(ref)
+        with self._lock(vm.id):
+            vm = self._observe_locked(self.repo.get(vm.id))
+            if vm.state in LIVE_STATES:
+                with self.ops.track("stop", vm.id, vm.name, sink) as op:
+                    self._graceful_stop_locked(vm, op)
+                    vm = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
+                    self.repo.update(vm)
+            return self._start_locked(vm, sink)
+
+    # ---- delete / prune / set -----------------------------------------------------------
+
+    def delete(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+        vm = self.resolve(ref)
+        with self._lock(vm.id):
+            vm = self.repo.get(vm.id)
+            paths = self.layout.vm(vm.id)
+            with self.ops.track("delete", vm.id, vm.name, sink):
+                release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
+                self.host.guest.forget_host(paths.names.ssh_alias)
+                shutil.rmtree(paths.dir, ignore_errors=True)
+                if paths.dir.exists():
+                    raise OperationFailed(f"could not remove {paths.dir}")
+                self.repo.delete(vm.id)
+        with self._locks_guard:
+            self._locks.pop(vm.id, None)
+        return vm
+
+    def prune(self) -> list[BatchResult]:
+        doomed = [v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
+        return self.batch("delete", doomed)
+
+    def set(self, ref: str, *, vcpus: int | None = None, memory_mib: int | None = None,
+            work_disk_mib: int | None = None) -> VM:
+        vm = self.resolve(ref)
+        with self._lock(vm.id):
+            vm = self._observe_locked(self.repo.get(vm.id))
+            if vm.state in LIVE_STATES:
+                raise ConflictError(f"VM {vm.name!r} is {vm.state.value}: stop it first "
+                                    f"(`banger vm stop {vm.name}`); changes apply at next start")
+            try:
+                spec = vm.spec.with_changes(vcpus=vcpus, memory_mib=memory_mib,
+                                            work_disk_mib=work_disk_mib)
+            except InvalidSpec as exc:
+                raise InvalidRequest(str(exc)) from exc
+            if (spec.work_disk_mib != vm.spec.work_disk_mib
+                    and self.layout.vm(vm.id).work_disk.exists()):
+                raise InvalidRequest("the work disk already exists; its size cannot be changed "
+                                     "yet (create a new VM with --disk-size)")
+            updated = replace(vm, spec=spec, updated_at=self.clock())
+            self.repo.update(updated)
+            return updated
+
+    # ---- several VMs at once ------------------------------------------------------------
+
+    def batch(self, action: str, refs: Sequence[str], **kwargs: object) -> list[BatchResult]:
+        """Resolve every ref once, de-duplicate, act concurrently, report each result."""
+        fn: Callable[..., VM] = {
+            "start": self.start, "stop": self.stop, "restart": self.restart,
+            "kill": self.kill, "delete": self.delete,
+        }[action]
+        resolved: list[tuple[str, VM | None, BangerError | None]] = []
+        for ref in refs:
+            try:
+                resolved.append((ref, self.resolve(ref), None))
+            except BangerError as exc:
+                resolved.append((ref, None, exc))
+        unique: dict[str, VM] = {}
+        for _, vm, _err in resolved:
+            if vm is not None:
+                unique.setdefault(vm.id, vm)
+        outcomes: dict[str, tuple[VM | None, BangerError | None]] = {}
+
+        def act(vm: VM) -> None:
+            try:
+                outcomes[vm.id] = (fn(vm.id, **kwargs), None)
+            except BangerError as exc:
+                outcomes[vm.id] = (None, exc)
+            except Exception as exc:
+                outcomes[vm.id] = (None, OperationFailed(f"{action} {vm.name}: {exc}"))
+
+        if unique:
+            with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
+                list(pool.map(act, unique.values()))
+        results: list[BatchResult] = []
+        seen: set[str] = set()
+        for ref, vm, err in resolved:
+            if vm is None:
+                results.append(BatchResult(ref, None, err))
+            elif vm.id not in seen:
+                seen.add(vm.id)
+                done, failure = outcomes[vm.id]
+                results.append(BatchResult(ref, done, failure))
+        return results
+
+    # ---- observation --------------------------------------------------------------------
+
+    def list_vms(self) -> list[VMView]:
+        return [self.view(v) for v in self.repo.list()]
+
+    def show(self, ref: str) -> VMView:
+        return self.view(self.resolve(ref))
+
+    def view(self, vm: VM) -> VMView:
+        lock = self._lock(vm.id)
+        if lock.acquire(blocking=False):
+            try:
+                vm = self._observe_locked(self.repo.get(vm.id))
+            finally:
+                lock.release()
+        paths = self.layout.vm(vm.id)
+        h = self.handles.get(vm.id) if vm.state in LIVE_STATES else None
+        return VMView(vm=vm, handles=h, paths=paths)
+
+    def _observe_locked(self, vm: VM) -> VM:
+        """Demote a VM whose VMM is gone; rediscover handles of one that still runs."""
+        if vm.state not in LIVE_STATES:
+            return vm
+        paths = self.layout.vm(vm.id)
+        h = self.handles.get(vm.id) or self.handles.load(paths)
+        if h is not None and self.host.vmm.alive(h.pid, paths.qmp_socket):
+            return vm
+        found = self.host.vmm.rediscover(paths.qmp_socket)
+        if found is not None:
+            log.warning("VM %s: handles lost; rediscovered VMM pid %d", vm.name, found.pid)
+            self.handles.put(paths, Handles(
+                pid=found.pid, ssh_port=found.ssh_port, qmp_socket=str(paths.qmp_socket),
+                accel=self.host.vmm.accel().accel, boot_id=vm.boot_id or "",
+                started_at=self.clock(), vmm=self.host.vmm.name))
+            return vm
+        release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
+        demoted = vm.with_state(
+            VMState.STOPPED, self.clock(),
+            error=None if vm.state is VMState.STOPPING else "the VMM process exited",
+            stage=None)
+        self.repo.update(demoted)
+        return demoted
+
+    def reconcile(self) -> list[VM]:
+        """At daemon start: keep live VMs (same pid), tear down dead or half-started ones."""
+        out = []
+        for vm in self.repo.list():
+            with self._lock(vm.id):
+                if vm.state is VMState.STARTING:
+                    # A start interrupted by a daemon crash: nothing finished it.
+                    paths = self.layout.vm(vm.id)
+                    release_runtime(paths, self.host.vmm, self.handles,
+                                    kill_timeout=self.timeouts.kill)
+                    vm = vm.with_state(VMState.ERROR, self.clock(),
+                                       error="the daemon stopped during this start",
+                                       stage=vm.last_error_stage)
+                    self.repo.update(vm)
+                else:
+                    vm = self._observe_locked(vm)
+            out.append(vm)
+        return out

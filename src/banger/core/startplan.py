@@ -1,0 +1,176 @@
+"""The start pipeline of one VM, built by one function that production and tests share.
+
+Each step that acquires something owns its undo, and the undo releases only what this run
+acquired: a start that found the root overlay or work disk already there leaves them alone.
+Stages that do not apply to a VM are left out of the list, not run as no-ops.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from banger.core.errors import FailpointTriggered, InvalidRequest
+from banger.core.ports import HostPorts, ImageInfo, LaunchSpec
+from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.model.layout import VMPaths
+from banger.model.vm import VM, NetworkMode
+from banger.pipeline import Step
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class StartContext:
+    vm: VM
+    paths: VMPaths
+    host: HostPorts
+    handles: HandleStore
+    clock: Callable[[], float]
+    ready_timeout: float = 120.0
+    failpoint: str | None = None
+    on_detail: Callable[[str, str], None] = lambda stage, msg: None
+    # Filled in as the steps run.
+    image: ImageInfo | None = None
+    created: set[str] = field(default_factory=set)
+    ssh_port: int | None = None
+    pid: int | None = None
+    boot_id: str | None = None
+    ready_after: float | None = None
+
+
+def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
+    """The ordered stages for starting ``ctx.vm``."""
+    steps: list[Step[StartContext]] = [
+        Step("preflight", _preflight, progress="checking image and spec"),
+        Step("cleanup_runtime", _cleanup_runtime, progress="clearing stale runtime state"),
+        Step("socket_dir", _socket_dir, _undo_socket_dir, progress="creating socket directory"),
+        Step("system_overlay", _system_overlay, _undo_system_overlay,
+             progress="creating root disk overlay"),
+        Step("work_disk", _work_disk, _undo_work_disk, progress="creating work disk"),
+    ]
+    if ctx.vm.spec.network is NetworkMode.USER:
+        steps.append(Step("port_forward", _port_forward, progress="reserving ssh port"))
+    steps += [
+        Step("qemu_launch", _qemu_launch, _undo_launch, progress="launching QEMU"),
+        Step("wait_ssh", _wait_ssh, progress="waiting for ssh"),
+    ]
+    if ctx.failpoint:
+        steps = [_with_failpoint(s, ctx.failpoint) for s in steps]
+    return steps
+
+
+def _with_failpoint(step: Step[StartContext], stage: str) -> Step[StartContext]:
+    if step.name != stage:
+        return step
+    inner = step.run
+
+    def run(ctx: StartContext) -> None:
+        # Fail after the step acquired its resource, so its own undo must release it.
+        inner(ctx)
+        raise FailpointTriggered(f"failpoint: injected failure after stage {stage!r}")
+
+    return Step(step.name, run, step.undo, step.progress, step.attrs)
+
+
+def _preflight(ctx: StartContext) -> None:
+    spec = ctx.vm.spec
+    if spec.network is not NetworkMode.USER:
+        raise InvalidRequest(f"network mode {spec.network.value!r} is not available yet; "
+                             "use --network user")
+    images = ctx.host.images
+    if spec.image not in images.known():
+        raise InvalidRequest(f"unknown image {spec.image!r}; known: {', '.join(images.known())}")
+    image = images.get(spec.image)
+    if image is None:
+        image = images.build(spec.image, lambda msg: ctx.on_detail("preflight", msg))
+    ctx.image = image
+    ctx.paths.dir.mkdir(parents=True, exist_ok=True)
+
+
+def _cleanup_runtime(ctx: StartContext) -> None:
+    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles)
+
+
+def _socket_dir(ctx: StartContext) -> None:
+    if not ctx.paths.sock_dir.exists():
+        ctx.paths.sock_dir.mkdir(parents=True, mode=0o700)
+        ctx.created.add("socket_dir")
+
+
+def _undo_socket_dir(ctx: StartContext) -> None:
+    if "socket_dir" in ctx.created:
+        shutil.rmtree(ctx.paths.sock_dir, ignore_errors=True)
+
+
+def _system_overlay(ctx: StartContext) -> None:
+    assert ctx.image is not None
+    if ctx.paths.root_disk.exists():
+        return
+    ctx.created.add("system_overlay")
+    ctx.host.disks.create_overlay(ctx.image.rootfs, ctx.paths.root_disk)
+
+
+def _undo_system_overlay(ctx: StartContext) -> None:
+    if "system_overlay" in ctx.created:
+        ctx.paths.root_disk.unlink(missing_ok=True)
+
+
+def _work_disk(ctx: StartContext) -> None:
+    if ctx.paths.work_disk.exists():
+        return
+    pubkey = ctx.host.guest.ensure_key()
+    files = {
+        ".ssh/authorized_keys": (pubkey.strip().encode() + b"\n", 0o600),
+        ".banger/hostname": (ctx.vm.name.encode() + b"\n", 0o644),
+    }
+    ctx.created.add("work_disk")
+    ctx.host.disks.build_work_disk(ctx.paths.work_disk, ctx.vm.spec.work_disk_mib * MIB, files)
+
+
+def _undo_work_disk(ctx: StartContext) -> None:
+    if "work_disk" in ctx.created:
+        ctx.paths.work_disk.unlink(missing_ok=True)
+
+
+def _port_forward(ctx: StartContext) -> None:
+    ctx.ssh_port = ctx.host.vmm.free_port()
+
+
+def _qemu_launch(ctx: StartContext) -> None:
+    assert ctx.image is not None
+    vmm = ctx.host.vmm
+    ctx.boot_id = secrets.token_hex(8)
+    spec = LaunchSpec(
+        vm_id=ctx.vm.id, kernel=ctx.image.kernel, initrd=ctx.image.initrd,
+        cmdline=ctx.image.cmdline, root_disk=ctx.paths.root_disk,
+        work_disk=ctx.paths.work_disk, vcpus=ctx.vm.spec.vcpus,
+        memory_mib=ctx.vm.spec.memory_mib, ssh_port=ctx.ssh_port or 0,
+        serial_log=ctx.paths.serial_log, vmm_log=ctx.paths.vmm_log,
+        qmp_socket=ctx.paths.qmp_socket, hostname=ctx.vm.name,
+        restrict_net=not ctx.vm.spec.nat, accel=vmm.accel().accel,
+    )
+    ctx.pid = vmm.launch(spec)
+    ctx.handles.put(ctx.paths, Handles(
+        pid=ctx.pid, ssh_port=ctx.ssh_port, qmp_socket=str(ctx.paths.qmp_socket),
+        accel=spec.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name))
+
+
+def _undo_launch(ctx: StartContext) -> None:
+    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles)
+
+
+def _wait_ssh(ctx: StartContext) -> None:
+    assert ctx.pid is not None and ctx.ssh_port is not None
+    pid, sock = ctx.pid, ctx.paths.qmp_socket
+    vmm = ctx.host.vmm
+    ctx.ready_after = ctx.host.guest.wait_ready(
+        port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
+        serial_log=ctx.paths.serial_log, alive=lambda: vmm.alive(pid, sock))
+
+
+def vm_files_exist(paths: VMPaths) -> list[Path]:
+    return [p for p in (paths.root_disk, paths.work_disk) if p.exists()]

@@ -1,0 +1,169 @@
+"""Pure VM records and rules: names, specs, states and the names derived from a VM id.
+
+Stdlib only; nothing here touches the host.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+# A DNS label (RFC 1123): the VM name becomes <name>.vm and a guest hostname.
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+MIN_MEMORY_MIB = 128
+MAX_MEMORY_MIB = 64 * 1024
+MAX_VCPUS = 64
+MIN_WORK_DISK_MIB = 64
+MAX_WORK_DISK_MIB = 1024 * 1024
+
+
+class InvalidSpec(ValueError):
+    """A VM spec or name the user gave cannot be used; the message says why and how."""
+
+
+class VMState(StrEnum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ERROR = "error"
+
+
+class NetworkMode(StrEnum):
+    USER = "user"
+    TAP = "tap"
+
+
+def validate_name(name: str) -> str:
+    if not _LABEL.match(name):
+        raise InvalidSpec(
+            f"invalid VM name {name!r}: use a DNS label, 1-63 characters of a-z, 0-9 and '-', "
+            "starting and ending with a letter or digit (e.g. 'box' or 'web-1')"
+        )
+    return name
+
+
+def new_vm_id() -> str:
+    return secrets.token_hex(6)
+
+
+def default_name(vm_id: str) -> str:
+    return f"vm-{vm_id[:6]}"
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """What the user asked for; changed only by `vm set` on a stopped VM."""
+
+    vcpus: int = 1
+    memory_mib: int = 512
+    work_disk_mib: int = 4096
+    image: str = "debian-bookworm"
+    network: NetworkMode = NetworkMode.USER
+    nat: bool = False
+
+    def validated(self) -> VMSpec:
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise InvalidSpec(f"--vcpu {self.vcpus} is out of range: use 1 to {MAX_VCPUS}")
+        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise InvalidSpec(
+                f"--memory {self.memory_mib} MiB is out of range: use {MIN_MEMORY_MIB} to "
+                f"{MAX_MEMORY_MIB} MiB"
+            )
+        if not MIN_WORK_DISK_MIB <= self.work_disk_mib <= MAX_WORK_DISK_MIB:
+            raise InvalidSpec(
+                f"--disk-size {self.work_disk_mib} MiB is out of range: use "
+                f"{MIN_WORK_DISK_MIB} to {MAX_WORK_DISK_MIB} MiB"
+            )
+        return self
+
+    def with_changes(self, *, vcpus: int | None = None, memory_mib: int | None = None,
+                     work_disk_mib: int | None = None) -> VMSpec:
+        return replace(
+            self,
+            vcpus=self.vcpus if vcpus is None else vcpus,
+            memory_mib=self.memory_mib if memory_mib is None else memory_mib,
+            work_disk_mib=self.work_disk_mib if work_disk_mib is None else work_disk_mib,
+        ).validated()
+
+
+@dataclass(frozen=True)
+class VM:
+    """The durable record of a VM (what lives in SQLite)."""
+
+    id: str
+    name: str
+    spec: VMSpec
+    state: VMState
+    created_at: float
+    updated_at: float
+    last_error: str | None = None
+    last_error_stage: str | None = None
+    last_op_id: str | None = None
+    boot_id: str | None = None
+    guest_ip: str | None = None
+
+    def with_state(self, state: VMState, now: float, *, error: str | None = None,
+                   stage: str | None = None, op_id: str | None = None) -> VM:
+        return replace(self, state=state, updated_at=now, last_error=error,
+                       last_error_stage=stage, last_op_id=op_id or self.last_op_id)
+
+
+# Allowed transitions of the durable state. Observation (reconcile) may also demote a
+# running VM whose VMM died to stopped, which is in the table.
+TRANSITIONS: dict[VMState, frozenset[VMState]] = {
+    VMState.CREATED: frozenset({VMState.STARTING, VMState.ERROR}),
+    VMState.STARTING: frozenset({VMState.RUNNING, VMState.ERROR, VMState.STOPPED}),
+    VMState.RUNNING: frozenset({VMState.STOPPING, VMState.STOPPED, VMState.ERROR}),
+    VMState.STOPPING: frozenset({VMState.STOPPED, VMState.ERROR}),
+    VMState.STOPPED: frozenset({VMState.STARTING, VMState.ERROR}),
+    VMState.ERROR: frozenset({VMState.STARTING, VMState.STOPPED}),
+}
+
+
+def can_transition(src: VMState, dst: VMState) -> bool:
+    return dst in TRANSITIONS[src]
+
+
+@dataclass(frozen=True)
+class ResourceNames:
+    """Names of a VM's resources, derived from its id alone so cleanup can find them."""
+
+    vm_id: str
+
+    @property
+    def root_disk(self) -> str:
+        return "root.qcow2"
+
+    @property
+    def work_disk(self) -> str:
+        return "work.ext4"
+
+    @property
+    def serial_log(self) -> str:
+        return "serial.log"
+
+    @property
+    def vmm_log(self) -> str:
+        return "vmm.log"
+
+    @property
+    def qmp_socket(self) -> str:
+        return "qmp.sock"
+
+    @property
+    def handles(self) -> str:
+        return "handles.json"
+
+    @property
+    def ssh_alias(self) -> str:
+        return f"banger-{self.vm_id}"
+
+    @property
+    def tap(self) -> str:
+        # IFNAMSIZ is 16 including the NUL: "bt" + 12 hex = 14.
+        return f"bt{self.vm_id[:12]}"

@@ -1,0 +1,121 @@
+"""Run a list of named steps forward; on failure undo them in reverse, keeping every error.
+
+Contract (pinned by tests/unit/test_pipeline*.py):
+
+1. Steps run forward in order; the first failing step stops the run.
+2. The failing step's undo fires too: a step may have acquired part of its resource
+   before it raised.
+3. Every step that ran gets its undo called in reverse order; steps without an undo are
+   skipped; every undo is attempted even when an earlier one fails.
+4. The error raised is a :class:`StepFailed` exception group whose ``exceptions[0]`` is the
+   root cause and whose other members are the undo failures, in the order they happened.
+   We do not build on ``contextlib.ExitStack``: it lets an undo error replace the cause.
+5. On success no undo fires.
+6. Each step emits events (``run``, ``ok``, ``failed``, ``undo``, ``undone``,
+   ``undo_failed``) carrying its stable name and timings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, TypeVar
+
+C = TypeVar("C")
+
+EventKind = Literal["run", "ok", "failed", "undo", "undone", "undo_failed"]
+
+
+@dataclass(frozen=True)
+class Step(Generic[C]):
+    """A named unit of work and the undo of what it acquired.
+
+    ``name`` is the stable stage id (logs, progress, API errors and tests use it);
+    ``progress`` an optional user-facing label; ``attrs`` optional log attributes.
+    """
+
+    name: str
+    run: Callable[[C], None]
+    undo: Callable[[C], None] | None = None
+    progress: str | None = None
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    step: str
+    progress: str | None
+    elapsed: float | None = None
+    error: BaseException | None = None
+
+
+class StepFailed(ExceptionGroup[Exception]):
+    """Step ``step`` failed; ``exceptions[0]`` is the root cause, the rest undo failures."""
+
+    step: str
+
+    def __new__(cls, message: str, excs: Sequence[Exception], *, step: str = "") -> StepFailed:
+        self = super().__new__(cls, message, excs)
+        self.step = step
+        return self
+
+    def __init__(self, message: str, excs: Sequence[Exception], *, step: str = "") -> None:
+        super().__init__(message, excs)
+
+    def derive(self, excs: Sequence[Exception]) -> StepFailed:  # type: ignore[override]
+        # subgroup()/split() build new groups through derive(); keep the step name.
+        return StepFailed(self.message, excs, step=self.step)
+
+    @property
+    def cause(self) -> Exception:
+        return self.exceptions[0]
+
+    @property
+    def undo_errors(self) -> tuple[Exception, ...]:
+        return self.exceptions[1:]
+
+
+def run_steps(
+    steps: Sequence[Step[C]],
+    ctx: C,
+    *,
+    on_event: Callable[[Event], None] | None = None,
+) -> None:
+    """Run ``steps`` against ``ctx``; raise :class:`StepFailed` after rolling back."""
+    emit = on_event or _ignore
+    ran: list[Step[C]] = []
+    for step in steps:
+        emit(Event("run", step.name, step.progress))
+        ran.append(step)
+        started = time.monotonic()
+        try:
+            step.run(ctx)
+        except Exception as exc:
+            emit(Event("failed", step.name, step.progress, time.monotonic() - started, exc))
+            undo_errors = _roll_back(ran, ctx, emit)
+            message = f"step {step.name!r} failed: {exc}"
+            raise StepFailed(message, [exc, *undo_errors], step=step.name) from None
+        emit(Event("ok", step.name, step.progress, time.monotonic() - started))
+
+
+def _roll_back(ran: Sequence[Step[C]], ctx: C, emit: Callable[[Event], None]) -> list[Exception]:
+    errors: list[Exception] = []
+    for step in reversed(ran):
+        if step.undo is None:
+            continue
+        emit(Event("undo", step.name, step.progress))
+        started = time.monotonic()
+        try:
+            step.undo(ctx)
+        except Exception as exc:
+            errors.append(exc)
+            emit(Event("undo_failed", step.name, step.progress, time.monotonic() - started, exc))
+        else:
+            emit(Event("undone", step.name, step.progress, time.monotonic() - started))
+    return errors
+
+
+def _ignore(_: Event) -> None:
+    return None

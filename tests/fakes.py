@@ -1,0 +1,162 @@
+"""Stateful fakes behind the core ports, for unit tests only.
+
+Each has a real counterpart in banger.host that the e2e tier exercises. The fakes keep
+their own "OS" (processes, files) so leak checks look at that state, not at the database.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from banger.core.ports import Accel, HostPorts, ImageInfo, LaunchSpec, Rediscovered
+
+
+class FakeImages:
+    def __init__(self, root: Path, *, built: bool = True) -> None:
+        self.root = root
+        self.built = built
+        self.builds = 0
+
+    def known(self) -> list[str]:
+        return ["debian-bookworm"]
+
+    def _info(self) -> ImageInfo:
+        d = self.root / "images" / "debian-bookworm"
+        return ImageInfo("debian-bookworm", d / "rootfs.ext4", d / "vmlinux", d / "initrd.img",
+                         "init=/sbin/banger-init")
+
+    def get(self, name: str) -> ImageInfo | None:
+        return self._info() if self.built else None
+
+    def build(self, name: str, on_progress: Callable[[str], None]) -> ImageInfo:
+        on_progress("building fake image")
+        info = self._info()
+        info.rootfs.parent.mkdir(parents=True, exist_ok=True)
+        for p in (info.rootfs, info.kernel, info.initrd):
+            p.write_bytes(b"x")
+        self.built = True
+        self.builds += 1
+        return info
+
+
+class FakeDisks:
+    def __init__(self) -> None:
+        self.fail_overlay = False
+        self.work_files: dict[Path, Mapping[str, tuple[bytes, int]]] = {}
+
+    def create_overlay(self, base: Path, overlay: Path) -> None:
+        overlay.write_bytes(b"qcow2 over " + str(base).encode())
+        if self.fail_overlay:
+            raise OSError("overlay: disk full")
+
+    def build_work_disk(self, path: Path, size_bytes: int,
+                        files: Mapping[str, tuple[bytes, int]]) -> None:
+        path.write_bytes(b"ext4")
+        self.work_files[path] = dict(files)
+
+
+@dataclass
+class FakeProc:
+    pid: int
+    spec: LaunchSpec
+    signals: list[int] = field(default_factory=list)
+
+
+class FakeVmm:
+    name = "qemu"
+
+    def __init__(self) -> None:
+        self.procs: dict[int, FakeProc] = {}
+        self._pids = itertools.count(1000)
+        self._ports = itertools.count(40000)
+        self.launch_error: Exception | None = None
+        self.die_on_launch = False
+        self.ignore_quit = False
+        self.launched: list[LaunchSpec] = []
+        self.quits = 0
+
+    def accel(self) -> Accel:
+        return Accel("tcg", "fake")
+
+    def free_port(self) -> int:
+        return next(self._ports)
+
+    def launch(self, spec: LaunchSpec) -> int:
+        if self.launch_error is not None:
+            raise self.launch_error
+        pid = next(self._pids)
+        spec.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+        spec.qmp_socket.write_text("sock")
+        self.launched.append(spec)
+        if not self.die_on_launch:
+            self.procs[pid] = FakeProc(pid, spec)
+        return pid
+
+    def alive(self, pid: int, qmp_socket: Path) -> bool:
+        p = self.procs.get(pid)
+        return p is not None and p.spec.qmp_socket == qmp_socket
+
+    def answering(self, qmp_socket: Path) -> bool:
+        return any(p.spec.qmp_socket == qmp_socket for p in self.procs.values())
+
+    def quit(self, qmp_socket: Path) -> bool:
+        self.quits += 1
+        if self.ignore_quit:
+            return False
+        for pid, p in list(self.procs.items()):
+            if p.spec.qmp_socket == qmp_socket:
+                del self.procs[pid]
+                return True
+        return False
+
+    def kill(self, pid: int, sig: int) -> None:
+        p = self.procs.pop(pid, None)
+        if p is not None:
+            p.signals.append(sig)
+
+    def wait_exit(self, pid: int, timeout: float) -> bool:
+        return pid not in self.procs
+
+    def rediscover(self, qmp_socket: Path) -> Rediscovered | None:
+        for p in self.procs.values():
+            if p.spec.qmp_socket == qmp_socket:
+                return Rediscovered(p.pid, p.spec.ssh_port)
+        return None
+
+
+class FakeGuest:
+    def __init__(self, vmm: FakeVmm) -> None:
+        self.vmm = vmm
+        self.ready_error: Exception | None = None
+        self.poweroff_works = True
+        self.forgotten: list[str] = []
+
+    def ensure_key(self) -> str:
+        return "ssh-ed25519 AAAAfake banger"
+
+    def wait_ready(self, *, port: int, alias: str, timeout: float, serial_log: Path,
+                   alive: Callable[[], bool]) -> float:
+        if not alive():
+            raise RuntimeError("the VMM exited before ssh was ready")
+        if self.ready_error is not None:
+            raise self.ready_error
+        return 0.1
+
+    def poweroff(self, *, port: int, alias: str, timeout: float) -> None:
+        if not self.poweroff_works:
+            raise RuntimeError("ssh: connection refused")
+        for pid, p in list(self.vmm.procs.items()):
+            if p.spec.ssh_port == port:
+                del self.vmm.procs[pid]
+
+    def forget_host(self, alias: str) -> None:
+        self.forgotten.append(alias)
+
+
+def fake_host(root: Path) -> tuple[HostPorts, FakeImages, FakeDisks, FakeVmm, FakeGuest]:
+    images, disks, vmm = FakeImages(root), FakeDisks(), FakeVmm()
+    guest = FakeGuest(vmm)
+    return HostPorts(images, disks, vmm, guest), images, disks, vmm, guest

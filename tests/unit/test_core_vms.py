@@ -1,0 +1,292 @@
+"""Core use cases against stateful fakes, with a failure injected at every start stage."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from banger.core.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
+from banger.core.operations import Operations, Progress
+from banger.core.service import VMService
+from banger.core.startplan import StartContext, start_steps
+from banger.model.layout import Layout
+from banger.model.vm import VMSpec, VMState
+from banger.store.db import Database
+from banger.store.vms import OperationLog, VMRepository
+from tests.fakes import FakeVmm, fake_host
+
+
+@pytest.fixture
+def env(tmp_path: Path):  # type: ignore[no-untyped-def]
+    layout = Layout.for_user({"BANGER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)})
+    db = Database(layout.db)
+    host, images, disks, vmm, guest = fake_host(tmp_path)
+    svc = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
+                    layout=layout)
+    return svc, vmm, guest, disks, images, layout, db
+
+
+def stage_names(svc: VMService) -> list[str]:
+    vm = svc.create(name="probe", spec=VMSpec(), start=False)
+    ctx = StartContext(vm=vm, paths=svc.layout.vm(vm.id), host=svc.host, handles=svc.handles,
+                       clock=svc.clock)
+    names = [s.name for s in start_steps(ctx)]
+    svc.delete("probe")
+    return names
+
+
+def assert_no_runtime_leak(svc: VMService, vmm: FakeVmm, vm_id: str) -> None:
+    paths = svc.layout.vm(vm_id)
+    assert vmm.procs == {}, "a VMM process is left"
+    assert not paths.qmp_socket.exists()
+    assert not paths.sock_dir.exists()
+    assert not paths.handles.exists()
+    assert svc.handles.get(vm_id) is None
+
+
+def test_stage_names_are_banger_names(env) -> None:  # type: ignore[no-untyped-def]
+    svc = env[0]
+    assert stage_names(svc) == ["preflight", "cleanup_runtime", "socket_dir", "system_overlay",
+                                "work_disk", "port_forward", "qemu_launch", "wait_ssh"]
+
+
+def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, disks, _, layout, _ = env
+    events: list[Progress] = []
+    vm = svc.create(name="box", spec=VMSpec(vcpus=2, memory_mib=1024), sink=events.append)
+    assert vm.state is VMState.RUNNING and vm.boot_id
+    assert [(e.kind, e.stage) for e in events if e.kind == "ok"][-1] == ("ok", "wait_ssh")
+    paths = layout.vm(vm.id)
+    files = disks.work_files[paths.work_disk]
+    assert files[".banger/hostname"][0] == b"box\n"
+    assert files[".ssh/authorized_keys"][1] == 0o600
+    assert vmm.launched[0].vcpus == 2 and vmm.launched[0].memory_mib == 1024
+    assert vmm.launched[0].restrict_net is True
+    stopped = svc.stop("box")
+    assert stopped.state is VMState.STOPPED
+    assert_no_runtime_leak(svc, vmm, vm.id)
+    assert paths.root_disk.exists() and paths.work_disk.exists(), "disks survive stop"
+    again = svc.start("box")
+    assert again.state is VMState.RUNNING and again.boot_id != vm.boot_id
+    svc.delete("box")
+    assert_no_runtime_leak(svc, vmm, vm.id)
+    assert not paths.dir.exists()
+    assert guest.forgotten == [paths.names.ssh_alias]
+    with pytest.raises(NotFoundError):
+        svc.resolve("box")
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-vm", "restart"])
+def test_failure_at_every_stage_leaks_nothing(env, fresh: bool) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    for stage in stage_names(svc):
+        name = f"fp-{stage.replace('_', '-')}"
+        vm = svc.create(name=name, spec=VMSpec(), start=not fresh)
+        if not fresh:
+            svc.stop(name)
+        paths = svc.layout.vm(vm.id)
+        had_disks = paths.root_disk.exists()
+        svc.failpoint = stage
+        with pytest.raises(OperationFailed) as info:
+            svc.start(name)
+        svc.failpoint = None
+        err = info.value
+        assert err.stage == stage and err.op_id
+        assert f"stage {stage!r}" in str(err) and "failpoint" in str(err)
+        rec = svc.resolve(name)
+        assert rec.state is VMState.ERROR
+        assert rec.last_error_stage == stage and "failpoint" in (rec.last_error or "")
+        assert_no_runtime_leak(svc, vmm, vm.id)
+        # Disks found already there survive the rollback; disks this start made are gone.
+        assert paths.root_disk.exists() == had_disks
+        assert paths.work_disk.exists() == had_disks
+        # The op log names the failing stage too.
+        op = svc.ops._oplog.get(err.op_id)  # type: ignore[attr-defined]
+        assert op["stage"] == stage and op["status"] == "failed"
+        # And the VM starts cleanly afterwards.
+        assert svc.start(name).state is VMState.RUNNING
+        svc.delete(name)
+        assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+def test_vmm_dies_right_after_launch(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    vmm.die_on_launch = True
+    with pytest.raises(OperationFailed, match="wait_ssh") as info:
+        svc.create(name="dies", spec=VMSpec())
+    assert "exited" in str(info.value)
+    vm = svc.resolve("dies")
+    assert vm.state is VMState.ERROR and vm.last_error_stage == "wait_ssh"
+    assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+def test_root_cause_kept_when_undo_fails(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, disks, *_ = env
+    vmm.launch_error = RuntimeError("qemu: could not open kernel")
+    svc.create(name="x", spec=VMSpec(), start=False)
+    paths = svc.layout.vm(svc.resolve("x").id)
+    paths.dir.chmod(0o500)  # undo of work_disk/system_overlay cannot unlink
+    try:
+        with pytest.raises(OperationFailed) as info:
+            svc.start("x")
+    finally:
+        paths.dir.chmod(0o700)
+    import os
+    if os.geteuid() == 0:
+        # root ignores the mode bits: the undo succeeds and only the cause is reported.
+        assert "could not open kernel" in str(info.value)
+    else:
+        assert "could not open kernel" in str(info.value) and "cleanup also failed" in str(
+            info.value)
+    assert info.value.stage == "qemu_launch"
+
+
+def test_bad_input_creates_nothing(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, _, _, _, layout, _ = env
+    cases = [
+        ({"name": "Bad_Name", "spec": VMSpec()}, "DNS label"),
+        ({"name": "ok", "spec": VMSpec(image="nope")}, "unknown image"),
+        ({"name": "ok", "spec": VMSpec(memory_mib=-1)}, "--memory"),
+        ({"name": "ok", "spec": VMSpec(vcpus=0)}, "--vcpu"),
+        ({"name": "ok", "spec": VMSpec(memory_mib=10**8)}, "--memory"),
+    ]
+    for kwargs, needle in cases:
+        with pytest.raises(InvalidRequest, match=needle):
+            svc.create(**kwargs)  # type: ignore[arg-type]
+    assert svc.list_vms() == []
+    assert vmm.launched == []
+    assert not (layout.state_dir / "vms").exists() or not any((layout.state_dir / "vms").iterdir())
+    svc.create(name="dup", spec=VMSpec(), start=False)
+    with pytest.raises(ConflictError, match="already exists"):
+        svc.create(name="dup", spec=VMSpec(), start=False)
+    assert len(svc.list_vms()) == 1
+
+
+def test_stop_escalates_poweroff_then_quit_then_kill(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.create(name="a", spec=VMSpec())
+    guest.poweroff_works = False
+    svc.stop("a")
+    assert vmm.quits == 1 and vmm.procs == {}
+    svc.start("a")
+    vmm.ignore_quit = True
+    svc.stop("a")
+    assert vmm.procs == {}  # killed at the last deadline
+    assert svc.resolve("a").state is VMState.STOPPED
+
+
+def test_kill_ends_stopped_with_signal(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    vm = svc.create(name="k", spec=VMSpec())
+    pid = next(iter(vmm.procs))
+    proc = vmm.procs[pid]
+    out = svc.kill("k", signal=signal.SIGTERM)
+    assert out.state is VMState.STOPPED and proc.signals == [signal.SIGTERM]
+    assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+def test_set_only_when_stopped(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    svc.create(name="s", spec=VMSpec())
+    with pytest.raises(ConflictError, match="stop it first"):
+        svc.set("s", vcpus=2)
+    svc.stop("s")
+    assert svc.set("s", vcpus=2, memory_mib=1024).spec.vcpus == 2
+    with pytest.raises(InvalidRequest, match="--memory"):
+        svc.set("s", memory_mib=-5)
+    svc.start("s")
+    assert vmm.launched[-1].vcpus == 2 and vmm.launched[-1].memory_mib == 1024
+
+
+def test_observed_state_demotes_dead_vmm(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    vm = svc.create(name="o", spec=VMSpec())
+    vmm.procs.clear()  # the VMM died behind our back
+    view = svc.show("o")
+    assert view.vm.state is VMState.STOPPED and view.vm.last_error == "the VMM process exited"
+    assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+def test_reconcile_keeps_live_vm_with_corrupt_handles(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, disks, images, layout, db = env
+    vm = svc.create(name="live", spec=VMSpec())
+    dead = svc.create(name="dead", spec=VMSpec())
+    pid = svc.handles.get(vm.id).pid  # type: ignore[union-attr]
+    layout.vm(vm.id).handles.write_text("{not json")
+    # The dead VM's VMM vanished while the daemon was down.
+    dead_pid = svc.handles.get(dead.id).pid  # type: ignore[union-attr]
+    del vmm.procs[dead_pid]
+    # A new daemon: fresh service over the same DB and OS.
+    svc2 = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=svc.host,
+                     layout=layout)
+    states = {v.name: v.state for v in svc2.reconcile()}
+    assert states == {"live": VMState.RUNNING, "dead": VMState.STOPPED}
+    h = svc2.handles.get(vm.id)
+    assert h is not None and h.pid == pid
+    assert svc2.show("live").handles is not None
+    assert not layout.vm(dead.id).sock_dir.exists()
+
+
+def test_reconcile_finishes_half_started(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, disks, images, layout, db = env
+    vm = svc.create(name="half", spec=VMSpec())
+    svc.repo.update(vm.with_state(VMState.STARTING, 5.0))
+    states = {v.name: v.state for v in svc.reconcile()}
+    assert states["half"] is VMState.ERROR
+    assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+def test_batch_resolves_once_dedupes_and_reports_each(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    a = svc.create(name="a", spec=VMSpec())
+    svc.create(name="b", spec=VMSpec())
+    results = svc.batch("stop", ["a", "nope", a.id, "b"])
+    assert [r.ref for r in results] == ["a", "nope", "b"]
+    assert results[1].error is not None and isinstance(results[1].error, NotFoundError)
+    assert all(r.vm and r.vm.state is VMState.STOPPED for r in (results[0], results[2]))
+    assert vmm.procs == {}
+
+
+def test_prune_keeps_running(env) -> None:  # type: ignore[no-untyped-def]
+    svc, *_ = env
+    svc.create(name="run", spec=VMSpec())
+    svc.create(name="idle", spec=VMSpec(), start=False)
+    svc.create(name="stopped", spec=VMSpec())
+    svc.stop("stopped")
+    removed = sorted(r.vm.name for r in svc.prune() if r.vm)
+    assert removed == ["idle", "stopped"]
+    assert [v.vm.name for v in svc.list_vms()] == ["run"]
+
+
+def test_image_built_on_first_use_with_progress(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, disks, images, *_ = env
+    images.built = False
+    seen: list[Progress] = []
+    svc.create(name="img", spec=VMSpec(), sink=seen.append)
+    assert images.builds == 1
+    assert any(p.kind == "detail" and p.stage == "preflight" for p in seen)
+    svc.create(name="img2", spec=VMSpec())
+    assert images.builds == 1
+
+
+def test_resolve_by_id_prefix_and_ambiguity(env) -> None:  # type: ignore[no-untyped-def]
+    svc, *_ = env
+    vm = svc.create(name="p", spec=VMSpec(), start=False)
+    assert svc.resolve(vm.id[:6]).id == vm.id
+    with pytest.raises(NotFoundError, match="vm list"):
+        svc.resolve("zzzz")
+
+
+def test_in_flight_operations_listed(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    seen: list[list[str]] = []
+
+    def sink(p: Progress) -> None:
+        if p.stage == "wait_ssh" and p.kind == "run":
+            seen.append([o.kind for o in svc.ops.in_flight()])
+
+    svc.create(name="f", spec=VMSpec(), sink=sink)
+    assert seen == [["start"]]
+    assert svc.ops.in_flight() == []
