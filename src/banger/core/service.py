@@ -330,6 +330,8 @@ class VMService:
         if lock.acquire(blocking=False):
             try:
                 vm = self._observe_locked(self.repo.get(vm.id))
+            except NotFound as exc:
+                raise NotFoundError(f"VM {vm.name!r} no longer exists") from exc
             finally:
                 lock.release()
         paths = self.layout.vm(vm.id)

@@ -1,0 +1,151 @@
+"""Wire schema shared by daemon and client: request/response models, progress, errors.
+
+The daemon's OpenAPI document is generated from these models, so the schema cannot drift
+from the code. Bump API_VERSION on incompatible changes; the path prefix carries it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+API_VERSION = "v1"
+PREFIX = f"/{API_VERSION}"
+NDJSON = "application/x-ndjson"
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    stage: str | None = None
+    op_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    version: str
+    api: str = API_VERSION
+    pid: int
+
+
+class VMCreate(BaseModel):
+    name: str | None = None
+    image: str = "debian-bookworm"
+    vcpus: int = 1
+    memory_mib: int = 512
+    disk_mib: int = 4096
+    network: Literal["user", "tap"] = "user"
+    nat: bool = False
+    start: bool = True
+
+
+class VMSet(BaseModel):
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    disk_mib: int | None = None
+
+
+class Runtime(BaseModel):
+    pid: int
+    ssh_port: int | None
+    accel: str
+    vmm: str
+    boot_id: str
+    started_at: float
+
+
+class VMOut(BaseModel):
+    id: str
+    name: str
+    state: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    network: str
+    nat: bool
+    created_at: float
+    updated_at: float
+    last_error: str | None = None
+    last_error_stage: str | None = None
+    last_op_id: str | None = None
+    boot_id: str | None = None
+    guest_ip: str | None = None
+    dir: str
+    serial_log: str
+    runtime: Runtime | None = None
+
+
+class BatchRequest(BaseModel):
+    refs: list[str] = Field(min_length=1)
+    signal: int | None = None
+
+
+class BatchItem(BaseModel):
+    ref: str
+    vm: VMOut | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]
+
+
+class ProgressEvent(BaseModel):
+    """One line of an NDJSON progress stream.
+
+    ``type`` is "progress" for stage events, then exactly one final "result" (with ``vm``)
+    or "error" (with ``error``).
+    """
+
+    type: Literal["progress", "result", "error"]
+    op_id: str | None = None
+    vm: str | None = None
+    kind: str | None = None
+    stage: str | None = None
+    label: str | None = None
+    elapsed: float | None = None
+    message: str | None = None
+    result: VMOut | None = None
+    error: ErrorBody | None = None
+
+
+class Logs(BaseModel):
+    serial_log: str
+    serial: str
+    vmm_log: str
+    vmm: str
+
+
+class SshTarget(BaseModel):
+    host: str
+    port: int
+    user: str
+    key: str
+    known_hosts: str
+    alias: str
+    vm: str
+    argv: list[str] = Field(description="ssh argv up to and including the destination")
+
+
+class OperationOut(BaseModel):
+    id: str
+    kind: str
+    vm_id: str | None
+    vm_name: str | None
+    started_at: float
+    stage: str | None
+
+
+class Check(BaseModel):
+    name: str
+    status: Literal["pass", "warn", "fail"]
+    detail: str
+
+
+class Doctor(BaseModel):
+    checks: list[Check]

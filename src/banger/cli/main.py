@@ -1,0 +1,363 @@
+"""banger: thin commands over the daemon client; progress, tables, JSON and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.markup import escape
+
+from banger import __version__
+from banger.api.schema import VMCreate, VMOut, VMSet
+from banger.cli.render import (
+    Progress,
+    err_console,
+    mib,
+    out_console,
+    print_error,
+    print_json,
+    vm_detail,
+    vm_table,
+)
+from banger.client.client import ApiError, Client, DaemonUnavailable, connect
+
+F = TypeVar("F", bound=Callable[..., Any])
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def handle_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ApiError as exc:
+            print_error(exc.body)
+            sys.exit(1)
+        except DaemonUnavailable as exc:
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+            sys.exit(1)
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_size_mib(value: str, flag: str) -> int:
+    m = re.fullmatch(r"\s*(-?\d+)\s*([mMgG](?:i?[bB])?)?\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r}: use a number of MiB or a size like 512M or 2G",
+                                 param_hint=flag)
+    n = int(m.group(1))
+    if m.group(2) and m.group(2)[0] in "gG":
+        n *= 1024
+    if n <= 0:
+        raise click.BadParameter(f"{value!r}: must be positive", param_hint=flag)
+    return n
+
+
+def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"{value}: must be at least 1")
+    return value
+
+
+def check_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _NAME.match(value):
+        raise click.BadParameter(
+            f"{value!r} is not a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and "
+            "ending with a letter or digit")
+    return value
+
+
+def spec_options(fn: F) -> F:
+    fn = click.option("--nat", is_flag=True, help="give the guest outbound network access")(fn)
+    fn = click.option("--disk-size", "disk", default="4G", show_default=True,
+                      help="work disk size (/root), e.g. 4G")(fn)
+    fn = click.option("--memory", default="512M", show_default=True,
+                      help="guest memory, e.g. 512M or 1G")(fn)
+    fn = click.option("--vcpu", default=1, show_default=True, type=int, callback=positive,
+                      help="virtual CPUs")(fn)
+    fn = click.option("--image", default="debian-bookworm", show_default=True)(fn)
+    fn = click.option("--name", callback=check_name, help="VM name (a DNS label)")(fn)
+    return fn
+
+
+def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
+                start: bool = True) -> VMCreate:
+    return VMCreate(name=name, image=image, vcpus=vcpu,
+                    memory_mib=parse_size_mib(memory, "--memory"),
+                    disk_mib=parse_size_mib(disk, "--disk-size"), nat=nat, start=start)
+
+
+
+def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool) -> int:
+    target = client.ssh_target(ref)
+    argv = list(target.argv)
+    argv.insert(1, "-t" if tty else "-T")
+    if command:
+        # One argument, quoted for the guest's shell, so argv arrives intact. The trailing
+        # `exit $?` keeps the shell from exec'ing the command, so a signal becomes 128+n.
+        argv.append(shlex.join(command) + "; exit $?")
+    return subprocess.call(argv)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="banger")
+def cli() -> None:
+    """One-command development sandboxes on microVMs."""
+
+
+@cli.group()
+def vm() -> None:
+    """Create, run and manage VMs."""
+
+
+@vm.command("run", context_settings={"ignore_unknown_options": False})
+@spec_options
+@click.option("--rm", "remove", is_flag=True, help="delete the VM when the command or session ends")
+@click.option("-d", "--detach", is_flag=True, help="create and start, then exit")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output (with -d)")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def vm_run(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
+           remove: bool, detach: bool, as_json: bool, command: tuple[str, ...]) -> None:
+    """Start a fresh VM; run COMMAND in it (exit code is banger's) or open a shell.
+
+    \b
+      banger vm run -- make test
+      banger vm run --rm -- cat /etc/os-release
+    """
+    if detach and remove:
+        raise click.UsageError("-d/--detach and --rm do not go together")
+    if detach and command:
+        raise click.UsageError("-d/--detach and a command do not go together")
+    req = make_create(name, image, vcpu, memory, disk, nat)
+    client = connect()
+    err_console.print(f"{req.vcpus} vcpu · {mib(req.memory_mib)} memory · "
+                      f"{mib(req.disk_mib)} disk · image {req.image}", highlight=False)
+    with Progress() as progress:
+        vm = client.create(req, progress)
+    if not as_json:
+        err_console.print(f"[green]{vm.name} ready[/green] in {progress.elapsed():.1f}s")
+    if detach:
+        if as_json:
+            print_json(vm.model_dump())
+        else:
+            print(vm.name)
+        return
+    try:
+        rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
+    finally:
+        if remove:
+            client.delete(vm.id)
+    if not remove and not command:
+        err_console.print(f"{vm.name} is still running: `banger vm ssh {vm.name}` to get back, "
+                          f"`banger vm delete {vm.name}` to remove it")
+    sys.exit(rc)
+
+
+@vm.command("create")
+@spec_options
+@click.option("--no-start", is_flag=True, help="create the record and disks later, at start")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
+              no_start: bool, as_json: bool) -> None:
+    """Create a VM (and start it unless --no-start)."""
+    req = make_create(name, image, vcpu, memory, disk, nat, start=not no_start)
+    client = connect()
+    with Progress() as progress:
+        vm = client.create(req, progress)
+    if as_json:
+        print_json(vm.model_dump())
+    else:
+        print(vm.name)
+
+
+@vm.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_list(as_json: bool) -> None:
+    """List VMs with their observed state."""
+    vms = connect().list_vms()
+    if as_json:
+        print_json([v.model_dump() for v in vms])
+    else:
+        out_console.print(vm_table(vms))
+
+
+vm.add_command(vm_list, "ps")
+
+
+@vm.command("show")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_show(ref: str, as_json: bool) -> None:
+    """Show one VM: spec, observed state, runtime, last error."""
+    v = connect().show(ref)
+    if as_json:
+        print_json(v.model_dump())
+    else:
+        out_console.print(vm_detail(v))
+
+
+def _report_batch(results: list[tuple[str, VMOut | None, Any]], verb: str,
+                  as_json: bool) -> None:
+    failed = False
+    rows = []
+    for ref, vm, error in results:
+        if error is not None:
+            failed = True
+            print_error(error)
+            rows.append({"ref": ref, "error": error.model_dump()})
+        elif vm is not None:
+            if not as_json:
+                print(f"{vm.name}: {verb}")
+            rows.append({"ref": ref, "vm": vm.model_dump()})
+    if as_json:
+        print_json(rows)
+    if failed:
+        sys.exit(1)
+
+
+def _lifecycle(action: str, verb: str) -> Callable[..., None]:
+    @click.argument("refs", nargs=-1, required=True)
+    @click.option("--json", "as_json", is_flag=True)
+    @handle_errors
+    def command(refs: tuple[str, ...], as_json: bool) -> None:
+        client = connect()
+        if len(refs) == 1 and action in ("start", "restart") and not as_json:
+            with Progress() as progress:
+                fn = client.start if action == "start" else client.restart
+                v = fn(refs[0], progress)
+            print(f"{v.name}: {verb}")
+            return
+        res = client.batch(action, list(refs))
+        _report_batch([(r.ref, r.vm, r.error) for r in res.results], verb, as_json)
+    command.__doc__ = f"{action.capitalize()} one or more VMs."
+    return command
+
+
+for _action, _verb in (("start", "running"), ("stop", "stopped"), ("restart", "running"),
+                       ("delete", "deleted")):
+    vm.command(_action)(_lifecycle(_action, _verb))
+
+
+@vm.command("kill")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("--signal", "-s", "sig", default="KILL", show_default=True,
+              help="signal for the VMM process (name or number)")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_kill(refs: tuple[str, ...], sig: str, as_json: bool) -> None:
+    """Kill the VMM of one or more VMs (they end stopped, disks kept)."""
+    import signal as signals
+    try:
+        num = int(sig) if sig.isdigit() else int(getattr(signals, "SIG" + sig.upper().removeprefix(
+            "SIG")))
+    except (AttributeError, ValueError) as exc:
+        raise click.BadParameter(f"unknown signal {sig!r}", param_hint="--signal") from exc
+    res = connect().batch("kill", list(refs), signal=num)
+    _report_batch([(r.ref, r.vm, r.error) for r in res.results], "killed", as_json)
+
+
+@vm.command("set")
+@click.argument("ref")
+@click.option("--vcpu", type=int, callback=positive)
+@click.option("--memory")
+@click.option("--disk-size", "disk")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
+           as_json: bool) -> None:
+    """Change a stopped VM's spec; applies at its next start."""
+    if vcpu is None and memory is None and disk is None:
+        raise click.UsageError("nothing to set: give --vcpu, --memory or --disk-size")
+    req = VMSet(vcpus=vcpu, memory_mib=parse_size_mib(memory, "--memory") if memory else None,
+                disk_mib=parse_size_mib(disk, "--disk-size") if disk else None)
+    v = connect().set(ref, req)
+    if as_json:
+        print_json(v.model_dump())
+    else:
+        print(f"{v.name}: {v.vcpus} vcpu, {mib(v.memory_mib)} memory (applies at next start)")
+
+
+@vm.command("prune")
+@click.option("-f", "--force", is_flag=True, help="do not ask")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_prune(force: bool, as_json: bool) -> None:
+    """Delete every VM that is not running."""
+    client = connect()
+    doomed = [v.name for v in client.list_vms() if v.state != "running"]
+    if not doomed:
+        if as_json:
+            print_json([])
+        else:
+            print("nothing to prune")
+        return
+    if not force and not click.confirm(f"delete {', '.join(doomed)}?", err=True):
+        sys.exit(1)
+    res = client.prune()
+    _report_batch([(r.ref, r.vm, r.error) for r in res.results], "deleted", as_json)
+
+
+@vm.command("logs")
+@click.argument("ref")
+@click.option("--vmm", is_flag=True, help="the VMM's own log instead of the serial console")
+@handle_errors
+def vm_logs(ref: str, vmm: bool) -> None:
+    """Print the serial console (or VMM) log."""
+    logs = connect().logs(ref)
+    sys.stdout.write(logs.vmm if vmm else logs.serial)
+
+
+@vm.command("ssh", context_settings={"ignore_unknown_options": True})
+@click.argument("ref")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def vm_ssh(ref: str, command: tuple[str, ...]) -> None:
+    """Open a shell in a running VM, or run COMMAND there (its exit code is banger's)."""
+    sys.exit(run_ssh(connect(), ref, command, tty=not command and sys.stdin.isatty()))
+
+
+@cli.command("doctor")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def doctor(as_json: bool) -> None:
+    """Check what this host can do (tools, acceleration, state)."""
+    d = connect().doctor()
+    if as_json:
+        print_json(d.model_dump())
+        return
+    marks = {"pass": "[green]PASS[/green]", "warn": "[yellow]WARN[/yellow]",
+             "fail": "[red]FAIL[/red]"}
+    for c in d.checks:
+        out_console.print(f"{marks[c.status]} {c.name}: {c.detail}", soft_wrap=True)
+    if any(c.status == "fail" for c in d.checks):
+        sys.exit(1)
+
+
+@cli.command("ops")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def ops(as_json: bool) -> None:
+    """List operations in flight."""
+    items = connect().operations()
+    if as_json:
+        print_json([o.model_dump() for o in items])
+        return
+    for o in items:
+        print(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}")
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

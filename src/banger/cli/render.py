@@ -1,0 +1,119 @@
+"""Rendering for the CLI: live per-stage progress, tables, JSON, and error lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from banger.api.schema import ErrorBody, ProgressEvent, VMOut
+
+err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False)
+
+
+class Progress:
+    """Per-stage progress on stderr: a spinner on a TTY, plain lines otherwise."""
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.tty = err_console.is_terminal
+        self.started = time.monotonic()
+        self._status: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.tty and not self.quiet:
+            self._status = err_console.status("contacting bangerd")
+            self._status.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._status is not None:
+            self._status.__exit__(None, None, None)
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if self.quiet:
+            return
+        label = ev.label or ev.stage or ""
+        took = f" ({ev.elapsed:.2f}s)" if ev.elapsed is not None else ""
+        if ev.kind == "run":
+            if self._status is not None:
+                self._status.update(f"{label} [dim]({ev.stage})[/dim]")
+            else:
+                self._line(f"… {ev.stage}: {label}")
+        elif ev.kind == "ok":
+            self._line(f"[green]✓[/green] {ev.stage}{took}")
+        elif ev.kind == "failed":
+            self._line(f"[red]✗[/red] {ev.stage}{took}: {escape(ev.message or '')}")
+        elif ev.kind == "undo":
+            self._line(f"↺ rolling back {ev.stage}")
+        elif ev.kind == "undo_failed":
+            self._line(f"[red]✗[/red] rollback of {ev.stage} failed: {escape(ev.message or '')}")
+        elif ev.kind == "detail":
+            self._line(f"  {ev.stage}: {escape(ev.message or '')}")
+
+    def _line(self, text: str) -> None:
+        if self.tty:
+            err_console.print(text)
+        else:
+            print(Console(no_color=True).render_str(text).plain, file=sys.stderr, flush=True)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def print_error(body: ErrorBody) -> None:
+    where = []
+    if body.stage:
+        where.append(f"stage {body.stage}")
+    if body.op_id:
+        where.append(f"operation {body.op_id}")
+    suffix = f" ({', '.join(where)})" if where else ""
+    err_console.print(f"[red]error:[/red] {escape(body.message + suffix)}", soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def mib(n: int) -> str:
+    return f"{n // 1024} GiB" if n % 1024 == 0 else f"{n} MiB"
+
+
+def vm_table(vms: list[VMOut]) -> Table:
+    t = Table(box=None, pad_edge=False)
+    for col in ("ID", "NAME", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "SSH", "CREATED"):
+        t.add_column(col)
+    for v in vms:
+        ssh = f"127.0.0.1:{v.runtime.ssh_port}" if v.runtime and v.runtime.ssh_port else "-"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
+        t.add_row(v.id, v.name, v.state, v.image, str(v.vcpus), mib(v.memory_mib),
+                  mib(v.disk_mib), ssh, created)
+    return t
+
+
+def vm_detail(v: VMOut) -> Table:
+    t = Table(box=None, show_header=False, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    rows: list[tuple[str, str]] = [
+        ("id", v.id), ("name", v.name), ("state", v.state), ("image", v.image),
+        ("vcpus", str(v.vcpus)), ("memory", mib(v.memory_mib)), ("disk", mib(v.disk_mib)),
+        ("network", v.network + (" (nat)" if v.nat else "")),
+        ("dir", v.dir), ("serial log", v.serial_log),
+    ]
+    if v.runtime:
+        rows += [("vmm", f"{v.runtime.vmm} pid {v.runtime.pid}"),
+                 ("accel", v.runtime.accel),
+                 ("ssh", f"127.0.0.1:{v.runtime.ssh_port}"), ("boot id", v.runtime.boot_id)]
+    if v.last_error:
+        rows.append(("last error", f"{v.last_error} (stage {v.last_error_stage}, "
+                                   f"operation {v.last_op_id})"))
+    for k, val in rows:
+        t.add_row(k, val)
+    return t

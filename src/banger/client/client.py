@@ -1,0 +1,182 @@
+"""Typed client for bangerd's API over its Unix socket; starts the daemon on first use."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from banger.api.schema import (
+    NDJSON,
+    PREFIX,
+    BatchResponse,
+    Doctor,
+    ErrorBody,
+    Health,
+    Logs,
+    OperationOut,
+    ProgressEvent,
+    SshTarget,
+    VMCreate,
+    VMOut,
+    VMSet,
+)
+from banger.model.layout import Layout
+
+
+class ApiError(Exception):
+    """An error the daemon reported: code, message, and where known the stage and op id."""
+
+    def __init__(self, body: ErrorBody, status: int = 500) -> None:
+        super().__init__(body.message)
+        self.body = body
+        self.status = status
+
+
+class DaemonUnavailable(Exception):
+    pass
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+class Client:
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)),
+                                 base_url="http://bangerd", timeout=httpx.Timeout(None))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        try:
+            resp = self.http.request(method, PREFIX + path, **kw)
+        except httpx.TransportError as exc:
+            raise DaemonUnavailable(f"bangerd is not answering on {self.socket_path}: {exc}"
+                                    ) from exc
+        if resp.status_code >= 400:
+            raise _api_error(resp.status_code, resp.content)
+        return resp.json()
+
+    def _stream(self, method: str, path: str, on_progress: ProgressFn, **kw: Any) -> VMOut:
+        try:
+            with self.http.stream(method, PREFIX + path, headers={"Accept": NDJSON},
+                                  **kw) as resp:
+                if resp.status_code >= 400:
+                    raise _api_error(resp.status_code, resp.read())
+                for ev in _events(resp.iter_lines()):
+                    if ev.type == "progress":
+                        on_progress(ev)
+                    elif ev.type == "error" and ev.error is not None:
+                        raise ApiError(ev.error)
+                    elif ev.type == "result" and ev.result is not None:
+                        return ev.result
+        except httpx.TransportError as exc:
+            raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: {exc}") from exc
+        raise DaemonUnavailable("bangerd ended the progress stream without a result")
+
+    def health(self) -> Health:
+        return Health.model_validate(self._request("GET", "/health"))
+
+    def doctor(self) -> Doctor:
+        return Doctor.model_validate(self._request("GET", "/doctor"))
+
+    def list_vms(self) -> list[VMOut]:
+        return [VMOut.model_validate(v) for v in self._request("GET", "/vms")]
+
+    def show(self, ref: str) -> VMOut:
+        return VMOut.model_validate(self._request("GET", f"/vms/{ref}"))
+
+    def create(self, req: VMCreate, on_progress: ProgressFn) -> VMOut:
+        return self._stream("POST", "/vms", on_progress, json=req.model_dump())
+
+    def start(self, ref: str, on_progress: ProgressFn) -> VMOut:
+        return self._stream("POST", f"/vms/{ref}/start", on_progress)
+
+    def restart(self, ref: str, on_progress: ProgressFn) -> VMOut:
+        return self._stream("POST", f"/vms/{ref}/restart", on_progress)
+
+    def stop(self, ref: str) -> VMOut:
+        return VMOut.model_validate(self._request("POST", f"/vms/{ref}/stop"))
+
+    def delete(self, ref: str) -> VMOut:
+        return VMOut.model_validate(self._request("DELETE", f"/vms/{ref}"))
+
+    def set(self, ref: str, req: VMSet) -> VMOut:
+        return VMOut.model_validate(self._request("PATCH", f"/vms/{ref}",
+                                                  json=req.model_dump(exclude_none=True)))
+
+    def batch(self, action: str, refs: list[str], signal: int | None = None) -> BatchResponse:
+        body: dict[str, Any] = {"refs": refs}
+        if signal is not None:
+            body["signal"] = signal
+        return BatchResponse.model_validate(
+            self._request("POST", f"/batch/{action}", json=body))
+
+    def prune(self) -> BatchResponse:
+        return BatchResponse.model_validate(self._request("POST", "/prune"))
+
+    def logs(self, ref: str) -> Logs:
+        return Logs.model_validate(self._request("GET", f"/vms/{ref}/logs"))
+
+    def ssh_target(self, ref: str) -> SshTarget:
+        return SshTarget.model_validate(self._request("GET", f"/vms/{ref}/ssh"))
+
+    def operations(self) -> list[OperationOut]:
+        return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]
+
+
+def _api_error(status: int, content: bytes) -> ApiError:
+    try:
+        body = ErrorBody.model_validate(json.loads(content)["error"])
+    except (ValueError, KeyError, TypeError):
+        body = ErrorBody(code="http_error", message=f"HTTP {status}: {content[:300]!r}")
+    return ApiError(body, status)
+
+
+def _events(lines: Iterator[str]) -> Iterator[ProgressEvent]:
+    for line in lines:
+        if line.strip():
+            yield ProgressEvent.model_validate_json(line)
+
+
+def connect(layout: Layout | None = None, *, autostart: bool = True,
+            notify: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
+            timeout: float = 20.0) -> Client:
+    """A client for the user's daemon, starting bangerd first if it is not running."""
+    layout = layout or Layout.for_user()
+    client = Client(layout.daemon_socket)
+    try:
+        client.health()
+        return client
+    except DaemonUnavailable:
+        if not autostart:
+            raise
+    layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_path = layout.daemon_log
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "banger.daemon.main"],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+            env=dict(os.environ),
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DaemonUnavailable(f"bangerd exited at start (status {proc.returncode}); "
+                                    f"see {log_path}")
+        try:
+            client.health()
+            notify(f"banger: started bangerd (pid {proc.pid}; log {log_path})")
+            return client
+        except DaemonUnavailable:
+            time.sleep(0.1)
+    raise DaemonUnavailable(f"bangerd did not answer within {timeout:.0f} s; see {log_path}")

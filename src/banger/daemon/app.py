@@ -1,0 +1,243 @@
+"""bangerd's HTTP API: thin routes over the VM service, errors mapped at the boundary.
+
+Lifecycle work is synchronous (the pipeline runs in a worker thread); create, start and
+restart can stream their progress as NDJSON when the client asks for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated
+
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from banger import __version__
+from banger.api.schema import (
+    NDJSON,
+    PREFIX,
+    BatchItem,
+    BatchRequest,
+    BatchResponse,
+    Doctor,
+    ErrorBody,
+    ErrorResponse,
+    Health,
+    Logs,
+    OperationOut,
+    ProgressEvent,
+    Runtime,
+    SshTarget,
+    VMCreate,
+    VMOut,
+    VMSet,
+)
+from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
+from banger.core.operations import Progress, ProgressSink
+from banger.core.service import BatchResult, VMService, VMView
+from banger.model.vm import VM, NetworkMode, VMSpec
+
+log = logging.getLogger(__name__)
+
+# Module level: FastAPI resolves annotations by name, and closures are out of its reach.
+Accept = Annotated[str | None, Header()]
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
+    409: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+}
+
+
+def error_body(exc: BangerError) -> ErrorBody:
+    return ErrorBody(code=exc.code, message=exc.message, stage=exc.stage, op_id=exc.op_id)
+
+
+def vm_out(view: VMView) -> VMOut:
+    vm, h = view.vm, view.handles
+    return VMOut(
+        id=vm.id, name=vm.name, state=vm.state.value, image=vm.spec.image, vcpus=vm.spec.vcpus,
+        memory_mib=vm.spec.memory_mib, disk_mib=vm.spec.work_disk_mib,
+        network=vm.spec.network.value, nat=vm.spec.nat, created_at=vm.created_at,
+        updated_at=vm.updated_at, last_error=vm.last_error,
+        last_error_stage=vm.last_error_stage, last_op_id=vm.last_op_id, boot_id=vm.boot_id,
+        guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
+        runtime=Runtime(pid=h.pid, ssh_port=h.ssh_port, accel=h.accel, vmm=h.vmm,
+                        boot_id=h.boot_id, started_at=h.started_at) if h else None,
+    )
+
+
+def _tail(path: os.PathLike[str] | str, limit: int = 256 * 1024) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def create_app(service: VMService, *, doctor: Callable[[], Doctor],
+               ssh_key: str, known_hosts: str,
+               ssh_argv: Callable[[int, str], list[str]]) -> FastAPI:
+    app = FastAPI(title="bangerd", version=__version__,
+                  description="banger's daemon API (JSON over a Unix socket)")
+
+    @app.exception_handler(BangerError)
+    async def _banger_error(_: Request, exc: BangerError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status,
+                            content=ErrorResponse(error=error_body(exc)).model_dump())
+
+    def out(vm: VM) -> VMOut:
+        return vm_out(service.view(vm))
+
+    async def call(fn: Callable[[], VM]) -> VMOut:
+        vm = await asyncio.to_thread(fn)
+        return await asyncio.to_thread(out, vm)
+
+    def streamed(fn: Callable[[ProgressSink], VM]) -> StreamingResponse:
+        q: queue.Queue[ProgressEvent | None] = queue.Queue()
+
+        def sink(p: Progress) -> None:
+            q.put(ProgressEvent(type="progress", op_id=p.op_id, vm=p.vm, kind=p.kind,
+                                stage=p.stage, label=p.label, elapsed=p.elapsed,
+                                message=p.message))
+
+        def work() -> None:
+            try:
+                vm = fn(sink)
+                q.put(ProgressEvent(type="result", result=out(vm)))
+            except BangerError as exc:
+                q.put(ProgressEvent(type="error", error=error_body(exc)))
+            except Exception as exc:  # report, never drop the stream silently
+                log.exception("operation failed")
+                q.put(ProgressEvent(type="error", error=error_body(OperationFailed(str(exc)))))
+            finally:
+                q.put(None)
+
+        async def lines() -> AsyncIterator[bytes]:
+            task = asyncio.create_task(asyncio.to_thread(work))
+            while True:
+                item = await asyncio.to_thread(q.get)
+                if item is None:
+                    break
+                yield item.model_dump_json(exclude_none=True).encode() + b"\n"
+            await task
+
+        return StreamingResponse(lines(), media_type=NDJSON)
+
+    def wants_stream(accept: str | None) -> bool:
+        return accept is not None and NDJSON in accept
+
+    @app.get(f"{PREFIX}/health")
+    def health() -> Health:
+        return Health(version=__version__, pid=os.getpid())
+
+    @app.get(f"{PREFIX}/doctor")
+    def doctor_route() -> Doctor:
+        return doctor()
+
+    @app.get(f"{PREFIX}/vms")
+    def list_vms() -> list[VMOut]:
+        return [vm_out(v) for v in service.list_vms()]
+
+    @app.post(f"{PREFIX}/vms", status_code=201, responses=ERRORS)
+    async def create(body: VMCreate, accept: Accept = None) -> VMOut:
+        spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
+                      image=body.image, network=NetworkMode(body.network), nat=body.nat)
+
+        def run(sink: ProgressSink) -> VM:
+            return service.create(name=body.name, spec=spec, start=body.start, sink=sink)
+
+        if wants_stream(accept):
+            return streamed(run)  # type: ignore[return-value]
+        return await call(lambda: run(lambda _: None))
+
+    @app.get(f"{PREFIX}/vms/{{ref}}", responses=ERRORS)
+    def show(ref: str) -> VMOut:
+        return vm_out(service.show(ref))
+
+    @app.patch(f"{PREFIX}/vms/{{ref}}", responses=ERRORS)
+    async def set_vm(ref: str, body: VMSet) -> VMOut:
+        return await call(lambda: service.set(ref, vcpus=body.vcpus, memory_mib=body.memory_mib,
+                                              work_disk_mib=body.disk_mib))
+
+    @app.post(f"{PREFIX}/vms/{{ref}}/start", responses=ERRORS)
+    async def start(ref: str, accept: Accept = None) -> VMOut:
+        if wants_stream(accept):
+            return streamed(lambda sink: service.start(ref, sink=sink))  # type: ignore[return-value]
+        return await call(lambda: service.start(ref))
+
+    @app.post(f"{PREFIX}/vms/{{ref}}/restart", responses=ERRORS)
+    async def restart(ref: str, accept: Accept = None) -> VMOut:
+        if wants_stream(accept):
+            return streamed(lambda sink: service.restart(ref, sink=sink))  # type: ignore[return-value]
+        return await call(lambda: service.restart(ref))
+
+    @app.post(f"{PREFIX}/vms/{{ref}}/stop", responses=ERRORS)
+    async def stop(ref: str) -> VMOut:
+        return await call(lambda: service.stop(ref))
+
+    @app.post(f"{PREFIX}/vms/{{ref}}/kill", responses=ERRORS)
+    async def kill(ref: str, signal: int = 9) -> VMOut:
+        return await call(lambda: service.kill(ref, signal=signal))
+
+    @app.delete(f"{PREFIX}/vms/{{ref}}", responses=ERRORS)
+    async def delete(ref: str) -> VMOut:
+        view = await asyncio.to_thread(service.show, ref)
+        vm = await asyncio.to_thread(service.delete, view.vm.id)
+        return vm_out(VMView(vm=vm, handles=None, paths=view.paths))
+
+    def batch_out(results: list[BatchResult]) -> BatchResponse:
+        items = []
+        for r in results:
+            vm = None
+            if r.vm is not None:
+                try:
+                    vm = vm_out(service.view(r.vm))
+                except BangerError:
+                    vm = vm_out(VMView(r.vm, None, service.layout.vm(r.vm.id)))  # deleted
+            items.append(BatchItem(ref=r.ref, vm=vm,
+                                   error=error_body(r.error) if r.error else None))
+        return BatchResponse(results=items)
+
+    @app.post(f"{PREFIX}/batch/{{action}}", responses=ERRORS)
+    async def batch(action: str, body: BatchRequest) -> BatchResponse:
+        if action not in ("start", "stop", "restart", "kill", "delete"):
+            raise InvalidRequest(f"unknown action {action!r}")
+        kwargs = {"signal": body.signal} if action == "kill" and body.signal else {}
+        results = await asyncio.to_thread(service.batch, action, body.refs, **kwargs)
+        return batch_out(results)
+
+    @app.post(f"{PREFIX}/prune")
+    async def prune() -> BatchResponse:
+        return batch_out(await asyncio.to_thread(service.prune))
+
+    @app.get(f"{PREFIX}/vms/{{ref}}/logs", responses=ERRORS)
+    def logs(ref: str) -> Logs:
+        paths = service.show(ref).paths
+        return Logs(serial_log=str(paths.serial_log), serial=_tail(paths.serial_log),
+                    vmm_log=str(paths.vmm_log), vmm=_tail(paths.vmm_log))
+
+    @app.get(f"{PREFIX}/vms/{{ref}}/ssh", responses=ERRORS)
+    def ssh_target(ref: str) -> SshTarget:
+        view = service.show(ref)
+        if view.vm.state.value != "running" or view.handles is None or not view.handles.ssh_port:
+            raise ConflictError(f"VM {view.vm.name!r} is {view.vm.state.value}, not running: "
+                                f"start it with `banger vm start {view.vm.name}`")
+        return SshTarget(host="127.0.0.1", port=view.handles.ssh_port, user="root", key=ssh_key,
+                         known_hosts=known_hosts, alias=view.paths.names.ssh_alias,
+                         vm=view.vm.name,
+                         argv=ssh_argv(view.handles.ssh_port, view.paths.names.ssh_alias))
+
+    @app.get(f"{PREFIX}/operations")
+    def operations() -> list[OperationOut]:
+        return [OperationOut(id=o.id, kind=o.kind, vm_id=o.vm_id, vm_name=o.vm_name,
+                             started_at=o.started_at, stage=o.stage)
+                for o in service.ops.in_flight()]
+
+    return app

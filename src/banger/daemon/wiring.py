@@ -1,0 +1,131 @@
+"""Adapters from the host layer to the core ports: the daemon's composition root."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from banger.core.ports import Accel, HostPorts, ImageInfo, LaunchSpec, Rediscovered
+from banger.host import disks, imagebuild, kvm, qemu, ssh
+from banger.host.runner import run
+from banger.model.layout import Layout
+
+DEFAULT_IMAGE = "debian-bookworm"
+
+
+class LocalImages:
+    """Images built locally on first use, content-addressed and verified when read back."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()  # concurrent first uses coalesce into one build
+
+    def known(self) -> list[str]:
+        return [DEFAULT_IMAGE]
+
+    def _info(self, a: imagebuild.ImageArtifacts, name: str) -> ImageInfo:
+        return ImageInfo(name=name, rootfs=a.rootfs, kernel=a.kernel, initrd=a.initrd,
+                         cmdline=a.cmdline, kernel_version=a.kernel_version)
+
+    def get(self, name: str) -> ImageInfo | None:
+        d = self.root / name
+        if not (d / "manifest.json").exists():
+            return None
+        return self._info(imagebuild.load_image(d), name)
+
+    def build(self, name: str, on_progress: Callable[[str], None]) -> ImageInfo:
+        with self._lock:
+            found = self.get(name)
+            if found is not None:
+                return found
+            on_progress(f"image {name!r} is not built yet: building it once (a few minutes)")
+            self.root.mkdir(parents=True, exist_ok=True)
+            return self._info(imagebuild.build_default_image(self.root / name,
+                                                             on_progress=on_progress), name)
+
+
+class LocalDisks:
+    def create_overlay(self, base: Path, overlay: Path) -> None:
+        disks.create_overlay(base, overlay)
+
+    def build_work_disk(self, path: Path, size_bytes: int,
+                        files: Mapping[str, tuple[bytes, int]]) -> None:
+        disks.build_work_disk(path, size_bytes, files)
+
+
+class QemuVmm:
+    name = "qemu"
+
+    def __init__(self) -> None:
+        self._accel: Accel | None = None
+
+    def accel(self) -> Accel:
+        if self._accel is None:
+            choice = kvm.probe_accel()
+            self._accel = Accel(choice.accel, choice.reason)
+        return self._accel
+
+    def free_port(self) -> int:
+        return qemu.free_port()
+
+    def launch(self, spec: LaunchSpec) -> int:
+        cfg = qemu.QemuConfig(
+            kernel=spec.kernel, initrd=spec.initrd, root_disk=spec.root_disk,
+            work_disk=spec.work_disk, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+            ssh_port=spec.ssh_port, serial_log=spec.serial_log, qmp_socket=spec.qmp_socket,
+            accel=spec.accel, hostname=spec.hostname, cmdline=spec.cmdline,
+            restrict_net=spec.restrict_net)
+        return qemu.launch(cfg, spec.vmm_log)
+
+    def alive(self, pid: int, qmp_socket: Path) -> bool:
+        return qemu.pid_alive(pid) and qemu.pid_is_qemu_for(pid, qmp_socket)
+
+    def answering(self, qmp_socket: Path) -> bool:
+        return qemu.qmp_status(qmp_socket) is not None
+
+    def quit(self, qmp_socket: Path) -> bool:
+        return qemu.qmp_quit(qmp_socket)
+
+    def kill(self, pid: int, sig: int) -> None:
+        qemu.kill_and_wait(pid, sig, 0.0)
+
+    def wait_exit(self, pid: int, timeout: float) -> bool:
+        return qemu.kill_and_wait(pid, 0, timeout)
+
+    def rediscover(self, qmp_socket: Path) -> Rediscovered | None:
+        pid = qemu.find_qemu_pid(qmp_socket)
+        if pid is None:
+            return None
+        return Rediscovered(pid, qemu.ssh_port_of(pid))
+
+
+class SshGuest:
+    def __init__(self, layout: Layout) -> None:
+        self.key = layout.ssh_key
+        self.known_hosts = layout.known_hosts
+
+    def ensure_key(self) -> str:
+        self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return ssh.ensure_key(self.key)
+
+    def wait_ready(self, *, port: int, alias: str, timeout: float, serial_log: Path,
+                   alive: Callable[[], bool]) -> float:
+        return ssh.wait_ready(port=port, key=self.key, known_hosts=self.known_hosts,
+                              alias=alias, timeout=timeout, serial_log=serial_log, alive=alive)
+
+    def poweroff(self, *, port: int, alias: str, timeout: float) -> None:
+        argv = ssh.ssh_base_argv(port=port, key=self.key, known_hosts=self.known_hosts,
+                                 alias=alias)
+        # The connection dies with the guest: a non-zero exit here is expected.
+        run([*argv, "/usr/local/sbin/banger-poweroff"], check=False, timeout=timeout)
+
+    def forget_host(self, alias: str) -> None:
+        ssh.remove_known_host(self.known_hosts, alias)
+
+
+def host_ports(layout: Layout) -> HostPorts:
+    return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(), vmm=QemuVmm(),
+                     guest=SshGuest(layout))
+
+

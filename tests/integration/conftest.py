@@ -1,0 +1,60 @@
+"""The real daemon app on a temporary Unix socket, real SQLite, real CLI; fake host ports."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from banger.api.schema import Check, Doctor
+from banger.client.client import Client
+from banger.core.operations import Operations
+from banger.core.service import VMService
+from banger.daemon.app import create_app
+from banger.daemon.sockets import bind_socket
+from banger.model.layout import Layout
+from banger.store.db import Database
+from banger.store.vms import OperationLog, VMRepository
+from tests.fakes import FakeVmm, fake_host
+
+
+@dataclass
+class Daemon:
+    layout: Layout
+    service: VMService
+    vmm: FakeVmm
+    client: Client
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
+    home = tmp_path / "h"
+    monkeypatch.setenv("BANGER_HOME", str(home))
+    layout = Layout.for_user()
+    db = Database(layout.db)
+    host, _images, _disks, vmm, _guest = fake_host(tmp_path)
+    service = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
+                        layout=layout)
+    app = create_app(service, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
+                                                                  detail="ok")]),
+                     ssh_key="k", known_hosts="kh",
+                     ssh_argv=lambda port, alias: ["ssh", "-p", str(port), "root@127.0.0.1"])
+    sock = bind_socket(layout.daemon_socket)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "daemon did not start"
+        time.sleep(0.02)
+    client = Client(layout.daemon_socket)
+    yield Daemon(layout, service, vmm, client)
+    client.close()
+    server.should_exit = True
+    thread.join(10)
+    db.close()

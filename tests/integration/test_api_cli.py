@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import json
+import stat
+
+from click.testing import CliRunner
+
+from banger.cli.main import cli
+from tests.integration.conftest import Daemon
+
+
+def banger(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_socket_is_owner_only(daemon: Daemon) -> None:
+    mode = daemon.layout.daemon_socket.stat().st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(daemon.layout.runtime_dir.stat().st_mode) == 0o700
+
+
+def test_openapi_published(daemon: Daemon) -> None:
+    doc = daemon.client.http.get("/openapi.json").json()
+    assert "/v1/vms" in doc["paths"] and "/v1/vms/{ref}/start" in doc["paths"]
+    assert "ErrorResponse" in doc["components"]["schemas"]
+
+
+def test_lifecycle_through_cli(daemon: Daemon) -> None:
+    code, out, err = banger("vm", "create", "--name", "box", "--json")
+    assert code == 0, err
+    vm = json.loads(out)
+    assert vm["state"] == "running" and vm["runtime"]["accel"] == "tcg"
+    assert "wait_ssh" in err  # plain progress lines off a TTY
+    code, out, _ = banger("vm", "list", "--json")
+    assert [v["name"] for v in json.loads(out)] == ["box"]
+    code, out, _ = banger("vm", "show", "box")
+    assert code == 0 and "running" in out and "qemu pid" in out
+    assert banger("vm", "stop", "box")[0] == 0
+    code, out, _ = banger("vm", "set", "box", "--vcpu", "2", "--memory", "1G", "--json")
+    assert code == 0 and json.loads(out)["memory_mib"] == 1024
+    assert banger("vm", "start", "box")[0] == 0
+    assert daemon.vmm.launched[-1].vcpus == 2
+    assert banger("vm", "restart", "box")[0] == 0
+    code, out, _ = banger("vm", "kill", "box", "--json")
+    assert code == 0 and json.loads(out)[0]["vm"]["state"] == "stopped"
+    assert daemon.vmm.procs == {}
+    assert banger("vm", "delete", "box")[0] == 0
+    assert json.loads(banger("vm", "list", "--json")[1]) == []
+
+
+def test_bad_input_refused_before_anything_is_created(daemon: Daemon) -> None:
+    for args, needle in [
+        (["--name", "Bad_Name"], "DNS label"),
+        (["--memory", "-1"], "positive"),
+        (["--vcpu", "0"], "at least 1"),
+        (["--memory", "lots"], "512M"),
+    ]:
+        code, _, err = banger("vm", "create", *args)
+        assert code == 2 and needle in err, err
+    code, _, err = banger("vm", "create", "--name", "x", "--image", "nope")
+    assert code == 1 and "unknown image 'nope'" in err
+    code, _, err = banger("vm", "create", "--name", "x", "--memory", "999G")
+    assert code == 1 and "--memory" in err
+    assert daemon.client.list_vms() == [] and daemon.vmm.launched == []
+    assert banger("vm", "create", "--name", "dup", "--no-start")[0] == 0
+    code, _, err = banger("vm", "create", "--name", "dup")
+    assert code == 1 and "already exists" in err
+
+
+def test_failed_start_shows_stage_and_operation(daemon: Daemon) -> None:
+    daemon.service.failpoint = "qemu_launch"
+    code, _, err = banger("vm", "create", "--name", "f")
+    assert code == 1
+    assert "stage qemu_launch" in err and "operation op-" in err
+    assert "rolling back qemu_launch" in err
+    v = daemon.client.show("f")
+    assert v.state == "error" and v.last_error_stage == "qemu_launch"
+    assert daemon.vmm.procs == {}
+
+
+def test_several_refs_each_reported(daemon: Daemon) -> None:
+    for n in ("a", "b"):
+        assert banger("vm", "create", "--name", n)[0] == 0
+    code, out, err = banger("vm", "stop", "a", "ghost", "b")
+    assert code == 1
+    assert "a: stopped" in out and "b: stopped" in out and "no VM named 'ghost'" in err
+    code, out, _ = banger("vm", "prune", "-f")
+    assert code == 0 and "a: deleted" in out and "b: deleted" in out
+
+
+def test_logs_and_ops(daemon: Daemon) -> None:
+    banger("vm", "create", "--name", "l")
+    vm = daemon.client.show("l")
+    from pathlib import Path
+    Path(vm.serial_log).write_text("Linux version 6.1\n")
+    code, out, _ = banger("vm", "logs", "l")
+    assert code == 0 and "Linux version" in out
+    code, out, _ = banger("ops", "--json")
+    assert code == 0 and json.loads(out) == []
+
+
+def test_ssh_refused_when_not_running(daemon: Daemon) -> None:
+    banger("vm", "create", "--name", "s", "--no-start")
+    code, _, err = banger("vm", "ssh", "s", "--", "true")
+    assert code == 1 and "not running" in err and "banger vm start s" in err
+
+
+def test_doctor(daemon: Daemon) -> None:
+    code, out, _ = banger("doctor", "--json")
+    assert code == 0 and json.loads(out)["checks"][0]["status"] == "pass"
