@@ -26,18 +26,19 @@ class Layout:
     @classmethod
     def for_user(cls, env: dict[str, str] | None = None) -> Layout:
         env = dict(os.environ) if env is None else env
+        images = Path(env["BANGER_IMAGES_DIR"]) if env.get("BANGER_IMAGES_DIR") else None
         home = Path(env.get("HOME", "/root"))
         root = env.get("BANGER_HOME")
         if root:
             base = Path(root)
             run_dir = Path(env.get("BANGER_RUNTIME_DIR") or base / "run")
-            return cls(base / "state", base / "cache", base / "config", run_dir)
+            return cls(base / "state", base / "cache", base / "config", run_dir, images)
         state = Path(env.get("XDG_STATE_HOME") or home / ".local/state") / "banger"
         cache = Path(env.get("XDG_CACHE_HOME") or home / ".cache") / "banger"
         config = Path(env.get("XDG_CONFIG_HOME") or home / ".config") / "banger"
         xdg_run = env.get("XDG_RUNTIME_DIR")
         run_dir = Path(xdg_run) / "banger" if xdg_run else Path(f"/tmp/banger-{os.getuid()}")
-        return cls(state, cache, config, run_dir)
+        return cls(state, cache, config, run_dir, images)
 
     @property
     def db(self) -> Path:
@@ -59,9 +60,11 @@ class Layout:
     def known_hosts(self) -> Path:
         return self.state_dir / "ssh" / "known_hosts"
 
+    images_override: Path | None = None  # BANGER_IMAGES_DIR: share built images (tests, CI)
+
     @property
     def images_dir(self) -> Path:
-        return self.cache_dir / "images"
+        return self.images_override or self.cache_dir / "images"
 
     def vm(self, vm_id: str) -> VMPaths:
         return VMPaths(self.state_dir / "vms" / vm_id, self.runtime_dir / "vms" / vm_id,

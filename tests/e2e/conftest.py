@@ -1,0 +1,171 @@
+"""e2e tier: the real CLI and the real bangerd, booting real VMs with QEMU (KVM or TCG).
+
+Every test gets its own BANGER_HOME; built images are shared through BANGER_IMAGES_DIR so
+the image is built once per machine. Every teardown ends with a leak check that looks at the
+OS (processes, sockets, files, ports), never at the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+IMAGES_DIR = Path(os.environ.get("BANGER_TEST_IMAGES_DIR",
+                                 Path.home() / ".cache" / "banger-test" / "images"))
+
+pytestmark = pytest.mark.e2e
+
+
+def qemu_pids(marker: str) -> list[int]:
+    """Processes whose command line mentions ``marker`` (a test's BANGER_HOME)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if "qemu-system" in cmd and marker in cmd and stat.split(") ")[1][0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def listening_ports() -> set[int]:
+    ports = set()
+    for f in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(f).read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A":  # LISTEN
+                ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@dataclass
+class Banger:
+    home: Path
+    env: dict[str, str]
+    user: str | None = None
+    python: str = sys.executable
+    ports_seen: set[int] = field(default_factory=set)
+
+    def argv(self, *args: str) -> list[str]:
+        base = [self.python, "-m", "banger.cli.main", *args]
+        if self.user:
+            envs = [f"{k}={v}" for k, v in self.env.items()]
+            return ["runuser", "-u", self.user, "--", "env", "-i", *envs, *base]
+        return base
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.argv(*args), env=None if self.user else self.env,
+                              capture_output=True, text=True, timeout=timeout, input=input,
+                              cwd="/")
+        if check and proc.returncode != 0:
+            raise AssertionError(f"banger {' '.join(args)} exited {proc.returncode}\n"
+                                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def show(self, ref: str) -> dict[str, object]:
+        out = self.json("vm", "show", ref)
+        assert isinstance(out, dict)
+        if isinstance(out.get("runtime"), dict):
+            port = out["runtime"].get("ssh_port")  # type: ignore[union-attr]
+            if isinstance(port, int):
+                self.ports_seen.add(port)
+        return out
+
+    @property
+    def socket(self) -> Path:
+        return self.home / "run" / "bangerd.sock"
+
+    def daemon_pid(self) -> int | None:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().split(b"\0")
+                env = (d / "environ").read_bytes()
+            except OSError:
+                continue
+            if b"banger.daemon.main" in cmd and f"BANGER_HOME={self.home}".encode() in env:
+                return int(d.name)
+        return None
+
+    def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
+        pid = self.daemon_pid()
+        if pid is None:
+            return
+        os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.05)
+
+
+def make_banger(user: str | None = None, images_dir: Path = IMAGES_DIR,
+                extra_env: dict[str, str] | None = None) -> Banger:
+    # Short paths: Unix socket paths are limited to 108 bytes.
+    home = Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+    env.update({"BANGER_HOME": str(home), "BANGER_IMAGES_DIR": str(images_dir),
+                "BANGER_READY_TIMEOUT": "240", "PYTHONUNBUFFERED": "1"})
+    if user:
+        shutil.chown(home, user)
+        env["HOME"] = str(home)
+        env["PATH"] = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    env.update(extra_env or {})
+    return Banger(home=home, env=env, user=user)
+
+
+def assert_nothing_left(b: Banger) -> None:
+    assert qemu_pids(str(b.home)) == [], "a QEMU process is left"
+    leftover = [p for p in (b.home / "run").rglob("*") if p.name != "bangerd.sock"] if (
+        b.home / "run").exists() else []
+    assert leftover == [], f"runtime files left: {leftover}"
+    vms = b.home / "state" / "vms"
+    assert not vms.exists() or list(vms.iterdir()) == [], f"VM dirs left: {list(vms.iterdir())}"
+    still = b.ports_seen & listening_ports()
+    assert not still, f"forwarded ports still listening: {still}"
+
+
+@pytest.fixture(scope="session")
+def image_dir() -> Path:
+    IMAGES_DIR.mkdir(parents=True, exist_ok=True)
+    return IMAGES_DIR
+
+
+@pytest.fixture
+def banger(image_dir: Path) -> Iterator[Banger]:
+    b = make_banger(images_dir=image_dir)
+    yield b
+    try:
+        if b.daemon_pid() is not None:
+            b.run("vm", "prune", "-f", check=False)
+            for vm in json.loads(b.run("vm", "list", "--json").stdout):
+                b.run("vm", "delete", vm["name"], check=False)
+        assert_nothing_left(b)
+    finally:
+        b.stop_daemon()
+        for pid in qemu_pids(str(b.home)):  # never leave a VM behind, even on failure
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(b.home, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""Real VMs through the real CLI and daemon: exit codes, lifecycle, persistence, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Banger, assert_nothing_left, make_banger, qemu_pids
+
+pytestmark = pytest.mark.e2e
+
+
+def test_run_returns_guest_exit_code_and_keeps_vm(banger: Banger) -> None:
+    proc = banger.run("vm", "run", "--name", "ec", "--", "sh", "-c", "exit 42", check=False)
+    assert proc.returncode == 42, proc.stderr
+    assert "started bangerd" in proc.stderr  # autostart is announced
+    assert "ready in" in proc.stderr
+    vm = banger.show("ec")
+    assert vm["state"] == "running", "a VM run with -- cmd and no --rm stays running"
+    # argv arrives intact; a signal becomes 128+n.
+    out = banger.run("vm", "ssh", "ec", "--", "printf", "%s|", "a b", "c'd", "$HOME")
+    assert out.stdout == "a b|c'd|$HOME|"
+    sig = banger.run("vm", "ssh", "ec", "--", "sh", "-c", "kill -TERM $$", check=False)
+    assert sig.returncode == 128 + signal.SIGTERM
+
+
+def test_run_rm_deletes_vm(banger: Banger) -> None:
+    proc = banger.run("vm", "run", "--rm", "--", "cat", "/etc/os-release")
+    assert "bookworm" in proc.stdout
+    assert json.loads(banger.run("vm", "list", "--json").stdout) == []
+    assert_nothing_left(banger)
+
+
+def test_lifecycle_persistence_and_set(banger: Banger) -> None:
+    banger.run("vm", "create", "--name", "box")
+    vm = banger.show("box")
+    rt = vm["runtime"]
+    assert isinstance(rt, dict) and rt["accel"] in ("kvm", "tcg")
+    doctor = banger.json("doctor")
+    assert isinstance(doctor, dict)
+    accel = next(c for c in doctor["checks"] if c["name"] == "acceleration")
+    assert accel["detail"].startswith(rt["accel"])
+    # The work disk is /root, owned by root, and persists across stop/start.
+    banger.run("vm", "ssh", "box", "--", "sh", "-c", "echo kept > /root/note && sync")
+    assert banger.run("vm", "ssh", "box", "--", "hostname").stdout.strip() == "box"
+    banger.run("vm", "stop", "box")
+    assert banger.show("box")["state"] == "stopped"
+    assert qemu_pids(str(banger.home)) == []
+    banger.run("vm", "set", "box", "--vcpu", "2", "--memory", "1024")
+    banger.run("vm", "start", "box")
+    assert banger.run("vm", "ssh", "box", "--", "cat", "/root/note").stdout == "kept\n"
+    assert banger.run("vm", "ssh", "box", "--", "nproc").stdout.strip() == "2"
+    meminfo = banger.run("vm", "ssh", "box", "--", "head", "-1", "/proc/meminfo").stdout
+    mem_kib = int(re.findall(r"\d+", meminfo)[0])
+    assert 800 * 1024 < mem_kib <= 1024 * 1024
+    boot1 = banger.show("box")["boot_id"]
+    banger.run("vm", "restart", "box")
+    assert banger.show("box")["boot_id"] != boot1
+    logs = banger.run("vm", "logs", "box").stdout
+    assert "Linux version" in logs
+    banger.run("vm", "kill", "box")
+    assert banger.show("box")["state"] == "stopped"
+    assert qemu_pids(str(banger.home)) == []
+    banger.run("vm", "delete", "box")
+    assert_nothing_left(banger)
+
+
+@pytest.mark.parametrize("stage", ["preflight", "cleanup_runtime", "socket_dir",
+                                   "system_overlay", "work_disk", "port_forward",
+                                   "qemu_launch", "wait_ssh"])
+def test_failpoint_at_every_stage_leaves_nothing(image_dir: Path, stage: str) -> None:
+    b = make_banger(images_dir=image_dir, extra_env={"BANGER_FAILPOINT": stage})
+    try:
+        proc = b.run("vm", "create", "--name", "fp", check=False)
+        assert proc.returncode == 1
+        assert f"stage {stage}" in proc.stderr and "operation op-" in proc.stderr
+        vm = b.show("fp")
+        assert vm["state"] == "error" and vm["last_error_stage"] == stage
+        assert "failpoint" in str(vm["last_error"])
+        assert qemu_pids(str(b.home)) == []
+        vm_dir = Path(str(vm["dir"]))
+        assert sorted(p.name for p in vm_dir.iterdir() if p.suffix not in (".log",)) == []
+        assert not any((b.home / "run" / "vms").glob("*/*")) if (
+            b.home / "run" / "vms").exists() else True
+        b.run("vm", "delete", "fp")
+        assert_nothing_left(b)
+    finally:
+        b.stop_daemon()
+        for pid in qemu_pids(str(b.home)):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_vmm_dying_right_after_launch_is_reported(banger: Banger) -> None:
+    banger.run("doctor")  # start the daemon first; the watcher below must only see QEMU
+    killed: list[int] = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for pid in qemu_pids(str(banger.home)):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    proc = banger.run("vm", "create", "--name", "dies", check=False)
+    t.join()
+    assert killed, "QEMU never appeared"
+    assert proc.returncode == 1
+    vm = banger.show("dies")
+    assert vm["state"] == "error"
+    assert vm["last_error_stage"] in ("qemu_launch", "wait_ssh")
+    assert "exit" in str(vm["last_error"]).lower()
+    assert qemu_pids(str(banger.home)) == []
+    banger.run("vm", "delete", "dies")
+    assert_nothing_left(banger)
+
+
+def test_daemon_sigkill_and_corrupt_handles_keep_vm(banger: Banger) -> None:
+    banger.run("vm", "create", "--name", "box")
+    before = banger.show("box")
+    pid = before["runtime"]["pid"]  # type: ignore[index]
+    banger.stop_daemon(signal.SIGKILL)
+    assert Path(f"/proc/{pid}").exists(), "the VM must survive its daemon"
+    Path(str(before["dir"]), "handles.json").write_text("{garbage")
+    # The CLI restarts the daemon, which reconciles: same VM, same VMM pid, ssh works.
+    banger.run("vm", "ssh", "box", "--", "true")
+    after = banger.show("box")
+    assert after["state"] == "running"
+    assert after["runtime"]["pid"] == pid  # type: ignore[index]
+    assert "qemu-system" in Path(f"/proc/{pid}/cmdline").read_text()
+    banger.run("vm", "delete", "box")
+    assert_nothing_left(banger)
+
+
+def test_several_vms_concurrently(banger: Banger) -> None:
+    banger.run("vm", "create", "--name", "one", "--no-start")
+    banger.run("vm", "create", "--name", "two", "--no-start")
+    proc = banger.run("vm", "start", "one", "two", "ghost", check=False)
+    assert proc.returncode == 1 and "no VM named 'ghost'" in proc.stderr
+    assert "one: running" in proc.stdout and "two: running" in proc.stdout
+    banger.run("vm", "stop", "one", "two")
+    out = banger.run("vm", "prune", "-f")
+    assert "one: deleted" in out.stdout and "two: deleted" in out.stdout
+    assert_nothing_left(banger)
+
+
+def _nonroot_user() -> str | None:
+    if os.geteuid() != 0:
+        return None  # already unprivileged: the other tests cover it
+    name = "bangertest"
+    if subprocess.run(["id", name], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--create-home", name], check=True)
+    return name
+
+
+def _world_readable_install() -> str:
+    """banger installed where an unprivileged user can run it (/root is 0700 here)."""
+    venv = Path("/opt/banger-e2e-venv")
+    repo = Path(__file__).resolve().parents[2]
+    if not (venv / "bin" / "python").exists():
+        subprocess.run(["uv", "venv", "-q", "--python", "/usr/bin/python3", str(venv)],
+                       check=True)
+    reqs = subprocess.run(["uv", "export", "--frozen", "--no-dev", "--no-emit-project",
+                           "--no-hashes"], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout
+    subprocess.run(["uv", "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
+                    "-r", "/dev/stdin"], input=reqs, text=True, check=True)
+    subprocess.run(["uv", "pip", "install", "-q", "--reinstall", "--no-deps", "--python",
+                    str(venv / "bin" / "python"), str(repo)], check=True)
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to create the unprivileged test user")
+def test_non_root_user_builds_image_and_runs(tmp_path: Path) -> None:
+    user = _nonroot_user()
+    assert user
+    python = _world_readable_install()
+    images = Path("/tmp") / f"bg-img-{user}"
+    images.mkdir(exist_ok=True)
+    import shutil
+    shutil.chown(images, user)
+    b = make_banger(user=user, images_dir=images)
+    b.python = python
+    try:
+        proc = b.run("vm", "run", "--rm", "--", "sh", "-c", "id -u; stat -c %u /root/.ssh "
+                     "/root/.ssh/authorized_keys; exit 7", check=False, timeout=1200)
+        assert proc.returncode == 7, proc.stderr
+        assert proc.stdout.split() == ["0", "0", "0"]
+        assert_nothing_left(b)
+        sock = b.home / "run" / "bangerd.sock"
+        st = sock.stat()
+        assert st.st_mode & 0o777 == 0o600 and st.st_uid != 0
+    finally:
+        b.stop_daemon()
+        for pid in qemu_pids(str(b.home)):
+            os.kill(pid, signal.SIGKILL)
