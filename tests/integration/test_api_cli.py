@@ -61,7 +61,10 @@ def test_bad_input_refused_before_anything_is_created(daemon: Daemon) -> None:
     code, _, err = banger("vm", "create", "--name", "x", "--image", "nope")
     assert code == 1 and "unknown image 'nope'" in err
     code, _, err = banger("vm", "create", "--name", "x", "--memory", "999G")
-    assert code == 1 and "--memory" in err
+    assert code == 2 and "--memory" in err and "out of range" in err
+    # The daemon refuses on its own too, naming the field.
+    r = daemon.client.http.post("/v1/vms", json={"name": "x", "memory_mib": -1})
+    assert r.status_code == 422 and "memory_mib" in r.json()["error"]["message"]
     assert daemon.client.list_vms() == [] and daemon.vmm.launched == []
     assert banger("vm", "create", "--name", "dup", "--no-start")[0] == 0
     code, _, err = banger("vm", "create", "--name", "dup")

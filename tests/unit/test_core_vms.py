@@ -147,7 +147,6 @@ def test_bad_input_creates_nothing(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, _, _, _, layout, _ = env
     cases = [
         ({"name": "Bad_Name", "spec": VMSpec()}, "DNS label"),
-        ({"name": "ok", "spec": VMSpec(image="nope")}, "unknown image"),
         ({"name": "ok", "spec": VMSpec(memory_mib=-1)}, "--memory"),
         ({"name": "ok", "spec": VMSpec(vcpus=0)}, "--vcpu"),
         ({"name": "ok", "spec": VMSpec(memory_mib=10**8)}, "--memory"),
@@ -155,6 +154,8 @@ def test_bad_input_creates_nothing(env) -> None:  # type: ignore[no-untyped-def]
     for kwargs, needle in cases:
         with pytest.raises(InvalidRequest, match=needle):
             svc.create(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError, match="unknown image 'nope'"):
+        svc.create(name="ok", spec=VMSpec(image="nope"))
     assert svc.list_vms() == []
     assert vmm.launched == []
     assert not (layout.state_dir / "vms").exists() or not any((layout.state_dir / "vms").iterdir())

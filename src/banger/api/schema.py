@@ -6,9 +6,17 @@ from the code. Bump API_VERSION on incompatible changes; the path prefix carries
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from banger.model.vm import (
+    MAX_MEMORY_MIB,
+    MAX_VCPUS,
+    MAX_WORK_DISK_MIB,
+    MIN_MEMORY_MIB,
+    MIN_WORK_DISK_MIB,
+)
 
 API_VERSION = "v1"
 PREFIX = f"/{API_VERSION}"
@@ -32,27 +40,39 @@ class Health(BaseModel):
     pid: int
 
 
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS)]
+MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
+DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB)]
+
+
 class VMCreate(BaseModel):
-    name: str | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
     image: str = "debian-bookworm"
-    vcpus: int = 1
-    memory_mib: int = 512
-    disk_mib: int = 4096
-    network: Literal["user", "tap"] = "user"
-    nat: bool = False
-    start: bool = True
+    vcpus: Vcpus = 1
+    memory_mib: MemoryMib = 512
+    disk_mib: DiskMib = 4096
+    # "tap" comes with host networking (bridge, tap, NAT); until then only "user".
+    network: Literal["user"] = "user"
+    nat: StrictBool = False
+    start: StrictBool = True
 
 
 class VMSet(BaseModel):
-    vcpus: int | None = None
-    memory_mib: int | None = None
-    disk_mib: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    vcpus: Vcpus | None = None
+    memory_mib: MemoryMib | None = None
+    disk_mib: DiskMib | None = None
 
 
 class Runtime(BaseModel):
     pid: int
     ssh_port: int | None
     accel: str
+    accel_reason: str
     vmm: str
     boot_id: str
     started_at: float
@@ -81,8 +101,10 @@ class VMOut(BaseModel):
 
 
 class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     refs: list[str] = Field(min_length=1)
-    signal: int | None = None
+    signal: int | None = Field(default=None, ge=1, le=64)
 
 
 class BatchItem(BaseModel):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 from rich.markup import escape
 
 from banger import __version__
@@ -26,6 +27,7 @@ from banger.cli.render import (
     vm_table,
 )
 from banger.client.client import ApiError, Client, DaemonUnavailable, connect
+from banger.model.vm import InvalidSpec, VMSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -58,6 +60,12 @@ def parse_size_mib(value: str, flag: str) -> int:
     return n
 
 
+def _pydantic_message(exc: ValidationError) -> str:
+    flags = {"vcpus": "--vcpu", "memory_mib": "--memory", "disk_mib": "--disk-size"}
+    return "; ".join(f"{flags.get(str(e['loc'][-1]), e['loc'][-1])}: {e['msg']}"
+                     for e in exc.errors())
+
+
 def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is not None and value <= 0:
         raise click.BadParameter(f"{value}: must be at least 1")
@@ -87,9 +95,14 @@ def spec_options(fn: F) -> F:
 
 def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
                 start: bool = True) -> VMCreate:
-    return VMCreate(name=name, image=image, vcpus=vcpu,
-                    memory_mib=parse_size_mib(memory, "--memory"),
-                    disk_mib=parse_size_mib(disk, "--disk-size"), nat=nat, start=start)
+    spec = VMSpec(vcpus=vcpu, memory_mib=parse_size_mib(memory, "--memory"),
+                  work_disk_mib=parse_size_mib(disk, "--disk-size"), image=image, nat=nat)
+    try:
+        spec.validated()  # the daemon checks again; refusing here saves a round trip
+    except InvalidSpec as exc:
+        raise click.UsageError(str(exc)) from exc
+    return VMCreate(name=name, image=image, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                    disk_mib=spec.work_disk_mib, nat=nat, start=start)
 
 
 
@@ -277,8 +290,12 @@ def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
     """Change a stopped VM's spec; applies at its next start."""
     if vcpu is None and memory is None and disk is None:
         raise click.UsageError("nothing to set: give --vcpu, --memory or --disk-size")
-    req = VMSet(vcpus=vcpu, memory_mib=parse_size_mib(memory, "--memory") if memory else None,
-                disk_mib=parse_size_mib(disk, "--disk-size") if disk else None)
+    try:
+        req = VMSet(vcpus=vcpu,
+                    memory_mib=parse_size_mib(memory, "--memory") if memory else None,
+                    disk_mib=parse_size_mib(disk, "--disk-size") if disk else None)
+    except ValidationError as exc:
+        raise click.UsageError(_pydantic_message(exc)) from exc
     v = connect().set(ref, req)
     if as_json:
         print_json(v.model_dump())

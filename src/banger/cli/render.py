@@ -109,7 +109,7 @@ def vm_detail(v: VMOut) -> Table:
     ]
     if v.runtime:
         rows += [("vmm", f"{v.runtime.vmm} pid {v.runtime.pid}"),
-                 ("accel", v.runtime.accel),
+                 ("accel", f"{v.runtime.accel} ({v.runtime.accel_reason})"),
                  ("ssh", f"127.0.0.1:{v.runtime.ssh_port}"), ("boot id", v.runtime.boot_id)]
     if v.last_error:
         rows.append(("last error", f"{v.last_error} (stage {v.last_error_stage}, "

@@ -30,6 +30,7 @@ class Handles:
     boot_id: str
     started_at: float
     vmm: str = "qemu"
+    accel_reason: str = ""
 
 
 class HandleStore:

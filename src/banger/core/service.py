@@ -27,7 +27,16 @@ from banger.core.ports import HostPorts
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.startplan import StartContext, start_steps
 from banger.model.layout import Layout, VMPaths
-from banger.model.vm import VM, InvalidSpec, VMSpec, VMState, default_name, new_vm_id, validate_name
+from banger.model.vm import (
+    VM,
+    InvalidSpec,
+    NetworkMode,
+    VMSpec,
+    VMState,
+    default_name,
+    new_vm_id,
+    validate_name,
+)
 from banger.pipeline import Event, StepFailed, run_steps
 from banger.store.vms import Conflict, NotFound, VMRepository
 
@@ -107,8 +116,11 @@ class VMService:
                 validate_name(name)
         except InvalidSpec as exc:
             raise InvalidRequest(str(exc)) from exc
+        if spec.network is not NetworkMode.USER:
+            raise InvalidRequest(f"network mode {spec.network.value!r} is not available yet; "
+                                 "use the default user-mode networking")
         if spec.image not in self.host.images.known():
-            raise InvalidRequest(f"unknown image {spec.image!r}; known images: "
+            raise NotFoundError(f"unknown image {spec.image!r}; known images: "
                                  f"{', '.join(self.host.images.known())}")
         vm_id = new_vm_id()
         now = self.clock()
@@ -352,7 +364,8 @@ class VMService:
             self.handles.put(paths, Handles(
                 pid=found.pid, ssh_port=found.ssh_port, qmp_socket=str(paths.qmp_socket),
                 accel=self.host.vmm.accel().accel, boot_id=vm.boot_id or "",
-                started_at=self.clock(), vmm=self.host.vmm.name))
+                started_at=self.clock(), vmm=self.host.vmm.name,
+                accel_reason=self.host.vmm.accel().reason))
             return vm
         release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
         demoted = vm.with_state(

@@ -156,7 +156,8 @@ def _qemu_launch(ctx: StartContext) -> None:
     ctx.pid = vmm.launch(spec)
     ctx.handles.put(ctx.paths, Handles(
         pid=ctx.pid, ssh_port=ctx.ssh_port, qmp_socket=str(ctx.paths.qmp_socket),
-        accel=spec.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name))
+        accel=spec.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name,
+        accel_reason=vmm.accel().reason))
 
 
 def _undo_launch(ctx: StartContext) -> None:

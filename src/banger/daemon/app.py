@@ -11,10 +11,12 @@ import logging
 import os
 import queue
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from banger import __version__
 from banger.api.schema import (
@@ -36,7 +38,7 @@ from banger.api.schema import (
     VMOut,
     VMSet,
 )
-from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
+from banger.core.errors import BangerError, ConflictError, OperationFailed
 from banger.core.operations import Progress, ProgressSink
 from banger.core.service import BatchResult, VMService, VMView
 from banger.model.vm import VM, NetworkMode, VMSpec
@@ -45,10 +47,12 @@ log = logging.getLogger(__name__)
 
 # Module level: FastAPI resolves annotations by name, and closures are out of its reach.
 Accept = Annotated[str | None, Header()]
+BatchAction = Literal["start", "stop", "restart", "kill", "delete"]
 
 ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-    409: {"model": ErrorResponse}, 500: {"model": ErrorResponse},
+    409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+    500: {"model": ErrorResponse},
 }
 
 
@@ -65,7 +69,8 @@ def vm_out(view: VMView) -> VMOut:
         updated_at=vm.updated_at, last_error=vm.last_error,
         last_error_stage=vm.last_error_stage, last_op_id=vm.last_op_id, boot_id=vm.boot_id,
         guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
-        runtime=Runtime(pid=h.pid, ssh_port=h.ssh_port, accel=h.accel, vmm=h.vmm,
+        runtime=Runtime(pid=h.pid, ssh_port=h.ssh_port, accel=h.accel,
+                        accel_reason=h.accel_reason, vmm=h.vmm,
                         boot_id=h.boot_id, started_at=h.started_at) if h else None,
     )
 
@@ -85,12 +90,26 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                ssh_key: str, known_hosts: str,
                ssh_argv: Callable[[int, str], list[str]]) -> FastAPI:
     app = FastAPI(title="bangerd", version=__version__,
-                  description="banger's daemon API (JSON over a Unix socket)")
+                  description="banger's daemon API (JSON over a Unix socket)",
+                  responses=ERRORS)
 
     @app.exception_handler(BangerError)
     async def _banger_error(_: Request, exc: BangerError) -> JSONResponse:
         return JSONResponse(status_code=exc.status,
                             content=ErrorResponse(error=error_body(exc)).model_dump())
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        msg = "; ".join(f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
+                        for e in exc.errors())
+        body = ErrorBody(code="invalid", message=f"invalid request: {msg}")
+        return JSONResponse(status_code=422, content=ErrorResponse(error=body).model_dump())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = ErrorBody(code="http_error", message=str(exc.detail))
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers,
+                            content=ErrorResponse(error=body).model_dump())
 
     def out(vm: VM) -> VMOut:
         return vm_out(service.view(vm))
@@ -145,7 +164,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     def list_vms() -> list[VMOut]:
         return [vm_out(v) for v in service.list_vms()]
 
-    @app.post(f"{PREFIX}/vms", status_code=201, responses=ERRORS)
+    @app.post(f"{PREFIX}/vms", status_code=201)
     async def create(body: VMCreate, accept: Accept = None) -> VMOut:
         spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
                       image=body.image, network=NetworkMode(body.network), nat=body.nat)
@@ -157,36 +176,36 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
             return streamed(run)  # type: ignore[return-value]
         return await call(lambda: run(lambda _: None))
 
-    @app.get(f"{PREFIX}/vms/{{ref}}", responses=ERRORS)
+    @app.get(f"{PREFIX}/vms/{{ref}}")
     def show(ref: str) -> VMOut:
         return vm_out(service.show(ref))
 
-    @app.patch(f"{PREFIX}/vms/{{ref}}", responses=ERRORS)
+    @app.patch(f"{PREFIX}/vms/{{ref}}")
     async def set_vm(ref: str, body: VMSet) -> VMOut:
         return await call(lambda: service.set(ref, vcpus=body.vcpus, memory_mib=body.memory_mib,
                                               work_disk_mib=body.disk_mib))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/start", responses=ERRORS)
+    @app.post(f"{PREFIX}/vms/{{ref}}/start")
     async def start(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
             return streamed(lambda sink: service.start(ref, sink=sink))  # type: ignore[return-value]
         return await call(lambda: service.start(ref))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/restart", responses=ERRORS)
+    @app.post(f"{PREFIX}/vms/{{ref}}/restart")
     async def restart(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
             return streamed(lambda sink: service.restart(ref, sink=sink))  # type: ignore[return-value]
         return await call(lambda: service.restart(ref))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/stop", responses=ERRORS)
+    @app.post(f"{PREFIX}/vms/{{ref}}/stop")
     async def stop(ref: str) -> VMOut:
         return await call(lambda: service.stop(ref))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/kill", responses=ERRORS)
-    async def kill(ref: str, signal: int = 9) -> VMOut:
+    @app.post(f"{PREFIX}/vms/{{ref}}/kill")
+    async def kill(ref: str, signal: Annotated[int, Query(ge=1, le=64)] = 9) -> VMOut:
         return await call(lambda: service.kill(ref, signal=signal))
 
-    @app.delete(f"{PREFIX}/vms/{{ref}}", responses=ERRORS)
+    @app.delete(f"{PREFIX}/vms/{{ref}}")
     async def delete(ref: str) -> VMOut:
         view = await asyncio.to_thread(service.show, ref)
         vm = await asyncio.to_thread(service.delete, view.vm.id)
@@ -205,10 +224,8 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                                    error=error_body(r.error) if r.error else None))
         return BatchResponse(results=items)
 
-    @app.post(f"{PREFIX}/batch/{{action}}", responses=ERRORS)
-    async def batch(action: str, body: BatchRequest) -> BatchResponse:
-        if action not in ("start", "stop", "restart", "kill", "delete"):
-            raise InvalidRequest(f"unknown action {action!r}")
+    @app.post(f"{PREFIX}/batch/{{action}}")
+    async def batch(action: BatchAction, body: BatchRequest) -> BatchResponse:
         kwargs = {"signal": body.signal} if action == "kill" and body.signal else {}
         results = await asyncio.to_thread(service.batch, action, body.refs, **kwargs)
         return batch_out(results)
@@ -217,13 +234,13 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     async def prune() -> BatchResponse:
         return batch_out(await asyncio.to_thread(service.prune))
 
-    @app.get(f"{PREFIX}/vms/{{ref}}/logs", responses=ERRORS)
+    @app.get(f"{PREFIX}/vms/{{ref}}/logs")
     def logs(ref: str) -> Logs:
         paths = service.show(ref).paths
         return Logs(serial_log=str(paths.serial_log), serial=_tail(paths.serial_log),
                     vmm_log=str(paths.vmm_log), vmm=_tail(paths.vmm_log))
 
-    @app.get(f"{PREFIX}/vms/{{ref}}/ssh", responses=ERRORS)
+    @app.get(f"{PREFIX}/vms/{{ref}}/ssh")
     def ssh_target(ref: str) -> SshTarget:
         view = service.show(ref)
         if view.vm.state.value != "running" or view.handles is None or not view.handles.ssh_port:

@@ -1,0 +1,51 @@
+"""Fuzz the daemon API from its own OpenAPI document: no input may produce a server error
+or a response that breaks the published schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.specs.openapi.checks import allow_header_conformance, unsupported_method
+
+from banger.api.schema import Check, Doctor
+from banger.core.operations import Operations
+from banger.core.service import VMService
+from banger.daemon.app import create_app
+from banger.model.layout import Layout
+from banger.store.db import Database
+from banger.store.vms import OperationLog, VMRepository
+from tests.fakes import fake_host
+
+
+def _app(root: Path):  # type: ignore[no-untyped-def]
+    layout = Layout.for_user({"BANGER_HOME": str(root / "h"), "HOME": str(root)})
+    db = Database(layout.db)
+    host = fake_host(root)[0]
+    svc = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
+                    layout=layout)
+    return create_app(svc, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
+                                                               detail="")]),
+                      ssh_key="k", known_hosts="kh", ssh_argv=lambda p, a: ["ssh"])
+
+
+_ROOT = Path("/tmp/banger-fuzz")
+schema = schemathesis.openapi.from_asgi("/openapi.json", _app(_ROOT))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cleanup() -> Iterator[None]:
+    yield
+    import shutil
+    shutil.rmtree(_ROOT, ignore_errors=True)
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_api_conforms(case: schemathesis.Case) -> None:
+    # Starlette answers 405 with the Allow header of the first route on a path only (GET
+    # where GET and POST share /v1/vms): a framework quirk, not part of banger's contract.
+    case.call_and_validate(excluded_checks=[unsupported_method, allow_header_conformance])
