@@ -1,0 +1,140 @@
+"""A VM's disks: the copy-on-write root overlay and the ext4 work disk.
+
+Owns how they are made without mounting anything and without root: ``qemu-img`` for
+the qcow2 overlay (O(1) in the base size), ``mkfs.ext4 -d`` from a staging directory for
+the work disk, run inside a user namespace (``unshare -r``) when banger is not root so
+the files are recorded as root's (sshd refuses an authorized_keys owned by another uid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from banger.host.runner import run
+
+WORK_LABEL = "banger-work"
+# Directories whose contents are private to root inside the guest.
+PRIVATE_DIRS = frozenset({".ssh", ".gnupg", ".banger"})
+_SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+class DiskError(Exception):
+    """A disk image could not be created."""
+
+
+def tool(name: str) -> str:
+    """Absolute path of a system tool; sbin is searched too (not on a user's PATH)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise DiskError(f"{name} not found (install e2fsprogs / qemu-utils)")
+    return found
+
+
+def create_overlay(base: Path, overlay: Path) -> None:
+    """Create a qcow2 overlay backed by the raw image ``base``; refuses to overwrite."""
+    base = base.absolute()
+    if not base.is_file():
+        raise DiskError(f"base image {base} does not exist")
+    if overlay.exists():
+        raise FileExistsError(f"{overlay} already exists")
+    tmp = overlay.with_name(f".{overlay.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        # The backing path is stored absolute so the overlay works from any cwd.
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
+             str(tmp)])
+        os.replace(tmp, overlay)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def build_work_disk(path: Path, size_bytes: int,
+                    files: Mapping[str, tuple[bytes, int]]) -> None:
+    """Make a sparse ext4 image at ``path`` holding ``files`` (relative path -> content,
+    mode), everything owned by uid 0; the filesystem root becomes the guest's /root."""
+    if size_bytes < 8 << 20:
+        raise DiskError(f"work disk size {size_bytes} is below the 8 MiB minimum")
+    if path.exists():
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        staging.chmod(0o700)  # becomes /root: private like a home directory
+        for rel, (content, mode) in files.items():
+            _stage_file(staging, rel, content, mode)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        with tmp.open("wb") as f:
+            f.truncate(size_bytes)
+        argv = [tool("mkfs.ext4"), "-q", "-F", "-L", WORK_LABEL, "-m", "0",
+                "-E", "root_owner=0:0", "-d", str(staging), str(tmp)]
+        if os.geteuid() != 0:
+            # Inside a user namespace where we are uid 0, mkfs records our files as
+            # root's; outside it, it would copy our own uid onto every inode.
+            argv = ["unshare", "-r", *argv]
+        run(argv, timeout=300)
+        # mkfs -d leaves the filesystem root 0755; it becomes /root, a private home.
+        run([tool("debugfs"), "-w", "-R", "sif / mode 040700", str(tmp)])
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _stage_file(root: Path, rel: str, content: bytes, mode: int) -> None:
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
+        raise DiskError(f"work disk file path {rel!r} must be relative, without '..'")
+    cur = root
+    for part in parts[:-1]:
+        cur = cur / part
+        if not cur.exists():
+            cur.mkdir()
+            cur.chmod(0o700 if part in PRIVATE_DIRS else 0o755)
+    target = cur / parts[-1]
+    target.write_bytes(content)
+    target.chmod(mode & 0o7777)
+
+
+@dataclass(frozen=True)
+class InodeInfo:
+    uid: int
+    gid: int
+    mode: int  # permission bits and file type, as st_mode
+    size: int
+
+
+_STAT_RE = re.compile(r"Mode:\s+(\d+).*?User:\s+(\d+)\s+Group:\s+(\d+).*?Size:\s+(\d+)",
+                      re.S)
+_TYPE_RE = re.compile(r"Type:\s+(\w+)")
+
+
+def stat_in_image(image: Path, path: str) -> InodeInfo:
+    """Owner, mode and size of ``path`` inside an unmounted ext4 image (debugfs)."""
+    res = run([tool("debugfs"), "-R", f"stat {path}", str(image)])
+    m = _STAT_RE.search(res.stdout)
+    t = _TYPE_RE.search(res.stdout)
+    if m is None or t is None:
+        raise DiskError(f"{image}: cannot stat {path}: {res.stderr.strip()}")
+    kind = {"regular": 0o100000, "directory": 0o040000, "symlink": 0o120000}.get(
+        t.group(1), 0)
+    return InodeInfo(uid=int(m.group(2)), gid=int(m.group(3)),
+                     mode=kind | int(m.group(1), 8), size=int(m.group(4)))
+
+
+def remove_disk(path: Path) -> None:
+    """Delete a disk image; an already missing one is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -1,0 +1,349 @@
+"""The default guest image (Debian bookworm), built locally, and reading images back.
+
+Owns the build recipe (mmdebstrap from the machine's configured Debian mirror, our own
+init, a kernel cut from Debian's cloud kernel package, a busybox initramfs), the image
+directory layout, and ``manifest.json`` with the sha256 and size of every artifact, which
+:func:`load_image` verifies. Works as root and as an unprivileged user: mmdebstrap's
+unshare mode gives the customize hook a namespace where it is uid 0, and the ext4 image
+is made there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+
+from banger.host import bootfiles
+from banger.host.runner import CommandError, run
+
+IMAGE_NAME = "debian-bookworm"
+SUITE = "bookworm"
+MANIFEST = "manifest.json"
+ROOTFS = "rootfs.ext4"
+KERNEL = "vmlinux"
+INITRD = "initrd.img"
+GUEST_INIT = "/sbin/banger-init"
+# Extra kernel arguments this image needs, whatever VMM boots it.
+IMAGE_CMDLINE = f"init={GUEST_INIT}"
+
+PACKAGES: tuple[str, ...] = (
+    "openssh-server", "git", "ca-certificates", "iproute2", "procps", "less", "curl",
+    "make", "python3", "busybox", "kmod",
+)
+# Docs, man pages and translations are a third of a minimal system and nobody reads
+# them in a sandbox; copyright files stay.
+DPKG_EXCLUDES: tuple[str, ...] = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+)
+GUEST_FILES: tuple[str, ...] = (
+    "banger-init", "banger-poweroff", "customize-hook", "initrd-init", "inittab",
+    "sshd_config",
+)
+
+
+class ImageError(Exception):
+    """The image could not be built or read."""
+
+
+class ImageCorrupt(ImageError):
+    """An artifact does not match the digest or size its manifest records."""
+
+
+@dataclass(frozen=True)
+class ImageArtifacts:
+    dir: Path
+    rootfs: Path
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    init: str  # path of the guest init inside the rootfs: "/sbin/banger-init"
+    cmdline: str  # extra kernel args the image needs
+
+
+# --- building ---------------------------------------------------------------------
+
+
+def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
+                        mirror: str | None = None) -> ImageArtifacts:
+    """Build the default image into ``out_dir`` (replaced only once complete)."""
+    out_dir = out_dir.absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    try:
+        image = work / "image"
+        image.mkdir()
+        stage = work / "stage"
+        stage.mkdir()
+        # The hook runs as (namespace) root and must be able to write here.
+        stage.chmod(0o777)
+        guest = _stage_guest_files(work / "guest")
+        sources = debian_sources(mirror)
+        started = time.monotonic()
+        on_progress(f"bootstrapping Debian {SUITE} (mmdebstrap)")
+        _mmdebstrap(sources, guest, stage, on_progress)
+        kver = (stage / "kernel-version").read_text().strip()
+        used_mib = int((stage / "rootfs-used-kib").read_text()) // 1024
+        on_progress(f"rootfs.ext4 built ({used_mib} MiB of files) after "
+                    f"{time.monotonic() - started:.0f} s")
+        os.replace(stage / "rootfs.ext4", image / ROOTFS)
+
+        on_progress(f"extracting kernel {kver} (vmlinux)")
+        bootfiles.extract_vmlinux(stage / "kernel" / "boot" / f"vmlinuz-{kver}",
+                                  image / KERNEL)
+
+        on_progress("building initrd.img (busybox + virtio modules)")
+        bb = work / "busybox-static"
+        debs = sorted((stage / "debs").glob("busybox-static_*.deb"))
+        if not debs:
+            raise ImageError("busybox-static package was not downloaded")
+        run(["dpkg-deb", "-x", str(debs[0]), str(bb)])
+        bootfiles.build_initramfs(busybox=bb / "bin" / "busybox",
+                                  init_script=guest / "initrd-init",
+                                  modules_dir=stage / "kernel" / "lib" / "modules" / kver,
+                                  out=image / INITRD)
+
+        on_progress("writing manifest.json")
+        write_manifest(image, kernel_version=kver)
+        _install(image, out_dir)
+        on_progress(f"image ready in {out_dir} ({time.monotonic() - started:.0f} s)")
+    finally:
+        _rmtree(work)
+    return load_image(out_dir)
+
+
+def debian_sources(mirror: str | None = None) -> list[str]:
+    """One-line apt sources for the bookworm suites.
+
+    With ``mirror``, just ``bookworm main`` from it; otherwise the machine's own Debian
+    entries (main suite, updates, security) as apt is configured.
+    """
+    if mirror is not None:
+        return [f"deb {mirror} {SUITE} main"]
+    found: list[str] = []
+    apt = Path("/etc/apt")
+    files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
+    for f in files:
+        if f.is_file():
+            found += _parse_one_line_sources(f.read_text())
+    for f in sorted((apt / "sources.list.d").glob("*.sources")):
+        found += _parse_deb822_sources(f.read_text())
+    wanted = [s for s in dict.fromkeys(found) if s.split()[2].startswith(SUITE)]
+    if not wanted:
+        raise ImageError(f"no Debian {SUITE} mirror in the apt configuration under {apt}; "
+                         "pass a mirror explicitly")
+    return wanted
+
+
+def _parse_one_line_sources(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 4 and words[0] == "deb":
+            # Drop "[signed-by=...]" options: mmdebstrap works out signed-by itself.
+            words = [w for w in words if not (w.startswith("[") or w.endswith("]")
+                                              or "=" in w)]
+            if len(words) >= 4:
+                out.append(f"deb {words[1]} {words[2]} {' '.join(words[3:])}")
+    return out
+
+
+def _parse_deb822_sources(text: str) -> list[str]:
+    out = []
+    for stanza in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in stanza.splitlines():
+            if line.startswith("#") or ":" not in line or line[:1].isspace():
+                continue
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip()
+        if fields.get("enabled", "yes").lower() == "no":
+            continue
+        if "deb" not in fields.get("types", "").split():
+            continue
+        comps = fields.get("components", "")
+        for uri in fields.get("uris", "").split():
+            for suite in fields.get("suites", "").split():
+                out.append(f"deb {uri} {suite} {comps}")
+    return out
+
+
+def _apt_options() -> list[str]:
+    """Carry over the host's date checks: snapshot mirrors serve expired Release files."""
+    opts = []
+    for key in ("Acquire::Check-Valid-Until", "Acquire::Check-Date"):
+        try:
+            res = run(["apt-config", "shell", "V", key], check=False)
+        except CommandError:
+            continue
+        value = res.stdout.strip().removeprefix("V=").strip("'\"")
+        if value.lower() in ("false", "0", "no"):
+            opts.append(f'--aptopt={key} "false"')
+    return opts
+
+
+def _stage_guest_files(dest: Path) -> Path:
+    """Copy the guest scripts out of the package, executable where they must be."""
+    dest.mkdir()
+    src = resources.files("banger.host") / "guest"
+    for name in GUEST_FILES:
+        target = dest / name
+        target.write_bytes((src / name).read_bytes())
+        executable = name not in ("inittab", "sshd_config")
+        target.chmod(0o755 if executable else 0o644)
+    # mmdebstrap's namespace root must be able to read these as "other".
+    dest.chmod(0o755)
+    return dest
+
+
+def _mmdebstrap(sources: list[str], guest: Path, stage: Path,
+                on_progress: Callable[[str], None]) -> None:
+    hook = str(guest / "customize-hook")
+    argv = [
+        "mmdebstrap", "--variant=minbase", "--format=null",
+        f"--include={','.join(PACKAGES)}",
+        *_apt_options(),
+        *(f"--dpkgopt={o}" for o in DPKG_EXCLUDES),
+        f"--setup-hook={hook}", f"--essential-hook={hook}", f"--customize-hook={hook}",
+        SUITE, "/dev/null", *sources,
+    ]
+    env = {"BANGER_OUT": str(stage), "BANGER_GUEST": str(guest)}
+    # mmdebstrap runs to completion through the runner in a worker thread; this thread
+    # forwards the hook's progress lines so on_progress runs in the caller's thread.
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run(argv, env=env, timeout=1800)
+        except BaseException as exc:  # re-raised below in the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, name="mmdebstrap", daemon=True)
+    worker.start()
+    progress = stage / "progress"
+    seen = 0
+    while True:
+        worker.join(0.5)
+        lines = progress.read_text().splitlines() if progress.exists() else []
+        for line in lines[seen:]:
+            on_progress(line)
+        seen = len(lines)
+        if not worker.is_alive():
+            break
+    if errors:
+        raise ImageError(f"mmdebstrap failed: {errors[0]}") from errors[0]
+
+
+def _install(image: Path, out_dir: Path) -> None:
+    """Put the finished image at ``out_dir``, replacing an old one only at the end."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(image, out_dir)
+    if old is not None:
+        _rmtree(old)
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a build tree; packages leave read-only directories a non-root user must
+    open up first."""
+    if not path.exists():
+        return
+    for parent, dirs, _ in os.walk(path):
+        for d in dirs:
+            p = os.path.join(parent, d)
+            if not os.path.islink(p):
+                with contextlib.suppress(OSError):
+                    os.chmod(p, stat.S_IRWXU)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# --- manifest and verification -------------------------------------------------------
+
+
+def write_manifest(image: Path, *, kernel_version: str, name: str = IMAGE_NAME) -> None:
+    artifacts = {}
+    for fname in (ROOTFS, KERNEL, INITRD):
+        p = image / fname
+        artifacts[fname] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    manifest = {
+        "name": name,
+        "kernel_version": kernel_version,
+        "init": GUEST_INIT,
+        "cmdline": IMAGE_CMDLINE,
+        "artifacts": artifacts,
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    tmp = image / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, image / MANIFEST)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# Verified artifacts, keyed by what would change if the file did: a file is hashed once
+# per process unless it is rewritten.
+_verified: dict[tuple[str, int, int], str] = {}
+_verified_lock = threading.Lock()
+
+
+def load_image(dir: Path, *, verify: bool = True) -> ImageArtifacts:
+    """Read an image directory back; with ``verify``, check every artifact's digest."""
+    dir = dir.absolute()
+    try:
+        manifest = json.loads((dir / MANIFEST).read_text())
+        artifacts: dict[str, dict[str, object]] = manifest["artifacts"]
+        kernel_version = str(manifest["kernel_version"])
+        init = str(manifest["init"])
+        cmdline = str(manifest.get("cmdline", ""))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageError(f"{dir / MANIFEST}: unreadable manifest: {exc}") from exc
+    for fname in (ROOTFS, KERNEL, INITRD):
+        if fname not in artifacts:
+            raise ImageError(f"{dir / MANIFEST}: no entry for {fname}")
+    if verify:
+        for fname, meta in artifacts.items():
+            _verify(dir / fname, str(meta.get("sha256")), meta.get("size"))
+    return ImageArtifacts(dir=dir, rootfs=dir / ROOTFS, kernel=dir / KERNEL,
+                          initrd=dir / INITRD, kernel_version=kernel_version, init=init,
+                          cmdline=cmdline)
+
+
+def _verify(path: Path, want_sha: str, want_size: object) -> None:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ImageCorrupt(f"{path}: missing ({exc.strerror})") from exc
+    if st.st_size != want_size:
+        raise ImageCorrupt(f"{path}: size {st.st_size} bytes, manifest says {want_size}")
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    with _verified_lock:
+        if _verified.get(key) == want_sha:
+            return
+    got = sha256_file(path)
+    if got != want_sha:
+        raise ImageCorrupt(f"{path}: sha256 {got}, manifest says {want_sha}")
+    with _verified_lock:
+        _verified[key] = got

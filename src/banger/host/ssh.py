@@ -1,0 +1,155 @@
+"""Reaching a guest over SSH with the system ``ssh`` binary.
+
+Owns banger's SSH key, the ssh option set (own known_hosts, trust on first use, a host
+key alias per VM because forwarded ports are reused by different VMs), readiness (the
+SSH banner and a real key login, never just a TCP connect: QEMU's user-mode forward
+accepts TCP before the guest listens) and known_hosts cleanup.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from banger.host.runner import CommandError, run
+
+CONNECT_TIMEOUT = 10
+# How long one banner wait may take: a starved guest under TCG can take seconds to
+# fork sshd's child. Reconnecting sooner only forks more children and slows it further.
+BANNER_WAIT = 10.0
+RETRY_PAUSE = 1.0
+TAIL_LINES = 15
+
+
+class SshError(Exception):
+    """SSH to the guest failed for a reason other than a timeout."""
+
+
+class SshTimeout(SshError):
+    """The guest did not become reachable over SSH in time."""
+
+
+class VmmDied(SshError):
+    """The VMM process went away while waiting for the guest."""
+
+
+def ensure_key(path: Path) -> str:
+    """Create an ed25519 key at ``path`` unless one exists; returns the public key line."""
+    pub = path.with_name(path.name + ".pub")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger",
+             "-f", str(path)])
+    path.chmod(0o600)
+    if not pub.exists():
+        # Derive the public half again from the private key.
+        res = run(["ssh-keygen", "-y", "-f", str(path)])
+        pub.write_text(res.stdout.strip() + "\n")
+    return pub.read_text().strip()
+
+
+def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
+                  user: str = "root", batch: bool = True) -> list[str]:
+    """``ssh`` and its options, ending with the destination: append a command (or
+    ``-t`` and nothing for an interactive shell). ``batch=False`` for a person."""
+    argv = [
+        "ssh", "-p", str(port), "-i", str(key),
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", f"HostKeyAlias={alias}",
+        "-o", "LogLevel=ERROR",
+        "-o", f"ConnectTimeout={CONNECT_TIMEOUT}",
+        "-o", "ServerAliveInterval=15",
+        "-o", "ServerAliveCountMax=4",
+    ]
+    if batch:
+        argv += ["-o", "BatchMode=yes"]
+    return [*argv, f"{user}@127.0.0.1"]
+
+
+def read_banner(port: int, timeout: float) -> str | None:
+    """The SSH identification line if one arrives on ``port`` within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            data = b""
+            while b"\n" not in data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                s.settimeout(left)
+                chunk = s.recv(256)
+                if not chunk:
+                    return None  # the forward accepted, but nothing listens inside yet
+                data += chunk
+            line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
+            return line if line.startswith("SSH-") else None
+    except OSError:
+        return None
+
+
+def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: float,
+               serial_log: Path, alive: Callable[[], bool]) -> float:
+    """Wait until ``ssh ... true`` succeeds; returns the seconds waited.
+
+    Raises :class:`VmmDied` as soon as ``alive()`` is false and :class:`SshTimeout`
+    after ``timeout`` s; both messages carry the serial log's path and last lines.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    last_error = "no SSH banner yet"
+    probe = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
+             "true"]
+    while True:
+        if not alive():
+            raise VmmDied(_with_tail(f"the VM process exited while waiting for SSH on "
+                                     f"port {port} ({last_error})", serial_log))
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SshTimeout(_with_tail(f"SSH on 127.0.0.1:{port} not ready after "
+                                        f"{timeout:.0f} s ({last_error})", serial_log))
+        attempt = time.monotonic()
+        banner = read_banner(port, min(BANNER_WAIT, left))
+        if banner is not None:
+            try:
+                run(probe, timeout=max(5.0, min(30.0, left)))
+                return time.monotonic() - started
+            except CommandError as exc:
+                last_error = f"ssh login failed: {_last_line(exc)}"
+        # Pace attempts: the forward may refuse or close at once while the guest boots.
+        pause = RETRY_PAUSE - (time.monotonic() - attempt)
+        if pause > 0:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+
+
+def _last_line(exc: CommandError) -> str:
+    lines = (exc.stderr or "").strip().splitlines()
+    return lines[-1] if lines else (exc.reason or f"exit {exc.returncode}")
+
+
+def _with_tail(message: str, serial_log: Path) -> str:
+    try:
+        with serial_log.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
+    except OSError as exc:
+        return f"{message}\nserial log {serial_log}: {exc.strerror}"
+    body = "\n".join(f"  {line}" for line in lines) or "  (empty)"
+    return f"{message}\nlast lines of the serial log {serial_log}:\n{body}"
+
+
+def remove_known_host(known_hosts: Path, alias: str) -> None:
+    """Forget ``alias``'s host key; a missing file or entry is fine."""
+    if not known_hosts.exists():
+        return
+    run(["ssh-keygen", "-q", "-R", alias, "-f", str(known_hosts)], check=False)
+    # ssh-keygen -R keeps the previous version as FILE.old: that is a leak here.
+    old = known_hosts.with_name(known_hosts.name + ".old")
+    if old.exists():
+        old.unlink()
