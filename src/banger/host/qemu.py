@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -338,3 +339,16 @@ def _qmp_call(sock: Path, fn: Callable[[Any], Awaitable[T]], timeout: float) -> 
     # helper thread rather than nesting loops.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, session()).result()
+
+
+_HOSTFWD = re.compile(rb"hostfwd=tcp:127\.0\.0\.1:(\d+)-:22")
+
+
+def ssh_port_of(pid: int) -> int | None:
+    """The forwarded SSH port in a running QEMU's command line (handles rediscovery)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    m = _HOSTFWD.search(raw)
+    return int(m.group(1)) if m else None
