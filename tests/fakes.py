@@ -77,6 +77,7 @@ class FakeVmm:
         self.ignore_quit = False
         self.launched: list[LaunchSpec] = []
         self.quits = 0
+        self.stuck_status: str | None = None
 
     def accel(self) -> Accel:
         return Accel("tcg", "fake")
@@ -101,6 +102,9 @@ class FakeVmm:
 
     def answering(self, qmp_socket: Path) -> bool:
         return any(p.spec.qmp_socket == qmp_socket for p in self.procs.values())
+
+    def stuck(self, qmp_socket: Path) -> str | None:
+        return self.stuck_status
 
     def quit(self, qmp_socket: Path) -> bool:
         self.quits += 1

@@ -122,6 +122,15 @@ def test_vmm_dies_right_after_launch(env) -> None:  # type: ignore[no-untyped-de
     assert_no_runtime_leak(svc, vmm, vm.id)
 
 
+def test_wedged_vmm_fails_readiness_at_once(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    vmm.stuck_status = "internal-error"
+    with pytest.raises(OperationFailed, match="internal-error") as info:
+        svc.create(name="wedged", spec=VMSpec())
+    assert info.value.stage == "wait_ssh"
+    assert_no_runtime_leak(svc, vmm, svc.resolve("wedged").id)
+
+
 def test_root_cause_kept_when_undo_fails(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, disks, *_ = env
     vmm.launch_error = RuntimeError("qemu: could not open kernel")

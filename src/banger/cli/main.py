@@ -152,7 +152,15 @@ def vm_run(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat:
     err_console.print(f"{req.vcpus} vcpu · {mib(req.memory_mib)} memory · "
                       f"{mib(req.disk_mib)} disk · image {req.image}", highlight=False)
     with Progress() as progress:
-        vm = client.create(req, progress)
+        try:
+            vm = client.create(req, progress)
+        except ApiError as exc:
+            print_error(exc.body)
+            if progress.vm:
+                err_console.print(f"the VM {progress.vm} is kept so you can look: "
+                                  f"`banger vm logs {progress.vm}`, then "
+                                  f"`banger vm delete {progress.vm}`")
+            sys.exit(1)
     if not as_json:
         err_console.print(f"[green]{vm.name} ready[/green] in {progress.elapsed():.1f}s")
     if detach:

@@ -25,6 +25,7 @@ class Progress:
         self.tty = err_console.is_terminal
         self.started = time.monotonic()
         self._status: Any = None
+        self.vm: str | None = None  # the VM the events are about, once one arrives
 
     def __enter__(self) -> Progress:
         if self.tty and not self.quiet:
@@ -37,6 +38,7 @@ class Progress:
             self._status.__exit__(None, None, None)
 
     def __call__(self, ev: ProgressEvent) -> None:
+        self.vm = ev.vm or self.vm
         if self.quiet:
             return
         label = ev.label or ev.stage or ""

@@ -86,6 +86,9 @@ class VmmPort(Protocol):
     def answering(self, qmp_socket: Path) -> bool:
         """True when the VMM's control socket answers."""
 
+    def stuck(self, qmp_socket: Path) -> str | None:
+        """Why a running VMM can never make progress (e.g. "internal-error"), else None."""
+
     def quit(self, qmp_socket: Path) -> bool: ...
 
     def kill(self, pid: int, sig: int) -> None: ...

@@ -168,9 +168,34 @@ def _wait_ssh(ctx: StartContext) -> None:
     assert ctx.pid is not None and ctx.ssh_port is not None
     pid, sock = ctx.pid, ctx.paths.qmp_socket
     vmm = ctx.host.vmm
+    vmm_log = ctx.paths.vmm_log
+
+    def alive() -> bool:
+        if not vmm.alive(pid, sock):
+            return False
+        problem = vmm.stuck(sock)
+        if problem is not None:
+            # A wedged VMM (e.g. a KVM internal error) would otherwise burn the whole
+            # readiness timeout in silence.
+            raise VmmStuck(f"the VMM reports {problem!r}: the guest cannot run; "
+                           f"{vmm_log}:\n{_tail(vmm_log)}")
+        return True
+
     ctx.ready_after = ctx.host.guest.wait_ready(
         port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
-        serial_log=ctx.paths.serial_log, alive=lambda: vmm.alive(pid, sock))
+        serial_log=ctx.paths.serial_log, alive=alive)
+
+
+class VmmStuck(RuntimeError):
+    pass
+
+
+def _tail(path: Path, lines: int = 10) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "  (no log)"
+    return "\n".join("  " + line for line in text.splitlines()[-lines:]) or "  (empty)"
 
 
 def vm_files_exist(paths: VMPaths) -> list[Path]:

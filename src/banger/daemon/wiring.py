@@ -84,6 +84,11 @@ class QemuVmm:
     def answering(self, qmp_socket: Path) -> bool:
         return qemu.qmp_status(qmp_socket) is not None
 
+    def stuck(self, qmp_socket: Path) -> str | None:
+        status = qemu.qmp_status(qmp_socket)
+        return status if status in ("internal-error", "guest-panicked", "io-error",
+                                    "shutdown") else None
+
     def quit(self, qmp_socket: Path) -> bool:
         return qemu.qmp_quit(qmp_socket)
 
