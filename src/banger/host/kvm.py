@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -57,17 +56,16 @@ def reset_cache() -> None:
         _cache = None
 
 
-def _probe() -> AccelChoice:
-    kvm = Path("/dev/kvm")
+def _probe(kvm: Path = Path("/dev/kvm")) -> AccelChoice:
     if not kvm.exists():
-        return AccelChoice("tcg", "/dev/kvm does not exist; using TCG software emulation")
+        return AccelChoice("tcg", f"{kvm} does not exist; using TCG software emulation")
     if not os.access(kvm, os.R_OK | os.W_OK):
-        return AccelChoice("tcg", "/dev/kvm is not accessible to this user (add it to the "
+        return AccelChoice("tcg", f"{kvm} is not accessible to this user (add it to the "
                                   "kvm group); using TCG software emulation")
     ok, detail = run_probe_guest("kvm")
     if ok:
         return AccelChoice("kvm", f"a test guest ran under KVM ({detail})")
-    return AccelChoice("tcg", f"/dev/kvm is present but a test guest did not run under it "
+    return AccelChoice("tcg", f"{kvm} is present but a test guest did not run under it "
                               f"({detail}); using TCG software emulation")
 
 
@@ -102,7 +100,7 @@ def probe_argv(stub: Path, accel: str) -> list[str]:
     ]
 
 
-# Assembled from this (GNU as --64, linked at 0x100100, shown in tests/unit/kvm_probe.S)
+# Assembled from this (GNU as --64, linked at 0x100100, source in guest/kvm-probe.S)
 # and kept as bytes so no assembler is needed at run time. Entered like vmlinux's PVH
 # entry (32-bit, paging off), it does what a kernel does first: identity-map 2 MiB with
 # PAE paging, set EFER.LME, enable paging, load a GDT, far-jump into 64-bit mode, load
@@ -147,11 +145,3 @@ def probe_elf() -> bytes:
                         len(note), len(note), 4)
     pad = b"\0" * (_PROBE_CODE_OFFSET - head_len)
     return ehdr + load + pnote + note + pad + code
-
-
-def _qemu_version() -> str:
-    try:
-        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        return "not installed"
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"

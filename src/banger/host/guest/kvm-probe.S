@@ -1,3 +1,6 @@
+/* banger KVM probe guest: see banger/host/kvm.py. Rebuild the bytes kept there with
+ *   as --64 -o p.o kvm-probe.S && ld -m elf_x86_64 -Ttext=0x100100 --oformat binary -o p.bin p.o
+ */
     .code32
     .set BASE, 0x100000
     .set PML4, BASE + 0x1000
