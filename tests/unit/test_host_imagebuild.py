@@ -48,7 +48,7 @@ def test_corrupt_byte_is_detected_with_both_digests(image: Path) -> None:
 def test_size_change_and_missing_file(image: Path) -> None:
     with (image / "initrd.img").open("ab") as f:
         f.write(b"x")
-    with pytest.raises(ImageCorrupt, match="initrd.img: size"):
+    with pytest.raises(ImageCorrupt, match=r"initrd\.img: size"):
         load_image(image)
     (image / "initrd.img").unlink()
     with pytest.raises(ImageCorrupt, match="missing"):
