@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 import threading
 import time
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from banger.host import bootfiles
 from banger.host.runner import CommandError, run
@@ -86,12 +87,14 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
     try:
+        # mmdebstrap's unshare mode runs the hook as a subordinate uid, not as us: it
+        # must traverse `work` (0711: others cannot list it, so cannot find the stage)
+        # and write into the stage (sticky: nobody else can replace what it wrote).
+        work.chmod(0o711)
         image = work / "image"
         image.mkdir()
-        stage = work / "stage"
-        stage.mkdir()
-        # The hook runs as (namespace) root and must be able to write here.
-        stage.chmod(0o777)
+        stage = Path(tempfile.mkdtemp(prefix="stage-", dir=work))
+        stage.chmod(0o1777)
         guest = _stage_guest_files(work / "guest")
         sources = debian_sources(mirror)
         started = time.monotonic()
@@ -101,21 +104,17 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
         used_mib = int((stage / "rootfs-used-kib").read_text()) // 1024
         on_progress(f"rootfs.ext4 built ({used_mib} MiB of files) after "
                     f"{time.monotonic() - started:.0f} s")
-        os.replace(stage / "rootfs.ext4", image / ROOTFS)
+        _copy(stage / "rootfs.ext4", image / ROOTFS)
 
         on_progress(f"extracting kernel {kver} (vmlinux)")
-        bootfiles.extract_vmlinux(stage / "kernel" / "boot" / f"vmlinuz-{kver}",
-                                  image / KERNEL)
+        bootfiles.extract_vmlinux(stage / "vmlinuz", image / KERNEL)
 
         on_progress("building initrd.img (busybox + virtio modules)")
-        bb = work / "busybox-static"
-        debs = sorted((stage / "debs").glob("busybox-static_*.deb"))
-        if not debs:
-            raise ImageError("busybox-static package was not downloaded")
-        run(["dpkg-deb", "-x", str(debs[0]), str(bb)])
-        bootfiles.build_initramfs(busybox=bb / "bin" / "busybox",
+        modules = work / "modules"
+        _extract_regular_files(stage / "modules.tar", modules)
+        bootfiles.build_initramfs(busybox=stage / "busybox",
                                   init_script=guest / "initrd-init",
-                                  modules_dir=stage / "kernel" / "lib" / "modules" / kver,
+                                  modules_dir=modules / "lib" / "modules" / kver,
                                   out=image / INITRD)
 
         on_progress("writing manifest.json")
@@ -247,6 +246,31 @@ def _mmdebstrap(sources: list[str], guest: Path, stage: Path,
             break
     if errors:
         raise ImageError(f"mmdebstrap failed: {errors[0]}") from errors[0]
+
+
+def _extract_regular_files(archive: Path, dest: Path) -> None:
+    """Unpack only the regular files of a tar we made, refusing any path escape."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            rel = PurePosixPath(member.name)
+            if not member.isfile() or rel.is_absolute() or ".." in rel.parts:
+                continue
+            target = dest.joinpath(*rel.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is not None:
+                with src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out)
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """Move a hook output into our own tree. A rename would keep the subordinate uid
+    of unshare mode as owner; a copy is ours. Sparse regions stay sparse."""
+    if os.geteuid() == 0 or src.stat().st_uid == os.geteuid():
+        os.replace(src, dst)
+        return
+    run(["cp", "--sparse=always", str(src), str(dst)])
+    src.unlink()
 
 
 def _install(image: Path, out_dir: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import struct
-import subprocess
 import tempfile
 import threading
 import time
@@ -57,17 +56,16 @@ def reset_cache() -> None:
         _cache = None
 
 
-def _probe() -> AccelChoice:
-    kvm = Path("/dev/kvm")
+def _probe(kvm: Path = Path("/dev/kvm")) -> AccelChoice:
     if not kvm.exists():
-        return AccelChoice("tcg", "/dev/kvm does not exist; using TCG software emulation")
+        return AccelChoice("tcg", f"{kvm} does not exist; using TCG software emulation")
     if not os.access(kvm, os.R_OK | os.W_OK):
-        return AccelChoice("tcg", "/dev/kvm is not accessible to this user (add it to the "
+        return AccelChoice("tcg", f"{kvm} is not accessible to this user (add it to the "
                                   "kvm group); using TCG software emulation")
     ok, detail = run_probe_guest("kvm")
     if ok:
         return AccelChoice("kvm", f"a test guest ran under KVM ({detail})")
-    return AccelChoice("tcg", f"/dev/kvm is present but a test guest did not run under it "
+    return AccelChoice("tcg", f"{kvm} is present but a test guest did not run under it "
                               f"({detail}); using TCG software emulation")
 
 
@@ -102,20 +100,20 @@ def probe_argv(stub: Path, accel: str) -> list[str]:
     ]
 
 
-# Assembled from this (GNU as, linked at 0x100100), kept as bytes so no assembler is
-# needed at run time. Entered like vmlinux's PVH entry (32-bit, paging off), it does
-# what a kernel does first: identity-map 2 MiB with PAE paging, set EFER.LME, enable
-# paging, load a GDT, far-jump into 64-bit mode; only then it reports the known exit.
-#   movl $(PDPT+3),PML4; movl $(PD+3),PDPT; movl $0x83,PD
-#   cr4 |= PAE; cr3 = PML4; EFER (msr 0xc0000080) |= LME; cr0 |= PG|PE
-#   lgdt gdtr; ljmp $0x08,$long64
-#   long64: ds = ss = 0x10; rsp = 0x200000; mov $0x2a,%al; out %al,$0xf4; 1: hlt; jmp 1b
-#   gdt: null, 64-bit code 0x00209A0000000000, data 0x0000920000000000
+# Assembled from this (GNU as --64, linked at 0x100100, source in guest/kvm-probe.S)
+# and kept as bytes so no assembler is needed at run time. Entered like vmlinux's PVH
+# entry (32-bit, paging off), it does what a kernel does first: identity-map 2 MiB with
+# PAE paging, set EFER.LME, enable paging, load a GDT, far-jump into 64-bit mode, load
+# an IDT, and then executes int3, the breakpoint the kernel itself relies on while it
+# patches its code at boot. Only the #BP handler writes the known exit. Under nested PVM
+# every step up to int3 runs; the int3 never arrives, just as a stock kernel hangs there.
 _PROBE_CODE_HEX = (
     "c7050010100003201000c7050020100003301000c70500301000830000000f20e083c8200f22e0b8"
-    "001010000f22d8b9800000c00f320d000100000f300f20c00d010000800f22c00f01158801100"
-    "0ea56011000080066b810008ed88ed048c7c400002000b02ae6f4f4ebfd8d74260000000000000000"
-    "0000000000009a20000000000000920000170070011000"
+    "001010000f22d8b9800000c00f320d000100000f300f20c00d010000800f22c00f011590011000ea"
+    "56011000080066b810008ed88ed048c7c4000020000f011c25a0011000ccf4ebfdb02ae6f4f4ebfd"
+    "000000000000000000000000009a20000000000000920000170078011000662e0f1f840000000000"
+    "3f00b001100000000000660f1f440000000000000000000000000000000000000000000000000000"
+    "00000000000000000000000000000000000000000000000071010800008e10000000000000000000"
 )
 _PROBE_BASE = 0x100000
 _PROBE_CODE_OFFSET = 0x100
@@ -126,7 +124,8 @@ def probe_elf() -> bytes:
     """A 64-bit ELF with a PVH entry note, like vmlinux, carrying the probe code."""
     base = _PROBE_BASE
     code = bytes.fromhex(_PROBE_CODE_HEX)
-    assert code[0x65:0x69] == bytes([0xB0, PROBE_CODE, 0xE6, _DEBUG_EXIT_PORT])
+    if bytes([0xB0, PROBE_CODE, 0xE6, _DEBUG_EXIT_PORT]) not in code:
+        raise AssertionError("probe code does not report PROBE_CODE")
     ehdr_size, phdr_size = 64, 56
     note_off = ehdr_size + 2 * phdr_size
     entry = base + _PROBE_CODE_OFFSET
@@ -146,11 +145,3 @@ def probe_elf() -> bytes:
                         len(note), len(note), 4)
     pad = b"\0" * (_PROBE_CODE_OFFSET - head_len)
     return ehdr + load + pnote + note + pad + code
-
-
-def _qemu_version() -> str:
-    try:
-        out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False)
-    except FileNotFoundError:
-        return "not installed"
-    return out.stdout.splitlines()[0] if out.stdout else "unknown"

@@ -1,0 +1,161 @@
+"""The QEMU process without a guest OS: the KVM probe stub idles as the "kernel".
+
+Fast checks of launch, detachment, QMP, pid observation and early-death reporting; the
+real boot is in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from banger.host import kvm, qemu
+from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
+
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(shutil.which(qemu.QEMU) is None, reason="QEMU not installed"),
+]
+
+
+@pytest.fixture
+def vmdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    # Short path: the QMP socket must fit in sun_path.
+    d = Path(tempfile_short())
+    try:
+        yield d
+    finally:
+        pid = qemu.find_qemu_pid(d / "qmp.sock")
+        if pid is not None:
+            qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def tempfile_short() -> str:
+    import tempfile
+    return tempfile.mkdtemp(prefix="bq-", dir="/tmp")
+
+
+def stub_config(d: Path, **over: object) -> QemuConfig:
+    """Without isa-debug-exit the probe's exit write goes nowhere: it halts forever."""
+    kernel = d / "stub.elf"
+    kernel.write_bytes(kvm.probe_elf())
+    (d / "initrd").write_bytes(b"\0" * 4096)
+    for disk in ("root.qcow2", "work.ext4"):
+        subprocess.run(["qemu-img", "create", "-q", "-f",
+                        "qcow2" if disk.endswith("qcow2") else "raw", str(d / disk), "16M"],
+                       check=True)
+    base: dict[str, object] = dict(
+        kernel=kernel, initrd=d / "initrd", root_disk=d / "root.qcow2",
+        work_disk=d / "work.ext4", vcpus=1, memory_mib=64, ssh_port=qemu.free_port(),
+        serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel="tcg",
+        hostname="stub")
+    base.update(over)
+    return QemuConfig(**base)  # type: ignore[arg-type]
+
+
+def test_launch_observe_and_quit(vmdir: Path) -> None:
+    cfg = stub_config(vmdir)
+    pid = qemu.launch(cfg, vmdir / "vmm.log")
+    assert qemu.pid_alive(pid)
+    assert os.getsid(pid) == pid  # its own session: no signal from our terminal reaches it
+    assert qemu.pid_is_qemu_for(pid, cfg.qmp_socket)
+    assert not qemu.pid_is_qemu_for(pid, vmdir / "other.sock")
+    assert not qemu.pid_is_qemu_for(os.getpid(), cfg.qmp_socket)
+    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid
+    assert qemu.qmp_status(cfg.qmp_socket) == "running"
+    assert not qemu.port_is_free(cfg.ssh_port)
+    with pytest.raises(VmmError, match="already running"):
+        qemu.launch(cfg, vmdir / "vmm.log")
+    assert qemu.qmp_quit(cfg.qmp_socket)
+    deadline = time.monotonic() + 5
+    while qemu.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not qemu.pid_alive(pid)
+    assert qemu.find_qemu_pid(cfg.qmp_socket) is None
+    assert qemu.port_is_free(cfg.ssh_port)
+    assert qemu.qmp_status(cfg.qmp_socket) is None
+
+
+def test_kill_and_wait(vmdir: Path) -> None:
+    cfg = stub_config(vmdir)
+    pid = qemu.launch(cfg, vmdir / "vmm.log")
+    assert qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+    assert not qemu.pid_alive(pid)
+    assert qemu.kill_and_wait(pid, signal.SIGKILL, 1)  # already gone is success
+
+
+def test_vm_survives_its_launcher_being_killed(vmdir: Path) -> None:
+    cfg = stub_config(vmdir)
+    code = ("import sys, time; from pathlib import Path; from banger.host import qemu; "
+            f"cfg = qemu.QemuConfig(**{_cfg_kwargs(cfg)}); "
+            f"print(qemu.launch(cfg, Path({str(vmdir / 'vmm.log')!r})), flush=True); "
+            "time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                text=True)
+    assert launcher.stdout is not None
+    pid = int(launcher.stdout.readline())
+    launcher.kill()
+    launcher.wait()
+    time.sleep(0.3)
+    assert qemu.pid_alive(pid)
+    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid  # rediscovered from /proc alone
+    assert qemu.qmp_status(cfg.qmp_socket) == "running"
+
+
+def _cfg_kwargs(cfg: QemuConfig) -> str:
+    parts = []
+    for k, v in vars(cfg).items():
+        parts.append(f"{k}=Path({str(v)!r})" if isinstance(v, Path) else f"{k}={v!r}")
+    return "dict(" + ", ".join(parts) + ")"
+
+
+def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
+    cfg = stub_config(vmdir, kernel=vmdir / "no-such-kernel")
+    started = time.monotonic()
+    with pytest.raises(VmmError) as err:
+        qemu.launch(cfg, vmdir / "vmm.log")
+    assert time.monotonic() - started < 3
+    assert "exited with status" in str(err.value)
+    assert "no-such-kernel" in str(err.value)  # QEMU's own complaint, from the log tail
+    assert qemu.find_qemu_pid(cfg.qmp_socket) is None
+
+
+def test_busy_ssh_port_is_its_own_error(vmdir: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        cfg = stub_config(vmdir, ssh_port=s.getsockname()[1])
+        with pytest.raises(HostPortBusy):
+            qemu.launch(cfg, vmdir / "vmm.log")
+
+
+def test_zombie_counts_as_dead() -> None:
+    child = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while qemu.pid_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert Path(f"/proc/{child.pid}").exists()  # not reaped yet: a zombie
+    assert not qemu.pid_alive(child.pid)
+    child.wait()
+
+
+def test_qmp_helpers_on_missing_or_dead_socket(tmp_path: Path) -> None:
+    assert qemu.qmp_status(tmp_path / "none.sock") is None
+    dead = tmp_path / "dead.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(dead))
+    s.close()  # the file stays, nobody listens
+    started = time.monotonic()
+    assert qemu.qmp_status(dead, timeout=1) is None
+    assert not qemu.qmp_quit(dead, timeout=1)
+    assert time.monotonic() - started < 3

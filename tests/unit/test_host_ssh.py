@@ -1,0 +1,144 @@
+"""ssh helpers: key, option set, known_hosts, and readiness against fake servers."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from banger.host import ssh
+
+
+def test_ensure_key(tmp_path: Path) -> None:
+    key = tmp_path / "keys" / "id_ed25519"
+    pub = ssh.ensure_key(key)
+    assert pub.startswith("ssh-ed25519 ")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert ssh.ensure_key(key) == pub  # idempotent
+    key.with_name("id_ed25519.pub").unlink()
+    assert ssh.ensure_key(key).split()[:2] == pub.split()[:2]  # derived again
+
+
+def test_base_argv(tmp_path: Path) -> None:
+    argv = ssh.ssh_base_argv(port=2201, key=tmp_path / "k", known_hosts=tmp_path / "kh",
+                             alias="banger-vm1")
+    assert argv[0] == "ssh" and argv[-1] == "root@127.0.0.1"
+    assert argv[argv.index("-p") + 1] == "2201"
+    opts = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    for o in ("IdentitiesOnly=yes", f"UserKnownHostsFile={tmp_path / 'kh'}",
+              "StrictHostKeyChecking=accept-new", "HostKeyAlias=banger-vm1",
+              "BatchMode=yes", "LogLevel=ERROR"):
+        assert o in opts
+    interactive = ssh.ssh_base_argv(port=1, key=Path("k"), known_hosts=Path("kh"),
+                                    alias="a", batch=False)
+    assert "BatchMode=yes" not in interactive
+
+
+def test_remove_known_host(tmp_path: Path) -> None:
+    kh = tmp_path / "known_hosts"
+    ssh.remove_known_host(kh, "vm1")  # no file: fine
+    pub = ssh.ensure_key(tmp_path / "k").split()
+    kh.write_text(f"vm1 {pub[0]} {pub[1]}\nvm2 {pub[0]} {pub[1]}\n")
+    ssh.remove_known_host(kh, "vm1")
+    ssh.remove_known_host(kh, "vm1")  # idempotent
+    assert kh.read_text().split()[0] == "vm2"
+    assert not kh.with_name("known_hosts.old").exists()
+
+
+@pytest.fixture
+def serial(tmp_path: Path) -> Path:
+    log = tmp_path / "serial.log"
+    log.write_text("".join(f"boot line {i}\n" for i in range(40)))
+    return log
+
+
+class FakeForward:
+    """Like QEMU's user-mode forward before the guest listens: accept, then hang up.
+    With ``banner``, an SSH server that greets and then hangs up."""
+
+    def __init__(self, banner: bytes = b"") -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port: int = self.sock.getsockname()[1]
+        self.banner = banner
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            with conn:
+                if self.banner:
+                    conn.sendall(self.banner)
+                    time.sleep(0.05)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def forward() -> Iterator[FakeForward]:
+    f = FakeForward()
+    yield f
+    f.close()
+
+
+def wait(port: int, tmp_path: Path, serial: Path, timeout: float,
+         alive: bool = True) -> float:
+    return ssh.wait_ready(port=port, key=tmp_path / "k", known_hosts=tmp_path / "kh",
+                          alias="vm1", timeout=timeout, serial_log=serial,
+                          alive=lambda: alive)
+
+
+def test_dead_vmm_stops_the_wait_at_once(tmp_path: Path, serial: Path,
+                                        forward: FakeForward) -> None:
+    started = time.monotonic()
+    with pytest.raises(ssh.VmmDied) as err:
+        wait(forward.port, tmp_path, serial, 30, alive=False)
+    assert time.monotonic() - started < 1
+    assert str(serial) in str(err.value) and "boot line 39" in str(err.value)
+
+
+def test_timeout_names_the_serial_log_and_paces_reconnects(
+        tmp_path: Path, serial: Path, forward: FakeForward) -> None:
+    started = time.monotonic()
+    with pytest.raises(ssh.SshTimeout) as err:
+        wait(forward.port, tmp_path, serial, 3)
+    took = time.monotonic() - started
+    assert 2.9 < took < 5
+    msg = str(err.value)
+    assert str(serial) in msg
+    assert "boot line 39" in msg and "boot line 25" in msg and "boot line 24" not in msg
+    # No tight loop: about one attempt per RETRY_PAUSE.
+    assert forward.connections <= 3 / ssh.RETRY_PAUSE + 2
+
+
+def test_banner_alone_is_not_ready(tmp_path: Path, serial: Path) -> None:
+    ssh.ensure_key(tmp_path / "k")
+    fake = FakeForward(banner=b"SSH-2.0-fake\r\n")
+    try:
+        assert ssh.read_banner(fake.port, 2) == "SSH-2.0-fake"
+        with pytest.raises(ssh.SshTimeout, match="ssh login failed"):
+            wait(fake.port, tmp_path, serial, 3)
+    finally:
+        fake.close()
+
+
+def test_missing_serial_log_is_said(tmp_path: Path, forward: FakeForward) -> None:
+    with pytest.raises(ssh.SshTimeout, match="No such file"):
+        wait(forward.port, tmp_path, tmp_path / "nope.log", 1)
