@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import shutil
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -32,7 +36,20 @@ class LocalImages:
         d = self.root / name
         if not (d / "manifest.json").exists():
             return None
-        return self._info(imagebuild.load_image(d), name)
+        # Hashing the 2 GiB rootfs costs ~2 s: verify once per host boot and file identity,
+        # recorded next to the image, instead of at every daemon start.
+        stamp = d / ".verified.json"
+        key = _identity(d, ["manifest.json", imagebuild.ROOTFS, imagebuild.KERNEL,
+                            imagebuild.INITRD])
+        try:
+            trusted = json.loads(stamp.read_text()) == key
+        except (OSError, ValueError):
+            trusted = False
+        artifacts = imagebuild.load_image(d, verify=not trusted)
+        if not trusted:
+            with contextlib.suppress(OSError):  # a read-only shared image dir is fine
+                stamp.write_text(json.dumps(key))
+        return self._info(artifacts, name)
 
     def build(self, name: str, on_progress: Callable[[str], None]) -> ImageInfo:
         with self._lock:
@@ -43,6 +60,21 @@ class LocalImages:
             self.root.mkdir(parents=True, exist_ok=True)
             return self._info(imagebuild.build_default_image(self.root / name,
                                                              on_progress=on_progress), name)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _identity(d: Path, names: list[str]) -> dict[str, object]:
+    files = {}
+    for n in names:
+        st = (d / n).stat()
+        files[n] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return {"boot_id": _boot_id(), "files": files}
 
 
 class LocalDisks:
@@ -57,14 +89,33 @@ class LocalDisks:
 class QemuVmm:
     name = "qemu"
 
-    def __init__(self) -> None:
+    def __init__(self, cache: Path | None = None) -> None:
         self._accel: Accel | None = None
+        self._cache = cache
+        self._lock = threading.Lock()
 
     def accel(self) -> Accel:
-        if self._accel is None:
+        """KVM if a real probe guest ran under it, else TCG; probed once per host boot."""
+        with self._lock:
+            if self._accel is None:
+                self._accel = self._cached_probe()
+            return self._accel
+
+    def _cached_probe(self) -> Accel:
+        if os.environ.get("BANGER_ACCEL") or self._cache is None:
             choice = kvm.probe_accel()
-            self._accel = Accel(choice.accel, choice.reason)
-        return self._accel
+            return Accel(choice.accel, choice.reason)
+        key = {"boot_id": _boot_id(), "qemu": _stat_key(shutil.which(qemu.QEMU)),
+               "kvm": _stat_key("/dev/kvm")}
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(self._cache.read_text())
+            if data["key"] == key:
+                return Accel(str(data["accel"]), str(data["reason"]))
+        choice = kvm.probe_accel()
+        with contextlib.suppress(OSError):
+            self._cache.write_text(json.dumps({"key": key, "accel": choice.accel,
+                                               "reason": choice.reason}))
+        return Accel(choice.accel, choice.reason)
 
     def free_port(self) -> int:
         return qemu.free_port()
@@ -105,6 +156,16 @@ class QemuVmm:
         return Rediscovered(pid, qemu.ssh_port_of(pid))
 
 
+def _stat_key(path: str | None) -> list[int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_rdev]
+
+
 class SshGuest:
     def __init__(self, layout: Layout) -> None:
         self.key = layout.ssh_key
@@ -130,7 +191,8 @@ class SshGuest:
 
 
 def host_ports(layout: Layout) -> HostPorts:
-    return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(), vmm=QemuVmm(),
+    return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
+                     vmm=QemuVmm(layout.state_dir / "accel.json"),
                      guest=SshGuest(layout))
 
 

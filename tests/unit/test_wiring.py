@@ -1,0 +1,55 @@
+"""The daemon's host adapters: verification stamps and the per-boot accel probe cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from banger.daemon import wiring
+from banger.host import imagebuild, kvm
+
+
+def _image(d: Path) -> None:
+    d.mkdir(parents=True)
+    for name in (imagebuild.ROOTFS, imagebuild.KERNEL, imagebuild.INITRD):
+        (d / name).write_bytes(name.encode() * 100)
+    imagebuild.write_manifest(d, kernel_version="6.1-test")
+
+
+def test_image_verified_once_then_trusted_until_a_file_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _image(tmp_path / "debian-bookworm")
+    hashed: list[str] = []
+    real = imagebuild.sha256_file
+    monkeypatch.setattr(imagebuild, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    imagebuild._verified.clear()
+    images = wiring.LocalImages(tmp_path)
+    assert images.get("debian-bookworm") is not None
+    assert sorted(hashed) == sorted([imagebuild.ROOTFS, imagebuild.KERNEL, imagebuild.INITRD])
+    hashed.clear()
+    imagebuild._verified.clear()  # a new daemon process
+    assert images.get("debian-bookworm") is not None
+    assert hashed == []
+    # A rewritten artifact is hashed again, and corruption is caught.
+    (tmp_path / "debian-bookworm" / imagebuild.KERNEL).write_bytes(b"tampered")
+    with pytest.raises(imagebuild.ImageError):
+        images.get("debian-bookworm")
+
+
+def test_accel_probed_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BANGER_ACCEL", raising=False)
+    calls: list[int] = []
+
+    def probe() -> kvm.AccelChoice:
+        calls.append(1)
+        return kvm.AccelChoice("tcg", "test reason")
+
+    monkeypatch.setattr(kvm, "probe_accel", probe)
+    cache = tmp_path / "accel.json"
+    assert wiring.QemuVmm(cache).accel().reason == "test reason"
+    assert wiring.QemuVmm(cache).accel().accel == "tcg"
+    assert len(calls) == 1
+    cache.write_text("{broken")
+    wiring.QemuVmm(cache).accel()
+    assert len(calls) == 2
