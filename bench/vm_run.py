@@ -1,0 +1,105 @@
+"""Control-plane overhead: `banger vm run --rm -- true` against a hand-written QEMU start.
+
+Both boot the same kernel, initrd and image to the same readiness point (a successful
+`ssh ... true` with a fresh key); runs are interleaved so machine noise hits both alike.
+Writes JSON (medians and the ratio) to stdout and to bench/results/vm_run.json.
+
+    uv run python bench/vm_run.py [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from banger.host import disks, imagebuild, kvm, qemu, ssh
+
+IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
+                             Path.home() / ".cache" / "banger-test" / "images"))
+
+
+def banger_run(env: dict[str, str]) -> float:
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "banger.cli.main", "vm", "run", "--rm", "--", "true"],
+                   env=env, check=True, capture_output=True)
+    return time.monotonic() - started
+
+
+def baseline(image: imagebuild.ImageArtifacts, accel: str) -> float:
+    d = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
+    started = time.monotonic()
+    try:
+        key = d / "id"
+        pub = ssh.ensure_key(key)
+        disks.create_overlay(image.rootfs, d / "root.qcow2")
+        disks.build_work_disk(d / "work.ext4", 4 << 30, {
+            ".ssh/authorized_keys": (f"{pub}\n".encode(), 0o600),
+            ".banger/hostname": (b"bench\n", 0o644)})
+        cfg = qemu.QemuConfig(kernel=image.kernel, initrd=image.initrd,
+                              root_disk=d / "root.qcow2", work_disk=d / "work.ext4", vcpus=1,
+                              memory_mib=512, ssh_port=qemu.free_port(),
+                              serial_log=d / "serial.log", qmp_socket=d / "qmp.sock",
+                              accel=accel, hostname="bench", cmdline=image.cmdline)
+        pid = qemu.launch(cfg, d / "vmm.log")
+        ssh.wait_ready(port=cfg.ssh_port, key=key, known_hosts=d / "kh", alias="bench",
+                       timeout=240, serial_log=cfg.serial_log, alive=lambda: qemu.pid_alive(pid))
+        elapsed = time.monotonic() - started
+        qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+        return elapsed
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    image = imagebuild.load_image(IMAGES / "debian-bookworm")
+    accel = kvm.probe_accel().accel
+    home = Path(tempfile.mkdtemp(prefix="bgb-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+    env.update(BANGER_HOME=str(home), BANGER_IMAGES_DIR=str(IMAGES))
+    try:
+        # The first run also starts the daemon (and probes acceleration): reported apart.
+        first = banger_run(env)
+        ours, base = [], []
+        for _ in range(args.runs):
+            ours.append(banger_run(env))
+            base.append(baseline(image, accel))
+        result = {
+            "accel": accel,
+            "runs": args.runs,
+            "banger_vm_run_rm_true_s": {"runs": ours, "median": statistics.median(ours)},
+            "first_run_with_daemon_start_s": first,
+            "hand_written_qemu_to_ssh_true_s": {"runs": base, "median": statistics.median(base)},
+            "ratio_median": statistics.median(ours) / statistics.median(base),
+        }
+    finally:
+        subprocess.run([sys.executable, "-m", "banger.cli.main", "vm", "prune", "-f"], env=env,
+                       capture_output=True)
+        for line in subprocess.run(["pgrep", "-f", "banger.daemon.main"], capture_output=True,
+                                   text=True).stdout.split():
+            try:
+                if f"BANGER_HOME={home}".encode() in Path(f"/proc/{line}/environ").read_bytes():
+                    os.kill(int(line), signal.SIGTERM)
+            except OSError:
+                pass
+        shutil.rmtree(home, ignore_errors=True)
+    out = json.dumps(result, indent=2)
+    print(out)
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "vm_run.json").write_text(out + "\n")
+
+
+if __name__ == "__main__":
+    main()
