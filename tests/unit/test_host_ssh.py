@@ -124,8 +124,30 @@ def test_timeout_names_the_serial_log_and_paces_reconnects(
     msg = str(err.value)
     assert str(serial) in msg
     assert "boot line 39" in msg and "boot line 25" in msg and "boot line 24" not in msg
-    # No tight loop: about one attempt per RETRY_PAUSE.
-    assert forward.connections <= 3 / ssh.RETRY_PAUSE + 2
+    # Refused connections are retried soon, but not in a tight loop.
+    assert forward.connections <= 3 / ssh.QUICK_RETRY + 2
+
+
+def test_silent_connections_get_doubling_waits(tmp_path: Path, serial: Path) -> None:
+    """A forward that holds the connection without a banner (a starved sshd) is not
+    reconnected to more often than the doubling banner waits allow."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(16)  # accepted by the kernel, never answered
+    try:
+        with pytest.raises(ssh.SshTimeout, match="no SSH banner within"):
+            wait(holder.getsockname()[1], tmp_path, serial, 3.5)
+        holder.settimeout(0)
+        count = 0
+        while True:
+            try:
+                holder.accept()[0].close()
+                count += 1
+            except BlockingIOError:
+                break
+        assert count == 3  # waits of 1 s, 2 s, then the 0.5 s that is left
+    finally:
+        holder.close()
 
 
 def test_banner_alone_is_not_ready(tmp_path: Path, serial: Path) -> None:
