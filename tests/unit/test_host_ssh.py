@@ -128,37 +128,56 @@ def test_timeout_names_the_serial_log_and_paces_reconnects(
     assert forward.connections <= 3 / ssh.QUICK_RETRY + 2
 
 
-def test_silent_connections_get_doubling_waits(tmp_path: Path, serial: Path) -> None:
-    """A forward that holds the connection without a banner (a starved sshd) is not
-    reconnected to more often than the doubling banner waits allow."""
-    holder = socket.socket()
-    holder.bind(("127.0.0.1", 0))
-    holder.listen(16)  # accepted by the kernel, never answered
-    try:
-        with pytest.raises(ssh.SshTimeout, match="no SSH banner within"):
-            wait(holder.getsockname()[1], tmp_path, serial, 3.5)
-        holder.settimeout(0)
-        count = 0
-        while True:
-            try:
-                holder.accept()[0].close()
-                count += 1
-            except BlockingIOError:
-                break
-        assert count == 3  # waits of 1 s, 2 s, then the 0.5 s that is left
-    finally:
-        holder.close()
+def count_and_drain(holder: socket.socket) -> int:
+    holder.settimeout(0)
+    count = 0
+    while True:
+        try:
+            holder.accept()[0].close()
+            count += 1
+        except BlockingIOError:
+            return count
 
 
-def test_banner_alone_is_not_ready(tmp_path: Path, serial: Path) -> None:
-    ssh.ensure_key(tmp_path / "k")
-    fake = FakeForward(banner=b"SSH-2.0-fake\r\n")
-    try:
-        assert ssh.read_banner(fake.port, 2) == "SSH-2.0-fake"
-        with pytest.raises(ssh.SshTimeout, match="ssh login failed"):
-            wait(fake.port, tmp_path, serial, 3)
-    finally:
-        fake.close()
+@pytest.fixture
+def holder() -> Iterator[socket.socket]:
+    """Accepted by the kernel, never answered: like a connection QEMU holds while its
+    SYN to a guest without network is retried, or like a starved sshd."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s
+    s.close()
+
+
+def test_silent_connections_before_sshd_runs_stay_short(
+        tmp_path: Path, serial: Path, holder: socket.socket) -> None:
+    with pytest.raises(ssh.SshTimeout, match="no SSH banner within"):
+        wait(holder.getsockname()[1], tmp_path, serial, 3.5)
+    assert count_and_drain(holder) == 4  # 1 s each: reconnecting costs the guest nothing
+
+
+def test_silent_connections_once_sshd_runs_get_doubling_waits(
+        tmp_path: Path, serial: Path, holder: socket.socket) -> None:
+    with serial.open("a") as f:
+        f.write("banger: [3.10s] sshd started\n")
+    with pytest.raises(ssh.SshTimeout, match="no SSH banner within"):
+        wait(holder.getsockname()[1], tmp_path, serial, 3.5)
+    assert count_and_drain(holder) == 3  # 1 s, 2 s, then the 0.5 s that is left
+
+
+def test_marker_cuts_a_stuck_attempt_short(tmp_path: Path, serial: Path,
+                                           holder: socket.socket) -> None:
+    def later() -> None:
+        time.sleep(0.5)
+        with serial.open("a") as f:
+            f.write("banger: [3.10s] sshd started\n")
+
+    threading.Thread(target=later).start()
+    with pytest.raises(ssh.SshTimeout):
+        wait(holder.getsockname()[1], tmp_path, serial, 1.5)
+    # 0.5 s into the first 1 s wait the marker appears: reconnect at once, then 1 s.
+    assert count_and_drain(holder) == 2
 
 
 def test_missing_serial_log_is_said(tmp_path: Path, forward: FakeForward) -> None:
