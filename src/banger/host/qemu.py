@@ -212,7 +212,11 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """True if a listener could bind ``port`` on 127.0.0.1 now (as QEMU's forward does,
+    with SO_REUSEADDR: connections of a finished VM lingering in TIME_WAIT do not
+    count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
