@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import time
@@ -76,3 +77,14 @@ def test_kill_during_boot_is_reported(vm: Vm) -> None:
                            alive=lambda: qemu.pid_alive(pid))
     finally:
         killer.wait()
+
+
+def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> None:
+    cfg = dataclasses.replace(vm.cfg, cmdline=f"{vm.cfg.cmdline} root=/dev/vdz")
+    pid = qemu.launch(cfg, vm.dir / "vmm.log")
+    with pytest.raises(ssh.VmmDied) as err:
+        ssh.wait_ready(port=cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+                       alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=cfg.serial_log,
+                       alive=lambda: qemu.pid_alive(pid))
+    assert "root device /dev/vdz did not appear" in str(err.value)
+    assert not qemu.pid_alive(pid)
