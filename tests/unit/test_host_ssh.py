@@ -183,3 +183,15 @@ def test_marker_cuts_a_stuck_attempt_short(tmp_path: Path, serial: Path,
 def test_missing_serial_log_is_said(tmp_path: Path, forward: FakeForward) -> None:
     with pytest.raises(ssh.SshTimeout, match="No such file"):
         wait(forward.port, tmp_path, tmp_path / "nope.log", 1)
+
+
+def test_host_key_handed_in_is_trusted(tmp_path: Path) -> None:
+    private, public = ssh.host_keypair()
+    assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert public.startswith("ssh-ed25519 ")
+    kh = tmp_path / "known_hosts"
+    kh.write_text("vm1 ssh-ed25519 AAAAold\nvm2 ssh-ed25519 AAAAother\n")
+    ssh.trust_host_key(kh, "vm1", public)
+    lines = sorted(kh.read_text().splitlines())
+    assert lines == sorted(["vm2 ssh-ed25519 AAAAother",
+                            f"vm1 {public.split()[0]} {public.split()[1]}"])

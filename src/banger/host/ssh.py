@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,29 @@ def ensure_key(path: Path) -> str:
         res = run(["ssh-keygen", "-y", "-f", str(path)])
         pub.write_text(res.stdout.strip() + "\n")
     return pub.read_text().strip()
+
+
+def host_keypair() -> tuple[bytes, str]:
+    """A fresh ed25519 host key for a guest: (private key file bytes, public key line).
+
+    Handed to the guest on its work disk as ``.banger/ssh_host_ed25519_key`` (0600) and
+    ``.banger/ssh_host_ed25519_key.pub``, with :func:`trust_host_key` on the host, the
+    very first connection is verified instead of trusted on first use.
+    """
+    with tempfile.TemporaryDirectory(prefix="banger-hostkey-") as tmp:
+        key = Path(tmp) / "key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger-guest",
+             "-f", str(key)])
+        return key.read_bytes(), key.with_name("key.pub").read_text().strip()
+
+
+def trust_host_key(known_hosts: Path, alias: str, public_key: str) -> None:
+    """Record ``public_key`` as the only key of ``alias`` in ``known_hosts``."""
+    remove_known_host(known_hosts, alias)
+    keytype, blob = public_key.split()[:2]
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    with known_hosts.open("a") as f:
+        f.write(f"{alias} {keytype} {blob}\n")
 
 
 def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
