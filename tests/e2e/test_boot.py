@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import time
 
 import pytest
 
-from banger.host import qemu, ssh
+from banger.host import disks, qemu, ssh
 
 from .conftest import Vm
 
@@ -76,3 +77,41 @@ def test_kill_during_boot_is_reported(vm: Vm) -> None:
                            alive=lambda: qemu.pid_alive(pid))
     finally:
         killer.wait()
+
+
+def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> None:
+    cfg = dataclasses.replace(vm.cfg, cmdline=f"{vm.cfg.cmdline} root=/dev/vdz")
+    pid = qemu.launch(cfg, vm.dir / "vmm.log")
+    with pytest.raises(ssh.VmmDied) as err:
+        ssh.wait_ready(port=cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+                       alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=cfg.serial_log,
+                       alive=lambda: qemu.pid_alive(pid))
+    assert "root device /dev/vdz did not appear" in str(err.value)
+    assert not qemu.pid_alive(pid)
+
+
+def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None:
+    private, public = ssh.host_keypair()
+    work = vm.cfg.work_disk
+    work.unlink()
+    disks.build_work_disk(work, 256 << 20, {
+        ".ssh/authorized_keys": ((ssh.ensure_key(vm.key) + "\n").encode(), 0o600),
+        ".banger/ssh_host_ed25519_key": (private, 0o600),
+        ".banger/ssh_host_ed25519_key.pub": ((public + "\n").encode(), 0o644),
+    })
+    ssh.trust_host_key(vm.known_hosts, vm.alias, public)
+    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
+    ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+                   alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
+                   alive=lambda: qemu.pid_alive(pid))
+    strict = [a.replace("accept-new", "yes") for a in vm.ssh_argv("hostname")]
+    res = subprocess.run(strict, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    # No hostname file on this work disk: the kernel argument names the guest.
+    assert res.stdout.strip() == vm.cfg.hostname
+    assert vm.known_hosts.read_text().count(vm.alias) == 1
+    run_ssh(vm, "banger-poweroff")
+    deadline = time.monotonic() + 10
+    while qemu.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu.pid_alive(pid)

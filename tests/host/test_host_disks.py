@@ -118,7 +118,7 @@ def _non_root_user() -> str | None:
     except KeyError:
         if shutil.which("useradd") is None:
             return None
-        subprocess.run(["useradd", "--system", "--no-create-home", TEST_USER], check=True)
+        subprocess.run(["useradd", "--create-home", TEST_USER], check=True)
     return TEST_USER
 
 

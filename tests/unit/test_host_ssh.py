@@ -124,21 +124,74 @@ def test_timeout_names_the_serial_log_and_paces_reconnects(
     msg = str(err.value)
     assert str(serial) in msg
     assert "boot line 39" in msg and "boot line 25" in msg and "boot line 24" not in msg
-    # No tight loop: about one attempt per RETRY_PAUSE.
-    assert forward.connections <= 3 / ssh.RETRY_PAUSE + 2
+    # Refused connections are retried soon, but not in a tight loop.
+    assert forward.connections <= 3 / ssh.QUICK_RETRY + 2
 
 
-def test_banner_alone_is_not_ready(tmp_path: Path, serial: Path) -> None:
-    ssh.ensure_key(tmp_path / "k")
-    fake = FakeForward(banner=b"SSH-2.0-fake\r\n")
-    try:
-        assert ssh.read_banner(fake.port, 2) == "SSH-2.0-fake"
-        with pytest.raises(ssh.SshTimeout, match="ssh login failed"):
-            wait(fake.port, tmp_path, serial, 3)
-    finally:
-        fake.close()
+def count_and_drain(holder: socket.socket) -> int:
+    holder.settimeout(0)
+    count = 0
+    while True:
+        try:
+            holder.accept()[0].close()
+            count += 1
+        except BlockingIOError:
+            return count
+
+
+@pytest.fixture
+def holder() -> Iterator[socket.socket]:
+    """Accepted by the kernel, never answered: like a connection QEMU holds while its
+    SYN to a guest without network is retried, or like a starved sshd."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s
+    s.close()
+
+
+def test_silent_connections_before_sshd_runs_stay_short(
+        tmp_path: Path, serial: Path, holder: socket.socket) -> None:
+    with pytest.raises(ssh.SshTimeout, match="no SSH banner within"):
+        wait(holder.getsockname()[1], tmp_path, serial, 3.5)
+    assert count_and_drain(holder) == 4  # 1 s each: reconnecting costs the guest nothing
+
+
+def test_silent_connections_once_sshd_runs_get_doubling_waits(
+        tmp_path: Path, serial: Path, holder: socket.socket) -> None:
+    with serial.open("a") as f:
+        f.write("banger: [3.10s] sshd started\n")
+    with pytest.raises(ssh.SshTimeout, match="no SSH banner within"):
+        wait(holder.getsockname()[1], tmp_path, serial, 3.5)
+    assert count_and_drain(holder) == 3  # 1 s, 2 s, then the 0.5 s that is left
+
+
+def test_marker_cuts_a_stuck_attempt_short(tmp_path: Path, serial: Path,
+                                           holder: socket.socket) -> None:
+    def later() -> None:
+        time.sleep(0.5)
+        with serial.open("a") as f:
+            f.write("banger: [3.10s] sshd started\n")
+
+    threading.Thread(target=later).start()
+    with pytest.raises(ssh.SshTimeout):
+        wait(holder.getsockname()[1], tmp_path, serial, 1.5)
+    # 0.5 s into the first 1 s wait the marker appears: reconnect at once, then 1 s.
+    assert count_and_drain(holder) == 2
 
 
 def test_missing_serial_log_is_said(tmp_path: Path, forward: FakeForward) -> None:
     with pytest.raises(ssh.SshTimeout, match="No such file"):
         wait(forward.port, tmp_path, tmp_path / "nope.log", 1)
+
+
+def test_host_key_handed_in_is_trusted(tmp_path: Path) -> None:
+    private, public = ssh.host_keypair()
+    assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert public.startswith("ssh-ed25519 ")
+    kh = tmp_path / "known_hosts"
+    kh.write_text("vm1 ssh-ed25519 AAAAold\nvm2 ssh-ed25519 AAAAother\n")
+    ssh.trust_host_key(kh, "vm1", public)
+    lines = sorted(kh.read_text().splitlines())
+    assert lines == sorted(["vm2 ssh-ed25519 AAAAother",
+                            f"vm1 {public.split()[0]} {public.split()[1]}"])

@@ -11,6 +11,7 @@ is made there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -85,21 +86,26 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
     """Build the default image into ``out_dir`` (replaced only once complete)."""
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # mmdebstrap's unshare mode runs the hook as a subordinate uid, not as us: it needs a
+    # directory it can reach (every parent searchable by "others"; a user's home often
+    # is not), so its inputs and outputs live in a temp dir that is. That dir is 0711
+    # (others cannot list it, so cannot find the stage); the stage is sticky (nobody else
+    # can replace what the hook wrote there).
+    tmp_root = _reachable_tmpdir()
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    hook_dir: Path | None = None
     try:
-        # mmdebstrap's unshare mode runs the hook as a subordinate uid, not as us: it
-        # must traverse `work` (0711: others cannot list it, so cannot find the stage)
-        # and write into the stage (sticky: nobody else can replace what it wrote).
-        work.chmod(0o711)
+        hook_dir = Path(tempfile.mkdtemp(prefix="banger-imagebuild-", dir=tmp_root))
+        hook_dir.chmod(0o711)
         image = work / "image"
         image.mkdir()
-        stage = Path(tempfile.mkdtemp(prefix="stage-", dir=work))
+        stage = Path(tempfile.mkdtemp(prefix="stage-", dir=hook_dir))
         stage.chmod(0o1777)
-        guest = _stage_guest_files(work / "guest")
+        guest = _stage_guest_files(hook_dir / "guest")
         sources = debian_sources(mirror)
         started = time.monotonic()
         on_progress(f"bootstrapping Debian {SUITE} (mmdebstrap)")
-        _mmdebstrap(sources, guest, stage, on_progress)
+        _mmdebstrap(sources, guest, stage, tmp_root, on_progress)
         kver = (stage / "kernel-version").read_text().strip()
         used_mib = int((stage / "rootfs-used-kib").read_text()) // 1024
         on_progress(f"rootfs.ext4 built ({used_mib} MiB of files) after "
@@ -122,8 +128,21 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
         _install(image, out_dir)
         on_progress(f"image ready in {out_dir} ({time.monotonic() - started:.0f} s)")
     finally:
+        if hook_dir is not None:
+            _rmtree(hook_dir)
         _rmtree(work)
     return load_image(out_dir)
+
+
+def _reachable_tmpdir() -> Path:
+    """A temp directory whose every parent others may search (see build_default_image)."""
+    for candidate in (tempfile.gettempdir(), "/var/tmp", "/tmp"):
+        path = Path(candidate).absolute()
+        if path.is_dir() and all(p.stat().st_mode & stat.S_IXOTH
+                                 for p in (path, *path.parents)):
+            return path
+    raise ImageError("no temp directory that mmdebstrap's user namespace can reach "
+                     "(tried $TMPDIR, /var/tmp, /tmp)")
 
 
 def debian_sources(mirror: str | None = None) -> list[str]:
@@ -210,7 +229,7 @@ def _stage_guest_files(dest: Path) -> Path:
     return dest
 
 
-def _mmdebstrap(sources: list[str], guest: Path, stage: Path,
+def _mmdebstrap(sources: list[str], guest: Path, stage: Path, tmp_root: Path,
                 on_progress: Callable[[str], None]) -> None:
     hook = str(guest / "customize-hook")
     argv = [
@@ -221,7 +240,7 @@ def _mmdebstrap(sources: list[str], guest: Path, stage: Path,
         f"--setup-hook={hook}", f"--essential-hook={hook}", f"--customize-hook={hook}",
         SUITE, "/dev/null", *sources,
     ]
-    env = {"BANGER_OUT": str(stage), "BANGER_GUEST": str(guest)}
+    env = {"BANGER_OUT": str(stage), "BANGER_GUEST": str(guest), "TMPDIR": str(tmp_root)}
     # mmdebstrap runs to completion through the runner in a worker thread; this thread
     # forwards the hook's progress lines so on_progress runs in the caller's thread.
     errors: list[BaseException] = []
@@ -265,10 +284,15 @@ def _extract_regular_files(archive: Path, dest: Path) -> None:
 
 def _copy(src: Path, dst: Path) -> None:
     """Move a hook output into our own tree. A rename would keep the subordinate uid
-    of unshare mode as owner; a copy is ours. Sparse regions stay sparse."""
+    of unshare mode as owner (and cannot cross filesystems); a copy is ours. Sparse
+    regions stay sparse."""
     if os.geteuid() == 0 or src.stat().st_uid == os.geteuid():
-        os.replace(src, dst)
-        return
+        try:
+            os.replace(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
     run(["cp", "--sparse=always", str(src), str(dst)])
     src.unlink()
 

@@ -213,7 +213,11 @@ def free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """True if a listener could bind ``port`` on 127.0.0.1 now (as QEMU's forward does,
+    with SO_REUSEADDR: connections of a finished VM lingering in TIME_WAIT do not
+    count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -222,14 +226,33 @@ def port_is_free(port: int) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+    """True if ``pid`` exists and is not a zombie.
+
+    A killed multi-threaded process (QEMU) shows its main thread as a zombie while the
+    other threads still tear down and hold its sockets and files: it is dead only once
+    no thread of it is left running.
+    """
+    state = _state(Path(f"/proc/{pid}/stat"))
+    if state is None:
         return False
+    if state not in ("Z", "X"):
+        return True
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(_state(Path(f"/proc/{pid}/task/{t}/stat")) not in (None, "Z", "X")
+               for t in tasks if t != str(pid))
+
+
+def _state(stat_file: Path) -> str | None:
+    try:
+        stat = stat_file.read_text()
+    except OSError:
+        return None
     # The state follows the command name, which may itself hold spaces and parens.
-    state = stat.rpartition(")")[2].split()[:1]
-    return bool(state) and state[0] not in ("Z", "X")
+    fields = stat.rpartition(")")[2].split()
+    return fields[0] if fields else None
 
 
 def pid_is_qemu_for(pid: int, qmp_socket: Path) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +19,24 @@ from banger.host.runner import CommandError, run
 
 CONNECT_TIMEOUT = 10
 # How long one banner wait may take: a starved guest under TCG can take seconds to
-# fork sshd's child. Reconnecting sooner only forks more children and slows it further.
+# fork sshd's child, and reconnecting sooner only forks more children and slows it
+# further. The first waits are short, because before the guest's network is up QEMU
+# holds the connection while its SYN to the guest is dropped and retried with backoff:
+# a fresh connection gets a fresh SYN. Each wait that ends without a banner doubles the
+# next one, so a slow sshd is soon given the full wait.
+FIRST_BANNER_WAIT = 1.0
 BANNER_WAIT = 10.0
+# After the guest refused the connection (QEMU hangs up at once): nothing was forked in
+# the guest, so retrying soon is cheap.
+QUICK_RETRY = 0.25
+# After a failed login.
 RETRY_PAUSE = 1.0
 TAIL_LINES = 15
+# banger-init prints this just before it execs sshd. Seeing it means a connection still
+# waiting for a banner is probably stuck behind a SYN QEMU sent before the guest network
+# was up (retried only after seconds): reconnecting then is free and much faster.
+SSHD_MARKER = b"banger: "
+SSHD_MARKER_TEXT = b"sshd started"
 
 
 class SshError(Exception):
@@ -51,6 +66,29 @@ def ensure_key(path: Path) -> str:
     return pub.read_text().strip()
 
 
+def host_keypair() -> tuple[bytes, str]:
+    """A fresh ed25519 host key for a guest: (private key file bytes, public key line).
+
+    Handed to the guest on its work disk as ``.banger/ssh_host_ed25519_key`` (0600) and
+    ``.banger/ssh_host_ed25519_key.pub``, with :func:`trust_host_key` on the host, the
+    very first connection is verified instead of trusted on first use.
+    """
+    with tempfile.TemporaryDirectory(prefix="banger-hostkey-") as tmp:
+        key = Path(tmp) / "key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger-guest",
+             "-f", str(key)])
+        return key.read_bytes(), key.with_name("key.pub").read_text().strip()
+
+
+def trust_host_key(known_hosts: Path, alias: str, public_key: str) -> None:
+    """Record ``public_key`` as the only key of ``alias`` in ``known_hosts``."""
+    remove_known_host(known_hosts, alias)
+    keytype, blob = public_key.split()[:2]
+    known_hosts.parent.mkdir(parents=True, exist_ok=True)
+    with known_hosts.open("a") as f:
+        f.write(f"{alias} {keytype} {blob}\n")
+
+
 def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
                   user: str = "root", batch: bool = True) -> list[str]:
     """``ssh`` and its options, ending with the destination: append a command (or
@@ -74,6 +112,44 @@ def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
 
 def read_banner(port: int, timeout: float) -> str | None:
     """The SSH identification line if one arrives on ``port`` within ``timeout`` s."""
+    return _try_banner(port, timeout)[0]
+
+
+class _SerialWatch:
+    """Notices, cheaply and incrementally, when the guest says sshd was started."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.tail = b""
+        self.seen = False
+
+    def poll(self) -> bool:
+        """True once the marker has appeared (and stays true)."""
+        if self.seen:
+            return True
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self.offset)
+                data = f.read(1 << 20)
+        except OSError:
+            return False
+        self.offset += len(data)
+        buf = self.tail + data
+        for line in buf.splitlines():
+            if line.startswith(SSHD_MARKER) and SSHD_MARKER_TEXT in line:
+                self.seen = True
+        self.tail = buf[-256:]
+        return self.seen
+
+
+def _try_banner(port: int, timeout: float,
+                interrupt: Callable[[], bool] | None = None) -> tuple[str | None, bool]:
+    """(banner or None, whether the other end hung up or refused before ``timeout``).
+
+    ``interrupt`` is polled while nothing has arrived; when it says so, the attempt ends
+    early as if the other end had hung up.
+    """
     deadline = time.monotonic() + timeout
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -81,16 +157,24 @@ def read_banner(port: int, timeout: float) -> str | None:
             while b"\n" not in data:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return None
-                s.settimeout(left)
-                chunk = s.recv(256)
+                    return None, False
+                if interrupt is not None and not data and interrupt():
+                    return None, True
+                s.settimeout(min(left, 0.2) if interrupt is not None else left)
+                try:
+                    chunk = s.recv(256)
+                except TimeoutError:
+                    continue
                 if not chunk:
-                    return None  # the forward accepted, but nothing listens inside yet
+                    # The forward accepted, but nothing listens inside (yet).
+                    return None, True
                 data += chunk
             line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
-            return line if line.startswith("SSH-") else None
+            return (line if line.startswith("SSH-") else None), True
+    except TimeoutError:
+        return None, False
     except OSError:
-        return None
+        return None, True
 
 
 def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: float,
@@ -103,6 +187,13 @@ def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: 
     started = time.monotonic()
     deadline = started + timeout
     last_error = "no SSH banner yet"
+    banner_wait = FIRST_BANNER_WAIT
+    # Until the guest has shown that its network is up (it refused a connection) or that
+    # sshd runs (the serial marker), a connection without a banner costs the guest
+    # nothing and the wait stays short; after that a silent connection may be a slow
+    # sshd, and waits double.
+    guest_listening = False
+    watch = _SerialWatch(serial_log)
     probe = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
              "true"]
     while True:
@@ -113,16 +204,27 @@ def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: 
         if left <= 0:
             raise SshTimeout(_with_tail(f"SSH on 127.0.0.1:{port} not ready after "
                                         f"{timeout:.0f} s ({last_error})", serial_log))
-        attempt = time.monotonic()
-        banner = read_banner(port, min(BANNER_WAIT, left))
+        this_wait = min(banner_wait, left)
+        marker_before = watch.poll()
+        guest_listening = guest_listening or marker_before
+        interrupt = None if marker_before else watch.poll
+        banner, hung_up = _try_banner(port, this_wait, interrupt)
         if banner is not None:
             try:
                 run(probe, timeout=max(5.0, min(30.0, left)))
                 return time.monotonic() - started
             except CommandError as exc:
                 last_error = f"ssh login failed: {_last_line(exc)}"
-        # Pace attempts: the forward may refuse or close at once while the guest boots.
-        pause = RETRY_PAUSE - (time.monotonic() - attempt)
+                pause = RETRY_PAUSE
+        elif hung_up:
+            # Refused by the guest (its network is up), or the marker just appeared.
+            guest_listening = True
+            pause = 0.0 if watch.seen and not marker_before else QUICK_RETRY
+        else:
+            last_error = f"connected, but no SSH banner within {this_wait:.1f} s"
+            if guest_listening:
+                banner_wait = min(banner_wait * 2, BANNER_WAIT)
+            pause = 0.0
         if pause > 0:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
 
