@@ -137,6 +137,7 @@ class FakeGuest:
         self.ready_error: Exception | None = None
         self.poweroff_works = True
         self.forgotten: list[str] = []
+        self.trusted: dict[str, str] = {}
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -156,8 +157,15 @@ class FakeGuest:
             if p.spec.ssh_port == port:
                 del self.vmm.procs[pid]
 
+    def new_host_key(self) -> tuple[bytes, str]:
+        return b"PRIVATE", "ssh-ed25519 AAAAhost banger-guest"
+
+    def trust_host(self, alias: str, public_key: str) -> None:
+        self.trusted[alias] = public_key
+
     def forget_host(self, alias: str) -> None:
         self.forgotten.append(alias)
+        self.trusted.pop(alias, None)
 
 
 def fake_host(root: Path) -> tuple[HostPorts, FakeImages, FakeDisks, FakeVmm, FakeGuest]:

@@ -141,11 +141,14 @@ def make_banger(user: str | None = None, images_dir: Path = IMAGES_DIR,
 
 def assert_nothing_left(b: Banger) -> None:
     assert qemu_pids(str(b.home)) == [], "a QEMU process is left"
-    leftover = [p for p in (b.home / "run").rglob("*") if p.name != "bangerd.sock"] if (
-        b.home / "run").exists() else []
+    # Empty directories are layout, not leaks: count files and sockets.
+    leftover = [p for p in (b.home / "run").rglob("*")
+                if p.name != "bangerd.sock" and not p.is_dir()] if (b.home / "run").exists() else []
     assert leftover == [], f"runtime files left: {leftover}"
     vms = b.home / "state" / "vms"
     assert not vms.exists() or list(vms.iterdir()) == [], f"VM dirs left: {list(vms.iterdir())}"
+    kh = b.home / "state" / "ssh" / "known_hosts"
+    assert not kh.exists() or kh.read_text().strip() == "", "known_hosts entries left"
     still = b.ports_seen & listening_ports()
     assert not still, f"forwarded ports still listening: {still}"
 

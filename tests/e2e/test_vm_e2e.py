@@ -65,7 +65,7 @@ def test_lifecycle_persistence_and_set(banger: Banger) -> None:
     banger.run("vm", "restart", "box")
     assert banger.show("box")["boot_id"] != boot1
     logs = banger.run("vm", "logs", "box").stdout
-    assert "Linux version" in logs
+    assert "sshd started" in logs
     banger.run("vm", "kill", "box")
     assert banger.show("box")["state"] == "stopped"
     assert qemu_pids(str(banger.home)) == []

@@ -62,6 +62,9 @@ def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped
     files = disks.work_files[paths.work_disk]
     assert files[".banger/hostname"][0] == b"box\n"
     assert files[".ssh/authorized_keys"][1] == 0o600
+    assert files[".banger/ssh_host_ed25519_key"][1] == 0o600
+    assert guest.trusted[paths.names.ssh_alias] == files[
+        ".banger/ssh_host_ed25519_key.pub"][0].decode().strip()
     assert vmm.launched[0].vcpus == 2 and vmm.launched[0].memory_mib == 1024
     assert vmm.launched[0].restrict_net is True
     stopped = svc.stop("box")
@@ -74,13 +77,14 @@ def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped
     assert_no_runtime_leak(svc, vmm, vm.id)
     assert not paths.dir.exists()
     assert guest.forgotten == [paths.names.ssh_alias]
+    assert guest.trusted == {}, "the pinned host key goes with the VM"
     with pytest.raises(NotFoundError):
         svc.resolve("box")
 
 
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh-vm", "restart"])
 def test_failure_at_every_stage_leaks_nothing(env, fresh: bool) -> None:  # type: ignore[no-untyped-def]
-    svc, vmm, *_ = env
+    svc, vmm, guest, *_ = env
     for stage in stage_names(svc):
         name = f"fp-{stage.replace('_', '-')}"
         vm = svc.create(name=name, spec=VMSpec(), start=not fresh)
@@ -102,6 +106,7 @@ def test_failure_at_every_stage_leaks_nothing(env, fresh: bool) -> None:  # type
         # Disks found already there survive the rollback; disks this start made are gone.
         assert paths.root_disk.exists() == had_disks
         assert paths.work_disk.exists() == had_disks
+        assert (paths.names.ssh_alias in guest.trusted) == had_disks
         # The op log names the failing stage too.
         op = svc.ops._oplog.get(err.op_id)  # type: ignore[attr-defined]
         assert op["stage"] == stage and op["status"] == "failed"

@@ -108,6 +108,12 @@ class GuestPort(Protocol):
 
     def poweroff(self, *, port: int, alias: str, timeout: float) -> None: ...
 
+    def new_host_key(self) -> tuple[bytes, str]:
+        """A fresh guest host key: (private key file bytes, public key line)."""
+
+    def trust_host(self, alias: str, public_key: str) -> None:
+        """Pin ``public_key`` for ``alias``: the first connection is verified, not TOFU."""
+
     def forget_host(self, alias: str) -> None: ...
 
 

@@ -122,18 +122,24 @@ def _undo_system_overlay(ctx: StartContext) -> None:
 def _work_disk(ctx: StartContext) -> None:
     if ctx.paths.work_disk.exists():
         return
-    pubkey = ctx.host.guest.ensure_key()
+    guest = ctx.host.guest
+    pubkey = guest.ensure_key()
+    host_private, host_public = guest.new_host_key()
     files = {
         ".ssh/authorized_keys": (pubkey.strip().encode() + b"\n", 0o600),
         ".banger/hostname": (ctx.vm.name.encode() + b"\n", 0o644),
+        ".banger/ssh_host_ed25519_key": (host_private, 0o600),
+        ".banger/ssh_host_ed25519_key.pub": (host_public.encode() + b"\n", 0o644),
     }
     ctx.created.add("work_disk")
     ctx.host.disks.build_work_disk(ctx.paths.work_disk, ctx.vm.spec.work_disk_mib * MIB, files)
+    guest.trust_host(ctx.paths.names.ssh_alias, host_public)
 
 
 def _undo_work_disk(ctx: StartContext) -> None:
     if "work_disk" in ctx.created:
         ctx.paths.work_disk.unlink(missing_ok=True)
+        ctx.host.guest.forget_host(ctx.paths.names.ssh_alias)
 
 
 def _port_forward(ctx: StartContext) -> None:

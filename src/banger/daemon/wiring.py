@@ -170,6 +170,7 @@ class SshGuest:
     def __init__(self, layout: Layout) -> None:
         self.key = layout.ssh_key
         self.known_hosts = layout.known_hosts
+        self._known_hosts_lock = threading.Lock()
 
     def ensure_key(self) -> str:
         self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -186,8 +187,17 @@ class SshGuest:
         # The connection dies with the guest: a non-zero exit here is expected.
         run([*argv, "/usr/local/sbin/banger-poweroff"], check=False, timeout=timeout)
 
+    def new_host_key(self) -> tuple[bytes, str]:
+        return ssh.host_keypair()
+
+    def trust_host(self, alias: str, public_key: str) -> None:
+        with self._known_hosts_lock:
+            ssh.trust_host_key(self.known_hosts, alias, public_key)
+
     def forget_host(self, alias: str) -> None:
-        ssh.remove_known_host(self.known_hosts, alias)
+        # ssh-keygen -R rewrites the file: serialise against concurrent starts and deletes.
+        with self._known_hosts_lock:
+            ssh.remove_known_host(self.known_hosts, alias)
 
 
 def host_ports(layout: Layout) -> HostPorts:
