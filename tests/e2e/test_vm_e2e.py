@@ -32,6 +32,18 @@ def test_run_returns_guest_exit_code_and_keeps_vm(banger: Banger) -> None:
     assert sig.returncode == 128 + signal.SIGTERM
 
 
+def test_interactive_run_keeps_vm_running(banger: Banger) -> None:
+    # A real terminal for ssh -t: script(1) gives the session a pty.
+    cli = " ".join(banger.argv("vm", "run", "--name", "tty"))
+    proc = subprocess.run(["script", "-qec", cli, "/dev/null"], env=banger.env,
+                          input="echo inside-$(hostname)\nexit\n", capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "inside-tty" in proc.stdout
+    assert "tty is still running" in proc.stdout  # the reminder (stderr joins the pty)
+    assert banger.show("tty")["state"] == "running"
+
+
 def test_run_rm_deletes_vm(banger: Banger) -> None:
     proc = banger.run("vm", "run", "--rm", "--", "cat", "/etc/os-release")
     assert "bookworm" in proc.stdout
@@ -53,6 +65,10 @@ def test_lifecycle_persistence_and_set(banger: Banger) -> None:
     assert banger.run("vm", "ssh", "box", "--", "hostname").stdout.strip() == "box"
     banger.run("vm", "stop", "box")
     assert banger.show("box")["state"] == "stopped"
+    # Graceful first: the guest powered itself off; no QMP quit or kill was needed.
+    log = (banger.home / "state" / "bangerd.log").read_text()
+    assert re.search(r"stop ok vm=box stage=guest_poweroff", log), log[-2000:]
+    assert "stage=qmp_quit" not in log
     assert qemu_pids(str(banger.home)) == []
     banger.run("vm", "set", "box", "--vcpu", "2", "--memory", "1024")
     banger.run("vm", "start", "box")

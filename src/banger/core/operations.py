@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -9,6 +10,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
+
+
+log = logging.getLogger("banger.ops")
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,12 @@ class Operations:
             yield op
         except Exception as exc:
             stage = getattr(exc, "stage", None) or op.stage
+            log.warning("%s %s failed vm=%s stage=%s: %s", op.id, kind, vm_name, stage, exc)
             self._oplog.finish(op.id, error=str(exc), stage=stage)
             raise
         else:
+            log.info("%s %s done vm=%s in %.2fs", op.id, kind, vm_name,
+                     time.time() - op.started_at)
             self._oplog.finish(op.id)
         finally:
             with self._lock:
@@ -84,6 +91,9 @@ class Operations:
     def emit(self, op: Operation, p: Progress) -> None:
         if p.kind == "run":
             op.stage = p.stage
+        took = f" {p.elapsed:.2f}s" if p.elapsed is not None else ""
+        log.info("%s %s %s vm=%s stage=%s%s%s", op.id, op.kind, p.kind, p.vm, p.stage, took,
+                 f": {p.message}" if p.message else "")
         if p.kind != "detail":
             self._oplog.event(op.id, op.seq, p.kind, p.stage, p.elapsed, p.message)
             op.seq += 1
