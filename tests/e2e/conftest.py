@@ -187,7 +187,7 @@ def image() -> imagebuild.ImageArtifacts:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     d = DEFAULT_IMAGE_DIR
-    if (d / imagebuild.MANIFEST).exists():
+    if imagebuild.is_current(d):
         return imagebuild.load_image(d)
     return imagebuild.build_default_image(d, on_progress=lambda s: print(f"image: {s}"))
 

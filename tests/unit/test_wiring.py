@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,17 @@ def test_image_verified_once_then_trusted_until_a_file_changes(
     (tmp_path / "debian-bookworm" / imagebuild.KERNEL).write_bytes(b"tampered")
     with pytest.raises(imagebuild.ImageError):
         images.get("debian-bookworm")
+
+
+def test_image_from_an_older_recipe_is_not_used(tmp_path: Path) -> None:
+    d = tmp_path / "debian-bookworm"
+    _image(d)
+    images = wiring.LocalImages(tmp_path)
+    assert images.get("debian-bookworm") is not None
+    manifest = json.loads((d / imagebuild.MANIFEST).read_text())
+    manifest["recipe"] = "older"
+    (d / imagebuild.MANIFEST).write_text(json.dumps(manifest))
+    assert images.get("debian-bookworm") is None
 
 
 def test_accel_probed_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

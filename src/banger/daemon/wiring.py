@@ -34,8 +34,8 @@ class LocalImages:
 
     def get(self, name: str) -> ImageInfo | None:
         d = self.root / name
-        if not (d / "manifest.json").exists():
-            return None
+        if not (d / "manifest.json").exists() or not imagebuild.is_current(d):
+            return None  # not built, or built from an older recipe: build() replaces it
         # Hashing the 2 GiB rootfs costs ~2 s: verify once per host boot and file identity,
         # recorded next to the image, instead of at every daemon start.
         stamp = d / ".verified.json"
@@ -56,7 +56,10 @@ class LocalImages:
             found = self.get(name)
             if found is not None:
                 return found
-            on_progress(f"image {name!r} is not built yet: building it once (a few minutes)")
+            stale = (self.root / name / "manifest.json").exists()
+            on_progress(f"image {name!r} " + ("was built from an older recipe: rebuilding it"
+                                             if stale else "is not built yet: building it once")
+                        + " (about a minute)")
             self.root.mkdir(parents=True, exist_ok=True)
             return self._info(imagebuild.build_default_image(self.root / name,
                                                              on_progress=on_progress), name)

@@ -59,6 +59,28 @@ GUEST_FILES: tuple[str, ...] = (
 )
 
 
+def recipe_digest() -> str:
+    """What the image is built from: packages, dpkg filters and every guest file.
+
+    Recorded in the manifest; an image whose recipe differs from this banger's (its init,
+    sshd config, ...) is stale and is rebuilt rather than booted with a mismatched guest.
+    """
+    h = hashlib.sha256()
+    h.update(repr((SUITE, PACKAGES, DPKG_EXCLUDES, IMAGE_CMDLINE)).encode())
+    guest = resources.files("banger.host") / "guest"
+    for name in GUEST_FILES:
+        h.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def is_current(dir: Path) -> bool:
+    """True when ``dir`` holds an image built from this banger's recipe."""
+    try:
+        return bool(json.loads((dir / MANIFEST).read_text()).get("recipe") == recipe_digest())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class ImageError(Exception):
     """The image could not be built or read."""
 
@@ -335,6 +357,7 @@ def write_manifest(image: Path, *, kernel_version: str, name: str = IMAGE_NAME) 
         "kernel_version": kernel_version,
         "init": GUEST_INIT,
         "cmdline": IMAGE_CMDLINE,
+        "recipe": recipe_digest(),
         "artifacts": artifacts,
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
