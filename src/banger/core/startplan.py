@@ -88,6 +88,10 @@ def _preflight(ctx: StartContext) -> None:
     if image is None:
         image = images.build(spec.image, lambda msg: ctx.on_detail("preflight", msg))
     ctx.image = image
+    # The first start after a host boot probes KVM for real (a few seconds): do it here,
+    # said out loud, rather than hidden inside qemu_launch.
+    accel = ctx.host.vmm.accel()
+    ctx.on_detail("preflight", f"acceleration: {accel.accel} ({accel.reason})")
     ctx.paths.dir.mkdir(parents=True, exist_ok=True)
 
 
