@@ -15,6 +15,9 @@ from banger.api.schema import ErrorBody, ProgressEvent, VMOut
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
+if not out_console.is_terminal:
+    # Piped output is for grep and awk: never truncate or wrap a row to 80 columns.
+    out_console = Console(highlight=False, width=10_000)
 
 
 class Progress:
@@ -90,7 +93,7 @@ def mib(n: int) -> str:
 def vm_table(vms: list[VMOut]) -> Table:
     t = Table(box=None, pad_edge=False)
     for col in ("ID", "NAME", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "SSH", "CREATED"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
     for v in vms:
         ssh = f"127.0.0.1:{v.runtime.ssh_port}" if v.runtime and v.runtime.ssh_port else "-"
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
