@@ -217,6 +217,10 @@ class Vm:
 @pytest.fixture
 def vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
     """Disks and config of a fresh VM (not launched); afterwards, nothing may be left."""
+    yield from _fresh_vm(image, accel)
+
+
+def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
     d = Path(tempfile.mkdtemp(prefix="bvm-", dir="/tmp"))  # short: QMP socket path limit
     key = d / "id_ed25519"
     pub = ssh.ensure_key(key)
@@ -239,3 +243,25 @@ def vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
             qemu.kill_and_wait(leftover, signal.SIGKILL, 5)
         shutil.rmtree(d, ignore_errors=True)
         assert leftover is None, f"a QEMU (pid {leftover}) was left running"
+
+
+SYSTEMD_IMAGE_DIR = IMAGES_DIR / "debian-bookworm-systemd"
+
+
+@pytest.fixture(scope="session")
+def systemd_image() -> imagebuild.ImageArtifacts:
+    """The systemd variant, built once per machine like the default image."""
+    for tool in (qemu.QEMU, "qemu-img", "mmdebstrap", "ssh"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    d = SYSTEMD_IMAGE_DIR
+    if imagebuild.is_current(d):
+        return imagebuild.load_image(d)
+    return imagebuild.build_default_image(d, variant=imagebuild.SYSTEMD,
+                                          on_progress=lambda s: print(f"image: {s}"))
+
+
+@pytest.fixture
+def systemd_vm(systemd_image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
+    """Like ``vm``, from the systemd image."""
+    yield from _fresh_vm(systemd_image, accel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import struct
@@ -30,6 +31,62 @@ def test_manifest_round_trip(image: Path) -> None:
     assert art.kernel_version == "6.1.0-test"
     assert art.init == "/sbin/banger-init"
     assert "init=/sbin/banger-init" in art.cmdline
+
+
+def test_variants_differ_in_digest_cmdline_and_packages() -> None:
+    assert imagebuild.IMAGE_VARIANTS == {"debian-bookworm": "minimal",
+                                         "debian-bookworm-systemd": "systemd"}
+    minimal, systemd = imagebuild.recipe_digest("minimal"), imagebuild.recipe_digest("systemd")
+    assert minimal != systemd
+    assert imagebuild.recipe_digest() == minimal
+    assert imagebuild.image_cmdline("minimal") == "init=/sbin/banger-init"
+    assert imagebuild.image_cmdline("systemd") == "init=/sbin/banger-init banger.init=systemd"
+    assert "systemd-sysv" in imagebuild.packages("systemd")
+    assert "systemd-sysv" not in imagebuild.packages("minimal")
+    assert "banger-sshd-ready.service" in imagebuild.guest_files("systemd")
+    with pytest.raises(ValueError, match="unknown image variant"):
+        imagebuild.recipe_digest("openrc")
+
+
+@pytest.mark.parametrize("variant", ["minimal", "systemd"])
+def test_manifest_records_variant_and_is_current_checks_its_digest(
+        tmp_path: Path, variant: str) -> None:
+    d = tmp_path / variant
+    d.mkdir()
+    for name in ("rootfs.ext4", "vmlinux", "initrd.img"):
+        (d / name).write_bytes(name.encode())
+    write_manifest(d, kernel_version="6.1.0-test", variant=variant)
+    art = load_image(d)
+    assert art.variant == variant
+    assert art.cmdline == imagebuild.image_cmdline(variant)
+    assert imagebuild.is_current(d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["variant"] == variant
+    assert manifest["recipe"] == imagebuild.recipe_digest(variant)
+    # A manifest claiming the other variant's name with this recipe is stale.
+    other = "systemd" if variant == "minimal" else "minimal"
+    manifest["variant"] = other
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert not imagebuild.is_current(d)
+    manifest["variant"] = "openrc"
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    assert not imagebuild.is_current(d)
+
+
+def test_manifest_without_variant_is_a_minimal_image(image: Path) -> None:
+    manifest = json.loads((image / "manifest.json").read_text())
+    del manifest["variant"]
+    (image / "manifest.json").write_text(json.dumps(manifest))
+    assert imagebuild.is_current(image)
+    assert load_image(image).variant == "minimal"
+
+
+def test_guest_files_are_staged_with_the_right_modes(tmp_path: Path) -> None:
+    staged = imagebuild._stage_guest_files(tmp_path / "g", "systemd")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in staged.iterdir()}
+    assert set(modes) == set(imagebuild.guest_files("systemd"))
+    assert modes["banger-init"] == modes["systemd-tune"] == 0o755
+    assert modes["banger-sshd-ready.service"] == modes["sshd_config"] == 0o644
 
 
 def test_corrupt_byte_is_detected_with_both_digests(image: Path) -> None:

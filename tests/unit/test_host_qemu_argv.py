@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import qemu
+from banger.host import imagebuild, qemu
 from banger.host.qemu import QemuConfig, VmmError, qemu_argv
 
 
@@ -75,6 +75,21 @@ def test_kernel_cmdline() -> None:
     assert words[-1] == "init=/sbin/banger-init"  # the caller's args come last
     (smp2,) = opt(qemu_argv(cfg(vcpus=2), tsc_khz=1), "-append")
     assert "tsc=reliable" in smp2.split()
+
+
+@pytest.mark.parametrize("variant", imagebuild.VARIANTS)
+def test_exactly_one_init_and_it_is_the_images(variant: str) -> None:
+    image_args = imagebuild.image_cmdline(variant)
+    (append,) = opt(qemu_argv(cfg(cmdline=image_args), tsc_khz=1), "-append")
+    words = append.split()
+    assert [w for w in words if w.startswith("init=")] == ["init=/sbin/banger-init"]
+    assert words[-len(image_args.split()):] == image_args.split()
+    assert ("banger.init=systemd" in words) == (variant == imagebuild.SYSTEMD)
+
+
+def test_no_init_of_its_own() -> None:
+    (append,) = opt(qemu_argv(cfg(cmdline=""), tsc_khz=1), "-append")
+    assert not any(w.startswith("init=") for w in append.split())
 
 
 def test_kvm_accel() -> None:

@@ -37,13 +37,35 @@ ROOTFS = "rootfs.ext4"
 KERNEL = "vmlinux"
 INITRD = "initrd.img"
 GUEST_INIT = "/sbin/banger-init"
-# Extra kernel arguments this image needs, whatever VMM boots it.
-IMAGE_CMDLINE = f"init={GUEST_INIT}"
+
+# Image variants: "minimal" boots banger-init and then busybox init (the fast default);
+# "systemd" runs the same banger-init setup and then hands PID 1 to systemd, for
+# workloads that need real units, dbus, systemctl... (about twice the boot time).
+MINIMAL = "minimal"
+SYSTEMD = "systemd"
+VARIANTS: tuple[str, ...] = (MINIMAL, SYSTEMD)
+# Image name -> variant, for every image banger knows how to build.
+IMAGE_VARIANTS: dict[str, str] = {"debian-bookworm": MINIMAL,
+                                  "debian-bookworm-systemd": SYSTEMD}
+VARIANT_IMAGES: dict[str, str] = {v: k for k, v in IMAGE_VARIANTS.items()}
+# Extra kernel arguments each variant needs, whatever VMM boots it: banger-init is
+# always the kernel's init; banger.init= says what it hands PID 1 to.
+IMAGE_CMDLINES: dict[str, str] = {
+    MINIMAL: f"init={GUEST_INIT}",
+    SYSTEMD: f"init={GUEST_INIT} banger.init=systemd",
+}
+IMAGE_CMDLINE = IMAGE_CMDLINES[MINIMAL]
 
 PACKAGES: tuple[str, ...] = (
     "openssh-server", "git", "ca-certificates", "iproute2", "procps", "less", "curl",
     "make", "python3", "busybox", "kmod",
 )
+# What a variant installs on top of PACKAGES. dbus: systemctl works without it, but
+# hostnamectl, loginctl, busctl, systemd-run and most service software do not.
+VARIANT_PACKAGES: dict[str, tuple[str, ...]] = {
+    MINIMAL: (),
+    SYSTEMD: ("systemd-sysv", "dbus"),
+}
 # Docs, man pages and translations are a third of a minimal system and nobody reads
 # them in a sandbox; copyright files stay.
 DPKG_EXCLUDES: tuple[str, ...] = (
@@ -57,26 +79,56 @@ GUEST_FILES: tuple[str, ...] = (
     "banger-init", "banger-poweroff", "customize-hook", "initrd-init", "inittab",
     "sshd_config",
 )
+# Guest files only a variant uses (installed by customize-hook for that variant).
+VARIANT_GUEST_FILES: dict[str, tuple[str, ...]] = {
+    MINIMAL: (),
+    SYSTEMD: ("systemd-tune", "banger-sshd-ready.service", "journald-banger.conf",
+              "ssh-banger.conf"),
+}
+_DATA_FILES = ("inittab", "sshd_config")  # installed 0644; everything else is a script
 
 
-def recipe_digest() -> str:
-    """What the image is built from: packages, dpkg filters and every guest file.
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown image variant {variant!r} (known: {', '.join(VARIANTS)})")
+    return variant
+
+
+def packages(variant: str = MINIMAL) -> tuple[str, ...]:
+    return PACKAGES + VARIANT_PACKAGES[_check_variant(variant)]
+
+
+def guest_files(variant: str = MINIMAL) -> tuple[str, ...]:
+    return GUEST_FILES + VARIANT_GUEST_FILES[_check_variant(variant)]
+
+
+def image_cmdline(variant: str = MINIMAL) -> str:
+    return IMAGE_CMDLINES[_check_variant(variant)]
+
+
+def recipe_digest(variant: str = MINIMAL) -> str:
+    """What an image variant is built from: packages, dpkg filters, kernel arguments
+    and every guest file it installs.
 
     Recorded in the manifest; an image whose recipe differs from this banger's (its init,
     sshd config, ...) is stale and is rebuilt rather than booted with a mismatched guest.
     """
     h = hashlib.sha256()
-    h.update(repr((SUITE, PACKAGES, DPKG_EXCLUDES, IMAGE_CMDLINE)).encode())
+    h.update(repr((SUITE, variant, packages(variant), DPKG_EXCLUDES,
+                   image_cmdline(variant))).encode())
     guest = resources.files("banger.host") / "guest"
-    for name in GUEST_FILES:
+    for name in guest_files(variant):
         h.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
 def is_current(dir: Path) -> bool:
-    """True when ``dir`` holds an image built from this banger's recipe."""
+    """True when ``dir`` holds an image built from this banger's recipe for the variant
+    its manifest records (an image from before variants is the minimal one)."""
     try:
-        return bool(json.loads((dir / MANIFEST).read_text()).get("recipe") == recipe_digest())
+        manifest = json.loads((dir / MANIFEST).read_text())
+        variant = str(manifest.get("variant", MINIMAL))
+        return variant in VARIANTS and bool(manifest.get("recipe") == recipe_digest(variant))
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -98,14 +150,17 @@ class ImageArtifacts:
     kernel_version: str
     init: str  # path of the guest init inside the rootfs: "/sbin/banger-init"
     cmdline: str  # extra kernel args the image needs
+    variant: str = MINIMAL  # "minimal" | "systemd"
 
 
 # --- building ---------------------------------------------------------------------
 
 
 def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
-                        mirror: str | None = None) -> ImageArtifacts:
-    """Build the default image into ``out_dir`` (replaced only once complete)."""
+                        mirror: str | None = None, variant: str = MINIMAL) -> ImageArtifacts:
+    """Build the default image, or its ``variant``, into ``out_dir`` (replaced only once
+    complete)."""
+    _check_variant(variant)
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # mmdebstrap's unshare mode runs the hook as a subordinate uid, not as us: it needs a
@@ -123,11 +178,11 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
         image.mkdir()
         stage = Path(tempfile.mkdtemp(prefix="stage-", dir=hook_dir))
         stage.chmod(0o1777)
-        guest = _stage_guest_files(hook_dir / "guest")
+        guest = _stage_guest_files(hook_dir / "guest", variant)
         sources = debian_sources(mirror)
         started = time.monotonic()
-        on_progress(f"bootstrapping Debian {SUITE} (mmdebstrap)")
-        _mmdebstrap(sources, guest, stage, tmp_root, on_progress)
+        on_progress(f"bootstrapping Debian {SUITE} (mmdebstrap, {variant} variant)")
+        _mmdebstrap(sources, guest, stage, tmp_root, on_progress, variant)
         kver = (stage / "kernel-version").read_text().strip()
         used_mib = int((stage / "rootfs-used-kib").read_text()) // 1024
         on_progress(f"rootfs.ext4 built ({used_mib} MiB of files) after "
@@ -146,7 +201,8 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
                                   out=image / INITRD)
 
         on_progress("writing manifest.json")
-        write_manifest(image, kernel_version=kver)
+        write_manifest(image, kernel_version=kver, name=VARIANT_IMAGES[variant],
+                       variant=variant)
         _install(image, out_dir)
         on_progress(f"image ready in {out_dir} ({time.monotonic() - started:.0f} s)")
     finally:
@@ -237,14 +293,14 @@ def _apt_options() -> list[str]:
     return opts
 
 
-def _stage_guest_files(dest: Path) -> Path:
+def _stage_guest_files(dest: Path, variant: str = MINIMAL) -> Path:
     """Copy the guest scripts out of the package, executable where they must be."""
     dest.mkdir()
     src = resources.files("banger.host") / "guest"
-    for name in GUEST_FILES:
+    for name in guest_files(variant):
         target = dest / name
         target.write_bytes((src / name).read_bytes())
-        executable = name not in ("inittab", "sshd_config")
+        executable = name not in _DATA_FILES and "." not in name
         target.chmod(0o755 if executable else 0o644)
     # mmdebstrap's namespace root must be able to read these as "other".
     dest.chmod(0o755)
@@ -252,17 +308,18 @@ def _stage_guest_files(dest: Path) -> Path:
 
 
 def _mmdebstrap(sources: list[str], guest: Path, stage: Path, tmp_root: Path,
-                on_progress: Callable[[str], None]) -> None:
+                on_progress: Callable[[str], None], variant: str = MINIMAL) -> None:
     hook = str(guest / "customize-hook")
     argv = [
         "mmdebstrap", "--variant=minbase", "--format=null",
-        f"--include={','.join(PACKAGES)}",
+        f"--include={','.join(packages(variant))}",
         *_apt_options(),
         *(f"--dpkgopt={o}" for o in DPKG_EXCLUDES),
         f"--setup-hook={hook}", f"--essential-hook={hook}", f"--customize-hook={hook}",
         SUITE, "/dev/null", *sources,
     ]
-    env = {"BANGER_OUT": str(stage), "BANGER_GUEST": str(guest), "TMPDIR": str(tmp_root)}
+    env = {"BANGER_OUT": str(stage), "BANGER_GUEST": str(guest), "TMPDIR": str(tmp_root),
+           "BANGER_VARIANT": variant}
     # mmdebstrap runs to completion through the runner in a worker thread; this thread
     # forwards the hook's progress lines so on_progress runs in the caller's thread.
     errors: list[BaseException] = []
@@ -347,7 +404,8 @@ def _rmtree(path: Path) -> None:
 # --- manifest and verification -------------------------------------------------------
 
 
-def write_manifest(image: Path, *, kernel_version: str, name: str = IMAGE_NAME) -> None:
+def write_manifest(image: Path, *, kernel_version: str, name: str = IMAGE_NAME,
+                   variant: str = MINIMAL) -> None:
     artifacts = {}
     for fname in (ROOTFS, KERNEL, INITRD):
         p = image / fname
@@ -355,9 +413,10 @@ def write_manifest(image: Path, *, kernel_version: str, name: str = IMAGE_NAME) 
     manifest = {
         "name": name,
         "kernel_version": kernel_version,
+        "variant": _check_variant(variant),
         "init": GUEST_INIT,
-        "cmdline": IMAGE_CMDLINE,
-        "recipe": recipe_digest(),
+        "cmdline": image_cmdline(variant),
+        "recipe": recipe_digest(variant),
         "artifacts": artifacts,
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -389,6 +448,7 @@ def load_image(dir: Path, *, verify: bool = True) -> ImageArtifacts:
         kernel_version = str(manifest["kernel_version"])
         init = str(manifest["init"])
         cmdline = str(manifest.get("cmdline", ""))
+        variant = str(manifest.get("variant", MINIMAL))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageError(f"{dir / MANIFEST}: unreadable manifest: {exc}") from exc
     for fname in (ROOTFS, KERNEL, INITRD):
@@ -399,7 +459,7 @@ def load_image(dir: Path, *, verify: bool = True) -> ImageArtifacts:
             _verify(dir / fname, str(meta.get("sha256")), meta.get("size"))
     return ImageArtifacts(dir=dir, rootfs=dir / ROOTFS, kernel=dir / KERNEL,
                           initrd=dir / INITRD, kernel_version=kernel_version, init=init,
-                          cmdline=cmdline)
+                          cmdline=cmdline, variant=variant)
 
 
 def _verify(path: Path, want_sha: str, want_size: object) -> None:

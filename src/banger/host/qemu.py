@@ -72,8 +72,11 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
 
 
 def kernel_cmdline(cfg: QemuConfig, tsc_khz: int) -> str:
+    """The kernel arguments: the VMM's own, then ``cfg.cmdline`` (the image's, which
+    names its init, e.g. ``init=/sbin/banger-init banger.init=systemd``, and the
+    caller's)."""
     args = [
-        "console=ttyS0", "root=/dev/vda", "rw", "init=/sbin/banger-init",
+        "console=ttyS0", "root=/dev/vda", "rw",
         f"tsc_early_khz={tsc_khz}",
         # Boot-time savers under emulation: no crypto self-tests, one UART to probe,
         # quiet console (every character costs an emulated UART write).

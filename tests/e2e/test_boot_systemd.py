@@ -1,0 +1,81 @@
+"""Boot the systemd image variant: banger-init's setup, then systemd as PID 1."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from banger.host import qemu, ssh
+
+from .conftest import Vm
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+BOOT_TIMEOUT = 240.0  # systemd under TCG on a loaded 2-core machine
+
+
+def run_ssh(vm: Vm, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(vm.ssh_argv(command), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
+    vm = systemd_vm
+    assert "banger.init=systemd" in vm.cfg.cmdline.split()
+    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
+    waited = ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+                            alias=vm.alias, timeout=BOOT_TIMEOUT,
+                            serial_log=vm.cfg.serial_log, alive=lambda: qemu.pid_alive(pid))
+    print(f"systemd image, boot to ssh: {waited:.1f} s ({vm.cfg.accel})")
+    serial = vm.cfg.serial_log.read_text()
+    assert "handing PID 1 to systemd" in serial
+    assert "sshd started" in serial  # from banger-sshd-ready.service
+
+    state = run_ssh(vm, "systemctl is-system-running --wait", timeout=180)
+    if state.stdout.strip() != "running":
+        failed = run_ssh(vm, "systemctl --failed --no-legend --plain").stdout
+        print(f"system state {state.stdout.strip()!r}; failed units:\n{failed}")
+    assert state.stdout.strip() in ("running", "degraded"), state.stdout + state.stderr
+
+    facts = run_ssh(vm, "cat /proc/1/comm; hostname; findmnt -no SOURCE /root; "
+                        "findmnt -no SOURCE /; stat -c %a /root/.ssh; "
+                        "ip -4 -o addr show dev eth0 | awk '{print $4}'; "
+                        "systemctl is-active ssh.service dbus.service; "
+                        "systemctl is-enabled systemd-resolved.service serial-getty@ttyS0 "
+                        "apt-daily.timer || true")
+    assert facts.returncode == 0, facts.stderr
+    assert facts.stdout.split() == ["systemd", "e2e-box", "/dev/vdb", "/dev/vda", "700",
+                                    "10.0.2.15/24", "active", "active",
+                                    "masked", "masked", "masked"]
+    # The journal stays in memory.
+    journal = run_ssh(vm, "find /run/log/journal /var/log/journal -type f -name '*.journal'")
+    assert journal.stdout.strip(), journal.stderr
+    assert all(f.startswith("/run/log/journal/") for f in journal.stdout.split())
+    assert qemu.qmp_status(vm.cfg.qmp_socket) == "running"
+
+    started = time.monotonic()
+    # The connection drops as the guest powers off: ssh's own status is meaningless.
+    run_ssh(vm, "banger-poweroff")
+    while qemu.pid_alive(pid) and time.monotonic() - started < 15:
+        time.sleep(0.1)
+    assert not qemu.pid_alive(pid), "QEMU still running 15 s after the guest powered off"
+    print(f"poweroff to VMM exit: {time.monotonic() - started:.1f} s")
+    assert qemu.find_qemu_pid(vm.cfg.qmp_socket) is None
+    assert qemu.port_is_free(vm.cfg.ssh_port)
+
+
+def test_systemd_image_orderly_poweroff_ends_the_vmm(systemd_vm: Vm) -> None:
+    """systemd's own `poweroff` (stop units, unmount, power off) also ends QEMU."""
+    vm = systemd_vm
+    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
+    ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+                   alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
+                   alive=lambda: qemu.pid_alive(pid))
+    started = time.monotonic()
+    run_ssh(vm, "systemctl poweroff")
+    while qemu.pid_alive(pid) and time.monotonic() - started < 30:
+        time.sleep(0.1)
+    assert not qemu.pid_alive(pid), "QEMU still running 30 s after systemctl poweroff"
+    print(f"systemctl poweroff to VMM exit: {time.monotonic() - started:.1f} s")
