@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.host import imagebuild
 from tests.e2e.conftest import Banger, assert_nothing_left, make_banger, qemu_pids
 
 pytestmark = pytest.mark.e2e
@@ -220,3 +221,13 @@ def test_non_root_user_builds_image_and_runs(tmp_path: Path) -> None:
         b.stop_daemon()
         for pid in qemu_pids(str(b.home)):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_systemd_image_through_banger(banger: Banger,
+                                      systemd_image: imagebuild.ImageArtifacts) -> None:
+    proc = banger.run("vm", "run", "--rm", "--image", "debian-bookworm-systemd", "--",
+                      "sh", "-c", "cat /proc/1/comm; systemctl is-system-running --wait; "
+                      "hostname")
+    lines = proc.stdout.split()
+    assert lines[0] == "systemd" and lines[1] in ("running", "degraded")
+    assert_nothing_left(banger)

@@ -26,7 +26,7 @@ class LocalImages:
         self._lock = threading.Lock()  # concurrent first uses coalesce into one build
 
     def known(self) -> list[str]:
-        return [DEFAULT_IMAGE]
+        return list(imagebuild.IMAGE_VARIANTS)
 
     def _info(self, a: imagebuild.ImageArtifacts, name: str) -> ImageInfo:
         return ImageInfo(name=name, rootfs=a.rootfs, kernel=a.kernel, initrd=a.initrd,
@@ -61,8 +61,9 @@ class LocalImages:
                                              if stale else "is not built yet: building it once")
                         + " (about a minute)")
             self.root.mkdir(parents=True, exist_ok=True)
-            return self._info(imagebuild.build_default_image(self.root / name,
-                                                             on_progress=on_progress), name)
+            return self._info(imagebuild.build_default_image(
+                self.root / name, on_progress=on_progress,
+                variant=imagebuild.IMAGE_VARIANTS[name]), name)
 
 
 def _boot_id() -> str:
