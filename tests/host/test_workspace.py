@@ -245,7 +245,7 @@ def test_directory_swapped_for_symlink_is_not_followed(tmp_path: Path) -> None:
     (secret / "run.sh").write_text("secret\n")
     shutil.rmtree(repo / "bin")
     os.symlink(secret, repo / "bin")
-    with pytest.raises(WorkspaceError, match="bin/run.sh"):
+    with pytest.raises(WorkspaceError, match=r"bin/run\.sh"):
         workspace.stage(sel, tmp_path / "staged")
 
 
@@ -279,3 +279,40 @@ def test_work_disk_too_small_for_the_repo(tmp_path: Path) -> None:
     with pytest.raises(disks.DiskError, match="too small for its 12 MiB"):
         disks.build_work_disk(tmp_path / "w.ext4", 8 << 20, {}, trees={"repo": tree})
     assert not (tmp_path / "w.ext4").exists()
+
+
+@NEEDS_E2FS
+def test_tree_owned_by_root_when_built_by_a_user(tmp_path: Path) -> None:
+    """The unshare -r path: a user's staged tree lands in the image as root's."""
+    user = "bangertest"
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root to switch to an unprivileged test user")
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        if shutil.which("useradd") is None:
+            pytest.skip("cannot create the unprivileged test user")
+        subprocess.run(["useradd", "--create-home", user], check=True)
+    if subprocess.run(["runuser", "-u", user, "--", "unshare", "-r", "true"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("unprivileged user namespaces are disabled here")
+    src = Path(workspace.__file__).parents[2]
+    if any(not os.stat(p).st_mode & 0o005 for p in (src, *src.parents) if str(p) != "/"):
+        pytest.skip(f"{src} is not readable by other users")
+    out = Path(subprocess.run(["runuser", "-u", user, "--", "mktemp", "-d"], check=True,
+                              capture_output=True, text=True).stdout.strip())
+    try:
+        code = (
+            "import os; from pathlib import Path; from banger.host import disks\n"
+            f"out = Path({str(out)!r}); t = out / 'tree'; (t / 'd').mkdir(parents=True)\n"
+            "(t / 'd' / 'f').write_text('hi'); os.symlink('/etc/passwd', t / 'l')\n"
+            f"disks.build_work_disk(out / 'w.ext4', {64 << 20}, {{}}, trees={{'repo': t}})\n")
+        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else "python3"
+        res = subprocess.run(["runuser", "-u", user, "--", "env", f"PYTHONPATH={src}",
+                              python, "-c", code], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        img = out / "w.ext4"
+        for path in ("/repo", "/repo/d", "/repo/d/f", "/repo/l"):
+            info = disks.stat_in_image(img, path)
+            assert (info.uid, info.gid) == (0, 0), path
+        assert "Type: symlink" in debugfs(img, "stat repo/l")
+    finally:
+        shutil.rmtree(out)
