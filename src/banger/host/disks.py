@@ -68,15 +68,18 @@ def build_work_disk(path: Path, size_bytes: int,
     mode), everything owned by uid 0; the filesystem root becomes the guest's /root.
 
     ``trees`` maps a relative path to a directory written there whole (modes, mtimes and
-    symlinks kept, e.g. a staged repo as "repo"). A tree on the same filesystem as
-    ``path`` is moved, not copied, and so is consumed; the caller stages it for this.
+    symlinks kept, e.g. a staged repo as "repo"). Trees are moved, not copied, and so are
+    consumed (copied only when they sit on different filesystems from the first one).
     """
     if size_bytes < 8 << 20:
         raise DiskError(f"work disk size {size_bytes} is below the 8 MiB minimum")
     if path.exists():
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    # Staging sits beside the first tree so moving trees in is a rename: the caller picks
+    # the filesystem (tmpfs makes the intermediate copy cheap; mkfs reads it once).
+    near = next(iter(trees.values())).parent if trees else path.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=near))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         staging.chmod(0o700)  # becomes /root: private like a home directory

@@ -31,6 +31,10 @@ PATH_MAX = 4095
 _GITLINK = "160000"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CHUNK = 1 << 30
+# Staging on tmpfs makes the intermediate checkout nearly free (no journaled creates) as
+# long as it is small against memory; beyond this share of MemAvailable, stage on disk.
+TMPFS = Path("/dev/shm")
+TMPFS_SHARE = 4
 
 
 class WorkspaceError(Exception):
@@ -146,6 +150,39 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     _git(dest, "update-index", "-q", "--no-split-index", "--no-untracked-cache")
     for shared in gitdir.glob("sharedindex.*"):
         shared.unlink()
+
+
+def staging_parent(selection: Selection, fallback: Path) -> Path:
+    """Where :func:`stage` should put the checkout: tmpfs when it fits in a quarter of the
+    available memory (the work-disk build reads it once, then it is gone), else
+    ``fallback`` (the VM's directory, so the build moves it in with a rename)."""
+    need = selection.total_bytes + _git_bytes(selection.repo)
+    try:
+        vfs = os.statvfs(TMPFS)
+        avail = _mem_available()
+    except OSError:
+        return fallback
+    if need * TMPFS_SHARE < avail and need * 2 < vfs.f_bavail * vfs.f_frsize:
+        return TMPFS
+    return fallback
+
+
+def _git_bytes(repo: Path) -> int:
+    out = _git(repo, "count-objects", "-v", check=False)
+    kib = 0
+    for line in out.splitlines():
+        key, _, value = line.partition(": ")
+        if key in ("size", "size-pack", "size-garbage"):
+            kib += int(value)
+    return kib << 10
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) << 10
+    return 0
 
 
 # -- selection ----------------------------------------------------------------------------
