@@ -316,3 +316,13 @@ def test_tree_owned_by_root_when_built_by_a_user(tmp_path: Path) -> None:
         assert "Type: symlink" in debugfs(img, "stat repo/l")
     finally:
         shutil.rmtree(out)
+
+
+def test_staging_parent_prefers_tmpfs_only_when_small(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if not workspace.TMPFS.is_dir():
+        pytest.skip(f"{workspace.TMPFS} does not exist here")
+    sel = workspace.select(make_repo(tmp_path))
+    assert workspace.staging_parent(sel, tmp_path) == workspace.TMPFS
+    monkeypatch.setattr(workspace, "TMPFS_SHARE", 1 << 50)  # "memory is tiny"
+    assert workspace.staging_parent(sel, tmp_path) == tmp_path

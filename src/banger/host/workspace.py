@@ -112,6 +112,8 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     ``git checkout -b``). With ``from_ref`` the work tree is that commit's tree instead
     (on ``branch``, or a detached HEAD), plus the selected untracked files; uncommitted
     changes to tracked files do not come along, as they belong to another base.
+
+    On an error ``dest`` may be left half-made; the caller removes its scratch directory.
     """
     if dest.exists() and any(dest.iterdir()):
         raise WorkspaceError(f"staging directory {dest} is not empty")
@@ -196,6 +198,11 @@ def _toplevel(path: Path) -> Path:
         flags = run(["git", "-C", str(path), "rev-parse", "--is-bare-repository",
                      "--is-inside-work-tree"]).stdout.split()
     except CommandError as exc:
+        if "dubious ownership" in exc.stderr:
+            raise WorkspaceError(
+                f"git refuses {path}: it belongs to another user than banger runs as; "
+                f"run banger as the repo's owner (or mark it safe: "
+                f"`git config --global --add safe.directory {path}`)") from exc
         raise WorkspaceError(
             f"{path} is not inside a git work tree ({exc.stderr.strip() or exc}); run "
             f"`git init` and commit there, or give the path of a git checkout") from exc
