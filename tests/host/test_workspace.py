@@ -326,3 +326,21 @@ def test_staging_parent_prefers_tmpfs_only_when_small(tmp_path: Path,
     assert workspace.staging_parent(sel, tmp_path) == workspace.TMPFS
     monkeypatch.setattr(workspace, "TMPFS_SHARE", 1 << 50)  # "memory is tiny"
     assert workspace.staging_parent(sel, tmp_path) == tmp_path
+
+
+def test_repo_without_commits_and_detached_head(tmp_path: Path) -> None:
+    repo = tmp_path / "fresh"
+    git(tmp_path, "init", "-q", "-b", "main", "fresh")
+    (repo / "a").write_text("x\n")
+    git(repo, "add", "a")
+    sel = workspace.select(repo)
+    assert (sel.head, sel.branch) == (None, "main")
+    dest = stage(tmp_path, sel)
+    assert status(dest) == "A  a\n"
+    git(repo, "-c", "user.name=a", "-c", "user.email=b@c", "commit", "-q", "-m", "1")
+    git(repo, "checkout", "-q", "--detach")
+    sel = workspace.select(repo)
+    assert sel.branch is None and sel.head is not None
+    workspace.stage(sel, tmp_path / "detached")
+    assert git(tmp_path / "detached", "rev-parse", "HEAD").strip() == sel.head
+    assert status(tmp_path / "detached") == ""
