@@ -9,6 +9,7 @@ the files are recorded as root's (sshd refuses an authorized_keys owned by anoth
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -17,12 +18,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from banger.host.runner import run
+from banger.host.runner import CommandError, run
 
 WORK_LABEL = "banger-work"
 # Directories whose contents are private to root inside the guest.
 PRIVATE_DIRS = frozenset({".ssh", ".gnupg", ".banger"})
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+# How mkfs.ext4 -d says the files do not fit (blocks or inodes).
+_OUT_OF_SPACE = re.compile(r"Could not allocate|No space left|No free space", re.I)
 
 
 class DiskError(Exception):
@@ -59,18 +62,29 @@ def create_overlay(base: Path, overlay: Path) -> None:
 
 
 def build_work_disk(path: Path, size_bytes: int,
-                    files: Mapping[str, tuple[bytes, int]]) -> None:
+                    files: Mapping[str, tuple[bytes, int]],
+                    trees: Mapping[str, Path] | None = None) -> None:
     """Make a sparse ext4 image at ``path`` holding ``files`` (relative path -> content,
-    mode), everything owned by uid 0; the filesystem root becomes the guest's /root."""
+    mode), everything owned by uid 0; the filesystem root becomes the guest's /root.
+
+    ``trees`` maps a relative path to a directory written there whole (modes, mtimes and
+    symlinks kept, e.g. a staged repo as "repo"). Trees are moved, not copied, and so are
+    consumed (copied only when they sit on different filesystems from the first one).
+    """
     if size_bytes < 8 << 20:
         raise DiskError(f"work disk size {size_bytes} is below the 8 MiB minimum")
     if path.exists():
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=path.parent))
+    # Staging sits beside the first tree so moving trees in is a rename: the caller picks
+    # the filesystem (tmpfs makes the intermediate copy cheap; mkfs reads it once).
+    near = next(iter(trees.values())).parent if trees else path.parent
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=near))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         staging.chmod(0o700)  # becomes /root: private like a home directory
+        for rel, tree in (trees or {}).items():
+            _stage_tree(staging, rel, tree)
         for rel, (content, mode) in files.items():
             _stage_file(staging, rel, content, mode)
         with contextlib.suppress(FileNotFoundError):
@@ -83,7 +97,16 @@ def build_work_disk(path: Path, size_bytes: int,
             # Inside a user namespace where we are uid 0, mkfs records our files as
             # root's; outside it, it would copy our own uid onto every inode.
             argv = ["unshare", "-r", *argv]
-        run(argv, timeout=300)
+        try:
+            run(argv, timeout=1800)
+        except CommandError as exc:
+            if _OUT_OF_SPACE.search(exc.stderr):
+                need = _tree_bytes(staging)
+                raise DiskError(
+                    f"work disk of {size_bytes >> 20} MiB is too small for its "
+                    f"{need >> 20} MiB of files (plus filesystem overhead); give the VM a "
+                    f"larger work disk") from exc
+            raise
         # mkfs -d leaves the filesystem root 0755; it becomes /root, a private home.
         run([tool("debugfs"), "-w", "-R", "sif / mode 040700", str(tmp)])
         os.replace(tmp, path)
@@ -94,6 +117,12 @@ def build_work_disk(path: Path, size_bytes: int,
 
 
 def _stage_file(root: Path, rel: str, content: bytes, mode: int) -> None:
+    target = _stage_parents(root, rel)
+    target.write_bytes(content)
+    target.chmod(mode & 0o7777)
+
+
+def _stage_parents(root: Path, rel: str) -> Path:
     parts = PurePosixPath(rel).parts
     if not parts or PurePosixPath(rel).is_absolute() or ".." in parts:
         raise DiskError(f"work disk file path {rel!r} must be relative, without '..'")
@@ -103,9 +132,30 @@ def _stage_file(root: Path, rel: str, content: bytes, mode: int) -> None:
         if not cur.exists():
             cur.mkdir()
             cur.chmod(0o700 if part in PRIVATE_DIRS else 0o755)
-    target = cur / parts[-1]
-    target.write_bytes(content)
-    target.chmod(mode & 0o7777)
+    return cur / parts[-1]
+
+
+def _stage_tree(root: Path, rel: str, tree: Path) -> None:
+    if not tree.is_dir() or tree.is_symlink():
+        raise DiskError(f"work disk tree {tree} for {rel!r} is not a directory")
+    target = _stage_parents(root, rel)
+    if target.exists():
+        raise DiskError(f"work disk path {rel!r} is given twice")
+    try:
+        os.rename(tree, target)  # O(1): the tree was staged next to the disk for this
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copytree(tree, target, symlinks=True)
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
 
 
 @dataclass(frozen=True)
