@@ -6,12 +6,23 @@ their own "OS" (processes, files) so leak checks look at that state, not at the 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from banger.core.ports import Accel, HostPorts, ImageInfo, LaunchSpec, Rediscovered
+from banger.core.errors import InvalidRequest
+from banger.core.ports import (
+    Accel,
+    HostPorts,
+    ImageInfo,
+    LaunchSpec,
+    Rediscovered,
+    WorkspaceRequest,
+    WorkspaceSelection,
+)
 
 
 class FakeImages:
@@ -46,6 +57,7 @@ class FakeDisks:
     def __init__(self) -> None:
         self.fail_overlay = False
         self.work_files: dict[Path, Mapping[str, tuple[bytes, int]]] = {}
+        self.work_trees: dict[Path, tuple[str, list[str]]] = {}
 
     def create_overlay(self, base: Path, overlay: Path) -> None:
         overlay.write_bytes(b"qcow2 over " + str(base).encode())
@@ -53,9 +65,40 @@ class FakeDisks:
             raise OSError("overlay: disk full")
 
     def build_work_disk(self, path: Path, size_bytes: int,
-                        files: Mapping[str, tuple[bytes, int]]) -> None:
+                        files: Mapping[str, tuple[bytes, int]],
+                        trees: Mapping[str, Path] | None = None) -> None:
         path.write_bytes(b"ext4")
         self.work_files[path] = dict(files)
+        for name, tree in (trees or {}).items():
+            self.work_trees[path] = (name, sorted(p.name for p in tree.iterdir()))
+
+
+class FakeWorkspace:
+    """Repos are plain directories; anything without a .git is refused."""
+
+    def __init__(self) -> None:
+        self.staged_dirs: list[Path] = []
+
+    def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
+        if not (req.path / ".git").exists():
+            raise InvalidRequest(f"{req.path} is not inside a git work tree")
+        files = [p for p in req.path.iterdir() if p.name != ".git"]
+        return WorkspaceSelection(req, req.path, len(files),
+                                  sum(p.stat().st_size for p in files), handle=files)
+
+    def dry_run(self, req: WorkspaceRequest) -> list[str]:
+        sel = self.select(req)
+        return [*(p.name for p in sel.handle), f"{sel.files} files"]  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def staged(self, sel: WorkspaceSelection, scratch: Path) -> Iterator[Path]:
+        tree = scratch / ".staged-repo"
+        shutil.copytree(sel.repo, tree)
+        self.staged_dirs.append(tree)
+        try:
+            yield tree
+        finally:
+            shutil.rmtree(tree, ignore_errors=True)
 
 
 @dataclass
@@ -171,4 +214,4 @@ class FakeGuest:
 def fake_host(root: Path) -> tuple[HostPorts, FakeImages, FakeDisks, FakeVmm, FakeGuest]:
     images, disks, vmm = FakeImages(root), FakeDisks(), FakeVmm()
     guest = FakeGuest(vmm)
-    return HostPorts(images, disks, vmm, guest), images, disks, vmm, guest
+    return (HostPorts(images, disks, vmm, guest, FakeWorkspace()), images, disks, vmm, guest)

@@ -305,3 +305,44 @@ def test_in_flight_operations_listed(env) -> None:  # type: ignore[no-untyped-de
     svc.create(name="f", spec=VMSpec(), sink=sink)
     assert seen == [["start"]]
     assert svc.ops.in_flight() == []
+
+
+def test_workspace_copied_onto_the_work_disk(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, disks, *_ = env
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "README").write_text("hi")
+    events: list[Progress] = []
+    vm = svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo),
+                    sink=events.append)
+    assert vm.workspace_path == str(repo) and vm.workspace_guest_path == "/root/repo"
+    paths = svc.layout.vm(vm.id)
+    assert disks.work_trees[paths.work_disk] == ("repo", [".git", "README"])
+    assert any(e.kind == "detail" and "copying" in (e.message or "") for e in events)
+    assert svc.host.workspace.staged_dirs and not any(  # type: ignore[attr-defined]
+        d.exists() for d in svc.host.workspace.staged_dirs)  # type: ignore[attr-defined]
+    assert svc.resolve("ws").workspace_guest_path == "/root/repo"
+
+
+def test_bad_workspace_refused_before_anything_exists(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, *_ = env
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(InvalidRequest, match="not inside a git work tree"):
+        svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(plain))
+    assert svc.list_vms() == [] and vmm.launched == []
+
+
+def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, disks, *_ = env
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    svc.failpoint = "wait_ssh"
+    with pytest.raises(OperationFailed):
+        svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo))
+    svc.failpoint = None
+    vm = svc.start("ws")
+    assert disks.work_trees[svc.layout.vm(vm.id).work_disk][0] == "repo"

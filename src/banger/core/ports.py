@@ -8,6 +8,7 @@ something: "already gone" is success.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -36,7 +37,40 @@ class DiskPort(Protocol):
     def create_overlay(self, base: Path, overlay: Path) -> None: ...
 
     def build_work_disk(self, path: Path, size_bytes: int,
-                        files: Mapping[str, tuple[bytes, int]]) -> None: ...
+                        files: Mapping[str, tuple[bytes, int]],
+                        trees: Mapping[str, Path] | None = None) -> None:
+        """ext4 at ``path`` holding ``files`` and the staged ``trees`` (moved in)."""
+
+
+@dataclass(frozen=True)
+class WorkspaceRequest:
+    """A host repo to put at /root/<name> in the guest (``banger vm run ./repo``)."""
+
+    path: Path
+    include_untracked: bool = False
+    branch: str | None = None
+    from_ref: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkspaceSelection:
+    request: WorkspaceRequest
+    repo: Path          # the work tree's top level
+    files: int
+    total_bytes: int
+    handle: object      # the adapter's own selection record
+
+
+class WorkspacePort(Protocol):
+    def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
+        """Read the repo; raise InvalidRequest naming the path and the fix if it cannot be
+        copied exactly (not a git work tree, submodules, unsafe names)."""
+
+    def dry_run(self, req: WorkspaceRequest) -> list[str]: ...
+
+    def staged(self, sel: WorkspaceSelection,
+               scratch: Path) -> AbstractContextManager[Path]:
+        """A staged git checkout of ``sel``, removed on exit if still there."""
 
 
 @dataclass(frozen=True)
@@ -123,3 +157,4 @@ class HostPorts:
     disks: DiskPort
     vmm: VmmPort
     guest: GuestPort
+    workspace: WorkspacePort

@@ -23,9 +23,9 @@ from banger.core.errors import (
     OperationFailed,
 )
 from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
-from banger.core.ports import HostPorts
+from banger.core.ports import HostPorts, WorkspaceRequest, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
-from banger.core.startplan import StartContext, start_steps
+from banger.core.startplan import WORKSPACE_GUEST_PATH, StartContext, start_steps
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import (
     VM,
@@ -83,6 +83,7 @@ class VMService:
         self.handles = HandleStore()
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self._pending_workspace: dict[str, WorkspaceSelection] = {}
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -109,7 +110,8 @@ class VMService:
     # ---- create / start -----------------------------------------------------------------
 
     def create(self, *, name: str | None, spec: VMSpec, start: bool = True,
-               sink: ProgressSink = no_progress) -> VM:
+               sink: ProgressSink = no_progress,
+               workspace: WorkspaceRequest | None = None) -> VM:
         try:
             spec = spec.validated()
             if name is not None:
@@ -122,15 +124,23 @@ class VMService:
         if spec.image not in self.host.images.known():
             raise NotFoundError(f"unknown image {spec.image!r}; known images: "
                                  f"{', '.join(self.host.images.known())}")
+        # Read the repo before anything exists: a repo that cannot be copied exactly is
+        # refused with nothing created.
+        selection = self.host.workspace.select(workspace) if workspace else None
         vm_id = new_vm_id()
         now = self.clock()
         vm = VM(id=vm_id, name=name or default_name(vm_id), spec=spec, state=VMState.CREATED,
-                created_at=now, updated_at=now)
+                created_at=now, updated_at=now,
+                workspace_path=str(selection.repo) if selection else None,
+                workspace_guest_path=WORKSPACE_GUEST_PATH if selection else None)
         try:
             self.repo.insert(vm)
         except Conflict as exc:
             raise ConflictError(str(exc)) from exc
         self.layout.vm(vm_id).dir.mkdir(parents=True, exist_ok=True)
+        if selection is not None:
+            # Held until a start makes the work disk (a failed first start keeps it).
+            self._pending_workspace[vm_id] = selection
         if start:
             return self.start(vm.id, sink=sink)
         return vm
@@ -151,6 +161,7 @@ class VMService:
             ctx = StartContext(
                 vm=vm, paths=paths, host=self.host, handles=self.handles, clock=self.clock,
                 ready_timeout=self.timeouts.ready, failpoint=self.failpoint,
+                workspace=self._pending_workspace.get(vm.id),
                 on_detail=lambda stage, msg: self.ops.emit(
                     op, Progress(op.id, vm.name, "detail", stage, message=msg)),
             )
@@ -167,6 +178,7 @@ class VMService:
                 self.repo.update(failed)
                 raise OperationFailed(f"start of {vm.name!r} failed at stage {err.step!r}: "
                                       f"{message}", stage=err.step, op_id=op.id) from err
+            self._pending_workspace.pop(vm.id, None)
             running = replace(vm.with_state(VMState.RUNNING, self.clock(), op_id=op.id),
                               boot_id=ctx.boot_id)
             self.repo.update(running)
@@ -258,9 +270,13 @@ class VMService:
                 if paths.dir.exists():
                     raise OperationFailed(f"could not remove {paths.dir}")
                 self.repo.delete(vm.id)
+                self._pending_workspace.pop(vm.id, None)
         with self._locks_guard:
             self._locks.pop(vm.id, None)
         return vm
+
+    def workspace_dry_run(self, req: WorkspaceRequest) -> list[str]:
+        return self.host.workspace.dry_run(req)
 
     def prune(self) -> list[BatchResult]:
         doomed = [v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger.core.errors import FailpointTriggered, InvalidRequest
-from banger.core.ports import HostPorts, ImageInfo, LaunchSpec
+from banger.core.ports import HostPorts, ImageInfo, LaunchSpec, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, NetworkMode
 from banger.pipeline import Step
 
 MIB = 1024 * 1024
+WORKSPACE_DIR = "repo"
+WORKSPACE_GUEST_PATH = f"/root/{WORKSPACE_DIR}"
 
 
 @dataclass
@@ -32,6 +34,7 @@ class StartContext:
     clock: Callable[[], float]
     ready_timeout: float = 120.0
     failpoint: str | None = None
+    workspace: WorkspaceSelection | None = None  # copied in when the work disk is made
     on_detail: Callable[[str, str], None] = lambda stage, msg: None
     # Filled in as the steps run.
     image: ImageInfo | None = None
@@ -136,7 +139,16 @@ def _work_disk(ctx: StartContext) -> None:
         ".banger/ssh_host_ed25519_key.pub": (host_public.encode() + b"\n", 0o644),
     }
     ctx.created.add("work_disk")
-    ctx.host.disks.build_work_disk(ctx.paths.work_disk, ctx.vm.spec.work_disk_mib * MIB, files)
+    size = ctx.vm.spec.work_disk_mib * MIB
+    if ctx.workspace is None:
+        ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files)
+    else:
+        ctx.on_detail("work_disk", f"copying {ctx.workspace.files} files "
+                                   f"({ctx.workspace.total_bytes} bytes) of "
+                                   f"{ctx.workspace.repo} to {WORKSPACE_GUEST_PATH}")
+        with ctx.host.workspace.staged(ctx.workspace, ctx.paths.dir) as tree:
+            ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files,
+                                           trees={WORKSPACE_DIR: tree})
     guest.trust_host(ctx.paths.names.ssh_alias, host_public)
 
 

@@ -6,12 +6,22 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from banger.core.ports import Accel, HostPorts, ImageInfo, LaunchSpec, Rediscovered
-from banger.host import disks, imagebuild, kvm, qemu, ssh
+from banger.core.errors import InvalidRequest
+from banger.core.ports import (
+    Accel,
+    HostPorts,
+    ImageInfo,
+    LaunchSpec,
+    Rediscovered,
+    WorkspaceRequest,
+    WorkspaceSelection,
+)
+from banger.host import disks, imagebuild, kvm, qemu, ssh, workspace
 from banger.host.runner import run
 from banger.model.layout import Layout
 
@@ -86,8 +96,48 @@ class LocalDisks:
         disks.create_overlay(base, overlay)
 
     def build_work_disk(self, path: Path, size_bytes: int,
-                        files: Mapping[str, tuple[bytes, int]]) -> None:
-        disks.build_work_disk(path, size_bytes, files)
+                        files: Mapping[str, tuple[bytes, int]],
+                        trees: Mapping[str, Path] | None = None) -> None:
+        try:
+            disks.build_work_disk(path, size_bytes, files, trees)
+        except disks.DiskError as exc:
+            raise InvalidRequest(str(exc)) from exc
+
+
+class LocalWorkspace:
+    """Host repos read with git and staged as a real checkout (banger.host.workspace)."""
+
+    def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
+        try:
+            sel = workspace.select(req.path, include_untracked=req.include_untracked)
+        except workspace.WorkspaceError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        if req.from_ref is not None and req.branch is None:
+            raise InvalidRequest("--from needs --branch: name the guest-only branch to create")
+        return WorkspaceSelection(request=req, repo=sel.repo, files=len(sel.files),
+                                  total_bytes=sel.total_bytes, handle=sel)
+
+    def dry_run(self, req: WorkspaceRequest) -> list[str]:
+        sel = self.select(req).handle
+        assert isinstance(sel, workspace.Selection)
+        return workspace.dry_run_lines(sel)
+
+    @contextlib.contextmanager
+    def staged(self, sel: WorkspaceSelection, scratch: Path) -> Iterator[Path]:
+        handle = sel.handle
+        assert isinstance(handle, workspace.Selection)
+        parent = workspace.staging_parent(handle, scratch)
+        tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
+        try:
+            tree = tmp / "repo"
+            try:
+                workspace.stage(handle, tree, branch=sel.request.branch,
+                                from_ref=sel.request.from_ref)
+            except workspace.WorkspaceError as exc:
+                raise InvalidRequest(str(exc)) from exc
+            yield tree
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 class QemuVmm:
@@ -206,7 +256,7 @@ class SshGuest:
 
 def host_ports(layout: Layout) -> HostPorts:
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
-                     vmm=QemuVmm(layout.state_dir / "accel.json"),
+                     vmm=QemuVmm(layout.state_dir / "accel.json"), workspace=LocalWorkspace(),
                      guest=SshGuest(layout))
 
 

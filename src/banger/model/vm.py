@@ -106,6 +106,8 @@ class VM:
     last_op_id: str | None = None
     boot_id: str | None = None
     guest_ip: str | None = None
+    workspace_path: str | None = None        # host repo copied in at creation
+    workspace_guest_path: str | None = None  # where it is in the guest (/root/<name>)
 
     def with_state(self, state: VMState, now: float, *, error: str | None = None,
                    stage: str | None = None, op_id: str | None = None) -> VM:

@@ -58,6 +58,13 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        2,
+        """
+        ALTER TABLE vms ADD COLUMN workspace_path TEXT;
+        ALTER TABLE vms ADD COLUMN workspace_guest_path TEXT;
+        """,
+    ),
 )
 
 
