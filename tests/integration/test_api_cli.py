@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import stat
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -112,3 +113,26 @@ def test_ssh_refused_when_not_running(daemon: Daemon) -> None:
 def test_doctor(daemon: Daemon) -> None:
     code, out, _ = banger("doctor", "--json")
     assert code == 0 and json.loads(out)["checks"][0]["status"] == "pass"
+
+
+def test_workspace_dry_run_and_create(daemon: Daemon, tmp_path: Path) -> None:
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "README").write_text("hello")
+    code, out, err = banger("vm", "run", "--dry-run", str(repo))
+    assert code == 0, err
+    assert "README" in out and "1 files" in out
+    assert daemon.client.list_vms() == []
+    # A guest command after -- is never taken for PATH.
+    code, _, err = banger("vm", "run", "--dry-run", "--", "sh", "-c", "true")
+    assert code == 2 and "need a PATH" in err
+    code, _, err = banger("vm", "run", str(tmp_path), "--dry-run")
+    assert code == 1 and "not inside a git work tree" in err
+    code, _, err = banger("vm", "run", "--from", "main", str(repo))
+    assert code == 2 and "--from needs --branch" in err
+    code, out, err = banger("vm", "run", "-d", "--json", "--name", "w", str(repo))
+    assert code == 0, err
+    vm = json.loads(out)
+    assert vm["workspace_path"] == str(repo) and vm["workspace_guest_path"] == "/root/repo"
+    assert daemon.client.ssh_target("w").workdir == "/root/repo"
+    assert "/root/repo" in banger("vm", "show", "w")[1]

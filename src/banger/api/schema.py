@@ -46,6 +46,21 @@ MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
 DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB)]
 
 
+class WorkspaceIn(BaseModel):
+    """A host git repo copied to /root/repo (the daemon reads it as the calling user)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="absolute path inside a git work tree")
+    include_untracked: StrictBool = False
+    branch: str | None = Field(default=None, min_length=1)
+    from_ref: str | None = Field(default=None, min_length=1)
+
+
+class DryRun(BaseModel):
+    lines: list[str]
+
+
 class VMCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,6 +73,7 @@ class VMCreate(BaseModel):
     network: Literal["user"] = "user"
     nat: StrictBool = False
     start: StrictBool = True
+    workspace: WorkspaceIn | None = None
 
 
 class VMSet(BaseModel):
@@ -97,6 +113,8 @@ class VMOut(BaseModel):
     guest_ip: str | None = None
     dir: str
     serial_log: str
+    workspace_path: str | None = None
+    workspace_guest_path: str | None = None
     runtime: Runtime | None = None
 
 
@@ -151,6 +169,7 @@ class SshTarget(BaseModel):
     known_hosts: str
     alias: str
     vm: str
+    workdir: str | None = None
     argv: list[str] = Field(description="ssh argv up to and including the destination")
 
 

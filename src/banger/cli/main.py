@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 
 from banger import __version__
-from banger.api.schema import VMCreate, VMOut, VMSet
+from banger.api.schema import VMCreate, VMOut, VMSet, WorkspaceIn
 from banger.cli.render import (
     Progress,
     err_console,
@@ -110,11 +111,25 @@ def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool) ->
     target = client.ssh_target(ref)
     argv = list(target.argv)
     argv.insert(1, "-t" if tty else "-T")
+    cd = f"cd {shlex.quote(target.workdir)} && " if target.workdir else ""
     if command:
         # One argument, quoted for the guest's shell, so argv arrives intact. The trailing
         # `exit $?` keeps the shell from exec'ing the command, so a signal becomes 128+n.
-        argv.append(shlex.join(command) + "; exit $?")
+        argv.append(cd + shlex.join(command) + "; exit $?")
+    elif cd:
+        argv.append(cd + 'exec "$SHELL" -l')
     return subprocess.call(argv)
+
+
+class SplitAtDashDash(click.Command):
+    """Everything after the first ``--`` is the guest command, never an option or PATH."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            i = args.index("--")
+            ctx.meta["guest_command"] = tuple(args[i + 1:])
+            args = args[:i]
+        return super().parse_args(ctx, args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,27 +143,52 @@ def vm() -> None:
     """Create, run and manage VMs."""
 
 
-@vm.command("run", context_settings={"ignore_unknown_options": False})
+@vm.command("run", cls=SplitAtDashDash)
 @spec_options
 @click.option("--rm", "remove", is_flag=True, help="delete the VM when the command or session ends")
 @click.option("-d", "--detach", is_flag=True, help="create and start, then exit")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output (with -d)")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--dry-run", is_flag=True, help="list the files PATH would copy; create nothing")
+@click.option("--include-untracked", is_flag=True,
+              help="also copy untracked files that git does not ignore")
+@click.option("--branch", help="create this guest-only branch in /root/repo")
+@click.option("--from", "from_ref", help="start --branch from this ref")
+@click.argument("path", required=False, type=click.Path(exists=True, file_okay=False,
+                                                        path_type=Path))
+@click.pass_context
 @handle_errors
-def vm_run(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
-           remove: bool, detach: bool, as_json: bool, command: tuple[str, ...]) -> None:
-    """Start a fresh VM; run COMMAND in it (exit code is banger's) or open a shell.
+def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: str,
+           disk: str, nat: bool, remove: bool, detach: bool, as_json: bool, dry_run: bool,
+           include_untracked: bool, branch: str | None, from_ref: str | None,
+           path: Path | None) -> None:
+    """Start a fresh VM, with PATH's git repo at /root/repo if given; run a command after
+    `--` (its exit code is banger's) or open a shell there.
 
     \b
       banger vm run -- make test
+      banger vm run ./repo -- make test
       banger vm run --rm -- cat /etc/os-release
     """
+    command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if detach and remove:
         raise click.UsageError("-d/--detach and --rm do not go together")
     if detach and command:
         raise click.UsageError("-d/--detach and a command do not go together")
+    if from_ref and not branch:
+        raise click.UsageError("--from needs --branch")
+    if path is None and (dry_run or include_untracked or branch):
+        raise click.UsageError("--dry-run, --include-untracked and --branch need a PATH")
     req = make_create(name, image, vcpu, memory, disk, nat)
+    if path is not None:
+        req.workspace = WorkspaceIn(path=str(path.resolve()),
+                                    include_untracked=include_untracked, branch=branch,
+                                    from_ref=from_ref)
     client = connect()
+    if dry_run:
+        assert req.workspace is not None
+        for line in client.workspace_dry_run(req.workspace):
+            print(line)
+        return
     err_console.print(f"{req.vcpus} vcpu · {mib(req.memory_mib)} memory · "
                       f"{mib(req.disk_mib)} disk · image {req.image}", highlight=False)
     with Progress() as progress:

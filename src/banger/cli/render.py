@@ -112,6 +112,8 @@ def vm_detail(v: VMOut) -> Table:
         ("network", v.network + (" (nat)" if v.nat else "")),
         ("dir", v.dir), ("serial log", v.serial_log),
     ]
+    if v.workspace_path:
+        rows.append(("workspace", f"{v.workspace_path} -> {v.workspace_guest_path}"))
     if v.runtime:
         rows += [("vmm", f"{v.runtime.vmm} pid {v.runtime.pid}"),
                  ("accel", f"{v.runtime.accel} ({v.runtime.accel_reason})"),

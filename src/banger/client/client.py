@@ -18,6 +18,7 @@ from banger.api.schema import (
     PREFIX,
     BatchResponse,
     Doctor,
+    DryRun,
     ErrorBody,
     Health,
     Logs,
@@ -27,6 +28,7 @@ from banger.api.schema import (
     VMCreate,
     VMOut,
     VMSet,
+    WorkspaceIn,
 )
 from banger.model.layout import Layout
 
@@ -123,6 +125,10 @@ class Client:
 
     def prune(self) -> BatchResponse:
         return BatchResponse.model_validate(self._request("POST", "/prune"))
+
+    def workspace_dry_run(self, ws: WorkspaceIn) -> list[str]:
+        return DryRun.model_validate(
+            self._request("POST", "/workspace/dry-run", json=ws.model_dump())).lines
 
     def logs(self, ref: str) -> Logs:
         return Logs.model_validate(self._request("GET", f"/vms/{ref}/logs"))

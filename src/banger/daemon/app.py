@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Header, Query, Request
@@ -26,6 +27,7 @@ from banger.api.schema import (
     BatchRequest,
     BatchResponse,
     Doctor,
+    DryRun,
     ErrorBody,
     ErrorResponse,
     Health,
@@ -37,9 +39,11 @@ from banger.api.schema import (
     VMCreate,
     VMOut,
     VMSet,
+    WorkspaceIn,
 )
-from banger.core.errors import BangerError, ConflictError, OperationFailed
+from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.core.operations import Progress, ProgressSink
+from banger.core.ports import WorkspaceRequest
 from banger.core.service import BatchResult, VMService, VMView
 from banger.model.vm import VM, NetworkMode, VMSpec
 
@@ -69,10 +73,19 @@ def vm_out(view: VMView) -> VMOut:
         updated_at=vm.updated_at, last_error=vm.last_error,
         last_error_stage=vm.last_error_stage, last_op_id=vm.last_op_id, boot_id=vm.boot_id,
         guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
+        workspace_path=vm.workspace_path, workspace_guest_path=vm.workspace_guest_path,
         runtime=Runtime(pid=h.pid, ssh_port=h.ssh_port, accel=h.accel,
                         accel_reason=h.accel_reason, vmm=h.vmm,
                         boot_id=h.boot_id, started_at=h.started_at) if h else None,
     )
+
+
+def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
+    path = Path(body.path)
+    if not path.is_absolute():
+        raise InvalidRequest(f"workspace path {body.path!r} must be absolute")
+    return WorkspaceRequest(path=path, include_untracked=body.include_untracked,
+                            branch=body.branch, from_ref=body.from_ref)
 
 
 def _tail(path: os.PathLike[str] | str, limit: int = 256 * 1024) -> str:
@@ -169,12 +182,20 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
                       image=body.image, network=NetworkMode(body.network), nat=body.nat)
 
+        ws = workspace_request(body.workspace) if body.workspace else None
+
         def run(sink: ProgressSink) -> VM:
-            return service.create(name=body.name, spec=spec, start=body.start, sink=sink)
+            return service.create(name=body.name, spec=spec, start=body.start, sink=sink,
+                                  workspace=ws)
 
         if wants_stream(accept):
             return streamed(run)  # type: ignore[return-value]
         return await call(lambda: run(lambda _: None))
+
+    @app.post(f"{PREFIX}/workspace/dry-run")
+    async def workspace_dry_run(body: WorkspaceIn) -> DryRun:
+        return DryRun(lines=await asyncio.to_thread(service.workspace_dry_run,
+                                                    workspace_request(body)))
 
     @app.get(f"{PREFIX}/vms/{{ref}}")
     def show(ref: str) -> VMOut:
@@ -248,7 +269,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                                 f"start it with `banger vm start {view.vm.name}`")
         return SshTarget(host="127.0.0.1", port=view.handles.ssh_port, user="root", key=ssh_key,
                          known_hosts=known_hosts, alias=view.paths.names.ssh_alias,
-                         vm=view.vm.name,
+                         vm=view.vm.name, workdir=view.vm.workspace_guest_path,
                          argv=ssh_argv(view.handles.ssh_port, view.paths.names.ssh_alias))
 
     @app.get(f"{PREFIX}/operations")

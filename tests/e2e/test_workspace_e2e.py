@@ -1,0 +1,76 @@
+"""Workspace mode on real VMs: `banger vm run ./repo` puts a real git checkout at /root/repo."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import Banger, assert_nothing_left
+
+pytestmark = pytest.mark.e2e
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    r = tmp_path / "proj"
+    r.mkdir()
+    git(r, "init", "-q", "-b", "main")
+    git(r, "config", "user.name", "Ada Dev")
+    git(r, "config", "user.email", "ada@example.invalid")
+    (r / "README").write_text("hello\n")
+    (r / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (r / "run.sh").chmod(0o755)
+    (r / "escape").symlink_to("/etc/passwd")
+    (r / ".gitignore").write_text("*.log\n")
+    git(r, "add", "-A")
+    git(r, "commit", "-q", "-m", "first")
+    (r / "README").write_text("hello, changed\n")  # uncommitted change comes along
+    (r / "notes.txt").write_text("untracked\n")
+    (r / "debug.log").write_text("ignored\n")
+    return r
+
+
+def test_run_repo_command_in_checkout(banger: Banger, repo: Path) -> None:
+    dry = banger.run("vm", "run", "--dry-run", str(repo))
+    assert "README" in dry.stdout and "notes.txt" not in dry.stdout
+    proc = banger.run(
+        "vm", "run", "--rm", str(repo), "--", "sh", "-c",
+        "pwd; git status --porcelain; cat README; ./run.sh; readlink escape; "
+        "test -e notes.txt || echo no-untracked; test -e debug.log || echo no-ignored; "
+        "git config user.email; git branch --show-current; exit 5", check=False)
+    assert proc.returncode == 5, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "/root/repo"
+    assert " M README" in lines  # the same status as on the host
+    assert "hello, changed" in lines and "ran" in lines
+    assert "/etc/passwd" in lines, "a symlink out of the repo is copied as a link"
+    assert "no-untracked" in lines and "no-ignored" in lines
+    assert "ada@example.invalid" in lines and "main" in lines
+    assert_nothing_left(banger)
+
+
+def test_untracked_and_guest_branch(banger: Banger, repo: Path) -> None:
+    proc = banger.run(
+        "vm", "run", "--rm", "--include-untracked", "--branch", "feat", "--from", "main",
+        str(repo), "--", "sh", "-c",
+        "git branch --show-current; cat notes.txt; cat README; git status --porcelain")
+    lines = proc.stdout.splitlines()
+    assert lines[:3] == ["feat", "untracked", "hello"]  # --from main: the committed README
+    assert "?? notes.txt" in lines
+    assert "feat" not in git(repo, "branch"), "the branch exists only in the guest"
+    assert_nothing_left(banger)
+
+
+def test_bad_repo_refused_before_anything_is_created(banger: Banger, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    proc = banger.run("vm", "run", str(plain), "--", "true", check=False)
+    assert proc.returncode == 1 and str(plain) in proc.stderr
+    assert banger.run("vm", "list", "--json").stdout.strip() == "[]"
