@@ -74,3 +74,14 @@ def test_bad_repo_refused_before_anything_is_created(banger: Banger, tmp_path: P
     proc = banger.run("vm", "run", str(plain), "--", "true", check=False)
     assert proc.returncode == 1 and str(plain) in proc.stderr
     assert banger.run("vm", "list", "--json").stdout.strip() == "[]"
+
+
+def test_exec_runs_in_the_workspace(banger: Banger, repo: Path) -> None:
+    banger.run("vm", "run", "-d", "--name", "wx", str(repo))
+    proc = banger.run("vm", "exec", "wx", "--", "sh", "-c", "pwd; exit 3", check=False)
+    assert proc.returncode == 3 and proc.stdout.strip() == "/root/repo"
+    other = banger.run("vm", "exec", "wx", "--guest-path", "/tmp", "--", "pwd")
+    assert other.stdout.strip() == "/tmp"
+    banger.run("vm", "create", "--name", "bare")
+    proc = banger.run("vm", "exec", "bare", "--", "true", check=False)
+    assert proc.returncode == 2 and "has no workspace" in proc.stderr

@@ -107,11 +107,13 @@ def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str,
 
 
 
-def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool) -> int:
+def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool,
+            workdir: str | None = None) -> int:
     target = client.ssh_target(ref)
     argv = list(target.argv)
     argv.insert(1, "-t" if tty else "-T")
-    cd = f"cd {shlex.quote(target.workdir)} && " if target.workdir else ""
+    workdir = workdir or target.workdir
+    cd = f"cd {shlex.quote(workdir)} && " if workdir else ""
     if command:
         # One argument, quoted for the guest's shell, so argv arrives intact. The trailing
         # `exit $?` keeps the shell from exec'ing the command, so a signal becomes 128+n.
@@ -388,6 +390,23 @@ def vm_logs(ref: str, vmm: bool) -> None:
 def vm_ssh(ref: str, command: tuple[str, ...]) -> None:
     """Open a shell in a running VM, or run COMMAND there (its exit code is banger's)."""
     sys.exit(run_ssh(connect(), ref, command, tty=not command and sys.stdin.isatty()))
+
+
+@vm.command("exec", cls=SplitAtDashDash)
+@click.argument("ref")
+@click.option("--guest-path", help="directory to run in (default: the VM's workspace)")
+@click.pass_context
+@handle_errors
+def vm_exec(ctx: click.Context, ref: str, guest_path: str | None) -> None:
+    """Run the command after `--` in the VM's workspace; its exit code is banger's."""
+    command: tuple[str, ...] = ctx.meta.get("guest_command", ())
+    if not command:
+        raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
+    client = connect()
+    if guest_path is None and client.ssh_target(ref).workdir is None:
+        raise click.UsageError(f"{ref} has no workspace: pass --guest-path, or use "
+                               f"`banger vm ssh {ref} -- ...`")
+    sys.exit(run_ssh(client, ref, command, tty=False, workdir=guest_path))
 
 
 @cli.command("doctor")
