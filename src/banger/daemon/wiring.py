@@ -25,8 +25,6 @@ from banger.host import disks, imagebuild, kvm, qemu, ssh, workspace
 from banger.host.runner import run
 from banger.model.layout import Layout
 
-DEFAULT_IMAGE = "debian-bookworm"
-
 
 class LocalImages:
     """Images built locally on first use, content-addressed and verified when read back."""
