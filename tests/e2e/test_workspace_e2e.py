@@ -85,3 +85,38 @@ def test_exec_runs_in_the_workspace(banger: Banger, repo: Path) -> None:
     banger.run("vm", "create", "--name", "bare")
     proc = banger.run("vm", "exec", "bare", "--", "true", check=False)
     assert proc.returncode == 2 and "has no workspace" in proc.stderr
+
+
+def test_export_round_trips_and_touches_nothing(banger: Banger, repo: Path,
+                                               tmp_path: Path) -> None:
+    banger.run("vm", "run", "-d", "--name", "ex", "--include-untracked", str(repo))
+    guest_changes = (
+        "set -e; echo guest-commit > committed.txt; git add committed.txt; "
+        "git -c user.name=g -c user.email=g@x commit -q -m 'in guest'; "
+        "echo edited >> README; printf '\\000\\001\\002binary' > blob.bin; "
+        "mkdir -p new/dir; echo deep > new/dir/file; rm run.sh; "
+        "git status --porcelain > /tmp/before")
+    banger.run("vm", "exec", "ex", "--", "sh", "-c", guest_changes)
+    patch = subprocess.run(banger.argv("vm", "workspace", "export", "ex"), env=banger.env,
+                           capture_output=True, timeout=120)
+    assert patch.returncode == 0, patch.stderr
+    # Non-mutating: the guest's status is what it was before the export.
+    after = banger.run("vm", "exec", "ex", "--", "sh", "-c",
+                       "git status --porcelain | diff /tmp/before - && echo same")
+    assert after.stdout.strip() == "same"
+    # The host applies it cleanly onto its own (uncommitted, untracked) state.
+    (tmp_path / "p.patch").write_bytes(patch.stdout)
+    git(repo, "apply", "--check", str(tmp_path / "p.patch"))
+    git(repo, "apply", str(tmp_path / "p.patch"))
+    assert (repo / "committed.txt").read_text() == "guest-commit\n"
+    assert (repo / "README").read_text() == "hello, changed\nedited\n"
+    assert (repo / "blob.bin").read_bytes() == b"\0\1\2binary"
+    assert (repo / "new" / "dir" / "file").read_text() == "deep\n"
+    assert not (repo / "run.sh").exists()
+    assert (repo / "notes.txt").read_text() == "untracked\n"
+    # Against an explicit base: the guest commit and the rest, relative to host HEAD.
+    head = git(repo, "rev-parse", "HEAD").strip()
+    again = subprocess.run(banger.argv("vm", "workspace", "export", "ex", "--base-commit",
+                                       head), env=banger.env, capture_output=True,
+                           timeout=120)
+    assert again.returncode == 0 and b"notes.txt" in again.stdout

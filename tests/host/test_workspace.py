@@ -189,6 +189,21 @@ def test_untracked_files_show_as_untracked(tmp_path: Path) -> None:
     assert status(dest) == "?? notes.txt\n"
 
 
+def test_base_snapshot_is_the_staged_tree_and_leaves_the_index_alone(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (repo / "README").write_text("changed, not staged\n")
+    dest = stage(tmp_path, workspace.select(repo, include_untracked=True))
+    before = status(dest)
+    base = git(dest, "rev-parse", workspace.BASE_REF).strip()
+    assert git(dest, "rev-parse", f"{base}^").strip() == git(repo, "rev-parse", "HEAD").strip()
+    # The snapshot holds exactly the staged work tree: uncommitted and untracked included.
+    assert git(dest, "show", f"{base}:README") == "changed, not staged\n"
+    assert git(dest, "show", f"{base}:notes.txt") == "untracked\n"
+    assert git(dest, "diff", base, "--", "README", "bin") == ""  # tracked files match it
+    assert status(dest) == before == " M README\n?? notes.txt\n"
+    assert not (dest / ".git" / "banger-base-index").exists()
+
+
 def test_same_size_edit_in_the_index_second_is_not_missed(tmp_path: Path) -> None:
     repo = make_repo(tmp_path)
     git(repo, "status")  # the index is written now...

@@ -409,6 +409,45 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None) -> None:
     sys.exit(run_ssh(client, ref, command, tty=False, workdir=guest_path))
 
 
+@vm.group("workspace")
+def vm_workspace() -> None:
+    """The repo copied into a VM (`banger vm run ./repo`)."""
+
+
+# Runs in the guest. A throwaway index (seeded from the real one so unchanged files are
+# not hashed again) takes every change, untracked files included; the repo's own index,
+# HEAD and work tree are left as they were. --binary keeps binary files exact.
+_EXPORT = """set -e
+cd {workdir}
+base={base}
+git rev-parse -q --verify "$base^{{commit}}" >/dev/null || {{
+  echo "banger: no base commit $base in {workdir}: pass --base-commit" >&2; exit 2; }}
+idx=$(mktemp)
+trap 'rm -f "$idx"' EXIT
+if [ -f .git/index ]; then cp .git/index "$idx"; fi
+GIT_INDEX_FILE=$idx git add -A
+GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
+"""
+
+
+@vm_workspace.command("export")
+@click.argument("ref")
+@click.option("--base-commit", help="diff against this commit instead of the state the "
+              "workspace was copied in with (refs/banger/base)")
+@handle_errors
+def vm_workspace_export(ref: str, base_commit: str | None) -> None:
+    """Print a binary patch of everything changed in the guest's workspace: guest commits,
+    uncommitted and untracked (not ignored) files. `git apply` takes it on the host."""
+    client = connect()
+    target = client.ssh_target(ref)
+    if target.workdir is None:
+        raise click.UsageError(f"{ref} has no workspace (it was not created from a PATH)")
+    script = _EXPORT.format(workdir=shlex.quote(target.workdir),
+                            base=shlex.quote(base_commit or "refs/banger/base"))
+    argv = [target.argv[0], "-T", *target.argv[1:], script]
+    sys.exit(subprocess.call(argv))
+
+
 @cli.command("doctor")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors

@@ -144,6 +144,7 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
         _git(dest, "reset", "-q", "--hard")
         _copy_files(selection, (f for f in selection.files if not f.tracked), dest,
                     exclusive=True)
+        record_base(dest)
         return
     _copy_index(selection.repo, gitdir)
     _copy_files(selection, selection.files, dest, exclusive=False)
@@ -152,6 +153,39 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     _git(dest, "update-index", "-q", "--no-split-index", "--no-untracked-cache")
     for shared in gitdir.glob("sharedindex.*"):
         shared.unlink()
+    record_base(dest)
+
+
+BASE_REF = "refs/banger/base"
+
+
+def record_base(dest: Path) -> str:
+    """Snapshot the staged work tree as commit ``refs/banger/base`` (index untouched).
+
+    ``vm workspace export`` diffs against it by default, so the patch holds only what
+    changed in the guest: the host's uncommitted and untracked files that were copied in
+    are already in the host's work tree, and a patch repeating them would not apply.
+    """
+    index = dest / ".git" / "banger-base-index"
+    env = {"GIT_INDEX_FILE": str(index)}
+    real = dest / ".git" / "index"
+    if real.exists():
+        # Start from the real index: files whose stat matches are not hashed again.
+        shutil.copy2(real, index)
+    try:
+        run(["git", "-C", str(dest), "add", "-A"], env=env, timeout=600)
+        tree = run(["git", "-C", str(dest), "write-tree"], env=env).stdout.strip()
+    finally:
+        index.unlink(missing_ok=True)
+    parent = _git(dest, "rev-parse", "--verify", "-q", "HEAD", check=False)
+    argv = ["git", "-C", str(dest), "commit-tree", tree, "-m", "banger: workspace base"]
+    if parent:
+        argv[5:5] = ["-p", parent]
+    ident = {"GIT_AUTHOR_NAME": "banger", "GIT_AUTHOR_EMAIL": "banger@localhost",
+             "GIT_COMMITTER_NAME": "banger", "GIT_COMMITTER_EMAIL": "banger@localhost"}
+    commit = run(argv, env=ident).stdout.strip()
+    _git(dest, "update-ref", BASE_REF, commit)
+    return commit
 
 
 def staging_parent(selection: Selection, fallback: Path) -> Path:
