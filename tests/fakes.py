@@ -181,6 +181,7 @@ class FakeGuest:
         self.poweroff_works = True
         self.forgotten: list[str] = []
         self.trusted: dict[str, str] = {}
+        self.pushed: list[tuple[str, str, list[str]]] = []
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -199,6 +200,9 @@ class FakeGuest:
         for pid, p in list(self.vmm.procs.items()):
             if p.spec.ssh_port == port:
                 del self.vmm.procs[pid]
+
+    def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
+        self.pushed.append((alias, guest_path, sorted(p.name for p in tree.iterdir())))
 
     def new_host_key(self) -> tuple[bytes, str]:
         return b"PRIVATE", "ssh-ed25519 AAAAhost banger-guest"

@@ -120,3 +120,19 @@ def test_export_round_trips_and_touches_nothing(banger: Banger, repo: Path,
                                        head), env=banger.env, capture_output=True,
                            timeout=120)
     assert again.returncode == 0 and b"notes.txt" in again.stdout
+
+
+def test_prepare_resyncs_a_running_vm(banger: Banger, repo: Path) -> None:
+    banger.run("vm", "create", "--name", "pr")
+    (repo / "later.txt").write_text("added on the host\n")
+    git(repo, "add", "later.txt")
+    out = banger.run("vm", "workspace", "prepare", "pr", str(repo))
+    assert "/root/repo" in out.stdout
+    proc = banger.run("vm", "exec", "pr", "--", "sh", "-c",
+                      "cat later.txt; git status --porcelain; stat -c %u .")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "added on the host"
+    assert "A  later.txt" in lines and " M README" in lines and lines[-1] == "0"
+    banger.run("vm", "stop", "pr")
+    proc = banger.run("vm", "workspace", "prepare", "pr", str(repo), check=False)
+    assert proc.returncode == 1 and "start it first" in proc.stderr

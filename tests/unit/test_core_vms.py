@@ -346,3 +346,21 @@ def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  
     svc.failpoint = None
     vm = svc.start("ws")
     assert disks.work_trees[svc.layout.vm(vm.id).work_disk][0] == "repo"
+
+
+def test_prepare_workspace_on_running_vm_only(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, *_ = env
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "a.txt").write_text("a")
+    svc.create(name="p", spec=VMSpec())
+    vm = svc.prepare_workspace("p", WorkspaceRequest(repo))
+    assert vm.workspace_guest_path == "/root/repo"
+    assert guest.pushed == [(svc.layout.vm(vm.id).names.ssh_alias, "/root/repo",
+                             [".git", "a.txt"])]
+    op = svc.ops._oplog.get(vm.last_op_id)  # type: ignore[attr-defined]
+    assert op["kind"] == "workspace_prepare" and op["status"] == "ok"
+    svc.stop("p")
+    with pytest.raises(ConflictError, match="start it first"):
+        svc.prepare_workspace("p", WorkspaceRequest(repo))

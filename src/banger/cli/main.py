@@ -414,6 +414,25 @@ def vm_workspace() -> None:
     """The repo copied into a VM (`banger vm run ./repo`)."""
 
 
+@vm_workspace.command("prepare")
+@click.argument("ref")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--include-untracked", is_flag=True)
+@click.option("--branch", help="create this guest-only branch")
+@click.option("--from", "from_ref", help="start --branch from this ref")
+@handle_errors
+def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: str | None,
+                         from_ref: str | None) -> None:
+    """Re-sync a running VM's /root/repo from PATH (one stream over ssh)."""
+    if from_ref and not branch:
+        raise click.UsageError("--from needs --branch")
+    ws = WorkspaceIn(path=str(path.resolve()), include_untracked=include_untracked,
+                     branch=branch, from_ref=from_ref)
+    with Progress() as progress:
+        vm = connect().prepare_workspace(ref, ws, progress)
+    print(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}")
+
+
 # Runs in the guest. A throwaway index (seeded from the real one so unchanged files are
 # not hashed again) takes every change, untracked files included; the repo's own index,
 # HEAD and work tree are left as they were. --binary keeps binary files exact.

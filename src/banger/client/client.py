@@ -126,6 +126,10 @@ class Client:
     def prune(self) -> BatchResponse:
         return BatchResponse.model_validate(self._request("POST", "/prune"))
 
+    def prepare_workspace(self, ref: str, ws: WorkspaceIn, on_progress: ProgressFn) -> VMOut:
+        return self._stream("POST", f"/vms/{ref}/workspace", on_progress,
+                            json=ws.model_dump())
+
     def workspace_dry_run(self, ws: WorkspaceIn) -> list[str]:
         return DryRun.model_validate(
             self._request("POST", "/workspace/dry-run", json=ws.model_dump())).lines

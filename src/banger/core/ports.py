@@ -150,6 +150,9 @@ class GuestPort(Protocol):
 
     def forget_host(self, alias: str) -> None: ...
 
+    def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
+        """Replace ``guest_path`` in a running guest with ``tree`` (one stream)."""
+
 
 @dataclass
 class HostPorts:

@@ -275,6 +275,35 @@ class VMService:
             self._locks.pop(vm.id, None)
         return vm
 
+    def prepare_workspace(self, ref: str, req: WorkspaceRequest,
+                          sink: ProgressSink = no_progress) -> VM:
+        """Re-sync a running VM's /root/repo from the host repo, as one stream."""
+        vm = self.resolve(ref)
+        selection = self.host.workspace.select(req)
+        with self._lock(vm.id):
+            vm = self._observe_locked(self.repo.get(vm.id))
+            paths = self.layout.vm(vm.id)
+            h = self.handles.get(vm.id)
+            if vm.state is not VMState.RUNNING or h is None or not h.ssh_port:
+                raise ConflictError(f"VM {vm.name!r} is {vm.state.value}: start it first "
+                                    f"(`banger vm start {vm.name}`), then prepare")
+            with self.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
+                emit = self._forward(op, vm.name)
+                emit(Event("run", "workspace_stage", "staging the repo"))
+                started = self.clock()
+                with self.host.workspace.staged(selection, paths.dir) as tree:
+                    emit(Event("ok", "workspace_stage", None, self.clock() - started))
+                    emit(Event("run", "workspace_copy", f"copying to {WORKSPACE_GUEST_PATH}"))
+                    started = self.clock()
+                    self.host.guest.push_tree(port=h.ssh_port, alias=paths.names.ssh_alias,
+                                              tree=tree, guest_path=WORKSPACE_GUEST_PATH)
+                emit(Event("ok", "workspace_copy", None, self.clock() - started))
+                updated = replace(vm, workspace_path=str(selection.repo),
+                                  workspace_guest_path=WORKSPACE_GUEST_PATH,
+                                  updated_at=self.clock(), last_op_id=op.id)
+                self.repo.update(updated)
+                return updated
+
     def workspace_dry_run(self, req: WorkspaceRequest) -> list[str]:
         return self.host.workspace.dry_run(req)
 

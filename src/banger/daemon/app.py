@@ -192,6 +192,14 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
             return streamed(run)  # type: ignore[return-value]
         return await call(lambda: run(lambda _: None))
 
+    @app.post(f"{PREFIX}/vms/{{ref}}/workspace")
+    async def prepare_workspace(ref: str, body: WorkspaceIn, accept: Accept = None) -> VMOut:
+        req = workspace_request(body)
+        if wants_stream(accept):
+            return streamed(  # type: ignore[return-value]
+                lambda sink: service.prepare_workspace(ref, req, sink=sink))
+        return await call(lambda: service.prepare_workspace(ref, req))
+
     @app.post(f"{PREFIX}/workspace/dry-run")
     async def workspace_dry_run(body: WorkspaceIn) -> DryRun:
         return DryRun(lines=await asyncio.to_thread(service.workspace_dry_run,

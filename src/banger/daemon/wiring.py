@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from banger.core.errors import InvalidRequest
+from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.ports import (
     Accel,
     HostPorts,
@@ -238,6 +238,13 @@ class SshGuest:
                                  alias=alias)
         # The connection dies with the guest: a non-zero exit here is expected.
         run([*argv, "/usr/local/sbin/banger-poweroff"], check=False, timeout=timeout)
+
+    def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
+        try:
+            ssh.push_tree(port=port, key=self.key, known_hosts=self.known_hosts, alias=alias,
+                          tree=tree, guest_path=guest_path)
+        except ssh.SshError as exc:
+            raise OperationFailed(str(exc)) from exc
 
     def new_host_key(self) -> tuple[bytes, str]:
         return ssh.host_keypair()

@@ -9,7 +9,9 @@ accepts TCP before the guest listens) and known_hosts cleanup.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -255,3 +257,32 @@ def remove_known_host(known_hosts: Path, alias: str) -> None:
     old = known_hosts.with_name(known_hosts.name + ".old")
     if old.exists():
         old.unlink()
+
+
+def push_tree(*, port: int, key: Path, known_hosts: Path, alias: str, tree: Path,
+              guest_path: str, timeout: float = 3600) -> None:
+    """Replace ``guest_path`` in the guest with the contents of ``tree``, as one tar stream
+    over one SSH session (cost scales with bytes, not files). Everything lands owned by
+    root; the old directory is swapped out only after the new one is complete."""
+    quoted = shlex.quote(guest_path)
+    remote = (f"set -e; rm -rf {quoted}.new; mkdir -p {quoted}.new; "
+              f"tar -x -f - -C {quoted}.new; rm -rf {quoted}; mv {quoted}.new {quoted}")
+    ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
+                remote]
+    tar_argv = ["tar", "-c", "-f", "-", "-C", str(tree), "--numeric-owner", "--owner=0",
+                "--group=0", "."]
+    with subprocess.Popen(tar_argv, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as tar:
+        try:
+            ssh = subprocess.run(ssh_argv, stdin=tar.stdout, capture_output=True,
+                                 timeout=timeout, check=False)
+        finally:
+            assert tar.stdout is not None
+            tar.stdout.close()
+        tar_err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
+        tar_rc = tar.wait()
+    if tar_rc != 0:
+        raise SshError(f"tar of {tree} failed (status {tar_rc}): {tar_err.strip()}")
+    if ssh.returncode != 0:
+        raise SshError(f"copying into {guest_path} over ssh failed (status "
+                       f"{ssh.returncode}): {ssh.stderr.decode(errors='replace').strip()}")
