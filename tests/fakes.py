@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from banger.core.ports import (
     WorkspaceRequest,
     WorkspaceSelection,
 )
+from banger.model.config import FileSync
 
 
 class FakeImages:
@@ -182,6 +183,7 @@ class FakeGuest:
         self.forgotten: list[str] = []
         self.trusted: dict[str, str] = {}
         self.pushed: list[tuple[str, str, list[str]]] = []
+        self.synced: list[tuple[str, list[FileSync]]] = []
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -200,6 +202,11 @@ class FakeGuest:
         for pid, p in list(self.vmm.procs.items()):
             if p.spec.ssh_port == port:
                 del self.vmm.procs[pid]
+
+    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync]) -> list[str]:
+        self.synced.append((alias, list(entries)))
+        return [f"file_sync: {e.host} does not exist on the host: skipped"
+                for e in entries if not e.host.exists()]
 
     def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
         self.pushed.append((alias, guest_path, sorted(p.name for p in tree.iterdir())))

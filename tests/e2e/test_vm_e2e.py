@@ -92,7 +92,7 @@ def test_lifecycle_persistence_and_set(banger: Banger) -> None:
 
 @pytest.mark.parametrize("stage", ["preflight", "cleanup_runtime", "socket_dir",
                                    "system_overlay", "work_disk", "port_forward",
-                                   "qemu_launch", "wait_ssh"])
+                                   "qemu_launch", "wait_ssh", "post_start_features"])
 def test_failpoint_at_every_stage_leaves_nothing(image_dir: Path, stage: str) -> None:
     b = make_banger(images_dir=image_dir, extra_env={"BANGER_FAILPOINT": stage})
     try:
@@ -231,3 +231,33 @@ def test_systemd_image_through_banger(banger: Banger,
     lines = proc.stdout.split()
     assert lines[0] == "systemd" and lines[1] in ("running", "degraded")
     assert_nothing_left(banger)
+
+
+def test_file_sync_and_host_git_identity(image_dir: Path, tmp_path: Path) -> None:
+    gitcfg = tmp_path / "gitconfig"
+    gitcfg.write_text("[user]\n\tname = Host Dev\n\temail = host@example.invalid\n")
+    secret = tmp_path / "npmrc"
+    secret.write_text("token=1\n")
+    b = make_banger(images_dir=image_dir, extra_env={"GIT_CONFIG_GLOBAL": str(gitcfg)})
+    (b.home / "config").mkdir()
+    (b.home / "config" / "config.toml").write_text(
+        f'[[file_sync]]\nhost = "{secret}"\nguest = "~/.npmrc"\nmode = "0600"\n'
+        f'[[file_sync]]\nhost = "{tmp_path / "absent"}"\nguest = "~/.absent"\n')
+    try:
+        proc = b.run("vm", "run", "--rm", "--", "sh", "-c",
+                     "cat ~/.npmrc; stat -c '%a %u' ~/.npmrc; git config --global user.email; "
+                     "test -e ~/.absent || echo no-absent")
+        assert proc.stdout.splitlines() == ["token=1", "600 0", "host@example.invalid",
+                                            "no-absent"]
+        assert "does not exist on the host: skipped" in proc.stderr
+        (b.home / "config" / "config.toml").write_text('[[file_sync]]\nhost = "x"\n')
+        bad = b.run("vm", "run", "--rm", "--", "true", check=False)
+        assert bad.returncode == 1 and "stage preflight" in bad.stderr
+        assert "host and guest" in bad.stderr
+        for vm in json.loads(b.run("vm", "list", "--json").stdout):
+            b.run("vm", "delete", vm["name"])
+        assert_nothing_left(b)
+    finally:
+        b.stop_daemon()
+        for pid in qemu_pids(str(b.home)):
+            os.kill(pid, signal.SIGKILL)

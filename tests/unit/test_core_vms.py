@@ -49,7 +49,8 @@ def assert_no_runtime_leak(svc: VMService, vmm: FakeVmm, vm_id: str) -> None:
 def test_stage_names_are_banger_names(env) -> None:  # type: ignore[no-untyped-def]
     svc = env[0]
     assert stage_names(svc) == ["preflight", "cleanup_runtime", "socket_dir", "system_overlay",
-                                "work_disk", "port_forward", "qemu_launch", "wait_ssh"]
+                                "work_disk", "port_forward", "qemu_launch", "wait_ssh",
+                                "post_start_features"]
 
 
 def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +58,8 @@ def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped
     events: list[Progress] = []
     vm = svc.create(name="box", spec=VMSpec(vcpus=2, memory_mib=1024), sink=events.append)
     assert vm.state is VMState.RUNNING and vm.boot_id
-    assert [(e.kind, e.stage) for e in events if e.kind == "ok"][-1] == ("ok", "wait_ssh")
+    oks = [e.stage for e in events if e.kind == "ok"]
+    assert oks[-2:] == ["wait_ssh", "post_start_features"]
     paths = layout.vm(vm.id)
     files = disks.work_files[paths.work_disk]
     assert files[".banger/hostname"][0] == b"box\n"
@@ -364,3 +366,27 @@ def test_prepare_workspace_on_running_vm_only(env, tmp_path: Path) -> None:  # t
     svc.stop("p")
     with pytest.raises(ConflictError, match="start it first"):
         svc.prepare_workspace("p", WorkspaceRequest(repo))
+
+
+def test_file_sync_at_every_start_and_bad_config_aborts(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.model.config import Config, ConfigError, FileSync
+    svc, vmm, guest, *_ = env
+    entries = (FileSync(tmp_path / "there", "/root/.there"),
+               FileSync(tmp_path / "missing", "/root/.missing"))
+    (tmp_path / "there").write_text("x")
+    svc.load_config = lambda: Config(file_sync=entries)
+    seen: list[Progress] = []
+    svc.create(name="fs", spec=VMSpec(), sink=seen.append)
+    svc.restart("fs")
+    assert [len(e) for _, e in guest.synced] == [2, 2]  # at every start
+    assert any(p.kind == "detail" and "does not exist" in (p.message or "") for p in seen)
+
+    def broken() -> Config:
+        raise ConfigError("config.toml: file_sync entry 1: needs string keys host and guest")
+
+    svc.load_config = broken
+    svc.stop("fs")
+    with pytest.raises(OperationFailed, match="needs string keys") as info:
+        svc.start("fs")
+    assert info.value.stage == "preflight"
+    assert_no_runtime_leak(svc, vmm, svc.resolve("fs").id)

@@ -7,11 +7,13 @@ something: "already gone" is success.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from banger.model.config import FileSync
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,10 @@ class GuestPort(Protocol):
         """Pin ``public_key`` for ``alias``: the first connection is verified, not TOFU."""
 
     def forget_host(self, alias: str) -> None: ...
+
+    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync]) -> list[str]:
+        """Copy ``[[file_sync]]`` entries and the host's git identity into a running guest;
+        return warnings (a missing host file); raise on anything else."""
 
     def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
         """Replace ``guest_path`` in a running guest with ``tree`` (one stream)."""

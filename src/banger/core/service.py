@@ -26,6 +26,7 @@ from banger.core.operations import Operation, Operations, Progress, ProgressSink
 from banger.core.ports import HostPorts, WorkspaceRequest, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.startplan import WORKSPACE_GUEST_PATH, StartContext, start_steps
+from banger.model.config import Config
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import (
     VM,
@@ -72,7 +73,8 @@ class BatchResult:
 class VMService:
     def __init__(self, *, repo: VMRepository, ops: Operations, host: HostPorts, layout: Layout,
                  clock: Callable[[], float] = time.time, timeouts: Timeouts = Timeouts(),
-                 failpoint: str | None = None) -> None:
+                 failpoint: str | None = None,
+                 load_config: Callable[[], Config] = Config) -> None:
         self.repo = repo
         self.ops = ops
         self.host = host
@@ -80,6 +82,7 @@ class VMService:
         self.clock = clock
         self.timeouts = timeouts
         self.failpoint = failpoint
+        self.load_config = load_config
         self.handles = HandleStore()
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -161,7 +164,7 @@ class VMService:
             ctx = StartContext(
                 vm=vm, paths=paths, host=self.host, handles=self.handles, clock=self.clock,
                 ready_timeout=self.timeouts.ready, failpoint=self.failpoint,
-                workspace=self._pending_workspace.get(vm.id),
+                workspace=self._pending_workspace.get(vm.id), load_config=self.load_config,
                 on_detail=lambda stage, msg: self.ops.emit(
                     op, Progress(op.id, vm.name, "detail", stage, message=msg)),
             )

@@ -16,6 +16,7 @@ from pathlib import Path
 from banger.core.errors import FailpointTriggered, InvalidRequest
 from banger.core.ports import HostPorts, ImageInfo, LaunchSpec, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.model.config import Config, ConfigError
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, NetworkMode
 from banger.pipeline import Step
@@ -35,6 +36,7 @@ class StartContext:
     ready_timeout: float = 120.0
     failpoint: str | None = None
     workspace: WorkspaceSelection | None = None  # copied in when the work disk is made
+    load_config: Callable[[], Config] = Config
     on_detail: Callable[[str, str], None] = lambda stage, msg: None
     # Filled in as the steps run.
     image: ImageInfo | None = None
@@ -43,6 +45,7 @@ class StartContext:
     pid: int | None = None
     boot_id: str | None = None
     ready_after: float | None = None
+    config: Config = field(default_factory=Config)
 
 
 def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
@@ -60,6 +63,7 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
     steps += [
         Step("qemu_launch", _qemu_launch, _undo_launch, progress="launching QEMU"),
         Step("wait_ssh", _wait_ssh, progress="waiting for ssh"),
+        Step("post_start_features", _post_start, progress="syncing files and git identity"),
     ]
     if ctx.failpoint:
         steps = [_with_failpoint(s, ctx.failpoint) for s in steps]
@@ -91,6 +95,10 @@ def _preflight(ctx: StartContext) -> None:
     if image is None:
         image = images.build(spec.image, lambda msg: ctx.on_detail("preflight", msg))
     ctx.image = image
+    try:
+        ctx.config = ctx.load_config()
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
     # The first start after a host boot probes KVM for real (a few seconds): do it here,
     # said out loud, rather than hidden inside qemu_launch.
     accel = ctx.host.vmm.accel()
@@ -206,6 +214,14 @@ def _wait_ssh(ctx: StartContext) -> None:
     ctx.ready_after = ctx.host.guest.wait_ready(
         port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
         serial_log=ctx.paths.serial_log, alive=alive)
+
+
+def _post_start(ctx: StartContext) -> None:
+    assert ctx.ssh_port is not None
+    for warning in ctx.host.guest.sync_files(port=ctx.ssh_port,
+                                             alias=ctx.paths.names.ssh_alias,
+                                             entries=ctx.config.file_sync):
+        ctx.on_detail("post_start_features", warning)
 
 
 class VmmStuck(RuntimeError):

@@ -19,6 +19,7 @@ from banger.daemon.doctor import doctor
 from banger.daemon.sockets import bind_socket
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
+from banger.model.config import load_config
 from banger.model.layout import Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
@@ -32,7 +33,8 @@ def build_service(layout: Layout) -> VMService:
     ready = float(os.environ.get("BANGER_READY_TIMEOUT", "180"))
     return VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)),
                      host=host_ports(layout), layout=layout, timeouts=Timeouts(ready=ready),
-                     failpoint=failpoint)
+                     failpoint=failpoint,
+                     load_config=lambda: load_config(layout.config_file, Path.home()))
 
 
 def main(argv: list[str] | None = None) -> None:

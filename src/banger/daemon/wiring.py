@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from banger.core.errors import InvalidRequest, OperationFailed
@@ -21,8 +21,9 @@ from banger.core.ports import (
     WorkspaceRequest,
     WorkspaceSelection,
 )
-from banger.host import disks, imagebuild, kvm, qemu, ssh, workspace
+from banger.host import disks, filesync, imagebuild, kvm, qemu, ssh, workspace
 from banger.host.runner import run
+from banger.model.config import FileSync
 from banger.model.layout import Layout
 
 
@@ -238,6 +239,14 @@ class SshGuest:
                                  alias=alias)
         # The connection dies with the guest: a non-zero exit here is expected.
         run([*argv, "/usr/local/sbin/banger-poweroff"], check=False, timeout=timeout)
+
+    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync]) -> list[str]:
+        try:
+            return filesync.sync(port=port, key=self.key, known_hosts=self.known_hosts,
+                                 alias=alias, entries=entries,
+                                 identity=filesync.host_git_identity())
+        except filesync.FileSyncError as exc:
+            raise OperationFailed(str(exc)) from exc
 
     def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
         try:

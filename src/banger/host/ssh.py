@@ -269,8 +269,21 @@ def push_tree(*, port: int, key: Path, known_hosts: Path, alias: str, tree: Path
               f"tar -x -f - -C {quoted}.new; rm -rf {quoted}; mv {quoted}.new {quoted}")
     ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
                 remote]
-    tar_argv = ["tar", "-c", "-f", "-", "-C", str(tree), "--numeric-owner", "--owner=0",
-                "--group=0", "."]
+    _tar_over_ssh(tree, ["."], ssh_argv, guest_path, timeout)
+
+
+def push_files(*, argv: list[str], root: Path, members: list[str],
+               timeout: float = 600) -> None:
+    """Extract ``members`` (paths relative to ``root``) at / in the guest, owned by root.
+    ``argv`` is :func:`ssh_base_argv`'s output."""
+    _tar_over_ssh(root, members, [*argv, "tar -x -f - -C /"], "/", timeout)
+
+
+def _tar_over_ssh(root: Path, members: list[str], ssh_argv: list[str], guest_path: str,
+                  timeout: float) -> None:
+    tree = root
+    tar_argv = ["tar", "-c", "-f", "-", "-C", str(root), "--numeric-owner", "--owner=0",
+                "--group=0", "--", *members]
     with subprocess.Popen(tar_argv, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as tar:
         try:

@@ -49,6 +49,10 @@ class Layout:
         return self.runtime_dir / "bangerd.sock"
 
     @property
+    def config_file(self) -> Path:
+        return self.config_dir / "config.toml"
+
+    @property
     def daemon_log(self) -> Path:
         return self.state_dir / "bangerd.log"
 

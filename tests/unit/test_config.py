@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from banger.model.config import Config, ConfigError, FileSync, load_config
+
+
+def test_absent_config_is_empty(tmp_path: Path) -> None:
+    assert load_config(tmp_path / "nope.toml", tmp_path) == Config()
+
+
+def test_file_sync_entries(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[[file_sync]]\nhost = "~/.npmrc"\nguest = "~/.npmrc"\nmode = "0600"\n'
+                   '[[file_sync]]\nhost = "/etc/hosts"\nguest = "/root/etc/hosts"\n')
+    assert load_config(cfg, Path("/home/u")).file_sync == (
+        FileSync(Path("/home/u/.npmrc"), "/root/.npmrc", 0o600),
+        FileSync(Path("/etc/hosts"), "/root/etc/hosts", None))
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ('[[file_sync]]\nhost = "a"\nguest = "/etc/passwd"\n', "under ~/ or /root/"),
+    ('[[file_sync]]\nhost = "a"\nguest = "/root/../etc/x"\n', "under ~/ or /root/"),
+    ('[[file_sync]]\nhost = "a"\nguest = "/root"\n', "under ~/ or /root/"),
+    ('[[file_sync]]\nhost = "a"\nguest = "~/x"\nmode = "999"\n', "octal"),
+    ('[[file_sync]]\nhost = "a"\nguest = "~/x"\nmode = 384\n', "octal"),
+    ('[[file_sync]]\nhost = "a"\n', "host and guest"),
+    ('[[file_sync]]\nhost = "a"\nguest = "~/x"\nextra = 1\n', "unknown keys"),
+    ('file_sync = 3\n', "array of tables"),
+    ('[[file_sync]\n', "config.toml"),
+])
+def test_invalid_config_names_the_problem(tmp_path: Path, body: str, needle: str) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(body)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(cfg, tmp_path)
