@@ -195,3 +195,12 @@ def test_host_key_handed_in_is_trusted(tmp_path: Path) -> None:
     lines = sorted(kh.read_text().splitlines())
     assert lines == sorted(["vm2 ssh-ed25519 AAAAother",
                             f"vm1 {public.split()[0]} {public.split()[1]}"])
+
+
+def test_ensure_key_concurrent_first_use_yields_one_key(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    key = tmp_path / "ssh" / "id_ed25519"
+    with ThreadPoolExecutor(8) as pool:
+        pubs = list(pool.map(lambda _: ssh.ensure_key(key), range(8)))
+    assert len(set(pubs)) == 1 and pubs[0].startswith("ssh-ed25519 ")
+    assert sorted(p.name for p in key.parent.iterdir()) == ["id_ed25519", "id_ed25519.pub"]

@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -146,6 +147,7 @@ class QemuVmm:
         self._accel: Accel | None = None
         self._cache = cache
         self._lock = threading.Lock()
+        self._handed: dict[int, float] = {}
 
     def accel(self) -> Accel:
         """KVM if a real probe guest ran under it, else TCG; probed once per host boot."""
@@ -171,7 +173,17 @@ class QemuVmm:
         return Accel(choice.accel, choice.reason)
 
     def free_port(self) -> int:
-        return qemu.free_port()
+        # A port is free when asked but bound by QEMU only later: never hand the same one
+        # to two starts running side by side.
+        with self._lock:
+            now = time.monotonic()
+            self._handed = {p: t for p, t in self._handed.items() if now - t < 120}
+            for _ in range(100):
+                port = qemu.free_port()
+                if port not in self._handed:
+                    self._handed[port] = now
+                    return port
+        raise OperationFailed("no free loopback port for ssh forwarding")
 
     def launch(self, spec: LaunchSpec) -> int:
         cfg = qemu.QemuConfig(

@@ -8,6 +8,7 @@ accepts TCP before the guest listens) and known_hosts cleanup.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import socket
@@ -58,8 +59,19 @@ def ensure_key(path: Path) -> str:
     pub = path.with_name(path.name + ".pub")
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger",
-             "-f", str(path)])
+        # Made aside and linked into place: concurrent first starts (threads or processes)
+        # must not race ssh-keygen on one path; the first link wins, the others use it.
+        with tempfile.TemporaryDirectory(prefix=".keygen-", dir=path.parent) as tmp:
+            new = Path(tmp) / "key"
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger",
+                 "-f", str(new)])
+            try:
+                os.link(new, path)
+            except FileExistsError:
+                pass
+            else:
+                with contextlib.suppress(FileExistsError):
+                    os.link(new.with_name("key.pub"), pub)
     path.chmod(0o600)
     if not pub.exists():
         # Derive the public half again from the private key.
