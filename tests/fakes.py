@@ -184,6 +184,8 @@ class FakeGuest:
         self.trusted: dict[str, str] = {}
         self.pushed: list[tuple[str, str, list[str]]] = []
         self.synced: list[tuple[str, list[FileSync]]] = []
+        self.identity: dict[str, str] = {}
+        self.identity_sent: list[dict[str, str] | None] = []
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -203,8 +205,13 @@ class FakeGuest:
             if p.spec.ssh_port == port:
                 del self.vmm.procs[pid]
 
-    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync]) -> list[str]:
+    def git_identity(self) -> dict[str, str]:
+        return dict(self.identity)
+
+    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync],
+                   identity: Mapping[str, str] | None) -> list[str]:
         self.synced.append((alias, list(entries)))
+        self.identity_sent.append(dict(identity) if identity else None)
         return [f"file_sync: {e.host} does not exist on the host: skipped"
                 for e in entries if not e.host.exists()]
 

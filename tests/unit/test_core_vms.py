@@ -390,3 +390,18 @@ def test_file_sync_at_every_start_and_bad_config_aborts(env, tmp_path: Path) -> 
         svc.start("fs")
     assert info.value.stage == "preflight"
     assert_no_runtime_leak(svc, vmm, svc.resolve("fs").id)
+
+
+def test_git_identity_on_the_work_disk_and_resent_only_when_changed(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, disks, *_ = env
+    guest.identity = {"user.name": "Ada", "user.email": "ada@x"}
+    vm = svc.create(name="id", spec=VMSpec())
+    files = disks.work_files[svc.layout.vm(vm.id).work_disk]
+    assert files[".gitconfig"][0] == b'[user]\n\temail = "ada@x"\n\tname = "Ada"\n'
+    svc.restart("id")
+    assert guest.synced == [], "nothing changed: no ssh session at start"
+    guest.identity = {"user.name": "Ada L", "user.email": "ada@x"}
+    svc.restart("id")
+    assert guest.identity_sent == [{"user.name": "Ada L", "user.email": "ada@x"}]
+    svc.restart("id")
+    assert len(guest.identity_sent) == 1

@@ -152,9 +152,13 @@ class GuestPort(Protocol):
 
     def forget_host(self, alias: str) -> None: ...
 
-    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync]) -> list[str]:
-        """Copy ``[[file_sync]]`` entries and the host's git identity into a running guest;
-        return warnings (a missing host file); raise on anything else."""
+    def git_identity(self) -> dict[str, str]:
+        """The host user's git identity ({"user.name": ..., "user.email": ...}, as set)."""
+
+    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync],
+                   identity: Mapping[str, str] | None) -> list[str]:
+        """Copy ``[[file_sync]]`` entries and, if given, set the git identity in a running
+        guest; return warnings (a missing host file); raise on anything else."""
 
     def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
         """Replace ``guest_path`` in a running guest with ``tree`` (one stream)."""

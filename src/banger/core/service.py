@@ -87,6 +87,7 @@ class VMService:
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._pending_workspace: dict[str, WorkspaceSelection] = {}
+        self._identities: dict[str, dict[str, str]] = {}
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class VMService:
                 vm=vm, paths=paths, host=self.host, handles=self.handles, clock=self.clock,
                 ready_timeout=self.timeouts.ready, failpoint=self.failpoint,
                 workspace=self._pending_workspace.get(vm.id), load_config=self.load_config,
+                identities=self._identities,
                 on_detail=lambda stage, msg: self.ops.emit(
                     op, Progress(op.id, vm.name, "detail", stage, message=msg)),
             )

@@ -37,6 +37,8 @@ class StartContext:
     failpoint: str | None = None
     workspace: WorkspaceSelection | None = None  # copied in when the work disk is made
     load_config: Callable[[], Config] = Config
+    # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
+    identities: dict[str, dict[str, str]] = field(default_factory=dict)
     on_detail: Callable[[str, str], None] = lambda stage, msg: None
     # Filled in as the steps run.
     image: ImageInfo | None = None
@@ -146,6 +148,9 @@ def _work_disk(ctx: StartContext) -> None:
         ".banger/ssh_host_ed25519_key": (host_private, 0o600),
         ".banger/ssh_host_ed25519_key.pub": (host_public.encode() + b"\n", 0o644),
     }
+    identity = guest.git_identity()
+    if identity:
+        files[".gitconfig"] = (gitconfig(identity).encode(), 0o644)
     ctx.created.add("work_disk")
     size = ctx.vm.spec.work_disk_mib * MIB
     if ctx.workspace is None:
@@ -158,6 +163,14 @@ def _work_disk(ctx: StartContext) -> None:
             ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files,
                                            trees={WORKSPACE_DIR: tree})
     guest.trust_host(ctx.paths.names.ssh_alias, host_public)
+    ctx.identities[ctx.vm.id] = identity
+
+
+def gitconfig(identity: dict[str, str]) -> str:
+    def quoted(v: str) -> str:
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    lines = [f"\t{k.split('.', 1)[1]} = {quoted(v)}" for k, v in sorted(identity.items())]
+    return "[user]\n" + "\n".join(lines) + "\n"
 
 
 def _undo_work_disk(ctx: StartContext) -> None:
@@ -218,10 +231,15 @@ def _wait_ssh(ctx: StartContext) -> None:
 
 def _post_start(ctx: StartContext) -> None:
     assert ctx.ssh_port is not None
-    for warning in ctx.host.guest.sync_files(port=ctx.ssh_port,
-                                             alias=ctx.paths.names.ssh_alias,
-                                             entries=ctx.config.file_sync):
+    guest = ctx.host.guest
+    identity = guest.git_identity()
+    changed = identity if identity and ctx.identities.get(ctx.vm.id) != identity else None
+    if not ctx.config.file_sync and changed is None:
+        return  # nothing to send: no ssh session on this start
+    for warning in guest.sync_files(port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias,
+                                    entries=ctx.config.file_sync, identity=changed):
         ctx.on_detail("post_start_features", warning)
+    ctx.identities[ctx.vm.id] = identity
 
 
 class VmmStuck(RuntimeError):

@@ -252,11 +252,14 @@ class SshGuest:
         # The connection dies with the guest: a non-zero exit here is expected.
         run([*argv, "/usr/local/sbin/banger-poweroff"], check=False, timeout=timeout)
 
-    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync]) -> list[str]:
+    def git_identity(self) -> dict[str, str]:
+        return filesync.host_git_identity()
+
+    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync],
+                   identity: Mapping[str, str] | None) -> list[str]:
         try:
             return filesync.sync(port=port, key=self.key, known_hosts=self.known_hosts,
-                                 alias=alias, entries=entries,
-                                 identity=filesync.host_git_identity())
+                                 alias=alias, entries=entries, identity=dict(identity or {}))
         except filesync.FileSyncError as exc:
             raise OperationFailed(str(exc)) from exc
 
