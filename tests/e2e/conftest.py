@@ -181,15 +181,21 @@ def banger(image_dir: Path) -> Iterator[Banger]:
 DEFAULT_IMAGE_DIR = IMAGES_DIR / "debian-bookworm"
 
 
-@pytest.fixture(scope="session")
-def image() -> imagebuild.ImageArtifacts:
+def cached_image(name: str) -> imagebuild.ImageArtifacts:
+    """Image ``name`` from the shared test cache, built there first if missing or stale."""
     for tool in (qemu.QEMU, "qemu-img", "mmdebstrap", "ssh"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
-    d = DEFAULT_IMAGE_DIR
+    d = IMAGES_DIR / name
     if imagebuild.is_current(d):
         return imagebuild.load_image(d)
-    return imagebuild.build_default_image(d, on_progress=lambda s: print(f"image: {s}"))
+    return imagebuild.build_default_image(d, variant=imagebuild.IMAGE_VARIANTS[name],
+                                          on_progress=lambda s: print(f"image: {s}"))
+
+
+@pytest.fixture(scope="session")
+def image() -> imagebuild.ImageArtifacts:
+    return cached_image(DEFAULT_IMAGE_DIR.name)
 
 
 @pytest.fixture(scope="session")
@@ -251,14 +257,7 @@ SYSTEMD_IMAGE_DIR = IMAGES_DIR / "debian-bookworm-systemd"
 @pytest.fixture(scope="session")
 def systemd_image() -> imagebuild.ImageArtifacts:
     """The systemd variant, built once per machine like the default image."""
-    for tool in (qemu.QEMU, "qemu-img", "mmdebstrap", "ssh"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed")
-    d = SYSTEMD_IMAGE_DIR
-    if imagebuild.is_current(d):
-        return imagebuild.load_image(d)
-    return imagebuild.build_default_image(d, variant=imagebuild.SYSTEMD,
-                                          on_progress=lambda s: print(f"image: {s}"))
+    return cached_image(SYSTEMD_IMAGE_DIR.name)
 
 
 @pytest.fixture
