@@ -84,8 +84,11 @@ class FakeWorkspace:
         if not (req.path / ".git").exists():
             raise InvalidRequest(f"{req.path} is not inside a git work tree")
         files = [p for p in req.path.iterdir() if p.name != ".git"]
+        tools = tuple(n for n in (".mise.toml", "mise.toml", ".tool-versions")
+                      if (req.path / n).is_file())
         return WorkspaceSelection(req, req.path, len(files),
-                                  sum(p.stat().st_size for p in files), handle=files)
+                                  sum(p.stat().st_size for p in files), handle=files,
+                                  tool_files=tools)
 
     def dry_run(self, req: WorkspaceRequest) -> list[str]:
         sel = self.select(req)
@@ -186,6 +189,7 @@ class FakeGuest:
         self.synced: list[tuple[str, list[FileSync]]] = []
         self.identity: dict[str, str] = {}
         self.identity_sent: list[dict[str, str] | None] = []
+        self.bootstraps: list[tuple[str, str, str]] = []
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -217,6 +221,11 @@ class FakeGuest:
 
     def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
         self.pushed.append((alias, guest_path, sorted(p.name for p in tree.iterdir())))
+
+    def start_bootstrap(self, *, port: int, alias: str, workdir: str,
+                        installer_url: str) -> str:
+        self.bootstraps.append((alias, workdir, installer_url))
+        return "/root/.banger/bootstrap.log"
 
     def new_host_key(self) -> tuple[bytes, str]:
         return b"PRIVATE", "ssh-ed25519 AAAAhost banger-guest"

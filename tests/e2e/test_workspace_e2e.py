@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import subprocess
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -133,6 +137,103 @@ def test_prepare_resyncs_a_running_vm(banger: Banger, repo: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0] == "added on the host"
     assert "A  later.txt" in lines and " M README" in lines and lines[-1] == "0"
-    banger.run("vm", "stop", "pr")
-    proc = banger.run("vm", "workspace", "prepare", "pr", str(repo), check=False)
-    assert proc.returncode == 1 and "start it first" in proc.stderr
+
+
+def test_prepare_a_stopped_vm_lands_at_its_next_start(banger: Banger, repo: Path) -> None:
+    banger.run("vm", "create", "--name", "ps")
+    banger.run("vm", "ssh", "ps", "--", "sh", "-c", "echo guest-only > /root/keep.txt")
+    banger.run("vm", "stop", "ps")
+    (repo / "staged.txt").write_text("as prepared\n")
+    git(repo, "add", "staged.txt")
+    out = banger.run("vm", "workspace", "prepare", "ps", str(repo))
+    assert "next starts" in out.stderr
+    # What the host had at prepare time lands, not what it has at start time.
+    (repo / "staged.txt").write_text("changed after prepare\n")
+    started = banger.run("vm", "start", "ps")
+    assert "workspace_sync" in started.stderr
+    proc = banger.run("vm", "exec", "ps", "--", "sh", "-c",
+                      "cat staged.txt; git status --porcelain; cat /root/keep.txt")
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "as prepared"
+    assert "A  staged.txt" in lines and " M README" in lines
+    assert lines[-1] == "guest-only"  # the rest of the work disk is untouched
+    # Applied once: a restart does not copy it again.
+    banger.run("vm", "exec", "ps", "--", "sh", "-c", "echo guest edit > staged.txt")
+    banger.run("vm", "restart", "ps")
+    again = banger.run("vm", "exec", "ps", "--", "cat", "staged.txt")
+    assert again.stdout == "guest edit\n"
+
+
+@pytest.fixture
+def tool_repo(repo: Path) -> Path:
+    (repo / ".tool-versions").write_text("shellcheck 0.9.0\n")
+    git(repo, "add", ".tool-versions")
+    git(repo, "commit", "-q", "-m", "pin tools")
+    return repo
+
+
+def test_bootstrap_without_network_is_refused_up_front(banger: Banger, tool_repo: Path) -> None:
+    proc = banger.run("vm", "run", "--name", "nb", str(tool_repo), "--", "true", check=False)
+    assert proc.returncode != 0
+    assert ".tool-versions" in proc.stderr and "--nat" in proc.stderr
+    assert "--no-bootstrap" in proc.stderr
+    assert json.loads(banger.run("vm", "list", "--json").stdout) == []
+    # --no-bootstrap: the VM comes up offline and nothing is installed or attempted.
+    out = banger.run("vm", "run", "--rm", "--no-bootstrap", str(tool_repo), "--", "sh", "-c",
+                     "ls /root/.banger/bootstrap.log 2>&1; cat .tool-versions")
+    assert "No such file" in out.stdout and "shellcheck 0.9.0" in out.stdout
+
+
+class _Installer(http.server.BaseHTTPRequestHandler):
+    """A stand-in for https://mise.run on the host's loopback: installs a fake `mise`
+    that records how it was called."""
+
+    SCRIPT = b"""#!/bin/sh
+set -e
+mkdir -p /root/.local/bin
+cat > /root/.local/bin/mise <<'MISE'
+#!/bin/sh
+echo "$(pwd): mise $*" >> /root/.banger/mise-calls
+MISE
+chmod +x /root/.local/bin/mise
+echo "fake mise installed"
+"""
+    hits: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        _Installer.hits.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.SCRIPT)))
+        self.end_headers()
+        self.wfile.write(self.SCRIPT)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_bootstrap_with_nat_launches_the_installer_and_logs(banger: Banger,
+                                                            tool_repo: Path) -> None:
+    # The guest's network is opened (--nat) but pointed only at a server on the host's
+    # loopback (10.0.2.2 in QEMU user networking).
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Installer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        config = banger.home / "config" / "config.toml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(f'[bootstrap]\ninstaller_url = "http://10.0.2.2:{port}/install.sh"\n')
+        proc = banger.run("vm", "run", "-d", "--name", "bs", "--nat", str(tool_repo))
+        assert "tool_bootstrap" in proc.stderr and "bootstrap.log" in proc.stderr
+        script = ("for i in $(seq 1 120); do "
+                  "grep -qv running /root/.banger/bootstrap.status 2>/dev/null && break; "
+                  "sleep 0.5; done; cat /root/.banger/bootstrap.status; "
+                  "cat /root/.banger/bootstrap.log; cat /root/.banger/mise-calls")
+        out = banger.run("vm", "exec", "bs", "--", "sh", "-c", script).stdout
+        assert out.splitlines()[0] == "ok", out
+        assert f"installer http://10.0.2.2:{port}/install.sh" in out
+        assert "fake mise installed" in out
+        assert "/root/repo: mise install --yes" in out
+        assert _Installer.hits == ["/install.sh"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -35,4 +36,32 @@ def test_invalid_config_names_the_problem(tmp_path: Path, body: str, needle: str
     cfg = tmp_path / "config.toml"
     cfg.write_text(body)
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(cfg, tmp_path)
+
+
+def test_bootstrap_and_network_tables(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[bootstrap]\ninstaller_url = "http://10.0.2.2:8000/install.sh"\n'
+                   '[network]\nmode = "tap"\nbridge = "bgtest0"\nsubnet = "10.77.0.0/24"\n'
+                   'dns_port = 0\n')
+    c = load_config(cfg, tmp_path)
+    assert c.installer_url == "http://10.0.2.2:8000/install.sh"
+    assert (c.network.mode, c.network.bridge, str(c.network.subnet), c.network.dns_port) == \
+        ("tap", "bgtest0", "10.77.0.0/24", 0)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ('[network]\nmode = "bridge"\n', '"user" or "tap"'),
+    ('[network]\nbridge = "this-name-is-too-long"\n', "valid interface name"),
+    ('[network]\nsubnet = "10.0.0.0/8"\n', "/16 to /29"),
+    ('[network]\nsubnet = "nonsense"\n', "IPv4 network"),
+    ('[network]\ndns_port = 70000\n', "port number"),
+    ('[network]\nfoo = 1\n', "unknown keys"),
+    ('[bootstrap]\ninstaller_url = "file:///etc/passwd"\n', "http(s) URL"),
+    ('netwrok = 1\n', "unknown keys"),
+])
+def test_bad_tables_name_the_key(tmp_path: Path, body: str, needle: str) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(body)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(cfg, tmp_path)

@@ -350,7 +350,7 @@ def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  
     assert disks.work_trees[svc.layout.vm(vm.id).work_disk][0] == "repo"
 
 
-def test_prepare_workspace_on_running_vm_only(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_prepare_workspace_on_running_vm(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from banger.core.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
     repo = tmp_path / "proj"
@@ -363,9 +363,110 @@ def test_prepare_workspace_on_running_vm_only(env, tmp_path: Path) -> None:  # t
                              [".git", "a.txt"])]
     op = svc.ops._oplog.get(vm.last_op_id)  # type: ignore[attr-defined]
     assert op["kind"] == "workspace_prepare" and op["status"] == "ok"
+    assert guest.bootstraps == []  # no tool files
+
+
+def test_prepare_workspace_on_stopped_vm_lands_at_next_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, *_ = env
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "a.txt").write_text("as prepared")
+    vm = svc.create(name="p", spec=VMSpec())
     svc.stop("p")
-    with pytest.raises(ConflictError, match="start it first"):
-        svc.prepare_workspace("p", WorkspaceRequest(repo))
+    seen: list[Progress] = []
+    svc.prepare_workspace("p", WorkspaceRequest(repo), sink=seen.append)
+    assert guest.pushed == []
+    assert any("next starts" in (e.message or "") for e in seen)
+    pending = svc.layout.vm(vm.id).pending_workspace
+    # What the host had at prepare time is what lands, not what it has at start time.
+    (repo / "a.txt").write_text("changed later")
+    assert (pending / "repo" / "a.txt").read_text() == "as prepared"
+    stages: list[str] = []
+    svc.start("p", sink=lambda e: stages.append(e.stage) if e.kind == "ok" else None)
+    assert "workspace_sync" in stages
+    assert stages.index("workspace_sync") > stages.index("wait_ssh")
+    assert guest.pushed == [(svc.layout.vm(vm.id).names.ssh_alias, "/root/repo",
+                             [".git", "a.txt"])]
+    assert not pending.exists()
+    svc.restart("p")  # pushed once, not at every start
+    assert len(guest.pushed) == 1
+
+
+def test_prepare_workspace_failed_sync_is_kept_for_the_next_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, *_ = env
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    vm = svc.create(name="p", spec=VMSpec())
+    svc.stop("p")
+    svc.prepare_workspace("p", WorkspaceRequest(repo))
+    svc.failpoint = "wait_ssh"
+    with pytest.raises(OperationFailed, match="wait_ssh"):
+        svc.start("p")
+    svc.failpoint = None
+    assert svc.layout.vm(vm.id).pending_workspace.exists()
+    assert not vmm.procs  # rolled back
+    svc.start("p")
+    assert not svc.layout.vm(vm.id).pending_workspace.exists()
+
+
+def test_prepare_workspace_on_never_started_vm_goes_on_the_work_disk(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, disks, *_ = env
+    repo = tmp_path / "proj"
+    (repo / ".git").mkdir(parents=True)
+    vm = svc.create(name="p", spec=VMSpec(), start=False)
+    svc.prepare_workspace("p", WorkspaceRequest(repo))
+    svc.start("p")
+    assert disks.work_trees[svc.layout.vm(vm.id).work_disk][0] == "repo"
+    assert guest.pushed == []
+
+
+def _tool_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "tools"
+    (repo / ".git").mkdir(parents=True)
+    (repo / ".tool-versions").write_text("python 3.12.1\n")
+    return repo
+
+
+def test_bootstrap_without_network_refused_before_anything_exists(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    svc, vmm, guest, *_ = env
+    repo = _tool_repo(tmp_path)
+    with pytest.raises(InvalidRequest, match=r"\.tool-versions.*--nat.*--no-bootstrap"):
+        svc.create(name="t", spec=VMSpec(), workspace=WorkspaceRequest(repo))
+    assert svc.list_vms() == [] and vmm.launched == []
+    svc.create(name="t", spec=VMSpec(), workspace=WorkspaceRequest(repo, bootstrap=False))
+    assert guest.bootstraps == []
+
+
+def test_bootstrap_started_after_the_workspace_lands(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.ports import WorkspaceRequest
+    from banger.model.config import Config
+    svc, vmm, guest, *_ = env
+    svc.load_config = lambda: Config(installer_url="http://10.0.2.2:9/i.sh")
+    repo = _tool_repo(tmp_path)
+    stages: list[str] = []
+    vm = svc.create(name="t", spec=VMSpec(nat=True), workspace=WorkspaceRequest(repo),
+                    sink=lambda e: stages.append(e.stage) if e.kind == "ok" else None)
+    alias = svc.layout.vm(vm.id).names.ssh_alias
+    assert stages[-1] == "tool_bootstrap"
+    assert guest.bootstraps == [(alias, "/root/repo", "http://10.0.2.2:9/i.sh")]
+    svc.restart("t")  # installs once, not at every start
+    assert len(guest.bootstraps) == 1
+    svc.prepare_workspace("t", WorkspaceRequest(repo))  # running: push, then install
+    assert len(guest.bootstraps) == 2
+    svc.stop("t")
+    svc.prepare_workspace("t", WorkspaceRequest(repo))  # stopped: at the next start
+    assert len(guest.bootstraps) == 2
+    svc.start("t")
+    assert len(guest.bootstraps) == 3
+    assert not svc.layout.vm(vm.id).pending_workspace.exists()
+    # A VM without network refuses a prepare that would need one.
+    svc.create(name="offline", spec=VMSpec())
+    with pytest.raises(InvalidRequest, match="--nat"):
+        svc.prepare_workspace("offline", WorkspaceRequest(repo))
 
 
 def test_file_sync_at_every_start_and_bad_config_aborts(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -55,6 +55,9 @@ class WorkspaceIn(BaseModel):
     include_untracked: StrictBool = False
     branch: str | None = Field(default=None, min_length=1)
     from_ref: str | None = Field(default=None, min_length=1)
+    bootstrap: StrictBool = Field(default=True, description=(
+        "install the tools .mise.toml/.tool-versions pin, in the guest's background "
+        "(needs nat)"))
 
 
 class DryRun(BaseModel):

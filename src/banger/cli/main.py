@@ -155,6 +155,8 @@ def vm() -> None:
               help="also copy untracked files that git does not ignore")
 @click.option("--branch", help="create this guest-only branch in /root/repo")
 @click.option("--from", "from_ref", help="start --branch from this ref")
+@click.option("--no-bootstrap", is_flag=True,
+              help="do not install the tools .mise.toml/.tool-versions pin (that needs --nat)")
 @click.argument("path", required=False, type=click.Path(exists=True, file_okay=False,
                                                         path_type=Path))
 @click.pass_context
@@ -162,7 +164,7 @@ def vm() -> None:
 def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: str,
            disk: str, nat: bool, remove: bool, detach: bool, as_json: bool, dry_run: bool,
            include_untracked: bool, branch: str | None, from_ref: str | None,
-           path: Path | None) -> None:
+           no_bootstrap: bool, path: Path | None) -> None:
     """Start a fresh VM, with PATH's git repo at /root/repo if given; run a command after
     `--` (its exit code is banger's) or open a shell there.
 
@@ -178,13 +180,14 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         raise click.UsageError("-d/--detach and a command do not go together")
     if from_ref and not branch:
         raise click.UsageError("--from needs --branch")
-    if path is None and (dry_run or include_untracked or branch):
-        raise click.UsageError("--dry-run, --include-untracked and --branch need a PATH")
+    if path is None and (dry_run or include_untracked or branch or no_bootstrap):
+        raise click.UsageError("--dry-run, --include-untracked, --branch and --no-bootstrap "
+                               "need a PATH")
     req = make_create(name, image, vcpu, memory, disk, nat)
     if path is not None:
         req.workspace = WorkspaceIn(path=str(path.resolve()),
                                     include_untracked=include_untracked, branch=branch,
-                                    from_ref=from_ref)
+                                    from_ref=from_ref, bootstrap=not no_bootstrap)
     client = connect()
     if dry_run:
         assert req.workspace is not None
@@ -420,14 +423,17 @@ def vm_workspace() -> None:
 @click.option("--include-untracked", is_flag=True)
 @click.option("--branch", help="create this guest-only branch")
 @click.option("--from", "from_ref", help="start --branch from this ref")
+@click.option("--no-bootstrap", is_flag=True,
+              help="do not install the tools .mise.toml/.tool-versions pin")
 @handle_errors
 def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: str | None,
-                         from_ref: str | None) -> None:
-    """Re-sync a running VM's /root/repo from PATH (one stream over ssh)."""
+                         from_ref: str | None, no_bootstrap: bool) -> None:
+    """Re-sync a VM's /root/repo from PATH: a running VM now (one stream over ssh), a
+    stopped one at its next start (the repo is staged now, as it is at this moment)."""
     if from_ref and not branch:
         raise click.UsageError("--from needs --branch")
     ws = WorkspaceIn(path=str(path.resolve()), include_untracked=include_untracked,
-                     branch=branch, from_ref=from_ref)
+                     branch=branch, from_ref=from_ref, bootstrap=not no_bootstrap)
     with Progress() as progress:
         vm = connect().prepare_workspace(ref, ws, progress)
     print(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}")

@@ -52,6 +52,7 @@ class WorkspaceRequest:
     include_untracked: bool = False
     branch: str | None = None
     from_ref: str | None = None
+    bootstrap: bool = True  # install the tools the repo pins (.mise.toml, .tool-versions)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class WorkspaceSelection:
     files: int
     total_bytes: int
     handle: object      # the adapter's own selection record
+    tool_files: tuple[str, ...] = ()  # .mise.toml / .tool-versions at the top, if selected
 
 
 class WorkspacePort(Protocol):
@@ -162,6 +164,11 @@ class GuestPort(Protocol):
 
     def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
         """Replace ``guest_path`` in a running guest with ``tree`` (one stream)."""
+
+    def start_bootstrap(self, *, port: int, alias: str, workdir: str,
+                        installer_url: str) -> str:
+        """Start the tool installer for ``workdir`` in the guest's background; return the
+        guest path of its log."""
 
 
 @dataclass

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import shutil
 import signal as signals
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from banger.core.errors import (
     BangerError,
@@ -25,7 +27,14 @@ from banger.core.errors import (
 from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
 from banger.core.ports import HostPorts, WorkspaceRequest, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
-from banger.core.startplan import WORKSPACE_GUEST_PATH, StartContext, start_steps
+from banger.core.startplan import (
+    BOOTSTRAP_MARK,
+    WORKSPACE_DIR,
+    WORKSPACE_GUEST_PATH,
+    StartContext,
+    check_bootstrap,
+    start_steps,
+)
 from banger.model.config import Config
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import (
@@ -131,6 +140,8 @@ class VMService:
         # Read the repo before anything exists: a repo that cannot be copied exactly is
         # refused with nothing created.
         selection = self.host.workspace.select(workspace) if workspace else None
+        if selection is not None:
+            check_bootstrap(selection, spec.nat, name)
         vm_id = new_vm_id()
         now = self.clock()
         vm = VM(id=vm_id, name=name or default_name(vm_id), spec=spec, state=VMState.CREATED,
@@ -282,32 +293,82 @@ class VMService:
 
     def prepare_workspace(self, ref: str, req: WorkspaceRequest,
                           sink: ProgressSink = no_progress) -> VM:
-        """Re-sync a running VM's /root/repo from the host repo, as one stream."""
+        """Re-sync a VM's /root/repo from the host repo: a running VM at once, as one
+        stream over ssh; a stopped one at its next start, from a copy staged now."""
         vm = self.resolve(ref)
         selection = self.host.workspace.select(req)
+        check_bootstrap(selection, vm.spec.nat, vm.name)
         with self._lock(vm.id):
             vm = self._observe_locked(self.repo.get(vm.id))
             paths = self.layout.vm(vm.id)
             h = self.handles.get(vm.id)
-            if vm.state is not VMState.RUNNING or h is None or not h.ssh_port:
-                raise ConflictError(f"VM {vm.name!r} is {vm.state.value}: start it first "
-                                    f"(`banger vm start {vm.name}`), then prepare")
+            running = vm.state is VMState.RUNNING and h is not None and bool(h.ssh_port)
+            if vm.state is VMState.RUNNING and not running:
+                raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh "
+                                    f"endpoint for it: `banger vm restart {vm.name}`")
             with self.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
                 emit = self._forward(op, vm.name)
-                emit(Event("run", "workspace_stage", "staging the repo"))
-                started = self.clock()
-                with self.host.workspace.staged(selection, paths.dir) as tree:
-                    emit(Event("ok", "workspace_stage", None, self.clock() - started))
-                    emit(Event("run", "workspace_copy", f"copying to {WORKSPACE_GUEST_PATH}"))
-                    started = self.clock()
-                    self.host.guest.push_tree(port=h.ssh_port, alias=paths.names.ssh_alias,
-                                              tree=tree, guest_path=WORKSPACE_GUEST_PATH)
-                emit(Event("ok", "workspace_copy", None, self.clock() - started))
+
+                def detail(stage: str, msg: str, op: Operation = op,
+                           name: str = vm.name) -> None:
+                    self.ops.emit(op, Progress(op.id, name, "detail", stage, message=msg))
+
+                if running:
+                    assert h is not None and h.ssh_port is not None
+                    self._push_workspace(selection, paths, h.ssh_port, emit, detail)
+                elif paths.work_disk.exists():
+                    self._stage_pending(selection, paths, emit)
+                    detail("workspace_stage", f"{vm.name} is {vm.state.value}: the repo goes "
+                           f"to {WORKSPACE_GUEST_PATH} when it next starts "
+                           f"(`banger vm start {vm.name}`)")
+                else:
+                    # Never started: the work disk is made with the repo in it.
+                    self._pending_workspace[vm.id] = selection
+                    detail("workspace_stage", f"{vm.name} has no work disk yet: the repo "
+                           "is copied in when it is made, at the next start")
                 updated = replace(vm, workspace_path=str(selection.repo),
                                   workspace_guest_path=WORKSPACE_GUEST_PATH,
                                   updated_at=self.clock(), last_op_id=op.id)
                 self.repo.update(updated)
                 return updated
+
+    def _push_workspace(self, selection: WorkspaceSelection, paths: VMPaths, port: int,
+                        emit: Callable[[Event], None],
+                        detail: Callable[[str, str], None]) -> None:
+        emit(Event("run", "workspace_stage", "staging the repo"))
+        started = self.clock()
+        with self.host.workspace.staged(selection, paths.dir) as tree:
+            emit(Event("ok", "workspace_stage", None, self.clock() - started))
+            emit(Event("run", "workspace_copy", f"copying to {WORKSPACE_GUEST_PATH}"))
+            started = self.clock()
+            self.host.guest.push_tree(port=port, alias=paths.names.ssh_alias, tree=tree,
+                                      guest_path=WORKSPACE_GUEST_PATH)
+        emit(Event("ok", "workspace_copy", None, self.clock() - started))
+        if selection.request.bootstrap and selection.tool_files:
+            emit(Event("run", "tool_bootstrap", "starting the tool install in the background"))
+            log = self.host.guest.start_bootstrap(
+                port=port, alias=paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
+                installer_url=self.load_config().installer_url)
+            emit(Event("ok", "tool_bootstrap", None))
+            detail("tool_bootstrap", f"installing the repo's tools in the background; "
+                   f"log in the guest: {log}")
+
+    def _stage_pending(self, selection: WorkspaceSelection, paths: VMPaths,
+                       emit: Callable[[Event], None]) -> None:
+        """Stage the repo now (what the host has at this moment) for the next start."""
+        emit(Event("run", "workspace_stage", "staging the repo for the next start"))
+        started = self.clock()
+        scratch = Path(tempfile.mkdtemp(prefix=".workspace-pending-", dir=paths.dir))
+        try:
+            with self.host.workspace.staged(selection, paths.dir) as tree:
+                shutil.move(tree, scratch / WORKSPACE_DIR)
+            if selection.request.bootstrap and selection.tool_files:
+                (scratch / BOOTSTRAP_MARK).touch()
+            shutil.rmtree(paths.pending_workspace, ignore_errors=True)
+            scratch.rename(paths.pending_workspace)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        emit(Event("ok", "workspace_stage", None, self.clock() - started))
 
     def workspace_dry_run(self, req: WorkspaceRequest) -> list[str]:
         return self.host.workspace.dry_run(req)

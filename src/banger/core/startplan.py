@@ -65,8 +65,15 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
     steps += [
         Step("qemu_launch", _qemu_launch, _undo_launch, progress="launching QEMU"),
         Step("wait_ssh", _wait_ssh, progress="waiting for ssh"),
-        Step("post_start_features", _post_start, progress="syncing files and git identity"),
     ]
+    if (ctx.paths.pending_workspace / WORKSPACE_DIR).exists():
+        steps.append(Step("workspace_sync", _workspace_sync,
+                          progress=f"copying the prepared workspace to {WORKSPACE_GUEST_PATH}"))
+    steps.append(Step("post_start_features", _post_start,
+                      progress="syncing files and git identity"))
+    if wants_bootstrap(ctx):
+        steps.append(Step("tool_bootstrap", _tool_bootstrap,
+                          progress="starting the tool install in the background"))
     if ctx.failpoint:
         steps = [_with_failpoint(s, ctx.failpoint) for s in steps]
     return steps
@@ -240,6 +247,51 @@ def _post_start(ctx: StartContext) -> None:
                                     entries=ctx.config.file_sync, identity=changed):
         ctx.on_detail("post_start_features", warning)
     ctx.identities[ctx.vm.id] = identity
+
+
+BOOTSTRAP_MARK = "bootstrap"  # in paths.pending_workspace, next to the staged repo
+
+
+def wants_bootstrap(ctx: StartContext) -> bool:
+    """A workspace with pinned tools lands in this start and its owner did not opt out."""
+    if (ctx.paths.pending_workspace / BOOTSTRAP_MARK).exists():
+        return True
+    ws = ctx.workspace
+    return (ws is not None and ws.request.bootstrap and bool(ws.tool_files)
+            and not ctx.paths.work_disk.exists())
+
+
+def check_bootstrap(ws: WorkspaceSelection, nat: bool, vm_name: str | None) -> None:
+    """Refuse up front a tool bootstrap that could not reach its installer."""
+    if not ws.request.bootstrap or not ws.tool_files or nat:
+        return
+    which = " and ".join(ws.tool_files)
+    vm = f"VM {vm_name!r}" if vm_name else "the VM"
+    raise InvalidRequest(
+        f"{ws.repo} has {which}: installing its tools needs outbound network, and {vm} "
+        f"has none. Add --nat to give it network access, or --no-bootstrap to skip the "
+        f"tool install.")
+
+
+def _workspace_sync(ctx: StartContext) -> None:
+    assert ctx.ssh_port is not None
+    pending = ctx.paths.pending_workspace
+    ctx.host.guest.push_tree(port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias,
+                             tree=pending / WORKSPACE_DIR, guest_path=WORKSPACE_GUEST_PATH)
+    # Gone once it is in the guest; a bootstrap mark stays until the install started.
+    shutil.rmtree(pending / WORKSPACE_DIR)
+    if not (pending / BOOTSTRAP_MARK).exists():
+        shutil.rmtree(pending, ignore_errors=True)
+
+
+def _tool_bootstrap(ctx: StartContext) -> None:
+    assert ctx.ssh_port is not None
+    log = ctx.host.guest.start_bootstrap(
+        port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
+        installer_url=ctx.config.installer_url)
+    shutil.rmtree(ctx.paths.pending_workspace, ignore_errors=True)
+    ctx.on_detail("tool_bootstrap", f"installing the repo's tools in the background; "
+                                    f"log in the guest: {log}")
 
 
 class VmmStuck(RuntimeError):

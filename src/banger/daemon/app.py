@@ -85,7 +85,8 @@ def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
     if not path.is_absolute():
         raise InvalidRequest(f"workspace path {body.path!r} must be absolute")
     return WorkspaceRequest(path=path, include_untracked=body.include_untracked,
-                            branch=body.branch, from_ref=body.from_ref)
+                            branch=body.branch, from_ref=body.from_ref,
+                            bootstrap=body.bootstrap)
 
 
 def _tail(path: os.PathLike[str] | str, limit: int = 256 * 1024) -> str:

@@ -115,7 +115,8 @@ class LocalWorkspace:
         if req.from_ref is not None and req.branch is None:
             raise InvalidRequest("--from needs --branch: name the guest-only branch to create")
         return WorkspaceSelection(request=req, repo=sel.repo, files=len(sel.files),
-                                  total_bytes=sel.total_bytes, handle=sel)
+                                  total_bytes=sel.total_bytes, handle=sel,
+                                  tool_files=workspace.tool_files(sel))
 
     def dry_run(self, req: WorkspaceRequest) -> list[str]:
         sel = self.select(req).handle
@@ -267,6 +268,15 @@ class SshGuest:
         try:
             ssh.push_tree(port=port, key=self.key, known_hosts=self.known_hosts, alias=alias,
                           tree=tree, guest_path=guest_path)
+        except ssh.SshError as exc:
+            raise OperationFailed(str(exc)) from exc
+
+    def start_bootstrap(self, *, port: int, alias: str, workdir: str,
+                        installer_url: str) -> str:
+        argv = ssh.ssh_base_argv(port=port, key=self.key, known_hosts=self.known_hosts,
+                                 alias=alias)
+        try:
+            return ssh.start_bootstrap(argv, workdir=workdir, installer_url=installer_url)
         except ssh.SshError as exc:
             raise OperationFailed(str(exc)) from exc
 

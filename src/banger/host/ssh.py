@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 from banger.host.runner import CommandError, run
@@ -282,6 +283,26 @@ def push_tree(*, port: int, key: Path, known_hosts: Path, alias: str, tree: Path
     ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
                 remote]
     _tar_over_ssh(tree, ["."], ssh_argv, guest_path, timeout)
+
+
+BOOTSTRAP_LOG = "/root/.banger/bootstrap.log"
+
+
+def start_bootstrap(argv: list[str], *, workdir: str, installer_url: str,
+                    timeout: float = 60) -> str:
+    """Start ``banger-bootstrap`` (the repo's tool install) detached in the guest and
+    return at once with the guest path of its log. ``argv`` is :func:`ssh_base_argv`'s
+    output. The script travels on stdin, so the image needs nothing for it."""
+    script = (resources.files("banger.host") / "guest" / "banger-bootstrap").read_bytes()
+    target = "/root/.banger/banger-bootstrap"
+    remote = (f"set -e; mkdir -p /root/.banger; cat > {target}; chmod 0755 {target}; "
+              f"setsid -f {target} {shlex.quote(installer_url)} {shlex.quote(workdir)} "
+              f"> {BOOTSTRAP_LOG} 2>&1 < /dev/null")
+    try:
+        run([*argv, remote], input=script, timeout=timeout)
+    except CommandError as exc:
+        raise SshError(f"could not start the tool bootstrap in the guest: {exc}") from exc
+    return BOOTSTRAP_LOG
 
 
 def push_files(*, argv: list[str], root: Path, members: list[str],

@@ -83,6 +83,16 @@ def select(path: Path, *, include_untracked: bool = False) -> Selection:
         user_email=_config(top, "user.email"))
 
 
+# Files that pin a repo's tools; mise reads all of them (asdf's .tool-versions too).
+TOOL_FILES = (".mise.toml", "mise.toml", ".tool-versions")
+
+
+def tool_files(selection: Selection) -> tuple[str, ...]:
+    """The tool-pinning files at the top of ``selection`` (what bootstrap installs from)."""
+    present = {f.path for f in selection.files if f.kind == "file"}
+    return tuple(name for name in TOOL_FILES if name in present)
+
+
 def dry_run_lines(selection: Selection) -> list[str]:
     """What ``--dry-run`` prints: one line per file, then the total."""
     lines = []

@@ -4,13 +4,25 @@
     host = "~/.npmrc"             # on the host (~ is the user's home)
     guest = "~/.npmrc"            # under /root in the guest (~/ or /root/)
     mode = "0600"                 # optional; default: the host file's mode
+
+    [bootstrap]                   # the repo's tools (.mise.toml / .tool-versions)
+    installer_url = "https://mise.run"   # fetched by the guest (needs --nat)
+
+    [network]
+    mode = "user"                 # default for new VMs: "user" (rootless) or "tap" (root)
+    bridge = "banger0"            # tap mode: the bridge banger creates and owns
+    subnet = "172.30.0.0/24"      # tap mode: guest addresses; the bridge gets the first
+    dns_port = 5354               # the daemon's DNS for <name>.vm on 127.0.0.1 (0: off)
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -24,9 +36,23 @@ class FileSync:
     mode: int | None = None
 
 
+DEFAULT_INSTALLER_URL = "https://mise.run"
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    mode: str = "user"
+    bridge: str = "banger0"
+    subnet: ipaddress.IPv4Network = field(
+        default_factory=lambda: ipaddress.IPv4Network("172.30.0.0/24"))
+    dns_port: int = 5354
+
+
 @dataclass(frozen=True)
 class Config:
     file_sync: tuple[FileSync, ...] = field(default_factory=tuple)
+    installer_url: str = DEFAULT_INSTALLER_URL
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 def load_config(path: Path, home: Path) -> Config:
@@ -37,6 +63,64 @@ def load_config(path: Path, home: Path) -> Config:
         return Config()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    unknown = set(data) - {"file_sync", "bootstrap", "network"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: file_sync, "
+                          "bootstrap, network)")
+    return Config(file_sync=_file_sync(data, path, home),
+                  installer_url=_bootstrap(data, path),
+                  network=_network(data, path))
+
+
+def _table(data: dict[str, Any], key: str, path: Path, known: set[str]) -> dict[str, Any]:
+    table = data.get(key, {})
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: {key} must be a table ([{key}])")
+    unknown = set(table) - known
+    if unknown:
+        raise ConfigError(f"{path}: [{key}] has unknown keys {sorted(unknown)} "
+                          f"(known: {', '.join(sorted(known))})")
+    return table
+
+
+def _bootstrap(data: dict[str, Any], path: Path) -> str:
+    table = _table(data, "bootstrap", path, {"installer_url"})
+    url = table.get("installer_url", DEFAULT_INSTALLER_URL)
+    if not isinstance(url, str) or not re.fullmatch(r"https?://\S+", url):
+        raise ConfigError(f"{path}: [bootstrap] installer_url must be an http(s) URL, "
+                          f"not {url!r}")
+    return url
+
+
+_BRIDGE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]{0,14}")
+
+
+def _network(data: dict[str, Any], path: Path) -> NetworkConfig:
+    table = _table(data, "network", path, {"mode", "bridge", "subnet", "dns_port"})
+    default = NetworkConfig()
+    mode = table.get("mode", default.mode)
+    if mode not in ("user", "tap"):
+        raise ConfigError(f"{path}: [network] mode must be \"user\" or \"tap\", not {mode!r}")
+    bridge = table.get("bridge", default.bridge)
+    if not isinstance(bridge, str) or not _BRIDGE_NAME.fullmatch(bridge):
+        raise ConfigError(f"{path}: [network] bridge {bridge!r} is not a valid interface "
+                          "name (a letter, then up to 14 letters, digits, - or _)")
+    raw_subnet = table.get("subnet", str(default.subnet))
+    try:
+        subnet = ipaddress.IPv4Network(raw_subnet) if isinstance(raw_subnet, str) else None
+    except ValueError:
+        subnet = None
+    if subnet is None or not 16 <= subnet.prefixlen <= 29:
+        raise ConfigError(f"{path}: [network] subnet {raw_subnet!r} must be an IPv4 network "
+                          "like \"172.30.0.0/24\" (prefix /16 to /29)")
+    port = table.get("dns_port", default.dns_port)
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ConfigError(f"{path}: [network] dns_port must be a port number (0 turns the "
+                          f"host-side DNS off), not {port!r}")
+    return NetworkConfig(mode=mode, bridge=bridge, subnet=subnet, dns_port=port)
+
+
+def _file_sync(data: dict[str, Any], path: Path, home: Path) -> tuple[FileSync, ...]:
     entries = data.get("file_sync", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: file_sync must be an array of tables ([[file_sync]])")
@@ -52,7 +136,7 @@ def load_config(path: Path, home: Path) -> Config:
         out.append(FileSync(host=_host_path(entry["host"], home),
                             guest=_guest_path(entry["guest"], where),
                             mode=_mode(entry.get("mode"), where)))
-    return Config(file_sync=tuple(out))
+    return tuple(out)
 
 
 def _host_path(value: str, home: Path) -> Path:

@@ -102,5 +102,10 @@ class VMPaths:
         return self.dir / self.names.handles
 
     @property
+    def pending_workspace(self) -> Path:
+        """A workspace staged for a stopped VM, pushed in at its next start."""
+        return self.dir / "workspace-pending"
+
+    @property
     def qmp_socket(self) -> Path:
         return self.sock_dir / self.names.qmp_socket
