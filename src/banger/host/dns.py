@@ -122,6 +122,8 @@ class DnsServer:
             request = DNSRecord.parse(packet)
         except Exception:
             return _formerr(packet)
+        if request.header.qr:  # a response: answering it could start a loop between servers
+            return None
         try:
             return bytes(self._resolve(request).pack())
         except Exception:
@@ -130,8 +132,6 @@ class DnsServer:
 
     def _resolve(self, request: Any) -> Any:
         header = request.header
-        if header.qr:
-            raise ValueError("not a query")
         if header.opcode != 0 or len(request.questions) != 1:
             return DNSRecord(DNSHeader(
                 id=header.id, qr=1, rd=header.rd, opcode=header.opcode,
