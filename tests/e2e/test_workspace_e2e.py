@@ -139,6 +139,24 @@ def test_prepare_resyncs_a_running_vm(banger: Banger, repo: Path) -> None:
     assert "A  later.txt" in lines and " M README" in lines and lines[-1] == "0"
 
 
+def test_exec_warns_when_host_head_moved_and_auto_prepare_resyncs(banger: Banger,
+                                                                  repo: Path) -> None:
+    banger.run("vm", "run", "-d", "--name", "hm", str(repo))
+    quiet = banger.run("vm", "exec", "hm", "--", "true")
+    assert "HEAD moved" not in quiet.stderr
+    (repo / "new.txt").write_text("committed later\n")
+    git(repo, "add", "new.txt")
+    git(repo, "commit", "-q", "-m", "second")
+    warned = banger.run("vm", "exec", "hm", "--", "sh", "-c", "ls new.txt", check=False)
+    assert warned.returncode != 0
+    assert "HEAD moved" in warned.stderr and "--auto-prepare" in warned.stderr
+    synced = banger.run("vm", "exec", "hm", "--auto-prepare", "--", "sh", "-c",
+                        "cat new.txt; git log --format=%s -1")
+    assert synced.stdout == "committed later\nsecond\n"
+    after = banger.run("vm", "exec", "hm", "--", "true")
+    assert "HEAD moved" not in after.stderr
+
+
 def test_prepare_a_stopped_vm_lands_at_its_next_start(banger: Banger, repo: Path) -> None:
     banger.run("vm", "create", "--name", "ps")
     banger.run("vm", "ssh", "ps", "--", "sh", "-c", "echo guest-only > /root/keep.txt")
@@ -194,6 +212,7 @@ mkdir -p /root/.local/bin
 cat > /root/.local/bin/mise <<'MISE'
 #!/bin/sh
 echo "$(pwd): mise $*" >> /root/.banger/mise-calls
+if [ "$1" = exec ]; then shift 2; exec "$@"; fi
 MISE
 chmod +x /root/.local/bin/mise
 echo "fake mise installed"
@@ -234,6 +253,12 @@ def test_bootstrap_with_nat_launches_the_installer_and_logs(banger: Banger,
         assert "fake mise installed" in out
         assert "/root/repo: mise install --yes" in out
         assert _Installer.hits == ["/install.sh"]
+        # vm exec runs commands under the tool manager now that it is there.
+        proc = banger.run("vm", "exec", "bs", "--", "sh", "-c", "echo in-tools; exit 3",
+                          check=False)
+        assert proc.returncode == 3 and proc.stdout == "in-tools\n"
+        calls = banger.run("vm", "exec", "bs", "--", "cat", "/root/.banger/mise-calls")
+        assert "/root/repo: mise exec -- sh -c echo in-tools; exit 3" in calls.stdout
     finally:
         server.shutdown()
         server.server_close()

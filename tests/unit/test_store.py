@@ -19,11 +19,11 @@ def test_pragmas_and_migrations(tmp_path: Path) -> None:
     db = Database(tmp_path / "s.db")
     assert db.query("PRAGMA journal_mode")[0][0] == "wal"
     assert db.query("PRAGMA foreign_keys")[0][0] == 1
-    assert [r[0] for r in db.query("SELECT version FROM schema_migrations")] == [1, 2]
+    assert [r[0] for r in db.query("SELECT version FROM schema_migrations")] == [1, 2, 3]
     db.close()
     # Re-opening applies nothing twice.
     db2 = Database(tmp_path / "s.db")
-    assert len(db2.query("SELECT * FROM schema_migrations")) == 2
+    assert len(db2.query("SELECT * FROM schema_migrations")) == 3
 
 
 def test_newer_schema_refused(tmp_path: Path) -> None:

@@ -118,6 +118,7 @@ class VMOut(BaseModel):
     serial_log: str
     workspace_path: str | None = None
     workspace_guest_path: str | None = None
+    workspace_head: str | None = None
     runtime: Runtime | None = None
 
 

@@ -398,18 +398,58 @@ def vm_ssh(ref: str, command: tuple[str, ...]) -> None:
 @vm.command("exec", cls=SplitAtDashDash)
 @click.argument("ref")
 @click.option("--guest-path", help="directory to run in (default: the VM's workspace)")
+@click.option("--auto-prepare", is_flag=True,
+              help="re-sync the workspace first if the host repo's HEAD moved since it was "
+                   "copied")
 @click.pass_context
 @handle_errors
-def vm_exec(ctx: click.Context, ref: str, guest_path: str | None) -> None:
-    """Run the command after `--` in the VM's workspace; its exit code is banger's."""
+def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: bool) -> None:
+    """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
+    repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
+    command runs under `mise exec`."""
     command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if not command:
         raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
     client = connect()
-    if guest_path is None and client.ssh_target(ref).workdir is None:
-        raise click.UsageError(f"{ref} has no workspace: pass --guest-path, or use "
-                               f"`banger vm ssh {ref} -- ...`")
-    sys.exit(run_ssh(client, ref, command, tty=False, workdir=guest_path))
+    if guest_path is None:
+        vm = client.show(ref)
+        if vm.workspace_guest_path is None:
+            raise click.UsageError(f"{ref} has no workspace: pass --guest-path, or use "
+                                   f"`banger vm ssh {ref} -- ...`")
+        moved = _head_moved(vm)
+        if moved and auto_prepare:
+            assert vm.workspace_path is not None
+            err_console.print(f"{moved}: re-syncing", highlight=False)
+            with Progress() as progress:
+                client.prepare_workspace(ref, WorkspaceIn(path=vm.workspace_path,
+                                                          bootstrap=False), progress)
+        elif moved:
+            err_console.print(f"[yellow]warning:[/yellow] {moved}; the VM has the old "
+                              f"tree. `banger vm workspace prepare {vm.name} "
+                              f"{vm.workspace_path}` or --auto-prepare re-syncs it.",
+                              highlight=False)
+    sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
+                     workdir=guest_path))
+
+
+# Runs the command under mise when the workspace pins tools and mise is there (what the
+# tool bootstrap installed); as itself otherwise.
+_IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || continue; '
+             'PATH="/root/.local/bin:$PATH"; command -v mise >/dev/null 2>&1 && '
+             'exec mise exec -- "$@"; break; done; exec "$@"')
+
+
+def _head_moved(vm: VMOut) -> str | None:
+    """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
+    if not vm.workspace_path or not vm.workspace_head:
+        return None
+    proc = subprocess.run(["git", "-C", vm.workspace_path, "rev-parse", "-q", "--verify",
+                           "HEAD"], capture_output=True, text=True, check=False)
+    head = proc.stdout.strip()
+    if proc.returncode != 0 or not head or head == vm.workspace_head:
+        return None
+    return (f"the host repo's HEAD moved since the workspace was copied "
+            f"({vm.workspace_head[:12]} -> {head[:12]})")
 
 
 @vm.group("workspace")

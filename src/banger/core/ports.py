@@ -63,6 +63,7 @@ class WorkspaceSelection:
     total_bytes: int
     handle: object      # the adapter's own selection record
     tool_files: tuple[str, ...] = ()  # .mise.toml / .tool-versions at the top, if selected
+    head: str | None = None           # the repo's HEAD commit (None before the first commit)
 
 
 class WorkspacePort(Protocol):

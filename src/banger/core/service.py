@@ -147,7 +147,8 @@ class VMService:
         vm = VM(id=vm_id, name=name or default_name(vm_id), spec=spec, state=VMState.CREATED,
                 created_at=now, updated_at=now,
                 workspace_path=str(selection.repo) if selection else None,
-                workspace_guest_path=WORKSPACE_GUEST_PATH if selection else None)
+                workspace_guest_path=WORKSPACE_GUEST_PATH if selection else None,
+                workspace_head=selection.head if selection else None)
         try:
             self.repo.insert(vm)
         except Conflict as exc:
@@ -328,6 +329,7 @@ class VMService:
                            "is copied in when it is made, at the next start")
                 updated = replace(vm, workspace_path=str(selection.repo),
                                   workspace_guest_path=WORKSPACE_GUEST_PATH,
+                                  workspace_head=selection.head,
                                   updated_at=self.clock(), last_op_id=op.id)
                 self.repo.update(updated)
                 return updated

@@ -116,7 +116,7 @@ class LocalWorkspace:
             raise InvalidRequest("--from needs --branch: name the guest-only branch to create")
         return WorkspaceSelection(request=req, repo=sel.repo, files=len(sel.files),
                                   total_bytes=sel.total_bytes, handle=sel,
-                                  tool_files=workspace.tool_files(sel))
+                                  tool_files=workspace.tool_files(sel), head=sel.head)
 
     def dry_run(self, req: WorkspaceRequest) -> list[str]:
         sel = self.select(req).handle

@@ -108,6 +108,7 @@ class VM:
     guest_ip: str | None = None
     workspace_path: str | None = None        # host repo copied in at creation
     workspace_guest_path: str | None = None  # where it is in the guest (/root/<name>)
+    workspace_head: str | None = None        # the host repo's HEAD when it was copied
 
     def with_state(self, state: VMState, now: float, *, error: str | None = None,
                    stage: str | None = None, op_id: str | None = None) -> VM:

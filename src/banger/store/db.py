@@ -65,6 +65,12 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE vms ADD COLUMN workspace_guest_path TEXT;
         """,
     ),
+    (
+        3,
+        """
+        ALTER TABLE vms ADD COLUMN workspace_head TEXT;
+        """,
+    ),
 )
 
 

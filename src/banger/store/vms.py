@@ -27,8 +27,8 @@ class VMRepository:
                 c.execute(
                     "INSERT INTO vms (id, name, image, vcpus, memory_mib, work_disk_mib, network, "
                     "nat, state, created_at, updated_at, last_error, last_error_stage, "
-                    "last_op_id, boot_id, guest_ip, workspace_path, workspace_guest_path) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "last_op_id, boot_id, guest_ip, workspace_path, workspace_guest_path, "
+                    "workspace_head) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _row(vm),
                 )
         except sqlite3.IntegrityError as exc:
@@ -40,7 +40,7 @@ class VMRepository:
                 "UPDATE vms SET name=?, image=?, vcpus=?, memory_mib=?, work_disk_mib=?, "
                 "network=?, nat=?, state=?, created_at=?, updated_at=?, last_error=?, "
                 "last_error_stage=?, last_op_id=?, boot_id=?, guest_ip=?, workspace_path=?, "
-                "workspace_guest_path=? WHERE id=?",
+                "workspace_guest_path=?, workspace_head=? WHERE id=?",
                 (*_row(vm)[1:], vm.id),
             )
             if cur.rowcount == 0:
@@ -103,7 +103,7 @@ def _row(vm: VM) -> tuple[object, ...]:
     return (vm.id, vm.name, s.image, s.vcpus, s.memory_mib, s.work_disk_mib, s.network.value,
             int(s.nat), vm.state.value, vm.created_at, vm.updated_at, vm.last_error,
             vm.last_error_stage, vm.last_op_id, vm.boot_id, vm.guest_ip, vm.workspace_path,
-            vm.workspace_guest_path)
+            vm.workspace_guest_path, vm.workspace_head)
 
 
 def _vm(r: sqlite3.Row) -> VM:
@@ -114,4 +114,5 @@ def _vm(r: sqlite3.Row) -> VM:
               last_error=r["last_error"], last_error_stage=r["last_error_stage"],
               last_op_id=r["last_op_id"], boot_id=r["boot_id"], guest_ip=r["guest_ip"],
               workspace_path=r["workspace_path"],
-              workspace_guest_path=r["workspace_guest_path"])
+              workspace_guest_path=r["workspace_guest_path"],
+              workspace_head=r["workspace_head"])
