@@ -238,9 +238,19 @@ def test_nat_gives_the_guest_outbound_access(topology: Topology) -> None:
     assert topology.reach() is None
 
 
+IPTABLES = shutil.which("iptables-nft")
+
+
 def add_foreign_forward_drop(docker: bool) -> None:
-    """What iptables-nft leaves after Docker starts: ip filter FORWARD, policy drop,
-    jumping first to DOCKER-USER (which returns)."""
+    """What Docker leaves through iptables-nft: ip filter FORWARD, policy drop, jumping
+    first to DOCKER-USER (which returns). Made with iptables-nft itself when installed."""
+    if IPTABLES:
+        sh(IPTABLES, "-P", "FORWARD", "DROP")
+        if docker:
+            sh(IPTABLES, "-N", "DOCKER-USER")
+            sh(IPTABLES, "-A", "DOCKER-USER", "-j", "RETURN")
+            sh(IPTABLES, "-A", "FORWARD", "-j", "DOCKER-USER")
+        return
     sh("nft", "add", "table", "ip", "filter")
     sh("nft", "add", "chain", "ip", "filter", "FORWARD",
        "{ type filter hook forward priority 0; policy drop; }")
@@ -262,6 +272,12 @@ def test_foreign_forward_drop_gets_accept_rules(topology: Topology, docker: bool
     assert setup.rules == 5
     assert any(accept_in in line for line in setup.describe())
     assert topology.reach() == HOST_REMOTE_SIDE
+    if IPTABLES:
+        # iptables-nft (Docker) must still be able to read and edit its table.
+        listing = sh(IPTABLES, "-S", accept_in)
+        assert listing.count('--comment "banger:vm1"') == 2
+        if docker:
+            sh(IPTABLES, "-C", "FORWARD", "-j", "DOCKER-USER")
 
     # Only the rules in the foreign chain let the traffic through it.
     foreign = [item["rule"] for item in net.list_ruleset()

@@ -307,6 +307,8 @@ def add_nat(vm_id: str, guest_ip: IPv4Address, bridge: str,
     forward chain drops by default, there too. Routed traffic from a guest enters the
     forward hook on the bridge, not on its tap, so rules match the bridge plus the guest
     address. Idempotent: the VM's previous rules are replaced in the same transaction.
+    In a foreign chain the return rule cannot use ``ct state`` (iptables-nft would refuse
+    the table): there it accepts by destination alone.
     """
     _check_vm_id(vm_id)
     _check_ifname(bridge)
@@ -317,20 +319,28 @@ def add_nat(vm_id: str, guest_ip: IPv4Address, bridge: str,
     drops = tuple(forward_drop_chains(ruleset))
     comment = COMMENT_PREFIX + vm_id
     ip = str(guest_ip)
-    out_match = [] if out_iface is None else [_eq(_meta("oifname"), out_iface)]
-    outbound = [_eq(_meta("iifname"), bridge), _eq(_ip("saddr"), ip), *out_match]
-    inbound = [_eq(_meta("oifname"), bridge), _eq(_ip("daddr"), ip),
-               {"match": {"op": "in", "left": {"ct": {"key": "state"}},
-                          "right": ["established", "related"]}}]
-    ours = ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN)
-    masquerade = [_eq(_ip("saddr"), ip),
-                  *(out_match or [_ne(_meta("oifname"), bridge)]),
+    leaving = [] if out_iface is None else [_eq(_meta("oifname"), out_iface)]
+    entering = [] if out_iface is None else [_eq(_meta("iifname"), out_iface)]
+    outbound = [_eq(_meta("iifname"), bridge), _eq(_ip("saddr"), ip), *leaving,
+                {"accept": None}]
+    inbound = [*entering, _eq(_meta("oifname"), bridge), _eq(_ip("daddr"), ip)]
+    replies = {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                         "right": ["established", "related"]}}
+    masquerade = [_eq(_ip("saddr"), ip), *(leaving or [_ne(_meta("oifname"), bridge)]),
                   {"masquerade": None}]
-    adds = [_rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, NAT_CHAIN), masquerade, comment)]
-    for chain, verb in [(ours, "add"), *((drop.accept_in, "insert") for drop in drops)]:
-        # insert puts the rules before whatever drops in a foreign chain.
-        adds.append(_rule(verb, chain, [*outbound, {"accept": None}], comment))
-        adds.append(_rule(verb, chain, [*inbound, {"accept": None}], comment))
+    adds = [
+        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, NAT_CHAIN), masquerade, comment),
+        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN), outbound, comment),
+        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN),
+              [*inbound, replies, {"accept": None}], comment),
+    ]
+    for drop in drops:
+        # Foreign chains are usually iptables-nft's: a native ct expression there makes
+        # iptables-nft (1.8.9) refuse the whole table ("incompatible"), which would break
+        # Docker; so the return rule there matches on addresses alone. "insert" puts the
+        # rules ahead of whatever drops.
+        adds.append(_rule("insert", drop.accept_in, outbound, comment))
+        adds.append(_rule("insert", drop.accept_in, [*inbound, {"accept": None}], comment))
     _nft([*(_delete_rule(rule) for rule in _rules_of(ruleset, vm_id)), *adds])
     return NatSetup(vm_id, guest_ip, len(adds), drops)
 
