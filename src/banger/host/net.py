@@ -1,0 +1,472 @@
+"""Host side of tap networking: the bridge, one tap per VM, NAT rules and ip_forward.
+
+Every change goes through the one command runner (``ip``, ``nft``); state is read back as
+JSON (``ip -j``, ``nft -j``) and nft changes are sent as JSON too, so no table or chain
+name is ever spliced into nft's text syntax (which cannot quote identifiers).
+
+What banger creates is marked so that cleanup and reconcile find it from the VM id alone
+and never touch what is not theirs:
+
+- links (bridge, taps) carry the alias ``banger-managed``;
+- the nft table ``inet banger`` is banger's alone (a ``postrouting`` nat chain and a
+  ``forward`` filter chain);
+- every rule carries the comment ``banger:<vm_id>``, also the accept rules banger has to
+  insert into a foreign forward chain that drops by default (Docker's), so removing a
+  VM's rules by id removes those too.
+
+Everything here acts on the network namespace of the calling thread.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any
+
+from banger.host.runner import CommandError, Completed, run
+
+MARKER = "banger-managed"
+NFT_FAMILY = "inet"
+NFT_TABLE = "banger"
+NAT_CHAIN = "postrouting"
+FORWARD_CHAIN = "forward"
+COMMENT_PREFIX = "banger:"
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+# IFNAMSIZ is 16 bytes with the NUL; '/', ':' and whitespace are refused by the kernel or
+# by ip's parser, a leading '-' would read as an option.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.-]{0,14}$")
+_VM_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_GONE = ("does not exist", "Cannot find device")
+# Families whose forward hook sees the guests' routed IPv4 traffic.
+_IPV4_FAMILIES = ("ip", "inet")
+_DOCKER_USER = "DOCKER-USER"
+
+Json = dict[str, Any]
+
+
+class NetworkError(Exception):
+    """A bridge, tap or firewall change failed or would touch something banger does not own."""
+
+
+# --- links -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    """One network interface as ``ip -j -d link show`` reports it."""
+
+    name: str
+    kind: str | None  # "bridge", "tun", "veth", ...; None for a plain device
+    alias: str | None
+    master: str | None
+    up: bool
+
+    @property
+    def owned(self) -> bool:
+        return self.alias == MARKER
+
+
+def get_link(name: str) -> Link | None:
+    """The interface ``name``, or None when there is none."""
+    _check_ifname(name)
+    out = run(["ip", "-j", "-d", "link", "show", "dev", name], check=False)
+    if out.returncode != 0:
+        if _is_gone(out):
+            return None
+        raise _error(out)
+    links = [_link(item) for item in json.loads(out.stdout)]
+    return links[0] if links else None
+
+
+def list_links() -> list[Link]:
+    """Every interface of the current network namespace."""
+    out = run(["ip", "-j", "-d", "link", "show"])
+    return [_link(item) for item in json.loads(out.stdout)]
+
+
+def ensure_bridge(name: str, gateway_cidr: IPv4Interface | str) -> bool:
+    """Make ``name`` a banger bridge carrying ``gateway_cidr`` (e.g. 172.30.0.1/24), up.
+
+    Idempotent; returns whether the bridge was created by this call (so a rollback removes
+    only what it made). An interface of that name that banger did not create is refused.
+    Not safe against a concurrent ``ensure_bridge`` of the same name: callers serialize.
+    """
+    address = IPv4Interface(gateway_cidr)
+    link = get_link(name)
+    created = False
+    if link is None:
+        run(["ip", "link", "add", "name", name, "type", "bridge"])
+        created = True
+        try:
+            run(["ip", "link", "set", "dev", name, "alias", MARKER])
+        except CommandError:
+            _delete_link(name)
+            raise
+        link = get_link(name)
+    if link is None or link.kind != "bridge" or not link.owned:
+        what = "a bridge" if link is not None and link.kind == "bridge" else "an interface"
+        raise NetworkError(
+            f"{what} named {name!r} already exists and was not created by banger; banger "
+            "will not take it over: choose another bridge name ([network] bridge) or "
+            f"remove {name} (ip link del {name})"
+        )
+    _set_only_address(name, address)
+    run(["ip", "link", "set", "dev", name, "up"])
+    return created
+
+
+def delete_bridge(name: str) -> bool:
+    """Remove banger's bridge ``name``; False when it was already gone."""
+    return _delete_owned(name, "bridge")
+
+
+def create_tap(name: str, bridge: str, owner_uid: int | None = None) -> bool:
+    """Create the persistent tap ``name`` (usable by ``owner_uid`` without root), enslave it
+    to ``bridge`` and bring it up. Returns whether it was created (False: banger's tap of
+    that name was already there and is reattached)."""
+    link = get_link(name)
+    created = False
+    if link is None:
+        argv = ["ip", "tuntap", "add", "dev", name, "mode", "tap"]
+        if owner_uid is not None:
+            argv += ["user", str(owner_uid)]
+        run(argv)
+        created = True
+    elif link.kind != "tun" or not link.owned:
+        raise NetworkError(
+            f"an interface named {name!r} already exists and was not created by banger; "
+            "remove it or delete the VM it belongs to"
+        )
+    try:
+        if created:
+            run(["ip", "link", "set", "dev", name, "alias", MARKER])
+        run(["ip", "link", "set", "dev", name, "master", bridge, "up"])
+    except CommandError:
+        if created:
+            _delete_link(name)
+        raise
+    return created
+
+
+def delete_tap(name: str) -> bool:
+    """Remove banger's tap ``name``; False when it was already gone ("gone" is success)."""
+    return _delete_owned(name, "tun")
+
+
+def tap_exists(name: str) -> bool:
+    return get_link(name) is not None
+
+
+def list_banger_taps() -> list[str]:
+    """Names of the taps banger created (for reconcile: compare with the VMs' tap names)."""
+    return sorted(link.name for link in list_links() if link.kind == "tun" and link.owned)
+
+
+def _set_only_address(name: str, address: IPv4Interface) -> None:
+    # The bridge is ours: it carries exactly the configured gateway, so a changed subnet
+    # does not leave the old address (and its route) behind.
+    out = run(["ip", "-j", "-4", "addr", "show", "dev", name])
+    present = {
+        IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+        for item in json.loads(out.stdout)
+        for a in item.get("addr_info", [])
+        if a.get("family") == "inet"
+    }
+    if address not in present:
+        run(["ip", "addr", "add", str(address), "dev", name])
+    for stale in present - {address}:
+        run(["ip", "addr", "del", str(stale), "dev", name])
+
+
+def _delete_owned(name: str, kind: str) -> bool:
+    link = get_link(name)
+    if link is None:
+        return False
+    if link.kind != kind or not link.owned:
+        raise NetworkError(f"refusing to delete {name!r}: it was not created by banger")
+    return _delete_link(name)
+
+
+def _delete_link(name: str) -> bool:
+    out = run(["ip", "link", "del", "dev", name], check=False)
+    if out.returncode == 0:
+        return True
+    if _is_gone(out):
+        return False
+    raise _error(out)
+
+
+def _link(item: Json) -> Link:
+    info = item.get("linkinfo") or {}
+    return Link(
+        name=item["ifname"],
+        kind=info.get("info_kind"),
+        alias=item.get("ifalias"),
+        master=item.get("master"),
+        up="UP" in item.get("flags", []),
+    )
+
+
+def _check_ifname(name: str) -> None:
+    if not _IFNAME.match(name):
+        raise NetworkError(f"invalid interface name {name!r}: use 1-15 of A-Z a-z 0-9 _ . -")
+
+
+def _is_gone(out: Completed) -> bool:
+    return any(marker in out.stderr for marker in _GONE)
+
+
+def _error(out: Completed) -> CommandError:
+    return CommandError(out.argv, out.returncode, out.stdout, out.stderr)
+
+
+# --- ip_forward --------------------------------------------------------------------------
+
+
+def ip_forward_enabled() -> bool:
+    return IP_FORWARD.read_text().strip() == "1"
+
+
+def ensure_ip_forward() -> bool:
+    """Turn on IPv4 forwarding (per network namespace) when it is off; returns whether it
+    changed, so ``doctor`` can say banger turned it on."""
+    if ip_forward_enabled():
+        return False
+    IP_FORWARD.write_text("1\n")
+    return True
+
+
+# --- nftables ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainRef:
+    family: str
+    table: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.family} {self.table} {self.name}"
+
+
+@dataclass(frozen=True)
+class ForwardDrop:
+    """A forward-hook chain outside banger's table that drops by default (``chain``), and
+    the chain banger puts its accept rules in (``accept_in``: the chain itself, or Docker's
+    ``DOCKER-USER`` when the chain jumps there)."""
+
+    chain: ChainRef
+    accept_in: ChainRef
+
+    def describe(self) -> str:
+        where = "at its top" if self.accept_in == self.chain else f"in {self.accept_in}"
+        return (f"{self.chain} drops forwarded traffic by default (policy drop); banger "
+                f"accepts its VMs' traffic {where}")
+
+
+@dataclass(frozen=True)
+class NatSetup:
+    """What ``add_nat`` did, for logs and ``doctor``."""
+
+    vm_id: str
+    guest_ip: IPv4Address
+    rules: int
+    forward_drops: tuple[ForwardDrop, ...]
+
+    def describe(self) -> list[str]:
+        lines = [f"masquerade and forward {self.guest_ip} (VM {self.vm_id}) in "
+                 f"{NFT_FAMILY} {NFT_TABLE}"]
+        lines += [drop.describe() for drop in self.forward_drops]
+        return lines
+
+
+def ensure_nat_table() -> None:
+    """Create banger's table and its two base chains if missing (nft ``add`` is idempotent)."""
+    _nft([
+        {"add": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}},
+        {"add": {"chain": {"family": NFT_FAMILY, "table": NFT_TABLE, "name": NAT_CHAIN,
+                           "type": "nat", "hook": "postrouting", "prio": 100,
+                           "policy": "accept"}}},
+        {"add": {"chain": {"family": NFT_FAMILY, "table": NFT_TABLE, "name": FORWARD_CHAIN,
+                           "type": "filter", "hook": "forward", "prio": 0,
+                           "policy": "accept"}}},
+    ])
+
+
+def add_nat(vm_id: str, guest_ip: IPv4Address, bridge: str,
+            out_iface: str | None = None) -> NatSetup:
+    """Give the guest at ``guest_ip`` behind ``bridge`` outbound access through the host.
+
+    Masquerades its traffic leaving through any interface but the bridge (only
+    ``out_iface`` when given), accepts it in banger's forward chain and, where a foreign
+    forward chain drops by default, there too. Routed traffic from a guest enters the
+    forward hook on the bridge, not on its tap, so rules match the bridge plus the guest
+    address. Idempotent: the VM's previous rules are replaced in the same transaction.
+    In a foreign chain the return rule cannot use ``ct state`` (iptables-nft would refuse
+    the table): there it accepts by destination alone.
+    """
+    _check_vm_id(vm_id)
+    _check_ifname(bridge)
+    if out_iface is not None:
+        _check_ifname(out_iface)
+    ensure_nat_table()
+    ruleset = list_ruleset()
+    drops = tuple(forward_drop_chains(ruleset))
+    comment = COMMENT_PREFIX + vm_id
+    ip = str(guest_ip)
+    leaving = [] if out_iface is None else [_eq(_meta("oifname"), out_iface)]
+    entering = [] if out_iface is None else [_eq(_meta("iifname"), out_iface)]
+    outbound = [_eq(_meta("iifname"), bridge), _eq(_ip("saddr"), ip), *leaving,
+                {"accept": None}]
+    inbound = [*entering, _eq(_meta("oifname"), bridge), _eq(_ip("daddr"), ip)]
+    replies = {"match": {"op": "in", "left": {"ct": {"key": "state"}},
+                         "right": ["established", "related"]}}
+    masquerade = [_eq(_ip("saddr"), ip), *(leaving or [_ne(_meta("oifname"), bridge)]),
+                  {"masquerade": None}]
+    adds = [
+        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, NAT_CHAIN), masquerade, comment),
+        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN), outbound, comment),
+        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN),
+              [*inbound, replies, {"accept": None}], comment),
+    ]
+    for drop in drops:
+        # Foreign chains are usually iptables-nft's: a native ct expression there makes
+        # iptables-nft (1.8.9) refuse the whole table ("incompatible"), which would break
+        # Docker; so the return rule there matches on addresses alone. "insert" puts the
+        # rules ahead of whatever drops.
+        adds.append(_rule("insert", drop.accept_in, outbound, comment))
+        adds.append(_rule("insert", drop.accept_in, [*inbound, {"accept": None}], comment))
+    _nft([*(_delete_rule(rule) for rule in _rules_of(ruleset, vm_id)), *adds])
+    return NatSetup(vm_id, guest_ip, len(adds), drops)
+
+
+def remove_nat(vm_id: str) -> int:
+    """Delete every rule tagged ``banger:<vm_id>``, in banger's table and in foreign chains.
+    Returns how many were removed (0 when already gone)."""
+    _check_vm_id(vm_id)
+    rules = list(_rules_of(list_ruleset(), vm_id))
+    if rules:
+        _nft([_delete_rule(rule) for rule in rules])
+    return len(rules)
+
+
+def nat_vm_ids() -> set[str]:
+    """Ids of the VMs that have NAT rules (for reconcile)."""
+    return {rule["comment"][len(COMMENT_PREFIX):] for rule in _banger_rules(list_ruleset())}
+
+
+def delete_nat_table() -> bool:
+    """Remove banger's table and its rules in foreign chains; False when nothing was there."""
+    ruleset = list_ruleset()
+    commands = [_delete_rule(rule) for rule in _banger_rules(ruleset)
+                if (rule["family"], rule["table"]) != (NFT_FAMILY, NFT_TABLE)]
+    has_table = any("table" in item and item["table"]["family"] == NFT_FAMILY
+                    and item["table"]["name"] == NFT_TABLE for item in ruleset)
+    if has_table:
+        commands.append({"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}})
+    if commands:
+        _nft(commands)
+    return bool(commands)
+
+
+def forward_drop_chains(ruleset: Sequence[Json] | None = None) -> list[ForwardDrop]:
+    """Foreign IPv4 forward-hook chains with policy drop (Docker's ``ip filter FORWARD``, a
+    hardened ``inet filter forward``): guest traffic dies there unless accepted there."""
+    if ruleset is None:
+        ruleset = list_ruleset()
+    chains = [item["chain"] for item in ruleset if "chain" in item]
+    found = []
+    for chain in chains:
+        if (chain.get("hook") != "forward" or chain.get("policy") != "drop"
+                or chain["family"] not in _IPV4_FAMILIES
+                or (chain["family"], chain["table"]) == (NFT_FAMILY, NFT_TABLE)):
+            continue
+        ref = ChainRef(chain["family"], chain["table"], chain["name"])
+        # Docker jumps from FORWARD to DOCKER-USER first and documents that chain as the
+        # place for the user's rules; its own rules in FORWARD are rewritten on restart.
+        jumps = any(_jumps_to(rule, _DOCKER_USER) for rule in _rules_in(ruleset, ref))
+        found.append(ForwardDrop(ref, ChainRef(ref.family, ref.table, _DOCKER_USER)
+                                 if jumps else ref))
+    return found
+
+
+def list_ruleset() -> list[Json]:
+    """``nft -j list ruleset`` without the metainfo entry."""
+    out = _run_nft(["nft", "-j", "list", "ruleset"])
+    items: list[Json] = json.loads(out.stdout).get("nftables", [])
+    return [item for item in items if "metainfo" not in item]
+
+
+def _rules_in(ruleset: Iterable[Json], chain: ChainRef) -> Iterator[Json]:
+    for item in ruleset:
+        rule = item.get("rule")
+        if rule and (rule["family"], rule["table"], rule["chain"]) == (
+                chain.family, chain.table, chain.name):
+            yield rule
+
+
+def _banger_rules(ruleset: Iterable[Json]) -> Iterator[Json]:
+    for item in ruleset:
+        rule = item.get("rule")
+        if rule and str(rule.get("comment", "")).startswith(COMMENT_PREFIX):
+            yield rule
+
+
+def _rules_of(ruleset: Iterable[Json], vm_id: str) -> list[Json]:
+    return [rule for rule in _banger_rules(ruleset) if rule["comment"] == COMMENT_PREFIX + vm_id]
+
+
+def _jumps_to(rule: Json, target: str) -> bool:
+    return any(expr.get("jump", {}).get("target") == target
+               for expr in rule.get("expr", []) if isinstance(expr, dict))
+
+
+def _rule(verb: str, chain: ChainRef, expr: list[Json], comment: str) -> Json:
+    return {verb: {"rule": {"family": chain.family, "table": chain.table,
+                            "chain": chain.name, "expr": expr, "comment": comment}}}
+
+
+def _delete_rule(rule: Json) -> Json:
+    return {"delete": {"rule": {"family": rule["family"], "table": rule["table"],
+                                "chain": rule["chain"], "handle": rule["handle"]}}}
+
+
+def _eq(left: Json, right: str) -> Json:
+    return {"match": {"op": "==", "left": left, "right": right}}
+
+
+def _ne(left: Json, right: str) -> Json:
+    return {"match": {"op": "!=", "left": left, "right": right}}
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _ip(field: str) -> Json:
+    return {"payload": {"protocol": "ip", "field": field}}
+
+
+def _nft(commands: list[Json]) -> None:
+    """Apply ``commands`` as one nft transaction: all or nothing."""
+    _run_nft(["nft", "-j", "-f", "-"], input=json.dumps({"nftables": commands}))
+
+
+def _run_nft(argv: list[str], input: str | None = None) -> Completed:
+    try:
+        return run(argv, input=input)
+    except CommandError as exc:
+        if exc.returncode is None and exc.reason and "not found" in exc.reason:
+            raise NetworkError("nft not found: install nftables (tap networking needs it; "
+                               "banger never uses iptables-legacy)") from exc
+        raise
+
+
+def _check_vm_id(vm_id: str) -> None:
+    if not _VM_ID.match(vm_id):
+        raise NetworkError(f"invalid VM id {vm_id!r} for a rule comment")
