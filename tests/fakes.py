@@ -16,6 +16,7 @@ from pathlib import Path
 from banger.core.errors import InvalidRequest
 from banger.core.ports import (
     Accel,
+    Endpoint,
     HostPorts,
     ImageInfo,
     LaunchSpec,
@@ -194,7 +195,7 @@ class FakeGuest:
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
 
-    def wait_ready(self, *, port: int, alias: str, timeout: float, serial_log: Path,
+    def wait_ready(self, *, addr: Endpoint, alias: str, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> float:
         if not alive():
             raise RuntimeError("the VMM exited before ssh was ready")
@@ -202,27 +203,27 @@ class FakeGuest:
             raise self.ready_error
         return 0.1
 
-    def poweroff(self, *, port: int, alias: str, timeout: float) -> None:
+    def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None:
         if not self.poweroff_works:
             raise RuntimeError("ssh: connection refused")
         for pid, p in list(self.vmm.procs.items()):
-            if p.spec.ssh_port == port:
+            if p.spec.ssh_port == addr.port:
                 del self.vmm.procs[pid]
 
     def git_identity(self) -> dict[str, str]:
         return dict(self.identity)
 
-    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync],
+    def sync_files(self, *, addr: Endpoint, alias: str, entries: Sequence[FileSync],
                    identity: Mapping[str, str] | None) -> list[str]:
         self.synced.append((alias, list(entries)))
         self.identity_sent.append(dict(identity) if identity else None)
         return [f"file_sync: {e.host} does not exist on the host: skipped"
                 for e in entries if not e.host.exists()]
 
-    def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
+    def push_tree(self, *, addr: Endpoint, alias: str, tree: Path, guest_path: str) -> None:
         self.pushed.append((alias, guest_path, sorted(p.name for p in tree.iterdir())))
 
-    def start_bootstrap(self, *, port: int, alias: str, workdir: str,
+    def start_bootstrap(self, *, addr: Endpoint, alias: str, workdir: str,
                         installer_url: str) -> str:
         self.bootstraps.append((alias, workdir, installer_url))
         return "/root/.banger/bootstrap.log"

@@ -43,7 +43,8 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     app = create_app(service, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
                                                                   detail="ok")]),
                      ssh_key="k", known_hosts="kh",
-                     ssh_argv=lambda port, alias: ["ssh", "-p", str(port), "root@127.0.0.1"])
+                     ssh_argv=lambda addr, alias: ["ssh", "-p", str(addr.port),
+                                                   f"root@{addr.host}"])
     sock = bind_socket(layout.daemon_socket)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -138,14 +138,26 @@ class VmmPort(Protocol):
         """Find a live VMM from its socket path alone (handles file lost or corrupt)."""
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a guest's sshd is reached from the host: a forwarded loopback port (user
+    networking) or the guest's own address (tap)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class GuestPort(Protocol):
     def ensure_key(self) -> str:
         """The managed public key (created on first use)."""
 
-    def wait_ready(self, *, port: int, alias: str, timeout: float, serial_log: Path,
+    def wait_ready(self, *, addr: Endpoint, alias: str, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> float: ...
 
-    def poweroff(self, *, port: int, alias: str, timeout: float) -> None: ...
+    def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None: ...
 
     def new_host_key(self) -> tuple[bytes, str]:
         """A fresh guest host key: (private key file bytes, public key line)."""
@@ -158,15 +170,15 @@ class GuestPort(Protocol):
     def git_identity(self) -> dict[str, str]:
         """The host user's git identity ({"user.name": ..., "user.email": ...}, as set)."""
 
-    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync],
+    def sync_files(self, *, addr: Endpoint, alias: str, entries: Sequence[FileSync],
                    identity: Mapping[str, str] | None) -> list[str]:
         """Copy ``[[file_sync]]`` entries and, if given, set the git identity in a running
         guest; return warnings (a missing host file); raise on anything else."""
 
-    def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
+    def push_tree(self, *, addr: Endpoint, alias: str, tree: Path, guest_path: str) -> None:
         """Replace ``guest_path`` in a running guest with ``tree`` (one stream)."""
 
-    def start_bootstrap(self, *, port: int, alias: str, workdir: str,
+    def start_bootstrap(self, *, addr: Endpoint, alias: str, workdir: str,
                         installer_url: str) -> str:
         """Start the tool installer for ``workdir`` in the guest's background; return the
         guest path of its log."""

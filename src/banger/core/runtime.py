@@ -15,7 +15,7 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 
-from banger.core.ports import VmmPort
+from banger.core.ports import Endpoint, VmmPort
 from banger.model.layout import VMPaths
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,12 @@ class Handles:
     started_at: float
     vmm: str = "qemu"
     accel_reason: str = ""
+    ssh_host: str = "127.0.0.1"  # the guest's own address in tap mode
+    tap: str | None = None
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        return Endpoint(self.ssh_host, self.ssh_port) if self.ssh_port else None
 
 
 class HandleStore:

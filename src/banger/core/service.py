@@ -25,7 +25,7 @@ from banger.core.errors import (
     OperationFailed,
 )
 from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
-from banger.core.ports import HostPorts, WorkspaceRequest, WorkspaceSelection
+from banger.core.ports import Endpoint, HostPorts, WorkspaceRequest, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.startplan import (
     BOOTSTRAP_MARK,
@@ -230,10 +230,10 @@ class VMService:
         if h is not None and vmm.alive(h.pid, paths.qmp_socket):
             emit = self._forward(op, vm.name)
             gone = False
-            if h.ssh_port:
+            if h.endpoint is not None:
                 emit(Event("run", "guest_poweroff", "powering off the guest"))
                 try:
-                    self.host.guest.poweroff(port=h.ssh_port, alias=paths.names.ssh_alias,
+                    self.host.guest.poweroff(addr=h.endpoint, alias=paths.names.ssh_alias,
                                              timeout=t.guest_poweroff)
                 except Exception as exc:  # the next deadline takes over; say why
                     log.info("guest poweroff of %s failed: %s", vm.name, exc)
@@ -303,7 +303,7 @@ class VMService:
             vm = self._observe_locked(self.repo.get(vm.id))
             paths = self.layout.vm(vm.id)
             h = self.handles.get(vm.id)
-            running = vm.state is VMState.RUNNING and h is not None and bool(h.ssh_port)
+            running = vm.state is VMState.RUNNING and h is not None and bool(h.endpoint)
             if vm.state is VMState.RUNNING and not running:
                 raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh "
                                     f"endpoint for it: `banger vm restart {vm.name}`")
@@ -315,8 +315,8 @@ class VMService:
                     self.ops.emit(op, Progress(op.id, name, "detail", stage, message=msg))
 
                 if running:
-                    assert h is not None and h.ssh_port is not None
-                    self._push_workspace(selection, paths, h.ssh_port, emit, detail)
+                    assert h is not None and h.endpoint is not None
+                    self._push_workspace(selection, paths, h.endpoint, emit, detail)
                 elif paths.work_disk.exists():
                     self._stage_pending(selection, paths, emit)
                     detail("workspace_stage", f"{vm.name} is {vm.state.value}: the repo goes "
@@ -334,7 +334,7 @@ class VMService:
                 self.repo.update(updated)
                 return updated
 
-    def _push_workspace(self, selection: WorkspaceSelection, paths: VMPaths, port: int,
+    def _push_workspace(self, selection: WorkspaceSelection, paths: VMPaths, addr: Endpoint,
                         emit: Callable[[Event], None],
                         detail: Callable[[str, str], None]) -> None:
         emit(Event("run", "workspace_stage", "staging the repo"))
@@ -343,13 +343,13 @@ class VMService:
             emit(Event("ok", "workspace_stage", None, self.clock() - started))
             emit(Event("run", "workspace_copy", f"copying to {WORKSPACE_GUEST_PATH}"))
             started = self.clock()
-            self.host.guest.push_tree(port=port, alias=paths.names.ssh_alias, tree=tree,
+            self.host.guest.push_tree(addr=addr, alias=paths.names.ssh_alias, tree=tree,
                                       guest_path=WORKSPACE_GUEST_PATH)
         emit(Event("ok", "workspace_copy", None, self.clock() - started))
         if selection.request.bootstrap and selection.tool_files:
             emit(Event("run", "tool_bootstrap", "starting the tool install in the background"))
             log = self.host.guest.start_bootstrap(
-                port=port, alias=paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
+                addr=addr, alias=paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
                 installer_url=self.load_config().installer_url)
             emit(Event("ok", "tool_bootstrap", None))
             detail("tool_bootstrap", f"installing the repo's tools in the background; "

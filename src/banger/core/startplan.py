@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from banger.core.errors import FailpointTriggered, InvalidRequest
-from banger.core.ports import HostPorts, ImageInfo, LaunchSpec, WorkspaceSelection
+from banger.core.ports import Endpoint, HostPorts, ImageInfo, LaunchSpec, WorkspaceSelection
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.model.config import Config, ConfigError
 from banger.model.layout import VMPaths
@@ -44,6 +44,7 @@ class StartContext:
     image: ImageInfo | None = None
     created: set[str] = field(default_factory=set)
     ssh_port: int | None = None
+    ssh_host: str = "127.0.0.1"
     pid: int | None = None
     boot_id: str | None = None
     ready_after: float | None = None
@@ -214,8 +215,13 @@ def _undo_launch(ctx: StartContext) -> None:
     release_runtime(ctx.paths, ctx.host.vmm, ctx.handles)
 
 
+def _addr(ctx: StartContext) -> Endpoint:
+    assert ctx.ssh_port is not None
+    return Endpoint(ctx.ssh_host, ctx.ssh_port)
+
+
 def _wait_ssh(ctx: StartContext) -> None:
-    assert ctx.pid is not None and ctx.ssh_port is not None
+    assert ctx.pid is not None
     pid, sock = ctx.pid, ctx.paths.qmp_socket
     vmm = ctx.host.vmm
     vmm_log = ctx.paths.vmm_log
@@ -232,18 +238,17 @@ def _wait_ssh(ctx: StartContext) -> None:
         return True
 
     ctx.ready_after = ctx.host.guest.wait_ready(
-        port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
+        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
         serial_log=ctx.paths.serial_log, alive=alive)
 
 
 def _post_start(ctx: StartContext) -> None:
-    assert ctx.ssh_port is not None
     guest = ctx.host.guest
     identity = guest.git_identity()
     changed = identity if identity and ctx.identities.get(ctx.vm.id) != identity else None
     if not ctx.config.file_sync and changed is None:
         return  # nothing to send: no ssh session on this start
-    for warning in guest.sync_files(port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias,
+    for warning in guest.sync_files(addr=_addr(ctx), alias=ctx.paths.names.ssh_alias,
                                     entries=ctx.config.file_sync, identity=changed):
         ctx.on_detail("post_start_features", warning)
     ctx.identities[ctx.vm.id] = identity
@@ -274,9 +279,8 @@ def check_bootstrap(ws: WorkspaceSelection, nat: bool, vm_name: str | None) -> N
 
 
 def _workspace_sync(ctx: StartContext) -> None:
-    assert ctx.ssh_port is not None
     pending = ctx.paths.pending_workspace
-    ctx.host.guest.push_tree(port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias,
+    ctx.host.guest.push_tree(addr=_addr(ctx), alias=ctx.paths.names.ssh_alias,
                              tree=pending / WORKSPACE_DIR, guest_path=WORKSPACE_GUEST_PATH)
     # Gone once it is in the guest; a bootstrap mark stays until the install started.
     shutil.rmtree(pending / WORKSPACE_DIR)
@@ -285,9 +289,8 @@ def _workspace_sync(ctx: StartContext) -> None:
 
 
 def _tool_bootstrap(ctx: StartContext) -> None:
-    assert ctx.ssh_port is not None
     log = ctx.host.guest.start_bootstrap(
-        port=ctx.ssh_port, alias=ctx.paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
+        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
         installer_url=ctx.config.installer_url)
     shutil.rmtree(ctx.paths.pending_workspace, ignore_errors=True)
     ctx.on_detail("tool_bootstrap", f"installing the repo's tools in the background; "

@@ -43,7 +43,7 @@ from banger.api.schema import (
 )
 from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.core.operations import Progress, ProgressSink
-from banger.core.ports import WorkspaceRequest
+from banger.core.ports import Endpoint, WorkspaceRequest
 from banger.core.service import BatchResult, VMService, VMView
 from banger.model.vm import VM, NetworkMode, VMSpec
 
@@ -103,7 +103,7 @@ def _tail(path: os.PathLike[str] | str, limit: int = 256 * 1024) -> str:
 
 def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                ssh_key: str, known_hosts: str,
-               ssh_argv: Callable[[int, str], list[str]]) -> FastAPI:
+               ssh_argv: Callable[[Endpoint, str], list[str]]) -> FastAPI:
     app = FastAPI(title="bangerd", version=__version__,
                   description="banger's daemon API (JSON over a Unix socket)",
                   responses=ERRORS)
@@ -274,13 +274,14 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     @app.get(f"{PREFIX}/vms/{{ref}}/ssh")
     def ssh_target(ref: str) -> SshTarget:
         view = service.show(ref)
-        if view.vm.state.value != "running" or view.handles is None or not view.handles.ssh_port:
+        addr = view.handles.endpoint if view.handles else None
+        if view.vm.state.value != "running" or addr is None:
             raise ConflictError(f"VM {view.vm.name!r} is {view.vm.state.value}, not running: "
                                 f"start it with `banger vm start {view.vm.name}`")
-        return SshTarget(host="127.0.0.1", port=view.handles.ssh_port, user="root", key=ssh_key,
+        return SshTarget(host=addr.host, port=addr.port, user="root", key=ssh_key,
                          known_hosts=known_hosts, alias=view.paths.names.ssh_alias,
                          vm=view.vm.name, workdir=view.vm.workspace_guest_path,
-                         argv=ssh_argv(view.handles.ssh_port, view.paths.names.ssh_alias))
+                         argv=ssh_argv(addr, view.paths.names.ssh_alias))
 
     @app.get(f"{PREFIX}/operations")
     def operations() -> list[OperationOut]:

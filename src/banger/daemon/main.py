@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                               [n for n in service.host.images.known()
                                if (layout.images_dir / n / "manifest.json").exists()]),
         ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
-        ssh_argv=lambda port, alias: ssh.ssh_base_argv(
-            port=port, key=layout.ssh_key, known_hosts=layout.known_hosts, alias=alias))
+        ssh_argv=lambda addr, alias: ssh.ssh_base_argv(
+            port=addr.port, host=addr.host, key=layout.ssh_key, known_hosts=layout.known_hosts,
+            alias=alias))
     log.info("bangerd %d serving %s", os.getpid(), sock_path)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False)
     server = uvicorn.Server(config)

@@ -15,6 +15,7 @@ from pathlib import Path
 from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.ports import (
     Accel,
+    Endpoint,
     HostPorts,
     ImageInfo,
     LaunchSpec,
@@ -238,45 +239,50 @@ class SshGuest:
         self.known_hosts = layout.known_hosts
         self._known_hosts_lock = threading.Lock()
 
+    def _argv(self, addr: Endpoint, alias: str) -> list[str]:
+        return ssh.ssh_base_argv(port=addr.port, host=addr.host, key=self.key,
+                                 known_hosts=self.known_hosts, alias=alias)
+
     def ensure_key(self) -> str:
         self.key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         return ssh.ensure_key(self.key)
 
-    def wait_ready(self, *, port: int, alias: str, timeout: float, serial_log: Path,
+    def wait_ready(self, *, addr: Endpoint, alias: str, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> float:
-        return ssh.wait_ready(port=port, key=self.key, known_hosts=self.known_hosts,
-                              alias=alias, timeout=timeout, serial_log=serial_log, alive=alive)
+        return ssh.wait_ready(port=addr.port, host=addr.host, key=self.key,
+                              known_hosts=self.known_hosts, alias=alias, timeout=timeout,
+                              serial_log=serial_log, alive=alive)
 
-    def poweroff(self, *, port: int, alias: str, timeout: float) -> None:
-        argv = ssh.ssh_base_argv(port=port, key=self.key, known_hosts=self.known_hosts,
-                                 alias=alias)
+    def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None:
         # The connection dies with the guest: a non-zero exit here is expected.
-        run([*argv, "/usr/local/sbin/banger-poweroff"], check=False, timeout=timeout)
+        run([*self._argv(addr, alias), "/usr/local/sbin/banger-poweroff"], check=False,
+            timeout=timeout)
 
     def git_identity(self) -> dict[str, str]:
         return filesync.host_git_identity()
 
-    def sync_files(self, *, port: int, alias: str, entries: Sequence[FileSync],
+    def sync_files(self, *, addr: Endpoint, alias: str, entries: Sequence[FileSync],
                    identity: Mapping[str, str] | None) -> list[str]:
         try:
-            return filesync.sync(port=port, key=self.key, known_hosts=self.known_hosts,
-                                 alias=alias, entries=entries, identity=dict(identity or {}))
+            return filesync.sync(port=addr.port, host=addr.host, key=self.key,
+                                 known_hosts=self.known_hosts, alias=alias, entries=entries,
+                                 identity=dict(identity or {}))
         except filesync.FileSyncError as exc:
             raise OperationFailed(str(exc)) from exc
 
-    def push_tree(self, *, port: int, alias: str, tree: Path, guest_path: str) -> None:
+    def push_tree(self, *, addr: Endpoint, alias: str, tree: Path, guest_path: str) -> None:
         try:
-            ssh.push_tree(port=port, key=self.key, known_hosts=self.known_hosts, alias=alias,
-                          tree=tree, guest_path=guest_path)
+            ssh.push_tree(port=addr.port, host=addr.host, key=self.key,
+                          known_hosts=self.known_hosts, alias=alias, tree=tree,
+                          guest_path=guest_path)
         except ssh.SshError as exc:
             raise OperationFailed(str(exc)) from exc
 
-    def start_bootstrap(self, *, port: int, alias: str, workdir: str,
+    def start_bootstrap(self, *, addr: Endpoint, alias: str, workdir: str,
                         installer_url: str) -> str:
-        argv = ssh.ssh_base_argv(port=port, key=self.key, known_hosts=self.known_hosts,
-                                 alias=alias)
         try:
-            return ssh.start_bootstrap(argv, workdir=workdir, installer_url=installer_url)
+            return ssh.start_bootstrap(self._argv(addr, alias), workdir=workdir,
+                                       installer_url=installer_url)
         except ssh.SshError as exc:
             raise OperationFailed(str(exc)) from exc
 

@@ -34,10 +34,12 @@ def host_git_identity() -> dict[str, str]:
 
 
 def sync(*, port: int, key: Path, known_hosts: Path, alias: str,
-         entries: Sequence[FileSync], identity: dict[str, str]) -> list[str]:
+         entries: Sequence[FileSync], identity: dict[str, str],
+         host: str = "127.0.0.1") -> list[str]:
     """Copy ``entries`` and set ``identity`` in the guest; return warnings."""
     warnings: list[str] = []
-    base = ssh.ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias)
+    base = ssh.ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias,
+                             host=host)
     with tempfile.TemporaryDirectory(prefix="banger-filesync-") as tmp:
         staged: list[str] = []
         for e in entries:

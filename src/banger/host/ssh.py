@@ -105,7 +105,7 @@ def trust_host_key(known_hosts: Path, alias: str, public_key: str) -> None:
 
 
 def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
-                  user: str = "root", batch: bool = True) -> list[str]:
+                  user: str = "root", batch: bool = True, host: str = "127.0.0.1") -> list[str]:
     """``ssh`` and its options, ending with the destination: append a command (or
     ``-t`` and nothing for an interactive shell). ``batch=False`` for a person."""
     argv = [
@@ -122,12 +122,12 @@ def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
     ]
     if batch:
         argv += ["-o", "BatchMode=yes"]
-    return [*argv, f"{user}@127.0.0.1"]
+    return [*argv, f"{user}@{host}"]
 
 
-def read_banner(port: int, timeout: float) -> str | None:
+def read_banner(port: int, timeout: float, host: str = "127.0.0.1") -> str | None:
     """The SSH identification line if one arrives on ``port`` within ``timeout`` s."""
-    return _try_banner(port, timeout)[0]
+    return _try_banner(host, port, timeout)[0]
 
 
 class _SerialWatch:
@@ -158,7 +158,7 @@ class _SerialWatch:
         return self.seen
 
 
-def _try_banner(port: int, timeout: float,
+def _try_banner(host: str, port: int, timeout: float,
                 interrupt: Callable[[], bool] | None = None) -> tuple[str | None, bool]:
     """(banner or None, whether the other end hung up or refused before ``timeout``).
 
@@ -167,7 +167,7 @@ def _try_banner(port: int, timeout: float,
     """
     deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        with socket.create_connection((host, port), timeout=timeout) as s:
             data = b""
             while b"\n" not in data:
                 left = deadline - time.monotonic()
@@ -193,7 +193,7 @@ def _try_banner(port: int, timeout: float,
 
 
 def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: float,
-               serial_log: Path, alive: Callable[[], bool]) -> float:
+               serial_log: Path, alive: Callable[[], bool], host: str = "127.0.0.1") -> float:
     """Wait until ``ssh ... true`` succeeds; returns the seconds waited.
 
     Raises :class:`VmmDied` as soon as ``alive()`` is false and :class:`SshTimeout`
@@ -209,21 +209,21 @@ def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: 
     # sshd, and waits double.
     guest_listening = False
     watch = _SerialWatch(serial_log)
-    probe = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
-             "true"]
+    probe = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias,
+                            host=host), "true"]
     while True:
         if not alive():
             raise VmmDied(_with_tail(f"the VM process exited while waiting for SSH on "
-                                     f"port {port} ({last_error})", serial_log))
+                                     f"{host}:{port} ({last_error})", serial_log))
         left = deadline - time.monotonic()
         if left <= 0:
-            raise SshTimeout(_with_tail(f"SSH on 127.0.0.1:{port} not ready after "
+            raise SshTimeout(_with_tail(f"SSH on {host}:{port} not ready after "
                                         f"{timeout:.0f} s ({last_error})", serial_log))
         this_wait = min(banner_wait, left)
         marker_before = watch.poll()
         guest_listening = guest_listening or marker_before
         interrupt = None if marker_before else watch.poll
-        banner, hung_up = _try_banner(port, this_wait, interrupt)
+        banner, hung_up = _try_banner(host, port, this_wait, interrupt)
         if banner is not None:
             try:
                 run(probe, timeout=max(5.0, min(30.0, left)))
@@ -273,15 +273,15 @@ def remove_known_host(known_hosts: Path, alias: str) -> None:
 
 
 def push_tree(*, port: int, key: Path, known_hosts: Path, alias: str, tree: Path,
-              guest_path: str, timeout: float = 3600) -> None:
+              guest_path: str, timeout: float = 3600, host: str = "127.0.0.1") -> None:
     """Replace ``guest_path`` in the guest with the contents of ``tree``, as one tar stream
     over one SSH session (cost scales with bytes, not files). Everything lands owned by
     root; the old directory is swapped out only after the new one is complete."""
     quoted = shlex.quote(guest_path)
     remote = (f"set -e; rm -rf {quoted}.new; mkdir -p {quoted}.new; "
               f"tar -x -f - -C {quoted}.new; rm -rf {quoted}; mv {quoted}.new {quoted}")
-    ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias),
-                remote]
+    ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias,
+                               host=host), remote]
     _tar_over_ssh(tree, ["."], ssh_argv, guest_path, timeout)
 
 
