@@ -6,6 +6,7 @@ operation at a time per VM; different VMs proceed concurrently.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import signal as signals
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from banger.core.errors import (
     BangerError,
@@ -72,11 +74,28 @@ class VMView:
     paths: VMPaths
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
 @dataclass(frozen=True)
 class BatchResult:
     ref: str
     vm: VM | None
     error: BangerError | None
+
+
+def _notifies(method: Callable[P, R]) -> Callable[P, R]:
+    """After the call (also a failed one), tell ``on_change`` listeners the new VM list."""
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        finally:
+            service = args[0]
+            assert isinstance(service, VMService)
+            service.notify()
+    return wrapper
 
 
 class VMService:
@@ -97,6 +116,18 @@ class VMService:
         self._locks: dict[str, threading.Lock] = {}
         self._pending_workspace: dict[str, WorkspaceSelection] = {}
         self._identities: dict[str, dict[str, str]] = {}
+        # Told the VM list after every lifecycle change (DNS records, ssh_config).
+        self.on_change: list[Callable[[list[VMView]], None]] = []
+
+    def notify(self) -> None:
+        if not self.on_change:
+            return
+        views = self.list_vms()
+        for listener in self.on_change:
+            try:
+                listener(views)
+            except Exception:
+                log.exception("a VM-change listener failed")
 
     # ---- lookup -------------------------------------------------------------------------
 
@@ -122,6 +153,7 @@ class VMService:
 
     # ---- create / start -----------------------------------------------------------------
 
+    @_notifies
     def create(self, *, name: str | None, spec: VMSpec, start: bool = True,
                sink: ProgressSink = no_progress,
                workspace: WorkspaceRequest | None = None) -> VM:
@@ -161,6 +193,7 @@ class VMService:
             return self.start(vm.id, sink=sink)
         return vm
 
+    @_notifies
     def start(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
@@ -210,6 +243,7 @@ class VMService:
 
     # ---- stop / kill / restart ----------------------------------------------------------
 
+    @_notifies
     def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
@@ -246,6 +280,7 @@ class VMService:
                 emit(Event("ok" if gone else "failed", "qmp_quit", None))
         release_runtime(paths, vmm, self.handles, kill_timeout=t.kill)
 
+    @_notifies
     def kill(self, ref: str, *, signal: int = signals.SIGKILL,
              sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
@@ -262,6 +297,7 @@ class VMService:
                 self.repo.update(stopped)
                 return stopped
 
+    @_notifies
     def restart(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
@@ -275,6 +311,7 @@ class VMService:
 
     # ---- delete / prune / set -----------------------------------------------------------
 
+    @_notifies
     def delete(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
@@ -488,6 +525,7 @@ class VMService:
         self.repo.update(demoted)
         return demoted
 
+    @_notifies
     def reconcile(self) -> list[VM]:
         """At daemon start: keep live VMs (same pid), tear down dead or half-started ones."""
         out = []
