@@ -11,9 +11,10 @@ import itertools
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from banger.core.errors import InvalidRequest
+from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.ports import (
     Accel,
     Endpoint,
@@ -239,7 +240,61 @@ class FakeGuest:
         self.trusted.pop(alias, None)
 
 
+class FakeNet:
+    """Bridges, taps and NAT rules as sets; ``fail`` makes the named call raise."""
+
+    def __init__(self) -> None:
+        self.why_not: str | None = None
+        self.bridges: dict[str, IPv4Interface] = {}
+        self.foreign_bridges: set[str] = set()
+        self.taps_up: dict[str, str] = {}  # tap -> bridge
+        self.rules: dict[str, tuple[IPv4Address, str]] = {}  # vm id -> (ip, bridge)
+        self.fail: set[str] = set()
+
+    def _maybe_fail(self, what: str) -> None:
+        if what in self.fail:
+            raise OperationFailed(f"injected failure in {what}")
+
+    def unavailable(self) -> str | None:
+        return self.why_not
+
+    def ensure_bridge(self, name: str, gateway: IPv4Interface) -> bool:
+        self._maybe_fail("ensure_bridge")
+        if name in self.foreign_bridges:
+            raise OperationFailed(f"{name} exists and is not banger's: set [network] bridge")
+        created = name not in self.bridges
+        self.bridges[name] = gateway
+        return created
+
+    def create_tap(self, name: str, bridge: str) -> bool:
+        self._maybe_fail("create_tap")
+        assert bridge in self.bridges, "tap before bridge"
+        created = name not in self.taps_up
+        self.taps_up[name] = bridge
+        return created
+
+    def delete_tap(self, name: str) -> bool:
+        self._maybe_fail("delete_tap")
+        return self.taps_up.pop(name, None) is not None
+
+    def taps(self) -> list[str]:
+        return sorted(self.taps_up)
+
+    def add_nat(self, vm_id: str, guest_ip: IPv4Address, bridge: str) -> list[str]:
+        self._maybe_fail("add_nat")
+        self.rules[vm_id] = (guest_ip, bridge)
+        return [f"masquerade {guest_ip}"]
+
+    def remove_nat(self, vm_id: str) -> int:
+        self._maybe_fail("remove_nat")
+        return 1 if self.rules.pop(vm_id, None) else 0
+
+    def nat_vm_ids(self) -> set[str]:
+        return set(self.rules)
+
+
 def fake_host(root: Path) -> tuple[HostPorts, FakeImages, FakeDisks, FakeVmm, FakeGuest]:
     images, disks, vmm = FakeImages(root), FakeDisks(), FakeVmm()
     guest = FakeGuest(vmm)
-    return (HostPorts(images, disks, vmm, guest, FakeWorkspace()), images, disks, vmm, guest)
+    return (HostPorts(images, disks, vmm, guest, FakeWorkspace(), FakeNet()), images, disks,
+            vmm, guest)

@@ -72,8 +72,9 @@ class VMCreate(BaseModel):
     vcpus: Vcpus = 1
     memory_mib: MemoryMib = 512
     disk_mib: DiskMib = 4096
-    # "tap" comes with host networking (bridge, tap, NAT); until then only "user".
-    network: Literal["user"] = "user"
+    network: Literal["user", "tap"] | None = Field(default=None, description=(
+        "user: rootless, ssh via a forwarded loopback port; tap: bridge, own address, "
+        "<name>.vm (root daemon). None: the daemon's [network] mode"))
     nat: StrictBool = False
     start: StrictBool = True
     workspace: WorkspaceIn | None = None

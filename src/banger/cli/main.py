@@ -83,6 +83,10 @@ def check_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 def spec_options(fn: F) -> F:
     fn = click.option("--nat", is_flag=True, help="give the guest outbound network access")(fn)
+    fn = click.option("--network", type=click.Choice(["user", "tap"]), default=None,
+                      help="user: rootless, ssh through a forwarded loopback port; tap: a "
+                           "bridge, its own address and <name>.vm (needs a root daemon). "
+                           "Default: [network] mode in config, else user")(fn)
     fn = click.option("--disk-size", "disk", default="4G", show_default=True,
                       help="work disk size (/root), e.g. 4G")(fn)
     fn = click.option("--memory", default="512M", show_default=True,
@@ -95,7 +99,7 @@ def spec_options(fn: F) -> F:
 
 
 def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
-                start: bool = True) -> VMCreate:
+                network: str | None, start: bool = True) -> VMCreate:
     spec = VMSpec(vcpus=vcpu, memory_mib=parse_size_mib(memory, "--memory"),
                   work_disk_mib=parse_size_mib(disk, "--disk-size"), image=image, nat=nat)
     try:
@@ -103,7 +107,8 @@ def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str,
     except InvalidSpec as exc:
         raise click.UsageError(str(exc)) from exc
     return VMCreate(name=name, image=image, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                    disk_mib=spec.work_disk_mib, nat=nat, start=start)
+                    disk_mib=spec.work_disk_mib, nat=nat, start=start,
+                    network=network)  # type: ignore[arg-type]
 
 
 
@@ -162,7 +167,8 @@ def vm() -> None:
 @click.pass_context
 @handle_errors
 def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: str,
-           disk: str, nat: bool, remove: bool, detach: bool, as_json: bool, dry_run: bool,
+           disk: str, nat: bool, network: str | None, remove: bool, detach: bool,
+           as_json: bool, dry_run: bool,
            include_untracked: bool, branch: str | None, from_ref: str | None,
            no_bootstrap: bool, path: Path | None) -> None:
     """Start a fresh VM, with PATH's git repo at /root/repo if given; run a command after
@@ -183,7 +189,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
     if path is None and (dry_run or include_untracked or branch or no_bootstrap):
         raise click.UsageError("--dry-run, --include-untracked, --branch and --no-bootstrap "
                                "need a PATH")
-    req = make_create(name, image, vcpu, memory, disk, nat)
+    req = make_create(name, image, vcpu, memory, disk, nat, network)
     if path is not None:
         req.workspace = WorkspaceIn(path=str(path.resolve()),
                                     include_untracked=include_untracked, branch=branch,
@@ -231,9 +237,10 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
+              network: str | None,
               no_start: bool, as_json: bool) -> None:
     """Create a VM (and start it unless --no-start)."""
-    req = make_create(name, image, vcpu, memory, disk, nat, start=not no_start)
+    req = make_create(name, image, vcpu, memory, disk, nat, network, start=not no_start)
     client = connect()
     with Progress() as progress:
         vm = client.create(req, progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import Protocol
 
@@ -101,6 +102,9 @@ class LaunchSpec:
     hostname: str
     restrict_net: bool
     accel: str
+    tap: str | None = None       # tap mode: the host tap (exists, on the bridge)
+    mac: str | None = None
+    net_args: str = "banger.net=user"  # kernel args the guest's init reads
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,34 @@ class GuestPort(Protocol):
         guest path of its log."""
 
 
+class NetPort(Protocol):
+    """Host networking for tap mode: bridge, taps, NAT (all idempotent; "already gone" is
+    success)."""
+
+    def unavailable(self) -> str | None:
+        """Why tap networking cannot work on this host (e.g. not root), or None."""
+
+    def ensure_bridge(self, name: str, gateway: IPv4Interface) -> bool:
+        """Create the bridge (ours) if missing; True when created. Refuses a bridge of that
+        name banger does not own."""
+
+    def create_tap(self, name: str, bridge: str) -> bool:
+        """True when this call created it."""
+
+    def delete_tap(self, name: str) -> bool: ...
+
+    def taps(self) -> list[str]:
+        """The taps banger owns (to find leftovers)."""
+
+    def add_nat(self, vm_id: str, guest_ip: IPv4Address, bridge: str) -> list[str]:
+        """Masquerade and forward rules tagged with ``vm_id`` (ip_forward turned on if
+        off); returns lines saying what was done (for progress and doctor)."""
+
+    def remove_nat(self, vm_id: str) -> int: ...
+
+    def nat_vm_ids(self) -> set[str]: ...
+
+
 @dataclass
 class HostPorts:
     images: ImagePort
@@ -191,3 +223,4 @@ class HostPorts:
     vmm: VmmPort
     guest: GuestPort
     workspace: WorkspacePort
+    net: NetPort

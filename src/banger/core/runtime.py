@@ -15,7 +15,7 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 
-from banger.core.ports import Endpoint, VmmPort
+from banger.core.ports import Endpoint, NetPort, VmmPort
 from banger.model.layout import VMPaths
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,9 @@ class HandleStore:
 
 
 def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
-                    *, kill_timeout: float = 5.0) -> None:
-    """Kill the VMM (if any) and remove sockets and handles. Idempotent."""
+                    *, kill_timeout: float = 5.0, net: NetPort | None = None) -> None:
+    """Kill the VMM (if any), remove sockets and handles and, given ``net`` (tap mode),
+    the VM's NAT rules and tap. Idempotent: what is already gone is skipped."""
     h = handles.get(paths.names.vm_id) or handles.load(paths)
     pid: int | None = None
     if h is not None and vmm.alive(h.pid, paths.qmp_socket):
@@ -98,3 +99,16 @@ def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
     handles.forget(paths)
     paths.qmp_socket.unlink(missing_ok=True)
     shutil.rmtree(paths.sock_dir, ignore_errors=True)
+    if net is not None:
+        # Both are attempted; the first failure is raised after the second ran.
+        first: Exception | None = None
+        try:
+            net.remove_nat(paths.names.vm_id)
+        except Exception as exc:
+            first = exc
+        try:
+            net.delete_tap(paths.names.tap)
+        except Exception as exc:
+            first = first or exc
+        if first is not None:
+            raise first

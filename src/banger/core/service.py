@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -27,7 +28,13 @@ from banger.core.errors import (
     OperationFailed,
 )
 from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
-from banger.core.ports import Endpoint, HostPorts, WorkspaceRequest, WorkspaceSelection
+from banger.core.ports import (
+    Endpoint,
+    HostPorts,
+    NetPort,
+    WorkspaceRequest,
+    WorkspaceSelection,
+)
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.startplan import (
     BOOTSTRAP_MARK,
@@ -37,7 +44,8 @@ from banger.core.startplan import (
     check_bootstrap,
     start_steps,
 )
-from banger.model.config import Config
+from banger.model import netalloc
+from banger.model.config import Config, ConfigError
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import (
     VM,
@@ -114,6 +122,7 @@ class VMService:
         self.handles = HandleStore()
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
+        self._create_lock = threading.Lock()
         self._pending_workspace: dict[str, WorkspaceSelection] = {}
         self._identities: dict[str, dict[str, str]] = {}
         # Told the VM list after every lifecycle change (DNS records, ssh_config).
@@ -163,9 +172,10 @@ class VMService:
                 validate_name(name)
         except InvalidSpec as exc:
             raise InvalidRequest(str(exc)) from exc
-        if spec.network is not NetworkMode.USER:
-            raise InvalidRequest(f"network mode {spec.network.value!r} is not available yet; "
-                                 "use the default user-mode networking")
+        if spec.network is NetworkMode.TAP:
+            why_not = self.host.net.unavailable()
+            if why_not is not None:
+                raise InvalidRequest(why_not)
         if spec.image not in self.host.images.known():
             raise NotFoundError(f"unknown image {spec.image!r}; known images: "
                                  f"{', '.join(self.host.images.known())}")
@@ -181,10 +191,14 @@ class VMService:
                 workspace_path=str(selection.repo) if selection else None,
                 workspace_guest_path=WORKSPACE_GUEST_PATH if selection else None,
                 workspace_head=selection.head if selection else None)
-        try:
-            self.repo.insert(vm)
-        except Conflict as exc:
-            raise ConflictError(str(exc)) from exc
+        # Address choice and insert under one lock: two creates never share an address.
+        with self._create_lock:
+            if spec.network is NetworkMode.TAP:
+                vm = replace(vm, guest_ip=str(self._allocate_ip(vm_id)))
+            try:
+                self.repo.insert(vm)
+            except Conflict as exc:
+                raise ConflictError(str(exc)) from exc
         self.layout.vm(vm_id).dir.mkdir(parents=True, exist_ok=True)
         if selection is not None:
             # Held until a start makes the work disk (a failed first start keeps it).
@@ -192,6 +206,31 @@ class VMService:
         if start:
             return self.start(vm.id, sink=sink)
         return vm
+
+    def default_network(self) -> NetworkMode:
+        """The network mode for a VM whose creator did not say: `[network] mode`."""
+        return NetworkMode(self._config().network.mode)
+
+    def _config(self) -> Config:
+        try:
+            return self.load_config()
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc)) from exc
+
+    def _allocate_ip(self, vm_id: str) -> IPv4Address:
+        subnet = self._config().network.subnet
+        used = {IPv4Address(v.guest_ip) for v in self.repo.list() if v.guest_ip}
+        try:
+            return netalloc.allocate_ip(vm_id, subnet, used)
+        except netalloc.SubnetFull as exc:
+            raise ConflictError(str(exc)) from exc
+
+    def _net_for(self, vm: VM) -> NetPort | None:
+        return self.host.net if vm.spec.network is NetworkMode.TAP else None
+
+    def _release(self, vm: VM, paths: VMPaths) -> None:
+        release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill,
+                        net=self._net_for(vm))
 
     @_notifies
     def start(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
@@ -278,7 +317,7 @@ class VMService:
                 vmm.quit(paths.qmp_socket)
                 gone = vmm.wait_exit(h.pid, t.qmp_quit)
                 emit(Event("ok" if gone else "failed", "qmp_quit", None))
-        release_runtime(paths, vmm, self.handles, kill_timeout=t.kill)
+        self._release(vm, paths)
 
     @_notifies
     def kill(self, ref: str, *, signal: int = signals.SIGKILL,
@@ -292,7 +331,7 @@ class VMService:
                 if h is not None and self.host.vmm.alive(h.pid, paths.qmp_socket):
                     self.host.vmm.kill(h.pid, signal)
                     self.host.vmm.wait_exit(h.pid, self.timeouts.kill)
-                release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
+                self._release(vm, paths)
                 stopped = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
                 self.repo.update(stopped)
                 return stopped
@@ -318,7 +357,7 @@ class VMService:
             vm = self.repo.get(vm.id)
             paths = self.layout.vm(vm.id)
             with self.ops.track("delete", vm.id, vm.name, sink):
-                release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
+                self._release(vm, paths)
                 self.host.guest.forget_host(paths.names.ssh_alias)
                 shutil.rmtree(paths.dir, ignore_errors=True)
                 if paths.dir.exists():
@@ -511,13 +550,17 @@ class VMService:
         found = self.host.vmm.rediscover(paths.qmp_socket)
         if found is not None:
             log.warning("VM %s: handles lost; rediscovered VMM pid %d", vm.name, found.pid)
+            tap = vm.spec.network is NetworkMode.TAP and vm.guest_ip is not None
             self.handles.put(paths, Handles(
-                pid=found.pid, ssh_port=found.ssh_port, qmp_socket=str(paths.qmp_socket),
+                pid=found.pid, ssh_port=22 if tap else found.ssh_port,
+                qmp_socket=str(paths.qmp_socket),
                 accel=self.host.vmm.accel().accel, boot_id=vm.boot_id or "",
                 started_at=self.clock(), vmm=self.host.vmm.name,
-                accel_reason=self.host.vmm.accel().reason))
+                accel_reason=self.host.vmm.accel().reason,
+                ssh_host=vm.guest_ip if tap and vm.guest_ip else "127.0.0.1",
+                tap=paths.names.tap if tap else None))
             return vm
-        release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill)
+        self._release(vm, paths)
         demoted = vm.with_state(
             VMState.STOPPED, self.clock(),
             error=None if vm.state is VMState.STOPPING else "the VMM process exited",
@@ -533,9 +576,7 @@ class VMService:
             with self._lock(vm.id):
                 if vm.state is VMState.STARTING:
                     # A start interrupted by a daemon crash: nothing finished it.
-                    paths = self.layout.vm(vm.id)
-                    release_runtime(paths, self.host.vmm, self.handles,
-                                    kill_timeout=self.timeouts.kill)
+                    self._release(vm, self.layout.vm(vm.id))
                     vm = vm.with_state(VMState.ERROR, self.clock(),
                                        error="the daemon stopped during this start",
                                        stage=vm.last_error_stage)
@@ -543,4 +584,20 @@ class VMService:
                 else:
                     vm = self._observe_locked(vm)
             out.append(vm)
+        self._sweep_network(out)
         return out
+
+    def _sweep_network(self, vms: list[VM]) -> None:
+        """Remove taps and NAT rules banger made for VMs that are not running (left by a
+        crash, or by a VM deleted while the daemon was down)."""
+        if self.host.net.unavailable() is not None:
+            return
+        live = {v.id for v in vms if v.state in LIVE_STATES}
+        for tap in self.host.net.taps():
+            owner = tap[2:]
+            if not any(vm_id.startswith(owner) for vm_id in live):
+                log.info("removing leftover tap %s", tap)
+                self.host.net.delete_tap(tap)
+        for vm_id in self.host.net.nat_vm_ids() - live:
+            log.info("removing leftover NAT rules of VM %s", vm_id)
+            self.host.net.remove_nat(vm_id)

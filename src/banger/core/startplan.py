@@ -11,11 +11,20 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from banger.core.errors import FailpointTriggered, InvalidRequest
-from banger.core.ports import Endpoint, HostPorts, ImageInfo, LaunchSpec, WorkspaceSelection
+from banger.core.ports import (
+    Endpoint,
+    HostPorts,
+    ImageInfo,
+    LaunchSpec,
+    NetPort,
+    WorkspaceSelection,
+)
 from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.model import netalloc
 from banger.model.config import Config, ConfigError
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, NetworkMode
@@ -53,16 +62,26 @@ class StartContext:
 
 def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
     """The ordered stages for starting ``ctx.vm``."""
+    tap = ctx.vm.spec.network is NetworkMode.TAP
     steps: list[Step[StartContext]] = [
         Step("preflight", _preflight, progress="checking image and spec"),
         Step("cleanup_runtime", _cleanup_runtime, progress="clearing stale runtime state"),
+    ]
+    if tap:
+        steps.append(Step("bridge", _bridge, progress="setting up the bridge"))
+    steps += [
         Step("socket_dir", _socket_dir, _undo_socket_dir, progress="creating socket directory"),
         Step("system_overlay", _system_overlay, _undo_system_overlay,
              progress="creating root disk overlay"),
         Step("work_disk", _work_disk, _undo_work_disk, progress="creating work disk"),
     ]
-    if ctx.vm.spec.network is NetworkMode.USER:
+    if not tap:
         steps.append(Step("port_forward", _port_forward, progress="reserving ssh port"))
+    else:
+        if ctx.vm.spec.nat:
+            steps.append(Step("prepare_host_features", _nat, _undo_nat,
+                              progress="adding NAT rules (--nat)"))
+        steps.append(Step("tap", _tap, _undo_tap, progress="creating the tap device"))
     steps += [
         Step("qemu_launch", _qemu_launch, _undo_launch, progress="launching QEMU"),
         Step("wait_ssh", _wait_ssh, progress="waiting for ssh"),
@@ -95,9 +114,19 @@ def _with_failpoint(step: Step[StartContext], stage: str) -> Step[StartContext]:
 
 def _preflight(ctx: StartContext) -> None:
     spec = ctx.vm.spec
-    if spec.network is not NetworkMode.USER:
-        raise InvalidRequest(f"network mode {spec.network.value!r} is not available yet; "
-                             "use --network user")
+    try:
+        ctx.config = ctx.load_config()
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    if spec.network is NetworkMode.TAP:
+        why_not = ctx.host.net.unavailable()
+        if why_not is not None:
+            raise InvalidRequest(why_not)
+        subnet = ctx.config.network.subnet
+        if ctx.vm.guest_ip is None or _guest_ip(ctx) not in subnet:
+            raise InvalidRequest(
+                f"VM {ctx.vm.name!r} has address {ctx.vm.guest_ip}, outside the configured "
+                f"[network] subnet {subnet}: recreate the VM or restore the subnet")
     images = ctx.host.images
     if spec.image not in images.known():
         raise InvalidRequest(f"unknown image {spec.image!r}; known: {', '.join(images.known())}")
@@ -105,10 +134,6 @@ def _preflight(ctx: StartContext) -> None:
     if image is None:
         image = images.build(spec.image, lambda msg: ctx.on_detail("preflight", msg))
     ctx.image = image
-    try:
-        ctx.config = ctx.load_config()
-    except ConfigError as exc:
-        raise InvalidRequest(str(exc)) from exc
     # The first start after a host boot probes KVM for real (a few seconds): do it here,
     # said out loud, rather than hidden inside qemu_launch.
     accel = ctx.host.vmm.accel()
@@ -116,8 +141,48 @@ def _preflight(ctx: StartContext) -> None:
     ctx.paths.dir.mkdir(parents=True, exist_ok=True)
 
 
+def _net(ctx: StartContext) -> NetPort | None:
+    """The network port when this VM has host networking to release, else None."""
+    return ctx.host.net if ctx.vm.spec.network is NetworkMode.TAP else None
+
+
 def _cleanup_runtime(ctx: StartContext) -> None:
-    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles)
+    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, net=_net(ctx))
+
+
+def _guest_ip(ctx: StartContext) -> IPv4Address:
+    assert ctx.vm.guest_ip is not None
+    return IPv4Address(ctx.vm.guest_ip)
+
+
+def _bridge(ctx: StartContext) -> None:
+    cfg = ctx.config.network
+    gateway = IPv4Interface(f"{netalloc.gateway(cfg.subnet)}/{cfg.subnet.prefixlen}")
+    if ctx.host.net.ensure_bridge(cfg.bridge, gateway):
+        ctx.on_detail("bridge", f"created bridge {cfg.bridge} ({gateway})")
+    # Never undone: the bridge is shared by every tap VM and costs nothing idle.
+
+
+def _nat(ctx: StartContext) -> None:
+    ctx.created.add("nat")
+    for line in ctx.host.net.add_nat(ctx.vm.id, _guest_ip(ctx), ctx.config.network.bridge):
+        ctx.on_detail("prepare_host_features", line)
+
+
+def _undo_nat(ctx: StartContext) -> None:
+    if "nat" in ctx.created:
+        ctx.host.net.remove_nat(ctx.vm.id)
+
+
+def _tap(ctx: StartContext) -> None:
+    ctx.created.add("tap")
+    ctx.host.net.create_tap(ctx.paths.names.tap, ctx.config.network.bridge)
+    ctx.ssh_host, ctx.ssh_port = str(_guest_ip(ctx)), 22
+
+
+def _undo_tap(ctx: StartContext) -> None:
+    if "tap" in ctx.created:
+        ctx.host.net.delete_tap(ctx.paths.names.tap)
 
 
 def _socket_dir(ctx: StartContext) -> None:
@@ -202,16 +267,31 @@ def _qemu_launch(ctx: StartContext) -> None:
         memory_mib=ctx.vm.spec.memory_mib, ssh_port=ctx.ssh_port or 0,
         serial_log=ctx.paths.serial_log, vmm_log=ctx.paths.vmm_log,
         qmp_socket=ctx.paths.qmp_socket, hostname=ctx.vm.name,
-        restrict_net=not ctx.vm.spec.nat, accel=vmm.accel().accel,
+        restrict_net=not ctx.vm.spec.nat, accel=vmm.accel().accel, **_tap_launch(ctx),
     )
     ctx.pid = vmm.launch(spec)
     ctx.handles.put(ctx.paths, Handles(
         pid=ctx.pid, ssh_port=ctx.ssh_port, qmp_socket=str(ctx.paths.qmp_socket),
         accel=spec.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name,
-        accel_reason=vmm.accel().reason))
+        accel_reason=vmm.accel().reason, ssh_host=ctx.ssh_host, tap=spec.tap))
+
+
+def _tap_launch(ctx: StartContext) -> dict[str, str]:
+    """LaunchSpec fields for a tap VM: its tap, MAC, and the address its init sets."""
+    if ctx.vm.spec.network is not NetworkMode.TAP:
+        return {}
+    subnet = ctx.config.network.subnet
+    gateway = netalloc.gateway(subnet)
+    # The gateway is also the guest's resolver: the daemon's DNS answers there (never the
+    # host's 127.0.0.53 stub, which means nothing inside the guest).
+    net_args = (f"banger.net=tap banger.ip={_guest_ip(ctx)}/{subnet.prefixlen} "
+                f"banger.gw={gateway} banger.dns={gateway}")
+    return {"tap": ctx.paths.names.tap, "mac": netalloc.mac_for(ctx.vm.id),
+            "net_args": net_args}
 
 
 def _undo_launch(ctx: StartContext) -> None:
+    # The tap and NAT rules are their own stages' to undo.
     release_runtime(ctx.paths, ctx.host.vmm, ctx.handles)
 
 

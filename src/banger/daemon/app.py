@@ -181,8 +181,9 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     @app.post(f"{PREFIX}/vms", status_code=201)
     async def create(body: VMCreate, accept: Accept = None) -> VMOut:
+        network = NetworkMode(body.network) if body.network else service.default_network()
         spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
-                      image=body.image, network=NetworkMode(body.network), nat=body.nat)
+                      image=body.image, network=network, nat=body.nat)
 
         ws = workspace_request(body.workspace) if body.workspace else None
 

@@ -10,7 +10,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
+from typing import TypeVar
 
 from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.ports import (
@@ -23,10 +25,12 @@ from banger.core.ports import (
     WorkspaceRequest,
     WorkspaceSelection,
 )
-from banger.host import disks, filesync, imagebuild, kvm, qemu, ssh, workspace
-from banger.host.runner import run
+from banger.host import disks, filesync, imagebuild, kvm, net, qemu, ssh, workspace
+from banger.host.runner import CommandError, run
 from banger.model.config import FileSync
 from banger.model.layout import Layout
+
+T = TypeVar("T")
 
 
 class LocalImages:
@@ -193,7 +197,8 @@ class QemuVmm:
             work_disk=spec.work_disk, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
             ssh_port=spec.ssh_port, serial_log=spec.serial_log, qmp_socket=spec.qmp_socket,
             accel=spec.accel, hostname=spec.hostname, cmdline=spec.cmdline,
-            restrict_net=spec.restrict_net)
+            restrict_net=spec.restrict_net, tap=spec.tap, mac=spec.mac,
+            net_args=spec.net_args)
         return qemu.launch(cfg, spec.vmm_log)
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:
@@ -299,9 +304,60 @@ class SshGuest:
             ssh.remove_known_host(self.known_hosts, alias)
 
 
+class LocalNet:
+    """Bridge, taps and nftables NAT on this host (banger.host.net); needs root."""
+
+    def __init__(self) -> None:
+        self._bridge_lock = threading.Lock()
+
+    def unavailable(self) -> str | None:
+        if os.geteuid() != 0:
+            return (f"tap networking needs root (bangerd runs as uid {os.geteuid()}) to "
+                    "create the bridge, taps and NAT rules: run bangerd as root, or use "
+                    "--network user (the default)")
+        for tool in ("ip", "nft"):
+            if shutil.which(tool) is None:
+                return (f"tap networking needs `{tool}`, which is not installed "
+                        f"(Debian: apt install {'iproute2' if tool == 'ip' else 'nftables'})")
+        return None
+
+    def ensure_bridge(self, name: str, gateway: IPv4Interface) -> bool:
+        with self._bridge_lock:
+            return self._net(net.ensure_bridge, name, gateway)
+
+    def create_tap(self, name: str, bridge: str) -> bool:
+        return self._net(net.create_tap, name, bridge)
+
+    def delete_tap(self, name: str) -> bool:
+        return self._net(net.delete_tap, name)
+
+    def taps(self) -> list[str]:
+        return self._net(net.list_banger_taps)
+
+    def add_nat(self, vm_id: str, guest_ip: IPv4Address, bridge: str) -> list[str]:
+        lines = []
+        if self._net(net.ensure_ip_forward):
+            lines.append("enabled IPv4 forwarding (net.ipv4.ip_forward was 0)")
+        setup = self._net(net.add_nat, vm_id, guest_ip, bridge)
+        return lines + setup.describe()
+
+    def remove_nat(self, vm_id: str) -> int:
+        return self._net(net.remove_nat, vm_id)
+
+    def nat_vm_ids(self) -> set[str]:
+        return self._net(net.nat_vm_ids)
+
+    @staticmethod
+    def _net(fn: Callable[..., T], *args: object) -> T:
+        try:
+            return fn(*args)
+        except (net.NetworkError, CommandError) as exc:
+            raise OperationFailed(str(exc)) from exc
+
+
 def host_ports(layout: Layout) -> HostPorts:
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
                      vmm=QemuVmm(layout.state_dir / "accel.json"), workspace=LocalWorkspace(),
-                     guest=SshGuest(layout))
+                     guest=SshGuest(layout), net=LocalNet())
 
 

@@ -60,6 +60,11 @@ class QemuConfig:
     cmdline: str = ""  # appended last: the image's and the caller's extra kernel args
     restrict_net: bool = True
     tb_size_mib: int = DEFAULT_TB_SIZE_MIB
+    # Tap networking: the host tap to attach and the guest's MAC; ``net_args`` tell the
+    # guest's init its address (the cloud kernel has no IP autoconfig).
+    tap: str | None = None
+    mac: str | None = None
+    net_args: str = "banger.net=user"
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
@@ -84,7 +89,7 @@ def kernel_cmdline(cfg: QemuConfig, tsc_khz: int) -> str:
         # A panicking guest reboots at once, which -no-reboot turns into a VMM exit:
         # the daemon sees a dead VM instead of a hung one.
         "panic=-1",
-        "banger.net=user", f"banger.hostname={cfg.hostname}",
+        cfg.net_args, f"banger.hostname={cfg.hostname}",
     ]
     if cfg.vcpus > 1:
         args.append("tsc=reliable")
@@ -104,10 +109,15 @@ def qemu_argv(cfg: QemuConfig, *, tsc_khz: int | None = None) -> list[str]:
     if tsc_khz is None:
         tsc_khz = host_tsc_khz()
     accel = "kvm" if cfg.accel == "kvm" else f"tcg,tb-size={cfg.tb_size_mib}"
-    netdev = f"user,id=n0,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22"
-    if cfg.restrict_net:
-        # No outbound traffic from the guest; the forwarded port still works.
-        netdev += ",restrict=on"
+    if cfg.tap is not None:
+        # The tap exists and sits on the bridge already; QEMU only opens it.
+        netdev = f"tap,id=n0,ifname={cfg.tap},script=no,downscript=no"
+    else:
+        netdev = f"user,id=n0,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22"
+        if cfg.restrict_net:
+            # No outbound traffic from the guest; the forwarded port still works.
+            netdev += ",restrict=on"
+    nic = "virtio-net-device,netdev=n0" + (f",mac={cfg.mac}" if cfg.mac else "")
     return [
         QEMU,
         "-name", f"banger-{cfg.hostname}",
@@ -133,7 +143,7 @@ def qemu_argv(cfg: QemuConfig, *, tsc_khz: int | None = None) -> list[str]:
                   "discard=unmap",
         "-device", "virtio-blk-device,drive=work",
         "-netdev", netdev,
-        "-device", "virtio-net-device,netdev=n0",
+        "-device", nic,
         "-chardev", f"file,id=serial0,path={cfg.serial_log.absolute()}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{qmp},server=on,wait=off",
