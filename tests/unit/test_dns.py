@@ -305,3 +305,38 @@ def test_responses_are_not_answered() -> None:
     query = DNSRecord.question("box.vm")
     raw = dns.answer(query.reply().pack())
     assert raw is None
+
+
+def test_relays_outside_the_zone_only_for_clients_the_policy_names() -> None:
+    """Guests with outbound access get other names through an upstream; others do not."""
+    upstream = DnsServer(zone="example")
+    upstream.set_record("www", "192.0.2.7")
+    allowed: set[str] = set()
+    with upstream:
+        (up,) = upstream.start([("127.0.0.1", 0)])
+        relay = DnsServer(forward=lambda client: up if client in allowed else None)
+        relay.set_record("box", "10.0.0.5")
+        with relay:
+            (addr,) = relay.start([("127.0.0.1", 0)])
+            q = DNSRecord.question("www.example", "A")
+            refused = DNSRecord.parse(q.send(addr[0], addr[1], timeout=2))
+            assert refused.header.rcode == RCODE.REFUSED
+            allowed.add("127.0.0.1")
+            relayed = DNSRecord.parse(q.send(addr[0], addr[1], timeout=2))
+            assert relayed.header.rcode == RCODE.NOERROR
+            assert [str(r.rdata) for r in relayed.rr] == ["192.0.2.7"]
+            # Its own zone is still answered locally.
+            own = DNSRecord.parse(DNSRecord.question("box.vm", "A").send(*addr, timeout=2))
+            assert [str(r.rdata) for r in own.rr] == ["10.0.0.5"]
+
+
+def test_relay_to_a_dead_upstream_is_servfail() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answers
+        dead = silent.getsockname()
+        relay = DnsServer(forward=lambda client: dead)
+        with relay:
+            (addr,) = relay.start([("127.0.0.1", 0)])
+            reply = DNSRecord.parse(DNSRecord.question("www.example", "A").send(
+                addr[0], addr[1], timeout=5))
+            assert reply.header.rcode == RCODE.SERVFAIL

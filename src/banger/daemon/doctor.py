@@ -5,10 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from typing import Literal
 
 from banger.api.schema import Check, Doctor
 from banger.core.ports import VmmPort
+from banger.daemon.names import VmNames
+from banger.host import net
 from banger.host.runner import CommandError, run
+from banger.model import netalloc
+from banger.model.config import Config, NetworkConfig
 from banger.model.layout import Layout
 
 TOOLS = {
@@ -24,7 +30,9 @@ TOOLS = {
 }
 
 
-def doctor(layout: Layout, vmm: VmmPort, images_built: list[str]) -> Doctor:
+def doctor(layout: Layout, vmm: VmmPort, images_built: list[str],
+           names: VmNames | None = None,
+           load_config: Callable[[], Config] | None = None) -> Doctor:
     checks = [Check(name="python", status="pass", detail=sys.version.split()[0])]
     for tool, fix in TOOLS.items():
         path = shutil.which(tool) or (shutil.which(tool, path="/usr/sbin:/sbin") if tool in (
@@ -46,4 +54,53 @@ def doctor(layout: Layout, vmm: VmmPort, images_built: list[str]) -> Doctor:
         name="default image", status="pass" if images_built else "warn",
         detail=", ".join(images_built) if images_built
         else "not built yet: the first `banger vm run` builds it (a few minutes)"))
+    if load_config is not None:
+        try:
+            cfg = load_config()
+        except ValueError as exc:
+            checks.append(Check(name="config", status="fail", detail=str(exc)))
+        else:
+            checks += network_checks(cfg.network, names)
     return Doctor(checks=checks)
+
+
+def network_checks(cfg: NetworkConfig, names: VmNames | None) -> list[Check]:
+    """Tap networking: can it work here, what it found and changed on the host."""
+    checks = [Check(name="network default", status="pass",
+                    detail=f"{cfg.mode} ([network] mode; --network overrides)")]
+    if os.geteuid() != 0:
+        checks.append(Check(name="tap networking", status="warn", detail=(
+            "needs a root daemon (bridge, taps, NAT); user networking works without it")))
+    else:
+        link = net.get_link(cfg.bridge)
+        status: Literal["pass", "warn", "fail"]
+        gateway = f"{netalloc.gateway(cfg.subnet)}/{cfg.subnet.prefixlen}"
+        if link is None:
+            detail, status = f"bridge {cfg.bridge} ({gateway}) is made at the first tap start", \
+                "pass"
+        elif link.owned:
+            detail, status = f"bridge {cfg.bridge} ({gateway}) is banger's", "pass"
+        else:
+            detail, status = (f"{cfg.bridge} exists and is not banger's: tap VMs cannot start; "
+                              "set [network] bridge to another name"), "fail"
+        checks.append(Check(name="tap networking", status=status, detail=detail))
+        try:
+            forwarding = "on" if net.ip_forward_enabled() else "off (turned on by the first --nat)"
+            drops = [d.describe() for d in net.forward_drop_chains()]
+            checks.append(Check(name="ip forwarding", status="pass", detail=forwarding))
+            checks.append(Check(
+                name="forward policy", status="warn" if drops else "pass",
+                detail="; ".join(drops) + ": --nat adds accept rules for its VMs there"
+                if drops else "no foreign FORWARD chain drops by default"))
+        except (net.NetworkError, CommandError) as exc:
+            checks.append(Check(name="nftables", status="fail", detail=str(exc)))
+    if names is not None:
+        if names.host_listener is not None:
+            host, port = names.host_listener
+            checks.append(Check(name="dns", status="pass", detail=(
+                f"<name>.vm answered on {host}:{port}; route .vm there to use it from the "
+                f"host (dig @{host} -p {port} box.vm)")))
+        else:
+            checks.append(Check(name="dns", status="warn", detail="; ".join(names.problems)
+                                or "host-side .vm DNS is off ([network] dns_port = 0)"))
+    return checks

@@ -16,6 +16,7 @@ from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
 from banger.daemon.app import create_app
 from banger.daemon.doctor import doctor
+from banger.daemon.names import VmNames
 from banger.daemon.sockets import bind_socket
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
@@ -49,13 +50,17 @@ def main(argv: list[str] | None = None) -> None:
     sock_path = args.socket or layout.daemon_socket
     sock = bind_socket(sock_path)
     service = build_service(layout)
+    names = VmNames(service.load_config)
+    names.start()
+    service.on_change.append(names.update)
     for vm in service.reconcile():
         log.info("reconciled %s: %s", vm.name, vm.state.value)
     app = create_app(
         service,
         doctor=lambda: doctor(layout, service.host.vmm,
                               [n for n in service.host.images.known()
-                               if (layout.images_dir / n / "manifest.json").exists()]),
+                               if (layout.images_dir / n / "manifest.json").exists()],
+                              names=names, load_config=service.load_config),
         ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
         ssh_argv=lambda addr, alias: ssh.ssh_base_argv(
             port=addr.port, host=addr.host, key=layout.ssh_key, known_hosts=layout.known_hosts,
@@ -66,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.run(sockets=[sock])
     finally:
+        names.stop()
         sock_path.unlink(missing_ok=True)
 
 

@@ -29,7 +29,7 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ TTL = 5
 # A TCP client that sends nothing for this long is hung up on (and stop() never waits
 # longer than this for a handler thread, since stop() closes the connections first).
 TCP_IDLE_TIMEOUT = 10.0
+RELAY_TIMEOUT = 2.0  # an upstream that does not answer by then gets the client SERVFAIL
 # Guests can open connections too: bound the threads one listener can be made to hold.
 MAX_TCP_CONNECTIONS = 64
 # How often an idle serve_forever loop looks for a shutdown request; bounds stop()'s wait.
@@ -71,7 +72,12 @@ class DnsServer:
     Names are single DNS labels (a VM name); they are stored and matched lower-case.
     """
 
-    def __init__(self, zone: str = DEFAULT_ZONE, *, ttl: int = TTL) -> None:
+    def __init__(self, zone: str = DEFAULT_ZONE, *, ttl: int = TTL,
+                 forward: Callable[[str], Address | None] | None = None) -> None:
+        """``forward(client_ip)`` names the upstream resolver that queries outside the
+        zone from that client are relayed to (None: refused). Guests with outbound
+        access need names beyond ``.vm``; guests without it get nothing relayed."""
+        self.forward = forward
         zone_labels = tuple(p.encode("ascii").lower() for p in zone.strip(".").split("."))
         if not all(zone_labels):
             raise ValueError(f"invalid DNS zone {zone!r}")
@@ -115,7 +121,7 @@ class DnsServer:
 
     # -- answering -----------------------------------------------------------------------
 
-    def answer(self, packet: bytes) -> bytes | None:
+    def answer(self, packet: bytes, client: str | None = None) -> bytes | None:
         """The reply to one wire-format query, or None when it deserves no reply
         (unreadable header, or a response rather than a query). Never raises."""
         try:
@@ -125,7 +131,12 @@ class DnsServer:
         if request.header.qr:  # a response: answering it could start a loop between servers
             return None
         try:
-            return bytes(self._resolve(request).pack())
+            reply = self._resolve(request)
+            if reply.header.rcode == RCODE.REFUSED and client and self.forward is not None:
+                upstream = self.forward(client)
+                if upstream is not None:
+                    return _relay(packet, upstream) or _servfail(request)
+            return bytes(reply.pack())
         except Exception:
             log.exception("DNS: failed to answer a query")
             return _formerr(packet)
@@ -267,6 +278,26 @@ def _label(name: str) -> bytes:
     return key
 
 
+def _relay(packet: bytes, upstream: Address, timeout: float = RELAY_TIMEOUT) -> bytes | None:
+    """Send ``packet`` to ``upstream`` over UDP and return its reply (None on timeout)."""
+    family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            s.sendto(packet, upstream)
+            reply, _ = s.recvfrom(65535)
+            return reply
+    except OSError as exc:
+        log.info("DNS: relay to %s:%d failed: %s", upstream[0], upstream[1], exc)
+        return None
+
+
+def _servfail(request: Any) -> bytes:
+    h = request.header
+    return bytes(DNSRecord(DNSHeader(id=h.id, qr=1, rd=h.rd, ra=0, rcode=RCODE.SERVFAIL),
+                           q=request.q).pack())
+
+
 def _formerr(packet: bytes) -> bytes | None:
     if len(packet) < 12:
         return None
@@ -299,7 +330,7 @@ class _UdpHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         data, sock = self.request
-        reply = self.server.dns.answer(data)
+        reply = self.server.dns.answer(data, self.client_address[0])
         if reply is not None:
             with contextlib.suppress(OSError):
                 sock.sendto(reply, self.client_address)
@@ -337,7 +368,7 @@ class _TcpHandler(socketserver.BaseRequestHandler):
                 body = _recv_exact(conn, length)
                 if body is None:
                     return
-                reply = self.server.dns.answer(body)
+                reply = self.server.dns.answer(body, self.client_address[0])
                 if reply is None:
                     return
                 conn.sendall(struct.pack("!H", len(reply)) + reply)
