@@ -238,6 +238,23 @@ def test_nat_gives_the_guest_outbound_access(topology: Topology) -> None:
     assert topology.reach() is None
 
 
+def test_guard_keeps_guests_without_nat_closed_even_when_routed(topology: Topology) -> None:
+    """A remote that routes the guests' subnet back (a LAN router would) gets through to a
+    guest without NAT once forwarding is on - unless the bridge's guard is there."""
+    assert run_in(topology.remote, "ip", "route", "add", "172.30.0.0/24", "via",
+                  HOST_REMOTE_SIDE).returncode == 0
+    net.ensure_ip_forward()
+    assert topology.reach() == str(GUEST_IP)  # plain routing: the guest is out
+    assert net.ensure_guard(BRIDGE) is True
+    assert net.ensure_guard(BRIDGE) is False  # idempotent
+    assert topology.reach() is None  # guarded: no NAT, no way out
+    net.add_nat("vm1", GUEST_IP, BRIDGE)
+    assert topology.reach() == HOST_REMOTE_SIDE  # its NAT rules go ahead of the guard
+    net.remove_nat("vm1")
+    assert topology.reach() is None
+    assert net.nat_vm_ids() == set()  # the guard is not a VM's rule
+
+
 IPTABLES = shutil.which("iptables-nft")
 
 

@@ -323,7 +323,9 @@ class LocalNet:
 
     def ensure_bridge(self, name: str, gateway: IPv4Interface) -> bool:
         with self._bridge_lock:
-            return self._net(net.ensure_bridge, name, gateway)
+            created = self._net(net.ensure_bridge, name, gateway)
+            self._net(net.ensure_guard, name)
+            return created
 
     def create_tap(self, name: str, bridge: str) -> bool:
         return self._net(net.create_tap, name, bridge)

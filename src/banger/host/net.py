@@ -298,6 +298,30 @@ def ensure_nat_table() -> None:
     ])
 
 
+GUARD_PREFIX = "banger-guard:"
+
+
+def ensure_guard(bridge: str) -> bool:
+    """Close ``bridge`` off for routed traffic: guests without --nat get nothing forwarded
+    in or out even when ip_forward is on (another VM's --nat, Docker, a router host).
+    Two drop rules at the end of banger's forward chain; each VM's accept rules
+    (:func:`add_nat`) are inserted ahead of them. Idempotent; True when added."""
+    _check_ifname(bridge)
+    ensure_nat_table()
+    comment = GUARD_PREFIX + bridge
+    chain = ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN)
+    if any(rule.get("comment") == comment for rule in _rules_in(list_ruleset(), chain)):
+        return False
+    new = {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["new"]}}
+    _nft([
+        _rule("add", chain, [_eq(_meta("iifname"), bridge), _ne(_meta("oifname"), bridge),
+                             {"drop": None}], comment),
+        _rule("add", chain, [_eq(_meta("oifname"), bridge), _ne(_meta("iifname"), bridge),
+                             new, {"drop": None}], comment),
+    ])
+    return True
+
+
 def add_nat(vm_id: str, guest_ip: IPv4Address, bridge: str,
             out_iface: str | None = None) -> NatSetup:
     """Give the guest at ``guest_ip`` behind ``bridge`` outbound access through the host.
@@ -330,8 +354,9 @@ def add_nat(vm_id: str, guest_ip: IPv4Address, bridge: str,
                   {"masquerade": None}]
     adds = [
         _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, NAT_CHAIN), masquerade, comment),
-        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN), outbound, comment),
-        _rule("add", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN),
+        # Inserted: ahead of the bridge's guard (ensure_guard) at the end of the chain.
+        _rule("insert", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN), outbound, comment),
+        _rule("insert", ChainRef(NFT_FAMILY, NFT_TABLE, FORWARD_CHAIN),
               [*inbound, replies, {"accept": None}], comment),
     ]
     for drop in drops:
