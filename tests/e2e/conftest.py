@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,9 +62,12 @@ class Banger:
     user: str | None = None
     python: str = sys.executable
     ports_seen: set[int] = field(default_factory=set)
+    netns: str | None = None  # run the CLI (and so the daemon it starts) in this netns
 
     def argv(self, *args: str) -> list[str]:
         base = [self.python, "-m", "banger.cli.main", *args]
+        if self.netns:
+            base = ["ip", "netns", "exec", self.netns, *base]
         if self.user:
             envs = [f"{k}={v}" for k, v in self.env.items()]
             return ["runuser", "-u", self.user, "--", "env", "-i", *envs, *base]
@@ -163,12 +166,19 @@ def image_dir(image: imagebuild.ImageArtifacts) -> Path:
 def banger(image_dir: Path) -> Iterator[Banger]:
     b = make_banger(images_dir=image_dir)
     yield b
+    finish(b)
+
+
+def finish(b: Banger, extra_check: Callable[[], None] | None = None) -> None:
+    """Delete every VM, check the OS for leftovers, stop the daemon, remove the home."""
     try:
         if b.daemon_pid() is not None:
             b.run("vm", "prune", "-f", check=False)
             for vm in json.loads(b.run("vm", "list", "--json").stdout):
                 b.run("vm", "delete", vm["name"], check=False)
         assert_nothing_left(b)
+        if extra_check is not None:
+            extra_check()
     finally:
         b.stop_daemon()
         for pid in qemu_pids(str(b.home)):  # never leave a VM behind, even on failure
