@@ -21,6 +21,7 @@ from banger.core.ports import (
     HostPorts,
     ImageInfo,
     LaunchSpec,
+    ListeningSocket,
     Rediscovered,
     WorkspaceRequest,
     WorkspaceSelection,
@@ -192,6 +193,12 @@ class FakeGuest:
         self.identity: dict[str, str] = {}
         self.identity_sent: list[dict[str, str] | None] = []
         self.bootstraps: list[tuple[str, str, str]] = []
+        # What every running guest reports as listening (settable per test).
+        self.sockets: list[ListeningSocket] = [
+            ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
+            ListeningSocket("tcp", "::", 22, "sshd"),
+        ]
+        self.listening_asked: list[Endpoint] = []
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -228,6 +235,12 @@ class FakeGuest:
                         installer_url: str) -> str:
         self.bootstraps.append((alias, workdir, installer_url))
         return "/root/.banger/bootstrap.log"
+
+    def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
+        if not any(p.spec.ssh_port == addr.port for p in self.vmm.procs.values()):
+            raise RuntimeError(f"ssh: connect to {addr}: connection refused")
+        self.listening_asked.append(addr)
+        return list(self.sockets)
 
     def new_host_key(self) -> tuple[bytes, str]:
         return b"PRIVATE", "ssh-ed25519 AAAAhost banger-guest"

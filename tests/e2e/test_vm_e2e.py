@@ -33,6 +33,36 @@ def test_run_returns_guest_exit_code_and_keeps_vm(banger: Banger) -> None:
     assert sig.returncode == 128 + signal.SIGTERM
 
 
+def test_ports_lists_guest_listeners(banger: Banger) -> None:
+    banger.run("vm", "run", "-d", "--name", "pt")
+    # busybox httpd daemonizes at once: the ssh call returns, the listeners stay.
+    banger.run("vm", "ssh", "pt", "--", "sh", "-c",
+               "busybox httpd -p 8080 -h /tmp && busybox httpd -p 127.0.0.1:8081 -h /tmp")
+    rt = banger.show("pt")["runtime"]
+    assert isinstance(rt, dict)
+    ports = banger.json("vm", "ports", "pt")
+    assert isinstance(ports, list)
+
+    def find(port: int) -> list[dict[str, object]]:
+        return [p for p in ports if p["proto"] == "tcp" and p["port"] == port]
+
+    web, local, ssh = find(8080), find(8081), find(22)
+    assert len(web) == 1 and web[0]["process"] == "busybox", ports
+    assert web[0]["endpoint"] is None and "user networking" in str(web[0]["note"])
+    assert local == [{"proto": "tcp", "address": "127.0.0.1", "port": 8081,
+                      "process": "busybox", "endpoint": None,
+                      "note": "guest loopback only"}], ports
+    forwarded = [p for p in ssh if p["endpoint"] is not None]
+    assert [p["endpoint"] for p in forwarded] == [f"127.0.0.1:{rt['ssh_port']}"], ports
+    assert all(p["process"] == "sshd" for p in ssh), ports
+    table = banger.run("vm", "ports", "pt").stdout
+    assert table.split()[:5] == ["PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT"]
+    assert f"127.0.0.1:{rt['ssh_port']}" in table
+    banger.run("vm", "delete", "pt")
+    proc = banger.run("vm", "ports", "pt", check=False)
+    assert proc.returncode == 1 and "no VM named 'pt'" in proc.stderr
+
+
 def test_interactive_run_keeps_vm_running(banger: Banger) -> None:
     # A real terminal for ssh -t: script(1) gives the session a pty.
     cli = " ".join(banger.argv("vm", "run", "--name", "tty"))

@@ -20,7 +20,7 @@ from banger.daemon.sockets import bind_socket
 from banger.model.layout import Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
-from tests.fakes import FakeVmm, fake_host
+from tests.fakes import FakeGuest, FakeVmm, fake_host
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Daemon:
     service: VMService
     vmm: FakeVmm
     client: Client
+    guest: FakeGuest
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     monkeypatch.setenv("BANGER_HOME", str(home))
     layout = Layout.for_user()
     db = Database(layout.db)
-    host, _images, _disks, vmm, _guest = fake_host(tmp_path)
+    host, _images, _disks, vmm, guest = fake_host(tmp_path)
     service = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
                         layout=layout)
     app = create_app(service, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
@@ -54,7 +55,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
         assert time.monotonic() < deadline, "daemon did not start"
         time.sleep(0.02)
     client = Client(layout.daemon_socket)
-    yield Daemon(layout, service, vmm, client)
+    yield Daemon(layout, service, vmm, client, guest)
     client.close()
     server.should_exit = True
     thread.join(10)

@@ -7,6 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from banger.cli.main import cli
+from banger.core.ports import ListeningSocket
 from tests.integration.conftest import Daemon
 
 
@@ -108,6 +109,44 @@ def test_ssh_refused_when_not_running(daemon: Daemon) -> None:
     banger("vm", "create", "--name", "s", "--no-start")
     code, _, err = banger("vm", "ssh", "s", "--", "true")
     assert code == 1 and "not running" in err and "banger vm start s" in err
+
+
+def test_ports_route_and_cli(daemon: Daemon) -> None:
+    assert banger("vm", "create", "--name", "web", "--no-start")[0] == 0
+    code, _, err = banger("vm", "ports", "web")
+    assert code == 1 and "not running" in err and "banger vm start web" in err
+    r = daemon.client.http.get("/v1/vms/web/ports")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
+    assert banger("vm", "start", "web")[0] == 0
+    daemon.guest.sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
+                            ListeningSocket("tcp", "*", 8080, "busybox"),
+                            ListeningSocket("udp", "127.0.0.53", 53, None)]
+    port = daemon.vmm.launched[-1].ssh_port
+    body = daemon.client.http.get("/v1/vms/web/ports").json()
+    assert body["vm"] == "web" and body["network"] == "user"
+    code, out, err = banger("vm", "ports", "web", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert rows == body["ports"]
+    assert rows[0] == {"proto": "tcp", "address": "0.0.0.0", "port": 22, "process": "sshd",
+                       "endpoint": f"127.0.0.1:{port}",
+                       "note": "forwarded to the guest's port 22"}
+    assert rows[1]["endpoint"] is None and "user networking" in rows[1]["note"]
+    assert rows[2] == {"proto": "udp", "address": "127.0.0.53", "port": 53, "process": None,
+                       "endpoint": None, "note": "guest loopback only"}
+    code, out, _ = banger("vm", "ports", "web")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT"]
+    assert lines[1].split()[:5] == ["tcp", "0.0.0.0", "22", "sshd", f"127.0.0.1:{port}"]
+    assert "guest loopback only" in lines[3]
+    daemon.guest.sockets = []
+    assert banger("vm", "ports", "web")[1] == "web: nothing is listening\n"
+    code, _, err = banger("vm", "ports", "nope")
+    assert code == 1 and "no VM named 'nope'" in err
+    doc = daemon.client.http.get("/openapi.json").json()
+    assert "/v1/vms/{ref}/ports" in doc["paths"] and "GuestPortOut" in doc["components"][
+        "schemas"]
 
 
 def test_doctor(daemon: Daemon) -> None:

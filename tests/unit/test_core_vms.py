@@ -9,6 +9,7 @@ import pytest
 
 from banger.core.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.core.operations import Operations, Progress
+from banger.core.ports import ListeningSocket
 from banger.core.service import VMService
 from banger.core.startplan import StartContext, start_steps
 from banger.model.layout import Layout
@@ -506,3 +507,39 @@ def test_git_identity_on_the_work_disk_and_resent_only_when_changed(env) -> None
     assert guest.identity_sent == [{"user.name": "Ada L", "user.email": "ada@x"}]
     svc.restart("id")
     assert len(guest.identity_sent) == 1
+
+
+def test_ports_of_a_running_vm(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.create(name="web", spec=VMSpec())
+    guest.sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
+                     ListeningSocket("tcp", "*", 8080, "busybox"),
+                     ListeningSocket("tcp", "127.0.0.1", 5432, "postgres")]
+    vm, views = svc.ports("web")
+    assert vm.name == "web"
+    port = vmm.launched[-1].ssh_port
+    assert guest.listening_asked[-1].port == port
+    got = {v.socket.port: v for v in views}
+    assert got[22].endpoint == f"127.0.0.1:{port}"
+    assert got[8080].endpoint is None and "user networking" in (got[8080].note or "")
+    assert got[5432].endpoint is None and got[5432].note == "guest loopback only"
+
+
+def test_ports_refuses_a_vm_that_is_not_running(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.create(name="idle", spec=VMSpec(), start=False)
+    with pytest.raises(ConflictError, match=r"'idle' is created, not running.*"
+                                            r"`banger vm start idle`"):
+        svc.ports("idle")
+    svc.start("idle")
+    svc.stop("idle")
+    with pytest.raises(ConflictError, match="stopped, not running"):
+        svc.ports("idle")
+    # A VMM that died behind banger's back is observed, not asked over ssh.
+    svc.start("idle")
+    vmm.procs.clear()
+    with pytest.raises(ConflictError, match="`banger vm start idle`"):
+        svc.ports("idle")
+    assert guest.listening_asked == []
+    with pytest.raises(NotFoundError):
+        svc.ports("nope")

@@ -178,6 +178,27 @@ class SshTarget(BaseModel):
     argv: list[str] = Field(description="ssh argv up to and including the destination")
 
 
+class GuestPortOut(BaseModel):
+    """A socket listening in the guest and where the host reaches it."""
+
+    proto: Literal["tcp", "udp"]
+    address: str = Field(description='bound address ("0.0.0.0", "::", "127.0.0.1"; "*" is '
+                                     "the dual-stack wildcard)")
+    port: int = Field(ge=0, le=65535)
+    process: str | None = Field(default=None, description="owning process names")
+    endpoint: str | None = Field(default=None, description=(
+        "host:port the host reaches it at (<name>.vm:<port> in tap networking, the "
+        "forwarded 127.0.0.1 port for ssh in user networking); null when it is not "
+        "reachable from the host"))
+    note: str | None = Field(default=None, description="why not reachable, or how it is")
+
+
+class VMPorts(BaseModel):
+    vm: str
+    network: str
+    ports: list[GuestPortOut]
+
+
 class OperationOut(BaseModel):
     id: str
     kind: str

@@ -22,6 +22,7 @@ from banger.cli.render import (
     err_console,
     mib,
     out_console,
+    ports_table,
     print_error,
     print_json,
     vm_detail,
@@ -391,6 +392,22 @@ def vm_logs(ref: str, vmm: bool) -> None:
     """Print the serial console (or VMM) log."""
     logs = connect().logs(ref)
     sys.stdout.write(logs.vmm if vmm else logs.serial)
+
+
+@vm.command("ports")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def vm_ports(ref: str, as_json: bool) -> None:
+    """List the running guest's listening TCP and UDP sockets and where the host reaches
+    each one."""
+    res = connect().ports(ref)
+    if as_json:
+        print_json([p.model_dump() for p in res.ports])
+    elif not res.ports:
+        print(f"{res.vm}: nothing is listening")
+    else:
+        out_console.print(ports_table(res.ports))
 
 
 @vm.command("ssh", context_settings={"ignore_unknown_options": True})

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from banger.api.schema import ErrorBody, ProgressEvent, VMOut
+from banger.api.schema import ErrorBody, GuestPortOut, ProgressEvent, VMOut
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -123,4 +123,16 @@ def vm_detail(v: VMOut) -> Table:
                                    f"operation {v.last_op_id})"))
     for k, val in rows:
         t.add_row(k, val)
+    return t
+
+
+def ports_table(ports: list[GuestPortOut]) -> Table:
+    t = Table(box=None, pad_edge=False)
+    for col in ("PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT"):
+        t.add_column(col, no_wrap=True)
+    for p in ports:
+        where = escape(p.endpoint or "-")
+        if p.note:
+            where += f" [dim]({escape(p.note)})[/dim]"
+        t.add_row(p.proto, escape(p.address), str(p.port), escape(p.process or "-"), where)
     return t

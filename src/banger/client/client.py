@@ -27,6 +27,7 @@ from banger.api.schema import (
     SshTarget,
     VMCreate,
     VMOut,
+    VMPorts,
     VMSet,
     WorkspaceIn,
 )
@@ -139,6 +140,9 @@ class Client:
 
     def ssh_target(self, ref: str) -> SshTarget:
         return SshTarget.model_validate(self._request("GET", f"/vms/{ref}/ssh"))
+
+    def ports(self, ref: str) -> VMPorts:
+        return VMPorts.model_validate(self._request("GET", f"/vms/{ref}/ports"))
 
     def operations(self) -> list[OperationOut]:
         return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]

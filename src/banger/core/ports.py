@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 from banger.model.config import FileSync
 
@@ -154,6 +154,18 @@ class Endpoint:
         return f"{self.host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class ListeningSocket:
+    """A socket listening in a guest (TCP) or bound and unconnected (UDP), as ``ss`` shows
+    it: ``address`` is the bound address without scope or brackets ("0.0.0.0", "::",
+    "127.0.0.1"), or "*" for a dual-stack wildcard (IPv6 any with IPV6_V6ONLY off)."""
+
+    proto: Literal["tcp", "udp"]
+    address: str
+    port: int
+    process: str | None = None  # the owning process names, comma-separated
+
+
 class GuestPort(Protocol):
     def ensure_key(self) -> str:
         """The managed public key (created on first use)."""
@@ -186,6 +198,9 @@ class GuestPort(Protocol):
                         installer_url: str) -> str:
         """Start the tool installer for ``workdir`` in the guest's background; return the
         guest path of its log."""
+
+    def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
+        """The guest's listening TCP and UDP sockets, each (proto, address, port) once."""
 
 
 class NetPort(Protocol):

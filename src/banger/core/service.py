@@ -27,6 +27,7 @@ from banger.core.errors import (
     NotFoundError,
     OperationFailed,
 )
+from banger.core.guestports import GuestSocketView, reachability
 from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
 from banger.core.ports import (
     Endpoint,
@@ -538,6 +539,21 @@ class VMService:
         paths = self.layout.vm(vm.id)
         h = self.handles.get(vm.id) if vm.state in LIVE_STATES else None
         return VMView(vm=vm, handles=h, paths=paths)
+
+    def ports(self, ref: str) -> tuple[VM, list[GuestSocketView]]:
+        """The running guest's listening sockets and where the host reaches each one."""
+        view = self.show(ref)
+        vm, h = view.vm, view.handles
+        addr = h.endpoint if h is not None else None
+        if vm.state is VMState.RUNNING and addr is None:
+            raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh endpoint "
+                                f"for it: `banger vm restart {vm.name}`")
+        if vm.state is not VMState.RUNNING or addr is None:
+            raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: its ports "
+                                f"are read from the running guest; start it with "
+                                f"`banger vm start {vm.name}`")
+        sockets = self.host.guest.listening(addr=addr, alias=view.paths.names.ssh_alias)
+        return vm, reachability(vm, addr, sockets)
 
     def _observe_locked(self, vm: VM) -> VM:
         """Demote a VM whose VMM is gone; rediscover handles of one that still runs."""

@@ -30,6 +30,7 @@ from banger.api.schema import (
     DryRun,
     ErrorBody,
     ErrorResponse,
+    GuestPortOut,
     Health,
     Logs,
     OperationOut,
@@ -38,6 +39,7 @@ from banger.api.schema import (
     SshTarget,
     VMCreate,
     VMOut,
+    VMPorts,
     VMSet,
     WorkspaceIn,
 )
@@ -283,6 +285,15 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                          known_hosts=known_hosts, alias=view.paths.names.ssh_alias,
                          vm=view.vm.name, workdir=view.vm.workspace_guest_path,
                          argv=ssh_argv(addr, view.paths.names.ssh_alias))
+
+    @app.get(f"{PREFIX}/vms/{{ref}}/ports")
+    async def ports(ref: str) -> VMPorts:
+        vm, views = await asyncio.to_thread(service.ports, ref)
+        return VMPorts(vm=vm.name, network=vm.spec.network.value, ports=[
+            GuestPortOut(proto=v.socket.proto, address=v.socket.address,
+                         port=v.socket.port, process=v.socket.process, endpoint=v.endpoint,
+                         note=v.note)
+            for v in views])
 
     @app.get(f"{PREFIX}/operations")
     def operations() -> list[OperationOut]:

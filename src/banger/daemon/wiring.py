@@ -21,11 +21,22 @@ from banger.core.ports import (
     HostPorts,
     ImageInfo,
     LaunchSpec,
+    ListeningSocket,
     Rediscovered,
     WorkspaceRequest,
     WorkspaceSelection,
 )
-from banger.host import disks, filesync, imagebuild, kvm, net, qemu, ssh, workspace
+from banger.host import (
+    disks,
+    filesync,
+    guestports,
+    imagebuild,
+    kvm,
+    net,
+    qemu,
+    ssh,
+    workspace,
+)
 from banger.host.runner import CommandError, run
 from banger.model.config import FileSync
 from banger.model.layout import Layout
@@ -290,6 +301,17 @@ class SshGuest:
                                        installer_url=installer_url)
         except ssh.SshError as exc:
             raise OperationFailed(str(exc)) from exc
+
+    def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
+        try:
+            out = run([*self._argv(addr, alias), guestports.SS_COMMAND], timeout=30)
+        except CommandError as exc:
+            raise OperationFailed(f"could not list the guest's sockets: {exc}") from exc
+        try:
+            found = guestports.parse_ss(out.stdout)
+        except guestports.SsParseError as exc:
+            raise OperationFailed(f"could not read the guest's `ss` output: {exc}") from exc
+        return [ListeningSocket(s.proto, s.address, s.port, s.process) for s in found]
 
     def new_host_key(self) -> tuple[bytes, str]:
         return ssh.host_keypair()
