@@ -177,6 +177,13 @@ class SshTarget(BaseModel):
     argv: list[str] = Field(description="ssh argv up to and including the destination")
 
 
+class SshConfig(BaseModel):
+    """banger's own ssh_config: where the daemon keeps it and what it holds now."""
+
+    path: str = Field(description="absolute path; ~/.ssh/config Includes it")
+    text: str
+
+
 class OperationOut(BaseModel):
     id: str
     kind: str

@@ -24,6 +24,7 @@ from banger.api.schema import (
     Logs,
     OperationOut,
     ProgressEvent,
+    SshConfig,
     SshTarget,
     VMCreate,
     VMOut,
@@ -139,6 +140,9 @@ class Client:
 
     def ssh_target(self, ref: str) -> SshTarget:
         return SshTarget.model_validate(self._request("GET", f"/vms/{ref}/ssh"))
+
+    def ssh_config(self) -> SshConfig:
+        return SshConfig.model_validate(self._request("GET", "/ssh-config"))
 
     def operations(self) -> list[OperationOut]:
         return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]

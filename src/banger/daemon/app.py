@@ -35,6 +35,7 @@ from banger.api.schema import (
     OperationOut,
     ProgressEvent,
     Runtime,
+    SshConfig,
     SshTarget,
     VMCreate,
     VMOut,
@@ -282,6 +283,15 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                          known_hosts=known_hosts, alias=view.paths.names.ssh_alias,
                          vm=view.vm.name, workdir=view.vm.workspace_guest_path,
                          argv=ssh_argv(addr, view.paths.names.ssh_alias))
+
+    @app.get(f"{PREFIX}/ssh-config")
+    def ssh_config() -> SshConfig:
+        path = service.layout.ssh_config
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        return SshConfig(path=str(path), text=text)
 
     @app.get(f"{PREFIX}/operations")
     def operations() -> list[OperationOut]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from banger.api.schema import Check, Doctor
 from banger.core.ports import VmmPort
+from banger.host import sshconfig
 from banger.host.runner import CommandError, run
 from banger.model.layout import Layout
 
@@ -24,7 +26,8 @@ TOOLS = {
 }
 
 
-def doctor(layout: Layout, vmm: VmmPort, images_built: list[str]) -> Doctor:
+def doctor(layout: Layout, vmm: VmmPort, images_built: list[str], *,
+           user_ssh_config: Path) -> Doctor:
     checks = [Check(name="python", status="pass", detail=sys.version.split()[0])]
     for tool, fix in TOOLS.items():
         path = shutil.which(tool) or (shutil.which(tool, path="/usr/sbin:/sbin") if tool in (
@@ -46,4 +49,23 @@ def doctor(layout: Layout, vmm: VmmPort, images_built: list[str]) -> Doctor:
         name="default image", status="pass" if images_built else "warn",
         detail=", ".join(images_built) if images_built
         else "not built yet: the first `banger vm run` builds it (a few minutes)"))
+    checks.append(ssh_config_check(user_ssh_config, layout.ssh_config))
     return Doctor(checks=checks)
+
+
+def ssh_config_check(user_ssh_config: Path, include: Path) -> Check:
+    """Whether ``ssh <name>.vm`` works from any terminal: the user's ssh config Includes
+    banger's. A WARN, not a FAIL: ``banger vm ssh`` works without it."""
+    fix = "run `banger ssh-config --install` so that `ssh <name>.vm` works"
+    try:
+        if sshconfig.is_installed(user_ssh_config, include):
+            return Check(name="ssh-config", status="pass",
+                         detail=f"{user_ssh_config} includes {include}")
+        if sshconfig.is_installed(user_ssh_config):
+            return Check(name="ssh-config", status="warn",
+                         detail=f"banger's block in {user_ssh_config} includes another "
+                                f"file, not {include}: {fix}")
+    except (sshconfig.SshConfigError, OSError) as exc:
+        return Check(name="ssh-config", status="warn", detail=str(exc))
+    return Check(name="ssh-config", status="warn",
+                 detail=f"not installed in {user_ssh_config}: {fix}")
