@@ -585,8 +585,8 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
               else f"not installed in {user_config}: `banger ssh-config --install` adds one "
                    "Include block (`--uninstall` removes it)")
     if hosts is not None and installed:
-        print("ssh " + ", ".join(hosts) if hosts else "no VM running: `ssh <name>.vm` "
-              "works for each VM while it runs")
+        print("reachable now: " + ", ".join(f"ssh {h}" for h in hosts) if hosts
+              else "no VM running: `ssh <name>.vm` works for each VM while it runs")
 
 
 @cli.command("ops")
