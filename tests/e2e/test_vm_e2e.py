@@ -291,3 +291,39 @@ def test_file_sync_and_host_git_identity(image_dir: Path, tmp_path: Path) -> Non
         b.stop_daemon()
         for pid in qemu_pids(str(b.home)):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_ssh_config_plain_ssh_reaches_vm(banger: Banger, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    user_config = home / ".ssh" / "config"
+    user_config.parent.mkdir(parents=True, mode=0o700)
+    original = "Host elsewhere.example\n    User nobody\n"
+    user_config.write_text(original)
+    user_config.chmod(0o600)
+    # The CLI and the daemon it starts read ~ from $HOME. ssh does not (it asks passwd),
+    # so it is pointed at the user's config with -F below.
+    banger.env["HOME"] = str(home)
+    banger.run("vm", "run", "-d", "--name", "sc")
+    assert "added an Include" in banger.run("ssh-config", "--install").stdout
+    assert "already installed" in banger.run("ssh-config", "--install").stdout
+    doctor = banger.json("doctor")
+    assert isinstance(doctor, dict)
+    row = next(c for c in doctor["checks"] if c["name"] == "ssh-config")
+    assert row["status"] == "pass", row
+
+    def ssh(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["ssh", "-F", str(user_config), "-o", "BatchMode=yes",
+                               "sc.vm", *command], capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    proc = ssh("true")
+    assert proc.returncode == 0, proc.stderr
+    assert ssh("hostname").stdout.strip() == "sc"
+    ssh_config = banger.home / "state" / "ssh" / "config"
+    assert "Host sc.vm\n" in ssh_config.read_text()
+
+    banger.run("vm", "delete", "sc")
+    assert "Host sc.vm" not in ssh_config.read_text()
+    assert "removed" in banger.run("ssh-config", "--uninstall").stdout
+    assert user_config.read_text() == original
+    assert user_config.stat().st_mode & 0o777 == 0o600

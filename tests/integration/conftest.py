@@ -17,6 +17,7 @@ from banger.core.operations import Operations
 from banger.core.service import VMService
 from banger.daemon.app import create_app
 from banger.daemon.sockets import bind_socket
+from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.model.layout import Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
@@ -41,6 +42,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     host, _images, _disks, vmm, guest = fake_host(tmp_path)
     service = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
                         layout=layout)
+    attach_ssh_config(service)  # as bangerd's main does
     app = create_app(service, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
                                                                   detail="ok")]),
                      ssh_key="k", known_hosts="kh",

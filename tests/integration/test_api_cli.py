@@ -4,6 +4,7 @@ import json
 import stat
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from banger.cli.main import cli
@@ -175,3 +176,92 @@ def test_workspace_dry_run_and_create(daemon: Daemon, tmp_path: Path) -> None:
     assert vm["workspace_path"] == str(repo) and vm["workspace_guest_path"] == "/root/repo"
     assert daemon.client.ssh_target("w").workdir == "/root/repo"
     assert "/root/repo" in banger("vm", "show", "w")[1]
+
+
+# -- ssh-config ---------------------------------------------------------------------------
+
+def _hosts(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("Host ")]
+
+
+def test_ssh_config_follows_lifecycle(daemon: Daemon) -> None:
+    path = daemon.layout.ssh_config
+    # Written at daemon start, with no VM: an installed Include never points at nothing.
+    assert _hosts(path) == ["Host *.vm"]
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert banger("vm", "create", "--name", "box")[0] == 0
+    assert banger("vm", "create", "--name", "web")[0] == 0
+    text = path.read_text()
+    assert _hosts(path) == ["Host box.vm", "Host web.vm", "Host *.vm"]
+    box = daemon.service.show("box")
+    assert box.handles is not None and box.handles.endpoint is not None
+    block = text.split("Host box.vm\n", 1)[1].split("\n\n", 1)[0]
+    assert f"    HostName {box.handles.endpoint.host}" in block
+    assert f"    Port {box.handles.endpoint.port}" in block
+    assert f"    HostKeyAlias {box.paths.names.ssh_alias}" in block
+    assert f"    IdentityFile {daemon.layout.ssh_key}" in block
+    assert banger("vm", "stop", "box")[0] == 0
+    assert _hosts(path) == ["Host web.vm", "Host *.vm"]
+    assert banger("vm", "start", "box")[0] == 0
+    assert _hosts(path) == ["Host box.vm", "Host web.vm", "Host *.vm"]
+    assert banger("vm", "kill", "web")[0] == 0
+    assert _hosts(path) == ["Host box.vm", "Host *.vm"]
+    assert banger("vm", "delete", "box", "web")[0] == 0
+    assert _hosts(path) == ["Host *.vm"]
+    assert sorted(p.name for p in path.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_ssh_config_install_uninstall(daemon: Daemon, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "user"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    user = home / ".ssh" / "config"
+    include = daemon.layout.ssh_config
+
+    code, out, _ = banger("ssh-config")
+    assert code == 0 and str(include) in out and "not installed" in out
+    assert "banger ssh-config --install" in out
+    assert not user.exists()  # looking changes nothing
+
+    user.parent.mkdir(mode=0o700)
+    original = "Host github.com\n    User git\n"
+    user.write_text(original)
+    code, out, _ = banger("ssh-config", "--install")
+    assert code == 0 and "added an Include" in out
+    installed = user.read_text()
+    assert installed.endswith(original) and f'Include "{include}"' in installed
+    code, out, _ = banger("ssh-config", "--install")
+    assert code == 0 and "already installed" in out
+    assert user.read_text() == installed
+
+    assert banger("vm", "create", "--name", "box")[0] == 0
+    code, out, _ = banger("ssh-config", "--json")
+    assert code == 0
+    assert json.loads(out) == {"path": str(include), "user_config": str(user),
+                               "installed": True, "changed": False, "hosts": ["box.vm"]}
+    code, out, _ = banger("ssh-config")
+    assert "installed in" in out and "not installed" not in out and "box.vm" in out
+
+    code, out, _ = banger("ssh-config", "--uninstall", "--json")
+    assert code == 0 and json.loads(out)["changed"] is True
+    assert json.loads(out)["installed"] is False
+    assert user.read_text() == original
+    code, out, _ = banger("ssh-config", "--uninstall")
+    assert code == 0 and "nothing to remove" in out
+    assert user.read_text() == original
+
+    code, _, err = banger("ssh-config", "--install", "--uninstall")
+    assert code == 2 and "do not go together" in err
+
+
+def test_ssh_config_broken_block_refused(daemon: Daemon, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    user = tmp_path / ".ssh" / "config"
+    user.parent.mkdir()
+    user.write_text("Host a\n# >>> banger >>>\nInclude /x\n")  # no closing marker
+    code, _, err = banger("ssh-config", "--install")
+    assert code == 1 and f"{user}:2:" in err and "by hand" in err
+    assert user.read_text() == "Host a\n# >>> banger >>>\nInclude /x\n"
+

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from banger.daemon.doctor import ssh_config_check
 from banger.host import sshconfig
 from banger.host.sshconfig import BEGIN, END, SshConfigError, SshEntry
 
@@ -248,3 +249,18 @@ def test_ssh_reads_it_through_the_include(tmp_path: Path) -> None:
     sshconfig.uninstall(user)
     assert _ssh_g(user, "box.vm")["user"] == ["alice"]
     assert os.stat(user).st_size == len("Host *\n    User alice\n    Port 2222\n")
+
+
+# -- doctor's row -------------------------------------------------------------------------
+
+def test_doctor_ssh_config_row(tmp_path: Path) -> None:
+    include = tmp_path / "state" / "ssh" / "config"
+    user = tmp_path / ".ssh" / "config"
+    check = ssh_config_check(user, include)
+    assert check.status == "warn" and "banger ssh-config --install" in check.detail
+    sshconfig.install(user, include)
+    assert ssh_config_check(user, include).status == "pass"
+    other = ssh_config_check(user, tmp_path / "elsewhere")
+    assert other.status == "warn" and "banger ssh-config --install" in other.detail
+    user.write_text("# >>> banger >>>\n")
+    assert ssh_config_check(user, include).status == "warn"

@@ -198,6 +198,12 @@ class VMPorts(BaseModel):
     network: str
     ports: list[GuestPortOut]
 
+class SshConfig(BaseModel):
+    """banger's own ssh_config: where the daemon keeps it and what it holds now."""
+
+    path: str = Field(description="absolute path; ~/.ssh/config Includes it")
+    text: str
+
 
 class OperationOut(BaseModel):
     id: str

@@ -29,6 +29,11 @@ from banger.cli.render import (
     vm_table,
 )
 from banger.client.client import ApiError, Client, DaemonUnavailable, connect
+
+# The one host module the CLI may use (an explicit, linted exception): ~/.ssh/config is the
+# user's file, so the CLI, running as the user, edits it, never the daemon.
+from banger.host import sshconfig
+from banger.model.layout import Layout
 from banger.model.vm import InvalidSpec, VMSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -552,6 +557,60 @@ def doctor(as_json: bool) -> None:
         out_console.print(f"{marks[c.status]} {c.name}: {c.detail}", soft_wrap=True)
     if any(c.status == "fail" for c in d.checks):
         sys.exit(1)
+
+
+@cli.command("ssh-config")
+@click.option("--install", is_flag=True,
+              help="add one Include of banger's ssh_config to ~/.ssh/config")
+@click.option("--uninstall", is_flag=True, help="remove that Include again")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
+    """banger's ssh_config: with it installed, `ssh <name>.vm` (and scp, rsync, editors'
+    remote mode) reaches every running VM with banger's key and pinned host keys.
+
+    Without options: where it is and whether ~/.ssh/config includes it. --install adds a
+    marker-fenced Include block at the top of ~/.ssh/config and changes nothing else in
+    it; --uninstall removes exactly that block.
+    """
+    if install and uninstall:
+        raise click.UsageError("--install and --uninstall do not go together")
+    user_config = Path.home() / ".ssh" / "config"
+    if uninstall:
+        # Needs no daemon: the block is found by its markers, wherever it points.
+        path, hosts = Layout.for_user().ssh_config, None
+    else:
+        # Through the daemon: it owns the file and has written it once it answers, so the
+        # Include never points at nothing.
+        current = connect().ssh_config()
+        path = Path(current.path)
+        hosts = [line.split()[1] for line in current.text.splitlines()
+                 if line.startswith("Host ") and "*" not in line]
+    try:
+        changed = (sshconfig.install(user_config, path) if install
+                   else sshconfig.uninstall(user_config) if uninstall else False)
+        installed = sshconfig.is_installed(user_config, path)
+    except (sshconfig.SshConfigError, ValueError, OSError) as exc:
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(1)
+    if as_json:
+        print_json({"path": str(path), "user_config": str(user_config),
+                    "installed": installed, "changed": changed, "hosts": hosts})
+        return
+    if install:
+        print(f"added an Include of {path} to {user_config}" if changed
+              else f"already installed in {user_config}")
+    elif uninstall:
+        print(f"removed banger's Include from {user_config}" if changed
+              else f"not installed in {user_config}: nothing to remove")
+    else:
+        print(f"banger's ssh_config: {path}")
+        print(f"installed in {user_config}" if installed
+              else f"not installed in {user_config}: `banger ssh-config --install` adds one "
+                   "Include block (`--uninstall` removes it)")
+    if hosts is not None and installed:
+        print("reachable now: " + ", ".join(f"ssh {h}" for h in hosts) if hosts
+              else "no VM running: `ssh <name>.vm` works for each VM while it runs")
 
 
 @cli.command("ops")

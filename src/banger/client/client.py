@@ -24,6 +24,7 @@ from banger.api.schema import (
     Logs,
     OperationOut,
     ProgressEvent,
+    SshConfig,
     SshTarget,
     VMCreate,
     VMOut,
@@ -143,6 +144,9 @@ class Client:
 
     def ports(self, ref: str) -> VMPorts:
         return VMPorts.model_validate(self._request("GET", f"/vms/{ref}/ports"))
+
+    def ssh_config(self) -> SshConfig:
+        return SshConfig.model_validate(self._request("GET", "/ssh-config"))
 
     def operations(self) -> list[OperationOut]:
         return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]

@@ -36,6 +36,7 @@ from banger.api.schema import (
     OperationOut,
     ProgressEvent,
     Runtime,
+    SshConfig,
     SshTarget,
     VMCreate,
     VMOut,
@@ -294,6 +295,15 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                          port=v.socket.port, process=v.socket.process, endpoint=v.endpoint,
                          note=v.note)
             for v in views])
+
+    @app.get(f"{PREFIX}/ssh-config")
+    def ssh_config() -> SshConfig:
+        path = service.layout.ssh_config
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        return SshConfig(path=str(path), text=text)
 
     @app.get(f"{PREFIX}/operations")
     def operations() -> list[OperationOut]:

@@ -6,12 +6,13 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from banger.api.schema import Check, Doctor
 from banger.core.ports import VmmPort
 from banger.daemon.names import VmNames
-from banger.host import net
+from banger.host import net, sshconfig
 from banger.host.runner import CommandError, run
 from banger.model import netalloc
 from banger.model.config import Config, NetworkConfig
@@ -30,8 +31,8 @@ TOOLS = {
 }
 
 
-def doctor(layout: Layout, vmm: VmmPort, images_built: list[str],
-           names: VmNames | None = None,
+def doctor(layout: Layout, vmm: VmmPort, images_built: list[str], *,
+           user_ssh_config: Path, names: VmNames | None = None,
            load_config: Callable[[], Config] | None = None) -> Doctor:
     checks = [Check(name="python", status="pass", detail=sys.version.split()[0])]
     for tool, fix in TOOLS.items():
@@ -54,6 +55,7 @@ def doctor(layout: Layout, vmm: VmmPort, images_built: list[str],
         name="default image", status="pass" if images_built else "warn",
         detail=", ".join(images_built) if images_built
         else "not built yet: the first `banger vm run` builds it (a few minutes)"))
+    checks.append(ssh_config_check(user_ssh_config, layout.ssh_config))
     if load_config is not None:
         try:
             cfg = load_config()
@@ -104,3 +106,21 @@ def network_checks(cfg: NetworkConfig, names: VmNames | None) -> list[Check]:
             checks.append(Check(name="dns", status="warn", detail="; ".join(names.problems)
                                 or "host-side .vm DNS is off ([network] dns_port = 0)"))
     return checks
+
+
+def ssh_config_check(user_ssh_config: Path, include: Path) -> Check:
+    """Whether ``ssh <name>.vm`` works from any terminal: the user's ssh config Includes
+    banger's. A WARN, not a FAIL: ``banger vm ssh`` works without it."""
+    fix = "run `banger ssh-config --install` so that `ssh <name>.vm` works"
+    try:
+        if sshconfig.is_installed(user_ssh_config, include):
+            return Check(name="ssh-config", status="pass",
+                         detail=f"{user_ssh_config} includes {include}")
+        if sshconfig.is_installed(user_ssh_config):
+            return Check(name="ssh-config", status="warn",
+                         detail=f"banger's block in {user_ssh_config} includes another "
+                                f"file, not {include}: {fix}")
+    except (sshconfig.SshConfigError, OSError) as exc:
+        return Check(name="ssh-config", status="warn", detail=str(exc))
+    return Check(name="ssh-config", status="warn",
+                 detail=f"not installed in {user_ssh_config}: {fix}")

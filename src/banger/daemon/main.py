@@ -18,6 +18,7 @@ from banger.daemon.app import create_app
 from banger.daemon.doctor import doctor
 from banger.daemon.names import VmNames
 from banger.daemon.sockets import bind_socket
+from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
 from banger.model.config import load_config
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     service.on_change.append(names.update)
     for vm in service.reconcile():
         log.info("reconciled %s: %s", vm.name, vm.state.value)
+    attach_ssh_config(service)
     app = create_app(
         service,
         doctor=lambda: doctor(layout, service.host.vmm,
                               [n for n in service.host.images.known()
                                if (layout.images_dir / n / "manifest.json").exists()],
+                              user_ssh_config=Path.home() / ".ssh" / "config",
                               names=names, load_config=service.load_config),
         ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
         ssh_argv=lambda addr, alias: ssh.ssh_base_argv(

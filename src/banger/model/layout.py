@@ -64,6 +64,12 @@ class Layout:
     def known_hosts(self) -> Path:
         return self.state_dir / "ssh" / "known_hosts"
 
+    @property
+    def ssh_config(self) -> Path:
+        """banger's own ssh_config (``Host <name>.vm`` blocks), rewritten by the daemon and
+        Included from the user's ~/.ssh/config by ``banger ssh-config --install``."""
+        return self.state_dir / "ssh" / "config"
+
     images_override: Path | None = None  # BANGER_IMAGES_DIR: share built images (tests, CI)
 
     @property
