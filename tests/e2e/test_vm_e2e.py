@@ -243,6 +243,11 @@ def test_non_root_user_builds_image_and_runs(tmp_path: Path) -> None:
                      "/root/.ssh/authorized_keys; exit 7", check=False, timeout=1200)
         assert proc.returncode == 7, proc.stderr
         assert proc.stdout.split() == ["0", "0", "0"]
+        # Tap networking needs a root daemon: refused up front, with the way out named.
+        tap = b.run("vm", "run", "--rm", "--network", "tap", "--", "true", check=False)
+        assert tap.returncode == 1 and "needs root" in tap.stderr
+        assert "--network user" in tap.stderr
+        assert json.loads(b.run("vm", "list", "--json").stdout) == []
         assert_nothing_left(b)
         sock = b.home / "run" / "bangerd.sock"
         st = sock.stat()

@@ -91,6 +91,8 @@ class VMSet(BaseModel):
 class Runtime(BaseModel):
     pid: int
     ssh_port: int | None
+    ssh_host: str = "127.0.0.1"
+    tap: str | None = None
     accel: str
     accel_reason: str
     vmm: str

@@ -92,13 +92,15 @@ def mib(n: int) -> str:
 
 def vm_table(vms: list[VMOut]) -> Table:
     t = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "STATE", "IMAGE", "VCPU", "MEM", "DISK", "SSH", "CREATED"):
+    for col in ("ID", "NAME", "STATE", "IMAGE", "IP", "VCPU", "MEM", "DISK", "SSH",
+                "CREATED"):
         t.add_column(col, no_wrap=True)
     for v in vms:
-        ssh = f"127.0.0.1:{v.runtime.ssh_port}" if v.runtime and v.runtime.ssh_port else "-"
+        ssh = (f"{v.runtime.ssh_host}:{v.runtime.ssh_port}" if v.runtime and v.runtime.ssh_port
+               else "-")
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
-        t.add_row(v.id, v.name, v.state, v.image, str(v.vcpus), mib(v.memory_mib),
-                  mib(v.disk_mib), ssh, created)
+        t.add_row(v.id, v.name, v.state, v.image, v.guest_ip or "-", str(v.vcpus),
+                  mib(v.memory_mib), mib(v.disk_mib), ssh, created)
     return t
 
 
@@ -109,7 +111,8 @@ def vm_detail(v: VMOut) -> Table:
     rows: list[tuple[str, str]] = [
         ("id", v.id), ("name", v.name), ("state", v.state), ("image", v.image),
         ("vcpus", str(v.vcpus)), ("memory", mib(v.memory_mib)), ("disk", mib(v.disk_mib)),
-        ("network", v.network + (" (nat)" if v.nat else "")),
+        ("network", v.network + (" (nat)" if v.nat else "")
+         + (f": {v.guest_ip}, {v.name}.vm" if v.guest_ip else "")),
         ("dir", v.dir), ("serial log", v.serial_log),
     ]
     if v.workspace_path:
@@ -117,7 +120,10 @@ def vm_detail(v: VMOut) -> Table:
     if v.runtime:
         rows += [("vmm", f"{v.runtime.vmm} pid {v.runtime.pid}"),
                  ("accel", f"{v.runtime.accel} ({v.runtime.accel_reason})"),
-                 ("ssh", f"127.0.0.1:{v.runtime.ssh_port}"), ("boot id", v.runtime.boot_id)]
+                 ("ssh", f"{v.runtime.ssh_host}:{v.runtime.ssh_port}"),
+                 ("boot id", v.runtime.boot_id)]
+        if v.runtime.tap:
+            rows.append(("tap", v.runtime.tap))
     if v.last_error:
         rows.append(("last error", f"{v.last_error} (stage {v.last_error_stage}, "
                                    f"operation {v.last_op_id})"))

@@ -78,7 +78,8 @@ def vm_out(view: VMView) -> VMOut:
         guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
         workspace_path=vm.workspace_path, workspace_guest_path=vm.workspace_guest_path,
         workspace_head=vm.workspace_head,
-        runtime=Runtime(pid=h.pid, ssh_port=h.ssh_port, accel=h.accel,
+        runtime=Runtime(pid=h.pid, ssh_port=h.ssh_port, ssh_host=h.ssh_host, tap=h.tap,
+                        accel=h.accel,
                         accel_reason=h.accel_reason, vmm=h.vmm,
                         boot_id=h.boot_id, started_at=h.started_at) if h else None,
     )
