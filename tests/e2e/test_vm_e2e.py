@@ -286,7 +286,12 @@ def test_file_sync_and_host_git_identity(image_dir: Path, tmp_path: Path) -> Non
                                             "no-absent"]
         assert "does not exist on the host: skipped" in proc.stderr
         (b.home / "config" / "config.toml").write_text('[[file_sync]]\nhost = "x"\n')
+        # A broken config is refused before anything is made (the network default is
+        # read from it at create); with the mode given, preflight reads and refuses it.
         bad = b.run("vm", "run", "--rm", "--", "true", check=False)
+        assert bad.returncode == 1 and "host and guest" in bad.stderr
+        assert json.loads(b.run("vm", "list", "--json").stdout) == []
+        bad = b.run("vm", "run", "--rm", "--network", "user", "--", "true", check=False)
         assert bad.returncode == 1 and "stage preflight" in bad.stderr
         assert "host and guest" in bad.stderr
         for vm in json.loads(b.run("vm", "list", "--json").stdout):
