@@ -11,13 +11,13 @@ import pytest
 from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.operations import Operations, Progress
 from banger.core.service import VMService
-from banger.core.startplan import StartContext, start_steps
 from banger.model.config import Config, NetworkConfig
 from banger.model.layout import Layout
 from banger.model.vm import NetworkMode, VMSpec, VMState
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
 from tests.fakes import FakeNet, FakeVmm, fake_host
+from tests.unit.test_core_vms import stage_names
 
 TAP = VMSpec(network=NetworkMode.TAP)
 TAP_NAT = VMSpec(network=NetworkMode.TAP, nat=True)
@@ -38,15 +38,6 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     return svc, vmm, net
 
 
-def names(svc: VMService, spec: VMSpec) -> list[str]:
-    vm = svc.create(name="probe", spec=spec, start=False)
-    ctx = StartContext(vm=vm, paths=svc.layout.vm(vm.id), host=svc.host, handles=svc.handles,
-                       clock=svc.clock)
-    out = [s.name for s in start_steps(ctx)]
-    svc.delete("probe")
-    return out
-
-
 def assert_clean(svc: VMService, vmm: FakeVmm, net: FakeNet) -> None:
     assert vmm.procs == {}, "a VMM process is left"
     assert net.taps_up == {}, f"taps left: {net.taps_up}"
@@ -55,10 +46,10 @@ def assert_clean(svc: VMService, vmm: FakeVmm, net: FakeNet) -> None:
 
 def test_tap_stages_follow_bangers_order(env) -> None:  # type: ignore[no-untyped-def]
     svc, *_ = env
-    assert names(svc, TAP) == ["preflight", "cleanup_runtime", "bridge", "socket_dir",
+    assert stage_names(svc, TAP) == ["preflight", "cleanup_runtime", "bridge", "socket_dir",
                                "system_overlay", "work_disk", "tap", "qemu_launch",
                                "wait_ssh", "post_start_features"]
-    assert names(svc, TAP_NAT) == ["preflight", "cleanup_runtime", "bridge", "socket_dir",
+    assert stage_names(svc, TAP_NAT) == ["preflight", "cleanup_runtime", "bridge", "socket_dir",
                                    "system_overlay", "work_disk", "prepare_host_features",
                                    "tap", "qemu_launch", "wait_ssh", "post_start_features"]
 
@@ -109,7 +100,7 @@ def test_many_vms_never_share_an_address(env) -> None:  # type: ignore[no-untype
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh-vm", "restart"])
 def test_failure_at_every_tap_stage_leaks_nothing(env, fresh: bool) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, net = env
-    for stage in names(svc, TAP_NAT):
+    for stage in stage_names(svc, TAP_NAT):
         name = f"fp-{stage.replace('_', '-')}"
         vm = svc.create(name=name, spec=TAP_NAT, start=not fresh)
         if not fresh:

@@ -29,8 +29,8 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     return svc, vmm, guest, disks, images, layout, db
 
 
-def stage_names(svc: VMService) -> list[str]:
-    vm = svc.create(name="probe", spec=VMSpec(), start=False)
+def stage_names(svc: VMService, spec: VMSpec | None = None) -> list[str]:
+    vm = svc.create(name="probe", spec=spec or VMSpec(), start=False)
     ctx = StartContext(vm=vm, paths=svc.layout.vm(vm.id), host=svc.host, handles=svc.handles,
                        clock=svc.clock)
     names = [s.name for s in start_steps(ctx)]

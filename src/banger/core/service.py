@@ -43,10 +43,12 @@ from banger.core.startplan import (
     WORKSPACE_GUEST_PATH,
     StartContext,
     check_bootstrap,
+    check_network,
+    read_config,
     start_steps,
 )
 from banger.model import netalloc
-from banger.model.config import Config, ConfigError
+from banger.model.config import Config
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import (
     VM,
@@ -173,10 +175,7 @@ class VMService:
                 validate_name(name)
         except InvalidSpec as exc:
             raise InvalidRequest(str(exc)) from exc
-        if spec.network is NetworkMode.TAP:
-            why_not = self.host.net.unavailable()
-            if why_not is not None:
-                raise InvalidRequest(why_not)
+        check_network(self.host, spec.network)
         if spec.image not in self.host.images.known():
             raise NotFoundError(f"unknown image {spec.image!r}; known images: "
                                  f"{', '.join(self.host.images.known())}")
@@ -213,10 +212,7 @@ class VMService:
         return NetworkMode(self._config().network.mode)
 
     def _config(self) -> Config:
-        try:
-            return self.load_config()
-        except ConfigError as exc:
-            raise InvalidRequest(str(exc)) from exc
+        return read_config(self.load_config)
 
     def _allocate_ip(self, vm_id: str) -> IPv4Address:
         subnet = self._config().network.subnet

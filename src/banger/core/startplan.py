@@ -112,16 +112,27 @@ def _with_failpoint(step: Step[StartContext], stage: str) -> Step[StartContext]:
     return Step(step.name, run, step.undo, step.progress, step.attrs)
 
 
-def _preflight(ctx: StartContext) -> None:
-    spec = ctx.vm.spec
+def read_config(load: Callable[[], Config]) -> Config:
+    """The config, or InvalidRequest naming the file, key and fix."""
     try:
-        ctx.config = ctx.load_config()
+        return load()
     except ConfigError as exc:
         raise InvalidRequest(str(exc)) from exc
-    if spec.network is NetworkMode.TAP:
-        why_not = ctx.host.net.unavailable()
+
+
+def check_network(host: HostPorts, network: NetworkMode) -> None:
+    """Refuse tap networking up front where it cannot work (e.g. a non-root daemon)."""
+    if network is NetworkMode.TAP:
+        why_not = host.net.unavailable()
         if why_not is not None:
             raise InvalidRequest(why_not)
+
+
+def _preflight(ctx: StartContext) -> None:
+    spec = ctx.vm.spec
+    ctx.config = read_config(ctx.load_config)
+    check_network(ctx.host, spec.network)
+    if spec.network is NetworkMode.TAP:
         subnet = ctx.config.network.subnet
         if ctx.vm.guest_ip is None or _guest_ip(ctx) not in subnet:
             raise InvalidRequest(
