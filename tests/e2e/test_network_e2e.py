@@ -98,6 +98,14 @@ def test_tap_vms_get_addresses_and_find_each_other_by_name(tapns: tuple[Banger, 
     ping = b.run("vm", "ssh", "alpha", "--", "busybox", "ping", "-c", "1", "-W", "5",
                  "charlie.vm", check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
+    # Plain ssh by name through banger's ssh_config, and the ports a tap VM offers.
+    cfg = b.home / "state" / "ssh" / "config"
+    plain = in_ns(ns, "ssh", "-F", str(cfg), "-o", "BatchMode=yes", "charlie.vm", "hostname")
+    assert plain.stdout.strip() == "charlie", plain.stderr
+    ports = b.json("vm", "ports", "alpha")
+    assert isinstance(ports, list)
+    assert {"proto": "tcp", "port": 22, "endpoint": "alpha.vm:22"}.items() <= next(
+        p for p in ports if p["port"] == 22 and p["endpoint"]).items()
     # The host asks the daemon's DNS on loopback.
     assert dig(ns, "alpha.vm") == a["guest_ip"]
     assert dig(ns, "nobody.vm") == ""
