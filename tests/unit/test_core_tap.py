@@ -156,6 +156,7 @@ def test_reconcile_sweeps_rules_and_taps_of_dead_vms(env) -> None:  # type: igno
     # And a tap and rules of a VM this daemon never heard of.
     net.taps_up["btdeadbeef0000"] = "bgt0"
     net.rules["deadbeef0000"] = (IPv4Address("10.77.0.99"), "bgt0")
+    del net.rules[live.id]  # a firewall reload took the live VM's rules away
     svc.handles = type(svc.handles)()
     svc.reconcile()
     assert svc.resolve("dead").state is VMState.STOPPED

@@ -601,10 +601,17 @@ class VMService:
 
     def _sweep_network(self, vms: list[VM]) -> None:
         """Remove taps and NAT rules banger made for VMs that are not running (left by a
-        crash, or by a VM deleted while the daemon was down)."""
+        crash, or by a VM deleted while the daemon was down), and put back the rules of
+        running --nat VMs (a firewall reload or a Docker start since may have dropped
+        them or added a drop chain they must be accepted in)."""
         if self.host.net.unavailable() is not None:
             return
         live = {v.id for v in vms if v.state in LIVE_STATES}
+        bridge = self._config().network.bridge
+        for vm in vms:
+            if (vm.state in LIVE_STATES and vm.spec.network is NetworkMode.TAP
+                    and vm.spec.nat and vm.guest_ip):
+                self.host.net.add_nat(vm.id, IPv4Address(vm.guest_ip), bridge)
         for tap in self.host.net.taps():
             owner = tap[2:]
             if not any(vm_id.startswith(owner) for vm_id in live):
