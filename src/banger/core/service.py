@@ -32,7 +32,6 @@ from banger.core.operations import Operation, Operations, Progress, ProgressSink
 from banger.core.ports import (
     Endpoint,
     HostPorts,
-    NetPort,
     WorkspaceRequest,
     WorkspaceSelection,
 )
@@ -44,6 +43,8 @@ from banger.core.startplan import (
     StartContext,
     check_bootstrap,
     check_network,
+    host_net,
+    launch_bootstrap,
     read_config,
     start_steps,
 )
@@ -222,12 +223,19 @@ class VMService:
         except netalloc.SubnetFull as exc:
             raise ConflictError(str(exc)) from exc
 
-    def _net_for(self, vm: VM) -> NetPort | None:
-        return self.host.net if vm.spec.network is NetworkMode.TAP else None
-
     def _release(self, vm: VM, paths: VMPaths) -> None:
         release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill,
-                        net=self._net_for(vm))
+                        net=host_net(self.host, vm))
+
+    @staticmethod
+    def _endpoint_of(vm: VM, h: Handles | None) -> Endpoint | None:
+        """A running VM's ssh endpoint; None when it is not running."""
+        if vm.state is not VMState.RUNNING:
+            return None
+        if h is None or h.endpoint is None:
+            raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh "
+                                f"endpoint for it: `banger vm restart {vm.name}`")
+        return h.endpoint
 
     @_notifies
     def start(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
@@ -375,11 +383,7 @@ class VMService:
         with self._lock(vm.id):
             vm = self._observe_locked(self.repo.get(vm.id))
             paths = self.layout.vm(vm.id)
-            h = self.handles.get(vm.id)
-            running = vm.state is VMState.RUNNING and h is not None and bool(h.endpoint)
-            if vm.state is VMState.RUNNING and not running:
-                raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh "
-                                    f"endpoint for it: `banger vm restart {vm.name}`")
+            addr = self._endpoint_of(vm, self.handles.get(vm.id))
             with self.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
                 emit = self._forward(op, vm.name)
 
@@ -387,9 +391,8 @@ class VMService:
                            name: str = vm.name) -> None:
                     self.ops.emit(op, Progress(op.id, name, "detail", stage, message=msg))
 
-                if running:
-                    assert h is not None and h.endpoint is not None
-                    self._push_workspace(selection, paths, h.endpoint, emit, detail)
+                if addr is not None:
+                    self._push_workspace(selection, paths, addr, emit, detail)
                 elif paths.work_disk.exists():
                     self._stage_pending(selection, paths, emit)
                     detail("workspace_stage", f"{vm.name} is {vm.state.value}: the repo goes "
@@ -421,12 +424,8 @@ class VMService:
         emit(Event("ok", "workspace_copy", None, self.clock() - started))
         if selection.request.bootstrap and selection.tool_files:
             emit(Event("run", "tool_bootstrap", "starting the tool install in the background"))
-            log = self.host.guest.start_bootstrap(
-                addr=addr, alias=paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
-                installer_url=self.load_config().installer_url)
+            launch_bootstrap(self.host, addr, paths, self._config().installer_url, detail)
             emit(Event("ok", "tool_bootstrap", None))
-            detail("tool_bootstrap", f"installing the repo's tools in the background; "
-                   f"log in the guest: {log}")
 
     def _stage_pending(self, selection: WorkspaceSelection, paths: VMPaths,
                        emit: Callable[[Event], None]) -> None:
@@ -539,12 +538,9 @@ class VMService:
     def ports(self, ref: str) -> tuple[VM, list[GuestSocketView]]:
         """The running guest's listening sockets and where the host reaches each one."""
         view = self.show(ref)
-        vm, h = view.vm, view.handles
-        addr = h.endpoint if h is not None else None
-        if vm.state is VMState.RUNNING and addr is None:
-            raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh endpoint "
-                                f"for it: `banger vm restart {vm.name}`")
-        if vm.state is not VMState.RUNNING or addr is None:
+        vm = view.vm
+        addr = self._endpoint_of(vm, view.handles)
+        if addr is None:
             raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: its ports "
                                 f"are read from the running guest; start it with "
                                 f"`banger vm start {vm.name}`")

@@ -152,13 +152,13 @@ def _preflight(ctx: StartContext) -> None:
     ctx.paths.dir.mkdir(parents=True, exist_ok=True)
 
 
-def _net(ctx: StartContext) -> NetPort | None:
-    """The network port when this VM has host networking to release, else None."""
-    return ctx.host.net if ctx.vm.spec.network is NetworkMode.TAP else None
+def host_net(host: HostPorts, vm: VM) -> NetPort | None:
+    """The network port when ``vm`` has host networking (tap) to release, else None."""
+    return host.net if vm.spec.network is NetworkMode.TAP else None
 
 
 def _cleanup_runtime(ctx: StartContext) -> None:
-    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, net=_net(ctx))
+    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, net=host_net(ctx.host, ctx.vm))
 
 
 def _guest_ip(ctx: StartContext) -> IPv4Address:
@@ -379,13 +379,18 @@ def _workspace_sync(ctx: StartContext) -> None:
         shutil.rmtree(pending, ignore_errors=True)
 
 
+def launch_bootstrap(host: HostPorts, addr: Endpoint, paths: VMPaths, installer_url: str,
+                     on_detail: Callable[[str, str], None]) -> None:
+    """Start the repo's tool install in the guest's background and say where its log is."""
+    log = host.guest.start_bootstrap(addr=addr, alias=paths.names.ssh_alias,
+                                     workdir=WORKSPACE_GUEST_PATH, installer_url=installer_url)
+    on_detail("tool_bootstrap", f"installing the repo's tools in the background; "
+                                f"log in the guest: {log}")
+
+
 def _tool_bootstrap(ctx: StartContext) -> None:
-    log = ctx.host.guest.start_bootstrap(
-        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, workdir=WORKSPACE_GUEST_PATH,
-        installer_url=ctx.config.installer_url)
+    launch_bootstrap(ctx.host, _addr(ctx), ctx.paths, ctx.config.installer_url, ctx.on_detail)
     shutil.rmtree(ctx.paths.pending_workspace, ignore_errors=True)
-    ctx.on_detail("tool_bootstrap", f"installing the repo's tools in the background; "
-                                    f"log in the guest: {log}")
 
 
 class VmmStuck(RuntimeError):
