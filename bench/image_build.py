@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import write_result
 
 from banger.host import imagebuild
 
@@ -29,11 +30,7 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
     result = {"image_build_s": total, "stages": stages, "apparent_bytes": sizes,
               "allocated_bytes": used}
-    out = json.dumps(result, indent=2)
-    print(out)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "image_build.json").write_text(out + "\n")
+    write_result("image_build", result)
 
 
 if __name__ == "__main__":

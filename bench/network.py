@@ -11,16 +11,18 @@ Writes JSON (medians, ratios against user mode) to stdout and bench/results/netw
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import secrets
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import kill_banger_processes, write_result
 
 IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
@@ -74,20 +76,10 @@ def main() -> None:
             "ratio_vs_user": {m: round(v / med["user"], 3) for m, v in med.items()},
         }
     finally:
-        for d in Path("/proc").iterdir():
-            try:
-                if d.name.isdigit() and f"BANGER_HOME={home}".encode() in (
-                        d / "environ").read_bytes():
-                    os.kill(int(d.name), 9)
-            except OSError:
-                pass
+        kill_banger_processes(home, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(home, ignore_errors=True)
-    out = json.dumps(result, indent=2)
-    print(out)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "network.json").write_text(out + "\n")
+    write_result("network", result)
 
 
 if __name__ == "__main__":

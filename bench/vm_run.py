@@ -10,7 +10,6 @@ Writes JSON (medians and the ratio) to stdout and to bench/results/vm_run.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -20,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import kill_banger_processes, write_result
 
 from banger.host import disks, imagebuild, kvm, qemu, ssh
 
@@ -86,19 +87,9 @@ def main() -> None:
     finally:
         subprocess.run([sys.executable, "-m", "banger.cli.main", "vm", "prune", "-f"], env=env,
                        capture_output=True)
-        for line in subprocess.run(["pgrep", "-f", "banger.daemon.main"], capture_output=True,
-                                   text=True).stdout.split():
-            try:
-                if f"BANGER_HOME={home}".encode() in Path(f"/proc/{line}/environ").read_bytes():
-                    os.kill(int(line), signal.SIGTERM)
-            except OSError:
-                pass
+        kill_banger_processes(home)
         shutil.rmtree(home, ignore_errors=True)
-    out = json.dumps(result, indent=2)
-    print(out)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "vm_run.json").write_text(out + "\n")
+    write_result("vm_run", result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ bench/results/workspace_copy.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -22,6 +21,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from benchlib import write_result
 
 from banger.host import disks, workspace
 
@@ -162,11 +163,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(shm, ignore_errors=True)
-    out = json.dumps(result, indent=2)
-    print(out)
-    results = Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
-    (results / "workspace_copy.json").write_text(out + "\n")
+    write_result("workspace_copy", result)
 
 
 if __name__ == "__main__":

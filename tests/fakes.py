@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from banger.core.errors import InvalidRequest, OperationFailed
+from banger.core.operations import Operations
 from banger.core.ports import (
     Accel,
     Endpoint,
@@ -26,7 +27,11 @@ from banger.core.ports import (
     WorkspaceRequest,
     WorkspaceSelection,
 )
-from banger.model.config import FileSync
+from banger.core.service import VMService
+from banger.model.config import Config, FileSync
+from banger.model.layout import Layout
+from banger.store.db import Database
+from banger.store.vms import OperationLog, VMRepository
 
 
 class FakeImages:
@@ -311,3 +316,13 @@ def fake_host(root: Path) -> tuple[HostPorts, FakeImages, FakeDisks, FakeVmm, Fa
     guest = FakeGuest(vmm)
     return (HostPorts(images, disks, vmm, guest, FakeWorkspace(), FakeNet()), images, disks,
             vmm, guest)
+
+
+def fake_service(root: Path, layout: Layout, *, load_config: Callable[[], Config] = Config
+                 ) -> tuple[VMService, FakeImages, FakeDisks, FakeVmm, FakeGuest, Database]:
+    """The real VMService over real SQLite at ``layout`` and fake host ports under ``root``."""
+    db = Database(layout.db)
+    host, images, disks, vmm, guest = fake_host(root)
+    svc = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
+                    layout=layout, load_config=load_config)
+    return svc, images, disks, vmm, guest, db

@@ -229,6 +229,22 @@ class Vm:
                                    known_hosts=self.known_hosts, alias=self.alias),
                 command]
 
+    def ssh(self, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.ssh_argv(command), capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+
+    def assert_powers_off(self, pid: int, command: str, within: float) -> None:
+        """``command`` in the guest ends the VMM within ``within`` s, leaving nothing."""
+        started = time.monotonic()
+        # The connection drops as the guest powers off: ssh's own status is meaningless.
+        self.ssh(command)
+        while qemu.pid_alive(pid) and time.monotonic() - started < within:
+            time.sleep(0.1)
+        assert not qemu.pid_alive(pid), f"QEMU still running {within:.0f} s after {command}"
+        print(f"{command} to VMM exit: {time.monotonic() - started:.1f} s")
+        assert qemu.find_qemu_pid(self.cfg.qmp_socket) is None
+        assert qemu.port_is_free(self.cfg.ssh_port)
+
 
 @pytest.fixture
 def vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
-
 import pytest
 
 from banger.host import qemu, ssh
@@ -14,11 +11,6 @@ from .conftest import Vm
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 BOOT_TIMEOUT = 240.0  # systemd under TCG on a loaded 2-core machine
-
-
-def run_ssh(vm: Vm, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(vm.ssh_argv(command), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
@@ -33,13 +25,13 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     assert "handing PID 1 to systemd" in serial
     assert "sshd started" in serial  # from banger-sshd-ready.service
 
-    state = run_ssh(vm, "systemctl is-system-running --wait", timeout=180)
+    state = vm.ssh("systemctl is-system-running --wait", timeout=180)
     if state.stdout.strip() != "running":
-        failed = run_ssh(vm, "systemctl --failed --no-legend --plain").stdout
+        failed = vm.ssh("systemctl --failed --no-legend --plain").stdout
         print(f"system state {state.stdout.strip()!r}; failed units:\n{failed}")
     assert state.stdout.strip() in ("running", "degraded"), state.stdout + state.stderr
 
-    facts = run_ssh(vm, "cat /proc/1/comm; hostname; findmnt -no SOURCE /root; "
+    facts = vm.ssh("cat /proc/1/comm; hostname; findmnt -no SOURCE /root; "
                         "findmnt -no SOURCE /; stat -c %a /root/.ssh; "
                         "ip -4 -o addr show dev eth0 | awk '{print $4}'; "
                         "systemctl is-active ssh.service dbus.service; "
@@ -50,20 +42,12 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
                                     "10.0.2.15/24", "active", "active",
                                     "masked", "masked", "masked"]
     # The journal stays in memory.
-    journal = run_ssh(vm, "find /run/log/journal /var/log/journal -type f -name '*.journal'")
+    journal = vm.ssh("find /run/log/journal /var/log/journal -type f -name '*.journal'")
     assert journal.stdout.strip(), journal.stderr
     assert all(f.startswith("/run/log/journal/") for f in journal.stdout.split())
     assert qemu.qmp_status(vm.cfg.qmp_socket) == "running"
 
-    started = time.monotonic()
-    # The connection drops as the guest powers off: ssh's own status is meaningless.
-    run_ssh(vm, "banger-poweroff")
-    while qemu.pid_alive(pid) and time.monotonic() - started < 15:
-        time.sleep(0.1)
-    assert not qemu.pid_alive(pid), "QEMU still running 15 s after the guest powered off"
-    print(f"poweroff to VMM exit: {time.monotonic() - started:.1f} s")
-    assert qemu.find_qemu_pid(vm.cfg.qmp_socket) is None
-    assert qemu.port_is_free(vm.cfg.ssh_port)
+    vm.assert_powers_off(pid, "banger-poweroff", within=15)
 
 
 def test_systemd_image_orderly_poweroff_ends_the_vmm(systemd_vm: Vm) -> None:
@@ -73,9 +57,4 @@ def test_systemd_image_orderly_poweroff_ends_the_vmm(systemd_vm: Vm) -> None:
     ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                    alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
                    alive=lambda: qemu.pid_alive(pid))
-    started = time.monotonic()
-    run_ssh(vm, "systemctl poweroff")
-    while qemu.pid_alive(pid) and time.monotonic() - started < 30:
-        time.sleep(0.1)
-    assert not qemu.pid_alive(pid), "QEMU still running 30 s after systemctl poweroff"
-    print(f"systemctl poweroff to VMM exit: {time.monotonic() - started:.1f} s")
+    vm.assert_powers_off(pid, "systemctl poweroff", within=30)

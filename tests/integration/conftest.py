@@ -13,15 +13,12 @@ import uvicorn
 
 from banger.api.schema import Check, Doctor
 from banger.client.client import Client
-from banger.core.operations import Operations
 from banger.core.service import VMService
 from banger.daemon.app import create_app
 from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.model.layout import Layout
-from banger.store.db import Database
-from banger.store.vms import OperationLog, VMRepository
-from tests.fakes import FakeGuest, FakeVmm, fake_host
+from tests.fakes import FakeGuest, FakeVmm, fake_service
 
 
 @dataclass
@@ -38,10 +35,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     home = tmp_path / "h"
     monkeypatch.setenv("BANGER_HOME", str(home))
     layout = Layout.for_user()
-    db = Database(layout.db)
-    host, _images, _disks, vmm, guest = fake_host(tmp_path)
-    service = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
-                        layout=layout)
+    service, _images, _disks, vmm, guest, db = fake_service(tmp_path, layout)
     attach_ssh_config(service)  # as bangerd's main does
     app = create_app(service, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
                                                                   detail="ok")]),

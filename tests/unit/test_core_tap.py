@@ -9,14 +9,12 @@ from pathlib import Path
 import pytest
 
 from banger.core.errors import InvalidRequest, OperationFailed
-from banger.core.operations import Operations, Progress
+from banger.core.operations import Progress
 from banger.core.service import VMService
 from banger.model.config import Config, NetworkConfig
 from banger.model.layout import Layout
 from banger.model.vm import NetworkMode, VMSpec, VMState
-from banger.store.db import Database
-from banger.store.vms import OperationLog, VMRepository
-from tests.fakes import FakeNet, FakeVmm, fake_host
+from tests.fakes import FakeNet, FakeVmm, fake_service
 from tests.unit.test_core_vms import stage_names
 
 TAP = VMSpec(network=NetworkMode.TAP)
@@ -27,13 +25,10 @@ SUBNET = IPv4Network("10.77.0.0/24")
 @pytest.fixture
 def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     layout = Layout.for_user({"BANGER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)})
-    db = Database(layout.db)
-    host, _, _, vmm, guest = fake_host(tmp_path)
-    svc = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
-                    layout=layout,
-                    load_config=lambda: Config(network=NetworkConfig(bridge="bgt0",
-                                                                     subnet=SUBNET)))
-    net = host.net
+    svc, _, _, vmm, _, _ = fake_service(
+        tmp_path, layout,
+        load_config=lambda: Config(network=NetworkConfig(bridge="bgt0", subnet=SUBNET)))
+    net = svc.host.net
     assert isinstance(net, FakeNet)
     return svc, vmm, net
 

@@ -14,18 +14,14 @@ from banger.core.service import VMService
 from banger.core.startplan import StartContext, start_steps
 from banger.model.layout import Layout
 from banger.model.vm import VMSpec, VMState
-from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
-from tests.fakes import FakeVmm, fake_host
+from tests.fakes import FakeVmm, fake_service
 
 
 @pytest.fixture
 def env(tmp_path: Path):  # type: ignore[no-untyped-def]
     layout = Layout.for_user({"BANGER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)})
-    db = Database(layout.db)
-    host, images, disks, vmm, guest = fake_host(tmp_path)
-    svc = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
-                    layout=layout)
+    svc, images, disks, vmm, guest, db = fake_service(tmp_path, layout)
     return svc, vmm, guest, disks, images, layout, db
 
 

@@ -1,0 +1,30 @@
+"""What every benchmark here does the same way: write its JSON, and stop what it started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_result(name: str, result: dict[str, Any]) -> None:
+    """Print ``result`` as JSON and keep it as bench/results/<name>.json."""
+    out = json.dumps(result, indent=2)
+    print(out)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(out + "\n")
+
+
+def kill_banger_processes(home: Path, sig: int = signal.SIGTERM) -> None:
+    """Signal every process started with BANGER_HOME=``home`` (the daemon, its VMs)."""
+    marker = f"BANGER_HOME={home}".encode()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker in (d / "environ").read_bytes():
+                os.kill(int(d.name), sig)
+        except OSError:
+            pass
