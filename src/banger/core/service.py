@@ -131,16 +131,20 @@ class VMService:
         self._identities: dict[str, dict[str, str]] = {}
         # Told the VM list after every lifecycle change (DNS records, ssh_config).
         self.on_change: list[Callable[[list[VMView]], None]] = []
+        self._notify_lock = threading.Lock()
 
     def notify(self) -> None:
+        """Hand listeners the current VM list. Serialised, and listed inside the lock:
+        of two operations ending at once, the later list is always delivered last."""
         if not self.on_change:
             return
-        views = self.list_vms()
-        for listener in self.on_change:
-            try:
-                listener(views)
-            except Exception:
-                log.exception("a VM-change listener failed")
+        with self._notify_lock:
+            views = self.list_vms()
+            for listener in self.on_change:
+                try:
+                    listener(views)
+                except Exception:
+                    log.exception("a VM-change listener failed")
 
     # ---- lookup -------------------------------------------------------------------------
 

@@ -8,8 +8,7 @@ The file exists from the daemon's first start on, even with no VM, so an Include
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from banger.core.service import VMService, VMView
 from banger.host import sshconfig
@@ -31,37 +30,26 @@ def entries(views: Iterable[VMView]) -> list[sshconfig.SshEntry]:
 
 
 class SshConfigWriter:
-    """Renders and atomically writes ``layout.ssh_config`` from the current VM list.
+    """Renders and atomically writes ``layout.ssh_config`` from a VM list
+    (:meth:`VMService.notify` delivers lists in order, one at a time)."""
 
-    Listeners run in whichever worker thread finished an operation, each with the list it
-    saw. Writing that list could let an older snapshot land after a newer one, so the
-    writer lists again under its lock: the last write always reflects the latest state.
-    """
-
-    def __init__(self, layout: Layout, list_vms: Callable[[], list[VMView]]) -> None:
+    def __init__(self, layout: Layout) -> None:
         self.layout = layout
-        self.list_vms = list_vms
-        self._lock = threading.Lock()
 
-    def refresh(self) -> None:
-        with self._lock:
-            text = sshconfig.render(entries(self.list_vms()), self.layout.ssh_key,
-                                    self.layout.known_hosts)
-            path = self.layout.ssh_config
-            # The directory also holds the private key: private, like ensure_key makes it.
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            sshconfig.write(path, text)
-
-    def __call__(self, _views: list[VMView]) -> None:
-        self.refresh()
+    def __call__(self, views: list[VMView]) -> None:
+        text = sshconfig.render(entries(views), self.layout.ssh_key, self.layout.known_hosts)
+        path = self.layout.ssh_config
+        # The directory also holds the private key: private, like ensure_key makes it.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        sshconfig.write(path, text)
 
 
 def attach(service: VMService) -> SshConfigWriter:
     """Register the writer on ``service`` and write the file now."""
-    writer = SshConfigWriter(service.layout, service.list_vms)
+    writer = SshConfigWriter(service.layout)
     service.on_change.append(writer)
     try:
-        writer.refresh()
+        writer(service.list_vms())
     except Exception:  # no ssh_config is no reason to refuse serving the VMs
         log.exception("could not write %s", service.layout.ssh_config)
     log.debug("ssh_config at %s", service.layout.ssh_config)
