@@ -272,7 +272,7 @@ class SshGuest:
     def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None:
         # The connection dies with the guest: a non-zero exit here is expected.
         run([*self._argv(addr, alias), "/usr/local/sbin/banger-poweroff"], check=False,
-            timeout=timeout)
+            timeout=timeout, max_output=ssh.CHATTER_CAP)
 
     def git_identity(self) -> dict[str, str]:
         return filesync.host_git_identity()
@@ -304,7 +304,8 @@ class SshGuest:
 
     def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
         try:
-            out = run([*self._argv(addr, alias), guestports.SS_COMMAND], timeout=30)
+            out = run([*self._argv(addr, alias), guestports.SS_COMMAND], timeout=30,
+                      max_output=guestports.SS_OUTPUT_CAP)
         except CommandError as exc:
             raise OperationFailed(f"could not list the guest's sockets: {exc}") from exc
         try:
