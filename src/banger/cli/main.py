@@ -407,6 +407,10 @@ def vm_logs(ref: str, vmm: bool, raw: bool) -> None:
     escaped (`\\x1b`) unless --raw."""
     logs = connect().logs(ref)
     text = logs.vmm if vmm else logs.serial
+    if not vmm and logs.serial_rotated:
+        err_console.print(printable(f"(the serial log was rotated at its cap: older output "
+                                    f"is in {logs.serial_rotated})"),
+                          markup=False, highlight=False, soft_wrap=True)
     sys.stdout.write(text if raw else printable(text))
 
 

@@ -34,12 +34,14 @@ from banger.host import (
     kvm,
     net,
     qemu,
+    seriallog,
     ssh,
     workspace,
 )
 from banger.host.runner import CommandError, run
 from banger.model.config import FileSync
 from banger.model.layout import Layout
+from banger.model.vm import ResourceNames
 
 T = TypeVar("T")
 
@@ -210,6 +212,8 @@ class QemuVmm:
             accel=spec.accel, hostname=spec.hostname, cmdline=spec.cmdline,
             restrict_net=spec.restrict_net, tap=spec.tap, mac=spec.mac,
             net_args=spec.net_args)
+        seriallog.new_boot(spec.serial_log, spec.serial_log.with_name(
+            ResourceNames(spec.vm_id).serial_log_rotated))
         return qemu.launch(cfg, spec.vmm_log)
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:

@@ -149,6 +149,8 @@ class _SerialWatch:
             return True
         try:
             with self.path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:
+                    self.offset, self.tail = 0, b""  # rotated (host/seriallog.py)
                 f.seek(self.offset)
                 data = f.read(1 << 20)
         except OSError:
