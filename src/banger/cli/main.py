@@ -628,8 +628,8 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
                     "installed": installed, "changed": changed, "hosts": hosts})
         return
     if install:
-        print(f"added an Include of {path} to {user_config}" if changed
-              else f"already installed in {user_config}")
+        print(printable(f"added an Include of {path} to {user_config}" if changed
+                        else f"already installed in {user_config}"))
     elif uninstall:
         print(f"removed banger's Include from {user_config}" if changed
               else f"not installed in {user_config}: nothing to remove")
