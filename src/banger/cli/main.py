@@ -546,7 +546,8 @@ GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
 @handle_errors
 def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     """Print a binary patch of everything changed in the guest's workspace: guest commits,
-    uncommitted and untracked (not ignored) files. `git apply` takes it on the host."""
+    uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
+    Streamed, so any size works; on a terminal, control characters are shown escaped."""
     client = connect()
     target = client.ssh_target(ref)
     if target.workdir is None:

@@ -45,6 +45,10 @@ SSHD_MARKER_TEXT = b"sshd started"
 # (readiness probe, poweroff, bootstrap start, tar extraction): the guest chooses what
 # comes back, and the runner kills an ssh that brings more.
 CHATTER_CAP = 64 << 10
+# RFC 4253: the identification line is at most 255 bytes, and the lines a server may
+# send before it are short too. More than this without a line end is not an SSH server,
+# and reading on would let the guest fill our memory for the whole banner wait.
+MAX_BANNER_BYTES = 8192
 
 
 class SshError(Exception):
@@ -190,6 +194,8 @@ def _try_banner(host: str, port: int, timeout: float,
                     # The forward accepted, but nothing listens inside (yet).
                     return None, True
                 data += chunk
+                if len(data) > MAX_BANNER_BYTES:
+                    return None, True
             line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
             return (line if line.startswith("SSH-") else None), True
     except TimeoutError:
