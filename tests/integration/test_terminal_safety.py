@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
+from banger.api.schema import Check, Doctor
 from banger.cli.main import cli
+from banger.client.client import Client
 from banger.core.ports import ListeningSocket
 from banger.daemon.wiring import LocalWorkspace
 from tests.integration.conftest import Daemon
@@ -121,3 +124,11 @@ def test_workspace_export_escapes_on_a_terminal_and_pipes_bytes(
                 shown += chunk
     assert b"\x1b" not in shown and b"\x07" not in shown
     assert shown.replace(b"\r\n", b"\n") == b"patch \\x1b]52;c;eA==\\x07\n"
+
+
+def test_doctor_rows(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Client, "doctor", lambda self: Doctor(checks=[
+        Check(name="git", status="warn", detail=f"git said {HOSTILE}")]))
+    code, out, err = banger("doctor")
+    assert code == 0 and "git said \\x1b]52;" in out and "[bold red]markup[/]" in out
+    assert_clean(out, err)
