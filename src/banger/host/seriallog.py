@@ -38,29 +38,33 @@ INTERVAL = 0.2
 
 
 def rotate_if_over(path: Path, old: Path, cap: int) -> bool:
-    """If ``path`` is bigger than ``cap`` bytes, move its last ``cap`` bytes to ``old``
-    (replacing it) and truncate ``path``; True if it did."""
+    """If ``path`` is bigger than ``cap`` bytes, move its last ``cap`` bytes (plus what
+    arrives during the copy) to ``old``, replacing it, and truncate ``path``; True if it
+    did."""
     try:
-        src = path.open("rb")
+        # Opened for writing: the truncation below goes to this very file even if it is
+        # renamed meanwhile (new_boot at a VM start).
+        src = path.open("r+b")
     except FileNotFoundError:
         return False
+    tmp = old.with_name(old.name + ".tmp")
     with src:
         size = os.fstat(src.fileno()).st_size
         if size <= cap:
             return False
-        tmp = old.with_name(old.name + ".tmp")
         src.seek(size - cap)
-        with tmp.open("wb") as dst:
-            # Up to the end as it is now, not as it was at fstat: the guest kept writing.
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-            # Truncated right after the last read: the window where a write is lost.
-            os.truncate(path, 0)
-        # Only the newest `cap` bytes are kept, even if more arrived during the copy.
-        extra = tmp.stat().st_size - cap
-        if extra > 0:
-            _drop_head(tmp, extra)
-        os.replace(tmp, old)
+        try:
+            with tmp.open("wb") as dst:
+                # Up to the end as it is now, not as it was at fstat: the guest kept
+                # writing. Streamed: the cap may be large.
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+                # Right after the last read: the window where a write is lost.
+                os.ftruncate(src.fileno(), 0)
+            os.replace(tmp, old)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     log.info("serial log %s passed %d bytes: older output moved to %s", path, cap, old)
     return True
 
@@ -72,15 +76,6 @@ def new_boot(path: Path, old: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size > 0:
             os.replace(path, old)
-
-
-def _drop_head(path: Path, n: int) -> None:
-    with path.open("r+b") as f:
-        f.seek(n)
-        data = f.read()
-        f.seek(0)
-        f.write(data)
-        f.truncate()
 
 
 class SerialLogCap:
