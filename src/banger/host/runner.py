@@ -121,7 +121,9 @@ def run(
                 proc.kill()
             proc.wait()
             if writer is not None:
-                writer.join()
+                # Done once the command is gone, unless a process it left behind holds
+                # its stdin open without reading: never wait on that for good.
+                writer.join(5)
     stdout, stderr = _text(out), _text(err)
     if failure == "timeout":
         raise CommandError(argv, None, stdout, stderr, reason=f"timed out after {timeout} s")
