@@ -65,3 +65,14 @@ def test_bad_tables_name_the_key(tmp_path: Path, body: str, needle: str) -> None
     cfg.write_text(body)
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_config(cfg, tmp_path)
+
+
+def test_serial_log_cap(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    assert load_config(cfg, tmp_path).serial_max_mib == 8
+    cfg.write_text("[logs]\nserial_max_mib = 2\n")
+    assert load_config(cfg, tmp_path).serial_max_mib == 2
+    for bad in ("0", '"8M"', "true", "5000"):
+        cfg.write_text(f"[logs]\nserial_max_mib = {bad}\n")
+        with pytest.raises(ConfigError, match=r"\[logs\] serial_max_mib must be"):
+            load_config(cfg, tmp_path)

@@ -40,7 +40,7 @@ def test_microvm_tcg_command_line() -> None:
     assert opt(argv, "-kernel") == ["/img/vmlinux"]
     assert opt(argv, "-initrd") == ["/img/initrd.img"]
     assert opt(argv, "-qmp") == ["unix:/vm/qmp.sock,server=on,wait=off"]
-    assert opt(argv, "-chardev") == ["file,id=serial0,path=/vm/serial.log"]
+    assert opt(argv, "-chardev") == ["file,id=serial0,path=/vm/serial.log,append=on"]
     assert opt(argv, "-serial") == ["chardev:serial0"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import stat
 import threading
@@ -204,3 +205,25 @@ def test_ensure_key_concurrent_first_use_yields_one_key(tmp_path: Path) -> None:
         pubs = list(pool.map(lambda _: ssh.ensure_key(key), range(8)))
     assert len(set(pubs)) == 1 and pubs[0].startswith("ssh-ed25519 ")
     assert sorted(p.name for p in key.parent.iterdir()) == ["id_ed25519", "id_ed25519.pub"]
+
+
+def test_a_banner_without_end_is_not_read_forever() -> None:
+    # A guest that answers on port 22 with bytes and never a line end: the banner wait
+    # stops reading at once instead of buffering all of it until the timeout.
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+
+    def flood() -> None:
+        conn, _ = srv.accept()
+        with conn, contextlib.suppress(OSError):
+            while True:
+                conn.sendall(b"x" * 65536)
+
+    t = threading.Thread(target=flood, daemon=True)
+    t.start()
+    started = time.monotonic()
+    assert ssh.read_banner(srv.getsockname()[1], timeout=5) is None
+    assert time.monotonic() - started < 2
+    srv.close()
+    t.join(5)

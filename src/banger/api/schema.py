@@ -163,9 +163,11 @@ class ProgressEvent(BaseModel):
 
 class Logs(BaseModel):
     serial_log: str
-    serial: str
+    serial: str  # the end of the serial log (reaching back into the rotated file)
     vmm_log: str
     vmm: str
+    # The serial log's older output, when it was rotated past its cap.
+    serial_rotated: str | None = None
 
 
 class SshTarget(BaseModel):

@@ -7,13 +7,13 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from pydantic import ValidationError
-from rich.markup import escape
 
 from banger import __version__
 from banger.api.schema import VMCreate, VMOut, VMSet, WorkspaceIn
@@ -28,6 +28,7 @@ from banger.cli.render import (
     vm_detail,
     vm_table,
 )
+from banger.cli.safe import markup, printable, relay_printable
 from banger.client.client import ApiError, Client, DaemonUnavailable, connect
 
 # The one host module the CLI may use (an explicit, linted exception): ~/.ssh/config is the
@@ -49,7 +50,7 @@ def handle_errors(fn: F) -> F:
             print_error(exc.body)
             sys.exit(1)
         except DaemonUnavailable as exc:
-            err_console.print(f"[red]error:[/red] {escape(str(exc))}")
+            err_console.print(f"[red]error:[/red] {markup(str(exc))}")
             sys.exit(1)
     return wrapper  # type: ignore[return-value]
 
@@ -203,28 +204,31 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
     client = connect()
     if dry_run:
         assert req.workspace is not None
+        # File names and symlink targets are the repo's choice.
         for line in client.workspace_dry_run(req.workspace):
-            print(line)
+            print(printable(line, one_line=True))
         return
     err_console.print(f"{req.vcpus} vcpu · {mib(req.memory_mib)} memory · "
-                      f"{mib(req.disk_mib)} disk · image {req.image}", highlight=False)
+                      f"{mib(req.disk_mib)} disk · image {markup(req.image)}", highlight=False)
     with Progress() as progress:
         try:
             vm = client.create(req, progress)
         except ApiError as exc:
             print_error(exc.body)
             if progress.vm:
-                err_console.print(f"the VM {progress.vm} is kept so you can look: "
-                                  f"`banger vm logs {progress.vm}`, then "
-                                  f"`banger vm delete {progress.vm}`")
+                kept = markup(progress.vm, one_line=True)
+                err_console.print(f"the VM {kept} is kept so you can look: "
+                                  f"`banger vm logs {kept}`, then "
+                                  f"`banger vm delete {kept}`")
             sys.exit(1)
     if not as_json:
-        err_console.print(f"[green]{vm.name} ready[/green] in {progress.elapsed():.1f}s")
+        err_console.print(f"[green]{markup(vm.name)} ready[/green] in "
+                          f"{progress.elapsed():.1f}s")
     if detach:
         if as_json:
             print_json(vm.model_dump())
         else:
-            print(vm.name)
+            print(printable(vm.name))
         return
     try:
         rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
@@ -232,8 +236,9 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         if remove:
             client.delete(vm.id)
     if not remove and not command:
-        err_console.print(f"{vm.name} is still running: `banger vm ssh {vm.name}` to get back, "
-                          f"`banger vm delete {vm.name}` to remove it")
+        name = markup(vm.name)
+        err_console.print(f"{name} is still running: `banger vm ssh {name}` to get back, "
+                          f"`banger vm delete {name}` to remove it")
     sys.exit(rc)
 
 
@@ -253,7 +258,7 @@ def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, n
     if as_json:
         print_json(vm.model_dump())
     else:
-        print(vm.name)
+        print(printable(vm.name))
 
 
 @vm.command("list")
@@ -295,7 +300,7 @@ def _report_batch(results: list[tuple[str, VMOut | None, Any]], verb: str,
             rows.append({"ref": ref, "error": error.model_dump()})
         elif vm is not None:
             if not as_json:
-                print(f"{vm.name}: {verb}")
+                print(printable(f"{vm.name}: {verb}"))
             rows.append({"ref": ref, "vm": vm.model_dump()})
     if as_json:
         print_json(rows)
@@ -313,7 +318,7 @@ def _lifecycle(action: str, verb: str) -> Callable[..., None]:
             with Progress() as progress:
                 fn = client.start if action == "start" else client.restart
                 v = fn(refs[0], progress)
-            print(f"{v.name}: {verb}")
+            print(printable(f"{v.name}: {verb}"))
             return
         res = client.batch(action, list(refs))
         _report_batch([(r.ref, r.vm, r.error) for r in res.results], verb, as_json)
@@ -366,7 +371,8 @@ def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
     if as_json:
         print_json(v.model_dump())
     else:
-        print(f"{v.name}: {v.vcpus} vcpu, {mib(v.memory_mib)} memory (applies at next start)")
+        print(printable(f"{v.name}: {v.vcpus} vcpu, {mib(v.memory_mib)} memory (applies at "
+                        "next start)"))
 
 
 @vm.command("prune")
@@ -383,7 +389,7 @@ def vm_prune(force: bool, as_json: bool) -> None:
         else:
             print("nothing to prune")
         return
-    if not force and not click.confirm(f"delete {', '.join(doomed)}?", err=True):
+    if not force and not click.confirm(printable(f"delete {', '.join(doomed)}?"), err=True):
         sys.exit(1)
     res = client.prune()
     _report_batch([(r.ref, r.vm, r.error) for r in res.results], "deleted", as_json)
@@ -392,11 +398,20 @@ def vm_prune(force: bool, as_json: bool) -> None:
 @vm.command("logs")
 @click.argument("ref")
 @click.option("--vmm", is_flag=True, help="the VMM's own log instead of the serial console")
+@click.option("--raw", is_flag=True,
+              help="the text as the guest wrote it, terminal escapes included (for a "
+                   "pipe; a guest's escapes can rewrite your terminal and clipboard)")
 @handle_errors
-def vm_logs(ref: str, vmm: bool) -> None:
-    """Print the serial console (or VMM) log."""
+def vm_logs(ref: str, vmm: bool, raw: bool) -> None:
+    """Print the end of the serial console (or VMM) log, control characters shown
+    escaped (`\\x1b`) unless --raw."""
     logs = connect().logs(ref)
-    sys.stdout.write(logs.vmm if vmm else logs.serial)
+    text = logs.vmm if vmm else logs.serial
+    if not vmm and logs.serial_rotated:
+        err_console.print(printable(f"(the serial log was rotated at its cap: older output "
+                                    f"is in {logs.serial_rotated})"),
+                          markup=False, highlight=False, soft_wrap=True)
+    sys.stdout.write(text if raw else printable(text))
 
 
 @vm.command("ports")
@@ -410,7 +425,7 @@ def vm_ports(ref: str, as_json: bool) -> None:
     if as_json:
         print_json([p.model_dump() for p in res.ports])
     elif not res.ports:
-        print(f"{res.vm}: nothing is listening")
+        print(printable(f"{res.vm}: nothing is listening"))
     else:
         out_console.print(ports_table(res.ports))
 
@@ -448,15 +463,15 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
         moved = _head_moved(vm)
         if moved and auto_prepare:
             assert vm.workspace_path is not None
-            err_console.print(f"{moved}: re-syncing", highlight=False)
+            err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
             with Progress() as progress:
                 client.prepare_workspace(ref, WorkspaceIn(path=vm.workspace_path,
                                                           bootstrap=False), progress)
         elif moved:
-            err_console.print(f"[yellow]warning:[/yellow] {moved}; the VM has the old "
-                              f"tree. `banger vm workspace prepare {vm.name} "
-                              f"{vm.workspace_path}` or --auto-prepare re-syncs it.",
-                              highlight=False)
+            err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
+                              f"old tree. `banger vm workspace prepare {markup(vm.name)} "
+                              f"{markup(shlex.quote(vm.workspace_path or ''))}` or "
+                              "--auto-prepare re-syncs it.", highlight=False)
     sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
                      workdir=guest_path))
 
@@ -505,7 +520,7 @@ def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: 
                      branch=branch, from_ref=from_ref, bootstrap=not no_bootstrap)
     with Progress() as progress:
         vm = connect().prepare_workspace(ref, ws, progress)
-    print(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}")
+    print(printable(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}"))
 
 
 # Runs in the guest. A throwaway index (seeded from the real one so unchanged files are
@@ -531,7 +546,8 @@ GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
 @handle_errors
 def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     """Print a binary patch of everything changed in the guest's workspace: guest commits,
-    uncommitted and untracked (not ignored) files. `git apply` takes it on the host."""
+    uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
+    Streamed, so any size works; on a terminal, control characters are shown escaped."""
     client = connect()
     target = client.ssh_target(ref)
     if target.workdir is None:
@@ -539,7 +555,21 @@ def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     script = _EXPORT.format(workdir=shlex.quote(target.workdir),
                             base=shlex.quote(base_commit or "refs/banger/base"))
     argv = [target.argv[0], "-T", *target.argv[1:], script]
-    sys.exit(subprocess.call(argv))
+    # The patch is the guest's text, streamed (never held whole). A pipe or file gets its
+    # bytes as they are, which `git apply` needs; a terminal sees control characters
+    # escaped, and so does ssh's stderr, which carries the guest's messages.
+    tty = sys.stdout.isatty()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if tty else None,
+                            stderr=subprocess.PIPE)
+    relays = [threading.Thread(target=relay_printable, args=(src, dst), daemon=True)
+              for src, dst in ((proc.stderr, sys.stderr), (proc.stdout, sys.stdout))
+              if src is not None]
+    for t in relays:
+        t.start()
+    rc = proc.wait()
+    for t in relays:
+        t.join()
+    sys.exit(rc)
 
 
 @cli.command("doctor")
@@ -554,7 +584,8 @@ def doctor(as_json: bool) -> None:
     marks = {"pass": "[green]PASS[/green]", "warn": "[yellow]WARN[/yellow]",
              "fail": "[red]FAIL[/red]"}
     for c in d.checks:
-        out_console.print(f"{marks[c.status]} {c.name}: {c.detail}", soft_wrap=True)
+        out_console.print(f"{marks[c.status]} {markup(c.name)}: {markup(c.detail)}",
+                          soft_wrap=True)
     if any(c.status == "fail" for c in d.checks):
         sys.exit(1)
 
@@ -591,25 +622,25 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
                    else sshconfig.uninstall(user_config) if uninstall else False)
         installed = sshconfig.is_installed(user_config, path)
     except (sshconfig.SshConfigError, ValueError, OSError) as exc:
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {markup(str(exc))}", soft_wrap=True)
         sys.exit(1)
     if as_json:
         print_json({"path": str(path), "user_config": str(user_config),
                     "installed": installed, "changed": changed, "hosts": hosts})
         return
     if install:
-        print(f"added an Include of {path} to {user_config}" if changed
-              else f"already installed in {user_config}")
+        print(printable(f"added an Include of {path} to {user_config}" if changed
+                        else f"already installed in {user_config}"))
     elif uninstall:
         print(f"removed banger's Include from {user_config}" if changed
               else f"not installed in {user_config}: nothing to remove")
     else:
-        print(f"banger's ssh_config: {path}")
+        print(printable(f"banger's ssh_config: {path}"))
         print(f"installed in {user_config}" if installed
               else f"not installed in {user_config}: `banger ssh-config --install` adds one "
                    "Include block (`--uninstall` removes it)")
     if hosts is not None and installed:
-        print("reachable now: " + ", ".join(f"ssh {h}" for h in hosts) if hosts
+        print(printable("reachable now: " + ", ".join(f"ssh {h}" for h in hosts)) if hosts
               else "no VM running: `ssh <name>.vm` works for each VM while it runs")
 
 
@@ -623,7 +654,8 @@ def ops(as_json: bool) -> None:
         print_json([o.model_dump() for o in items])
         return
     for o in items:
-        print(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}")
+        print(printable(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}",
+                        one_line=True))
 
 
 def main() -> None:

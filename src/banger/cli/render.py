@@ -1,4 +1,8 @@
-"""Rendering for the CLI: live per-stage progress, tables, JSON, and error lines."""
+"""Rendering for the CLI: live per-stage progress, tables, JSON, and error lines.
+
+Every string from the daemon may carry what a guest or a repo chose: it reaches rich as
+:class:`~rich.text.Text` or through :func:`banger.cli.safe.markup`, never as markup.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from banger.api.schema import ErrorBody, GuestPortOut, ProgressEvent, VMOut
+from banger.cli.safe import cell, markup, printable
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)
@@ -44,23 +49,25 @@ class Progress:
         self.vm = ev.vm or self.vm
         if self.quiet:
             return
-        label = ev.label or ev.stage or ""
+        label = markup(ev.label or ev.stage or "", one_line=True)
+        stage = markup(ev.stage or "", one_line=True)
+        message = markup(ev.message or "")
         took = f" ({ev.elapsed:.2f}s)" if ev.elapsed is not None else ""
         if ev.kind == "run":
             if self._status is not None:
-                self._status.update(f"{label} [dim]({ev.stage})[/dim]")
+                self._status.update(f"{label} [dim]({stage})[/dim]")
             else:
-                self._line(f"… {ev.stage}: {label}")
+                self._line(f"… {stage}: {label}")
         elif ev.kind == "ok":
-            self._line(f"[green]✓[/green] {ev.stage}{took}")
+            self._line(f"[green]✓[/green] {stage}{took}")
         elif ev.kind == "failed":
-            self._line(f"[red]✗[/red] {ev.stage}{took}: {escape(ev.message or '')}")
+            self._line(f"[red]✗[/red] {stage}{took}: {message}")
         elif ev.kind == "undo":
-            self._line(f"↺ rolling back {ev.stage}")
+            self._line(f"↺ rolling back {stage}")
         elif ev.kind == "undo_failed":
-            self._line(f"[red]✗[/red] rollback of {ev.stage} failed: {escape(ev.message or '')}")
+            self._line(f"[red]✗[/red] rollback of {stage} failed: {message}")
         elif ev.kind == "detail":
-            self._line(f"  {ev.stage}: {escape(ev.message or '')}")
+            self._line(f"  {stage}: {message}")
 
     def _line(self, text: str) -> None:
         if self.tty:
@@ -79,7 +86,7 @@ def print_error(body: ErrorBody) -> None:
     if body.op_id:
         where.append(f"operation {body.op_id}")
     suffix = f" ({', '.join(where)})" if where else ""
-    err_console.print(f"[red]error:[/red] {escape(body.message + suffix)}", soft_wrap=True)
+    err_console.print(f"[red]error:[/red] {markup(body.message + suffix)}", soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -99,8 +106,8 @@ def vm_table(vms: list[VMOut]) -> Table:
         ssh = (f"{v.runtime.ssh_host}:{v.runtime.ssh_port}" if v.runtime and v.runtime.ssh_port
                else "-")
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
-        t.add_row(v.id, v.name, v.state, v.image, v.guest_ip or "-", str(v.vcpus),
-                  mib(v.memory_mib), mib(v.disk_mib), ssh, created)
+        t.add_row(*(cell(x) for x in (v.id, v.name, v.state, v.image, v.guest_ip, str(v.vcpus),
+                                      mib(v.memory_mib), mib(v.disk_mib), ssh, created)))
     return t
 
 
@@ -128,7 +135,7 @@ def vm_detail(v: VMOut) -> Table:
         rows.append(("last error", f"{v.last_error} (stage {v.last_error_stage}, "
                                    f"operation {v.last_op_id})"))
     for k, val in rows:
-        t.add_row(k, val)
+        t.add_row(k, Text(printable(val)))
     return t
 
 
@@ -137,8 +144,8 @@ def ports_table(ports: list[GuestPortOut]) -> Table:
     for col in ("PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT"):
         t.add_column(col, no_wrap=True)
     for p in ports:
-        where = escape(p.endpoint or "-")
+        where = cell(p.endpoint)
         if p.note:
-            where += f" [dim]({escape(p.note)})[/dim]"
-        t.add_row(p.proto, escape(p.address), str(p.port), escape(p.process or "-"), where)
+            where.append(f" ({printable(p.note, one_line=True)})", style="dim")
+        t.add_row(cell(p.proto), cell(p.address), str(p.port), cell(p.process), where)
     return t

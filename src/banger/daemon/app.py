@@ -94,15 +94,29 @@ def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
                             bootstrap=body.bootstrap)
 
 
-def _tail(path: os.PathLike[str] | str, limit: int = 256 * 1024) -> str:
+# What `vm logs` shows: the end of a log, so the answer stays small whatever a guest wrote.
+LOG_TAIL = 256 * 1024
+
+
+def _tail(path: os.PathLike[str] | str, limit: int = LOG_TAIL) -> bytes:
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - limit))
-            return f.read().decode(errors="replace")
+            return f.read(limit)  # not past `limit`: the guest may still be writing
     except FileNotFoundError:
-        return ""
+        return b""
+
+
+def _serial_tail(log: Path, rotated: Path) -> tuple[str, str | None]:
+    """The last :data:`LOG_TAIL` bytes of the serial output, reaching back into the
+    rotated file when the current one is shorter; and the rotated file, if any."""
+    current = _tail(log)
+    if not rotated.exists():
+        return current.decode(errors="replace"), None
+    older = _tail(rotated, LOG_TAIL - len(current)) if len(current) < LOG_TAIL else b""
+    return (older + current).decode(errors="replace"), str(rotated)
 
 
 def create_app(service: VMService, *, doctor: Callable[[], Doctor],
@@ -273,8 +287,10 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     @app.get(f"{PREFIX}/vms/{{ref}}/logs")
     def logs(ref: str) -> Logs:
         paths = service.show(ref).paths
-        return Logs(serial_log=str(paths.serial_log), serial=_tail(paths.serial_log),
-                    vmm_log=str(paths.vmm_log), vmm=_tail(paths.vmm_log))
+        serial, rotated = _serial_tail(paths.serial_log, paths.serial_log_rotated)
+        return Logs(serial_log=str(paths.serial_log), serial=serial,
+                    serial_rotated=rotated, vmm_log=str(paths.vmm_log),
+                    vmm=_tail(paths.vmm_log).decode(errors="replace"))
 
     @app.get(f"{PREFIX}/vms/{{ref}}/ssh")
     def ssh_target(ref: str) -> SshTarget:

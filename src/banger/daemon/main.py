@@ -21,7 +21,8 @@ from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
-from banger.model.config import load_config
+from banger.host.seriallog import SerialLogCap
+from banger.model.config import DEFAULT_SERIAL_MAX_MIB, ConfigError, load_config
 from banger.model.layout import Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
@@ -39,6 +40,13 @@ def build_service(layout: Layout) -> VMService:
                      load_config=lambda: load_config(layout.config_file, Path.home()))
 
 
+def _serial_max_mib(service: VMService) -> int:
+    try:
+        return service.load_config().serial_max_mib
+    except ConfigError:
+        return DEFAULT_SERIAL_MAX_MIB  # a broken config is reported where it is used
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bangerd", description=__doc__)
     parser.add_argument("--socket", type=Path, help="Unix socket path (default: per user)")
@@ -53,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     service = build_service(layout)
     names = VmNames(service.load_config)
     names.start()
+    serial_cap = SerialLogCap(layout, lambda: _serial_max_mib(service) << 20)
+    serial_cap.start()  # from the first pass, for the VMs that ran on while no daemon did
     service.on_change.append(names.update)
     for vm in service.reconcile():
         log.info("reconciled %s: %s", vm.name, vm.state.value)
@@ -74,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         server.run(sockets=[sock])
     finally:
+        serial_cap.stop()
         names.stop()
         sock_path.unlink(missing_ok=True)
 

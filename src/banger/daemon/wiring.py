@@ -34,12 +34,14 @@ from banger.host import (
     kvm,
     net,
     qemu,
+    seriallog,
     ssh,
     workspace,
 )
 from banger.host.runner import CommandError, run
 from banger.model.config import FileSync
 from banger.model.layout import Layout
+from banger.model.vm import ResourceNames
 
 T = TypeVar("T")
 
@@ -210,6 +212,8 @@ class QemuVmm:
             accel=spec.accel, hostname=spec.hostname, cmdline=spec.cmdline,
             restrict_net=spec.restrict_net, tap=spec.tap, mac=spec.mac,
             net_args=spec.net_args)
+        seriallog.new_boot(spec.serial_log, spec.serial_log.with_name(
+            ResourceNames(spec.vm_id).serial_log_rotated))
         return qemu.launch(cfg, spec.vmm_log)
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:
@@ -272,7 +276,7 @@ class SshGuest:
     def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None:
         # The connection dies with the guest: a non-zero exit here is expected.
         run([*self._argv(addr, alias), "/usr/local/sbin/banger-poweroff"], check=False,
-            timeout=timeout)
+            timeout=timeout, max_output=ssh.CHATTER_CAP)
 
     def git_identity(self) -> dict[str, str]:
         return filesync.host_git_identity()
@@ -304,7 +308,8 @@ class SshGuest:
 
     def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
         try:
-            out = run([*self._argv(addr, alias), guestports.SS_COMMAND], timeout=30)
+            out = run([*self._argv(addr, alias), guestports.SS_COMMAND], timeout=30,
+                      max_output=guestports.SS_OUTPUT_CAP)
         except CommandError as exc:
             raise OperationFailed(f"could not list the guest's sockets: {exc}") from exc
         try:

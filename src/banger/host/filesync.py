@@ -62,7 +62,7 @@ def sync(*, port: int, key: Path, known_hosts: Path, alias: str,
     if identity:
         cmds = "; ".join(f"git config --global {k} {shlex.quote(v)}"
                          for k, v in sorted(identity.items()))
-        res = run([*base, cmds], check=False, timeout=60)
+        res = run([*base, cmds], check=False, timeout=60, max_output=ssh.CHATTER_CAP)
         if res.returncode != 0:
             raise FileSyncError(f"setting the git identity in the guest failed: "
                                 f"{res.stderr.strip()}")

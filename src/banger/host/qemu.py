@@ -144,7 +144,9 @@ def qemu_argv(cfg: QemuConfig, *, tsc_khz: int | None = None) -> list[str]:
         "-device", "virtio-blk-device,drive=work",
         "-netdev", netdev,
         "-device", nic,
-        "-chardev", f"file,id=serial0,path={cfg.serial_log.absolute()}",
+        # append=on: O_APPEND, so the daemon's copy-truncate rotation (host/seriallog.py)
+        # leaves no hole, and nothing is lost if the file is ever reused.
+        "-chardev", f"file,id=serial0,path={cfg.serial_log.absolute()},append=on",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{qmp},server=on,wait=off",
     ]

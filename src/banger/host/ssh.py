@@ -41,6 +41,14 @@ TAIL_LINES = 15
 # was up (retried only after seconds): reconnecting then is free and much faster.
 SSHD_MARKER = b"banger: "
 SSHD_MARKER_TEXT = b"sshd started"
+# Output cap for guest commands whose output banger only reads for an error message
+# (readiness probe, poweroff, bootstrap start, tar extraction): the guest chooses what
+# comes back, and the runner kills an ssh that brings more.
+CHATTER_CAP = 64 << 10
+# RFC 4253: the identification line is at most 255 bytes, and the lines a server may
+# send before it are short too. More than this without a line end is not an SSH server,
+# and reading on would let the guest fill our memory for the whole banner wait.
+MAX_BANNER_BYTES = 8192
 
 
 class SshError(Exception):
@@ -145,6 +153,8 @@ class _SerialWatch:
             return True
         try:
             with self.path.open("rb") as f:
+                if os.fstat(f.fileno()).st_size < self.offset:
+                    self.offset, self.tail = 0, b""  # rotated (host/seriallog.py)
                 f.seek(self.offset)
                 data = f.read(1 << 20)
         except OSError:
@@ -184,6 +194,8 @@ def _try_banner(host: str, port: int, timeout: float,
                     # The forward accepted, but nothing listens inside (yet).
                     return None, True
                 data += chunk
+                if len(data) > MAX_BANNER_BYTES:
+                    return None, True
             line = data.split(b"\n", 1)[0].decode(errors="replace").strip()
             return (line if line.startswith("SSH-") else None), True
     except TimeoutError:
@@ -226,7 +238,7 @@ def wait_ready(*, port: int, key: Path, known_hosts: Path, alias: str, timeout: 
         banner, hung_up = _try_banner(host, port, this_wait, interrupt)
         if banner is not None:
             try:
-                run(probe, timeout=max(5.0, min(30.0, left)))
+                run(probe, timeout=max(5.0, min(30.0, left)), max_output=CHATTER_CAP)
                 return time.monotonic() - started
             except CommandError as exc:
                 last_error = f"ssh login failed: {_last_line(exc)}"
@@ -299,7 +311,7 @@ def start_bootstrap(argv: list[str], *, workdir: str, installer_url: str,
               f"setsid -f {target} {shlex.quote(installer_url)} {shlex.quote(workdir)} "
               f"> {BOOTSTRAP_LOG} 2>&1 < /dev/null")
     try:
-        run([*argv, remote], input=script, timeout=timeout)
+        run([*argv, remote], input=script, timeout=timeout, max_output=CHATTER_CAP)
     except CommandError as exc:
         raise SshError(f"could not start the tool bootstrap in the guest: {exc}") from exc
     return BOOTSTRAP_LOG
@@ -320,15 +332,21 @@ def _tar_over_ssh(root: Path, members: list[str], ssh_argv: list[str], guest_pat
     with subprocess.Popen(tar_argv, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as tar:
         try:
-            ssh = subprocess.run(ssh_argv, stdin=tar.stdout, capture_output=True,
-                                 timeout=timeout, check=False)
+            # Through the runner: what the guest says back is capped.
+            assert tar.stdout is not None
+            ssh_error = None
+            try:
+                run(ssh_argv, stdin=tar.stdout, timeout=timeout, max_output=CHATTER_CAP)
+            except CommandError as exc:
+                ssh_error = exc
         finally:
             assert tar.stdout is not None
             tar.stdout.close()
+        # tar's own stderr is the host's (file names it could not read): bounded by the
+        # tree, read once tar is done.
         tar_err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
         tar_rc = tar.wait()
     if tar_rc != 0:
         raise SshError(f"tar of {tree} failed (status {tar_rc}): {tar_err.strip()}")
-    if ssh.returncode != 0:
-        raise SshError(f"copying into {guest_path} over ssh failed (status "
-                       f"{ssh.returncode}): {ssh.stderr.decode(errors='replace').strip()}")
+    if ssh_error is not None:
+        raise SshError(f"copying into {guest_path} over ssh failed: {ssh_error}")

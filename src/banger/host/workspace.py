@@ -261,8 +261,14 @@ def _toplevel(path: Path) -> Path:
     return top
 
 
+# The file listings of a big repo pass the runner's default output cap (a 400k-file repo
+# lists ~40 MiB): these come from the user's own repo, not a guest, so the cap is high.
+LISTING_CAP = 1 << 30
+
+
 def _tracked(top: Path) -> list[str]:
-    out = run(["git", "-C", str(top), "ls-files", "-z", "--stage"]).stdout
+    out = run(["git", "-C", str(top), "ls-files", "-z", "--stage"],
+              max_output=LISTING_CAP).stdout
     paths: list[str] = []
     submodules: list[str] = []
     unmerged: set[str] = set()
@@ -287,7 +293,7 @@ def _tracked(top: Path) -> list[str]:
 
 def _untracked(top: Path) -> list[str]:
     out = run(["git", "-C", str(top), "ls-files", "-z", "--others",
-               "--exclude-standard"]).stdout
+               "--exclude-standard"], max_output=LISTING_CAP).stdout
     paths = list(filter(None, out.split("\0")))
     # git lists an untracked directory holding its own repository as "dir/".
     nested = [p for p in paths if p.endswith("/")]

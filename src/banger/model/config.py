@@ -13,6 +13,9 @@
     bridge = "banger0"            # tap mode: the bridge banger creates and owns
     subnet = "172.30.0.0/24"      # tap mode: guest addresses; the bridge gets the first
     dns_port = 5354               # the daemon's DNS for <name>.vm on 127.0.0.1 (0: off)
+
+    [logs]
+    serial_max_mib = 8            # a VM's serial.log is rotated to serial.log.1 past this
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class FileSync:
 
 
 DEFAULT_INSTALLER_URL = "https://mise.run"
+DEFAULT_SERIAL_MAX_MIB = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Config:
     file_sync: tuple[FileSync, ...] = field(default_factory=tuple)
     installer_url: str = DEFAULT_INSTALLER_URL
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    serial_max_mib: int = DEFAULT_SERIAL_MAX_MIB
 
 
 def load_config(path: Path, home: Path) -> Config:
@@ -63,13 +68,14 @@ def load_config(path: Path, home: Path) -> Config:
         return Config()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(data) - {"file_sync", "bootstrap", "network"}
+    unknown = set(data) - {"file_sync", "bootstrap", "network", "logs"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: file_sync, "
-                          "bootstrap, network)")
+                          "bootstrap, network, logs)")
     return Config(file_sync=_file_sync(data, path, home),
                   installer_url=_bootstrap(data, path),
-                  network=_network(data, path))
+                  network=_network(data, path),
+                  serial_max_mib=_serial_max(data, path))
 
 
 def _table(data: dict[str, Any], key: str, path: Path, known: set[str]) -> dict[str, Any]:
@@ -90,6 +96,15 @@ def _bootstrap(data: dict[str, Any], path: Path) -> str:
         raise ConfigError(f"{path}: [bootstrap] installer_url must be an http(s) URL, "
                           f"not {url!r}")
     return url
+
+
+def _serial_max(data: dict[str, Any], path: Path) -> int:
+    table = _table(data, "logs", path, {"serial_max_mib"})
+    mib = table.get("serial_max_mib", DEFAULT_SERIAL_MAX_MIB)
+    if not isinstance(mib, int) or isinstance(mib, bool) or not 1 <= mib <= 4096:
+        raise ConfigError(f"{path}: [logs] serial_max_mib must be a whole number of MiB "
+                          f"from 1 to 4096, not {mib!r}")
+    return mib
 
 
 _BRIDGE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]{0,14}")

@@ -76,8 +76,13 @@ class Layout:
     def images_dir(self) -> Path:
         return self.images_override or self.cache_dir / "images"
 
+    @property
+    def vms_dir(self) -> Path:
+        """One directory per VM, named by its id."""
+        return self.state_dir / "vms"
+
     def vm(self, vm_id: str) -> VMPaths:
-        return VMPaths(self.state_dir / "vms" / vm_id, self.runtime_dir / "vms" / vm_id,
+        return VMPaths(self.vms_dir / vm_id, self.runtime_dir / "vms" / vm_id,
                        ResourceNames(vm_id))
 
 
@@ -98,6 +103,10 @@ class VMPaths:
     @property
     def serial_log(self) -> Path:
         return self.dir / self.names.serial_log
+
+    @property
+    def serial_log_rotated(self) -> Path:
+        return self.dir / self.names.serial_log_rotated
 
     @property
     def vmm_log(self) -> Path:

@@ -151,6 +151,11 @@ class ResourceNames:
         return "serial.log"
 
     @property
+    def serial_log_rotated(self) -> str:
+        """The serial log's older output, once it passed its cap."""
+        return "serial.log.1"
+
+    @property
     def vmm_log(self) -> str:
         return "vmm.log"
 

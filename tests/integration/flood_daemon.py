@@ -1,0 +1,34 @@
+"""A bangerd for one test, in its own process so its memory is its own: the real app,
+real SQLite, fake VMM, and the real ssh adapter (host runner) for listing a guest's
+sockets, so whatever ``ssh`` is first on PATH plays the guest.
+
+Run as ``python -m tests.integration.flood_daemon`` with BANGER_HOME set.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from banger.api.schema import Doctor
+from banger.daemon.app import create_app
+from banger.daemon.sockets import bind_socket
+from banger.daemon.wiring import SshGuest
+from banger.model.layout import Layout
+from tests.fakes import fake_service
+
+
+def main() -> None:
+    layout = Layout.for_user()
+    service, _images, _disks, _vmm, guest, _db = fake_service(Path(sys.argv[1]), layout)
+    guest.listening = SshGuest(layout).listening  # type: ignore[method-assign]
+    app = create_app(service, doctor=lambda: Doctor(checks=[]), ssh_key="k",
+                     known_hosts="kh", ssh_argv=lambda addr, alias: ["ssh"])
+    sock = bind_socket(layout.daemon_socket)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
