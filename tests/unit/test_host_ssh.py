@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from banger.host import ssh
+from tests.hostile_ssh import HOSTILE_USER_CONFIG, assert_forwards_nothing
 
 
 def test_ensure_key(tmp_path: Path) -> None:
@@ -204,3 +207,18 @@ def test_ensure_key_concurrent_first_use_yields_one_key(tmp_path: Path) -> None:
         pubs = list(pool.map(lambda _: ssh.ensure_key(key), range(8)))
     assert len(set(pubs)) == 1 and pubs[0].startswith("ssh-ed25519 ")
     assert sorted(p.name for p in key.parent.iterdir()) == ["id_ed25519", "id_ed25519.pub"]
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
+def test_base_argv_forwards_nothing_whatever_the_user_config(tmp_path: Path) -> None:
+    user = tmp_path / "config"
+    user.write_text(HOSTILE_USER_CONFIG)
+    for batch in (True, False):
+        argv = ssh.ssh_base_argv(port=2201, key=tmp_path / "k", known_hosts=tmp_path / "kh",
+                                 alias="banger-vm1", batch=batch)
+        # -G prints what ssh would use, without connecting; -F stands for ~/.ssh/config.
+        out = subprocess.run(["ssh", "-G", "-F", str(user), *argv[1:]], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        assert_forwards_nothing(out)
+    # banger's options come before anything a caller appends or the CLI inserts.
+    assert argv[1:3] == ["-o", "ForwardAgent=no"]

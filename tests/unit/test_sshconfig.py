@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from banger.daemon.doctor import ssh_config_check
 from banger.host import sshconfig
 from banger.host.sshconfig import BEGIN, END, SshConfigError, SshEntry
+from tests.hostile_ssh import HOSTILE_USER_CONFIG, assert_forwards_nothing
 
 ENTRIES = [
     SshEntry("web", "10.77.0.3", 22, "banger-bbbbbbbbbbbb"),
@@ -264,3 +265,24 @@ def test_doctor_ssh_config_row(tmp_path: Path) -> None:
     assert other.status == "warn" and "banger ssh-config --install" in other.detail
     user.write_text("# >>> banger >>>\n")
     assert ssh_config_check(user, include).status == "warn"
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
+def test_include_forwards_nothing_whatever_the_user_config(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    banger_cfg = state / "ssh" / "config"
+    sshconfig.write(banger_cfg, sshconfig.render(ENTRIES, state / "k", state / "kh"))
+    # A fake home: ~/.ssh/config as `banger ssh-config --install` finds it there.
+    user = tmp_path / "home" / ".ssh" / "config"
+    user.parent.mkdir(parents=True)
+    user.write_text(HOSTILE_USER_CONFIG)
+    sshconfig.install(user, banger_cfg)
+    assert user.read_text().startswith(BEGIN)  # first, so its values win
+    for host in ("box.vm", "web.vm", "not-yet-listed.vm"):
+        out = subprocess.run(["ssh", "-G", "-F", str(user), host], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        assert_forwards_nothing(out)
+    # Everything else still gets what the user asked for.
+    assert "forwardagent yes" in subprocess.run(
+        ["ssh", "-G", "-F", str(user), "example.com"], capture_output=True, text=True,
+        timeout=10, check=True).stdout

@@ -10,6 +10,10 @@ because ssh keeps the first value it finds for an option.
 
 Host keys are pinned: each VM's block names its ``HostKeyAlias`` in banger's known_hosts
 (the key written there when the VM was created), with ``StrictHostKeyChecking yes``.
+
+The guest is not trusted with anything of the host's: :data:`LOCKDOWN` (no agent, no X11,
+no port forwarding, no tunnel, no local command) goes into every block and, as ``-o``
+options before any other, into banger's own ssh argv (:mod:`banger.host.ssh`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,35 @@ BEGIN = "# >>> banger >>>"
 END = "# <<< banger <<<"
 DEFAULT_ZONE = "vm"
 USER = "root"
+
+# ssh options that keep a guest from reaching back into the host, whatever the user's
+# ssh_config says (ssh keeps the first value it finds: these come first). Each, and why:
+LOCKDOWN: tuple[tuple[str, str], ...] = (
+    # The user's agent would sign anything for whoever is root in the guest.
+    ("ForwardAgent", "no"),
+    # An X11 forward gives the guest the user's display: keystrokes, screenshots.
+    ("ForwardX11", "no"),
+    ("ForwardX11Trusted", "no"),
+    # RemoteForward/DynamicForward would let the guest open connections on the host
+    # (LocalForward, -L and -D too: banger's `vm ports` forwards what a user needs).
+    ("ClearAllForwardings", "yes"),
+    # Never offer the agent even for authentication: banger logs in with its own key, and
+    # a daemon started from a shell must not use (or hand on) that shell's SSH_AUTH_SOCK.
+    ("IdentityAgent", "none"),
+    # tun/tap forwarding puts the guest on a host network interface.
+    ("Tunnel", "no"),
+    # A LocalCommand (with % tokens the connection fills in) runs on the host.
+    ("PermitLocalCommand", "no"),
+    # A shared master (a user's ControlMaster auto) could carry a connection to another
+    # VM that used the same forwarded port, or outlive this one.
+    ("ControlMaster", "no"),
+    ("ControlPath", "none"),
+    # banger's endpoints are local (a forwarded port or the VM's tap address): a user's
+    # ProxyCommand/ProxyJump for Host * would send them elsewhere or run a command.
+    ("ProxyCommand", "none"),
+    # The pinned host key stays the only one: the guest may not add keys for its alias.
+    ("UpdateHostKeys", "no"),
+)
 
 # Characters that make ssh_config split or reinterpret an unquoted value.
 _NEEDS_QUOTES = re.compile(r"[\s\"'\\#=]")
@@ -53,6 +86,7 @@ def render(entries: Iterable[SshEntry], key_path: Path, known_hosts_path: Path, 
     then a ``Host *.<zone>`` block with the common options. Same input, same bytes."""
     zone = zone.strip(".").lower()
     common = [
+        *LOCKDOWN,
         ("User", USER),
         ("IdentityFile", _path_value(key_path)),
         ("IdentitiesOnly", "yes"),
