@@ -48,18 +48,23 @@ def run(
     check: bool = True,
     input: str | bytes | None = None,
     timeout: float | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     cwd: Path | str | None = None,
 ) -> Completed:
     """Run ``argv`` to completion and return its output as text.
 
-    ``env`` entries are added to the current environment rather than replacing it.
+    ``env`` entries are added to the current environment rather than replacing it; an
+    entry of None removes that variable.
     """
     argv = [os.fspath(a) for a in argv]
     full_env = None
     if env is not None:
         full_env = dict(os.environ)
-        full_env.update(env)
+        for key, value in env.items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
     data = input.encode() if isinstance(input, str) else input
     log.debug("run: %s", shlex.join(argv))
     try:

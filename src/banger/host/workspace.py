@@ -8,8 +8,9 @@ index, HEAD, branch, identity) ready to be written onto the work disk as /root/r
 Files are read through directory file descriptors opened with ``O_NOFOLLOW``: a symlink
 in the repo is recorded as a link and never followed, and neither is a directory that was
 swapped for a symlink after :func:`select` looked at it (bangerd may run as root; the repo
-belongs to a user). Every git call goes through :func:`banger.host.runner.run`; the copy
-itself is in-process, so its cost scales with bytes, not with a process per file.
+belongs to a user). Every git call, on the user's repo and on the staged copy, goes
+through :mod:`banger.host.repogit`, so nothing the repo's config names ever runs; the
+copy itself is in-process, so its cost scales with bytes, not with a process per file.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from banger.host.runner import CommandError, run
+from banger.host import repogit
+from banger.host.repogit import RepoGit
+from banger.host.runner import CommandError
 
 # ext4 holds a name of at most 255 bytes; Linux path calls take at most 4095.
 NAME_MAX = 255
 PATH_MAX = 4095
 _GITLINK = "160000"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in must not hang the open (regular files ignore it).
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CHUNK = 1 << 30
 # Staging on tmpfs makes the intermediate checkout nearly free (no journaled creates) as
 # long as it is small against memory; beyond this share of MemAvailable, stage on disk.
@@ -64,23 +69,24 @@ class Selection:
 
 def select(path: Path, *, include_untracked: bool = False) -> Selection:
     """The files of the git work tree containing ``path`` that a VM would get."""
-    top = _toplevel(path)
-    tracked = _tracked(top)
+    git = _toplevel(path)
+    top = git.repo
+    tracked = _tracked(git)
     entries = [(p, True) for p in tracked]
     if include_untracked:
-        entries += [(p, False) for p in _untracked(top)]
+        entries += [(p, False) for p in _untracked(git)]
     files: list[WorkspaceFile] = []
     with _Tree(top) as tree:
         for rel, is_tracked in sorted(entries):
             f = tree.inspect(rel, is_tracked)
             if f is not None:
                 files.append(f)
-    head = _git(top, "rev-parse", "--verify", "-q", "HEAD", check=False) or None
-    branch = _git(top, "symbolic-ref", "-q", "--short", "HEAD", check=False) or None
+    head = git.out("rev-parse", "--verify", "-q", "HEAD", check=False) or None
+    branch = git.out("symbolic-ref", "-q", "--short", "HEAD", check=False) or None
     return Selection(
         repo=top, files=tuple(files), total_bytes=sum(f.size for f in files), head=head,
-        branch=branch, user_name=_config(top, "user.name"),
-        user_email=_config(top, "user.email"))
+        branch=branch, user_name=_config(git, "user.name"),
+        user_email=_config(git, "user.email"))
 
 
 # Files that pin a repo's tools; mise reads all of them (asdf's .tool-versions too).
@@ -130,52 +136,57 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     dest.mkdir(parents=True, exist_ok=True)
     dest.chmod(0o755)
     gitdir = dest / ".git"
+    src = repogit.for_repo(selection.repo)
     try:
-        run(["git", "clone", "-q", "--mirror", "--no-hardlinks", "--", str(selection.repo),
-             str(gitdir)], timeout=3600)
+        src.run_here("clone", "-q", "--mirror", "--no-hardlinks", "--", str(selection.repo),
+                     str(gitdir), timeout=3600)
     except CommandError as exc:
         raise WorkspaceError(f"cannot copy the git history of {selection.repo}: {exc}") from exc
+    # The copy's config is the host's global config plus the keys _configure copies
+    # from the repo's: neutralise what either names.
+    git = repogit.for_repo(dest, selection.repo)
     alternates = gitdir / "objects" / "info" / "alternates"
     if alternates.exists():
         # The clone borrows objects from host paths the guest cannot see: pack them in.
-        _git(dest, "repack", "-a", "-d", "-q")
+        git.out("repack", "-a", "-d", "-q")
         alternates.unlink()
-    _configure(selection, dest)
-    target = _resolve(dest, from_ref) if from_ref is not None else selection.head
+    _configure(selection, src, git)
+    target = _resolve(git, from_ref) if from_ref is not None else selection.head
     if branch is not None:
-        _new_branch(dest, branch, target)
+        _new_branch(git, branch, target)
     elif from_ref is not None:
-        _git(dest, "update-ref", "--no-deref", "HEAD", str(target))
+        git.out("update-ref", "--no-deref", "HEAD", str(target))
     elif selection.branch is not None:
-        _git(dest, "symbolic-ref", "HEAD", f"refs/heads/{selection.branch}")
+        git.out("symbolic-ref", "HEAD", f"refs/heads/{selection.branch}")
     elif selection.head is not None:
-        _git(dest, "update-ref", "--no-deref", "HEAD", selection.head)
+        git.out("update-ref", "--no-deref", "HEAD", selection.head)
     if from_ref is not None:
-        _git(dest, "reset", "-q", "--hard")
+        git.out("reset", "-q", "--hard")
         _copy_files(selection, (f for f in selection.files if not f.tracked), dest,
                     exclusive=True)
-        record_base(dest)
+        record_base(dest, git)
         return
-    _copy_index(selection.repo, gitdir)
+    _copy_index(src, gitdir)
     _copy_files(selection, selection.files, dest, exclusive=False)
     # Rewrite the index in the copy: folds a split index into one file and drops
     # extensions tied to the host (untracked cache); racily-clean entries get rechecked.
-    _git(dest, "update-index", "-q", "--no-split-index", "--no-untracked-cache")
+    git.out("update-index", "-q", "--no-split-index", "--no-untracked-cache")
     for shared in gitdir.glob("sharedindex.*"):
         shared.unlink()
-    record_base(dest)
+    record_base(dest, git)
 
 
 BASE_REF = "refs/banger/base"
 
 
-def record_base(dest: Path) -> str:
+def record_base(dest: Path, git: RepoGit | None = None) -> str:
     """Snapshot the staged work tree as commit ``refs/banger/base`` (index untouched).
 
     ``vm workspace export`` diffs against it by default, so the patch holds only what
     changed in the guest: the host's uncommitted and untracked files that were copied in
     are already in the host's work tree, and a patch repeating them would not apply.
     """
+    git = git or repogit.for_repo(dest)
     index = dest / ".git" / "banger-base-index"
     env = {"GIT_INDEX_FILE": str(index)}
     real = dest / ".git" / "index"
@@ -183,18 +194,18 @@ def record_base(dest: Path) -> str:
         # Start from the real index: files whose stat matches are not hashed again.
         shutil.copy2(real, index)
     try:
-        run(["git", "-C", str(dest), "add", "-A"], env=env, timeout=600)
-        tree = run(["git", "-C", str(dest), "write-tree"], env=env).stdout.strip()
+        git.run("add", "-A", env=env)
+        tree = git.run("write-tree", env=env).stdout.strip()
     finally:
         index.unlink(missing_ok=True)
-    parent = _git(dest, "rev-parse", "--verify", "-q", "HEAD", check=False)
-    argv = ["git", "-C", str(dest), "commit-tree", tree, "-m", "banger: workspace base"]
+    parent = git.out("rev-parse", "--verify", "-q", "HEAD", check=False)
+    args = ["commit-tree", tree, "-m", "banger: workspace base"]
     if parent:
-        argv[5:5] = ["-p", parent]
+        args += ["-p", parent]
     ident = {"GIT_AUTHOR_NAME": "banger", "GIT_AUTHOR_EMAIL": "banger@localhost",
              "GIT_COMMITTER_NAME": "banger", "GIT_COMMITTER_EMAIL": "banger@localhost"}
-    commit = run(argv, env=ident).stdout.strip()
-    _git(dest, "update-ref", BASE_REF, commit)
+    commit = git.run(*args, env=ident).stdout.strip()
+    git.out("update-ref", BASE_REF, commit)
     return commit
 
 
@@ -214,7 +225,7 @@ def staging_parent(selection: Selection, fallback: Path) -> Path:
 
 
 def _git_bytes(repo: Path) -> int:
-    out = _git(repo, "count-objects", "-v", check=False)
+    out = repogit.for_repo(repo).out("count-objects", "-v", check=False)
     kib = 0
     for line in out.splitlines():
         key, _, value = line.partition(": ")
@@ -233,14 +244,15 @@ def _mem_available() -> int:
 
 # -- selection ----------------------------------------------------------------------------
 
-def _toplevel(path: Path) -> Path:
+def _toplevel(path: Path) -> RepoGit:
     if not path.exists():
         raise WorkspaceError(f"{path} does not exist; give the path of a git repository")
     if not path.is_dir():
         raise WorkspaceError(f"{path} is not a directory; give the path of a git repository")
+    git = repogit.for_repo(path)
     try:
-        flags = run(["git", "-C", str(path), "rev-parse", "--is-bare-repository",
-                     "--is-inside-work-tree"]).stdout.split()
+        flags = git.run("rev-parse", "--is-bare-repository", "--is-inside-work-tree",
+                        timeout=60).stdout.split()
     except CommandError as exc:
         if "dubious ownership" in exc.stderr:
             raise WorkspaceError(
@@ -254,15 +266,25 @@ def _toplevel(path: Path) -> Path:
         raise WorkspaceError(
             f"{path} is a bare git repository or a .git directory, not a work tree; "
             f"give the path of a checkout (e.g. `git clone {path} somewhere`)")
-    top = Path(_git(path, "rev-parse", "--show-toplevel"))
-    if _config(top, "core.sparseCheckout") == "true":
-        raise WorkspaceError(f"{top} is a sparse checkout, which banger cannot copy exactly "
-                             f"yet; run `git sparse-checkout disable` or use a full clone")
-    return top
+    worktree = _config(git, "core.worktree")
+    if worktree is not None:
+        # The files copied would be those under that path (any directory of the host),
+        # not the ones next to the repo's .git.
+        raise WorkspaceError(
+            f"{path}: the repo's config sets core.worktree = {worktree!r}; banger copies "
+            f"only a work tree that holds its own .git: `git config --unset core.worktree` "
+            f"(or clone the repo) and retry")
+    git = git.at(Path(git.out("rev-parse", "--show-toplevel")))
+    if _config(git, "core.sparseCheckout") == "true":
+        raise WorkspaceError(f"{git.repo} is a sparse checkout, which banger cannot copy "
+                             f"exactly yet; run `git sparse-checkout disable` or use a "
+                             f"full clone")
+    return git
 
 
-def _tracked(top: Path) -> list[str]:
-    out = run(["git", "-C", str(top), "ls-files", "-z", "--stage"]).stdout
+def _tracked(git: RepoGit) -> list[str]:
+    top = git.repo
+    out = git.run("ls-files", "-z", "--stage").stdout
     paths: list[str] = []
     submodules: list[str] = []
     unmerged: set[str] = set()
@@ -285,9 +307,9 @@ def _tracked(top: Path) -> list[str]:
     return paths
 
 
-def _untracked(top: Path) -> list[str]:
-    out = run(["git", "-C", str(top), "ls-files", "-z", "--others",
-               "--exclude-standard"]).stdout
+def _untracked(git: RepoGit) -> list[str]:
+    top = git.repo
+    out = git.run("ls-files", "-z", "--others", "--exclude-standard").stdout
     paths = list(filter(None, out.split("\0")))
     # git lists an untracked directory holding its own repository as "dir/".
     nested = [p for p in paths if p.endswith("/")]
@@ -323,51 +345,67 @@ def check_name(rel: str) -> None:
 
 # -- staging ------------------------------------------------------------------------------
 
-def _configure(selection: Selection, dest: Path) -> None:
-    _git(dest, "config", "core.bare", "false")
-    _git(dest, "config", "--remove-section", "remote.origin")  # the host path
+def _configure(selection: Selection, src: RepoGit, dest: RepoGit) -> None:
+    dest.out("config", "core.bare", "false")
+    dest.out("config", "--remove-section", "remote.origin")  # the host path
     # Inode, device and ctime change on the way into the image; mtime and size survive.
-    _git(dest, "config", "core.checkStat", "minimal")
-    _git(dest, "config", "core.trustctime", "false")
-    remotes = _git(selection.repo, "config", "--local", "--null", "--get-regexp",
-                   r"^remote\.", check=False)
+    dest.out("config", "core.checkStat", "minimal")
+    dest.out("config", "core.trustctime", "false")
+    remotes = src.out("config", "--local", "--null", "--get-regexp", r"^remote\.",
+                      check=False)
     for item in filter(None, remotes.split("\0")):
         key, _, value = item.partition("\n")
-        _git(dest, "config", "--add", key, value)
+        dest.out("config", "--add", key, value)
     for key, ident in (("user.name", selection.user_name),
                        ("user.email", selection.user_email)):
         if ident is not None:
-            _git(dest, "config", key, ident)
+            dest.out("config", key, ident)
 
 
-def _resolve(dest: Path, ref: str) -> str:
-    sha = _git(dest, "rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}",
-               check=False)
+def _resolve(dest: RepoGit, ref: str) -> str:
+    sha = dest.out("rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}",
+                   check=False)
     if not sha:
         raise WorkspaceError(f"--from {ref!r} is not a commit, branch or tag of the repo")
     return sha
 
 
-def _new_branch(dest: Path, branch: str, target: str | None) -> None:
-    if run(["git", "check-ref-format", "--branch", branch], check=False).returncode != 0:
+def _new_branch(dest: RepoGit, branch: str, target: str | None) -> None:
+    if dest.run("check-ref-format", "--branch", branch, check=False).returncode != 0:
         raise WorkspaceError(f"--branch {branch!r} is not a valid git branch name")
     ref = f"refs/heads/{branch}"
-    if _git(dest, "rev-parse", "--verify", "-q", ref, check=False):
+    if dest.out("rev-parse", "--verify", "-q", ref, check=False):
         raise WorkspaceError(f"branch {branch!r} already exists in the repo; pick a new "
                              f"name for the guest-only branch")
     if target is not None:
-        _git(dest, "update-ref", ref, target, "")
-    _git(dest, "symbolic-ref", "HEAD", ref)
+        dest.out("update-ref", ref, target, "")
+    dest.out("symbolic-ref", "HEAD", ref)
 
 
-def _copy_index(repo: Path, gitdir: Path) -> None:
-    index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
-    if not index.exists():
+def _copy_index(repo: RepoGit, gitdir: Path) -> None:
+    # Not `--git-path index`: its absolute form resolves symlinks, the link included.
+    index = Path(repo.out("rev-parse", "--absolute-git-dir")) / "index"
+    if not os.path.lexists(index):
         return  # no commits and nothing added
-    # copy2 keeps the index mtime, which git's racy-entry check compares file mtimes to.
-    shutil.copy2(index, gitdir / "index")
+    # Kept with its mtime, which git's racy-entry check compares file mtimes to.
+    _copy_git_file(index, gitdir / "index")
     for shared in index.parent.glob("sharedindex.*"):
-        shutil.copy2(shared, gitdir / shared.name)
+        _copy_git_file(shared, gitdir / shared.name)
+
+
+def _copy_git_file(path: Path, target: Path) -> None:
+    """Copy a file of the repo's git directory, never through a symlink: git writes its
+    index as a regular file, and a link there could name any file bangerd can read."""
+    try:
+        src = os.open(path, _FILE_FLAGS)
+    except OSError as exc:
+        why = ("is a symlink" if exc.errno == errno.ELOOP
+               else f"cannot be read ({exc.strerror})")
+        raise WorkspaceError(f"{path} {why}; git keeps it as a regular file and banger will "
+                             f"not follow a link there: remove it and rebuild the index "
+                             f"with `git reset` (staged changes are lost)") from exc
+    _copy_open(src, target, f"{path} is not a regular file; git keeps it as one: remove it "
+                            f"and rebuild the index with `git reset`")
 
 
 def _copy_files(selection: Selection, files: Iterable[WorkspaceFile], dest: Path, *,
@@ -469,25 +507,31 @@ class _Tree:
         try:
             if dfd is None:
                 raise FileNotFoundError(rel)
-            src = os.open(p.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            src = os.open(p.name, _FILE_FLAGS, dir_fd=dfd)
         except OSError as exc:
             raise WorkspaceError(f"{rel!r} changed while it was being copied ({exc}); "
                                  f"run again") from exc
+        _copy_open(src, target, f"{rel!r} is no longer a regular file; run again")
+
+
+def _copy_open(src: int, target: Path, not_regular: str) -> None:
+    """Copy the open file ``src`` (closed here) to the new file ``target`` with its mode
+    and mtime; :class:`WorkspaceError` ``not_regular`` unless it is a regular file."""
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise WorkspaceError(not_regular)
+        dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                      stat.S_IMODE(st.st_mode))
         try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode):
-                raise WorkspaceError(f"{rel!r} is no longer a regular file; run again")
-            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                          stat.S_IMODE(st.st_mode))
-            try:
-                _copy_data(src, dst)
-                os.fchmod(dst, stat.S_IMODE(st.st_mode))
-                # The copied index compares mtimes: the copy must keep the original's.
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(dst)
+            _copy_data(src, dst)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            # The copied index compares mtimes: the copy must keep the original's.
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:
-            os.close(src)
+            os.close(dst)
+    finally:
+        os.close(src)
 
 
 def _copy_data(src: int, dst: int) -> None:
@@ -511,13 +555,8 @@ def _copy_data(src: int, dst: int) -> None:
 
 # -- git ----------------------------------------------------------------------------------
 
-def _git(cwd: Path, *args: str, check: bool = True) -> str:
-    res = run(["git", "-C", str(cwd), *args], check=check, timeout=600)
-    return res.stdout.strip() if res.returncode == 0 else ""
-
-
-def _config(top: Path, key: str) -> str | None:
-    return _git(top, "config", "--get", key, check=False) or None
+def _config(git: RepoGit, key: str) -> str | None:
+    return git.out("config", "--get", key, check=False) or None
 
 
 def _human(n: int) -> str:
