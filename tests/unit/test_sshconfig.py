@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -302,8 +303,18 @@ def _home(tmp_path: Path, owner: int = USER) -> Path:
     return home
 
 
-def _both(user: Path) -> list[object]:
+def _both(user: Path) -> list[Callable[[], bool]]:
     return [lambda: sshconfig.install(user, INCLUDE), lambda: sshconfig.uninstall(user)]
+
+
+def _owned(path: Path, uid: int, text: str | None = None) -> Path:
+    """``path`` made (a directory, or a file holding ``text``) and owned by ``uid``."""
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    os.chown(path, uid, uid)
+    return path
 
 
 @AS_ROOT
@@ -316,7 +327,7 @@ def test_root_does_not_write_through_a_users_symlink(tmp_path: Path) -> None:
     os.lchown(user, USER, USER)
     for call in _both(user):
         with pytest.raises(SshConfigError, match=r"belongs to .*uid 0.*not to .*uid 65534"):
-            call()  # type: ignore[operator]
+            call()
     assert victim.read_text() == f"{BEGIN}\n{END}\nroot's file\n"
     assert victim.stat().st_uid == 0 and user.is_symlink()
 
@@ -324,11 +335,8 @@ def test_root_does_not_write_through_a_users_symlink(tmp_path: Path) -> None:
 @AS_ROOT
 def test_root_refuses_a_third_users_file_or_directory(tmp_path: Path) -> None:
     home = _home(tmp_path)
-    theirs = tmp_path / "theirs"
-    theirs.mkdir()
-    os.chown(theirs, OTHER, OTHER)
-    (theirs / "cfg").write_text("Host x\n")
-    os.chown(theirs / "cfg", OTHER, OTHER)
+    theirs = _owned(tmp_path / "theirs", OTHER)
+    _owned(theirs / "cfg", OTHER, "Host x\n")
     user = home / ".ssh" / "config"
     user.symlink_to(theirs / "cfg")
     with pytest.raises(SshConfigError, match=f"{theirs} belongs to uid {OTHER}"):
@@ -342,19 +350,16 @@ def test_root_refuses_a_third_users_file_or_directory(tmp_path: Path) -> None:
     assert not os.path.lexists(user)
     # The file in the owner's ~/.ssh, but another user's.
     os.chown(home / ".ssh", USER, USER)
-    user.write_text("Host y\n")
-    os.chown(user, OTHER, OTHER)
+    _owned(user, OTHER, "Host y\n")
     for call in _both(user):
         with pytest.raises(SshConfigError, match=f"it belongs to uid {OTHER}"):
-            call()  # type: ignore[operator]
+            call()
     assert user.read_text() == "Host y\n"
 
 
 @AS_ROOT
 def test_root_sets_up_a_users_ssh_config_as_theirs(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    os.chown(home, USER, USER)
+    home = _owned(tmp_path / "home", USER)
     user = home / ".ssh" / "config"
     assert sshconfig.install(user, INCLUDE)  # ~/.ssh made, the user's
     for p, mode in ((home / ".ssh", 0o700), (user, 0o600)):
@@ -368,12 +373,7 @@ def test_root_sets_up_a_users_ssh_config_as_theirs(tmp_path: Path) -> None:
 @AS_ROOT
 def test_root_keeps_a_users_dotfile_symlink_working(tmp_path: Path) -> None:
     home = _home(tmp_path)
-    dotfiles = home / "dotfiles"
-    dotfiles.mkdir()
-    os.chown(dotfiles, USER, USER)
-    real = dotfiles / "ssh_config"
-    real.write_text("Host a\n")
-    os.chown(real, USER, USER)
+    real = _owned(_owned(home / "dotfiles", USER) / "ssh_config", USER, "Host a\n")
     real.chmod(0o640)
     user = home / ".ssh" / "config"
     user.symlink_to(real)
