@@ -49,9 +49,11 @@ environment
   (``GIT_DIR``, ``GIT_WORK_TREE``, ``GIT_INDEX_FILE`` ...), inherited from whatever
   started the daemon.
 
-Not overridden: the system and global config (the host's own, where ``safe.directory``
-lives), ``uploadpack.packObjectsHook`` (git reads it from those only). The repo's
-``core.worktree`` is refused by the caller (it would point the copy at other files).
+Still read: the system and global config (the host's own: ``safe.directory`` and the
+user's identity live there); the programs they name are neutralised like the repo's,
+since the listing covers every scope. ``uploadpack.packObjectsHook`` needs nothing: git
+reads it from those two only. The repo's ``core.worktree`` is refused by the caller (it
+would point the copy at other files of the host).
 """
 
 from __future__ import annotations
