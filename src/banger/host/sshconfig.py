@@ -44,8 +44,10 @@ LOCKDOWN: tuple[tuple[str, str], ...] = (
     # An X11 forward gives the guest the user's display: keystrokes, screenshots.
     ("ForwardX11", "no"),
     ("ForwardX11Trusted", "no"),
-    # RemoteForward/DynamicForward would let the guest open connections on the host
-    # (LocalForward, -L and -D too: banger's `vm ports` forwards what a user needs).
+    # RemoteForward/DynamicForward would let the guest open connections on the host.
+    # This clears LocalForward and -L too: a user who wants a tunnel into a guest says
+    # so for that one command, `ssh -o ClearAllForwardings=no -L ... box.vm` (the
+    # command line comes before this file).
     ("ClearAllForwardings", "yes"),
     # Never offer the agent even for authentication: banger logs in with its own key, and
     # a daemon started from a shell must not use (or hand on) that shell's SSH_AUTH_SOCK.
