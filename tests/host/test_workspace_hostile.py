@@ -215,3 +215,31 @@ def test_fifo_index_is_refused_without_hanging(tmp_path: Path) -> None:
     os.mkfifo(repo / ".git" / "index")
     with pytest.raises(WorkspaceError, match="not a regular file"):
         workspace.stage(sel, tmp_path / "staged")
+
+
+@pytest.mark.parametrize("how", ["gitfile", "symlink"])
+def test_git_dir_elsewhere_is_refused(tmp_path: Path, how: str) -> None:
+    (tmp_path / "secret").mkdir()
+    secret = make_repo(tmp_path / "secret")  # say /etc/.git (etckeeper)
+    repo = tmp_path / "innocent"
+    repo.mkdir()
+    (repo / "README").write_text("hi\n")
+    if how == "gitfile":
+        (repo / ".git").write_text(f"gitdir: {secret / '.git'}\n")
+    else:
+        (repo / ".git").symlink_to(secret / ".git")
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.select(repo)
+
+
+def test_linked_worktree_still_works(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    linked = tmp_path / "linked"
+    git(repo, "worktree", "add", "-q", "-b", "side", str(linked))
+    (linked / "README").write_text("changed in the linked worktree\n")
+    sel = workspace.select(linked)
+    assert sel.repo == linked.resolve() and sel.branch == "side"
+    dest = tmp_path / "staged"
+    workspace.stage(sel, dest)
+    assert status(dest) == " M README\n"
+    assert git(dest, "symbolic-ref", "HEAD").strip() == "refs/heads/side"

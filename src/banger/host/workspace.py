@@ -253,11 +253,39 @@ def _toplevel(path: Path) -> RepoGit:
             f"only a work tree that holds its own .git: `git config --unset core.worktree` "
             f"(or clone the repo) and retry")
     git = git.at(Path(git.out("rev-parse", "--show-toplevel")))
+    _check_git_dir(git)
     if _config(git, "core.sparseCheckout") == "true":
         raise WorkspaceError(f"{git.repo} is a sparse checkout, which banger cannot copy "
                              f"exactly yet; run `git sparse-checkout disable` or use a "
                              f"full clone")
     return git
+
+
+def _check_git_dir(git: RepoGit) -> None:
+    """Refuse a work tree whose history lives elsewhere than its own ``.git``.
+
+    A ``.git`` file (``gitdir: /etc/.git``) or symlink can name any repository bangerd
+    can read, and the clone would carry all of that one's history into the VM. Allowed:
+    a real ``.git`` directory, and a linked worktree (``git worktree add``), whose git
+    directory points back at this work tree (only git writes that back-pointer, in the
+    main repository's own ``.git/worktrees``).
+    """
+    top = git.repo
+    git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+    dot_git = top / ".git"
+    if not dot_git.is_symlink() and dot_git.is_dir() and dot_git.resolve() == git_dir:
+        return
+    try:
+        back = (git_dir / "gitdir").read_text().strip()
+    except OSError:
+        back = ""
+    if dot_git.is_file() and not dot_git.is_symlink() and back and \
+            Path(back).resolve() == dot_git.resolve():
+        return
+    raise WorkspaceError(
+        f"{top}: its .git points at {git_dir}, which is neither its own .git directory nor "
+        f"a linked worktree of it; banger would copy that repository's history into the "
+        f"VM. Use a checkout that holds its own .git (e.g. `git clone {top} somewhere`)")
 
 
 def _tracked(git: RepoGit) -> list[str]:
