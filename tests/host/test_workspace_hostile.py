@@ -243,3 +243,14 @@ def test_linked_worktree_still_works(tmp_path: Path) -> None:
     workspace.stage(sel, dest)
     assert status(dest) == " M README\n"
     assert git(dest, "symbolic-ref", "HEAD").strip() == "refs/heads/side"
+
+
+def test_git_dir_swapped_after_select_is_refused_by_stage(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path)
+    (tmp_path / "secret").mkdir()
+    secret = make_repo(tmp_path / "secret")
+    sel = workspace.select(repo)
+    shutil.rmtree(repo / ".git")
+    (repo / ".git").write_text(f"gitdir: {secret / '.git'}\n")
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.stage(sel, tmp_path / "staged")

@@ -115,6 +115,7 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     dest.chmod(0o755)
     gitdir = dest / ".git"
     src = repogit.for_repo(selection.repo)
+    _check_git_dir(src)  # again: the repo may have changed since select
     try:
         src.run_here("clone", "-q", "--mirror", "--no-hardlinks", "--", str(selection.repo),
                      str(gitdir), timeout=3600)
