@@ -3,6 +3,8 @@ or a response that breaks the published schema."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,14 +38,14 @@ def _app(root: Path):  # type: ignore[no-untyped-def]
                       ssh_key="k", known_hosts="kh", ssh_argv=lambda p, a: ["ssh"])
 
 
-_ROOT = Path("/tmp/banger-fuzz")
+# Its own directory: a fixed path would be shared by concurrent runs (other checkouts).
+_ROOT = Path(tempfile.mkdtemp(prefix="banger-fuzz-"))
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app(_ROOT))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _cleanup() -> Iterator[None]:
     yield
-    import shutil
     shutil.rmtree(_ROOT, ignore_errors=True)
 
 

@@ -76,3 +76,42 @@ def test_serial_log_cap(tmp_path: Path) -> None:
         cfg.write_text(f"[logs]\nserial_max_mib = {bad}\n")
         with pytest.raises(ConfigError, match=r"\[logs\] serial_max_mib must be"):
             load_config(cfg, tmp_path)
+
+
+@pytest.mark.parametrize(("guest", "own"), [
+    ("~/.ssh/authorized_keys", "/root/.ssh/authorized_keys"),
+    ("/root/.ssh/authorized_keys", "/root/.ssh/authorized_keys"),
+    ("~/.ssh/../.ssh/authorized_keys", "/root/.ssh/authorized_keys"),
+    ("~/.ssh//authorized_keys/", "/root/.ssh/authorized_keys"),
+    ("//root/./.ssh/authorized_keys", "/root/.ssh/authorized_keys"),
+    ("~/.ssh", "/root/.ssh/authorized_keys"),  # a file there replaces the directory
+    ("~/.ssh/rc", "/root/.ssh/rc"),
+    ("~/.banger/hostname", "/root/.banger/..."),
+    ("~/.banger/ssh_host_ed25519_key", "/root/.banger/..."),
+    ("~/x/../.banger/bootstrap.log", "/root/.banger/..."),
+    ("~/.banger", "/root/.banger/..."),
+    ("~/repo/.git/config", "/root/repo/..."),
+])
+def test_file_sync_to_bangers_own_files_refused(tmp_path: Path, guest: str, own: str) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[[file_sync]]\nhost = "~/.npmrc"\nguest = "~/ok"\n'
+                   f'[[file_sync]]\nhost = "~/.ssh/id_ed25519.pub"\nguest = "{guest}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg, Path("/home/u"))
+    message = str(err.value)
+    assert "file_sync entry 2" in message and repr(guest) in message
+    assert f"banger's own {own}" in message
+
+
+@pytest.mark.parametrize(("guest", "stored"), [
+    ("~/.ssh/id_ed25519", "/root/.ssh/id_ed25519"),  # a key for the guest's own git push
+    ("~/.ssh/config", "/root/.ssh/config"),
+    ("~/.banger-notes", "/root/.banger-notes"),
+    ("~/repository/x", "/root/repository/x"),
+    ("~/a/../b/", "/root/b"),
+    ("~/.gitconfig", "/root/.gitconfig"),
+])
+def test_file_sync_near_bangers_files_allowed(tmp_path: Path, guest: str, stored: str) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[[file_sync]]\nhost = "/etc/hosts"\nguest = "{guest}"\n')
+    assert load_config(cfg, Path("/home/u")).file_sync[0].guest == stored

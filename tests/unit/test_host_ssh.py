@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from banger.host import ssh
+from tests.hostile_ssh import HOSTILE_USER_CONFIG, assert_forwards_nothing
 
 
 def test_ensure_key(tmp_path: Path) -> None:
@@ -227,3 +230,18 @@ def test_a_banner_without_end_is_not_read_forever() -> None:
     assert time.monotonic() - started < 2
     srv.close()
     t.join(5)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
+def test_base_argv_forwards_nothing_whatever_the_user_config(tmp_path: Path) -> None:
+    user = tmp_path / "config"
+    user.write_text(HOSTILE_USER_CONFIG)
+    for batch in (True, False):
+        argv = ssh.ssh_base_argv(port=2201, key=tmp_path / "k", known_hosts=tmp_path / "kh",
+                                 alias="banger-vm1", batch=batch)
+        # -G prints what ssh would use, without connecting; -F stands for ~/.ssh/config.
+        out = subprocess.run(["ssh", "-G", "-F", str(user), *argv[1:]], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        assert_forwards_nothing(out)
+    # banger's options come before anything a caller appends or the CLI inserts.
+    assert argv[1:3] == ["-o", "ForwardAgent=no"]

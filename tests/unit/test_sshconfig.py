@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from banger.daemon.doctor import ssh_config_check
 from banger.host import sshconfig
 from banger.host.sshconfig import BEGIN, END, SshConfigError, SshEntry
+from tests.hostile_ssh import HOSTILE_USER_CONFIG, assert_forwards_nothing
 
 ENTRIES = [
     SshEntry("web", "10.77.0.3", 22, "banger-bbbbbbbbbbbb"),
@@ -264,3 +266,131 @@ def test_doctor_ssh_config_row(tmp_path: Path) -> None:
     assert other.status == "warn" and "banger ssh-config --install" in other.detail
     user.write_text("# >>> banger >>>\n")
     assert ssh_config_check(user, include).status == "warn"
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client (openssh-client)")
+def test_include_forwards_nothing_whatever_the_user_config(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    banger_cfg = state / "ssh" / "config"
+    sshconfig.write(banger_cfg, sshconfig.render(ENTRIES, state / "k", state / "kh"))
+    # A fake home: ~/.ssh/config as `banger ssh-config --install` finds it there.
+    user = tmp_path / "home" / ".ssh" / "config"
+    user.parent.mkdir(parents=True)
+    user.write_text(HOSTILE_USER_CONFIG)
+    sshconfig.install(user, banger_cfg)
+    assert user.read_text().startswith(BEGIN)  # first, so its values win
+    for host in ("box.vm", "web.vm", "not-yet-listed.vm"):
+        out = subprocess.run(["ssh", "-G", "-F", str(user), host], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+        assert_forwards_nothing(out)
+    # Everything else still gets what the user asked for.
+    assert "forwardagent yes" in subprocess.run(
+        ["ssh", "-G", "-F", str(user), "example.com"], capture_output=True, text=True,
+        timeout=10, check=True).stdout
+
+
+# -- root editing a home it does not own ---------------------------------------------------
+
+AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+USER, OTHER = 65534, 65533  # the home's owner, and a third user
+
+
+def _home(tmp_path: Path, owner: int = USER) -> Path:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    for d in (home, home / ".ssh"):
+        os.chown(d, owner, owner)
+    return home
+
+
+def _both(user: Path) -> list[Callable[[], bool]]:
+    return [lambda: sshconfig.install(user, INCLUDE), lambda: sshconfig.uninstall(user)]
+
+
+def _owned(path: Path, uid: int, text: str | None = None) -> Path:
+    """``path`` made (a directory, or a file holding ``text``) and owned by ``uid``."""
+    if text is None:
+        path.mkdir()
+    else:
+        path.write_text(text)
+    os.chown(path, uid, uid)
+    return path
+
+
+@AS_ROOT
+def test_root_does_not_write_through_a_users_symlink(tmp_path: Path) -> None:
+    home = _home(tmp_path)
+    victim = tmp_path / "victim"  # root's, in root's directory
+    victim.write_text(f"{BEGIN}\n{END}\nroot's file\n")
+    user = home / ".ssh" / "config"
+    user.symlink_to(victim)
+    os.lchown(user, USER, USER)
+    for call in _both(user):
+        with pytest.raises(SshConfigError, match=r"belongs to .*uid 0.*not to .*uid 65534"):
+            call()
+    assert victim.read_text() == f"{BEGIN}\n{END}\nroot's file\n"
+    assert victim.stat().st_uid == 0 and user.is_symlink()
+
+
+@AS_ROOT
+def test_root_refuses_a_third_users_file_or_directory(tmp_path: Path) -> None:
+    home = _home(tmp_path)
+    theirs = _owned(tmp_path / "theirs", OTHER)
+    _owned(theirs / "cfg", OTHER, "Host x\n")
+    user = home / ".ssh" / "config"
+    user.symlink_to(theirs / "cfg")
+    with pytest.raises(SshConfigError, match=f"{theirs} belongs to uid {OTHER}"):
+        sshconfig.install(user, INCLUDE)
+    assert (theirs / "cfg").read_text() == "Host x\n"
+    # ~/.ssh itself handed to another user: not written into either.
+    user.unlink()
+    os.chown(home / ".ssh", OTHER, OTHER)
+    with pytest.raises(SshConfigError, match=f"{home / '.ssh'} belongs to uid {OTHER}"):
+        sshconfig.install(user, INCLUDE)
+    assert not os.path.lexists(user)
+    # The file in the owner's ~/.ssh, but another user's.
+    os.chown(home / ".ssh", USER, USER)
+    _owned(user, OTHER, "Host y\n")
+    for call in _both(user):
+        with pytest.raises(SshConfigError, match=f"it belongs to uid {OTHER}"):
+            call()
+    assert user.read_text() == "Host y\n"
+
+
+@AS_ROOT
+def test_root_sets_up_a_users_ssh_config_as_theirs(tmp_path: Path) -> None:
+    home = _owned(tmp_path / "home", USER)
+    user = home / ".ssh" / "config"
+    assert sshconfig.install(user, INCLUDE)  # ~/.ssh made, the user's
+    for p, mode in ((home / ".ssh", 0o700), (user, 0o600)):
+        st = p.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER, mode)
+    assert sshconfig.uninstall(user) and user.read_bytes() == b""
+    assert user.stat().st_uid == USER
+    assert [p.name for p in (home / ".ssh").iterdir()] == ["config"]  # no temp file left
+
+
+@AS_ROOT
+def test_root_keeps_a_users_dotfile_symlink_working(tmp_path: Path) -> None:
+    home = _home(tmp_path)
+    real = _owned(_owned(home / "dotfiles", USER) / "ssh_config", USER, "Host a\n")
+    real.chmod(0o640)
+    user = home / ".ssh" / "config"
+    user.symlink_to(real)
+    os.lchown(user, USER, USER)
+    assert sshconfig.install(user, INCLUDE)
+    assert user.is_symlink() and sshconfig.is_installed(user, INCLUDE)
+    st = real.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (USER, 0o640)
+    assert sshconfig.uninstall(user) and real.read_text() == "Host a\n"
+
+
+def test_a_user_cannot_edit_a_home_not_theirs(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    owner = home.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)  # a caller that is not root
+    with pytest.raises(SshConfigError, match="not to you"):
+        sshconfig.install(home / ".ssh" / "config", INCLUDE)
+    assert not (home / ".ssh" / "config").exists()

@@ -84,13 +84,14 @@ def run(
     input: str | bytes | None = None,
     stdin: IO[bytes] | None = None,
     timeout: float | None = None,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str | None] | None = None,
     cwd: Path | str | None = None,
     max_output: int = DEFAULT_MAX_OUTPUT,
 ) -> Completed:
     """Run ``argv`` to completion and return its output as text.
 
-    ``env`` entries are added to the current environment rather than replacing it.
+    ``env`` entries are added to the current environment rather than replacing it; an
+    entry of None removes that variable.
     ``input`` is written to the command's stdin; ``stdin`` hands it a file instead (a
     pipe from another process). Each of stdout and stderr may carry at most
     ``max_output`` bytes: past that the command is killed and :class:`OutputTooLarge`
@@ -102,7 +103,11 @@ def run(
     full_env = None
     if env is not None:
         full_env = dict(os.environ)
-        full_env.update(env)
+        for key, value in env.items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
     data = input.encode() if isinstance(input, str) else input
     log.debug("run: %s", shlex.join(argv))
     try:

@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from banger.host.runner import CommandError, run
+from banger.host.sshconfig import LOCKDOWN
 
 CONNECT_TIMEOUT = 10
 # How long one banner wait may take: a starved guest under TCG can take seconds to
@@ -115,9 +116,15 @@ def trust_host_key(known_hosts: Path, alias: str, public_key: str) -> None:
 def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
                   user: str = "root", batch: bool = True, host: str = "127.0.0.1") -> list[str]:
     """``ssh`` and its options, ending with the destination: append a command (or
-    ``-t`` and nothing for an interactive shell). ``batch=False`` for a person."""
-    argv = [
-        "ssh", "-p", str(port), "-i", str(key),
+    ``-t`` and nothing for an interactive shell). ``batch=False`` for a person.
+
+    :data:`~banger.host.sshconfig.LOCKDOWN` comes first: ssh keeps the first value it
+    finds, so no ``~/.ssh/config`` (nor anything appended) can forward to the guest."""
+    argv = ["ssh"]
+    for option, value in LOCKDOWN:
+        argv += ["-o", f"{option}={value}"]
+    argv += [
+        "-p", str(port), "-i", str(key),
         "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={known_hosts}",
         "-o", "GlobalKnownHostsFile=/dev/null",

@@ -5,50 +5,33 @@ default, untracked non-ignored ones on request) and refuses what cannot be copie
 :func:`stage` turns a selection into a directory that is a real git checkout (history,
 index, HEAD, branch, identity) ready to be written onto the work disk as /root/repo.
 
-Files are read through directory file descriptors opened with ``O_NOFOLLOW``: a symlink
-in the repo is recorded as a link and never followed, and neither is a directory that was
-swapped for a symlink after :func:`select` looked at it (bangerd may run as root; the repo
-belongs to a user). Every git call goes through :func:`banger.host.runner.run`; the copy
-itself is in-process, so its cost scales with bytes, not with a process per file.
+Files are read without following a link out of the repo (:mod:`banger.host.repofiles`):
+bangerd may run as root, the repo belongs to a user. Every git call, on the user's repo
+and on the staged copy, goes through :mod:`banger.host.repogit`, so nothing the repo's
+config names ever runs; the copy itself is in-process, so its cost scales with bytes,
+not with a process per file.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Literal
+from pathlib import Path
 
-from banger.host.runner import CommandError, run
+from banger.host import repogit
+from banger.host.repofiles import Tree, WorkspaceFile, copy_git_file
+from banger.host.repofiles import WorkspaceError as WorkspaceError  # callers name it here
+from banger.host.repofiles import check_name as check_name
+from banger.host.repogit import RepoGit
+from banger.host.runner import CommandError
 
-# ext4 holds a name of at most 255 bytes; Linux path calls take at most 4095.
-NAME_MAX = 255
-PATH_MAX = 4095
 _GITLINK = "160000"
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CHUNK = 1 << 30
 # Staging on tmpfs makes the intermediate checkout nearly free (no journaled creates) as
 # long as it is small against memory; beyond this share of MemAvailable, stage on disk.
 TMPFS = Path("/dev/shm")
 TMPFS_SHARE = 4
-
-
-class WorkspaceError(Exception):
-    """The repo cannot be selected or staged; the message names the path and the fix."""
-
-
-@dataclass(frozen=True)
-class WorkspaceFile:
-    path: str  # repo-relative POSIX path
-    kind: Literal["file", "symlink"]
-    size: int
-    mode: int  # permission bits
-    link_target: str | None
-    tracked: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,23 +47,24 @@ class Selection:
 
 def select(path: Path, *, include_untracked: bool = False) -> Selection:
     """The files of the git work tree containing ``path`` that a VM would get."""
-    top = _toplevel(path)
-    tracked = _tracked(top)
+    git = _toplevel(path)
+    top = git.repo
+    tracked = _tracked(git)
     entries = [(p, True) for p in tracked]
     if include_untracked:
-        entries += [(p, False) for p in _untracked(top)]
+        entries += [(p, False) for p in _untracked(git)]
     files: list[WorkspaceFile] = []
-    with _Tree(top) as tree:
+    with Tree(top) as tree:
         for rel, is_tracked in sorted(entries):
             f = tree.inspect(rel, is_tracked)
             if f is not None:
                 files.append(f)
-    head = _git(top, "rev-parse", "--verify", "-q", "HEAD", check=False) or None
-    branch = _git(top, "symbolic-ref", "-q", "--short", "HEAD", check=False) or None
+    head = git.out("rev-parse", "--verify", "-q", "HEAD", check=False) or None
+    branch = git.out("symbolic-ref", "-q", "--short", "HEAD", check=False) or None
     return Selection(
         repo=top, files=tuple(files), total_bytes=sum(f.size for f in files), head=head,
-        branch=branch, user_name=_config(top, "user.name"),
-        user_email=_config(top, "user.email"))
+        branch=branch, user_name=_config(git, "user.name"),
+        user_email=_config(git, "user.email"))
 
 
 # Files that pin a repo's tools; mise reads all of them (asdf's .tool-versions too).
@@ -130,52 +114,58 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     dest.mkdir(parents=True, exist_ok=True)
     dest.chmod(0o755)
     gitdir = dest / ".git"
+    src = repogit.for_repo(selection.repo)
+    _check_git_dir(src)  # again: the repo may have changed since select
     try:
-        run(["git", "clone", "-q", "--mirror", "--no-hardlinks", "--", str(selection.repo),
-             str(gitdir)], timeout=3600)
+        src.run_here("clone", "-q", "--mirror", "--no-hardlinks", "--", str(selection.repo),
+                     str(gitdir), timeout=3600)
     except CommandError as exc:
         raise WorkspaceError(f"cannot copy the git history of {selection.repo}: {exc}") from exc
+    # The copy's config is the host's global config plus the keys _configure copies
+    # from the repo's: neutralise what either names.
+    git = repogit.for_repo(dest, selection.repo)
     alternates = gitdir / "objects" / "info" / "alternates"
     if alternates.exists():
         # The clone borrows objects from host paths the guest cannot see: pack them in.
-        _git(dest, "repack", "-a", "-d", "-q")
+        git.out("repack", "-a", "-d", "-q")
         alternates.unlink()
-    _configure(selection, dest)
-    target = _resolve(dest, from_ref) if from_ref is not None else selection.head
+    _configure(selection, src, git)
+    target = _resolve(git, from_ref) if from_ref is not None else selection.head
     if branch is not None:
-        _new_branch(dest, branch, target)
+        _new_branch(git, branch, target)
     elif from_ref is not None:
-        _git(dest, "update-ref", "--no-deref", "HEAD", str(target))
+        git.out("update-ref", "--no-deref", "HEAD", str(target))
     elif selection.branch is not None:
-        _git(dest, "symbolic-ref", "HEAD", f"refs/heads/{selection.branch}")
+        git.out("symbolic-ref", "HEAD", f"refs/heads/{selection.branch}")
     elif selection.head is not None:
-        _git(dest, "update-ref", "--no-deref", "HEAD", selection.head)
+        git.out("update-ref", "--no-deref", "HEAD", selection.head)
     if from_ref is not None:
-        _git(dest, "reset", "-q", "--hard")
+        git.out("reset", "-q", "--hard")
         _copy_files(selection, (f for f in selection.files if not f.tracked), dest,
                     exclusive=True)
-        record_base(dest)
+        record_base(dest, git)
         return
-    _copy_index(selection.repo, gitdir)
+    _copy_index(src, gitdir)
     _copy_files(selection, selection.files, dest, exclusive=False)
     # Rewrite the index in the copy: folds a split index into one file and drops
     # extensions tied to the host (untracked cache); racily-clean entries get rechecked.
-    _git(dest, "update-index", "-q", "--no-split-index", "--no-untracked-cache")
+    git.out("update-index", "-q", "--no-split-index", "--no-untracked-cache")
     for shared in gitdir.glob("sharedindex.*"):
         shared.unlink()
-    record_base(dest)
+    record_base(dest, git)
 
 
 BASE_REF = "refs/banger/base"
 
 
-def record_base(dest: Path) -> str:
+def record_base(dest: Path, git: RepoGit | None = None) -> str:
     """Snapshot the staged work tree as commit ``refs/banger/base`` (index untouched).
 
     ``vm workspace export`` diffs against it by default, so the patch holds only what
     changed in the guest: the host's uncommitted and untracked files that were copied in
     are already in the host's work tree, and a patch repeating them would not apply.
     """
+    git = git or repogit.for_repo(dest)
     index = dest / ".git" / "banger-base-index"
     env = {"GIT_INDEX_FILE": str(index)}
     real = dest / ".git" / "index"
@@ -183,18 +173,18 @@ def record_base(dest: Path) -> str:
         # Start from the real index: files whose stat matches are not hashed again.
         shutil.copy2(real, index)
     try:
-        run(["git", "-C", str(dest), "add", "-A"], env=env, timeout=600)
-        tree = run(["git", "-C", str(dest), "write-tree"], env=env).stdout.strip()
+        git.run("add", "-A", env=env)
+        tree = git.run("write-tree", env=env).stdout.strip()
     finally:
         index.unlink(missing_ok=True)
-    parent = _git(dest, "rev-parse", "--verify", "-q", "HEAD", check=False)
-    argv = ["git", "-C", str(dest), "commit-tree", tree, "-m", "banger: workspace base"]
+    parent = git.out("rev-parse", "--verify", "-q", "HEAD", check=False)
+    args = ["commit-tree", tree, "-m", "banger: workspace base"]
     if parent:
-        argv[5:5] = ["-p", parent]
+        args += ["-p", parent]
     ident = {"GIT_AUTHOR_NAME": "banger", "GIT_AUTHOR_EMAIL": "banger@localhost",
              "GIT_COMMITTER_NAME": "banger", "GIT_COMMITTER_EMAIL": "banger@localhost"}
-    commit = run(argv, env=ident).stdout.strip()
-    _git(dest, "update-ref", BASE_REF, commit)
+    commit = git.run(*args, env=ident).stdout.strip()
+    git.out("update-ref", BASE_REF, commit)
     return commit
 
 
@@ -214,7 +204,7 @@ def staging_parent(selection: Selection, fallback: Path) -> Path:
 
 
 def _git_bytes(repo: Path) -> int:
-    out = _git(repo, "count-objects", "-v", check=False)
+    out = repogit.for_repo(repo).out("count-objects", "-v", check=False)
     kib = 0
     for line in out.splitlines():
         key, _, value = line.partition(": ")
@@ -233,14 +223,15 @@ def _mem_available() -> int:
 
 # -- selection ----------------------------------------------------------------------------
 
-def _toplevel(path: Path) -> Path:
+def _toplevel(path: Path) -> RepoGit:
     if not path.exists():
         raise WorkspaceError(f"{path} does not exist; give the path of a git repository")
     if not path.is_dir():
         raise WorkspaceError(f"{path} is not a directory; give the path of a git repository")
+    git = repogit.for_repo(path)
     try:
-        flags = run(["git", "-C", str(path), "rev-parse", "--is-bare-repository",
-                     "--is-inside-work-tree"]).stdout.split()
+        flags = git.run("rev-parse", "--is-bare-repository", "--is-inside-work-tree",
+                        timeout=60).stdout.split()
     except CommandError as exc:
         if "dubious ownership" in exc.stderr:
             raise WorkspaceError(
@@ -254,11 +245,21 @@ def _toplevel(path: Path) -> Path:
         raise WorkspaceError(
             f"{path} is a bare git repository or a .git directory, not a work tree; "
             f"give the path of a checkout (e.g. `git clone {path} somewhere`)")
-    top = Path(_git(path, "rev-parse", "--show-toplevel"))
-    if _config(top, "core.sparseCheckout") == "true":
-        raise WorkspaceError(f"{top} is a sparse checkout, which banger cannot copy exactly "
-                             f"yet; run `git sparse-checkout disable` or use a full clone")
-    return top
+    worktree = _config(git, "core.worktree")
+    if worktree is not None:
+        # The files copied would be those under that path (any directory of the host),
+        # not the ones next to the repo's .git.
+        raise WorkspaceError(
+            f"{path}: the repo's config sets core.worktree = {worktree!r}; banger copies "
+            f"only a work tree that holds its own .git: `git config --unset core.worktree` "
+            f"(or clone the repo) and retry")
+    git = git.at(Path(git.out("rev-parse", "--show-toplevel")))
+    _check_git_dir(git)
+    if _config(git, "core.sparseCheckout") == "true":
+        raise WorkspaceError(f"{git.repo} is a sparse checkout, which banger cannot copy "
+                             f"exactly yet; run `git sparse-checkout disable` or use a "
+                             f"full clone")
+    return git
 
 
 # The file listings of a big repo pass the runner's default output cap (a 400k-file repo
@@ -266,9 +267,36 @@ def _toplevel(path: Path) -> Path:
 LISTING_CAP = 1 << 30
 
 
-def _tracked(top: Path) -> list[str]:
-    out = run(["git", "-C", str(top), "ls-files", "-z", "--stage"],
-              max_output=LISTING_CAP).stdout
+def _check_git_dir(git: RepoGit) -> None:
+    """Refuse a work tree whose history lives elsewhere than its own ``.git``.
+
+    A ``.git`` file (``gitdir: /etc/.git``) or symlink can name any repository bangerd
+    can read, and the clone would carry all of that one's history into the VM. Allowed:
+    a real ``.git`` directory, and a linked worktree (``git worktree add``), whose git
+    directory points back at this work tree (only git writes that back-pointer, in the
+    main repository's own ``.git/worktrees``).
+    """
+    top = git.repo
+    git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+    dot_git = top / ".git"
+    if not dot_git.is_symlink() and dot_git.is_dir() and dot_git.resolve() == git_dir:
+        return
+    try:
+        back = (git_dir / "gitdir").read_text().strip()
+    except OSError:
+        back = ""
+    if dot_git.is_file() and not dot_git.is_symlink() and back and \
+            Path(back).resolve() == dot_git.resolve():
+        return
+    raise WorkspaceError(
+        f"{top}: its .git points at {git_dir}, which is neither its own .git directory nor "
+        f"a linked worktree of it; banger would copy that repository's history into the "
+        f"VM. Use a checkout that holds its own .git (e.g. `git clone {top} somewhere`)")
+
+
+def _tracked(git: RepoGit) -> list[str]:
+    top = git.repo
+    out = git.run("ls-files", "-z", "--stage", max_output=LISTING_CAP).stdout
     paths: list[str] = []
     submodules: list[str] = []
     unmerged: set[str] = set()
@@ -291,9 +319,10 @@ def _tracked(top: Path) -> list[str]:
     return paths
 
 
-def _untracked(top: Path) -> list[str]:
-    out = run(["git", "-C", str(top), "ls-files", "-z", "--others",
-               "--exclude-standard"], max_output=LISTING_CAP).stdout
+def _untracked(git: RepoGit) -> list[str]:
+    top = git.repo
+    out = git.run("ls-files", "-z", "--others", "--exclude-standard",
+                  max_output=LISTING_CAP).stdout
     paths = list(filter(None, out.split("\0")))
     # git lists an untracked directory holding its own repository as "dir/".
     nested = [p for p in paths if p.endswith("/")]
@@ -304,82 +333,60 @@ def _untracked(top: Path) -> list[str]:
     return paths
 
 
-def check_name(rel: str) -> None:
-    """Refuse a repo-relative path the work disk cannot hold or that would escape it."""
-    why = None
-    raw = rel.encode("utf-8", "surrogateescape")
-    parts = rel.split("/")
-    if not rel or rel.startswith("/"):
-        why = "is empty or absolute"
-    elif "\0" in rel or "\n" in rel or "\r" in rel:
-        why = "contains a NUL, newline or carriage return"
-    elif "\ufffd" in rel:
-        why = "is not valid UTF-8"
-    elif any(p in ("", ".", "..") for p in parts):
-        why = "has an empty, '.' or '..' component"
-    elif ".git" in parts:
-        why = "has a '.git' component"
-    elif len(raw) > PATH_MAX or any(len(p.encode("utf-8", "surrogateescape")) > NAME_MAX
-                                    for p in parts):
-        why = f"is longer than ext4 allows ({NAME_MAX} bytes a name, {PATH_MAX} a path)"
-    if why is not None:
-        raise WorkspaceError(f"cannot copy {rel!r}: the path {why}; rename it "
-                             f"(or leave it out of the selection)")
-
-
 # -- staging ------------------------------------------------------------------------------
 
-def _configure(selection: Selection, dest: Path) -> None:
-    _git(dest, "config", "core.bare", "false")
-    _git(dest, "config", "--remove-section", "remote.origin")  # the host path
+def _configure(selection: Selection, src: RepoGit, dest: RepoGit) -> None:
+    dest.out("config", "core.bare", "false")
+    dest.out("config", "--remove-section", "remote.origin")  # the host path
     # Inode, device and ctime change on the way into the image; mtime and size survive.
-    _git(dest, "config", "core.checkStat", "minimal")
-    _git(dest, "config", "core.trustctime", "false")
-    remotes = _git(selection.repo, "config", "--local", "--null", "--get-regexp",
-                   r"^remote\.", check=False)
+    dest.out("config", "core.checkStat", "minimal")
+    dest.out("config", "core.trustctime", "false")
+    remotes = src.out("config", "--local", "--null", "--get-regexp", r"^remote\.",
+                      check=False)
     for item in filter(None, remotes.split("\0")):
         key, _, value = item.partition("\n")
-        _git(dest, "config", "--add", key, value)
+        dest.out("config", "--add", key, value)
     for key, ident in (("user.name", selection.user_name),
                        ("user.email", selection.user_email)):
         if ident is not None:
-            _git(dest, "config", key, ident)
+            dest.out("config", key, ident)
 
 
-def _resolve(dest: Path, ref: str) -> str:
-    sha = _git(dest, "rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}",
-               check=False)
+def _resolve(dest: RepoGit, ref: str) -> str:
+    sha = dest.out("rev-parse", "--verify", "-q", "--end-of-options", f"{ref}^{{commit}}",
+                   check=False)
     if not sha:
         raise WorkspaceError(f"--from {ref!r} is not a commit, branch or tag of the repo")
     return sha
 
 
-def _new_branch(dest: Path, branch: str, target: str | None) -> None:
-    if run(["git", "check-ref-format", "--branch", branch], check=False).returncode != 0:
+def _new_branch(dest: RepoGit, branch: str, target: str | None) -> None:
+    if dest.run("check-ref-format", "--branch", branch, check=False).returncode != 0:
         raise WorkspaceError(f"--branch {branch!r} is not a valid git branch name")
     ref = f"refs/heads/{branch}"
-    if _git(dest, "rev-parse", "--verify", "-q", ref, check=False):
+    if dest.out("rev-parse", "--verify", "-q", ref, check=False):
         raise WorkspaceError(f"branch {branch!r} already exists in the repo; pick a new "
                              f"name for the guest-only branch")
     if target is not None:
-        _git(dest, "update-ref", ref, target, "")
-    _git(dest, "symbolic-ref", "HEAD", ref)
+        dest.out("update-ref", ref, target, "")
+    dest.out("symbolic-ref", "HEAD", ref)
 
 
-def _copy_index(repo: Path, gitdir: Path) -> None:
-    index = Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-path", "index"))
-    if not index.exists():
+def _copy_index(repo: RepoGit, gitdir: Path) -> None:
+    # Not `--git-path index`: its absolute form resolves symlinks, the link included.
+    index = Path(repo.out("rev-parse", "--absolute-git-dir")) / "index"
+    if not os.path.lexists(index):
         return  # no commits and nothing added
-    # copy2 keeps the index mtime, which git's racy-entry check compares file mtimes to.
-    shutil.copy2(index, gitdir / "index")
+    # Kept with its mtime, which git's racy-entry check compares file mtimes to.
+    copy_git_file(index, gitdir / "index")
     for shared in index.parent.glob("sharedindex.*"):
-        shutil.copy2(shared, gitdir / shared.name)
+        copy_git_file(shared, gitdir / shared.name)
 
 
 def _copy_files(selection: Selection, files: Iterable[WorkspaceFile], dest: Path, *,
                 exclusive: bool) -> None:
     made: set[Path] = {dest}
-    with _Tree(selection.repo) as tree:
+    with Tree(selection.repo) as tree:
         for f in files:
             target = dest / f.path
             _make_parents(dest, target.parent, made, f.path)
@@ -408,122 +415,10 @@ def _make_parents(dest: Path, parent: Path, made: set[Path], rel: str) -> None:
         made.add(d)
 
 
-class _Tree:
-    """Reads files under a root through directory fds, never following a symlink.
-
-    Keeps the chain of open directories of the last path, so walking sorted paths opens
-    each directory once.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self._root = os.open(root, _DIR_FLAGS)
-        self._stack: list[tuple[str, int]] = []
-
-    def __enter__(self) -> _Tree:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for _, fd in self._stack:
-            os.close(fd)
-        os.close(self._root)
-
-    def _dir(self, parts: tuple[str, ...]) -> int | None:
-        keep = 0
-        while (keep < len(self._stack) and keep < len(parts)
-               and self._stack[keep][0] == parts[keep]):
-            keep += 1
-        for _, fd in self._stack[keep:]:
-            os.close(fd)
-        del self._stack[keep:]
-        for part in parts[keep:]:
-            parent = self._stack[-1][1] if self._stack else self._root
-            try:
-                fd = os.open(part, _DIR_FLAGS, dir_fd=parent)
-            except OSError as exc:
-                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-                    return None  # gone, or no longer a real directory
-                raise
-            self._stack.append((part, fd))
-        return self._stack[-1][1] if self._stack else self._root
-
-    def inspect(self, rel: str, tracked: bool) -> WorkspaceFile | None:
-        """The file at ``rel``; None when it is not in the work tree (deleted, or under a
-        directory replaced by a symlink, which git too treats as deleted)."""
-        check_name(rel)
-        p = PurePosixPath(rel)
-        dfd = self._dir(p.parts[:-1])
-        if dfd is None:
-            return None
-        try:
-            st = os.lstat(p.name, dir_fd=dfd)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(p.name, dir_fd=dfd)
-            return WorkspaceFile(rel, "symlink", st.st_size, 0o777, target, tracked)
-        if stat.S_ISREG(st.st_mode):
-            return WorkspaceFile(rel, "file", st.st_size, stat.S_IMODE(st.st_mode), None,
-                                 tracked)
-        if stat.S_ISDIR(st.st_mode):
-            return None  # a tracked file replaced by a directory: deleted, to git
-        raise WorkspaceError(f"cannot copy {rel!r}: it is not a regular file or symlink")
-
-    def copy(self, rel: str, target: Path) -> None:
-        """Copy the regular file ``rel`` to ``target`` with its mode and mtime."""
-        p = PurePosixPath(rel)
-        dfd = self._dir(p.parts[:-1])
-        try:
-            if dfd is None:
-                raise FileNotFoundError(rel)
-            src = os.open(p.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        except OSError as exc:
-            raise WorkspaceError(f"{rel!r} changed while it was being copied ({exc}); "
-                                 f"run again") from exc
-        try:
-            st = os.fstat(src)
-            if not stat.S_ISREG(st.st_mode):
-                raise WorkspaceError(f"{rel!r} is no longer a regular file; run again")
-            dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                          stat.S_IMODE(st.st_mode))
-            try:
-                _copy_data(src, dst)
-                os.fchmod(dst, stat.S_IMODE(st.st_mode))
-                # The copied index compares mtimes: the copy must keep the original's.
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-
-
-def _copy_data(src: int, dst: int) -> None:
-    # copy_file_range stays in the kernel (and reflinks where the filesystem can).
-    try:
-        while os.copy_file_range(src, dst, _CHUNK):
-            pass
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    # Start over with plain reads: the kernel may have copied a part before refusing.
-    os.lseek(src, 0, os.SEEK_SET)
-    os.lseek(dst, 0, os.SEEK_SET)
-    os.ftruncate(dst, 0)
-    while block := os.read(src, 1 << 20):
-        view = memoryview(block)
-        while view:
-            view = view[os.write(dst, view):]
-
-
 # -- git ----------------------------------------------------------------------------------
 
-def _git(cwd: Path, *args: str, check: bool = True) -> str:
-    res = run(["git", "-C", str(cwd), *args], check=check, timeout=600)
-    return res.stdout.strip() if res.returncode == 0 else ""
-
-
-def _config(top: Path, key: str) -> str | None:
-    return _git(top, "config", "--get", key, check=False) or None
+def _config(git: RepoGit, key: str) -> str | None:
+    return git.out("config", "--get", key, check=False) or None
 
 
 def _human(n: int) -> str:

@@ -2,7 +2,8 @@
 
     [[file_sync]]                 # copied into every VM at every start
     host = "~/.npmrc"             # on the host (~ is the user's home)
-    guest = "~/.npmrc"            # under /root in the guest (~/ or /root/)
+    guest = "~/.npmrc"            # under /root in the guest (~/ or /root/), not one of
+                                  # banger's own (~/.ssh/authorized_keys, ~/.banger/ ...)
     mode = "0600"                 # optional; default: the host file's mode
 
     [bootstrap]                   # the repo's tools (.mise.toml / .tool-versions)
@@ -21,6 +22,7 @@
 from __future__ import annotations
 
 import ipaddress
+import posixpath
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -158,13 +160,36 @@ def _host_path(value: str, home: Path) -> Path:
     return home / value[2:] if value.startswith("~/") else Path(value)
 
 
+# What banger itself puts under /root in a guest (see core/startplan.py's work disk and
+# banger-init): a file_sync entry there would lock banger out or undo its work.
+# (path, True when everything under it is banger's too, why).
+BANGER_GUEST_PATHS: tuple[tuple[str, bool, str], ...] = (
+    ("/root/.ssh/authorized_keys", False,
+     "it holds banger's key for the guest's sshd: replacing it locks banger out of the VM"),
+    ("/root/.ssh/rc", False,
+     "sshd runs it before every command banger sends: it could hang or break them all"),
+    ("/root/.banger", True,
+     "banger keeps the guest's hostname, ssh host key and tool bootstrap there"),
+    ("/root/repo", True,  # core.startplan.WORKSPACE_GUEST_PATH
+     "banger copies the workspace (`vm run ./repo`) there; a synced file would end up in "
+     "the repo and in `vm workspace export`"),
+)
+
+
 def _guest_path(value: str, where: str) -> str:
     path = "/root/" + value[2:] if value.startswith("~/") else value
-    p = PurePosixPath(path)
-    if not p.is_absolute() or ".." in p.parts or p.parts[:2] != ("/", "root") or \
-            len(p.parts) < 3:
+    # Spelled any way (~/.ssh/../.ssh/x, //root/x, x/, x/.), the same file in the guest.
+    norm = "/" + posixpath.normpath(path).lstrip("/") if path.startswith("/") else path
+    p = PurePosixPath(norm)
+    if not p.is_absolute() or p.parts[:2] != ("/", "root") or len(p.parts) < 3:
         raise ConfigError(f"{where}: guest path {value!r} must be a file under ~/ or /root/")
-    return str(p)
+    for own, tree, why in BANGER_GUEST_PATHS:
+        mine = PurePosixPath(own)
+        if p == mine or (tree and mine in p.parents) or p in mine.parents:
+            what = f"{own}/..." if tree else own
+            raise ConfigError(f"{where}: guest path {value!r} ({norm}) is banger's own "
+                              f"{what}: {why}; sync the file elsewhere under ~/")
+    return norm
 
 
 def _mode(value: object, where: str) -> int | None:
