@@ -13,6 +13,9 @@
     bridge = "banger0"            # tap mode: the bridge banger creates and owns
     subnet = "172.30.0.0/24"      # tap mode: guest addresses; the bridge gets the first
     dns_port = 5354               # the daemon's DNS for <name>.vm on 127.0.0.1 (0: off)
+
+    [daemon]
+    allow_root = false            # let root use your daemon's socket too (read at start)
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Config:
     file_sync: tuple[FileSync, ...] = field(default_factory=tuple)
     installer_url: str = DEFAULT_INSTALLER_URL
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    allow_root: bool = False  # [daemon] allow_root: root may connect to this user's daemon
 
 
 def load_config(path: Path, home: Path) -> Config:
@@ -63,13 +67,14 @@ def load_config(path: Path, home: Path) -> Config:
         return Config()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(data) - {"file_sync", "bootstrap", "network"}
+    unknown = set(data) - {"file_sync", "bootstrap", "network", "daemon"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: file_sync, "
-                          "bootstrap, network)")
+                          "bootstrap, network, daemon)")
     return Config(file_sync=_file_sync(data, path, home),
                   installer_url=_bootstrap(data, path),
-                  network=_network(data, path))
+                  network=_network(data, path),
+                  allow_root=_allow_root(data, path))
 
 
 def _table(data: dict[str, Any], key: str, path: Path, known: set[str]) -> dict[str, Any]:
@@ -90,6 +95,13 @@ def _bootstrap(data: dict[str, Any], path: Path) -> str:
         raise ConfigError(f"{path}: [bootstrap] installer_url must be an http(s) URL, "
                           f"not {url!r}")
     return url
+
+
+def _allow_root(data: dict[str, Any], path: Path) -> bool:
+    value = _table(data, "daemon", path, {"allow_root"}).get("allow_root", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: [daemon] allow_root must be true or false, not {value!r}")
+    return value
 
 
 _BRIDGE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]{0,14}")
