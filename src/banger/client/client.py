@@ -82,8 +82,9 @@ class Client:
     def close(self) -> None:
         self.http.close()
 
-    def _request(self, method: str, path: str, *, timeout: float = READ_TIMEOUT,
+    def _request(self, method: str, path: str, *, timeout: float | None = None,
                  **kw: Any) -> Any:
+        timeout = READ_TIMEOUT if timeout is None else timeout
         try:
             resp = self.http.request(method, PREFIX + path, **kw,
                                      timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
@@ -243,7 +244,7 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
         except DaemonUnavailable:
             time.sleep(0.1)
             continue
-        if not other:
+        if health.pid == proc.pid:  # not when another CLI's bangerd won the lock
             notify(f"banger: started bangerd (pid {health.pid}; log {log_path})")
         return client
     raise DaemonUnavailable(f"bangerd did not answer within {timeout:.0f} s; see {log_path}")

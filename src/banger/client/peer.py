@@ -27,10 +27,10 @@ class UntrustedDaemon(Untrusted):
     def __init__(self, path: str, peer: PeerCred) -> None:
         me = os.geteuid()
         super().__init__(
-            f"refusing the daemon on {path}: it is served by {peer}, not by you ({who(me)}) "
-            "or root; nothing was sent to it. Another user may be impersonating bangerd: "
-            f"stop that process and remove {path}, or set XDG_RUNTIME_DIR to a directory "
-            "of your own")
+            f"refusing the daemon on {path}: it is served by {peer}, neither you "
+            f"({who(me)} here) nor root; nothing was sent to it. Another user may be "
+            f"impersonating bangerd: stop that process and remove {path}, or set "
+            "XDG_RUNTIME_DIR to a directory of your own")
         self.peer = peer
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
     """Everything after the state lock is held: housekeeping, socket, reconcile, serve."""
+    # uvicorn re-raises the SIGTERM it shut down on once it has restored the previous
+    # handler; with the default one the process would die before the `finally` below
+    # removes the socket. Before uvicorn runs, the same handler makes a SIGTERM during
+    # reconcile unwind through it too.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     db = Database(layout.db)
     keeper = Housekeeping(layout.daemon_log, OperationLog(db))
     keeper.at_start()
@@ -109,6 +115,10 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
         keeper.stop()
         names.stop()
         bound.release()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _allow_root(layout: Layout) -> bool:

@@ -70,8 +70,8 @@ def private_dir(path: Path, *, what: str = "directory", fix: str = RUNTIME_FIX) 
         me = os.geteuid()
         if st.st_uid != me:
             raise UnsafeDirectory(
-                f"refusing {what} {path}: it is owned by {who(st.st_uid)}, not by you ({who(me)}); "
-                f"its owner could stand in for bangerd. Fix: {fix}")
+                f"refusing {what} {path}: it is owned by {who(st.st_uid)}, not by you "
+                f"({who(me)} here): its owner could stand in for bangerd. Fix: {fix}")
         if stat.S_IMODE(st.st_mode) & 0o077:
             os.fchmod(fd, 0o700)
     finally:
