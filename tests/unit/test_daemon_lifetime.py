@@ -8,14 +8,17 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvicorn
 
 from banger.daemon import lock
 from banger.daemon.housekeeping import INTERRUPTED, OPS_KEEP_COUNT, Housekeeping, rotate_log
-from banger.daemon.peercred import allowed_uids
+from banger.daemon.peercred import allowed_uids, peer_checked
 from banger.daemon.sockets import bind_socket
 from banger.model.config import ConfigError, load_config
 from banger.store.db import Database
@@ -104,3 +107,50 @@ def test_log_rotated_and_the_daemon_stderr_follows(tmp_path: Path) -> None:
         subprocess.run([sys.executable, "-c", code], stderr=f, check=True)
     assert (tmp_path / "bangerd.log.1").read_text() == "old" * 10
     assert log.read_text() == "new"
+
+
+def _serve(sock_path: Path, allowed: frozenset[int]) -> tuple[uvicorn.Server, threading.Thread]:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    bound = bind_socket(sock_path)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=peer_checked(allowed),
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [bound.sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return server, thread
+
+
+def _get(sock_path: Path) -> bytes:
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(5)
+        c.connect(str(sock_path))
+        try:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            return c.recv(4096)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+
+
+@pytest.mark.parametrize("others_only", [True, False])
+def test_peer_check_in_the_http_protocol(tmp_path: Path, others_only: bool,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    # Allowing only some other uid stands for "root, not configured": this process is refused.
+    allowed = frozenset({os.geteuid() + 1}) if others_only else allowed_uids(False)
+    server, thread = _serve(tmp_path / "run" / "d.sock", allowed)
+    try:
+        answer = _get(tmp_path / "run" / "d.sock")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    if others_only:
+        assert answer == b""
+        assert f"refused a connection from uid {os.geteuid()}" in caplog.text
+        assert f"pid {os.getpid()}" in caplog.text
+    else:
+        assert answer.startswith(b"HTTP/1.1 200")

@@ -159,7 +159,8 @@ class Client:
                           timeout=CHANGE_TIMEOUT))
 
     def prune(self) -> BatchResponse:
-        return BatchResponse.model_validate(self._request("POST", "/prune", timeout=CHANGE_TIMEOUT))
+        return BatchResponse.model_validate(
+            self._request("POST", "/prune", timeout=CHANGE_TIMEOUT))
 
     def prepare_workspace(self, ref: str, ws: WorkspaceIn, on_progress: ProgressFn) -> VMOut:
         return self._stream("POST", f"/vms/{seg(ref)}/workspace", on_progress,
@@ -247,4 +248,8 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
         if health.pid == proc.pid:  # not when another CLI's bangerd won the lock
             notify(f"banger: started bangerd (pid {health.pid}; log {log_path})")
         return client
+    if other:
+        raise DaemonUnavailable(
+            f"another bangerd holds {layout.daemon_lock} (its pid is in that file) but did "
+            f"not answer on {layout.daemon_socket} within {timeout:.0f} s; see {log_path}")
     raise DaemonUnavailable(f"bangerd did not answer within {timeout:.0f} s; see {log_path}")
