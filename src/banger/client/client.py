@@ -204,13 +204,15 @@ def _events(lines: Iterator[str]) -> Iterator[ProgressEvent]:
 
 def connect(layout: Layout | None = None, *, autostart: bool = True,
             notify: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
-            timeout: float = 30.0) -> Client:
+            timeout: float = 60.0) -> Client:
     """A client for the user's daemon, starting bangerd first if it is not running.
 
     The runtime directory is verified (ours, 0700, not a symlink) before its socket is
     used, and every connection's peer is checked (:mod:`banger.client.peer`). Many CLIs
     may autostart at once: one bangerd wins the state directory's lock, the others exit
-    with EXIT_ALREADY_RUNNING and their CLIs wait for the winner's /health.
+    with EXIT_ALREADY_RUNNING and their CLIs wait for the winner's /health. ``timeout``
+    allows for a first start on a loaded machine (16 Python processes starting at once
+    on 2 busy cores took up to 23 s here).
     """
     layout = layout or Layout.for_user()
     try:
