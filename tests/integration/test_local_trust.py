@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.daemon import lock
 from banger.model.layout import EXIT_ALREADY_RUNNING
 from tests.integration.processes import NOBODY, Home, as_nobody, home, needs_root, wait_gone
 
@@ -219,3 +220,28 @@ def test_autostarted_daemon_gets_no_agent_or_display(home: Home) -> None:
     names = {e.split(b"=", 1)[0] for e in environ}
     assert names.isdisjoint({b"SSH_AUTH_SOCK", b"SSH_AGENT_PID", b"DISPLAY", b"XAUTHORITY"})
     assert f"BANGER_HOME={home.root}".encode() in environ
+
+
+def test_daemon_started_by_hand_drops_agent_and_display(home: Home) -> None:
+    # The lock is held here, so bangerd stops right after its first steps; what is left of
+    # its environment by then is what everything it would start inherits.
+    (home.root / "state").mkdir()
+    held = lock.acquire(home.root / "state" / "bangerd.lock")
+    code = textwrap.dedent("""
+        import os
+        from banger.daemon.main import main
+        try:
+            main([])
+        except SystemExit as exc:
+            print("exit", exc.code)
+        print(sorted(k for k in os.environ
+                     if k in ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "DISPLAY", "XAUTHORITY")))
+    """)
+    env = dict(home.env, SSH_AUTH_SOCK="/tmp/agent.sock", SSH_AGENT_PID="1",
+               DISPLAY=":0", XAUTHORITY="/tmp/xa")
+    try:
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, timeout=60, cwd="/")
+    finally:
+        held.release()
+    assert r.stdout.split("\n")[:2] == [f"exit {EXIT_ALREADY_RUNNING}", "[]"], r
