@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from banger.client.client import DaemonUnavailable, connect
 from banger.daemon import lock
 from banger.model.layout import EXIT_ALREADY_RUNNING
 from tests.integration.processes import NOBODY, Home, as_nobody, home, needs_root, wait_gone
@@ -245,3 +246,21 @@ def test_daemon_started_by_hand_drops_agent_and_display(home: Home) -> None:
     finally:
         held.release()
     assert r.stdout.split("\n")[:2] == [f"exit {EXIT_ALREADY_RUNNING}", "[]"], r
+
+
+def test_autostart_whose_daemon_lost_the_lock_waits_for_the_holder(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in list(os.environ):
+        if k.startswith("BANGER_") or k == "XDG_RUNTIME_DIR":
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("BANGER_HOME", str(home.root))
+    (home.root / "state").mkdir()
+    held = lock.acquire(home.root / "state" / "bangerd.lock")  # a holder that never answers
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DaemonUnavailable, match=r"another bangerd holds \S*bangerd\.lock"):
+            connect(timeout=3, notify=lambda _: None)
+        assert time.monotonic() - t0 >= 3  # it waited for the holder, not failed at the exit
+    finally:
+        held.release()
+    assert home.daemons() == []
