@@ -70,3 +70,24 @@ def test_agent_and_display_dropped() -> None:
     env = {"SSH_AUTH_SOCK": "/a", "SSH_AGENT_PID": "1", "DISPLAY": ":0",
            "XAUTHORITY": "/x", "HOME": "/h"}
     assert without_agent_env(env) == {"HOME": "/h"}
+
+
+def test_a_parent_writable_by_others_is_refused_unless_sticky(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(UnsafeDirectory, match=rf"its parent {shared} is writable by group or "
+                                              r"others \(mode 777\)"):
+        private_dir(shared / "run")
+    shared.chmod(0o1777)  # sticky, like /tmp: only an entry's owner may rename it
+    assert private_dir(shared / "run").is_dir()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory of another uid needs root")
+def test_a_parent_of_another_uid_is_refused(tmp_path: Path) -> None:
+    # e.g. root's banger under `sudo -E` with the user's XDG_RUNTIME_DIR
+    theirs = tmp_path / "user-runtime"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(UnsafeDirectory, match=rf"its parent {theirs} is owned by uid 65534"):
+        private_dir(theirs / "banger")

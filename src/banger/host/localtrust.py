@@ -54,9 +54,13 @@ def private_dir(path: Path, *, what: str = "directory", fix: str = RUNTIME_FIX) 
     symlink, not a directory, or owned by another uid: whoever owns it could put a socket
     of their own where banger looks for bangerd. Group/other bits of a directory that is
     ours are removed. The checks run on an fd opened with O_NOFOLLOW, so the directory
-    checked is the one fixed up.
+    checked is the one fixed up. Its parents must be yours or root's and not writable by
+    others (unless sticky, like /tmp): whoever may rename entries in a parent could swap
+    the directory after the check (as ssh's StrictModes reasons).
     """
+    path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _check_parents(path, what, fix)
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     try:
@@ -77,6 +81,21 @@ def private_dir(path: Path, *, what: str = "directory", fix: str = RUNTIME_FIX) 
     finally:
         os.close(fd)
     return path
+
+
+def _check_parents(path: Path, what: str, fix: str) -> None:
+    me = os.geteuid()
+    for parent in path.parents:
+        st = os.stat(parent)
+        if st.st_uid not in (me, 0):
+            raise UnsafeDirectory(
+                f"refusing {what} {path}: its parent {parent} is owned by {who(st.st_uid)}, "
+                f"who could replace it (you are {who(me)}). Fix: {fix}")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise UnsafeDirectory(
+                f"refusing {what} {path}: its parent {parent} is writable by group or "
+                f"others (mode {stat.S_IMODE(st.st_mode):o}), who could replace it. "
+                f"Fix: chmod go-w {parent}, or {fix}")
 
 
 def _not_a_dir(name: str, path: Path, fix: str) -> str:
