@@ -42,7 +42,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
                      ssh_key="k", known_hosts="kh",
                      ssh_argv=lambda addr, alias: ["ssh", "-p", str(addr.port),
                                                    f"root@{addr.host}"])
-    sock = bind_socket(layout.daemon_socket)
+    sock = bind_socket(layout.daemon_socket).sock
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

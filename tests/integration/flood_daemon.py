@@ -26,7 +26,7 @@ def main() -> None:
     guest.listening = SshGuest(layout).listening  # type: ignore[method-assign]
     app = create_app(service, doctor=lambda: Doctor(checks=[]), ssh_key="k",
                      known_hosts="kh", ssh_argv=lambda addr, alias: ["ssh"])
-    sock = bind_socket(layout.daemon_socket)
+    sock = bind_socket(layout.daemon_socket).sock
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

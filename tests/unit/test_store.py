@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from banger.model.vm import VM, VMSpec, VMState
-from banger.store.db import Database, MigrationError, applied_versions, migrate
+from banger.store.db import MIGRATIONS, Database, MigrationError, applied_versions, migrate
 from banger.store.vms import Conflict, NotFound, OperationLog, VMRepository
 
 
@@ -19,11 +19,13 @@ def test_pragmas_and_migrations(tmp_path: Path) -> None:
     db = Database(tmp_path / "s.db")
     assert db.query("PRAGMA journal_mode")[0][0] == "wal"
     assert db.query("PRAGMA foreign_keys")[0][0] == 1
-    assert [r[0] for r in db.query("SELECT version FROM schema_migrations")] == [1, 2, 3]
+    versions = [v for v, _ in MIGRATIONS]
+    assert versions[:4] == [1, 2, 3, 4]
+    assert [r[0] for r in db.query("SELECT version FROM schema_migrations")] == versions
     db.close()
     # Re-opening applies nothing twice.
     db2 = Database(tmp_path / "s.db")
-    assert len(db2.query("SELECT * FROM schema_migrations")) == 3
+    assert len(db2.query("SELECT * FROM schema_migrations")) == len(versions)
 
 
 def test_newer_schema_refused(tmp_path: Path) -> None:

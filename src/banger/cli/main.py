@@ -30,6 +30,7 @@ from banger.cli.render import (
 )
 from banger.cli.safe import markup, printable, relay_printable
 from banger.client.client import ApiError, Client, DaemonUnavailable, connect
+from banger.client.peer import Untrusted
 
 # The one host module the CLI may use (an explicit, linted exception): ~/.ssh/config is the
 # user's file, so the CLI, running as the user, edits it, never the daemon.
@@ -49,7 +50,7 @@ def handle_errors(fn: F) -> F:
         except ApiError as exc:
             print_error(exc.body)
             sys.exit(1)
-        except DaemonUnavailable as exc:
+        except (DaemonUnavailable, Untrusted) as exc:
             err_console.print(f"[red]error:[/red] {markup(str(exc))}")
             sys.exit(1)
     return wrapper  # type: ignore[return-value]

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -32,7 +33,20 @@ from banger.api.schema import (
     VMSet,
     WorkspaceIn,
 )
-from banger.model.layout import Layout
+from banger.client.peer import PeerCheckedTransport, Untrusted
+from banger.host.localtrust import UnsafeDirectory, private_dir, without_agent_env
+from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
+
+# Plain (non-streamed) requests never wait forever on a daemon that stopped answering.
+# Reads answer from memory and SQLite. `ports` runs `ss` in the guest, which the daemon
+# caps at 30 s. Changes (stop, kill, delete, set, batch, prune) may first wait for the
+# VM's lock, which a start holds up to its readiness timeout (core Timeouts.ready: 180 s,
+# BANGER_READY_TIMEOUT), then power the guest off (10 s, then QMP quit 5 s, then kill 5 s):
+# ten minutes covers both with room to spare.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+GUEST_TIMEOUT = 90.0
+CHANGE_TIMEOUT = 600.0
 
 
 class ApiError(Exception):
@@ -48,21 +62,36 @@ class DaemonUnavailable(Exception):
     pass
 
 
+def seg(ref: str) -> str:
+    """``ref`` as one URL path segment: `banger vm start 'box/stop?'` must not stop box.
+
+    '.' and '..' are encoded too, or httpx would resolve them as dot segments."""
+    q = quote(ref, safe="")
+    return q.replace(".", "%2E") if q in (".", "..") else q
+
+
 ProgressFn = Callable[[ProgressEvent], None]
 
 
 class Client:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)),
+        self.http = httpx.Client(transport=PeerCheckedTransport(uds=str(socket_path)),
                                  base_url="http://bangerd", timeout=httpx.Timeout(None))
 
     def close(self) -> None:
         self.http.close()
 
-    def _request(self, method: str, path: str, **kw: Any) -> Any:
+    def _request(self, method: str, path: str, *, timeout: float | None = None,
+                 **kw: Any) -> Any:
+        timeout = READ_TIMEOUT if timeout is None else timeout
         try:
-            resp = self.http.request(method, PREFIX + path, **kw)
+            resp = self.http.request(method, PREFIX + path, **kw,
+                                     timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
+        except httpx.TimeoutException as exc:
+            raise DaemonUnavailable(f"bangerd on {self.socket_path} did not answer {method} "
+                                    f"{PREFIX + path} within {timeout:.0f} s ({exc!r})"
+                                    ) from exc
         except httpx.TransportError as exc:
             raise DaemonUnavailable(f"bangerd is not answering on {self.socket_path}: {exc}"
                                     ) from exc
@@ -97,53 +126,60 @@ class Client:
         return [VMOut.model_validate(v) for v in self._request("GET", "/vms")]
 
     def show(self, ref: str) -> VMOut:
-        return VMOut.model_validate(self._request("GET", f"/vms/{ref}"))
+        return VMOut.model_validate(self._request("GET", f"/vms/{seg(ref)}"))
 
     def create(self, req: VMCreate, on_progress: ProgressFn) -> VMOut:
         return self._stream("POST", "/vms", on_progress, json=req.model_dump())
 
     def start(self, ref: str, on_progress: ProgressFn) -> VMOut:
-        return self._stream("POST", f"/vms/{ref}/start", on_progress)
+        return self._stream("POST", f"/vms/{seg(ref)}/start", on_progress)
 
     def restart(self, ref: str, on_progress: ProgressFn) -> VMOut:
-        return self._stream("POST", f"/vms/{ref}/restart", on_progress)
+        return self._stream("POST", f"/vms/{seg(ref)}/restart", on_progress)
 
     def stop(self, ref: str) -> VMOut:
-        return VMOut.model_validate(self._request("POST", f"/vms/{ref}/stop"))
+        return VMOut.model_validate(self._request("POST", f"/vms/{seg(ref)}/stop",
+                                                  timeout=CHANGE_TIMEOUT))
 
     def delete(self, ref: str) -> VMOut:
-        return VMOut.model_validate(self._request("DELETE", f"/vms/{ref}"))
+        return VMOut.model_validate(self._request("DELETE", f"/vms/{seg(ref)}",
+                                                  timeout=CHANGE_TIMEOUT))
 
     def set(self, ref: str, req: VMSet) -> VMOut:
-        return VMOut.model_validate(self._request("PATCH", f"/vms/{ref}",
-                                                  json=req.model_dump(exclude_none=True)))
+        return VMOut.model_validate(self._request("PATCH", f"/vms/{seg(ref)}",
+                                                  json=req.model_dump(exclude_none=True),
+                                                  timeout=CHANGE_TIMEOUT))
 
     def batch(self, action: str, refs: list[str], signal: int | None = None) -> BatchResponse:
         body: dict[str, Any] = {"refs": refs}
         if signal is not None:
             body["signal"] = signal
         return BatchResponse.model_validate(
-            self._request("POST", f"/batch/{action}", json=body))
+            self._request("POST", f"/batch/{seg(action)}", json=body,
+                          timeout=CHANGE_TIMEOUT))
 
     def prune(self) -> BatchResponse:
-        return BatchResponse.model_validate(self._request("POST", "/prune"))
+        return BatchResponse.model_validate(
+            self._request("POST", "/prune", timeout=CHANGE_TIMEOUT))
 
     def prepare_workspace(self, ref: str, ws: WorkspaceIn, on_progress: ProgressFn) -> VMOut:
-        return self._stream("POST", f"/vms/{ref}/workspace", on_progress,
+        return self._stream("POST", f"/vms/{seg(ref)}/workspace", on_progress,
                             json=ws.model_dump())
 
     def workspace_dry_run(self, ws: WorkspaceIn) -> list[str]:
         return DryRun.model_validate(
-            self._request("POST", "/workspace/dry-run", json=ws.model_dump())).lines
+            self._request("POST", "/workspace/dry-run", json=ws.model_dump(),
+                          timeout=GUEST_TIMEOUT)).lines
 
     def logs(self, ref: str) -> Logs:
-        return Logs.model_validate(self._request("GET", f"/vms/{ref}/logs"))
+        return Logs.model_validate(self._request("GET", f"/vms/{seg(ref)}/logs"))
 
     def ssh_target(self, ref: str) -> SshTarget:
-        return SshTarget.model_validate(self._request("GET", f"/vms/{ref}/ssh"))
+        return SshTarget.model_validate(self._request("GET", f"/vms/{seg(ref)}/ssh"))
 
     def ports(self, ref: str) -> VMPorts:
-        return VMPorts.model_validate(self._request("GET", f"/vms/{ref}/ports"))
+        return VMPorts.model_validate(self._request("GET", f"/vms/{seg(ref)}/ports",
+                                                         timeout=GUEST_TIMEOUT))
 
     def ssh_config(self) -> SshConfig:
         return SshConfig.model_validate(self._request("GET", "/ssh-config"))
@@ -168,9 +204,21 @@ def _events(lines: Iterator[str]) -> Iterator[ProgressEvent]:
 
 def connect(layout: Layout | None = None, *, autostart: bool = True,
             notify: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
-            timeout: float = 20.0) -> Client:
-    """A client for the user's daemon, starting bangerd first if it is not running."""
+            timeout: float = 60.0) -> Client:
+    """A client for the user's daemon, starting bangerd first if it is not running.
+
+    The runtime directory is verified (ours, 0700, not a symlink) before its socket is
+    used, and every connection's peer is checked (:mod:`banger.client.peer`). Many CLIs
+    may autostart at once: one bangerd wins the state directory's lock, the others exit
+    with EXIT_ALREADY_RUNNING and their CLIs wait for the winner's /health. ``timeout``
+    allows for a first start on a loaded machine (16 Python processes starting at once
+    on 2 busy cores took up to 23 s here).
+    """
     layout = layout or Layout.for_user()
+    try:
+        private_dir(layout.runtime_dir, what="runtime directory")
+    except UnsafeDirectory as exc:
+        raise Untrusted(str(exc)) from exc
     client = Client(layout.daemon_socket)
     try:
         client.health()
@@ -184,17 +232,26 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
         proc = subprocess.Popen(
             [sys.executable, "-m", "banger.daemon.main"],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-            env=dict(os.environ),
+            env=without_agent_env(dict(os.environ)),
         )
     deadline = time.monotonic() + timeout
+    other = False  # our bangerd lost the lock to another CLI's: wait for that one
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DaemonUnavailable(f"bangerd exited at start (status {proc.returncode}); "
-                                    f"see {log_path}")
+        if not other and proc.poll() is not None:
+            if proc.returncode != EXIT_ALREADY_RUNNING:
+                raise DaemonUnavailable(f"bangerd exited at start (status {proc.returncode}); "
+                                        f"see {log_path}")
+            other = True
         try:
-            client.health()
-            notify(f"banger: started bangerd (pid {proc.pid}; log {log_path})")
-            return client
+            health = client.health()
         except DaemonUnavailable:
             time.sleep(0.1)
+            continue
+        if health.pid == proc.pid:  # not when another CLI's bangerd won the lock
+            notify(f"banger: started bangerd (pid {health.pid}; log {log_path})")
+        return client
+    if other:
+        raise DaemonUnavailable(
+            f"another bangerd holds {layout.daemon_lock} (its pid is in that file) but did "
+            f"not answer on {layout.daemon_socket} within {timeout:.0f} s; see {log_path}")
     raise DaemonUnavailable(f"bangerd did not answer within {timeout:.0f} s; see {log_path}")

@@ -1,5 +1,6 @@
-"""bangerd: the per-user daemon. Composition root: wires store, host adapters and core,
-reconciles what really runs, then serves the API on a Unix socket only its owner can use.
+"""bangerd: the per-user daemon. Composition root: takes the state directory's lock,
+wires store, host adapters and core, reconciles what really runs, then serves the API on a
+Unix socket only its owner (and root where configured) can use.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -14,24 +16,27 @@ import uvicorn
 
 from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
+from banger.daemon import lock
 from banger.daemon.app import create_app
 from banger.daemon.doctor import doctor
+from banger.daemon.housekeeping import Housekeeping
 from banger.daemon.names import VmNames
+from banger.daemon.peercred import allowed_uids, peer_checked
 from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
+from banger.host.localtrust import AGENT_ENV, UnsafeDirectory, private_dir
 from banger.host.seriallog import SerialLogCap
 from banger.model.config import DEFAULT_SERIAL_MAX_MIB, ConfigError, load_config
-from banger.model.layout import Layout
+from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
 
 log = logging.getLogger("bangerd")
 
 
-def build_service(layout: Layout) -> VMService:
-    db = Database(layout.db)
+def build_service(layout: Layout, db: Database) -> VMService:
     failpoint = os.environ.get("BANGER_FAILPOINT") or None
     ready = float(os.environ.get("BANGER_READY_TIMEOUT", "180"))
     return VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)),
@@ -52,41 +57,88 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--socket", type=Path, help="Unix socket path (default: per user)")
     parser.add_argument("--log-level", default=os.environ.get("BANGER_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
+    # Nothing the daemon starts (ssh to untrusted guests) may reach the user's ssh agent or
+    # X display, however the daemon was started (the CLI's autostart drops them too).
+    for key in AGENT_ENV:
+        os.environ.pop(key, None)
     layout = Layout.for_user()
     layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sock_path = args.socket or layout.daemon_socket
-    sock = bind_socket(sock_path)
-    service = build_service(layout)
-    names = VmNames(service.load_config)
-    names.start()
-    serial_cap = SerialLogCap(layout, lambda: _serial_max_mib(service) << 20)
-    serial_cap.start()  # from the first pass, for the VMs that ran on while no daemon did
-    service.on_change.append(names.update)
-    for vm in service.reconcile():
-        log.info("reconciled %s: %s", vm.name, vm.state.value)
-    attach_ssh_config(service)
-    app = create_app(
-        service,
-        doctor=lambda: doctor(layout, service.host.vmm,
-                              [n for n in service.host.images.known()
-                               if (layout.images_dir / n / "manifest.json").exists()],
-                              user_ssh_config=Path.home() / ".ssh" / "config",
-                              names=names, load_config=service.load_config),
-        ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
-        ssh_argv=lambda addr, alias: ssh.ssh_base_argv(
-            port=addr.port, host=addr.host, key=layout.ssh_key, known_hosts=layout.known_hosts,
-            alias=alias))
-    log.info("bangerd %d serving %s", os.getpid(), sock_path)
-    config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=False)
-    server = uvicorn.Server(config)
     try:
-        server.run(sockets=[sock])
+        private_dir(layout.runtime_dir, what="runtime directory")
+        held = lock.acquire(layout.daemon_lock)
+    except UnsafeDirectory as exc:
+        raise SystemExit(f"bangerd: {exc}") from None
+    except lock.AlreadyRunning as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(EXIT_ALREADY_RUNNING)
+    try:
+        serve(layout, args.socket or layout.daemon_socket, args.log_level)
     finally:
+        held.release()
+
+
+def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
+    """Everything after the state lock is held: housekeeping, socket, reconcile, serve."""
+    # uvicorn re-raises the SIGTERM it shut down on once it has restored the previous
+    # handler; with the default one the process would die before the `finally` below
+    # removes the socket. Before uvicorn runs, the same handler makes a SIGTERM during
+    # reconcile unwind through it too.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    db = Database(layout.db)
+    keeper = Housekeeping(layout.daemon_log, OperationLog(db))
+    keeper.at_start()
+    # Startup sweep of what a killed daemon left behind goes here: under the lock (no other
+    # daemon of this state dir is running), before the socket and before reconcile.
+    private_dir(layout.runtime_dir / "vms", what="runtime directory")
+    bound = bind_socket(sock_path)
+    service = build_service(layout, db)
+    names = VmNames(service.load_config)
+    serial_cap = SerialLogCap(layout, lambda: _serial_max_mib(service) << 20)
+    try:
+        names.start()
+        serial_cap.start()  # from the first pass, for the VMs that ran on while no daemon did
+        service.on_change.append(names.update)
+        for vm in service.reconcile():
+            log.info("reconciled %s: %s", vm.name, vm.state.value)
+        attach_ssh_config(service)
+        app = create_app(
+            service,
+            doctor=lambda: doctor(layout, service.host.vmm,
+                                  [n for n in service.host.images.known()
+                                   if (layout.images_dir / n / "manifest.json").exists()],
+                                  user_ssh_config=Path.home() / ".ssh" / "config",
+                                  names=names, load_config=service.load_config),
+            ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
+            ssh_argv=lambda addr, alias: ssh.ssh_base_argv(
+                port=addr.port, host=addr.host, key=layout.ssh_key,
+                known_hosts=layout.known_hosts, alias=alias))
+        allowed = allowed_uids(_allow_root(layout))
+        log.info("bangerd %d serving %s (uids allowed: %s)", os.getpid(), sock_path,
+                 sorted(allowed))
+        config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
+                                http=peer_checked(allowed))
+        keeper.start()
+        uvicorn.Server(config).run(sockets=[bound.sock])
+    finally:
+        keeper.stop()
         serial_cap.stop()
         names.stop()
-        sock_path.unlink(missing_ok=True)
+        bound.release()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _allow_root(layout: Layout) -> bool:
+    """``[daemon] allow_root``, read once at start; an unreadable config allows no one more."""
+    try:
+        return load_config(layout.config_file, Path.home()).allow_root
+    except ConfigError as exc:
+        log.warning("%s; root is not allowed on the socket", exc)
+        return False
 
 
 if __name__ == "__main__":

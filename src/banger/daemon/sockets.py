@@ -1,15 +1,35 @@
-"""The daemon's Unix socket: owner-only, refusing to steal a live daemon's socket."""
+"""The daemon's Unix socket: owner-only, in a verified private directory, refusing to steal
+a live daemon's socket, and removed at exit only while it is still this daemon's own."""
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
+from banger.host.localtrust import private_dir
 
-def bind_socket(path: Path) -> socket.socket:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
+
+@dataclass(frozen=True)
+class BoundSocket:
+    sock: socket.socket
+    path: Path
+    ident: tuple[int, int]  # (st_dev, st_ino) of the socket file this daemon bound
+
+    def release(self) -> None:
+        """Unlink the socket file if it is still the one bound here: after a stale-socket
+        cleanup by someone else, the path may be another daemon's live socket."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self.ident:
+            self.path.unlink(missing_ok=True)
+
+
+def bind_socket(path: Path) -> BoundSocket:
+    private_dir(path.parent, what="runtime directory")
     if path.exists():
         probe = socket.socket(socket.AF_UNIX)
         try:
@@ -17,8 +37,9 @@ def bind_socket(path: Path) -> socket.socket:
         except OSError:
             path.unlink()  # stale socket of a dead daemon
         else:
-            probe.close()
             raise SystemExit(f"bangerd: another daemon is already serving {path}")
+        finally:
+            probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -26,4 +47,5 @@ def bind_socket(path: Path) -> socket.socket:
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
-    return sock
+    st = os.lstat(path)
+    return BoundSocket(sock, path, (st.st_dev, st.st_ino))

@@ -17,6 +17,8 @@
 
     [logs]
     serial_max_mib = 8            # a VM's serial.log is rotated to serial.log.1 past this
+    [daemon]
+    allow_root = false            # let root use your daemon's socket too (read at start)
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Config:
     installer_url: str = DEFAULT_INSTALLER_URL
     network: NetworkConfig = field(default_factory=NetworkConfig)
     serial_max_mib: int = DEFAULT_SERIAL_MAX_MIB
+    allow_root: bool = False  # [daemon] allow_root: root may connect to this user's daemon
 
 
 def load_config(path: Path, home: Path) -> Config:
@@ -70,14 +73,15 @@ def load_config(path: Path, home: Path) -> Config:
         return Config()
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    unknown = set(data) - {"file_sync", "bootstrap", "network", "logs"}
+    unknown = set(data) - {"file_sync", "bootstrap", "network", "logs", "daemon"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: file_sync, "
-                          "bootstrap, network, logs)")
+                          "bootstrap, network, logs, daemon)")
     return Config(file_sync=_file_sync(data, path, home),
                   installer_url=_bootstrap(data, path),
                   network=_network(data, path),
-                  serial_max_mib=_serial_max(data, path))
+                  serial_max_mib=_serial_max(data, path),
+                  allow_root=_allow_root(data, path))
 
 
 def _table(data: dict[str, Any], key: str, path: Path, known: set[str]) -> dict[str, Any]:
@@ -107,6 +111,13 @@ def _serial_max(data: dict[str, Any], path: Path) -> int:
         raise ConfigError(f"{path}: [logs] serial_max_mib must be a whole number of MiB "
                           f"from 1 to 4096, not {mib!r}")
     return mib
+
+
+def _allow_root(data: dict[str, Any], path: Path) -> bool:
+    value = _table(data, "daemon", path, {"allow_root"}).get("allow_root", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: [daemon] allow_root must be true or false, not {value!r}")
+    return value
 
 
 _BRIDGE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_-]{0,14}")

@@ -15,6 +15,10 @@ from banger.model.vm import ResourceNames
 
 UNIX_PATH_MAX = 108
 
+# bangerd's exit status when another bangerd already holds the state directory's lock: the
+# CLI that autostarted it keeps waiting for that other daemon instead of failing.
+EXIT_ALREADY_RUNNING = 75  # EX_TEMPFAIL
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -47,6 +51,11 @@ class Layout:
     @property
     def daemon_socket(self) -> Path:
         return self.runtime_dir / "bangerd.sock"
+
+    @property
+    def daemon_lock(self) -> Path:
+        """flock'd by the one bangerd of this state directory for its whole life."""
+        return self.state_dir / "bangerd.lock"
 
     @property
     def config_file(self) -> Path:

@@ -71,6 +71,15 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE vms ADD COLUMN workspace_head TEXT;
         """,
     ),
+    (
+        4,
+        # Finished operations are pruned by age and count (retention), and ops a dead
+        # daemon left "running" are found at start: both by status and finish time.
+        """
+        CREATE INDEX operations_status_finished ON operations (status, finished_at);
+        CREATE INDEX operations_finished ON operations (finished_at);
+        """,
+    ),
 )
 
 

@@ -86,6 +86,25 @@ class OperationLog:
             c.execute("UPDATE operations SET status=?, finished_at=?, error=?, stage=? WHERE id=?",
                       ("failed" if error else "ok", time.time(), error, stage, op_id))
 
+    def interrupt_running(self, error: str) -> int:
+        """Mark ops still "running" (their daemon died under them) interrupted; how many.
+
+        Only the daemon holding the state lock calls this, before it starts any op."""
+        with self.db.tx() as c:
+            return c.execute("UPDATE operations SET status='interrupted', finished_at=?, "
+                             "error=? WHERE status='running'", (time.time(), error)).rowcount
+
+    def prune(self, *, older_than: float, keep: int) -> int:
+        """Delete finished ops that finished before ``older_than`` or beyond the ``keep``
+        most recent (their events go with them); how many."""
+        with self.db.tx() as c:
+            n = c.execute("DELETE FROM operations WHERE finished_at IS NOT NULL AND "
+                          "finished_at < ?", (older_than,)).rowcount
+            n += c.execute("DELETE FROM operations WHERE finished_at IS NOT NULL AND id NOT IN "
+                           "(SELECT id FROM operations WHERE finished_at IS NOT NULL "
+                           "ORDER BY finished_at DESC LIMIT ?)", (keep,)).rowcount
+            return n
+
     def get(self, op_id: str) -> dict[str, object]:
         rows = self.db.query("SELECT * FROM operations WHERE id=?", (op_id,))
         if not rows:
