@@ -265,7 +265,7 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
         kernel=image.kernel, initrd=image.initrd, root_disk=d / "root.qcow2",
         work_disk=d / "work.ext4", vcpus=1, memory_mib=512, ssh_port=qemu.free_port(),
         serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel=accel,
-        hostname="e2e-box", cmdline=image.cmdline)
+        hostname="e2e-box", cmdline=image.cmdline, base_image=image.rootfs)
     machine = Vm(dir=d, cfg=cfg, key=key, known_hosts=d / "known_hosts", alias="e2e-box")
     try:
         yield machine

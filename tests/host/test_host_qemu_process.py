@@ -120,14 +120,23 @@ def _cfg_kwargs(cfg: QemuConfig) -> str:
 
 
 def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
-    cfg = stub_config(vmdir, kernel=vmdir / "no-such-kernel")
+    (vmdir / "bad-kernel").write_bytes(b"not a kernel\n" * 64)
+    cfg = stub_config(vmdir, kernel=vmdir / "bad-kernel")
     started = time.monotonic()
     with pytest.raises(VmmError) as err:
         qemu.launch(cfg, vmdir / "vmm.log")
     assert time.monotonic() - started < 3
     assert "exited with status" in str(err.value)
-    assert "no-such-kernel" in str(err.value)  # QEMU's own complaint, from the log tail
+    assert "kernel" in str(err.value)  # QEMU's own complaint, from the log tail
     assert qemu.find_qemu_pid(cfg.qmp_socket) is None
+    assert not cfg.qmp_socket.exists()
+
+
+def test_missing_file_is_named_before_qemu_starts(vmdir: Path) -> None:
+    cfg = stub_config(vmdir, kernel=vmdir / "no-such-kernel")
+    with pytest.raises(VmmError, match=r"cannot open .*no-such-kernel for QEMU"):
+        qemu.launch(cfg, vmdir / "vmm.log")
+    assert not cfg.qmp_socket.exists()
 
 
 def test_busy_ssh_port_is_its_own_error(vmdir: Path) -> None:

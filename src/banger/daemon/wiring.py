@@ -36,6 +36,7 @@ from banger.host import (
     qemu,
     seriallog,
     ssh,
+    vmmuser,
     workspace,
 )
 from banger.host.runner import CommandError, run
@@ -159,10 +160,31 @@ class LocalWorkspace:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class VmmUser:
+    """Who QEMU runs as (banger.host.vmmuser), resolved once, on first need: the tap's
+    owner and QEMU's identity must be the same user."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resolved = False
+        self._runas: vmmuser.RunAs | None = None
+
+    def get(self) -> vmmuser.RunAs | None:
+        with self._lock:
+            if not self._resolved:
+                try:
+                    self._runas = vmmuser.resolve()
+                except vmmuser.VmmUserError as exc:
+                    raise OperationFailed(str(exc)) from exc
+                self._resolved = True
+            return self._runas
+
+
 class QemuVmm:
     name = "qemu"
 
-    def __init__(self, cache: Path | None = None) -> None:
+    def __init__(self, cache: Path | None = None, user: VmmUser | None = None) -> None:
+        self._user = user or VmmUser()
         self._accel: Accel | None = None
         self._cache = cache
         self._lock = threading.Lock()
@@ -177,15 +199,15 @@ class QemuVmm:
 
     def _cached_probe(self) -> Accel:
         if os.environ.get("BANGER_ACCEL") or self._cache is None:
-            choice = kvm.probe_accel()
+            choice = kvm.probe_accel(self._user.get())
             return Accel(choice.accel, choice.reason)
         key = {"boot_id": _boot_id(), "qemu": _stat_key(shutil.which(qemu.QEMU)),
-               "kvm": _stat_key("/dev/kvm")}
+               "kvm": _stat_key("/dev/kvm"), "user": _user_key(self._user.get())}
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads(self._cache.read_text())
             if data["key"] == key:
                 return Accel(str(data["accel"]), str(data["reason"]))
-        choice = kvm.probe_accel()
+        choice = kvm.probe_accel(self._user.get())
         with contextlib.suppress(OSError):
             self._cache.write_text(json.dumps({"key": key, "accel": choice.accel,
                                                "reason": choice.reason}))
@@ -211,10 +233,10 @@ class QemuVmm:
             ssh_port=spec.ssh_port, serial_log=spec.serial_log, qmp_socket=spec.qmp_socket,
             accel=spec.accel, hostname=spec.hostname, cmdline=spec.cmdline,
             restrict_net=spec.restrict_net, tap=spec.tap, mac=spec.mac,
-            net_args=spec.net_args)
+            net_args=spec.net_args, base_image=spec.base_image)
         seriallog.new_boot(spec.serial_log, spec.serial_log.with_name(
             ResourceNames(spec.vm_id).serial_log_rotated))
-        return qemu.launch(cfg, spec.vmm_log)
+        return qemu.launch(cfg, spec.vmm_log, self._user.get())
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:
         return qemu.pid_alive(pid) and qemu.pid_is_qemu_for(pid, qmp_socket)
@@ -241,6 +263,10 @@ class QemuVmm:
         if pid is None:
             return None
         return Rediscovered(pid, qemu.ssh_port_of(pid))
+
+
+def _user_key(runas: vmmuser.RunAs | None) -> list[int] | None:
+    return None if runas is None else [runas.uid, runas.gid, *runas.groups]
 
 
 def _stat_key(path: str | None) -> list[int] | None:
@@ -334,8 +360,9 @@ class SshGuest:
 class LocalNet:
     """Bridge, taps and nftables NAT on this host (banger.host.net); needs root."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: VmmUser | None = None) -> None:
         self._bridge_lock = threading.Lock()
+        self._user = user or VmmUser()
 
     def unavailable(self) -> str | None:
         if os.geteuid() != 0:
@@ -355,7 +382,9 @@ class LocalNet:
             return created
 
     def create_tap(self, name: str, bridge: str) -> bool:
-        return self._net(net.create_tap, name, bridge)
+        # Owned by QEMU's user: QEMU opens it without root.
+        runas = self._user.get()
+        return self._net(net.create_tap, name, bridge, runas.uid if runas else None)
 
     def delete_tap(self, name: str) -> bool:
         return self._net(net.delete_tap, name)
@@ -385,8 +414,9 @@ class LocalNet:
 
 
 def host_ports(layout: Layout) -> HostPorts:
+    user = VmmUser()
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
-                     vmm=QemuVmm(layout.state_dir / "accel.json"), workspace=LocalWorkspace(),
-                     guest=SshGuest(layout), net=LocalNet())
+                     vmm=QemuVmm(layout.state_dir / "accel.json", user),
+                     workspace=LocalWorkspace(), guest=SshGuest(layout), net=LocalNet(user))
 
 
