@@ -105,6 +105,16 @@ def test_network_is_restricted_and_forward_bound_to_loopback() -> None:
     assert "restrict" not in unrestricted
 
 
+def test_tap_is_handed_over_attached() -> None:
+    c = cfg(tap="bt0123", mac="52:54:00:00:00:01")
+    argv = _qemu_argv(c, VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6,
+                                qmp_tag=7, tap=8), tsc_khz=1)
+    assert opt(argv, "-netdev") == ["tap,id=n0,fd=8"]  # QEMU opens no /dev/net/tun
+    assert "virtio-net-device,netdev=n0,mac=52:54:00:00:00:01" in opt(argv, "-device")
+    with pytest.raises(ValueError, match="descriptor"):
+        qemu_argv(c, tsc_khz=1)
+
+
 def test_kernel_cmdline() -> None:
     (append,) = opt(qemu_argv(cfg(), tsc_khz=2_100_000), "-append")
     words = append.split()

@@ -40,6 +40,7 @@ from banger.host import (
     workspace,
 )
 from banger.host.runner import CommandError, run
+from banger.host.scratch import Scratch
 from banger.model.config import FileSync
 from banger.model.layout import Layout
 from banger.model.vm import ResourceNames
@@ -126,6 +127,9 @@ class LocalDisks:
 class LocalWorkspace:
     """Host repos read with git and staged as a real checkout (banger.host.workspace)."""
 
+    def __init__(self, scratch: Scratch) -> None:
+        self._scratch = scratch
+
     def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
         try:
             sel = workspace.select(req.path, include_untracked=req.include_untracked)
@@ -146,7 +150,7 @@ class LocalWorkspace:
     def staged(self, sel: WorkspaceSelection, scratch: Path) -> Iterator[Path]:
         handle = sel.handle
         assert isinstance(handle, workspace.Selection)
-        parent = workspace.staging_parent(handle, scratch)
+        parent = workspace.staging_parent(handle, scratch, self._scratch.ram())
         tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"
@@ -161,8 +165,8 @@ class LocalWorkspace:
 
 
 class VmmUser:
-    """Who QEMU runs as (banger.host.vmmuser), resolved once, on first need: the tap's
-    owner and QEMU's identity must be the same user."""
+    """Who QEMU runs as (banger.host.vmmuser), resolved once, on first need (useradd may
+    run then), and shared by the launches and the KVM probe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -281,6 +285,7 @@ def _stat_key(path: str | None) -> list[int] | None:
 
 class SshGuest:
     def __init__(self, layout: Layout) -> None:
+        self._scratch = Scratch(layout.state_dir)
         self.key = layout.ssh_key
         self.known_hosts = layout.known_hosts
         self._known_hosts_lock = threading.Lock()
@@ -312,7 +317,8 @@ class SshGuest:
         try:
             return filesync.sync(port=addr.port, host=addr.host, key=self.key,
                                  known_hosts=self.known_hosts, alias=alias, entries=entries,
-                                 identity=dict(identity or {}))
+                                 identity=dict(identity or {}),
+                                 tmp_dir=self._scratch.disk())
         except filesync.FileSyncError as exc:
             raise OperationFailed(str(exc)) from exc
 
@@ -345,7 +351,7 @@ class SshGuest:
         return [ListeningSocket(s.proto, s.address, s.port, s.process) for s in found]
 
     def new_host_key(self) -> tuple[bytes, str]:
-        return ssh.host_keypair()
+        return ssh.host_keypair(self._scratch.disk())
 
     def trust_host(self, alias: str, public_key: str) -> None:
         with self._known_hosts_lock:
@@ -360,9 +366,8 @@ class SshGuest:
 class LocalNet:
     """Bridge, taps and nftables NAT on this host (banger.host.net); needs root."""
 
-    def __init__(self, user: VmmUser | None = None) -> None:
+    def __init__(self) -> None:
         self._bridge_lock = threading.Lock()
-        self._user = user or VmmUser()
 
     def unavailable(self) -> str | None:
         if os.geteuid() != 0:
@@ -382,9 +387,8 @@ class LocalNet:
             return created
 
     def create_tap(self, name: str, bridge: str) -> bool:
-        # Owned by QEMU's user: QEMU opens it without root.
-        runas = self._user.get()
-        return self._net(net.create_tap, name, bridge, runas.uid if runas else None)
+        # No owner: only root attaches to it; the daemon does, for QEMU (host.qemu).
+        return self._net(net.create_tap, name, bridge)
 
     def delete_tap(self, name: str) -> bool:
         return self._net(net.delete_tap, name)
@@ -417,6 +421,7 @@ def host_ports(layout: Layout) -> HostPorts:
     user = VmmUser()
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
                      vmm=QemuVmm(layout.state_dir / "accel.json", user),
-                     workspace=LocalWorkspace(), guest=SshGuest(layout), net=LocalNet(user))
+                     workspace=LocalWorkspace(Scratch(layout.state_dir)),
+                     guest=SshGuest(layout), net=LocalNet())
 
 

@@ -11,7 +11,8 @@ QEMU is the guest's way out, so it is confined:
   set*uid/gid, fork/exec and scheduler/resource changes.
 - It opens no file of banger's by name. :func:`launch` opens the disks, the serial log
   and the kernel and initrd, binds the QMP socket, and hands them over as inherited
-  descriptors (``-add-fd`` fd sets, ``/proc/self/fd``, ``-chardev socket,fd=``). So under
+  descriptors (``-add-fd`` fd sets, ``/proc/self/fd``, ``-chardev socket,fd=``, the tap
+  as ``-netdev tap,fd=``). So under
   a root daemon QEMU runs as an unprivileged user (:mod:`banger.host.vmmuser`) that can
   reach nothing of banger's state (private 0700 directories, 0600 files), not even the
   other VMs' disks; only the kernel and initrd must be world-readable (QEMU re-opens them
@@ -28,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -108,11 +111,12 @@ class VmmFds:
     qmp: int     # the bound, listening QMP socket
     qmp_tag: int  # a second descriptor of it, listed with its path (for find_qemu_pid)
     base: int | None = None  # the base image, read-only
+    tap: int | None = None   # the tap, attached (TUNSETIFF) by the daemon
 
     def all(self) -> list[int]:
         fds = [self.root, self.work, self.serial, self.kernel, self.initrd, self.qmp,
                self.qmp_tag]
-        return fds + ([self.base] if self.base is not None else [])
+        return fds + [fd for fd in (self.base, self.tap) if fd is not None]
 
 
 def opt_value(value: object) -> str:
@@ -164,8 +168,11 @@ def qemu_argv(cfg: QemuConfig, fds: VmmFds, *, tsc_khz: int | None = None) -> li
         tsc_khz = host_tsc_khz()
     accel = "kvm" if cfg.accel == "kvm" else f"tcg,tb-size={cfg.tb_size_mib}"
     if cfg.tap is not None:
-        # The tap exists, sits on the bridge and belongs to QEMU's user; QEMU only opens it.
-        netdev = f"tap,id=n0,ifname={opt_value(cfg.tap)},script=no,downscript=no"
+        # The tap exists and sits on the bridge; the daemon attached to it (QEMU's user
+        # could not: the tap has no owner and /dev/net/tun may be root's alone).
+        if fds.tap is None:
+            raise ValueError("a tap needs its descriptor (VmmFds.tap)")
+        netdev = f"tap,id=n0,fd={fds.tap}"
     else:
         netdev = f"user,id=n0,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22"
         if cfg.restrict_net:
@@ -330,8 +337,29 @@ def _open_for_qemu(cfg: QemuConfig, runas: RunAs | None,
         raise VmmError(f"cannot listen on the QMP socket {qmp}: {exc.strerror}") from exc
     tag = os.dup(sock.fileno())
     opened.callback(os.close, tag)
+    tap = _attach_tap(cfg.tap, opened) if cfg.tap is not None else None
     return VmmFds(root=root, work=work, serial=serial, kernel=kernel, initrd=initrd,
-                  qmp=sock.fileno(), qmp_tag=tag, base=base)
+                  qmp=sock.fileno(), qmp_tag=tag, base=base, tap=tap)
+
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def _attach_tap(name: str, opened: contextlib.ExitStack) -> int:
+    """Open the existing tap ``name`` as QEMU would (``tap,ifname=``), for QEMU to inherit."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VmmError(f"cannot open /dev/net/tun for the tap {name}: {exc.strerror}") from exc
+    opened.callback(os.close, fd)
+    # struct ifreq: the name, then the flags; virtio-net headers as QEMU asks for them.
+    ifreq = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, ifreq)
+    except OSError as exc:
+        raise VmmError(f"cannot attach to the tap {name}: {exc.strerror}") from exc
+    return fd
 
 
 def _raise_died(vmm_log: Path, code: int, after: float) -> None:

@@ -8,7 +8,8 @@ created on demand like libvirt's ``libvirt-qemu``. Its only extra group is ``kvm
 that group exists, for ``/dev/kvm``.
 
 That user owns no file and can open none of banger's: the daemon opens every file QEMU
-needs and hands it over as an inherited descriptor (see :mod:`banger.host.qemu`). Where
+needs (and attaches to the VM's tap, which has no owner) and hands it over as an inherited
+descriptor (see :mod:`banger.host.qemu`). Where
 the daemon is not root, QEMU runs as the daemon's own user, as before (:func:`resolve`
 returns None).
 """
