@@ -366,8 +366,14 @@ class SshGuest:
 class LocalNet:
     """Bridge, taps and nftables NAT on this host (banger.host.net); needs root."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip_forward_record: Path | None = None) -> None:
         self._bridge_lock = threading.Lock()
+        # ip_forward's value before banger turned it on, kept in the state dir so that a
+        # restarted daemon still restores it when the last NAT VM goes.
+        self._forward_record = ip_forward_record
+        # Adding and removing NAT (and so turning forwarding on and off) never interleave:
+        # a last VM going must not turn forwarding off under a VM being added.
+        self._nat_lock = threading.Lock()
 
     def unavailable(self) -> str | None:
         if os.geteuid() != 0:
@@ -398,13 +404,19 @@ class LocalNet:
 
     def add_nat(self, vm_id: str, guest_ip: IPv4Address, bridge: str) -> list[str]:
         lines = []
-        if self._net(net.ensure_ip_forward):
-            lines.append("enabled IPv4 forwarding (net.ipv4.ip_forward was 0)")
-        setup = self._net(net.add_nat, vm_id, guest_ip, bridge)
+        with self._nat_lock:
+            if self._net(net.ensure_ip_forward, self._forward_record):
+                lines.append("enabled IPv4 forwarding (net.ipv4.ip_forward was 0; restored "
+                             "when the last --nat VM goes)")
+            setup = self._net(net.add_nat, vm_id, guest_ip, bridge)
         return lines + setup.describe()
 
     def remove_nat(self, vm_id: str) -> int:
-        return self._net(net.remove_nat, vm_id)
+        with self._nat_lock:
+            removed = self._net(net.remove_nat, vm_id)
+            if self._forward_record is not None and not self._net(net.nat_vm_ids):
+                self._net(net.restore_ip_forward, self._forward_record)
+            return removed
 
     def nat_vm_ids(self) -> set[str]:
         return self._net(net.nat_vm_ids)
@@ -422,6 +434,6 @@ def host_ports(layout: Layout) -> HostPorts:
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
                      vmm=QemuVmm(layout.state_dir / "accel.json", user),
                      workspace=LocalWorkspace(Scratch(layout.state_dir)),
-                     guest=SshGuest(layout), net=LocalNet())
+                     guest=SshGuest(layout), net=LocalNet(layout.state_dir / "ip_forward.orig"))
 
 
