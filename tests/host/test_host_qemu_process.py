@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import kvm, qemu
+from banger.host import kvm, qemu, vmmuser
 from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
 
 pytestmark = [
@@ -168,3 +168,33 @@ def test_qmp_helpers_on_missing_or_dead_socket(tmp_path: Path) -> None:
     assert qemu.qmp_status(dead, timeout=1) is None
     assert not qemu.qmp_quit(dead, timeout=1)
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
+def test_under_root_it_runs_unprivileged_and_sandboxed(vmdir: Path) -> None:
+    runas = vmmuser.resolve()
+    assert runas is not None and runas.uid != 0
+    cfg = stub_config(vmdir)
+    assert vmdir.stat().st_mode & 0o777 == 0o700  # QEMU's user cannot even enter it
+    pid = qemu.launch(cfg, vmdir / "vmm.log", runas)
+    status = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(runas.uid)] * 4
+    assert status["Gid"].split() == [str(runas.gid)] * 4
+    assert status["Groups"].split() == [str(g) for g in runas.groups]
+    assert status["Seccomp"].strip() == "2"
+    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid
+    assert qemu.qmp_status(cfg.qmp_socket) == "running"
+    assert qemu.qmp_quit(cfg.qmp_socket)
+    assert qemu.kill_and_wait(pid, 0, 5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
+def test_a_kernel_its_user_cannot_read_is_named(vmdir: Path) -> None:
+    runas = vmmuser.resolve()
+    assert runas is not None
+    cfg = stub_config(vmdir)
+    cfg.kernel.chmod(0o600)
+    with pytest.raises(VmmError, match="not readable by QEMU's user"):
+        qemu.launch(cfg, vmdir / "vmm.log", runas)
+    assert not cfg.qmp_socket.exists()

@@ -7,6 +7,10 @@ dedicated system user, ``banger-qemu`` by default (``BANGER_QEMU_USER`` names an
 created on demand like libvirt's ``libvirt-qemu``. Its only extra group is ``kvm`` where
 that group exists, for ``/dev/kvm``.
 
+Not QEMU's own ``-runas``: that switches user only after QEMU has opened its files and
+set up its devices as root, and keeps root's supplementary groups out only by
+``initgroups``; starting it as the user means no QEMU code ever runs as root.
+
 That user owns no file and can open none of banger's: the daemon opens every file QEMU
 needs (and attaches to the VM's tap, which has no owner) and hands it over as an inherited
 descriptor (see :mod:`banger.host.qemu`). Where
