@@ -129,6 +129,7 @@ class LocalWorkspace:
 
     def __init__(self, scratch: Scratch) -> None:
         self._scratch = scratch
+        self._ram_lock = threading.Lock()
 
     def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
         try:
@@ -150,8 +151,9 @@ class LocalWorkspace:
     def staged(self, sel: WorkspaceSelection, scratch: Path) -> Iterator[Path]:
         handle = sel.handle
         assert isinstance(handle, workspace.Selection)
-        parent = workspace.staging_parent(handle, scratch, self._scratch.ram())
-        tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
+        with self._ram_lock:
+            parent = workspace.staging_parent(handle, scratch, self._scratch.ram())
+            tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"
             try:
@@ -162,6 +164,9 @@ class LocalWorkspace:
             yield tree
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            # No idle directory left in /dev/shm (only removed when no other staging is in).
+            with self._ram_lock, contextlib.suppress(OSError):
+                self._scratch.ram_dir.rmdir()
 
 
 class VmmUser:
