@@ -7,6 +7,11 @@ dedicated system user, ``banger-qemu`` by default (``BANGER_QEMU_USER`` names an
 created on demand like libvirt's ``libvirt-qemu``. Its only extra group is ``kvm`` where
 that group exists, for ``/dev/kvm``.
 
+Every VM's QEMU runs as this one user. The files of another VM stay out of reach (root's,
+0600, reopening another QEMU's descriptors through /proc checks those modes), but a QEMU
+taken over by its guest could ptrace another VM's QEMU of the same uid where the kernel's
+Yama ``ptrace_scope`` is 0; a user per VM would close that too.
+
 Not QEMU's own ``-runas``: that switches user only after QEMU has opened its files and
 set up its devices as root, and keeps root's supplementary groups out only by
 ``initgroups``; starting it as the user means no QEMU code ever runs as root.
