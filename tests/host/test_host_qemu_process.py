@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from banger.core.ports import LaunchSpec
+from banger.daemon import wiring
 from banger.host import kvm, qemu, vmmuser
 from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
 
@@ -198,3 +200,31 @@ def test_a_kernel_its_user_cannot_read_is_named(vmdir: Path) -> None:
     with pytest.raises(VmmError, match="not readable by QEMU's user"):
         qemu.launch(cfg, vmdir / "vmm.log", runas)
     assert not cfg.qmp_socket.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
+def test_no_two_running_qemus_share_a_user() -> None:
+    vmm = wiring.QemuVmm()
+    dirs = [Path(tempfile_short()) for _ in range(3)]
+    pids: list[int] = []
+    try:
+        for d in dirs:
+            cfg = stub_config(d)
+            pids.append(vmm.launch(LaunchSpec(
+                vm_id=d.name, kernel=cfg.kernel, initrd=cfg.initrd, cmdline="",
+                root_disk=cfg.root_disk, work_disk=cfg.work_disk, vcpus=1, memory_mib=64,
+                ssh_port=cfg.ssh_port, serial_log=cfg.serial_log, vmm_log=d / "vmm.log",
+                qmp_socket=cfg.qmp_socket, hostname="stub", restrict_net=True,
+                accel="tcg")))
+        uids = [Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
+                for pid in pids]
+        assert len(set(uids)) == 3 and "0" not in uids, uids  # no ptrace between VMs
+        # A slot that frees up is used again: no new user per start.
+        assert qemu.kill_and_wait(pids[1], signal.SIGKILL, 5)
+        with vmm._users.free() as runas:
+            assert runas is not None and str(runas.uid) == uids[1]
+    finally:
+        for pid in pids:
+            qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

@@ -169,31 +169,51 @@ class LocalWorkspace:
                 self._scratch.ram_dir.rmdir()
 
 
-class VmmUser:
-    """Who QEMU runs as (banger.host.vmmuser), resolved once, on first need (useradd may
-    run then), and shared by the launches and the KVM probe."""
+class VmmUsers:
+    """Who each QEMU runs as (banger.host.vmmuser): None under a non-root daemon; else a
+    user that no running QEMU has, created on first need (useradd)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._resolved = False
-        self._runas: vmmuser.RunAs | None = None
+        self._users: dict[int, vmmuser.RunAs | None] = {}
+        self._reserved: set[int] = set()  # uids handed to launches not yet running
 
-    def get(self) -> vmmuser.RunAs | None:
+    def get(self, slot: int = 0) -> vmmuser.RunAs | None:
+        """The identity of ``slot`` (slot 0: the one the KVM probe checks /dev/kvm for)."""
         with self._lock:
-            if not self._resolved:
-                try:
-                    self._runas = vmmuser.resolve()
-                except vmmuser.VmmUserError as exc:
-                    raise OperationFailed(str(exc)) from exc
-                self._resolved = True
-            return self._runas
+            return self._get(slot)
+
+    def _get(self, slot: int) -> vmmuser.RunAs | None:
+        if slot not in self._users:
+            try:
+                self._users[slot] = vmmuser.resolve(slot)
+            except vmmuser.VmmUserError as exc:
+                raise OperationFailed(str(exc)) from exc
+        return self._users[slot]
+
+    @contextlib.contextmanager
+    def free(self) -> Iterator[vmmuser.RunAs | None]:
+        """A user no running (or starting) QEMU has, reserved while the caller launches."""
+        with self._lock:
+            busy = qemu.running_qemu_uids() | self._reserved
+            slot = 0
+            while (runas := self._get(slot)) is not None and runas.uid in busy:
+                slot += 1
+            if runas is not None:
+                self._reserved.add(runas.uid)
+        try:
+            yield runas
+        finally:
+            if runas is not None:
+                with self._lock:
+                    self._reserved.discard(runas.uid)
 
 
 class QemuVmm:
     name = "qemu"
 
-    def __init__(self, cache: Path | None = None, user: VmmUser | None = None) -> None:
-        self._user = user or VmmUser()
+    def __init__(self, cache: Path | None = None, users: VmmUsers | None = None) -> None:
+        self._users = users or VmmUsers()
         self._accel: Accel | None = None
         self._cache = cache
         self._lock = threading.Lock()
@@ -208,15 +228,15 @@ class QemuVmm:
 
     def _cached_probe(self) -> Accel:
         if os.environ.get("BANGER_ACCEL") or self._cache is None:
-            choice = kvm.probe_accel(self._user.get())
+            choice = kvm.probe_accel(self._users.get())
             return Accel(choice.accel, choice.reason)
         key = {"boot_id": _boot_id(), "qemu": _stat_key(shutil.which(qemu.QEMU)),
-               "kvm": _stat_key("/dev/kvm"), "user": _user_key(self._user.get())}
+               "kvm": _stat_key("/dev/kvm"), "user": _user_key(self._users.get())}
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads(self._cache.read_text())
             if data["key"] == key:
                 return Accel(str(data["accel"]), str(data["reason"]))
-        choice = kvm.probe_accel(self._user.get())
+        choice = kvm.probe_accel(self._users.get())
         with contextlib.suppress(OSError):
             self._cache.write_text(json.dumps({"key": key, "accel": choice.accel,
                                                "reason": choice.reason}))
@@ -245,7 +265,9 @@ class QemuVmm:
             net_args=spec.net_args, base_image=spec.base_image)
         seriallog.new_boot(spec.serial_log, spec.serial_log.with_name(
             ResourceNames(spec.vm_id).serial_log_rotated))
-        return qemu.launch(cfg, spec.vmm_log, self._user.get())
+        with self._users.free() as runas:
+            # Once launched, the process itself marks its uid as taken.
+            return qemu.launch(cfg, spec.vmm_log, runas)
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:
         return qemu.pid_alive(pid) and qemu.pid_is_qemu_for(pid, qmp_socket)
@@ -435,9 +457,8 @@ class LocalNet:
 
 
 def host_ports(layout: Layout) -> HostPorts:
-    user = VmmUser()
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
-                     vmm=QemuVmm(layout.state_dir / "accel.json", user),
+                     vmm=QemuVmm(layout.state_dir / "accel.json"),
                      workspace=LocalWorkspace(Scratch(layout.state_dir)),
                      guest=SshGuest(layout), net=LocalNet(layout.state_dir / "ip_forward.orig"))
 

@@ -455,6 +455,25 @@ def _names_qmp(arg: bytes, qmp: str) -> bool:
     return "opaque=" in text and split_opts(text).get("opaque") == QMP_TAG + qmp
 
 
+def running_qemu_uids() -> set[int]:
+    """The real uids of every running QEMU on the host (so a new one gets another)."""
+    uids = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = Path(entry.path, "cmdline").read_bytes().split(b"\0", 1)[0]
+            if not os.path.basename(argv0).startswith(b"qemu-system"):
+                continue
+            status = Path(entry.path, "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                uids.add(int(line.split()[1]))
+    return uids
+
+
 def find_qemu_pid(qmp_socket: Path) -> int | None:
     """The pid of the running QEMU that serves ``qmp_socket``, found by scanning /proc."""
     for entry in os.scandir("/proc"):

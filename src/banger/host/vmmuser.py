@@ -3,14 +3,12 @@
 QEMU emulates devices for an untrusted guest; a guest that escapes into it must not land in
 a root process. Under a root daemon QEMU is therefore started (``subprocess`` ``user=`` /
 ``group=`` / ``extra_groups=``, so it never holds root, not even while it starts) as a
-dedicated system user, ``banger-qemu`` by default (``BANGER_QEMU_USER`` names another),
-created on demand like libvirt's ``libvirt-qemu``. Its only extra group is ``kvm`` where
-that group exists, for ``/dev/kvm``.
-
-Every VM's QEMU runs as this one user. The files of another VM stay out of reach (root's,
-0600, reopening another QEMU's descriptors through /proc checks those modes), but a QEMU
-taken over by its guest could ptrace another VM's QEMU of the same uid where the kernel's
-Yama ``ptrace_scope`` is 0; a user per VM would close that too.
+dedicated system user, created on demand like libvirt's ``libvirt-qemu``: ``banger-qemu``
+(``BANGER_QEMU_USER`` names another), and for each further VM running at the same time
+``banger-qemu-1``, ``banger-qemu-2`` ... (:func:`user_name`), each with its own group, so
+that no two running QEMUs share a uid: a QEMU taken over by its guest cannot ptrace or
+signal another VM's QEMU. Their only extra group is ``kvm`` where that group exists, for
+``/dev/kvm``.
 
 Not QEMU's own ``-runas``: that switches user only after QEMU has opened its files and
 set up its devices as root, and keeps root's supplementary groups out only by
@@ -74,13 +72,24 @@ class RunAs:
 _lock = threading.Lock()
 
 
-def resolve(name: str | None = None) -> RunAs | None:
+MAX_SLOTS = 512  # VMs running at once under a root daemon: one user each
+
+
+def user_name(slot: int = 0) -> str:
+    """The QEMU user of ``slot``: the base name, then ``<base>-1``, ``<base>-2`` ..."""
+    base = os.environ.get(ENV_USER) or DEFAULT_USER
+    return base if slot == 0 else f"{base}-{slot}"
+
+
+def resolve(slot: int = 0) -> RunAs | None:
     """The identity QEMU runs as: None when the daemon is not root (QEMU runs as the
-    daemon's user); else ``name`` (default ``$BANGER_QEMU_USER`` or ``banger-qemu``),
-    created as a system user without home or shell when it does not exist yet."""
+    daemon's user); else the user of ``slot`` (:func:`user_name`), created as a system
+    user with its own group, without home or shell, when it does not exist yet."""
     if os.geteuid() != 0:
         return None
-    name = name or os.environ.get(ENV_USER) or DEFAULT_USER
+    if not 0 <= slot < MAX_SLOTS:
+        raise VmmUserError(f"no QEMU user left: {MAX_SLOTS} VMs already run at once")
+    name = user_name(slot)
     with _lock:
         try:
             pw = pwd.getpwnam(name)
