@@ -266,8 +266,12 @@ def launch(cfg: QemuConfig, vmm_log: Path, runas: RunAs | None = None) -> int:
     vmm_log.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as opened, vmm_log.open("ab") as log, \
             open(os.devnull, "rb") as devnull:
-        fds = _open_for_qemu(cfg, runas, opened)
-        argv = qemu_argv(cfg, fds)
+        try:
+            fds = _open_for_qemu(cfg, runas, opened)
+            argv = qemu_argv(cfg, fds)
+        except BaseException:
+            qmp.unlink(missing_ok=True)  # bound by _open_for_qemu, for a QEMU never started
+            raise
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launching"
                   f"{' as ' + runas.name if runas else ''}: {' '.join(argv)}\n".encode())
         log.flush()
@@ -323,7 +327,7 @@ def _open_for_qemu(cfg: QemuConfig, runas: RunAs | None,
     kernel, initrd = fd(cfg.kernel, os.O_RDONLY), fd(cfg.initrd, os.O_RDONLY)
     root, work = fd(cfg.root_disk, rw), fd(cfg.work_disk, rw)
     base = fd(cfg.base_image, os.O_RDONLY) if cfg.base_image is not None else None
-    # Write-only, as QEMU asks its fd set for it; append so an old log is kept.
+    # Write-only, as QEMU asks its fd set for it (it applies its own append or truncate).
     serial = fd(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     qmp = cfg.qmp_socket.absolute()
     with contextlib.suppress(FileNotFoundError):
