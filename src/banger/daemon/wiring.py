@@ -127,8 +127,8 @@ class LocalDisks:
 class LocalWorkspace:
     """Host repos read with git and staged as a real checkout (banger.host.workspace)."""
 
-    def __init__(self, scratch: Scratch) -> None:
-        self._scratch = scratch
+    def __init__(self, scratch: Scratch | None = None) -> None:
+        self._scratch = scratch  # None: no RAM staging (the VM's directory only)
         self._ram_lock = threading.Lock()
 
     def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
@@ -152,7 +152,8 @@ class LocalWorkspace:
         handle = sel.handle
         assert isinstance(handle, workspace.Selection)
         with self._ram_lock:
-            parent = workspace.staging_parent(handle, scratch, self._scratch.ram())
+            ram = self._scratch.ram() if self._scratch is not None else None
+            parent = workspace.staging_parent(handle, scratch, ram)
             tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"
@@ -165,8 +166,9 @@ class LocalWorkspace:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             # No idle directory left in /dev/shm (only removed when no other staging is in).
-            with self._ram_lock, contextlib.suppress(OSError):
-                self._scratch.ram_dir.rmdir()
+            if self._scratch is not None:
+                with self._ram_lock, contextlib.suppress(OSError):
+                    self._scratch.ram_dir.rmdir()
 
 
 class VmmUsers:
