@@ -27,6 +27,7 @@ import contextlib
 import grp
 import os
 import pwd
+import shutil
 import stat
 import threading
 from dataclasses import dataclass
@@ -108,7 +109,10 @@ def resolve(slot: int = 0) -> RunAs | None:
 
 def _create(name: str) -> None:
     try:
-        run(["useradd", "--system", "--user-group", "--no-create-home",
+        # sbin may be missing from the PATH the daemon inherited (sudo, cron).
+        useradd = shutil.which("useradd", path=os.pathsep.join(
+            [os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])) or "useradd"
+        run([useradd, "--system", "--user-group", "--no-create-home",
              "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin",
              "--comment", "banger QEMU (unprivileged VMM)", name])
     except CommandError as exc:
