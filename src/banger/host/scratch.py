@@ -7,10 +7,11 @@ directories of the daemon's own instead of the shared ``/tmp`` and ``/dev/shm``:
 - ``<state>/tmp`` on disk;
 - ``/dev/shm/banger-<uid>-<hash of the state dir>`` in RAM (big repos stage there).
 
-Both are created 0700 and verified (a real directory, not a symlink, owned by the daemon's
-uid, no access for others) before use. A daemon killed with SIGKILL cannot clean up after
-itself; :func:`sweep`, run at daemon start once the daemon holds its state directory,
-removes whatever such a daemon left in them.
+Both are created 0700 and verified before use (:func:`banger.host.localtrust.private_dir`:
+a real directory, not a symlink, owned by the daemon's uid, no access for others). A
+daemon killed with SIGKILL cannot clean up after itself; :meth:`Scratch.sweep`, run at
+daemon start once the daemon holds its state directory, removes whatever such a daemon
+left in them.
 """
 
 from __future__ import annotations
@@ -19,19 +20,16 @@ import contextlib
 import hashlib
 import logging
 import os
-import pwd
 import shutil
-import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from banger.host.localtrust import UnsafeDirectory, private_dir
 
 log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
-
-
-class ScratchError(Exception):
-    """A scratch directory exists but is not safely ours."""
+_FIX = "remove it (banger makes it again, its own)"
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,7 @@ class Scratch:
     def disk(self) -> Path:
         """``<state>/tmp``, created and verified."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return private_dir(self.disk_dir)
+        return private_dir(self.disk_dir, what="scratch directory", fix=_FIX)
 
     def ram(self) -> Path | None:
         """The RAM scratch directory, created and verified; None (use the disk) when there
@@ -61,8 +59,8 @@ class Scratch:
         if not self.shm.is_dir():
             return None
         try:
-            return private_dir(self.ram_dir)
-        except ScratchError as exc:
+            return private_dir(self.ram_dir, what="scratch directory", fix=_FIX)
+        except UnsafeDirectory as exc:
             log.warning("not staging in RAM: %s", exc)
             return None
 
@@ -74,8 +72,8 @@ class Scratch:
             if not d.exists() and not d.is_symlink():
                 continue
             try:
-                private_dir(d)
-            except ScratchError as exc:
+                private_dir(d, what="scratch directory", fix=_FIX)
+            except UnsafeDirectory as exc:
                 log.warning("not sweeping: %s", exc)
                 continue
             for entry in os.scandir(d):
@@ -87,30 +85,3 @@ class Scratch:
                         path.unlink()
                 removed.append(path)
         return removed
-
-
-def private_dir(path: Path) -> Path:
-    """Create ``path`` (mode 0700) if missing, and check it is a real directory owned by
-    us that nobody else can enter; raises :class:`ScratchError` naming what is wrong."""
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=0o700)
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise ScratchError(f"{path} is a symlink (to {os.readlink(path)}), not banger's "
-                           f"directory: remove it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise ScratchError(f"{path} is not a directory: remove it")
-    if st.st_uid != os.geteuid():
-        raise ScratchError(f"{path} belongs to uid {st.st_uid} ({_user(st.st_uid)}), not "
-                           f"to uid {os.geteuid()}: remove it")
-    if st.st_mode & 0o077:
-        # Ours, but opened up (a umask, a hand-made directory): close it before use.
-        os.chmod(path, 0o700)
-    return path
-
-
-def _user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return "no such user"
