@@ -40,7 +40,9 @@ def qemu_pids(marker: str) -> list[int]:
             stat = (d / "stat").read_text()
         except OSError:
             continue
-        if "qemu-system" in cmd and marker in cmd and stat.split(") ")[1][0] != "Z":
+        # QEMU's option values carry paths with commas doubled (its escape).
+        named = marker in cmd or marker.replace(",", ",,") in cmd
+        if "qemu-system" in cmd and named and stat.split(") ")[1][0] != "Z":
             out.append(int(d.name))
     return out
 
@@ -128,9 +130,9 @@ class Banger:
 
 
 def make_banger(user: str | None = None, images_dir: Path = IMAGES_DIR,
-                extra_env: dict[str, str] | None = None) -> Banger:
+                extra_env: dict[str, str] | None = None, prefix: str = "bg-") -> Banger:
     # Short paths: Unix socket paths are limited to 108 bytes.
-    home = Path(tempfile.mkdtemp(prefix="bg-", dir="/tmp"))
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
     env.update({"BANGER_HOME": str(home), "BANGER_IMAGES_DIR": str(images_dir),
                 "BANGER_READY_TIMEOUT": "240", "PYTHONUNBUFFERED": "1"})
@@ -265,7 +267,7 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
         kernel=image.kernel, initrd=image.initrd, root_disk=d / "root.qcow2",
         work_disk=d / "work.ext4", vcpus=1, memory_mib=512, ssh_port=qemu.free_port(),
         serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel=accel,
-        hostname="e2e-box", cmdline=image.cmdline)
+        hostname="e2e-box", cmdline=image.cmdline, base_image=image.rootfs)
     machine = Vm(dir=d, cfg=cfg, key=key, known_hosts=d / "known_hosts", alias="e2e-box")
     try:
         yield machine

@@ -78,7 +78,7 @@ def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> Non
 
 
 def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None:
-    private, public = ssh.host_keypair()
+    private, public = ssh.host_keypair(vm.dir)
     work = vm.cfg.work_disk
     work.unlink()
     disks.build_work_disk(work, 256 << 20, {

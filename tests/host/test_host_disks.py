@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,48 @@ def test_work_disk_owned_by_root_when_built_by_a_user() -> None:
         check_work_disk(img, 256 << 20)
     finally:
         shutil.rmtree(out)
+
+
+@pytest.fixture
+def full_tmpfs() -> Iterator[Path]:
+    """A small tmpfs (root only) filled to the last block: a host disk that is full."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = Path(tempfile.mkdtemp(prefix="bfull-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        with (mnt / "filler").open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+        mnt.rmdir()
+
+
+def test_full_host_disk_is_said_for_the_work_disk(full_tmpfs: Path) -> None:
+    vm_dir = full_tmpfs / "vm"
+    vm_dir.mkdir()
+    with pytest.raises(disks.HostDiskFull) as err:
+        disks.build_work_disk(vm_dir / "work.ext4", 64 << 20,
+                              {"big": (b"x" * (2 << 20), 0o644)})
+    msg = str(err.value)
+    assert msg.startswith(f"the host disk holding {vm_dir} is full (0 MiB free)"), msg
+    assert "move BANGER_HOME" in msg and "too small" not in msg
+    assert list(vm_dir.iterdir()) == []  # no image, no staging left behind
+
+
+def test_full_host_disk_is_said_for_the_overlay(full_tmpfs: Path, tmp_path: Path) -> None:
+    base = sparse_file(tmp_path / "base.raw", 1 << 30)
+    with pytest.raises(disks.HostDiskFull, match=r"host disk holding .* is full"):
+        disks.create_overlay(base, full_tmpfs / "root.qcow2")
+    assert sorted(p.name for p in full_tmpfs.iterdir()) == ["filler"]
+
+
+def test_a_too_small_work_disk_is_still_said_as_such(tmp_path: Path) -> None:
+    with pytest.raises(disks.DiskError, match="too small") as err:
+        disks.build_work_disk(tmp_path / "work.ext4", 8 << 20,
+                              {"big": (os.urandom(12 << 20), 0o644)})
+    assert not isinstance(err.value, disks.HostDiskFull)
+    assert list(tmp_path.iterdir()) == []

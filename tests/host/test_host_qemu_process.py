@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import kvm, qemu
+from banger.core.ports import LaunchSpec
+from banger.daemon import wiring
+from banger.host import kvm, qemu, vmmuser
 from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
 
 pytestmark = [
@@ -120,14 +122,23 @@ def _cfg_kwargs(cfg: QemuConfig) -> str:
 
 
 def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
-    cfg = stub_config(vmdir, kernel=vmdir / "no-such-kernel")
+    (vmdir / "bad-kernel").write_bytes(b"not a kernel\n" * 64)
+    cfg = stub_config(vmdir, kernel=vmdir / "bad-kernel")
     started = time.monotonic()
     with pytest.raises(VmmError) as err:
         qemu.launch(cfg, vmdir / "vmm.log")
     assert time.monotonic() - started < 3
     assert "exited with status" in str(err.value)
-    assert "no-such-kernel" in str(err.value)  # QEMU's own complaint, from the log tail
+    assert "kernel" in str(err.value)  # QEMU's own complaint, from the log tail
     assert qemu.find_qemu_pid(cfg.qmp_socket) is None
+    assert not cfg.qmp_socket.exists()
+
+
+def test_missing_file_is_named_before_qemu_starts(vmdir: Path) -> None:
+    cfg = stub_config(vmdir, kernel=vmdir / "no-such-kernel")
+    with pytest.raises(VmmError, match=r"cannot open .*no-such-kernel for QEMU"):
+        qemu.launch(cfg, vmdir / "vmm.log")
+    assert not cfg.qmp_socket.exists()
 
 
 def test_busy_ssh_port_is_its_own_error(vmdir: Path) -> None:
@@ -159,3 +170,61 @@ def test_qmp_helpers_on_missing_or_dead_socket(tmp_path: Path) -> None:
     assert qemu.qmp_status(dead, timeout=1) is None
     assert not qemu.qmp_quit(dead, timeout=1)
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
+def test_under_root_it_runs_unprivileged_and_sandboxed(vmdir: Path) -> None:
+    runas = vmmuser.resolve()
+    assert runas is not None and runas.uid != 0
+    cfg = stub_config(vmdir)
+    assert vmdir.stat().st_mode & 0o777 == 0o700  # QEMU's user cannot even enter it
+    pid = qemu.launch(cfg, vmdir / "vmm.log", runas)
+    status = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == [str(runas.uid)] * 4
+    assert status["Gid"].split() == [str(runas.gid)] * 4
+    assert status["Groups"].split() == [str(g) for g in runas.groups]
+    assert status["Seccomp"].strip() == "2"
+    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid
+    assert qemu.qmp_status(cfg.qmp_socket) == "running"
+    assert qemu.qmp_quit(cfg.qmp_socket)
+    assert qemu.kill_and_wait(pid, 0, 5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
+def test_a_kernel_its_user_cannot_read_is_named(vmdir: Path) -> None:
+    runas = vmmuser.resolve()
+    assert runas is not None
+    cfg = stub_config(vmdir)
+    cfg.kernel.chmod(0o600)
+    with pytest.raises(VmmError, match="not readable by QEMU's user"):
+        qemu.launch(cfg, vmdir / "vmm.log", runas)
+    assert not cfg.qmp_socket.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
+def test_no_two_running_qemus_share_a_user() -> None:
+    vmm = wiring.QemuVmm()
+    dirs = [Path(tempfile_short()) for _ in range(3)]
+    pids: list[int] = []
+    try:
+        for d in dirs:
+            cfg = stub_config(d)
+            pids.append(vmm.launch(LaunchSpec(
+                vm_id=d.name, kernel=cfg.kernel, initrd=cfg.initrd, cmdline="",
+                root_disk=cfg.root_disk, work_disk=cfg.work_disk, vcpus=1, memory_mib=64,
+                ssh_port=cfg.ssh_port, serial_log=cfg.serial_log, vmm_log=d / "vmm.log",
+                qmp_socket=cfg.qmp_socket, hostname="stub", restrict_net=True,
+                accel="tcg")))
+        uids = [Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
+                for pid in pids]
+        assert len(set(uids)) == 3 and "0" not in uids, uids  # no ptrace between VMs
+        # A slot that frees up is used again: no new user per start.
+        assert qemu.kill_and_wait(pids[1], signal.SIGKILL, 5)
+        with vmm._users.free() as runas:
+            assert runas is not None and str(runas.uid) == uids[1]
+    finally:
+        for pid in pids:
+            qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)

@@ -16,10 +16,12 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
 
 import pytest
 from netns import current_inode, entered, run_in, throwaway
 
+from banger.daemon import wiring
 from banger.host import net
 from banger.host.net import NetworkError
 
@@ -170,6 +172,28 @@ def test_ip_forward_is_per_namespace(hostns: str) -> None:
     assert net.ensure_ip_forward() is False
     assert net.ip_forward_enabled()
     # root_untouched checks the original namespace still has its own value.
+
+
+def test_ip_forward_is_restored_when_the_last_nat_vm_goes(hostns: str, tmp_path: Path) -> None:
+    record = tmp_path / "ip_forward.orig"
+    host = wiring.LocalNet(record)
+    assert host.ensure_bridge(BRIDGE, IPv4Interface(GATEWAY))
+    assert not net.ip_forward_enabled()
+    lines = host.add_nat("vm1", GUEST_IP, BRIDGE)
+    assert any("enabled IPv4 forwarding" in line for line in lines), lines
+    assert net.ip_forward_enabled() and record.read_text().strip() == "0"
+    host.add_nat("vm2", IPv4Address("172.30.0.6"), BRIDGE)
+    host = wiring.LocalNet(record)  # a daemon restart: the original is read back from disk
+    assert host.remove_nat("vm1") > 0
+    assert net.ip_forward_enabled(), "vm2 still needs forwarding"
+    assert host.remove_nat("vm2") > 0
+    assert not net.ip_forward_enabled() and not record.exists()
+    # Forwarding that was on before banger (a router, Docker) stays on.
+    net.ensure_ip_forward()
+    assert not any("forwarding" in line for line in host.add_nat("vm3", GUEST_IP, BRIDGE))
+    assert not record.exists()
+    host.remove_nat("vm3")
+    assert net.ip_forward_enabled()
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -338,9 +339,14 @@ def test_staging_parent_prefers_tmpfs_only_when_small(tmp_path: Path,
     if not workspace.TMPFS.is_dir():
         pytest.skip(f"{workspace.TMPFS} does not exist here")
     sel = workspace.select(make_repo(tmp_path))
-    assert workspace.staging_parent(sel, tmp_path) == workspace.TMPFS
-    monkeypatch.setattr(workspace, "TMPFS_SHARE", 1 << 50)  # "memory is tiny"
-    assert workspace.staging_parent(sel, tmp_path) == tmp_path
+    ram = Path(tempfile.mkdtemp(dir=workspace.TMPFS))
+    try:
+        assert workspace.staging_parent(sel, tmp_path, ram) == ram
+        assert workspace.staging_parent(sel, tmp_path, None) == tmp_path
+        monkeypatch.setattr(workspace, "TMPFS_SHARE", 1 << 50)  # "memory is tiny"
+        assert workspace.staging_parent(sel, tmp_path, ram) == tmp_path
+    finally:
+        ram.rmdir()
 
 
 def test_repo_without_commits_and_detached_head(tmp_path: Path) -> None:

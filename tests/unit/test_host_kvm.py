@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from banger.host import kvm
+from banger.host import kvm, qemu
+from banger.host.vmmuser import RunAs
 
 needs_qemu = pytest.mark.skipif(shutil.which(kvm.QEMU) is None, reason="QEMU not installed")
 
@@ -24,6 +26,36 @@ def test_no_dev_kvm_means_tcg(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BANGER_ACCEL", raising=False)
     choice = kvm._probe(Path("/nonexistent/kvm"))
     assert choice.accel == "tcg" and "does not exist" in choice.reason
+
+
+def test_dev_kvm_qemus_user_cannot_open_means_tcg(tmp_path: Path) -> None:
+    dev = tmp_path / "kvm"
+    dev.write_bytes(b"")
+    dev.chmod(0o600)  # root's alone, as on a host without a kvm group
+    runas = RunAs("banger-qemu", uid=os.getuid() + 4242, gid=os.getgid() + 4242)
+    choice = kvm._probe(dev, runas=runas)
+    assert choice.accel == "tcg" and "not accessible to QEMU's user 'banger-qemu'" in choice.reason
+
+
+def test_run_as_checks_permission_bits_like_the_kernel(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"")
+    st = f.stat()
+    owner = RunAs("o", st.st_uid, st.st_gid + 1)
+    group = RunAs("g", st.st_uid + 1, st.st_gid + 1, groups=(st.st_gid,))
+    other = RunAs("x", st.st_uid + 1, st.st_gid + 1)
+    f.chmod(0o640)
+    assert owner.can_access(f, os.R_OK | os.W_OK)
+    assert group.can_access(f, os.R_OK) and not group.can_access(f, os.W_OK)
+    assert not other.can_access(f, os.R_OK)
+    f.chmod(0o004)  # the owner class decides for the owner, even when others may read
+    assert not owner.can_access(f, os.R_OK) and other.can_access(f, os.R_OK)
+    assert not other.can_access(tmp_path / "missing", os.R_OK)
+
+
+def test_probe_runs_sandboxed_like_the_vmm(tmp_path: Path) -> None:
+    argv = kvm.probe_argv(tmp_path / "p.elf", "tcg")
+    assert argv[argv.index("-sandbox") + 1] == qemu.SANDBOX
 
 
 def test_probe_elf_is_a_pvh_kernel() -> None:

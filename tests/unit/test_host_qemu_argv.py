@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from banger.host import imagebuild, qemu
-from banger.host.qemu import QemuConfig, VmmError, qemu_argv
+from banger.host.qemu import QemuConfig, VmmError, VmmFds
+from banger.host.qemu import qemu_argv as _qemu_argv
 
 
 def cfg(tmp: Path = Path("/vm"), **over: object) -> QemuConfig:
@@ -20,6 +21,13 @@ def cfg(tmp: Path = Path("/vm"), **over: object) -> QemuConfig:
     )
     base.update(over)
     return QemuConfig(**base)  # type: ignore[arg-type]
+
+
+FDS = VmmFds(root=10, work=11, serial=12, kernel=13, initrd=14, qmp=15, qmp_tag=16, base=17)
+
+
+def qemu_argv(c: QemuConfig, *, tsc_khz: int) -> list[str]:
+    return _qemu_argv(c, FDS, tsc_khz=tsc_khz)
 
 
 def opt(argv: list[str], flag: str) -> list[str]:
@@ -37,20 +45,53 @@ def test_microvm_tcg_command_line() -> None:
     for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
         assert flag in argv
     assert opt(argv, "-display") == ["none"]
-    assert opt(argv, "-kernel") == ["/img/vmlinux"]
-    assert opt(argv, "-initrd") == ["/img/initrd.img"]
-    assert opt(argv, "-qmp") == ["unix:/vm/qmp.sock,server=on,wait=off"]
-    assert opt(argv, "-chardev") == ["file,id=serial0,path=/vm/serial.log,append=on"]
+    # The files are handed over open: QEMU (maybe another user) opens nothing by name.
+    assert opt(argv, "-kernel") == ["/proc/self/fd/13"]
+    assert opt(argv, "-initrd") == ["/proc/self/fd/14"]
+    assert opt(argv, "-chardev") == ["file,id=serial0,path=/dev/fdset/4,append=on",
+                                     "socket,id=qmp,fd=15,server=on,wait=off"]
+    assert opt(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert opt(argv, "-serial") == ["chardev:serial0"]
+    assert "-qmp" not in argv and "-drive" not in argv
+    assert opt(argv, "-add-fd") == ["fd=10,set=1,opaque=/vm/root.qcow2",
+                                    "fd=11,set=3,opaque=/vm/work.ext4",
+                                    "fd=12,set=4,opaque=/vm/serial.log",
+                                    "fd=16,set=5,opaque=qmp:/vm/qmp.sock"]
+
+
+def test_qemu_is_seccomp_sandboxed() -> None:
+    argv = qemu_argv(cfg(), tsc_khz=1)
+    (sandbox,) = opt(argv, "-sandbox")
+    assert sandbox.split(",") == ["on", "obsolete=deny", "elevateprivileges=deny",
+                                  "spawn=deny", "resourcecontrol=deny"]
 
 
 def test_root_disk_comes_first_so_it_is_vda() -> None:
     argv = qemu_argv(cfg(), tsc_khz=1)
-    drives = opt(argv, "-drive")
-    assert drives[0].startswith("id=root,file=/vm/root.qcow2,format=qcow2,")
-    assert drives[1].startswith("id=work,file=/vm/work.ext4,format=raw,")
+    blockdevs = opt(argv, "-blockdev")
+    assert blockdevs == [
+        "driver=file,node-name=root-file,filename=/dev/fdset/1,discard=unmap",
+        "driver=qcow2,node-name=root,file=root-file,discard=unmap",
+        "driver=file,node-name=work-file,filename=/dev/fdset/3,discard=unmap",
+        "driver=raw,node-name=work,file=work-file,discard=unmap"]
     assert opt(argv, "-device")[:2] == ["virtio-blk-device,drive=root",
                                         "virtio-blk-device,drive=work"]
+
+
+def test_base_image_is_the_given_one_read_only() -> None:
+    # The daemon names the backing file; the overlay's header (QEMU-writable) is not read.
+    argv = qemu_argv(cfg(base_image=Path("/img/rootfs.ext4")), tsc_khz=1)
+    assert "fd=17,set=2,opaque=/img/rootfs.ext4" in opt(argv, "-add-fd")
+    blockdevs = opt(argv, "-blockdev")
+    assert blockdevs[:3] == [
+        "driver=file,node-name=base-file,filename=/dev/fdset/2,read-only=on",
+        "driver=raw,node-name=base,file=base-file,read-only=on",
+        "driver=file,node-name=root-file,filename=/dev/fdset/1,discard=unmap"]
+    assert "driver=qcow2,node-name=root,file=root-file,backing=base,discard=unmap" in blockdevs
+    with pytest.raises(ValueError, match="descriptor"):
+        _qemu_argv(cfg(base_image=Path("/img/rootfs.ext4")),
+                   VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6, qmp_tag=7),
+                   tsc_khz=1)
 
 
 def test_network_is_restricted_and_forward_bound_to_loopback() -> None:
@@ -62,6 +103,16 @@ def test_network_is_restricted_and_forward_bound_to_loopback() -> None:
     assert "virtio-net-device,netdev=n0" in opt(argv, "-device")
     unrestricted = opt(qemu_argv(cfg(restrict_net=False), tsc_khz=1), "-netdev")[0]
     assert "restrict" not in unrestricted
+
+
+def test_tap_is_handed_over_attached() -> None:
+    c = cfg(tap="bt0123", mac="52:54:00:00:00:01")
+    argv = _qemu_argv(c, VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6,
+                                qmp_tag=7, tap=8), tsc_khz=1)
+    assert opt(argv, "-netdev") == ["tap,id=n0,fd=8"]  # QEMU opens no /dev/net/tun
+    assert "virtio-net-device,netdev=n0,mac=52:54:00:00:00:01" in opt(argv, "-device")
+    with pytest.raises(ValueError, match="descriptor"):
+        qemu_argv(c, tsc_khz=1)
 
 
 def test_kernel_cmdline() -> None:
@@ -101,9 +152,25 @@ def test_kvm_accel() -> None:
 def test_relative_paths_become_absolute_and_commas_are_escaped(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
-    argv = qemu_argv(cfg(Path("a,b")), tsc_khz=1)
-    assert opt(argv, "-drive")[0].startswith(f"id=root,file={tmp_path}/a,,b/root.qcow2,")
-    assert opt(argv, "-qmp")[0].startswith(f"unix:{tmp_path}/a,b/qmp.sock")
+    d = Path("a,b")
+    argv = qemu_argv(cfg(d, base_image=d / "base,id=x", hostname="h,x"), tsc_khz=1)
+    fdsets = opt(argv, "-add-fd")
+    assert f"fd=10,set=1,opaque={tmp_path}/a,,b/root.qcow2" in fdsets
+    assert f"fd=16,set=5,opaque=qmp:{tmp_path}/a,,b/qmp.sock" in fdsets
+    assert f"fd=17,set=2,opaque={tmp_path}/a,,b/base,,id=x" in fdsets
+    assert opt(argv, "-name") == ["banger-h,,x"]
+    # Un-escaped, every option value gives back the path whole: nothing was injected.
+    for value in fdsets:
+        opts = qemu.split_opts(value)
+        assert set(opts) == {"fd", "set", "opaque"}
+        assert "a,b" in opts["opaque"]
+    # No other option value carries a path at all.
+    for flag in ("-blockdev", "-chardev", "-kernel", "-initrd"):
+        assert all("a,b" not in v and "a,,b" not in v for v in opt(argv, flag)), flag
+
+
+def test_split_opts_undoes_the_escape() -> None:
+    assert qemu.split_opts("fd=3,opaque=/x,,y,,z=1") == {"fd": "3", "opaque": "/x,y,z=1"}
 
 
 def test_qmp_socket_path_limit() -> None:

@@ -190,7 +190,7 @@ def test_missing_serial_log_is_said(tmp_path: Path, forward: FakeForward) -> Non
 
 
 def test_host_key_handed_in_is_trusted(tmp_path: Path) -> None:
-    private, public = ssh.host_keypair()
+    private, public = ssh.host_keypair(tmp_path)
     assert private.startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
     assert public.startswith("ssh-ed25519 ")
     kh = tmp_path / "known_hosts"

@@ -53,7 +53,7 @@ def test_accel_probed_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("BANGER_ACCEL", raising=False)
     calls: list[int] = []
 
-    def probe() -> kvm.AccelChoice:
+    def probe(runas: object = None) -> kvm.AccelChoice:
         calls.append(1)
         return kvm.AccelChoice("tcg", "test reason")
 

@@ -105,6 +105,7 @@ class LaunchSpec:
     tap: str | None = None       # tap mode: the host tap (exists, on the bridge)
     mac: str | None = None
     net_args: str = "banger.net=user"  # kernel args the guest's init reads
+    base_image: Path | None = None  # the root overlay's backing file (handed to the VMM)
 
 
 @dataclass(frozen=True)

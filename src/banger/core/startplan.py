@@ -278,7 +278,8 @@ def _qemu_launch(ctx: StartContext) -> None:
         memory_mib=ctx.vm.spec.memory_mib, ssh_port=ctx.ssh_port or 0,
         serial_log=ctx.paths.serial_log, vmm_log=ctx.paths.vmm_log,
         qmp_socket=ctx.paths.qmp_socket, hostname=ctx.vm.name,
-        restrict_net=not ctx.vm.spec.nat, accel=vmm.accel().accel, **_tap_launch(ctx),
+        restrict_net=not ctx.vm.spec.nat, accel=vmm.accel().accel,
+        base_image=ctx.image.rootfs, **_tap_launch(ctx),
     )
     ctx.pid = vmm.launch(spec)
     ctx.handles.put(ctx.paths, Handles(

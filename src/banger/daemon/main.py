@@ -27,6 +27,7 @@ from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
 from banger.host.localtrust import AGENT_ENV, UnsafeDirectory, private_dir
+from banger.host.scratch import Scratch
 from banger.host.seriallog import SerialLogCap
 from banger.model.config import DEFAULT_SERIAL_MAX_MIB, ConfigError, load_config
 from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
@@ -91,6 +92,8 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
     keeper.at_start()
     # Startup sweep of what a killed daemon left behind goes here: under the lock (no other
     # daemon of this state dir is running), before the socket and before reconcile.
+    for path in Scratch(layout.state_dir).sweep():
+        log.info("removed %s, left by a daemon that was killed", path)
     private_dir(layout.runtime_dir / "vms", what="runtime directory")
     bound = bind_socket(sock_path)
     service = build_service(layout, db)

@@ -36,9 +36,11 @@ from banger.host import (
     qemu,
     seriallog,
     ssh,
+    vmmuser,
     workspace,
 )
 from banger.host.runner import CommandError, run
+from banger.host.scratch import Scratch
 from banger.model.config import FileSync
 from banger.model.layout import Layout
 from banger.model.vm import ResourceNames
@@ -125,6 +127,10 @@ class LocalDisks:
 class LocalWorkspace:
     """Host repos read with git and staged as a real checkout (banger.host.workspace)."""
 
+    def __init__(self, scratch: Scratch | None = None) -> None:
+        self._scratch = scratch  # None: no RAM staging (the VM's directory only)
+        self._ram_lock = threading.Lock()
+
     def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
         try:
             sel = workspace.select(req.path, include_untracked=req.include_untracked)
@@ -145,8 +151,10 @@ class LocalWorkspace:
     def staged(self, sel: WorkspaceSelection, scratch: Path) -> Iterator[Path]:
         handle = sel.handle
         assert isinstance(handle, workspace.Selection)
-        parent = workspace.staging_parent(handle, scratch)
-        tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
+        with self._ram_lock:
+            ram = self._scratch.ram() if self._scratch is not None else None
+            parent = workspace.staging_parent(handle, scratch, ram)
+            tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"
             try:
@@ -157,12 +165,57 @@ class LocalWorkspace:
             yield tree
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            # No idle directory left in /dev/shm (only removed when no other staging is in).
+            if self._scratch is not None:
+                with self._ram_lock, contextlib.suppress(OSError):
+                    self._scratch.ram_dir.rmdir()
+
+
+class VmmUsers:
+    """Who each QEMU runs as (banger.host.vmmuser): None under a non-root daemon; else a
+    user that no running QEMU has, created on first need (useradd)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[int, vmmuser.RunAs | None] = {}
+        self._reserved: set[int] = set()  # uids handed to launches not yet running
+
+    def get(self, slot: int = 0) -> vmmuser.RunAs | None:
+        """The identity of ``slot`` (slot 0: the one the KVM probe checks /dev/kvm for)."""
+        with self._lock:
+            return self._get(slot)
+
+    def _get(self, slot: int) -> vmmuser.RunAs | None:
+        if slot not in self._users:
+            try:
+                self._users[slot] = vmmuser.resolve(slot)
+            except vmmuser.VmmUserError as exc:
+                raise OperationFailed(str(exc)) from exc
+        return self._users[slot]
+
+    @contextlib.contextmanager
+    def free(self) -> Iterator[vmmuser.RunAs | None]:
+        """A user no running (or starting) QEMU has, reserved while the caller launches."""
+        with self._lock:
+            busy = qemu.running_qemu_uids() | self._reserved
+            slot = 0
+            while (runas := self._get(slot)) is not None and runas.uid in busy:
+                slot += 1
+            if runas is not None:
+                self._reserved.add(runas.uid)
+        try:
+            yield runas
+        finally:
+            if runas is not None:
+                with self._lock:
+                    self._reserved.discard(runas.uid)
 
 
 class QemuVmm:
     name = "qemu"
 
-    def __init__(self, cache: Path | None = None) -> None:
+    def __init__(self, cache: Path | None = None, users: VmmUsers | None = None) -> None:
+        self._users = users or VmmUsers()
         self._accel: Accel | None = None
         self._cache = cache
         self._lock = threading.Lock()
@@ -177,15 +230,15 @@ class QemuVmm:
 
     def _cached_probe(self) -> Accel:
         if os.environ.get("BANGER_ACCEL") or self._cache is None:
-            choice = kvm.probe_accel()
+            choice = kvm.probe_accel(self._users.get())
             return Accel(choice.accel, choice.reason)
         key = {"boot_id": _boot_id(), "qemu": _stat_key(shutil.which(qemu.QEMU)),
-               "kvm": _stat_key("/dev/kvm")}
+               "kvm": _stat_key("/dev/kvm"), "user": _user_key(self._users.get())}
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads(self._cache.read_text())
             if data["key"] == key:
                 return Accel(str(data["accel"]), str(data["reason"]))
-        choice = kvm.probe_accel()
+        choice = kvm.probe_accel(self._users.get())
         with contextlib.suppress(OSError):
             self._cache.write_text(json.dumps({"key": key, "accel": choice.accel,
                                                "reason": choice.reason}))
@@ -211,10 +264,12 @@ class QemuVmm:
             ssh_port=spec.ssh_port, serial_log=spec.serial_log, qmp_socket=spec.qmp_socket,
             accel=spec.accel, hostname=spec.hostname, cmdline=spec.cmdline,
             restrict_net=spec.restrict_net, tap=spec.tap, mac=spec.mac,
-            net_args=spec.net_args)
+            net_args=spec.net_args, base_image=spec.base_image)
         seriallog.new_boot(spec.serial_log, spec.serial_log.with_name(
             ResourceNames(spec.vm_id).serial_log_rotated))
-        return qemu.launch(cfg, spec.vmm_log)
+        with self._users.free() as runas:
+            # Once launched, the process itself marks its uid as taken.
+            return qemu.launch(cfg, spec.vmm_log, runas)
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:
         return qemu.pid_alive(pid) and qemu.pid_is_qemu_for(pid, qmp_socket)
@@ -243,6 +298,10 @@ class QemuVmm:
         return Rediscovered(pid, qemu.ssh_port_of(pid))
 
 
+def _user_key(runas: vmmuser.RunAs | None) -> list[int] | None:
+    return None if runas is None else [runas.uid, runas.gid, *runas.groups]
+
+
 def _stat_key(path: str | None) -> list[int] | None:
     if path is None:
         return None
@@ -255,6 +314,7 @@ def _stat_key(path: str | None) -> list[int] | None:
 
 class SshGuest:
     def __init__(self, layout: Layout) -> None:
+        self._scratch = Scratch(layout.state_dir)
         self.key = layout.ssh_key
         self.known_hosts = layout.known_hosts
         self._known_hosts_lock = threading.Lock()
@@ -286,7 +346,8 @@ class SshGuest:
         try:
             return filesync.sync(port=addr.port, host=addr.host, key=self.key,
                                  known_hosts=self.known_hosts, alias=alias, entries=entries,
-                                 identity=dict(identity or {}))
+                                 identity=dict(identity or {}),
+                                 tmp_dir=self._scratch.disk())
         except filesync.FileSyncError as exc:
             raise OperationFailed(str(exc)) from exc
 
@@ -319,7 +380,7 @@ class SshGuest:
         return [ListeningSocket(s.proto, s.address, s.port, s.process) for s in found]
 
     def new_host_key(self) -> tuple[bytes, str]:
-        return ssh.host_keypair()
+        return ssh.host_keypair(self._scratch.disk())
 
     def trust_host(self, alias: str, public_key: str) -> None:
         with self._known_hosts_lock:
@@ -334,8 +395,14 @@ class SshGuest:
 class LocalNet:
     """Bridge, taps and nftables NAT on this host (banger.host.net); needs root."""
 
-    def __init__(self) -> None:
+    def __init__(self, ip_forward_record: Path | None = None) -> None:
         self._bridge_lock = threading.Lock()
+        # ip_forward's value before banger turned it on, kept in the state dir so that a
+        # restarted daemon still restores it when the last NAT VM goes.
+        self._forward_record = ip_forward_record
+        # Adding and removing NAT (and so turning forwarding on and off) never interleave:
+        # a last VM going must not turn forwarding off under a VM being added.
+        self._nat_lock = threading.Lock()
 
     def unavailable(self) -> str | None:
         if os.geteuid() != 0:
@@ -355,6 +422,7 @@ class LocalNet:
             return created
 
     def create_tap(self, name: str, bridge: str) -> bool:
+        # No owner: only root attaches to it; the daemon does, for QEMU (host.qemu).
         return self._net(net.create_tap, name, bridge)
 
     def delete_tap(self, name: str) -> bool:
@@ -365,13 +433,19 @@ class LocalNet:
 
     def add_nat(self, vm_id: str, guest_ip: IPv4Address, bridge: str) -> list[str]:
         lines = []
-        if self._net(net.ensure_ip_forward):
-            lines.append("enabled IPv4 forwarding (net.ipv4.ip_forward was 0)")
-        setup = self._net(net.add_nat, vm_id, guest_ip, bridge)
+        with self._nat_lock:
+            if self._net(net.ensure_ip_forward, self._forward_record):
+                lines.append("enabled IPv4 forwarding (net.ipv4.ip_forward was 0; restored "
+                             "when the last --nat VM goes)")
+            setup = self._net(net.add_nat, vm_id, guest_ip, bridge)
         return lines + setup.describe()
 
     def remove_nat(self, vm_id: str) -> int:
-        return self._net(net.remove_nat, vm_id)
+        with self._nat_lock:
+            removed = self._net(net.remove_nat, vm_id)
+            if self._forward_record is not None and not self._net(net.nat_vm_ids):
+                self._net(net.restore_ip_forward, self._forward_record)
+            return removed
 
     def nat_vm_ids(self) -> set[str]:
         return self._net(net.nat_vm_ids)
@@ -386,7 +460,8 @@ class LocalNet:
 
 def host_ports(layout: Layout) -> HostPorts:
     return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
-                     vmm=QemuVmm(layout.state_dir / "accel.json"), workspace=LocalWorkspace(),
-                     guest=SshGuest(layout), net=LocalNet())
+                     vmm=QemuVmm(layout.state_dir / "accel.json"),
+                     workspace=LocalWorkspace(Scratch(layout.state_dir)),
+                     guest=SshGuest(layout), net=LocalNet(layout.state_dir / "ip_forward.orig"))
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -24,12 +24,47 @@ WORK_LABEL = "banger-work"
 # Directories whose contents are private to root inside the guest.
 PRIVATE_DIRS = frozenset({".ssh", ".gnupg", ".banger"})
 _SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")
-# How mkfs.ext4 -d says the files do not fit (blocks or inodes).
-_OUT_OF_SPACE = re.compile(r"Could not allocate|No space left|No free space", re.I)
+# How mkfs.ext4 -d says the files do not fit in the image (blocks or inodes).
+_OUT_OF_SPACE = re.compile(r"Could not allocate|No free space", re.I)
+# How a tool says the host filesystem under the image is full (ENOSPC's strerror).
+_HOST_FULL = os.strerror(errno.ENOSPC)
 
 
 class DiskError(Exception):
     """A disk image could not be created."""
+
+
+class HostDiskFull(DiskError):
+    """The filesystem the image is written to ran out of space."""
+
+
+def host_disk_full(where: Path) -> HostDiskFull:
+    """The error for a full host filesystem at ``where``, with what is free on it now."""
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        st = os.statvfs(probe)
+        free = f"{(st.f_bavail * st.f_frsize) >> 20} MiB free"
+    except OSError as exc:
+        free = f"free space unknown: {exc.strerror}"
+    return HostDiskFull(f"the host disk holding {where} is full ({free}); free space or "
+                        f"move BANGER_HOME")
+
+
+@contextlib.contextmanager
+def _host_full_as_error(where: Path) -> Iterator[None]:
+    """Turn a write that failed for lack of host space into :class:`HostDiskFull`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise host_disk_full(Path(exc.filename).parent if exc.filename else where) from exc
+    except CommandError as exc:
+        if _HOST_FULL not in exc.stderr:
+            raise
+        raise host_disk_full(where) from exc
 
 
 def tool(name: str) -> str:
@@ -53,8 +88,9 @@ def create_overlay(base: Path, overlay: Path) -> None:
         tmp.unlink()
     try:
         # The backing path is stored absolute so the overlay works from any cwd.
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
-             str(tmp)])
+        with _host_full_as_error(overlay.parent):
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
+                 str(tmp)])
         os.replace(tmp, overlay)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -79,41 +115,51 @@ def build_work_disk(path: Path, size_bytes: int,
     # Staging sits beside the first tree so moving trees in is a rename: the caller picks
     # the filesystem (tmpfs makes the intermediate copy cheap; mkfs reads it once).
     near = next(iter(trees.values())).parent if trees else path.parent
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=near))
+    with _host_full_as_error(near):
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=near))
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        staging.chmod(0o700)  # becomes /root: private like a home directory
-        for rel, tree in (trees or {}).items():
-            _stage_tree(staging, rel, tree)
-        for rel, (content, mode) in files.items():
-            _stage_file(staging, rel, content, mode)
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        with tmp.open("wb") as f:
-            f.truncate(size_bytes)
-        argv = [tool("mkfs.ext4"), "-q", "-F", "-L", WORK_LABEL, "-m", "0",
-                "-E", "root_owner=0:0", "-d", str(staging), str(tmp)]
-        if os.geteuid() != 0:
-            # Inside a user namespace where we are uid 0, mkfs records our files as
-            # root's; outside it, it would copy our own uid onto every inode.
-            argv = ["unshare", "-r", *argv]
-        try:
-            run(argv, timeout=1800)
-        except CommandError as exc:
-            if _OUT_OF_SPACE.search(exc.stderr):
-                need = _tree_bytes(staging)
-                raise DiskError(
-                    f"work disk of {size_bytes >> 20} MiB is too small for its "
-                    f"{need >> 20} MiB of files (plus filesystem overhead); give the VM a "
-                    f"larger work disk") from exc
-            raise
-        # mkfs -d leaves the filesystem root 0755; it becomes /root, a private home.
-        run([tool("debugfs"), "-w", "-R", "sif / mode 040700", str(tmp)])
-        os.replace(tmp, path)
+        # Staging files, the image and mkfs all write to the host: a full disk there is
+        # said as such, not taken for a work disk that is too small.
+        with _host_full_as_error(path.parent):
+            _make_work_disk(path, tmp, staging, size_bytes, files, trees)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _make_work_disk(path: Path, tmp: Path, staging: Path, size_bytes: int,
+                    files: Mapping[str, tuple[bytes, int]],
+                    trees: Mapping[str, Path] | None) -> None:
+    staging.chmod(0o700)  # becomes /root: private like a home directory
+    for rel, tree in (trees or {}).items():
+        _stage_tree(staging, rel, tree)
+    for rel, (content, mode) in files.items():
+        _stage_file(staging, rel, content, mode)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    with tmp.open("wb") as f:
+        f.truncate(size_bytes)
+    argv = [tool("mkfs.ext4"), "-q", "-F", "-L", WORK_LABEL, "-m", "0",
+            "-E", "root_owner=0:0", "-d", str(staging), str(tmp)]
+    if os.geteuid() != 0:
+        # Inside a user namespace where we are uid 0, mkfs records our files as
+        # root's; outside it, it would copy our own uid onto every inode.
+        argv = ["unshare", "-r", *argv]
+    try:
+        run(argv, timeout=1800)
+    except CommandError as exc:
+        if _HOST_FULL not in exc.stderr and _OUT_OF_SPACE.search(exc.stderr):
+            need = _tree_bytes(staging)
+            raise DiskError(
+                f"work disk of {size_bytes >> 20} MiB is too small for its "
+                f"{need >> 20} MiB of files (plus filesystem overhead); give the VM a "
+                f"larger work disk") from exc
+        raise
+    # mkfs -d leaves the filesystem root 0755; it becomes /root, a private home.
+    run([tool("debugfs"), "-w", "-R", "sif / mode 040700", str(tmp)])
+    os.replace(tmp, path)
 
 
 def _stage_file(root: Path, rel: str, content: bytes, mode: int) -> None:

@@ -34,13 +34,14 @@ def host_git_identity() -> dict[str, str]:
 
 
 def sync(*, port: int, key: Path, known_hosts: Path, alias: str,
-         entries: Sequence[FileSync], identity: dict[str, str],
+         entries: Sequence[FileSync], identity: dict[str, str], tmp_dir: Path,
          host: str = "127.0.0.1") -> list[str]:
-    """Copy ``entries`` and set ``identity`` in the guest; return warnings."""
+    """Copy ``entries`` and set ``identity`` in the guest; return warnings. The copies are
+    staged in ``tmp_dir`` (the daemon's scratch directory, swept at its start)."""
     warnings: list[str] = []
     base = ssh.ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias,
                              host=host)
-    with tempfile.TemporaryDirectory(prefix="banger-filesync-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="filesync-", dir=tmp_dir) as tmp:
         staged: list[str] = []
         for e in entries:
             if not e.host.exists():

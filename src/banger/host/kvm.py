@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.host.qemu import SANDBOX
 from banger.host.runner import CommandError, run
+from banger.host.vmmuser import RunAs
 
 QEMU = "qemu-system-x86_64"
 ENV_OVERRIDE = "BANGER_ACCEL"
@@ -38,15 +40,16 @@ _cache: AccelChoice | None = None
 _lock = threading.Lock()
 
 
-def probe_accel() -> AccelChoice:
-    """KVM if a test guest really runs under it, else TCG; cached after the first call."""
+def probe_accel(runas: RunAs | None = None) -> AccelChoice:
+    """KVM if a test guest really runs under it, else TCG; cached after the first call.
+    ``runas``: the identity the real QEMU runs as, which must be able to open /dev/kvm."""
     forced = os.environ.get(ENV_OVERRIDE, "").strip().lower()
     if forced in ("kvm", "tcg"):
         return AccelChoice(forced, f"forced by {ENV_OVERRIDE}={forced}")
     global _cache
     with _lock:
         if _cache is None:
-            _cache = _probe()
+            _cache = _probe(runas=runas)
         return _cache
 
 
@@ -56,10 +59,14 @@ def reset_cache() -> None:
         _cache = None
 
 
-def _probe(kvm: Path = Path("/dev/kvm")) -> AccelChoice:
+def _probe(kvm: Path = Path("/dev/kvm"), runas: RunAs | None = None) -> AccelChoice:
     if not kvm.exists():
         return AccelChoice("tcg", f"{kvm} does not exist; using TCG software emulation")
-    if not os.access(kvm, os.R_OK | os.W_OK):
+    if runas is not None and not runas.can_access(kvm, os.R_OK | os.W_OK):
+        return AccelChoice("tcg", f"{kvm} is not accessible to QEMU's user {runas.name!r} "
+                                  "(give /dev/kvm to the kvm group, mode 0660); using TCG "
+                                  "software emulation")
+    if runas is None and not os.access(kvm, os.R_OK | os.W_OK):
         return AccelChoice("tcg", f"{kvm} is not accessible to this user (add it to the "
                                   "kvm group); using TCG software emulation")
     ok, detail = run_probe_guest("kvm")
@@ -93,7 +100,8 @@ def probe_argv(stub: Path, accel: str) -> list[str]:
     """The probe's command line: the real boot's machine and CPU, nothing else."""
     accel_arg = "kvm" if accel == "kvm" else "tcg"
     return [
-        QEMU, "-M", "microvm,acpi=on", "-cpu", "max", "-accel", accel_arg,
+        QEMU, "-sandbox", SANDBOX,  # as the real VMM runs: proves QEMU starts so
+        "-M", "microvm,acpi=on", "-cpu", "max", "-accel", accel_arg,
         "-m", "32", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(stub),
         "-device", f"isa-debug-exit,iobase={_DEBUG_EXIT_PORT:#x},iosize=0x04",

@@ -20,6 +20,7 @@ Everything here acts on the network namespace of the calling thread.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -232,13 +233,48 @@ def ip_forward_enabled() -> bool:
     return IP_FORWARD.read_text().strip() == "1"
 
 
-def ensure_ip_forward() -> bool:
+def ensure_ip_forward(record: Path | None = None) -> bool:
     """Turn on IPv4 forwarding (per network namespace) when it is off; returns whether it
-    changed, so ``doctor`` can say banger turned it on."""
+    changed, so ``doctor`` can say banger turned it on.
+
+    ``record``: a file where the value found is kept (durably, before the change, and only
+    if no earlier value is recorded: after a crash the record still holds the original),
+    for :func:`restore_ip_forward` once no VM needs forwarding any more.
+    """
     if ip_forward_enabled():
         return False
+    if record is not None and not record.exists():
+        _write_durably(record, IP_FORWARD.read_text())
     IP_FORWARD.write_text("1\n")
     return True
+
+
+def restore_ip_forward(record: Path) -> str | None:
+    """Put back the forwarding value recorded by :func:`ensure_ip_forward` and forget it;
+    returns the value restored (None: banger had not changed it)."""
+    try:
+        original = record.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if original not in ("0", "1"):
+        raise NetworkError(f"{record} holds {original!r}, not an ip_forward value: remove it")
+    IP_FORWARD.write_text(original + "\n")
+    record.unlink()
+    return original
+
+
+def _write_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- nftables ----------------------------------------------------------------------------

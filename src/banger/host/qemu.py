@@ -4,6 +4,24 @@ Owns everything about a ``qemu-system-x86_64`` process: :func:`qemu_argv` (pure)
 :class:`QemuConfig` into a microvm command line, :func:`launch` starts it so that it
 outlives the daemon, the QMP helpers talk to it with bounded waits, and the pid helpers
 observe it from ``/proc`` (a recycled pid is never taken for our VM).
+
+QEMU is the guest's way out, so it is confined:
+
+- ``-sandbox`` (:data:`SANDBOX`): a seccomp filter denying obsolete system calls,
+  set*uid/gid, fork/exec and scheduler/resource changes.
+- It opens no file of banger's by name. :func:`launch` opens the disks, the serial log
+  and the kernel and initrd, binds the QMP socket, and hands them over as inherited
+  descriptors (``-add-fd`` fd sets, ``/proc/self/fd``, ``-chardev socket,fd=``, the tap
+  as ``-netdev tap,fd=``). So under
+  a root daemon QEMU runs as an unprivileged user (:mod:`banger.host.vmmuser`) that can
+  reach nothing of banger's state (private 0700 directories, 0600 files), not even the
+  other VMs' disks; only the kernel and initrd must be world-readable (QEMU re-opens them
+  through ``/proc/self/fd``, which checks the file's own permission bits).
+- Every path in an option value is comma-escaped (``,`` -> ``,,``, QEMU's own escape): a
+  comma in BANGER_HOME cannot inject options.
+
+Each fd set's ``opaque`` names the file it holds, so the command line still says which VM
+a QEMU serves; :func:`find_qemu_pid` finds it again by the QMP socket's entry.
 """
 
 from __future__ import annotations
@@ -11,10 +29,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -22,6 +42,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from banger.host.vmmuser import RunAs
 
 QEMU = "qemu-system-x86_64"
 # sun_path is 108 bytes including the terminating NUL.
@@ -32,6 +54,12 @@ DEFAULT_TB_SIZE_MIB = 64
 # A VMM that dies this early was misconfigured, not shut down.
 EARLY_EXIT_WINDOW = 0.3
 QMP_SOCKET_WAIT = 5.0
+# seccomp mode 2 with every optional deny QEMU 7.2 offers (checked against Debian 12's
+# qemu-system-x86 7.2: the guest boots, QMP, hostfwd and taps work under it).
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# The fd sets of the files QEMU is handed (``-add-fd``); see VmmFds.
+FDSET_ROOT, FDSET_BASE, FDSET_WORK, FDSET_SERIAL, FDSET_QMP = 1, 2, 3, 4, 5
+QMP_TAG = "qmp:"  # the QMP fd set's opaque: "qmp:<socket path>"
 
 T = TypeVar("T")
 
@@ -65,6 +93,35 @@ class QemuConfig:
     tap: str | None = None
     mac: str | None = None
     net_args: str = "banger.net=user"
+    # The overlay's raw base image, handed to QEMU as its backing file. Never read from
+    # the overlay's header: QEMU can write that header, and the daemon opens the backing
+    # file for it. None: the overlay stands alone (no backing file).
+    base_image: Path | None = None
+
+
+@dataclass(frozen=True)
+class VmmFds:
+    """The descriptors :func:`launch` opened for QEMU, as numbered in the child."""
+
+    root: int    # the qcow2 overlay, read-write
+    work: int    # the work disk, read-write
+    serial: int  # the serial log, write-only (append)
+    kernel: int
+    initrd: int
+    qmp: int     # the bound, listening QMP socket
+    qmp_tag: int  # a second descriptor of it, listed with its path (for find_qemu_pid)
+    base: int | None = None  # the base image, read-only
+    tap: int | None = None   # the tap, attached (TUNSETIFF) by the daemon
+
+    def all(self) -> list[int]:
+        fds = [self.root, self.work, self.serial, self.kernel, self.initrd, self.qmp,
+               self.qmp_tag]
+        return fds + [fd for fd in (self.base, self.tap) if fd is not None]
+
+
+def opt_value(value: object) -> str:
+    """``value`` as one QEMU option value: QEMU's escape for a literal comma is ``,,``."""
+    return str(value).replace(",", ",,")
 
 
 def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
@@ -98,8 +155,9 @@ def kernel_cmdline(cfg: QemuConfig, tsc_khz: int) -> str:
     return " ".join(args)
 
 
-def qemu_argv(cfg: QemuConfig, *, tsc_khz: int | None = None) -> list[str]:
-    """The full command line for ``cfg``; pure apart from reading the host TSC rate."""
+def qemu_argv(cfg: QemuConfig, fds: VmmFds, *, tsc_khz: int | None = None) -> list[str]:
+    """The full command line for ``cfg`` given the descriptors :func:`launch` opened;
+    pure apart from reading the host TSC rate."""
     if cfg.accel not in ("kvm", "tcg"):
         raise ValueError(f"accel must be 'kvm' or 'tcg', not {cfg.accel!r}")
     qmp = cfg.qmp_socket.absolute()
@@ -110,17 +168,31 @@ def qemu_argv(cfg: QemuConfig, *, tsc_khz: int | None = None) -> list[str]:
         tsc_khz = host_tsc_khz()
     accel = "kvm" if cfg.accel == "kvm" else f"tcg,tb-size={cfg.tb_size_mib}"
     if cfg.tap is not None:
-        # The tap exists and sits on the bridge already; QEMU only opens it.
-        netdev = f"tap,id=n0,ifname={cfg.tap},script=no,downscript=no"
+        # The tap exists and sits on the bridge; the daemon attached to it (QEMU's user
+        # could not: the tap has no owner and /dev/net/tun may be root's alone).
+        if fds.tap is None:
+            raise ValueError("a tap needs its descriptor (VmmFds.tap)")
+        netdev = f"tap,id=n0,fd={fds.tap}"
     else:
         netdev = f"user,id=n0,hostfwd=tcp:127.0.0.1:{cfg.ssh_port}-:22"
         if cfg.restrict_net:
             # No outbound traffic from the guest; the forwarded port still works.
             netdev += ",restrict=on"
-    nic = "virtio-net-device,netdev=n0" + (f",mac={cfg.mac}" if cfg.mac else "")
+    nic = "virtio-net-device,netdev=n0" + (f",mac={opt_value(cfg.mac)}" if cfg.mac else "")
+    root_backing = ""
+    base: list[str] = []
+    if cfg.base_image is not None:
+        if fds.base is None:
+            raise ValueError("a base image needs its descriptor (VmmFds.base)")
+        root_backing = ",backing=base"
+        base = [*_add_fd(fds.base, FDSET_BASE, cfg.base_image),
+                "-blockdev", f"driver=file,node-name=base-file,filename=/dev/fdset/{FDSET_BASE},"
+                             "read-only=on",
+                "-blockdev", "driver=raw,node-name=base,file=base-file,read-only=on"]
     return [
         QEMU,
-        "-name", f"banger-{cfg.hostname}",
+        "-name", f"banger-{opt_value(cfg.hostname)}",
+        "-sandbox", SANDBOX,
         # microvm: no PCI, no firmware tables beyond what ACPI needs to list the
         # virtio-mmio devices; the fastest machine here.
         "-M", "microvm,acpi=on",
@@ -132,56 +204,86 @@ def qemu_argv(cfg: QemuConfig, *, tsc_khz: int | None = None) -> list[str]:
         "-nodefaults", "-no-user-config", "-display", "none",
         # Guest reboot or poweroff ends the process: a VM stops from inside.
         "-no-reboot",
-        "-kernel", str(cfg.kernel.absolute()),
-        "-initrd", str(cfg.initrd.absolute()),
+        # Plain file names (not option lists); QEMU re-opens the inherited descriptors.
+        "-kernel", f"/proc/self/fd/{fds.kernel}",
+        "-initrd", f"/proc/self/fd/{fds.initrd}",
         "-append", kernel_cmdline(cfg, tsc_khz),
+        *base,
         # Device order fixes the guest names: root disk /dev/vda, work disk /dev/vdb.
-        "-drive", f"id=root,file={_drive_path(cfg.root_disk)},format=qcow2,if=none,"
-                  "discard=unmap",
+        *_add_fd(fds.root, FDSET_ROOT, cfg.root_disk),
+        "-blockdev", f"driver=file,node-name=root-file,filename=/dev/fdset/{FDSET_ROOT},"
+                     "discard=unmap",
+        "-blockdev", f"driver=qcow2,node-name=root,file=root-file{root_backing},"
+                     "discard=unmap",
         "-device", "virtio-blk-device,drive=root",
-        "-drive", f"id=work,file={_drive_path(cfg.work_disk)},format=raw,if=none,"
-                  "discard=unmap",
+        *_add_fd(fds.work, FDSET_WORK, cfg.work_disk),
+        "-blockdev", f"driver=file,node-name=work-file,filename=/dev/fdset/{FDSET_WORK},"
+                     "discard=unmap",
+        "-blockdev", "driver=raw,node-name=work,file=work-file,discard=unmap",
         "-device", "virtio-blk-device,drive=work",
         "-netdev", netdev,
         "-device", nic,
+        *_add_fd(fds.serial, FDSET_SERIAL, cfg.serial_log),
         # append=on: O_APPEND, so the daemon's copy-truncate rotation (host/seriallog.py)
         # leaves no hole, and nothing is lost if the file is ever reused.
-        "-chardev", f"file,id=serial0,path={cfg.serial_log.absolute()},append=on",
+        "-chardev", f"file,id=serial0,path=/dev/fdset/{FDSET_SERIAL},append=on",
         "-serial", "chardev:serial0",
-        "-qmp", f"unix:{qmp},server=on,wait=off",
+        "-add-fd", f"fd={fds.qmp_tag},set={FDSET_QMP},opaque={QMP_TAG}{opt_value(qmp)}",
+        "-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
     ]
 
 
-def _drive_path(p: Path) -> str:
-    # -drive splits on commas; QEMU's escape for a literal comma is a double comma.
-    return str(p.absolute()).replace(",", ",,")
+def _add_fd(fd: int, fdset: int, path: Path) -> list[str]:
+    # The opaque string only documents which file the set holds (ps, find_qemu_pid).
+    return ["-add-fd", f"fd={fd},set={fdset},opaque={opt_value(path.absolute())}"]
+
+
+def split_opts(value: str) -> dict[str, str]:
+    """A QEMU option list (``a=1,b=x,,y``) as a dict, un-escaping ``,,``."""
+    out: dict[str, str] = {}
+    for part in value.replace(",,", "\0").split(","):
+        key, _, val = part.partition("=")
+        out[key.replace("\0", ",")] = val.replace("\0", ",")
+    return out
 
 
 # --- the process -----------------------------------------------------------------------
 
 
-def launch(cfg: QemuConfig, vmm_log: Path) -> int:
+def launch(cfg: QemuConfig, vmm_log: Path, runas: RunAs | None = None) -> int:
     """Start QEMU detached from the caller (own session, no tty) and return its pid.
 
-    Returns once the QMP socket is up; raises :class:`VmmError` with the tail of
-    ``vmm_log`` if QEMU exits or the socket does not appear in time.
+    ``runas``: the unprivileged identity to start it as (None: the caller's). The files
+    QEMU uses are opened here and inherited, so ``runas`` needs no access to them.
+    Returns once QMP answers; raises :class:`VmmError` with the tail of ``vmm_log`` if
+    QEMU exits or does not answer in time.
     """
-    argv = qemu_argv(cfg)
     qmp = cfg.qmp_socket.absolute()
     other = find_qemu_pid(qmp)
     if other is not None:
         raise VmmError(f"a QEMU (pid {other}) is already running with {qmp}")
-    with contextlib.suppress(FileNotFoundError):
-        qmp.unlink()  # stale, from a VMM that died without cleaning up
     vmm_log.parent.mkdir(parents=True, exist_ok=True)
-    with vmm_log.open("ab") as log, open(os.devnull, "rb") as devnull:
-        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launching: "
-                  f"{' '.join(argv)}\n".encode())
+    with contextlib.ExitStack() as opened, vmm_log.open("ab") as log, \
+            open(os.devnull, "rb") as devnull:
+        try:
+            fds = _open_for_qemu(cfg, runas, opened)
+            argv = qemu_argv(cfg, fds)
+        except BaseException:
+            qmp.unlink(missing_ok=True)  # bound by _open_for_qemu, for a QEMU never started
+            raise
+        log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launching"
+                  f"{' as ' + runas.name if runas else ''}: {' '.join(argv)}\n".encode())
         log.flush()
         try:
-            proc = subprocess.Popen(argv, stdin=devnull, stdout=log, stderr=log,
-                                    start_new_session=True, close_fds=True)
+            # user/group/extra_groups: the identity is set before exec, never after.
+            proc = subprocess.Popen(
+                argv, stdin=devnull, stdout=log, stderr=log, start_new_session=True,
+                close_fds=True, pass_fds=fds.all(),
+                user=runas.uid if runas else None, group=runas.gid if runas else None,
+                extra_groups=list(runas.groups) if runas else None)
         except OSError as exc:
+            qmp.unlink(missing_ok=True)
             raise VmmError(f"cannot run {QEMU}: {exc}") from exc
     # Reap it when it exits, so a dead VMM never lingers as a zombie of the daemon.
     threading.Thread(target=proc.wait, name=f"reap-qemu-{proc.pid}", daemon=True).start()
@@ -189,15 +291,79 @@ def launch(cfg: QemuConfig, vmm_log: Path) -> int:
     while True:
         code = proc.poll()
         if code is not None:
+            qmp.unlink(missing_ok=True)
             _raise_died(vmm_log, code, time.monotonic() - started)
-        if qmp.exists() and time.monotonic() - started >= EARLY_EXIT_WINDOW:
+        # The socket is bound already (by us): QEMU is up once its monitor greets.
+        if (time.monotonic() - started >= EARLY_EXIT_WINDOW
+                and qmp_status(qmp, timeout=0.5) is not None):
             return proc.pid
         if time.monotonic() - started > QMP_SOCKET_WAIT:
             kill_and_wait(proc.pid, signal.SIGKILL, 2.0)
-            raise VmmError(f"QEMU (pid {proc.pid}) did not open its QMP socket {qmp} "
+            qmp.unlink(missing_ok=True)
+            raise VmmError(f"QEMU (pid {proc.pid}) did not answer on its QMP socket {qmp} "
                            f"within {QMP_SOCKET_WAIT:.0f} s; killed it.\n"
                            f"{log_tail(vmm_log)}")
         time.sleep(0.02)
+
+
+def _open_for_qemu(cfg: QemuConfig, runas: RunAs | None,
+                   opened: contextlib.ExitStack) -> VmmFds:
+    """Open everything QEMU uses, closed by ``opened`` (QEMU keeps its inherited copies)."""
+    def fd(path: Path, flags: int) -> int:
+        try:
+            n = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise VmmError(f"cannot open {path} for QEMU: {exc.strerror}") from exc
+        opened.callback(os.close, n)
+        return n
+
+    for path in (cfg.kernel, cfg.initrd):
+        # QEMU re-opens these through /proc/self/fd, which checks the file's own mode.
+        if runas is not None and not runas.can_access(path, os.R_OK):
+            raise VmmError(f"{path} is not readable by QEMU's user {runas.name!r}: "
+                           f"QEMU loads the kernel and initrd itself; make them "
+                           f"world-readable (chmod o+r {path})")
+    rw = os.O_RDWR
+    kernel, initrd = fd(cfg.kernel, os.O_RDONLY), fd(cfg.initrd, os.O_RDONLY)
+    root, work = fd(cfg.root_disk, rw), fd(cfg.work_disk, rw)
+    base = fd(cfg.base_image, os.O_RDONLY) if cfg.base_image is not None else None
+    # Write-only, as QEMU asks its fd set for it (it applies its own append or truncate).
+    serial = fd(cfg.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    qmp = cfg.qmp_socket.absolute()
+    with contextlib.suppress(FileNotFoundError):
+        qmp.unlink()  # stale, from a VMM that died without cleaning up
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    opened.callback(sock.close)
+    try:
+        sock.bind(str(qmp))
+        sock.listen(8)
+    except OSError as exc:
+        raise VmmError(f"cannot listen on the QMP socket {qmp}: {exc.strerror}") from exc
+    tag = os.dup(sock.fileno())
+    opened.callback(os.close, tag)
+    tap = _attach_tap(cfg.tap, opened) if cfg.tap is not None else None
+    return VmmFds(root=root, work=work, serial=serial, kernel=kernel, initrd=initrd,
+                  qmp=sock.fileno(), qmp_tag=tag, base=base, tap=tap)
+
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+
+
+def _attach_tap(name: str, opened: contextlib.ExitStack) -> int:
+    """Open the existing tap ``name`` as QEMU would (``tap,ifname=``), for QEMU to inherit."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise VmmError(f"cannot open /dev/net/tun for the tap {name}: {exc.strerror}") from exc
+    opened.callback(os.close, fd)
+    # struct ifreq: the name, then the flags; virtio-net headers as QEMU asks for them.
+    ifreq = struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI | _IFF_VNET_HDR)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, ifreq)
+    except OSError as exc:
+        raise VmmError(f"cannot attach to the tap {name}: {exc.strerror}") from exc
+    return fd
 
 
 def _raise_died(vmm_log: Path, code: int, after: float) -> None:
@@ -279,10 +445,37 @@ def pid_is_qemu_for(pid: int, qmp_socket: Path) -> bool:
     args = raw.rstrip(b"\0").split(b"\0")
     if not args or not os.path.basename(args[0]).startswith(b"qemu-system"):
         return False
-    want = f"unix:{qmp_socket.absolute()}".encode()
-    if not any(a == want or a.startswith(want + b",") for a in args):
+    if not any(_names_qmp(a, str(qmp_socket.absolute())) for a in args):
         return False
     return pid_alive(pid)
+
+
+def _names_qmp(arg: bytes, qmp: str) -> bool:
+    text = arg.decode(errors="surrogateescape")
+    # Today's: the QMP socket's fd set, tagged with its path; older daemons' QEMUs were
+    # given the path itself (-qmp unix:<path>,server=on,...).
+    if text == f"unix:{qmp}" or text.startswith(f"unix:{qmp},"):
+        return True
+    return "opaque=" in text and split_opts(text).get("opaque") == QMP_TAG + qmp
+
+
+def running_qemu_uids() -> set[int]:
+    """The real uids of every running QEMU on the host (so a new one gets another)."""
+    uids = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv0 = Path(entry.path, "cmdline").read_bytes().split(b"\0", 1)[0]
+            if not os.path.basename(argv0).startswith(b"qemu-system"):
+                continue
+            status = Path(entry.path, "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("Uid:"):
+                uids.add(int(line.split()[1]))
+    return uids
 
 
 def find_qemu_pid(qmp_socket: Path) -> int | None:

@@ -90,14 +90,15 @@ def ensure_key(path: Path) -> str:
     return pub.read_text().strip()
 
 
-def host_keypair() -> tuple[bytes, str]:
+def host_keypair(tmp_dir: Path) -> tuple[bytes, str]:
     """A fresh ed25519 host key for a guest: (private key file bytes, public key line).
 
     Handed to the guest on its work disk as ``.banger/ssh_host_ed25519_key`` (0600) and
     ``.banger/ssh_host_ed25519_key.pub``, with :func:`trust_host_key` on the host, the
-    very first connection is verified instead of trusted on first use.
+    very first connection is verified instead of trusted on first use. The key pair is
+    made in ``tmp_dir`` (the daemon's scratch directory, swept at its start).
     """
-    with tempfile.TemporaryDirectory(prefix="banger-hostkey-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hostkey-", dir=tmp_dir) as tmp:
         key = Path(tmp) / "key"
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "banger-guest",
              "-f", str(key)])

@@ -188,18 +188,21 @@ def record_base(dest: Path, git: RepoGit | None = None) -> str:
     return commit
 
 
-def staging_parent(selection: Selection, fallback: Path) -> Path:
-    """Where :func:`stage` should put the checkout: tmpfs when it fits in a quarter of the
-    available memory (the work-disk build reads it once, then it is gone), else
-    ``fallback`` (the VM's directory, so the build moves it in with a rename)."""
+def staging_parent(selection: Selection, fallback: Path, tmpfs: Path | None) -> Path:
+    """Where :func:`stage` should put the checkout: ``tmpfs`` (the daemon's own directory
+    there) when it fits in a quarter of the available memory (the work-disk build reads it
+    once, then it is gone), else ``fallback`` (the VM's directory, so the build moves it in
+    with a rename)."""
+    if tmpfs is None:
+        return fallback
     need = selection.total_bytes + _git_bytes(selection.repo)
     try:
-        vfs = os.statvfs(TMPFS)
+        vfs = os.statvfs(tmpfs)
         avail = _mem_available()
     except OSError:
         return fallback
     if need * TMPFS_SHARE < avail and need * 2 < vfs.f_bavail * vfs.f_frsize:
-        return TMPFS
+        return tmpfs
     return fallback
 
 
