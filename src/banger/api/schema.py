@@ -21,6 +21,10 @@ from banger.model.vm import (
 API_VERSION = "v1"
 PREFIX = f"/{API_VERSION}"
 NDJSON = "application/x-ndjson"
+# An idle progress stream carries a heartbeat line this often, so a client can tell a
+# daemon that is gone (no line for STREAM_SILENCE_LIMIT seconds) from a slow boot.
+HEARTBEAT_SECONDS = 5.0
+STREAM_SILENCE_LIMIT = 60.0
 
 
 class ErrorBody(BaseModel):
@@ -78,6 +82,11 @@ class VMCreate(BaseModel):
     nat: StrictBool = False
     start: StrictBool = True
     workspace: WorkspaceIn | None = None
+    delete_on_disconnect: StrictBool = Field(default=False, description=(
+        "ephemeral (`vm run --rm`): when the client of the streamed create goes away, the "
+        "daemon cancels the create and deletes the VM once the operation has stopped. "
+        "Without it, a streamed create or start whose client goes away is cancelled and "
+        "rolled back, and the VM is kept, stopped"))
 
 
 class VMSet(BaseModel):
@@ -145,11 +154,15 @@ class BatchResponse(BaseModel):
 class ProgressEvent(BaseModel):
     """One line of an NDJSON progress stream.
 
-    ``type`` is "progress" for stage events, then exactly one final "result" (with ``vm``)
-    or "error" (with ``error``).
+    ``type`` is "progress" for stage events (``kind``: run, ok, failed, undo, undone,
+    undo_failed, detail, or queued: waiting for a boot slot, ``label`` saying its place
+    in line), "heartbeat" (no content: sent every HEARTBEAT_SECONDS while nothing else
+    is, so a client may give up after STREAM_SILENCE_LIMIT seconds of silence), then
+    exactly one final "result" (with ``vm``) or "error" (with ``error``; code
+    "cancelled" after a cancel, the rollback reported by the progress lines before it).
     """
 
-    type: Literal["progress", "result", "error"]
+    type: Literal["progress", "heartbeat", "result", "error"]
     op_id: str | None = None
     vm: str | None = None
     kind: str | None = None
@@ -216,6 +229,7 @@ class OperationOut(BaseModel):
     vm_name: str | None
     started_at: float
     stage: str | None
+    cancelled: bool = False
 
 
 class Check(BaseModel):
