@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import shlex
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +19,13 @@ from pydantic import ValidationError
 
 from banger import __version__
 from banger.api.schema import VMCreate, VMOut, VMSet, WorkspaceIn
+from banger.cli.interrupt import (
+    Cancelling,
+    Interrupted,
+    cancel_on_signal,
+    raise_on_signal,
+    signals_ignored,
+)
 from banger.cli.render import (
     Progress,
     err_console,
@@ -53,7 +62,44 @@ def handle_errors(fn: F) -> F:
         except (DaemonUnavailable, Untrusted) as exc:
             err_console.print(f"[red]error:[/red] {markup(str(exc))}")
             sys.exit(1)
+        except Interrupted as exc:
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(130)
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def cancellable(client: Client, progress: Progress) -> Iterator[Cancelling]:
+    """Show a streamed operation's progress; a signal cancels it (see cli/interrupt)."""
+    # The cancel goes over its own connection: the stream's is busy, and the handler
+    # runs between two reads of it.
+    with progress, cancel_on_signal(lambda op: Client(client.socket_path).cancel(op),
+                                    lambda: progress.op_id) as state:
+        yield state
+
+
+def _streamed(client: Client, call: Callable[[Progress], VMOut]) -> VMOut:
+    progress = Progress()
+    state = Cancelling()
+    try:
+        with cancellable(client, progress) as state:
+            vm = call(progress)
+    except ApiError as exc:
+        print_error(exc.body)
+        sys.exit(state.exit_code or 1)
+    if state.exit_code is not None:  # it finished as the cancel arrived
+        sys.exit(state.exit_code)
+    return vm
+
+
+def _delete_quietly(client: Client, ref: str) -> None:
+    with signals_ignored():
+        try:
+            client.delete(ref)
+        except (ApiError, DaemonUnavailable) as exc:
+            err_console.print(f"[red]error:[/red] could not delete {escape(ref)}: "
+                              f"{escape(str(exc))}")
 
 
 def parse_size_mib(value: str, flag: str) -> int:
@@ -211,17 +257,27 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         return
     err_console.print(f"{req.vcpus} vcpu · {mib(req.memory_mib)} memory · "
                       f"{mib(req.disk_mib)} disk · image {markup(req.image)}", highlight=False)
-    with Progress() as progress:
-        try:
+    req.delete_on_disconnect = remove
+    progress = Progress()
+    state = Cancelling()
+    try:
+        with cancellable(client, progress) as state:
             vm = client.create(req, progress)
-        except ApiError as exc:
-            print_error(exc.body)
-            if progress.vm:
-                kept = markup(progress.vm, one_line=True)
-                err_console.print(f"the VM {kept} is kept so you can look: "
-                                  f"`banger vm logs {kept}`, then "
-                                  f"`banger vm delete {kept}`")
-            sys.exit(1)
+    except ApiError as exc:
+        cancelled = exc.body.code == "cancelled"
+        if remove and cancelled and progress.vm:
+            _delete_quietly(client, progress.vm)  # first: the terminal may be gone
+        print_error(exc.body)
+        if progress.vm and not (remove and cancelled):
+            kept = markup(progress.vm, one_line=True)
+            err_console.print(f"the VM {kept} is kept so you can look: "
+                              f"`banger vm logs {kept}`, then "
+                              f"`banger vm delete {kept}`")
+        sys.exit(state.exit_code or 1)
+    if state.exit_code is not None:  # the boot finished as the cancel arrived
+        if remove:
+            _delete_quietly(client, vm.id)
+        sys.exit(state.exit_code)
     if not as_json:
         err_console.print(f"[green]{markup(vm.name)} ready[/green] in "
                           f"{progress.elapsed():.1f}s")
@@ -232,10 +288,11 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
             print(printable(vm.name))
         return
     try:
-        rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
+        with raise_on_signal() if remove else contextlib.nullcontext():
+            rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
     finally:
         if remove:
-            client.delete(vm.id)
+            _delete_quietly(client, vm.id)
     if not remove and not command:
         name = markup(vm.name)
         err_console.print(f"{name} is still running: `banger vm ssh {name}` to get back, "
@@ -254,8 +311,7 @@ def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, n
     """Create a VM (and start it unless --no-start)."""
     req = make_create(name, image, vcpu, memory, disk, nat, network, start=not no_start)
     client = connect()
-    with Progress() as progress:
-        vm = client.create(req, progress)
+    vm = _streamed(client, lambda progress: client.create(req, progress))
     if as_json:
         print_json(vm.model_dump())
     else:
@@ -316,9 +372,8 @@ def _lifecycle(action: str, verb: str) -> Callable[..., None]:
     def command(refs: tuple[str, ...], as_json: bool) -> None:
         client = connect()
         if len(refs) == 1 and action in ("start", "restart") and not as_json:
-            with Progress() as progress:
-                fn = client.start if action == "start" else client.restart
-                v = fn(refs[0], progress)
+            fn = client.start if action == "start" else client.restart
+            v = _streamed(client, lambda progress: fn(refs[0], progress))
             print(printable(f"{v.name}: {verb}"))
             return
         res = client.batch(action, list(refs))

@@ -34,9 +34,9 @@ from banger.core.errors import (
 from banger.core.guestports import GuestSocketView, reachability
 from banger.core.operations import (
     BootSlots,
+    OpControl,
     Operation,
     Operations,
-    OpControl,
     Progress,
     ProgressSink,
     default_max_boots,

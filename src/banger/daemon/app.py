@@ -16,6 +16,7 @@ whether it rolled back or had just finished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -55,7 +56,7 @@ from banger.api.schema import (
     WorkspaceIn,
 )
 from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
-from banger.core.operations import Operation, OpControl, Progress, ProgressSink
+from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.ports import Endpoint, WorkspaceRequest
 from banger.core.service import BatchResult, VMService, VMView
 from banger.model.vm import VM, NetworkMode, VMSpec
@@ -128,10 +129,8 @@ def in_thread(fn: Callable[[], T], name: str = "banger-op") -> asyncio.Future[T]
             ok, value = True, fn()
         except BaseException as exc:
             ok, value = False, exc  # type: ignore[assignment]
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is stopping
             loop.call_soon_threadsafe(settle, ok, value)
-        except RuntimeError:  # the loop is closed: the daemon is stopping
-            pass
 
     threading.Thread(target=target, name=name).start()
     return fut
@@ -225,10 +224,8 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         ending = _Ending()
 
         def put(item: ProgressEvent | None) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is stopping
                 loop.call_soon_threadsafe(q.put_nowait, item)
-            except RuntimeError:  # the loop is closed: the daemon is stopping
-                pass
 
         def sink(p: Progress) -> None:
             put(ProgressEvent(type="progress", op_id=p.op_id, vm=p.vm, kind=p.kind,
