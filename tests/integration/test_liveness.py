@@ -1,0 +1,174 @@
+"""A daemon under a burst of boots: every start finishes, reads and a stop of another VM
+answer at once, boots queue; a client that goes away cancels its operation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+
+from banger.api.schema import NDJSON, ProgressEvent, VMCreate, VMOut
+from banger.client.client import ApiError, Client
+from banger.core.operations import BootSlots
+from banger.model.vm import VMState
+from tests.integration.conftest import Daemon
+
+BURST = 16
+ROUNDS = 20
+READY_DELAY = 0.5  # a slow guest: each boot waits this long for "ssh"
+
+
+def test_burst_of_streamed_starts_all_finish_and_reads_and_stop_answer(daemon: Daemon) -> None:
+    daemon.service.boots = BootSlots(8)  # 16 starts: half of them wait in line
+    names = [f"b{i}" for i in range(BURST)]
+    for name in names:
+        daemon.client.create(VMCreate(name=name, start=False), lambda _: None)
+    daemon.client.create(VMCreate(name="other", start=False), lambda _: None)
+    # The reads and the stop go over a client with short timeouts: a daemon that does
+    # not answer fails the test instead of hanging it.
+    quick = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.layout.daemon_socket)),
+                         base_url="http://bangerd", timeout=httpx.Timeout(10.0))
+    clients = [Client(daemon.layout.daemon_socket) for _ in names]
+    saw_queued = False
+    began = time.monotonic()
+    for rnd in range(ROUNDS):
+        daemon.guest.ready_delay = 0.0
+        assert quick.post("/v1/vms/other/start").status_code == 200
+        daemon.guest.ready_delay = READY_DELAY
+        barrier = threading.Barrier(BURST + 1)
+        results: dict[str, VMOut | Exception] = {}
+        kinds: dict[str, list[str]] = {n: [] for n in names}
+
+        def start(i: int) -> None:
+            name = names[i]
+            barrier.wait()
+            try:
+                results[name] = clients[i].start(
+                    name, lambda ev, name=name: kinds[name].append(  # type: ignore[misc]
+                        f"{ev.kind}:{ev.label or ''}"))
+            except Exception as exc:
+                results[name] = exc
+
+        threads = [threading.Thread(target=start, args=(i,), daemon=True)
+                   for i in range(BURST)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        time.sleep(0.1)  # the burst is in: boots running, the rest in line
+        t0 = time.monotonic()
+        r = quick.get("/v1/vms", timeout=1.0)
+        assert r.status_code == 200 and len(r.json()) == BURST + 1
+        assert quick.get("/v1/vms/b3", timeout=1.0).status_code == 200
+        assert quick.get("/v1/operations", timeout=1.0).status_code == 200
+        assert time.monotonic() - t0 < 1.0, f"round {rnd}: reads waited behind the boots"
+        t0 = time.monotonic()
+        r = quick.post("/v1/vms/other/stop", timeout=2.0)
+        assert r.status_code == 200 and r.json()["state"] == "stopped"
+        assert time.monotonic() - t0 < 2.0, f"round {rnd}: a stop of another VM waited"
+        deadline = time.monotonic() + 30
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        bad = {n: r for n, r in results.items() if not isinstance(r, VMOut)}
+        assert len(results) == BURST and not bad, f"round {rnd}: {bad or 'starts hang'}"
+        assert all(isinstance(r, VMOut) and r.state == "running" for r in results.values())
+        saw_queued = saw_queued or any(
+            k.startswith("queued:") and "in line" in k for ks in kinds.values() for k in ks)
+        stopped = quick.post("/v1/batch/stop", json={"refs": names}).json()["results"]
+        assert all(i["vm"]["state"] == "stopped" for i in stopped)
+    assert saw_queued, "a start beyond the boot limit says it is queued"
+    assert daemon.vmm.procs == {}
+    assert time.monotonic() - began < 90
+    quick.close()
+    for c in clients:
+        c.close()
+
+
+def _stream_then_leave(daemon: Daemon, body: dict[str, object], until_stage: str) -> str:
+    """Open a streamed create, read until ``until_stage`` runs, then hang up."""
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.layout.daemon_socket)),
+                        base_url="http://bangerd", timeout=httpx.Timeout(10.0))
+    name = ""
+    with http.stream("POST", "/v1/vms", json=body, headers={"Accept": NDJSON}) as resp:
+        for line in resp.iter_lines():
+            ev = ProgressEvent.model_validate_json(line)
+            name = ev.vm or name
+            if ev.kind == "run" and ev.stage == until_stage:
+                break
+    http.close()  # the client is gone
+    return name
+
+
+def _wait_until(cond, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_an_ephemeral_create_whose_client_leaves_is_deleted(daemon: Daemon) -> None:
+    daemon.guest.ready_delay = 30.0
+    name = _stream_then_leave(daemon, {"name": "eph", "delete_on_disconnect": True},
+                              "wait_ssh")
+    assert name == "eph"
+    _wait_until(lambda: daemon.client.list_vms() == [], "the ephemeral VM is deleted")
+    _wait_until(lambda: daemon.client.operations() == [], "the operation ended")
+    assert daemon.vmm.procs == {}
+    vms = daemon.layout.state_dir / "vms"
+    assert not vms.exists() or list(vms.iterdir()) == [], "the VM dir is gone"
+
+
+def test_an_ephemeral_create_that_finished_as_its_client_left_is_deleted(
+        daemon: Daemon) -> None:
+    # The client leaves after the last step ran, before reading the result.
+    name = _stream_then_leave(daemon, {"name": "late", "delete_on_disconnect": True},
+                              "post_start_features")
+    assert name == "late"
+    _wait_until(lambda: daemon.client.list_vms() == [], "the ephemeral VM is deleted")
+    assert daemon.vmm.procs == {}
+
+
+def test_a_create_whose_client_leaves_is_cancelled_and_rolled_back(daemon: Daemon) -> None:
+    daemon.guest.ready_delay = 30.0
+    _stream_then_leave(daemon, {"name": "kept"}, "wait_ssh")
+    _wait_until(lambda: daemon.client.operations() == [], "the operation was cancelled")
+    vm = daemon.client.show("kept")
+    assert vm.state == VMState.STOPPED.value and "cancelled" in (vm.last_error or "")
+    assert daemon.vmm.procs == {}
+    paths = daemon.service.layout.vm(vm.id)
+    assert not paths.root_disk.exists() and not paths.work_disk.exists()
+
+
+def test_cancel_route_rolls_back_and_the_stream_says_cancelled(daemon: Daemon) -> None:
+    daemon.guest.ready_delay = 30.0
+    kinds: list[str] = []
+
+    def on_progress(ev: ProgressEvent) -> None:
+        kinds.append(f"{ev.kind}:{ev.stage}")
+        if ev.kind == "run" and ev.stage == "wait_ssh" and ev.op_id:
+            assert Client(daemon.layout.daemon_socket).cancel(ev.op_id).cancelled
+
+    try:
+        daemon.client.create(VMCreate(name="c"), on_progress)
+        raise AssertionError("the create was not cancelled")
+    except ApiError as exc:
+        assert exc.body.code == "cancelled" and exc.body.op_id
+    assert "undone:qemu_launch" in kinds and "undone:work_disk" in kinds
+    assert daemon.vmm.procs == {}
+    r = daemon.client.http.post("/v1/operations/op-nope/cancel")
+    assert r.status_code == 404 and "banger ops" in r.json()["error"]["message"]
+
+
+def test_an_idle_stream_carries_heartbeats(daemon: Daemon, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import banger.daemon.app as app_module
+    assert app_module.HEARTBEAT_SECONDS <= 10
+    daemon.guest.ready_delay = app_module.HEARTBEAT_SECONDS + 1.5
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.layout.daemon_socket)),
+                        base_url="http://bangerd", timeout=httpx.Timeout(30.0))
+    types = []
+    with http.stream("POST", "/v1/vms", json={"name": "hb"},
+                     headers={"Accept": NDJSON}) as resp:
+        for line in resp.iter_lines():
+            types.append(ProgressEvent.model_validate_json(line).type)
+    http.close()
+    assert "heartbeat" in types and types[-1] == "result"
