@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface

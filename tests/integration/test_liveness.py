@@ -19,6 +19,16 @@ ROUNDS = 20
 READY_DELAY = 0.5  # a slow guest: each boot waits this long for "ssh"
 
 
+def _start(client: Client, name: str, barrier: threading.Barrier,
+           results: dict[str, VMOut | Exception], kinds: dict[str, list[str]]) -> None:
+    barrier.wait()
+    try:
+        results[name] = client.start(
+            name, lambda ev: kinds[name].append(f"{ev.kind}:{ev.label or ''}"))
+    except Exception as exc:
+        results[name] = exc
+
+
 def test_burst_of_streamed_starts_all_finish_and_reads_and_stop_answer(daemon: Daemon) -> None:
     daemon.service.boots = BootSlots(8)  # 16 starts: half of them wait in line
     names = [f"b{i}" for i in range(BURST)]
@@ -40,17 +50,8 @@ def test_burst_of_streamed_starts_all_finish_and_reads_and_stop_answer(daemon: D
         results: dict[str, VMOut | Exception] = {}
         kinds: dict[str, list[str]] = {n: [] for n in names}
 
-        def start(i: int) -> None:
-            name = names[i]
-            barrier.wait()
-            try:
-                results[name] = clients[i].start(
-                    name, lambda ev, name=name: kinds[name].append(  # type: ignore[misc]
-                        f"{ev.kind}:{ev.label or ''}"))
-            except Exception as exc:
-                results[name] = exc
-
-        threads = [threading.Thread(target=start, args=(i,), daemon=True)
+        threads = [threading.Thread(target=_start, daemon=True,
+                                    args=(clients[i], names[i], barrier, results, kinds))
                    for i in range(BURST)]
         for t in threads:
             t.start()

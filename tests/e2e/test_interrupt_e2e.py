@@ -1,0 +1,117 @@
+"""Ctrl-C, SIGHUP and SIGTERM to `banger vm run --rm` with real VMs: nothing is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.conftest import Banger, assert_nothing_left, qemu_pids
+
+pytestmark = pytest.mark.e2e
+
+BOOT_STAGES = (b"qemu_launch", b"wait_ssh")
+
+
+def _read_until(fd: int, needles: tuple[bytes, ...], timeout: float) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the pty
+            break
+        if not chunk:
+            break
+        out += chunk
+        if any(n in out for n in needles):
+            return out
+    raise AssertionError(f"none of {needles} within {timeout:.0f} s; output:\n{out!r}")
+
+
+def _drain(fd: int, pid: int, timeout: float) -> tuple[bytes, int]:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            out += chunk
+            if chunk:
+                continue
+        if done:
+            return out, os.waitstatus_to_exitcode(status)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"the CLI did not exit within {timeout:.0f} s; output:\n{out!r}")
+
+
+def _assert_no_vm(banger: Banger) -> None:
+    assert json.loads(banger.run("vm", "list", "--json").stdout) == [], "a VM is left"
+    assert qemu_pids(str(banger.home)) == [], "a QEMU process is left"
+    assert_nothing_left(banger)
+
+
+def test_ctrl_c_in_a_pty_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> None:
+    banger.run("vm", "list")  # the daemon is up: the pty sees only the boot
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the real CLI on the pty, as a user at a terminal runs it
+        argv = banger.argv("vm", "run", "--rm", "--name", "ctrlc", "--", "true")
+        os.execvpe(argv[0], argv, banger.env)
+    try:
+        _read_until(fd, BOOT_STAGES, 300)
+        os.write(fd, b"\x03")  # Ctrl-C: the terminal sends SIGINT to the foreground group
+        out, code = _drain(fd, pid, 300)
+    finally:
+        os.close(fd)
+    text = out.decode(errors="replace")
+    assert code == 130, text
+    assert "cancelling op-" in text and "cancelled" in text, text
+    assert qemu_pids(str(banger.home)) == []
+    _assert_no_vm(banger)
+
+
+def test_sighup_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> None:
+    proc = subprocess.Popen(banger.argv("vm", "run", "--rm", "--name", "hup", "--", "true"),
+                            env=banger.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    try:
+        _read_until(proc.stderr.fileno(), BOOT_STAGES, 300)
+        proc.send_signal(signal.SIGHUP)  # the terminal went away
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, err
+    _assert_no_vm(banger)
+
+
+def test_sigterm_while_the_guest_command_runs_deletes_the_vm(banger: Banger) -> None:
+    proc = subprocess.Popen(banger.argv("vm", "run", "--rm", "--name", "term", "--",
+                                        "sleep", "600"),
+                            env=banger.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    try:
+        _read_until(proc.stderr.fileno(), (b"ready in",), 300)
+        time.sleep(2)  # ssh is running `sleep` in the guest
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    _assert_no_vm(banger)
