@@ -58,6 +58,24 @@ def _drain(fd: int, pid: int, timeout: float) -> tuple[bytes, int]:
     raise AssertionError(f"the CLI did not exit within {timeout:.0f} s; output:\n{out!r}")
 
 
+def _signal_when(banger: Banger, args: tuple[str, ...], needles: tuple[bytes, ...], sig: int,
+                 after: float = 0.0) -> tuple[int, str]:
+    """`banger vm run --rm ARGS` on pipes, sent ``sig`` once its stderr shows a needle."""
+    proc = subprocess.Popen(banger.argv("vm", "run", "--rm", *args), env=banger.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stderr is not None
+    try:
+        seen = _read_until(proc.stderr.fileno(), needles, 300)
+        time.sleep(after)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, (seen + err).decode(errors="replace")
+
+
 def _assert_no_vm(banger: Banger) -> None:
     assert json.loads(banger.run("vm", "list", "--json").stdout) == [], "a VM is left"
     assert qemu_pids(str(banger.home)) == [], "a QEMU process is left"
@@ -84,34 +102,15 @@ def test_ctrl_c_in_a_pty_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> N
 
 
 def test_sighup_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> None:
-    proc = subprocess.Popen(banger.argv("vm", "run", "--rm", "--name", "hup", "--", "true"),
-                            env=banger.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    try:
-        _read_until(proc.stderr.fileno(), BOOT_STAGES, 300)
-        proc.send_signal(signal.SIGHUP)  # the terminal went away
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGHUP, err
+    code, err = _signal_when(banger, ("--name", "hup", "--", "true"), BOOT_STAGES,
+                             signal.SIGHUP)  # the terminal went away
+    assert code == 128 + signal.SIGHUP, err
     _assert_no_vm(banger)
 
 
 def test_sigterm_while_the_guest_command_runs_deletes_the_vm(banger: Banger) -> None:
-    proc = subprocess.Popen(banger.argv("vm", "run", "--rm", "--name", "term", "--",
-                                        "sleep", "600"),
-                            env=banger.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    assert proc.stderr is not None
-    try:
-        _read_until(proc.stderr.fileno(), (b"ready in",), 300)
-        time.sleep(2)  # ssh is running `sleep` in the guest
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    # Two seconds after "ready": ssh is running `sleep` in the guest.
+    code, err = _signal_when(banger, ("--name", "term", "--", "sleep", "600"),
+                             (b"ready in",), signal.SIGTERM, after=2.0)
+    assert code == 128 + signal.SIGTERM, err
     _assert_no_vm(banger)

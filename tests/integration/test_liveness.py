@@ -173,3 +173,20 @@ def test_an_idle_stream_carries_heartbeats(daemon: Daemon, monkeypatch) -> None:
             types.append(ProgressEvent.model_validate_json(line).type)
     http.close()
     assert "heartbeat" in types and types[-1] == "result"
+
+
+def test_the_cli_shows_a_queued_start(daemon: Daemon) -> None:
+    from tests.integration.test_api_cli import banger
+    daemon.service.boots = BootSlots(1)
+    for name in ("first", "second"):
+        daemon.client.create(VMCreate(name=name, start=False), lambda _: None)
+    daemon.guest.ready_delay = 1.5
+    first = threading.Thread(target=daemon.client.start, args=("first", lambda _: None))
+    first.start()
+    _wait_until(lambda: any(o.stage == "wait_ssh" for o in daemon.client.operations()),
+                "the first boot holds the only slot")
+    code, out, err = banger("vm", "start", "second")
+    first.join(10)
+    assert code == 0, err
+    assert "queued: waiting for a boot slot (one boot at a time): number 1 in line" in err
+    assert out == "second: running\n"

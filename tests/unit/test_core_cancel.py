@@ -100,7 +100,7 @@ def test_boots_beyond_the_limit_queue_in_order_and_a_queued_one_cancels(env) -> 
     svc.boots = BootSlots(1)
     for name in ("a", "b", "c", "d"):
         svc.create(name=name, spec=VMSpec(), start=False)
-    guest.ready_delay = 0.3
+    guest.ready_delay = 1.0  # each boot holds the only slot while the others line up
     order: list[str] = []
     queued: dict[str, list[str]] = {"a": [], "b": [], "c": [], "d": []}
     results: dict[str, object] = {}
@@ -124,7 +124,7 @@ def test_boots_beyond_the_limit_queue_in_order_and_a_queued_one_cancels(env) -> 
         t.start()
         threads.append(t)
         deadline = time.monotonic() + 5
-        while name != "a" and not queued[name]:
+        while not (name in order if name == "a" else queued[name]):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.05)

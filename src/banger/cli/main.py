@@ -268,8 +268,11 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         if remove and cancelled and progress.vm:
             _delete_quietly(client, progress.vm)  # first: the terminal may be gone
         print_error(exc.body)
-        if progress.vm and not (remove and cancelled):
-            kept = markup(progress.vm, one_line=True)
+        kept = markup(progress.vm or "", one_line=True)
+        if progress.vm and cancelled and not remove:
+            err_console.print(f"the VM {kept} is kept, stopped: `banger vm start {kept}`, "
+                              f"or `banger vm delete {kept}`")
+        elif progress.vm and not cancelled:
             err_console.print(f"the VM {kept} is kept so you can look: "
                               f"`banger vm logs {kept}`, then "
                               f"`banger vm delete {kept}`")

@@ -166,6 +166,9 @@ class BootSlots:
         self._line: deque[object] = deque()
         self._running = 0
 
+    def describe(self) -> str:
+        return "one boot at a time" if self.limit == 1 else f"{self.limit} boots at once"
+
     @contextmanager
     def slot(self, control: OpControl, on_queued: Callable[[int], None]) -> Iterator[None]:
         ticket = object()

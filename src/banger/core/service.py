@@ -288,7 +288,7 @@ class VMService:
             try:
                 with self.boots.slot(op.control, lambda n: self.ops.emit(op, Progress(
                         op.id, vm.name, "queued", "queued",
-                        f"waiting for a boot slot ({self.boots.limit} boot at once): "
+                        f"waiting for a boot slot ({self.boots.describe()}): "
                         f"number {n} in line"))):
                     run_steps(start_steps(ctx), ctx, on_event=self._forward(op, vm.name),
                               check=op.control.check)
