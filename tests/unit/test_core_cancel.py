@@ -139,3 +139,15 @@ def test_boots_beyond_the_limit_queue_in_order_and_a_queued_one_cancels(env) -> 
     assert [v.name for v in (svc.resolve(n) for n in "abd")
             if v.state is VMState.RUNNING] == ["a", "b", "d"]
     assert len(vmm.launched) == 3
+
+
+def test_a_cancel_during_the_stop_half_of_a_restart_stops_the_start_half(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, *_ = env
+    vm = svc.create(name="r", spec=VMSpec())
+    control, log = OpControl(), []
+    with pytest.raises(Cancelled):
+        svc.restart("r", sink=cancel_when(control, "run", "guest_poweroff", log),
+                    control=control)
+    assert "preflight" not in [p.stage for p in log if p.kind == "run"]
+    assert svc.resolve("r").state is VMState.STOPPED
+    assert_no_runtime_leak(svc, vmm, vm.id)

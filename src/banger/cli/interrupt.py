@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
-from banger.cli.render import err_console
-from banger.client.client import ApiError, DaemonUnavailable
+from banger.api.schema import VMOut
+from banger.cli.render import Progress, err_console, print_error
+from banger.cli.safe import markup
+from banger.client.client import ApiError, Client, DaemonUnavailable
 
 SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 Handler = Callable[[int, FrameType | None], object] | int | None
@@ -100,3 +103,39 @@ def signals_ignored() -> Iterator[None]:
     """For a short cleanup that must not be cut (the --rm delete)."""
     with _handlers(signal.SIG_IGN):
         yield
+
+
+@contextmanager
+def cancellable(client: Client, progress: Progress) -> Iterator[Cancelling]:
+    """Show a streamed operation's progress; a signal cancels it."""
+    # The cancel goes over its own connection: the stream's is busy, and the handler
+    # runs between two reads of it.
+    with progress, cancel_on_signal(lambda op: Client(client.socket_path).cancel(op),
+                                    lambda: progress.op_id) as state:
+        yield state
+
+
+def streamed(client: Client, call: Callable[[Progress], VMOut]) -> VMOut:
+    """Run one streamed operation under :func:`cancellable`; print its error and exit
+    (128 + the signal after a cancel) when it fails."""
+    progress = Progress()
+    state = Cancelling()
+    try:
+        with cancellable(client, progress) as state:
+            vm = call(progress)
+    except ApiError as exc:
+        print_error(exc.body)
+        sys.exit(state.exit_code or 1)
+    if state.exit_code is not None:  # it finished as the cancel arrived
+        sys.exit(state.exit_code)
+    return vm
+
+
+def delete_quietly(client: Client, ref: str) -> None:
+    """Delete ``ref`` (the --rm cleanup), signals ignored meanwhile; a failure is said."""
+    with signals_ignored():
+        try:
+            client.delete(ref)
+        except (ApiError, DaemonUnavailable) as exc:
+            err_console.print(f"[red]error:[/red] could not delete {markup(ref)}: "
+                              f"{markup(str(exc))}")

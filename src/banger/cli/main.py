@@ -9,8 +9,7 @@ import shlex
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,9 +21,10 @@ from banger.api.schema import VMCreate, VMOut, VMSet, WorkspaceIn
 from banger.cli.interrupt import (
     Cancelling,
     Interrupted,
-    cancel_on_signal,
+    cancellable,
+    delete_quietly,
     raise_on_signal,
-    signals_ignored,
+    streamed,
 )
 from banger.cli.render import (
     Progress,
@@ -67,39 +67,6 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             sys.exit(130)
     return wrapper  # type: ignore[return-value]
-
-
-@contextmanager
-def cancellable(client: Client, progress: Progress) -> Iterator[Cancelling]:
-    """Show a streamed operation's progress; a signal cancels it (see cli/interrupt)."""
-    # The cancel goes over its own connection: the stream's is busy, and the handler
-    # runs between two reads of it.
-    with progress, cancel_on_signal(lambda op: Client(client.socket_path).cancel(op),
-                                    lambda: progress.op_id) as state:
-        yield state
-
-
-def _streamed(client: Client, call: Callable[[Progress], VMOut]) -> VMOut:
-    progress = Progress()
-    state = Cancelling()
-    try:
-        with cancellable(client, progress) as state:
-            vm = call(progress)
-    except ApiError as exc:
-        print_error(exc.body)
-        sys.exit(state.exit_code or 1)
-    if state.exit_code is not None:  # it finished as the cancel arrived
-        sys.exit(state.exit_code)
-    return vm
-
-
-def _delete_quietly(client: Client, ref: str) -> None:
-    with signals_ignored():
-        try:
-            client.delete(ref)
-        except (ApiError, DaemonUnavailable) as exc:
-            err_console.print(f"[red]error:[/red] could not delete {escape(ref)}: "
-                              f"{escape(str(exc))}")
 
 
 def parse_size_mib(value: str, flag: str) -> int:
@@ -266,7 +233,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
     except ApiError as exc:
         cancelled = exc.body.code == "cancelled"
         if remove and cancelled and progress.vm:
-            _delete_quietly(client, progress.vm)  # first: the terminal may be gone
+            delete_quietly(client, progress.vm)  # first: the terminal may be gone
         print_error(exc.body)
         kept = markup(progress.vm or "", one_line=True)
         if progress.vm and cancelled and not remove:
@@ -279,7 +246,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         sys.exit(state.exit_code or 1)
     if state.exit_code is not None:  # the boot finished as the cancel arrived
         if remove:
-            _delete_quietly(client, vm.id)
+            delete_quietly(client, vm.id)
         sys.exit(state.exit_code)
     if not as_json:
         err_console.print(f"[green]{markup(vm.name)} ready[/green] in "
@@ -295,7 +262,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
             rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
     finally:
         if remove:
-            _delete_quietly(client, vm.id)
+            delete_quietly(client, vm.id)
     if not remove and not command:
         name = markup(vm.name)
         err_console.print(f"{name} is still running: `banger vm ssh {name}` to get back, "
@@ -314,7 +281,7 @@ def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, n
     """Create a VM (and start it unless --no-start)."""
     req = make_create(name, image, vcpu, memory, disk, nat, network, start=not no_start)
     client = connect()
-    vm = _streamed(client, lambda progress: client.create(req, progress))
+    vm = streamed(client, lambda progress: client.create(req, progress))
     if as_json:
         print_json(vm.model_dump())
     else:
@@ -376,7 +343,7 @@ def _lifecycle(action: str, verb: str) -> Callable[..., None]:
         client = connect()
         if len(refs) == 1 and action in ("start", "restart") and not as_json:
             fn = client.start if action == "start" else client.restart
-            v = _streamed(client, lambda progress: fn(refs[0], progress))
+            v = streamed(client, lambda progress: fn(refs[0], progress))
             print(printable(f"{v.name}: {verb}"))
             return
         res = client.batch(action, list(refs))

@@ -390,7 +390,8 @@ class VMService:
         with self._lock(vm.id):
             vm = self._observe_locked(self.repo.get(vm.id))
             if vm.state in LIVE_STATES:
-                with self.ops.track("stop", vm.id, vm.name, sink) as op:
+                # The stop half runs to its end; a cancel during it stops the start half.
+                with self.ops.track("stop", vm.id, vm.name, sink, control) as op:
                     self._graceful_stop_locked(vm, op)
                     vm = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
                     self.repo.update(vm)

@@ -441,7 +441,9 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     @app.post(f"{PREFIX}/operations/{{op_id}}/cancel")
     def cancel(op_id: str) -> OperationOut:
         """Ask an operation in flight to stop; its stream reports the rollback and ends
-        with an error of code "cancelled". A start stops between steps or in its wait."""
+        with an error of code "cancelled". A start (also of a create or restart) stops
+        between steps, in line for a boot slot or in its readiness wait; stop, kill and
+        delete are short and run to their end."""
         return op_out(service.ops.cancel(op_id))
 
     return app
