@@ -59,21 +59,22 @@ def _drain(fd: int, pid: int, timeout: float) -> tuple[bytes, int]:
 
 
 def _signal_when(banger: Banger, args: tuple[str, ...], needles: tuple[bytes, ...], sig: int,
-                 after: float = 0.0) -> tuple[int, str]:
-    """`banger vm run --rm ARGS` on pipes, sent ``sig`` once its stderr shows a needle."""
+                 *, on_stdout: bool = False) -> tuple[int, str]:
+    """`banger vm run --rm ARGS` on pipes, sent ``sig`` once its stderr (or stdout)
+    shows a needle; its exit code and output."""
     proc = subprocess.Popen(banger.argv("vm", "run", "--rm", *args), env=banger.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
-    assert proc.stderr is not None
+    assert proc.stderr is not None and proc.stdout is not None
     try:
-        seen = _read_until(proc.stderr.fileno(), needles, 300)
-        time.sleep(after)
+        watched = proc.stdout if on_stdout else proc.stderr
+        seen = _read_until(watched.fileno(), needles, 300)
         proc.send_signal(sig)
-        _, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, (seen + err).decode(errors="replace")
+    return proc.returncode, (seen + out + err).decode(errors="replace")
 
 
 def _assert_no_vm(banger: Banger) -> None:
@@ -109,8 +110,9 @@ def test_sighup_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> None:
 
 
 def test_sigterm_while_the_guest_command_runs_deletes_the_vm(banger: Banger) -> None:
-    # Two seconds after "ready": ssh is running `sleep` in the guest.
-    code, err = _signal_when(banger, ("--name", "term", "--", "sleep", "600"),
-                             (b"ready in",), signal.SIGTERM, after=2.0)
+    # Signalled once the guest command said it runs.
+    code, err = _signal_when(banger, ("--name", "term", "--", "sh", "-c",
+                                      "echo in-guest; exec sleep 600"),
+                             (b"in-guest",), signal.SIGTERM, on_stdout=True)
     assert code == 128 + signal.SIGTERM, err
     _assert_no_vm(banger)
