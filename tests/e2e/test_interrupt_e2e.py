@@ -102,6 +102,34 @@ def test_ctrl_c_in_a_pty_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> N
     _assert_no_vm(banger)
 
 
+def test_a_second_ctrl_c_leaves_at_once_and_the_daemon_deletes_the_vm(
+        banger: Banger) -> None:
+    banger.run("vm", "list")
+    pid, fd = pty.fork()
+    if pid == 0:
+        argv = banger.argv("vm", "run", "--rm", "--name", "twice", "--", "true")
+        os.execvpe(argv[0], argv, banger.env)
+    try:
+        _read_until(fd, (b"wait_ssh",), 300)
+        os.write(fd, b"\x03")
+        _read_until(fd, (b"cancelling op-",), 30)
+        os.write(fd, b"\x03")  # impatient: leave now
+        started = time.monotonic()
+        out, code = _drain(fd, pid, 30)
+    finally:
+        os.close(fd)
+    assert code == 130, out
+    assert time.monotonic() - started < 5, "a second Ctrl-C leaves at once"
+    # The stream closed: the daemon cancels the boot and deletes the --rm VM itself.
+    deadline = time.monotonic() + 120
+    while json.loads(banger.run("vm", "list", "--json").stdout):
+        assert time.monotonic() < deadline, "the daemon did not delete the --rm VM"
+        time.sleep(0.5)
+    _assert_no_vm(banger)
+    log = (banger.home / "state" / "bangerd.log").read_text()
+    assert "deleting twice: its client went away" in log, "the daemon, not the CLI, deleted it"
+
+
 def test_sighup_during_boot_of_run_rm_leaves_no_vm(banger: Banger) -> None:
     code, err = _signal_when(banger, ("--name", "hup", "--", "true"), BOOT_STAGES,
                              signal.SIGHUP)  # the terminal went away

@@ -680,8 +680,9 @@ def ops(as_json: bool) -> None:
         print_json([o.model_dump() for o in items])
         return
     for o in items:
-        print(printable(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}",
-                        one_line=True))
+        cancelling = " (cancelling)" if o.cancelled else ""
+        print(printable(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}"
+                        f"{cancelling}", one_line=True))
 
 
 def main() -> None:
