@@ -3,6 +3,7 @@ answer at once, boots queue; a client that goes away cancels its operation."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -191,3 +192,23 @@ def test_the_cli_shows_a_queued_start(daemon: Daemon) -> None:
     assert code == 0, err
     assert "queued: waiting for a boot slot (one boot at a time): number 1 in line" in err
     assert out == "second: running\n"
+
+
+def test_an_ephemeral_create_whose_client_read_the_result_is_kept(daemon: Daemon) -> None:
+    # The client hangs up as soon as it has the result line: that is not "gone". (Each
+    # create on a client of its own, so each hangs up at once, as the CLI does; frequent
+    # thread switches let the hang-up overtake whatever the daemon does after the result.)
+    names = [f"eph{i:02}" for i in range(50)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for name in names:
+            client = Client(daemon.layout.daemon_socket)
+            vm = client.create(VMCreate(name=name, delete_on_disconnect=True), lambda _: None)
+            client.close()
+            assert vm.state == "running"
+    finally:
+        sys.setswitchinterval(interval)
+    time.sleep(0.5)  # time for a wrong cleanup to happen
+    assert sorted(v.name for v in daemon.client.list_vms()) == names
+    assert daemon.client.operations() == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.core.errors import Cancelled
+from banger.core.errors import Cancelled, NotFoundError
 from banger.core.operations import BootSlots, OpControl, Progress
 from banger.model.layout import Layout
 from banger.model.vm import VMSpec, VMState
@@ -151,3 +151,28 @@ def test_a_cancel_during_the_stop_half_of_a_restart_stops_the_start_half(env) ->
     assert "preflight" not in [p.stage for p in log if p.kind == "run"]
     assert svc.resolve("r").state is VMState.STOPPED
     assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+@pytest.mark.parametrize("action", ["delete", "stop", "start", "kill"])
+def test_an_operation_that_waited_behind_a_delete_says_not_found(env, action: str) -> None:  # type: ignore[no-untyped-def]
+    # (`vm run --rm`: the daemon deletes the VM of a client that went away while the CLI,
+    # signalled, deletes it too.)
+    svc = env[0]
+    vm = svc.create(name="gone", spec=VMSpec(), start=False)
+    errors: list[BaseException] = []
+
+    def act() -> None:
+        try:
+            getattr(svc, action)("gone")
+        except BaseException as exc:
+            errors.append(exc)
+
+    lock = svc._lock(vm.id)
+    with lock:  # an operation holds the VM; the other resolves it, then waits
+        t = threading.Thread(target=act)
+        t.start()
+        time.sleep(0.2)
+        svc.repo.delete(vm.id)  # the first one deleted it meanwhile
+    t.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], NotFoundError), errors
+    assert "no longer exists" in errors[0].message

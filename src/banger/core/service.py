@@ -183,6 +183,14 @@ class VMService:
         with self._locks_guard:
             return self._locks.setdefault(vm_id, threading.Lock())
 
+    def _reread(self, vm: VM) -> VM:
+        """The record as it is now, under its lock: an operation that waited for the lock
+        behind a delete finds the VM gone (not found, never an internal error)."""
+        try:
+            return self.repo.get(vm.id)
+        except NotFound as exc:
+            raise NotFoundError(f"VM {vm.name!r} no longer exists (deleted meanwhile)") from exc
+
     # ---- create / start -----------------------------------------------------------------
 
     @_notifies
@@ -266,7 +274,7 @@ class VMService:
               control: OpControl | None = None) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state is VMState.RUNNING:
                 raise ConflictError(f"VM {vm.name!r} is already running")
             return self._start_locked(vm, sink, control)
@@ -333,7 +341,7 @@ class VMService:
     def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state not in LIVE_STATES:
                 return vm
             with self.ops.track("stop", vm.id, vm.name, sink) as op:
@@ -371,7 +379,7 @@ class VMService:
              sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self.repo.get(vm.id)
+            vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
             with self.ops.track("kill", vm.id, vm.name, sink) as op:
                 h = self.handles.get(vm.id) or self.handles.load(paths)
@@ -388,7 +396,7 @@ class VMService:
                 control: OpControl | None = None) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state in LIVE_STATES:
                 # The stop half runs to its end; a cancel during it stops the start half.
                 with self.ops.track("stop", vm.id, vm.name, sink, control) as op:
@@ -403,7 +411,7 @@ class VMService:
     def delete(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self.repo.get(vm.id)
+            vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
             with self.ops.track("delete", vm.id, vm.name, sink):
                 self._release(vm, paths)
@@ -425,7 +433,7 @@ class VMService:
         selection = self.host.workspace.select(req)
         check_bootstrap(selection, vm.spec.nat, vm.name)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             paths = self.layout.vm(vm.id)
             addr = self._endpoint_of(vm, self.handles.get(vm.id))
             with self.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
@@ -499,7 +507,7 @@ class VMService:
             work_disk_mib: int | None = None) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state in LIVE_STATES:
                 raise ConflictError(f"VM {vm.name!r} is {vm.state.value}: stop it first "
                                     f"(`banger vm stop {vm.name}`); changes apply at next start")

@@ -258,7 +258,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
         async def lines() -> AsyncIterator[bytes]:
             in_thread(work)
-            delivered = False
+            delivered = False  # the final line (result or error) went out
             try:
                 while True:
                     try:
@@ -267,11 +267,13 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                         yield heartbeat + b"\n"
                         continue
                     if item is None:
-                        delivered = True
                         break
                     yield item.model_dump_json(exclude_none=True).encode() + b"\n"
+                    # A client hangs up as soon as it has the final line: from here on
+                    # its going away is no news.
+                    delivered = item.type in ("result", "error")
             finally:
-                # Closed or cancelled before the last line went out: the client is gone.
+                # Closed or cancelled before the final line went out: the client is gone.
                 if not delivered:
                     log.warning("the client of a streamed operation went away: cancelling it")
                     control.cancel("cancelled: its client went away")
