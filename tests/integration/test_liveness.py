@@ -212,3 +212,12 @@ def test_an_ephemeral_create_whose_client_read_the_result_is_kept(daemon: Daemon
     time.sleep(0.5)  # time for a wrong cleanup to happen
     assert sorted(v.name for v in daemon.client.list_vms()) == names
     assert daemon.client.operations() == []
+
+
+def test_booleans_are_not_numbers(daemon: Daemon) -> None:
+    # (Found by the API fuzz test: `"signal": true` was taken as signal 1.)
+    r = daemon.client.http.post("/v1/batch/kill", json={"refs": ["x"], "signal": True})
+    assert r.status_code == 422 and "signal" in r.json()["error"]["message"]
+    r = daemon.client.http.post("/v1/vms", json={"name": "b", "vcpus": True})
+    assert r.status_code == 422 and "vcpus" in r.json()["error"]["message"]
+    assert daemon.client.list_vms() == []

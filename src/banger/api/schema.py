@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from banger.model.vm import (
     MAX_MEMORY_MIB,
@@ -45,9 +45,10 @@ class Health(BaseModel):
 
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS)]
-MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
-DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB)]
+# Strict: JSON true is not the number 1 (the published schema says integer).
+Vcpus = Annotated[StrictInt, Field(ge=1, le=MAX_VCPUS)]
+MemoryMib = Annotated[StrictInt, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
+DiskMib = Annotated[StrictInt, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB)]
 
 
 class WorkspaceIn(BaseModel):
@@ -138,7 +139,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     refs: list[str] = Field(min_length=1)
-    signal: int | None = Field(default=None, ge=1, le=64)
+    signal: StrictInt | None = Field(default=None, ge=1, le=64)
 
 
 class BatchItem(BaseModel):
