@@ -221,3 +221,6 @@ def test_booleans_are_not_numbers(daemon: Daemon) -> None:
     r = daemon.client.http.post("/v1/vms", json={"name": "b", "vcpus": True})
     assert r.status_code == 422 and "vcpus" in r.json()["error"]["message"]
     assert daemon.client.list_vms() == []
+    # A whole number written as 2.0 is still an integer to JSON Schema.
+    r = daemon.client.http.post("/v1/vms", json={"name": "f", "vcpus": 2.0, "start": False})
+    assert r.status_code == 201 and r.json()["vcpus"] == 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from banger.model.vm import (
     MAX_MEMORY_MIB,
@@ -45,10 +45,19 @@ class Health(BaseModel):
 
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-# Strict: JSON true is not the number 1 (the published schema says integer).
-Vcpus = Annotated[StrictInt, Field(ge=1, le=MAX_VCPUS)]
-MemoryMib = Annotated[StrictInt, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
-DiskMib = Annotated[StrictInt, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB)]
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+# JSON true is not the number 1 (the published schema says integer; 2.0 is one).
+NotBool = BeforeValidator(_not_bool)
+Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS), NotBool]
+MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB), NotBool]
+DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB), NotBool]
 
 
 class WorkspaceIn(BaseModel):
@@ -139,7 +148,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     refs: list[str] = Field(min_length=1)
-    signal: StrictInt | None = Field(default=None, ge=1, le=64)
+    signal: Annotated[int, Field(ge=1, le=64), NotBool] | None = None
 
 
 class BatchItem(BaseModel):
