@@ -196,7 +196,8 @@ class Client:
 
     def cancel(self, op_id: str) -> OperationOut:
         """Ask the daemon to cancel operation ``op_id``; its stream reports the rollback."""
-        return OperationOut.model_validate(self._request("POST", f"/operations/{op_id}/cancel"))
+        return OperationOut.model_validate(
+            self._request("POST", f"/operations/{seg(op_id)}/cancel"))
 
     def operations(self) -> list[OperationOut]:
         return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]
