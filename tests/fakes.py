@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
@@ -204,12 +205,19 @@ class FakeGuest:
             ListeningSocket("tcp", "::", 22, "sshd"),
         ]
         self.listening_asked: list[Endpoint] = []
+        # A slow guest: readiness takes this long, polling alive() as the real wait does.
+        self.ready_delay = 0.0
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
 
     def wait_ready(self, *, addr: Endpoint, alias: str, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> float:
+        until = time.monotonic() + self.ready_delay
+        while time.monotonic() < until:
+            if not alive():
+                raise RuntimeError("the VMM exited before ssh was ready")
+            time.sleep(0.02)
         if not alive():
             raise RuntimeError("the VMM exited before ssh was ready")
         if self.ready_error is not None:

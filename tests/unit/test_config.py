@@ -115,3 +115,17 @@ def test_file_sync_near_bangers_files_allowed(tmp_path: Path, guest: str, stored
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[[file_sync]]\nhost = "/etc/hosts"\nguest = "{guest}"\n')
     assert load_config(cfg, Path("/home/u")).file_sync[0].guest == stored
+
+
+def test_daemon_boot_limit(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[daemon]\nmax_concurrent_boots = 3\n")
+    assert load_config(cfg, tmp_path).max_concurrent_boots == 3
+    assert Config().max_concurrent_boots is None  # the daemon's default: CPUs, at least 2
+    for bad in ("0", '"4"', "true", "1000"):
+        cfg.write_text(f"[daemon]\nmax_concurrent_boots = {bad}\n")
+        with pytest.raises(ConfigError, match=r"\[daemon\] max_concurrent_boots"):
+            load_config(cfg, tmp_path)
+    cfg.write_text("[daemon]\nmax_boots = 3\n")
+    with pytest.raises(ConfigError, match="max_concurrent_boots"):
+        load_config(cfg, tmp_path)

@@ -164,3 +164,55 @@ def test_base_exceptions_are_not_swallowed() -> None:
     with pytest.raises(KeyboardInterrupt):
         run_steps([Step("a", lambda _: None, _record(undone, "a")), Step("b", interrupt)], None)
     assert undone == []
+
+
+def test_a_failing_progress_sink_never_skips_the_rollback() -> None:
+    events: list[str] = []
+    steps = [
+        Step("first", _record(events, "run-first"), _record(events, "undo-first")),
+        Step("second", _raise(events, "run-second", Boom("boom")),
+             _record(events, "undo-second")),
+    ]
+
+    def broken_sink(e: Event) -> None:
+        if e.kind in ("run", "failed", "undo") and e.step == "second":
+            raise OSError("the progress stream is gone")
+
+    with pytest.raises(StepFailed) as info:
+        run_steps(steps, None, on_event=broken_sink)
+    assert isinstance(info.value.cause, Boom), "the root cause stays first"
+    assert events == ["run-first", "run-second", "undo-second", "undo-first"]
+
+
+def test_a_failing_sink_on_success_changes_nothing() -> None:
+    events: list[str] = []
+
+    def broken_sink(e: Event) -> None:
+        raise OSError("the progress stream is gone")
+
+    run_steps([Step("only", _record(events, "run"), _record(events, "undo"))], None,
+              on_event=broken_sink)
+    assert events == ["run"]
+
+
+def test_check_stops_before_the_next_step_and_rolls_back() -> None:
+    events: list[str] = []
+    stop = {"now": False}
+
+    def check() -> None:
+        if stop["now"]:
+            raise Boom("cancelled")
+
+    def second(_: object) -> None:
+        events.append("run-second")
+        stop["now"] = True
+
+    steps = [
+        Step("first", _record(events, "run-first"), _record(events, "undo-first")),
+        Step("second", second, _record(events, "undo-second")),
+        Step("third", _record(events, "run-third"), _record(events, "undo-third")),
+    ]
+    with pytest.raises(StepFailed) as info:
+        run_steps(steps, None, check=check)
+    assert info.value.step == "third" and isinstance(info.value.cause, Boom)
+    assert events == ["run-first", "run-second", "undo-second", "undo-first"]

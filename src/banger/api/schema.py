@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from banger.model.vm import (
     MAX_MEMORY_MIB,
@@ -21,6 +21,10 @@ from banger.model.vm import (
 API_VERSION = "v1"
 PREFIX = f"/{API_VERSION}"
 NDJSON = "application/x-ndjson"
+# An idle progress stream carries a heartbeat line this often, so a client can tell a
+# daemon that is gone (no line for STREAM_SILENCE_LIMIT seconds) from a slow boot.
+HEARTBEAT_SECONDS = 5.0
+STREAM_SILENCE_LIMIT = 60.0
 
 
 class ErrorBody(BaseModel):
@@ -41,9 +45,19 @@ class Health(BaseModel):
 
 
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS)]
-MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)]
-DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB)]
+
+
+def _not_bool(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+# JSON true is not the number 1 (the published schema says integer; 2.0 is one).
+NotBool = BeforeValidator(_not_bool)
+Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS), NotBool]
+MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB), NotBool]
+DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB), NotBool]
 
 
 class WorkspaceIn(BaseModel):
@@ -78,6 +92,11 @@ class VMCreate(BaseModel):
     nat: StrictBool = False
     start: StrictBool = True
     workspace: WorkspaceIn | None = None
+    delete_on_disconnect: StrictBool = Field(default=False, description=(
+        "ephemeral (`vm run --rm`): when the client of the streamed create goes away, the "
+        "daemon cancels the create and deletes the VM once the operation has stopped. "
+        "Without it, a streamed create or start whose client goes away is cancelled and "
+        "rolled back, and the VM is kept, stopped"))
 
 
 class VMSet(BaseModel):
@@ -129,7 +148,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     refs: list[str] = Field(min_length=1)
-    signal: int | None = Field(default=None, ge=1, le=64)
+    signal: Annotated[int, Field(ge=1, le=64), NotBool] | None = None
 
 
 class BatchItem(BaseModel):
@@ -145,11 +164,15 @@ class BatchResponse(BaseModel):
 class ProgressEvent(BaseModel):
     """One line of an NDJSON progress stream.
 
-    ``type`` is "progress" for stage events, then exactly one final "result" (with ``vm``)
-    or "error" (with ``error``).
+    ``type`` is "progress" for stage events (``kind``: run, ok, failed, undo, undone,
+    undo_failed, detail, or queued: waiting for a boot slot, ``label`` saying its place
+    in line), "heartbeat" (no content: sent every HEARTBEAT_SECONDS while nothing else
+    is, so a client may give up after STREAM_SILENCE_LIMIT seconds of silence), then
+    exactly one final "result" (with ``vm``) or "error" (with ``error``; code
+    "cancelled" after a cancel, the rollback reported by the progress lines before it).
     """
 
-    type: Literal["progress", "result", "error"]
+    type: Literal["progress", "heartbeat", "result", "error"]
     op_id: str | None = None
     vm: str | None = None
     kind: str | None = None
@@ -216,6 +239,7 @@ class OperationOut(BaseModel):
     vm_name: str | None
     started_at: float
     stage: str | None
+    cancelled: bool = False
 
 
 class Check(BaseModel):

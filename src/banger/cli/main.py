@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import shlex
@@ -17,6 +18,14 @@ from pydantic import ValidationError
 
 from banger import __version__
 from banger.api.schema import VMCreate, VMOut, VMSet, WorkspaceIn
+from banger.cli.interrupt import (
+    Cancelling,
+    Interrupted,
+    cancellable,
+    delete_quietly,
+    raise_on_signal,
+    streamed,
+)
 from banger.cli.render import (
     Progress,
     err_console,
@@ -53,6 +62,10 @@ def handle_errors(fn: F) -> F:
         except (DaemonUnavailable, Untrusted) as exc:
             err_console.print(f"[red]error:[/red] {markup(str(exc))}")
             sys.exit(1)
+        except Interrupted as exc:
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(130)
     return wrapper  # type: ignore[return-value]
 
 
@@ -211,17 +224,30 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         return
     err_console.print(f"{req.vcpus} vcpu · {mib(req.memory_mib)} memory · "
                       f"{mib(req.disk_mib)} disk · image {markup(req.image)}", highlight=False)
-    with Progress() as progress:
-        try:
+    req.delete_on_disconnect = remove
+    progress = Progress()
+    state = Cancelling()
+    try:
+        with cancellable(client, progress) as state:
             vm = client.create(req, progress)
-        except ApiError as exc:
-            print_error(exc.body)
-            if progress.vm:
-                kept = markup(progress.vm, one_line=True)
-                err_console.print(f"the VM {kept} is kept so you can look: "
-                                  f"`banger vm logs {kept}`, then "
-                                  f"`banger vm delete {kept}`")
-            sys.exit(1)
+    except ApiError as exc:
+        cancelled = exc.body.code == "cancelled"
+        if remove and cancelled and progress.vm:
+            delete_quietly(client, progress.vm)  # first: the terminal may be gone
+        print_error(exc.body)
+        kept = markup(progress.vm or "", one_line=True)
+        if progress.vm and cancelled and not remove:
+            err_console.print(f"the VM {kept} is kept, stopped: `banger vm start {kept}`, "
+                              f"or `banger vm delete {kept}`")
+        elif progress.vm and not cancelled:
+            err_console.print(f"the VM {kept} is kept so you can look: "
+                              f"`banger vm logs {kept}`, then "
+                              f"`banger vm delete {kept}`")
+        sys.exit(state.exit_code or 1)
+    if state.exit_code is not None:  # the boot finished as the cancel arrived
+        if remove:
+            delete_quietly(client, vm.id)
+        sys.exit(state.exit_code)
     if not as_json:
         err_console.print(f"[green]{markup(vm.name)} ready[/green] in "
                           f"{progress.elapsed():.1f}s")
@@ -232,10 +258,11 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
             print(printable(vm.name))
         return
     try:
-        rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
+        with raise_on_signal() if remove else contextlib.nullcontext():
+            rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
     finally:
         if remove:
-            client.delete(vm.id)
+            delete_quietly(client, vm.id)
     if not remove and not command:
         name = markup(vm.name)
         err_console.print(f"{name} is still running: `banger vm ssh {name}` to get back, "
@@ -254,8 +281,7 @@ def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, n
     """Create a VM (and start it unless --no-start)."""
     req = make_create(name, image, vcpu, memory, disk, nat, network, start=not no_start)
     client = connect()
-    with Progress() as progress:
-        vm = client.create(req, progress)
+    vm = streamed(client, lambda progress: client.create(req, progress))
     if as_json:
         print_json(vm.model_dump())
     else:
@@ -316,9 +342,8 @@ def _lifecycle(action: str, verb: str) -> Callable[..., None]:
     def command(refs: tuple[str, ...], as_json: bool) -> None:
         client = connect()
         if len(refs) == 1 and action in ("start", "restart") and not as_json:
-            with Progress() as progress:
-                fn = client.start if action == "start" else client.restart
-                v = fn(refs[0], progress)
+            fn = client.start if action == "start" else client.restart
+            v = streamed(client, lambda progress: fn(refs[0], progress))
             print(printable(f"{v.name}: {verb}"))
             return
         res = client.batch(action, list(refs))
@@ -655,8 +680,9 @@ def ops(as_json: bool) -> None:
         print_json([o.model_dump() for o in items])
         return
     for o in items:
-        print(printable(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}",
-                        one_line=True))
+        cancelling = " (cancelling)" if o.cancelled else ""
+        print(printable(f"{o.id} {o.kind} {o.vm_name or '-'} stage={o.stage or '-'}"
+                        f"{cancelling}", one_line=True))
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ class Progress:
         self.started = time.monotonic()
         self._status: Any = None
         self.vm: str | None = None  # the VM the events are about, once one arrives
+        self.op_id: str | None = None  # the operation, once the daemon named it (cancel)
 
     def __enter__(self) -> Progress:
         if self.tty and not self.quiet:
@@ -47,6 +48,7 @@ class Progress:
 
     def __call__(self, ev: ProgressEvent) -> None:
         self.vm = ev.vm or self.vm
+        self.op_id = ev.op_id or self.op_id
         if self.quiet:
             return
         label = markup(ev.label or ev.stage or "", one_line=True)
@@ -66,6 +68,11 @@ class Progress:
             self._line(f"↺ rolling back {stage}")
         elif ev.kind == "undo_failed":
             self._line(f"[red]✗[/red] rollback of {stage} failed: {message}")
+        elif ev.kind == "queued":
+            if self._status is not None:
+                self._status.update(f"queued: {label}")
+            else:
+                self._line(f"… queued: {label}")
         elif ev.kind == "detail":
             self._line(f"  {stage}: {message}")
 

@@ -17,6 +17,7 @@ import httpx
 from banger.api.schema import (
     NDJSON,
     PREFIX,
+    STREAM_SILENCE_LIMIT,
     BatchResponse,
     Doctor,
     DryRun,
@@ -100,18 +101,27 @@ class Client:
         return resp.json()
 
     def _stream(self, method: str, path: str, on_progress: ProgressFn, **kw: Any) -> VMOut:
+        # No limit on the whole operation (a boot may take minutes), but the daemon sends
+        # a line at least every HEARTBEAT_SECONDS: silence this long means it is gone.
+        timeout = httpx.Timeout(10.0, read=STREAM_SILENCE_LIMIT)
         try:
             with self.http.stream(method, PREFIX + path, headers={"Accept": NDJSON},
-                                  **kw) as resp:
+                                  timeout=timeout, **kw) as resp:
                 if resp.status_code >= 400:
                     raise _api_error(resp.status_code, resp.read())
                 for ev in _events(resp.iter_lines()):
+                    if ev.type == "heartbeat":
+                        continue
                     if ev.type == "progress":
                         on_progress(ev)
                     elif ev.type == "error" and ev.error is not None:
                         raise ApiError(ev.error)
                     elif ev.type == "result" and ev.result is not None:
                         return ev.result
+        except httpx.ReadTimeout as exc:
+            raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
+                                    f"{STREAM_SILENCE_LIMIT:.0f} s (not even its heartbeat): "
+                                    f"it is stuck or gone; see its log") from exc
         except httpx.TransportError as exc:
             raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: {exc}") from exc
         raise DaemonUnavailable("bangerd ended the progress stream without a result")
@@ -183,6 +193,11 @@ class Client:
 
     def ssh_config(self) -> SshConfig:
         return SshConfig.model_validate(self._request("GET", "/ssh-config"))
+
+    def cancel(self, op_id: str) -> OperationOut:
+        """Ask the daemon to cancel operation ``op_id``; its stream reports the rollback."""
+        return OperationOut.model_validate(
+            self._request("POST", f"/operations/{seg(op_id)}/cancel"))
 
     def operations(self) -> list[OperationOut]:
         return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]

@@ -38,3 +38,11 @@ class OperationFailed(BangerError):
 
 class FailpointTriggered(RuntimeError):
     """Raised by a stage named in the BANGER_FAILPOINT test hook."""
+
+
+class Cancelled(BangerError):
+    """The operation was cancelled (by its client, or because its client went away);
+    what it had set up was rolled back."""
+
+    code = "cancelled"
+    status = 409

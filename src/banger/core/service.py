@@ -1,7 +1,10 @@
 """VM use cases: create, start, stop, restart, kill, delete, set, prune, observe, reconcile.
 
 Reaches the host only through :mod:`banger.core.ports`. Each VM has a lock: one lifecycle
-operation at a time per VM; different VMs proceed concurrently.
+operation at a time per VM; different VMs proceed concurrently, and reads never wait for a
+VM's lock. At most ``max_boots`` start pipelines run at once (:class:`BootSlots`, first come
+first served). A start can be cancelled (its :class:`OpControl`): the pipeline stops
+between steps or in the readiness wait and rolls back like any failure.
 """
 
 from __future__ import annotations
@@ -22,13 +25,23 @@ from typing import ParamSpec, TypeVar
 
 from banger.core.errors import (
     BangerError,
+    Cancelled,
     ConflictError,
     InvalidRequest,
     NotFoundError,
     OperationFailed,
 )
 from banger.core.guestports import GuestSocketView, reachability
-from banger.core.operations import Operation, Operations, Progress, ProgressSink, no_progress
+from banger.core.operations import (
+    BootSlots,
+    OpControl,
+    Operation,
+    Operations,
+    Progress,
+    ProgressSink,
+    default_max_boots,
+    no_progress,
+)
 from banger.core.ports import (
     Endpoint,
     HostPorts,
@@ -114,7 +127,8 @@ class VMService:
     def __init__(self, *, repo: VMRepository, ops: Operations, host: HostPorts, layout: Layout,
                  clock: Callable[[], float] = time.time, timeouts: Timeouts = Timeouts(),
                  failpoint: str | None = None,
-                 load_config: Callable[[], Config] = Config) -> None:
+                 load_config: Callable[[], Config] = Config,
+                 max_boots: int | None = None) -> None:
         self.repo = repo
         self.ops = ops
         self.host = host
@@ -124,6 +138,7 @@ class VMService:
         self.failpoint = failpoint
         self.load_config = load_config
         self.handles = HandleStore()
+        self.boots = BootSlots(max_boots or default_max_boots())
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._create_lock = threading.Lock()
@@ -168,12 +183,23 @@ class VMService:
         with self._locks_guard:
             return self._locks.setdefault(vm_id, threading.Lock())
 
+    def _reread(self, vm: VM) -> VM:
+        """The record as it is now, under its lock: an operation that waited for the lock
+        behind a delete finds the VM gone (not found, never an internal error)."""
+        try:
+            return self.repo.get(vm.id)
+        except NotFound as exc:
+            raise NotFoundError(f"VM {vm.name!r} no longer exists (deleted meanwhile)") from exc
+
     # ---- create / start -----------------------------------------------------------------
 
     @_notifies
     def create(self, *, name: str | None, spec: VMSpec, start: bool = True,
                sink: ProgressSink = no_progress,
-               workspace: WorkspaceRequest | None = None) -> VM:
+               workspace: WorkspaceRequest | None = None, control: OpControl | None = None,
+               on_record: Callable[[VM], None] | None = None) -> VM:
+        """``on_record`` is told the new record as soon as it exists (the daemon deletes
+        an ephemeral VM whose client went away by its id)."""
         try:
             spec = spec.validated()
             if name is not None:
@@ -208,8 +234,10 @@ class VMService:
         if selection is not None:
             # Held until a start makes the work disk (a failed first start keeps it).
             self._pending_workspace[vm_id] = selection
+        if on_record is not None:
+            on_record(vm)
         if start:
-            return self.start(vm.id, sink=sink)
+            return self.start(vm.id, sink=sink, control=control)
         return vm
 
     def default_network(self) -> NetworkMode:
@@ -242,17 +270,18 @@ class VMService:
         return h.endpoint
 
     @_notifies
-    def start(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+    def start(self, ref: str, *, sink: ProgressSink = no_progress,
+              control: OpControl | None = None) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state is VMState.RUNNING:
                 raise ConflictError(f"VM {vm.name!r} is already running")
-            return self._start_locked(vm, sink)
+            return self._start_locked(vm, sink, control)
 
-    def _start_locked(self, vm: VM, sink: ProgressSink) -> VM:
+    def _start_locked(self, vm: VM, sink: ProgressSink, control: OpControl | None) -> VM:
         paths = self.layout.vm(vm.id)
-        with self.ops.track("start", vm.id, vm.name, sink) as op:
+        with self.ops.track("start", vm.id, vm.name, sink, control) as op:
             vm = vm.with_state(VMState.STARTING, self.clock(), op_id=op.id)
             self.repo.update(vm)
             ctx = StartContext(
@@ -262,25 +291,42 @@ class VMService:
                 identities=self._identities,
                 on_detail=lambda stage, msg: self.ops.emit(
                     op, Progress(op.id, vm.name, "detail", stage, message=msg)),
+                check_cancel=op.control.check,
             )
             try:
-                run_steps(start_steps(ctx), ctx, on_event=self._forward(op, vm.name))
+                with self.boots.slot(op.control, lambda n: self.ops.emit(op, Progress(
+                        op.id, vm.name, "queued", "queued",
+                        f"waiting for a boot slot ({self.boots.describe()}): "
+                        f"number {n} in line"))):
+                    run_steps(start_steps(ctx), ctx, on_event=self._forward(op, vm.name),
+                              check=op.control.check)
+            except Cancelled as exc:  # still in line: nothing was set up
+                err = StepFailed(str(exc), [exc], step="queued")
+                raise self._start_failed(vm, op, err) from exc
             except StepFailed as err:
-                cause = err.cause
-                message = str(cause)
-                if err.undo_errors:
-                    message += "; cleanup also failed: " + "; ".join(
-                        f"{type(e).__name__}: {e}" for e in err.undo_errors)
-                failed = vm.with_state(VMState.ERROR, self.clock(), error=message,
-                                       stage=err.step, op_id=op.id)
-                self.repo.update(failed)
-                raise OperationFailed(f"start of {vm.name!r} failed at stage {err.step!r}: "
-                                      f"{message}", stage=err.step, op_id=op.id) from err
+                raise self._start_failed(vm, op, err) from err
             self._pending_workspace.pop(vm.id, None)
             running = replace(vm.with_state(VMState.RUNNING, self.clock(), op_id=op.id),
                               boot_id=ctx.boot_id)
             self.repo.update(running)
             return running
+
+    def _start_failed(self, vm: VM, op: Operation, err: StepFailed) -> BangerError:
+        """Record a failed (error) or cancelled (stopped) start; the error to raise."""
+        message = str(err.cause)
+        if err.undo_errors:
+            message += "; cleanup also failed: " + "; ".join(
+                f"{type(e).__name__}: {e}" for e in err.undo_errors)
+        if isinstance(err.cause, Cancelled):
+            message = f"start cancelled before stage {err.step!r} ({message})"
+            self.repo.update(vm.with_state(VMState.STOPPED, self.clock(), error=message,
+                                           stage=err.step, op_id=op.id))
+            return Cancelled(f"{vm.name!r}: {message}; what it had set up was rolled back",
+                             stage=err.step, op_id=op.id)
+        self.repo.update(vm.with_state(VMState.ERROR, self.clock(), error=message,
+                                       stage=err.step, op_id=op.id))
+        return OperationFailed(f"start of {vm.name!r} failed at stage {err.step!r}: "
+                               f"{message}", stage=err.step, op_id=op.id)
 
     def _forward(self, op: Operation, vm_name: str) -> Callable[[Event], None]:
         def forward(e: Event) -> None:
@@ -295,7 +341,7 @@ class VMService:
     def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state not in LIVE_STATES:
                 return vm
             with self.ops.track("stop", vm.id, vm.name, sink) as op:
@@ -333,7 +379,7 @@ class VMService:
              sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self.repo.get(vm.id)
+            vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
             with self.ops.track("kill", vm.id, vm.name, sink) as op:
                 h = self.handles.get(vm.id) or self.handles.load(paths)
@@ -346,16 +392,18 @@ class VMService:
                 return stopped
 
     @_notifies
-    def restart(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+    def restart(self, ref: str, *, sink: ProgressSink = no_progress,
+                control: OpControl | None = None) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state in LIVE_STATES:
-                with self.ops.track("stop", vm.id, vm.name, sink) as op:
+                # The stop half runs to its end; a cancel during it stops the start half.
+                with self.ops.track("stop", vm.id, vm.name, sink, control) as op:
                     self._graceful_stop_locked(vm, op)
                     vm = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
                     self.repo.update(vm)
-            return self._start_locked(vm, sink)
+            return self._start_locked(vm, sink, control)
 
     # ---- delete / prune / set -----------------------------------------------------------
 
@@ -363,7 +411,7 @@ class VMService:
     def delete(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self.repo.get(vm.id)
+            vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
             with self.ops.track("delete", vm.id, vm.name, sink):
                 self._release(vm, paths)
@@ -385,7 +433,7 @@ class VMService:
         selection = self.host.workspace.select(req)
         check_bootstrap(selection, vm.spec.nat, vm.name)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             paths = self.layout.vm(vm.id)
             addr = self._endpoint_of(vm, self.handles.get(vm.id))
             with self.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
@@ -459,7 +507,7 @@ class VMService:
             work_disk_mib: int | None = None) -> VM:
         vm = self.resolve(ref)
         with self._lock(vm.id):
-            vm = self._observe_locked(self.repo.get(vm.id))
+            vm = self._observe_locked(self._reread(vm))
             if vm.state in LIVE_STATES:
                 raise ConflictError(f"VM {vm.name!r} is {vm.state.value}: stop it first "
                                     f"(`banger vm stop {vm.name}`); changes apply at next start")

@@ -49,6 +49,8 @@ class StartContext:
     # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
     on_detail: Callable[[str, str], None] = lambda stage, msg: None
+    # Raises Cancelled once the start was cancelled; long waits (readiness) poll it.
+    check_cancel: Callable[[], None] = lambda: None
     # Filled in as the steps run.
     image: ImageInfo | None = None
     created: set[str] = field(default_factory=set)
@@ -319,6 +321,7 @@ def _wait_ssh(ctx: StartContext) -> None:
     vmm_log = ctx.paths.vmm_log
 
     def alive() -> bool:
+        ctx.check_cancel()  # polled through the whole wait: a cancel ends it at once
         if not vmm.alive(pid, sock):
             return False
         problem = vmm.stuck(sock)

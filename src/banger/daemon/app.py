@@ -1,18 +1,28 @@
 """bangerd's HTTP API: thin routes over the VM service, errors mapped at the boundary.
 
-Lifecycle work is synchronous (the pipeline runs in a worker thread); create, start and
-restart can stream their progress as NDJSON when the client asks for it.
+Lifecycle work is synchronous and runs on a thread of its own per operation, never on the
+shared pools the event loop and the plain routes use: a burst of boots cannot starve the
+reads (list, show, ops, health) or a stop of another VM. Create, start and restart can
+stream their progress as NDJSON when the client asks for it; the worker hands each event
+to the event loop (call_soon_threadsafe), so a stream costs no waiting thread. An idle
+stream carries a heartbeat line every HEARTBEAT_SECONDS.
+
+Client-disconnect policy: when the client of a streamed operation goes away, the operation
+is cancelled (nobody is there to use what it makes; it rolls back); a create flagged
+``delete_on_disconnect`` (`vm run --rm`) is then deleted once the operation has stopped,
+whether it rolled back or had just finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import queue
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from banger import __version__
 from banger.api.schema import (
+    HEARTBEAT_SECONDS,
     NDJSON,
     PREFIX,
     BatchItem,
@@ -45,12 +56,13 @@ from banger.api.schema import (
     WorkspaceIn,
 )
 from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
-from banger.core.operations import Progress, ProgressSink
+from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.ports import Endpoint, WorkspaceRequest
 from banger.core.service import BatchResult, VMService, VMView
 from banger.model.vm import VM, NetworkMode, VMSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Module level: FastAPI resolves annotations by name, and closures are out of its reach.
 Accept = Annotated[str | None, Header()]
@@ -92,6 +104,56 @@ def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
     return WorkspaceRequest(path=path, include_untracked=body.include_untracked,
                             branch=body.branch, from_ref=body.from_ref,
                             bootstrap=body.bootstrap)
+
+
+def in_thread(fn: Callable[[], T], name: str = "banger-op") -> asyncio.Future[T]:
+    """Run ``fn`` on a new thread of its own; its result as a future of the running loop.
+
+    One thread per operation rather than a pool: a pool every stream and boot shares is
+    what let a burst of starts take every thread and stop the daemon answering. Boots are
+    bounded by the service's boot slots, not by the number of threads.
+    """
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: object) -> None:
+        if fut.done():
+            return  # the awaiting request went away
+        if ok:
+            fut.set_result(value)  # type: ignore[arg-type]
+        else:
+            fut.set_exception(value)  # type: ignore[arg-type]
+
+    def target() -> None:
+        try:
+            ok, value = True, fn()
+        except BaseException as exc:
+            ok, value = False, exc  # type: ignore[assignment]
+        with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is stopping
+            loop.call_soon_threadsafe(settle, ok, value)
+
+    threading.Thread(target=target, name=name).start()
+    return fut
+
+
+class _Ending:
+    """Whichever comes second of "the operation stopped" and "its client went away"
+    runs the abandoned-operation cleanup, exactly once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._gone = False
+
+    def stopped(self) -> bool:
+        with self._lock:
+            self._stopped = True
+            return self._gone
+
+    def gone(self) -> bool:
+        with self._lock:
+            self._gone = True
+            return self._stopped
 
 
 # What `vm logs` shows: the end of a log, so the answer stays small whatever a guest wrote.
@@ -148,37 +210,75 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         return vm_out(service.view(vm))
 
     async def call(fn: Callable[[], VM]) -> VMOut:
-        vm = await asyncio.to_thread(fn)
-        return await asyncio.to_thread(out, vm)
+        return await in_thread(lambda: out(fn()))
 
-    def streamed(fn: Callable[[ProgressSink], VM]) -> StreamingResponse:
-        q: queue.Queue[ProgressEvent | None] = queue.Queue()
+    heartbeat = ProgressEvent(type="heartbeat").model_dump_json(exclude_none=True).encode()
+
+    def streamed(fn: Callable[[ProgressSink, OpControl], VM],
+                 on_abandoned: Callable[[], None] | None = None) -> StreamingResponse:
+        """Stream ``fn``'s progress; when the client goes away, cancel it and, once it
+        has stopped, run ``on_abandoned``."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[ProgressEvent | None] = asyncio.Queue()
+        control = OpControl()
+        ending = _Ending()
+
+        def put(item: ProgressEvent | None) -> None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is stopping
+                loop.call_soon_threadsafe(q.put_nowait, item)
 
         def sink(p: Progress) -> None:
-            q.put(ProgressEvent(type="progress", op_id=p.op_id, vm=p.vm, kind=p.kind,
-                                stage=p.stage, label=p.label, elapsed=p.elapsed,
-                                message=p.message))
+            put(ProgressEvent(type="progress", op_id=p.op_id, vm=p.vm, kind=p.kind,
+                              stage=p.stage, label=p.label, elapsed=p.elapsed,
+                              message=p.message))
 
-        def work() -> None:
+        def abandoned() -> None:
+            if on_abandoned is None:
+                return
             try:
-                vm = fn(sink)
-                q.put(ProgressEvent(type="result", result=out(vm)))
+                on_abandoned()
+            except Exception:
+                log.exception("cleanup of an operation whose client went away failed")
+
+        def work() -> VM | None:
+            try:
+                vm = fn(sink, control)
+                put(ProgressEvent(type="result", result=out(vm)))
+                return vm
             except BangerError as exc:
-                q.put(ProgressEvent(type="error", error=error_body(exc)))
+                put(ProgressEvent(type="error", error=error_body(exc)))
             except Exception as exc:  # report, never drop the stream silently
                 log.exception("operation failed")
-                q.put(ProgressEvent(type="error", error=error_body(OperationFailed(str(exc)))))
+                put(ProgressEvent(type="error", error=error_body(OperationFailed(str(exc)))))
             finally:
-                q.put(None)
+                put(None)
+                if ending.stopped():
+                    abandoned()
+            return None
 
         async def lines() -> AsyncIterator[bytes]:
-            task = asyncio.create_task(asyncio.to_thread(work))
-            while True:
-                item = await asyncio.to_thread(q.get)
-                if item is None:
-                    break
-                yield item.model_dump_json(exclude_none=True).encode() + b"\n"
-            await task
+            in_thread(work)
+            delivered = False  # the final line (result or error) went out
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(q.get(), HEARTBEAT_SECONDS)
+                    except TimeoutError:
+                        yield heartbeat + b"\n"
+                        continue
+                    if item is None:
+                        break
+                    yield item.model_dump_json(exclude_none=True).encode() + b"\n"
+                    # A client hangs up as soon as it has the final line: from here on
+                    # its going away is no news.
+                    delivered = item.type in ("result", "error")
+            finally:
+                # Closed or cancelled before the final line went out: the client is gone.
+                if not delivered:
+                    log.warning("the client of a streamed operation went away: cancelling it")
+                    control.cancel("cancelled: its client went away")
+                    if ending.gone():
+                        in_thread(abandoned, "banger-cleanup")
 
         return StreamingResponse(lines(), media_type=NDJSON)
 
@@ -204,13 +304,19 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                       image=body.image, network=network, nat=body.nat)
 
         ws = workspace_request(body.workspace) if body.workspace else None
+        made: list[VM] = []
 
-        def run(sink: ProgressSink) -> VM:
+        def run(sink: ProgressSink, control: OpControl | None = None) -> VM:
             return service.create(name=body.name, spec=spec, start=body.start, sink=sink,
-                                  workspace=ws)
+                                  workspace=ws, control=control, on_record=made.append)
+
+        def delete_ephemeral() -> None:
+            if body.delete_on_disconnect and made:
+                log.info("deleting %s: its client went away", made[0].name)
+                service.delete(made[0].id)
 
         if wants_stream(accept):
-            return streamed(run)  # type: ignore[return-value]
+            return streamed(run, delete_ephemeral)  # type: ignore[return-value]
         return await call(lambda: run(lambda _: None))
 
     @app.post(f"{PREFIX}/vms/{{ref}}/workspace")
@@ -218,13 +324,13 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         req = workspace_request(body)
         if wants_stream(accept):
             return streamed(  # type: ignore[return-value]
-                lambda sink: service.prepare_workspace(ref, req, sink=sink))
+                lambda sink, _: service.prepare_workspace(ref, req, sink=sink))
         return await call(lambda: service.prepare_workspace(ref, req))
 
     @app.post(f"{PREFIX}/workspace/dry-run")
     async def workspace_dry_run(body: WorkspaceIn) -> DryRun:
-        return DryRun(lines=await asyncio.to_thread(service.workspace_dry_run,
-                                                    workspace_request(body)))
+        req = workspace_request(body)
+        return DryRun(lines=await in_thread(lambda: service.workspace_dry_run(req)))
 
     @app.get(f"{PREFIX}/vms/{{ref}}")
     def show(ref: str) -> VMOut:
@@ -238,13 +344,15 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     @app.post(f"{PREFIX}/vms/{{ref}}/start")
     async def start(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
-            return streamed(lambda sink: service.start(ref, sink=sink))  # type: ignore[return-value]
+            return streamed(  # type: ignore[return-value]
+                lambda sink, control: service.start(ref, sink=sink, control=control))
         return await call(lambda: service.start(ref))
 
     @app.post(f"{PREFIX}/vms/{{ref}}/restart")
     async def restart(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
-            return streamed(lambda sink: service.restart(ref, sink=sink))  # type: ignore[return-value]
+            return streamed(  # type: ignore[return-value]
+                lambda sink, control: service.restart(ref, sink=sink, control=control))
         return await call(lambda: service.restart(ref))
 
     @app.post(f"{PREFIX}/vms/{{ref}}/stop")
@@ -257,9 +365,11 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     @app.delete(f"{PREFIX}/vms/{{ref}}")
     async def delete(ref: str) -> VMOut:
-        view = await asyncio.to_thread(service.show, ref)
-        vm = await asyncio.to_thread(service.delete, view.vm.id)
-        return vm_out(VMView(vm=vm, handles=None, paths=view.paths))
+        def run() -> VMOut:
+            view = service.show(ref)
+            vm = service.delete(view.vm.id)
+            return vm_out(VMView(vm=vm, handles=None, paths=view.paths))
+        return await in_thread(run)
 
     def batch_out(results: list[BatchResult]) -> BatchResponse:
         items = []
@@ -277,12 +387,11 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     @app.post(f"{PREFIX}/batch/{{action}}")
     async def batch(action: BatchAction, body: BatchRequest) -> BatchResponse:
         kwargs = {"signal": body.signal} if action == "kill" and body.signal else {}
-        results = await asyncio.to_thread(service.batch, action, body.refs, **kwargs)
-        return batch_out(results)
+        return await in_thread(lambda: batch_out(service.batch(action, body.refs, **kwargs)))
 
     @app.post(f"{PREFIX}/prune")
     async def prune() -> BatchResponse:
-        return batch_out(await asyncio.to_thread(service.prune))
+        return await in_thread(lambda: batch_out(service.prune()))
 
     @app.get(f"{PREFIX}/vms/{{ref}}/logs")
     def logs(ref: str) -> Logs:
@@ -306,7 +415,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     @app.get(f"{PREFIX}/vms/{{ref}}/ports")
     async def ports(ref: str) -> VMPorts:
-        vm, views = await asyncio.to_thread(service.ports, ref)
+        vm, views = await in_thread(lambda: service.ports(ref))
         return VMPorts(vm=vm.name, network=vm.spec.network.value, ports=[
             GuestPortOut(proto=v.socket.proto, address=v.socket.address,
                          port=v.socket.port, process=v.socket.process, endpoint=v.endpoint,
@@ -322,10 +431,21 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
             text = ""
         return SshConfig(path=str(path), text=text)
 
+    def op_out(o: Operation) -> OperationOut:
+        return OperationOut(id=o.id, kind=o.kind, vm_id=o.vm_id, vm_name=o.vm_name,
+                            started_at=o.started_at, stage=o.stage,
+                            cancelled=o.control.cancelled)
+
     @app.get(f"{PREFIX}/operations")
     def operations() -> list[OperationOut]:
-        return [OperationOut(id=o.id, kind=o.kind, vm_id=o.vm_id, vm_name=o.vm_name,
-                             started_at=o.started_at, stage=o.stage)
-                for o in service.ops.in_flight()]
+        return [op_out(o) for o in service.ops.in_flight()]
+
+    @app.post(f"{PREFIX}/operations/{{op_id}}/cancel")
+    def cancel(op_id: str) -> OperationOut:
+        """Ask an operation in flight to stop; its stream reports the rollback and ends
+        with an error of code "cancelled". A start (also of a create or restart) stops
+        between steps, in line for a boot slot or in its readiness wait; stop, kill and
+        delete are short and run to their end."""
+        return op_out(service.ops.cancel(op_id))
 
     return app

@@ -40,9 +40,14 @@ log = logging.getLogger("bangerd")
 def build_service(layout: Layout, db: Database) -> VMService:
     failpoint = os.environ.get("BANGER_FAILPOINT") or None
     ready = float(os.environ.get("BANGER_READY_TIMEOUT", "180"))
+    try:
+        max_boots = load_config(layout.config_file, Path.home()).max_concurrent_boots
+    except ConfigError as exc:  # each request names the bad config again
+        log.error("%s: using the default boot limit", exc)
+        max_boots = None
     return VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)),
                      host=host_ports(layout), layout=layout, timeouts=Timeouts(ready=ready),
-                     failpoint=failpoint,
+                     failpoint=failpoint, max_boots=max_boots,
                      load_config=lambda: load_config(layout.config_file, Path.home()))
 
 

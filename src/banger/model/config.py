@@ -17,8 +17,10 @@
 
     [logs]
     serial_max_mib = 8            # a VM's serial.log is rotated to serial.log.1 past this
+
     [daemon]
     allow_root = false            # let root use your daemon's socket too (read at start)
+    max_concurrent_boots = 4      # starts beyond this wait in line (default: CPUs, >= 2)
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     serial_max_mib: int = DEFAULT_SERIAL_MAX_MIB
     allow_root: bool = False  # [daemon] allow_root: root may connect to this user's daemon
+    max_concurrent_boots: int | None = None  # None: the daemon's default (CPUs, >= 2)
 
 
 def load_config(path: Path, home: Path) -> Config:
@@ -81,7 +84,20 @@ def load_config(path: Path, home: Path) -> Config:
                   installer_url=_bootstrap(data, path),
                   network=_network(data, path),
                   serial_max_mib=_serial_max(data, path),
-                  allow_root=_allow_root(data, path))
+                  allow_root=_allow_root(data, path),
+                  max_concurrent_boots=_max_boots(data, path))
+
+
+DAEMON_KEYS = {"allow_root", "max_concurrent_boots"}
+
+
+def _max_boots(data: dict[str, Any], path: Path) -> int | None:
+    table = _table(data, "daemon", path, DAEMON_KEYS)
+    n = table.get("max_concurrent_boots")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256):
+        raise ConfigError(f"{path}: [daemon] max_concurrent_boots must be a number from 1 "
+                          f"to 256, not {n!r}")
+    return n
 
 
 def _table(data: dict[str, Any], key: str, path: Path, known: set[str]) -> dict[str, Any]:
@@ -114,7 +130,7 @@ def _serial_max(data: dict[str, Any], path: Path) -> int:
 
 
 def _allow_root(data: dict[str, Any], path: Path) -> bool:
-    value = _table(data, "daemon", path, {"allow_root"}).get("allow_root", False)
+    value = _table(data, "daemon", path, DAEMON_KEYS).get("allow_root", False)
     if not isinstance(value, bool):
         raise ConfigError(f"{path}: [daemon] allow_root must be true or false, not {value!r}")
     return value

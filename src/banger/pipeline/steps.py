@@ -12,17 +12,24 @@ Contract (pinned by tests/unit/test_pipeline*.py):
    We do not build on ``contextlib.ExitStack``: it lets an undo error replace the cause.
 5. On success no undo fires.
 6. Each step emits events (``run``, ``ok``, ``failed``, ``undo``, ``undone``,
-   ``undo_failed``) carrying its stable name and timings.
+   ``undo_failed``) carrying its stable name and timings. Events are a report: an
+   ``on_event`` that raises is logged and never changes the run (a broken progress sink
+   must not skip a rollback and leak what the steps acquired).
+7. ``check`` (e.g. "was this operation cancelled?") is called before each step; when it
+   raises, no further step runs and the steps that ran are rolled back as for a failure,
+   the raised error being the root cause.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
 C = TypeVar("C")
+log = logging.getLogger(__name__)
 
 EventKind = Literal["run", "ok", "failed", "undo", "undone", "undo_failed"]
 
@@ -82,11 +89,19 @@ def run_steps(
     ctx: C,
     *,
     on_event: Callable[[Event], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Run ``steps`` against ``ctx``; raise :class:`StepFailed` after rolling back."""
-    emit = on_event or _ignore
+    emit = _reporting(on_event) if on_event else _ignore
     ran: list[Step[C]] = []
     for step in steps:
+        if check is not None:
+            try:
+                check()
+            except Exception as exc:
+                undo_errors = _roll_back(ran, ctx, emit)
+                raise StepFailed(f"stopped before step {step.name!r}: {exc}",
+                                 [exc, *undo_errors], step=step.name) from None
         emit(Event("run", step.name, step.progress))
         ran.append(step)
         started = time.monotonic()
@@ -115,6 +130,15 @@ def _roll_back(ran: Sequence[Step[C]], ctx: C, emit: Callable[[Event], None]) ->
         else:
             emit(Event("undone", step.name, step.progress, time.monotonic() - started))
     return errors
+
+
+def _reporting(on_event: Callable[[Event], None]) -> Callable[[Event], None]:
+    def emit(event: Event) -> None:
+        try:
+            on_event(event)
+        except Exception:
+            log.exception("progress event %s of step %r was lost", event.kind, event.step)
+    return emit
 
 
 def _ignore(_: Event) -> None:
