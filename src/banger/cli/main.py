@@ -232,11 +232,15 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
             vm = client.create(req, progress)
     except ApiError as exc:
         cancelled = exc.body.code == "cancelled"
-        if remove and cancelled and progress.vm:
-            delete_quietly(client, progress.vm)  # first: the terminal may be gone
+        if remove and progress.vm:
+            # --rm leaves nothing, a failed start included (the error names the stage
+            # and carries the console's last lines); first: the terminal may be gone.
+            delete_quietly(client, progress.vm)
         print_error(exc.body)
         kept = markup(progress.vm or "", one_line=True)
-        if progress.vm and cancelled and not remove:
+        if progress.vm and remove:
+            err_console.print(f"the VM {kept} is deleted (--rm)")
+        elif progress.vm and cancelled:
             err_console.print(f"the VM {kept} is kept, stopped: `banger vm start {kept}`, "
                               f"or `banger vm delete {kept}`")
         elif progress.vm and not cancelled:
