@@ -58,15 +58,19 @@ def test_failure_message_is_clipped() -> None:
 
 
 def test_one_gib_of_output_keeps_memory_low() -> None:
-    # The real runner in a child process, so its peak RSS is its own.
+    # The real runner in a child process, so its peak RSS is its own. VmHWM, not
+    # ru_maxrss: Linux carries ru_maxrss over exec, so a child forked from a big pytest
+    # process would report the parent's size.
     code = textwrap.dedent("""
-        import resource
+        from pathlib import Path
         from banger.host.runner import OutputTooLarge, run
         try:
             run(["head", "-c", str(1 << 30), "/dev/zero"], timeout=120)
         except OutputTooLarge as exc:
             print("error:", exc)
-        print("maxrss_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        hwm = [ln for ln in Path("/proc/self/status").read_text().splitlines()
+               if ln.startswith("VmHWM:")][0]
+        print("maxrss_kib", hwm.split()[1])
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=180).stdout
