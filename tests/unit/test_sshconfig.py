@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from banger.daemon.doctor import ssh_config_check
-from banger.host import sshconfig
-from banger.host.sshconfig import BEGIN, END, SshConfigError, SshEntry
+from banger.local import sshconfig
+from banger.local.sshconfig import BEGIN, END, SshConfigError, SshEntry
 from tests.hostile_ssh import HOSTILE_USER_CONFIG, assert_forwards_nothing
 
 ENTRIES = [

@@ -43,7 +43,7 @@ from banger.client.peer import Untrusted
 
 # The one host module the CLI may use (an explicit, linted exception): ~/.ssh/config is the
 # user's file, so the CLI, running as the user, edits it, never the daemon.
-from banger.host import sshconfig
+from banger.local import sshconfig
 from banger.model.layout import Layout
 from banger.model.vm import InvalidSpec, VMSpec
 

@@ -35,7 +35,7 @@ from banger.api.schema import (
     WorkspaceIn,
 )
 from banger.client.peer import PeerCheckedTransport, Untrusted
-from banger.host.localtrust import UnsafeDirectory, private_dir, without_agent_env
+from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
 from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
 
 # Plain (non-streamed) requests never wait forever on a daemon that stopped answering.

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import httpcore
 import httpx
 
-from banger.host.localtrust import PeerCred, peer_cred, who
+from banger.local.trust import PeerCred, peer_cred, who
 
 
 class Untrusted(Exception):

@@ -12,8 +12,9 @@ from typing import Literal
 from banger.api.schema import Check, Doctor
 from banger.core.ports import VmmPort
 from banger.daemon.names import VmNames
-from banger.host import net, sshconfig
+from banger.host import net
 from banger.host.runner import CommandError, run
+from banger.local import sshconfig
 from banger.model import netalloc
 from banger.model.config import Config, NetworkConfig
 from banger.model.layout import Layout

@@ -26,9 +26,9 @@ from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
-from banger.host.localtrust import AGENT_ENV, UnsafeDirectory, private_dir
 from banger.host.scratch import Scratch
 from banger.host.seriallog import SerialLogCap
+from banger.local.trust import AGENT_ENV, UnsafeDirectory, private_dir
 from banger.model.config import DEFAULT_SERIAL_MAX_MIB, ConfigError, load_config
 from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
 from banger.store.db import Database

@@ -14,7 +14,7 @@ import os
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from banger.host.localtrust import peer_cred
+from banger.local.trust import peer_cred
 
 log = logging.getLogger("bangerd.peer")
 

@@ -8,7 +8,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.host.localtrust import private_dir
+from banger.local.trust import private_dir
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable
 
 from banger.core.service import VMService, VMView
-from banger.host import sshconfig
+from banger.local import sshconfig
 from banger.model.layout import Layout
 from banger.model.vm import VMState
 

@@ -7,7 +7,7 @@ directories of the daemon's own instead of the shared ``/tmp`` and ``/dev/shm``:
 - ``<state>/tmp`` on disk;
 - ``/dev/shm/banger-<uid>-<hash of the state dir>`` in RAM (big repos stage there).
 
-Both are created 0700 and verified before use (:func:`banger.host.localtrust.private_dir`:
+Both are created 0700 and verified before use (:func:`banger.local.trust.private_dir`:
 a real directory, not a symlink, owned by the daemon's uid, no access for others). A
 daemon killed with SIGKILL cannot clean up after itself; :meth:`Scratch.sweep`, run at
 daemon start once the daemon holds its state directory, removes whatever such a daemon
@@ -24,7 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.host.localtrust import UnsafeDirectory, private_dir
+from banger.local.trust import UnsafeDirectory, private_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from banger.host.runner import CommandError, run
-from banger.host.sshconfig import LOCKDOWN
+from banger.local.sshconfig import LOCKDOWN
 
 CONNECT_TIMEOUT = 10
 # How long one banner wait may take: a starved guest under TCG can take seconds to
@@ -119,7 +119,7 @@ def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
     """``ssh`` and its options, ending with the destination: append a command (or
     ``-t`` and nothing for an interactive shell). ``batch=False`` for a person.
 
-    :data:`~banger.host.sshconfig.LOCKDOWN` comes first: ssh keeps the first value it
+    :data:`~banger.local.sshconfig.LOCKDOWN` comes first: ssh keeps the first value it
     finds, so no ``~/.ssh/config`` (nor anything appended) can forward to the guest."""
     argv = ["ssh"]
     for option, value in LOCKDOWN:

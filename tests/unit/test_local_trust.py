@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host.localtrust import (
+from banger.local.trust import (
     UnsafeDirectory,
     peer_cred,
     private_dir,
