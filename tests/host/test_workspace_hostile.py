@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,88 @@ def test_git_dir_swapped_after_select_is_refused_by_stage(tmp_path: Path) -> Non
     (repo / ".git").write_text(f"gitdir: {secret / '.git'}\n")
     with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
         workspace.stage(sel, tmp_path / "staged")
+
+
+def _secret_repo(tmp_path: Path) -> Path:
+    (tmp_path / "secret").mkdir()
+    secret = make_repo(tmp_path / "secret")
+    (secret / "key").write_text("SECRET-OF-THE-HOST\n")
+    git(secret, "add", "key")
+    git(secret, "commit", "-q", "-m", "secret")
+    return secret
+
+
+def _assert_no_secret(dest: Path, secret: Path) -> None:
+    head = git(secret, "rev-parse", "HEAD").strip()
+    if (dest / ".git").exists():
+        res = subprocess.run(["git", "-C", str(dest), "cat-file", "-e", head],
+                             capture_output=True)
+        assert res.returncode != 0, "the other repository's history was copied"
+
+
+def test_commondir_naming_another_repo_is_refused(tmp_path: Path) -> None:
+    # A `commondir` file in a plain .git directory: git takes objects and refs from there,
+    # and the clone carried another repository's whole history into the VM.
+    secret = _secret_repo(tmp_path)
+    repo = make_repo(tmp_path)
+    (repo / ".git" / "commondir").write_text(f"{secret / '.git'}\n")
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.select(repo)
+
+
+def test_commondir_swapped_in_after_select_is_refused_by_stage(tmp_path: Path) -> None:
+    secret = _secret_repo(tmp_path)
+    repo = make_repo(tmp_path)
+    sel = workspace.select(repo)
+    (repo / ".git" / "commondir").write_text(f"{secret / '.git'}\n")
+    dest = tmp_path / "staged"
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.stage(sel, dest)
+    _assert_no_secret(dest, secret)
+
+
+def test_fake_linked_worktree_naming_another_repo_is_refused(tmp_path: Path) -> None:
+    # What a linked worktree looks like (a .git file, a back-pointer), made by the repo's
+    # author inside the repo, with a commondir naming another repository of the host.
+    secret = _secret_repo(tmp_path)
+    repo = make_repo(tmp_path)
+    fake = repo / "fake" / "gd"
+    fake.parent.mkdir()
+    (repo / ".git").rename(fake)
+    (repo / ".git").write_text(f"gitdir: {fake}\n")
+    (fake / "gitdir").write_text(f"{repo / '.git'}\n")
+    (fake / "commondir").write_text(f"{secret / '.git'}\n")
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.select(repo)
+
+
+@pytest.mark.parametrize("link", ["refs/tags", "refs/heads/stolen", "packed-refs"])
+def test_symlinked_refs_with_alternates_are_refused(tmp_path: Path, link: str) -> None:
+    # A ref that is a link into another repository, and alternates naming its objects:
+    # the clone took that repository's commits along.
+    secret = _secret_repo(tmp_path)
+    git(secret, "pack-refs", "--all")
+    repo = make_repo(tmp_path)
+    gitdir = repo / ".git"
+    (gitdir / "objects" / "info" / "alternates").write_text(f"{secret / '.git/objects'}\n")
+    target = secret / ".git/packed-refs"
+    if link == "refs/heads/stolen":
+        # a loose ref file holding the other repository's HEAD
+        (tmp_path / "stolen").write_text(git(secret, "rev-parse", "HEAD"))
+        target = tmp_path / "stolen"
+    path = gitdir / link
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    if link == "refs/tags":
+        # loose refs, so the link leads to something git reads
+        (tmp_path / "loose").mkdir()
+        (tmp_path / "loose" / "t").write_text(git(secret, "rev-parse", "HEAD"))
+        target = tmp_path / "loose"
+    os.symlink(target, path)
+    dest = tmp_path / "staged"
+    with pytest.raises(WorkspaceError, match="is a symlink"):
+        sel = workspace.select(repo)
+        workspace.stage(sel, dest)
+    _assert_no_secret(dest, secret)

@@ -281,20 +281,50 @@ def _check_git_dir(git: RepoGit) -> None:
     """
     top = git.repo
     git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+    # A git directory's `commondir` file moves its objects and refs anywhere (git reads it
+    # in any git directory, not only a linked worktree's): the repository copied would be
+    # that one. Only git writes it, for a linked worktree, pointing at the repository that
+    # holds the worktree's own directory under `worktrees/`.
+    common = Path(git.out("rev-parse", "--path-format=absolute", "--git-common-dir"))
     dot_git = top / ".git"
-    if not dot_git.is_symlink() and dot_git.is_dir() and dot_git.resolve() == git_dir:
+    if not dot_git.is_symlink() and dot_git.is_dir() and dot_git.resolve() == git_dir \
+            and common.resolve() == git_dir.resolve():
+        _check_refs(git_dir)
         return
     try:
         back = (git_dir / "gitdir").read_text().strip()
     except OSError:
         back = ""
     if dot_git.is_file() and not dot_git.is_symlink() and back and \
-            Path(back).resolve() == dot_git.resolve():
+            Path(back).resolve() == dot_git.resolve() and \
+            git_dir.resolve().parent == (common / "worktrees").resolve():
+        _check_refs(common, git_dir)
         return
+    if common.resolve() != git_dir.resolve():
+        git_dir = common
     raise WorkspaceError(
         f"{top}: its .git points at {git_dir}, which is neither its own .git directory nor "
         f"a linked worktree of it; banger would copy that repository's history into the "
         f"VM. Use a checkout that holds its own .git (e.g. `git clone {top} somewhere`)")
+
+
+def _check_refs(*git_dirs: Path) -> None:
+    """Refuse a symlink among the refs (``packed-refs``, ``refs/``): git never makes one
+    there, and git reads through it, so a link to another repository's refs (with
+    ``objects/info/alternates`` naming that repository's objects) would carry its history
+    into the VM. (A symlinked HEAD git checks itself: it must point into ``refs/``.)"""
+    for git_dir in git_dirs:
+        found = [p for p in (git_dir / "packed-refs", git_dir / "refs")
+                 if p.is_symlink()]
+        if not found and (git_dir / "refs").is_dir():
+            for parent, dirs, files in os.walk(git_dir / "refs"):
+                found += [Path(parent, n) for n in (*dirs, *files)
+                          if os.path.islink(os.path.join(parent, n))]
+        if found:
+            raise WorkspaceError(
+                f"{found[0]} is a symlink (to {os.readlink(found[0])}); git keeps refs as "
+                f"plain files and banger will not follow a link out of the repository: "
+                f"replace it with the ref it should hold (`git update-ref`) and retry")
 
 
 def _tracked(git: RepoGit) -> list[str]:
