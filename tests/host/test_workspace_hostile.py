@@ -340,3 +340,26 @@ def test_symlinked_refs_with_alternates_are_refused(tmp_path: Path, link: str) -
         sel = workspace.select(repo)
         workspace.stage(sel, dest)
     _assert_no_secret(dest, secret)
+
+
+def test_sparse_file_is_staged_sparse(tmp_path: Path) -> None:
+    # A file of a huge size that takes no space (a tarball can carry one): copied byte
+    # for byte it filled the staging tmpfs or the host disk.
+    repo = make_repo(tmp_path)
+    size = 256 << 20
+    with open(repo / "README", "r+b") as f:
+        f.write(b"head\n")
+        f.truncate(size)
+        f.seek(size - 5)
+        f.write(b"tail\n")
+    assert os.stat(repo / "README").st_blocks * 512 < 1 << 20
+    sel = workspace.select(repo)
+    dest = tmp_path / "staged"
+    workspace.stage(sel, dest)
+    st = os.stat(dest / "README")
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1 << 20, f"{st.st_blocks * 512} bytes written for a hole"
+    with open(dest / "README", "rb") as f:
+        assert f.read(5) == b"head\n"
+        f.seek(size - 5)
+        assert f.read() == b"tail\n"
