@@ -363,3 +363,44 @@ def test_sparse_file_is_staged_sparse(tmp_path: Path) -> None:
         assert f.read(5) == b"head\n"
         f.seek(size - 5)
         assert f.read() == b"tail\n"
+
+
+def _git_bomb(repo: Path, copies: int = 64, blob_mib: int = 4) -> int:
+    """A branch ``bomb`` whose tree names one blob of zeros ``copies`` times: a few KiB in
+    the repo, ``copies * blob_mib`` MiB checked out. Returns the checked-out size."""
+    blob = subprocess.run(["git", "-C", str(repo), "hash-object", "-w", "--stdin"],
+                          input=bytes(blob_mib << 20), capture_output=True,
+                          check=True).stdout.decode().strip()
+    listing = "".join(f"100644 blob {blob}\tzeros{i}\n" for i in range(copies))
+    tree = subprocess.run(["git", "-C", str(repo), "mktree"], input=listing.encode(),
+                          capture_output=True, check=True).stdout.decode().strip()
+    commit = git(repo, "commit-tree", tree, "-m", "bomb").strip()
+    git(repo, "update-ref", "refs/heads/bomb", commit)
+    return copies * blob_mib << 20
+
+
+def test_from_ref_checkout_bigger_than_the_free_space_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `reset --hard` of a hostile --from ref inflated a few KiB of history into the
+    # staging directory: on the tmpfs (as big as RAM here) or on the host's disk.
+    repo = make_repo(tmp_path)
+    size = _git_bomb(repo)
+    sel = workspace.select(repo)
+    # "The disk is small" (raising=False: on code without the check, the bomb goes off).
+    monkeypatch.setattr(workspace, "_free_bytes", lambda _path: size, raising=False)
+    dest = tmp_path / "staged"
+    with pytest.raises(WorkspaceError, match=r"--from 'bomb' checks out 256\.0 MiB"):
+        workspace.stage(sel, dest, branch="try", from_ref="bomb")
+    assert not list(dest.glob("zeros*"))
+
+
+def test_staging_parent_counts_the_from_ref_checkout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path)
+    size = _git_bomb(repo)
+    sel = workspace.select(repo)
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    monkeypatch.setattr(workspace, "_mem_available", lambda: 2 * size)
+    assert workspace.staging_parent(sel, tmp_path, ram) == ram
+    assert workspace.staging_parent(sel, tmp_path, ram, "bomb") == tmp_path

@@ -140,6 +140,7 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     elif selection.head is not None:
         git.out("update-ref", "--no-deref", "HEAD", selection.head)
     if from_ref is not None:
+        _check_fits(dest, _checkout_bytes(git, str(target)), from_ref)
         git.out("reset", "-q", "--hard")
         _copy_files(selection, (f for f in selection.files if not f.tracked), dest,
                     exclusive=True)
@@ -188,14 +189,23 @@ def record_base(dest: Path, git: RepoGit | None = None) -> str:
     return commit
 
 
-def staging_parent(selection: Selection, fallback: Path, tmpfs: Path | None) -> Path:
+def staging_parent(selection: Selection, fallback: Path, tmpfs: Path | None,
+                   from_ref: str | None = None) -> Path:
     """Where :func:`stage` should put the checkout: ``tmpfs`` (the daemon's own directory
     there) when it fits in a quarter of the available memory (the work-disk build reads it
     once, then it is gone), else ``fallback`` (the VM's directory, so the build moves it in
-    with a rename)."""
+    with a rename). With ``from_ref`` the checkout is that commit's files, whose size is
+    counted (not the work tree's)."""
     if tmpfs is None:
         return fallback
     need = selection.total_bytes + _git_bytes(selection.repo)
+    if from_ref is not None:
+        git = repogit.for_repo(selection.repo)
+        commit = git.out("rev-parse", "--verify", "-q", "--end-of-options",
+                         f"{from_ref}^{{commit}}", check=False)
+        if not commit:
+            return fallback  # stage says what is wrong with it
+        need += _checkout_bytes(git, commit)
     try:
         vfs = os.statvfs(tmpfs)
         avail = _mem_available()
@@ -214,6 +224,35 @@ def _git_bytes(repo: Path) -> int:
         if key in ("size", "size-pack", "size-garbage"):
             kib += int(value)
     return kib << 10
+
+
+def _checkout_bytes(git: RepoGit, commit: str) -> int:
+    """What a checkout of ``commit`` writes: the sum of its files' sizes. Not what they
+    take in the repo: a blob of zeros compresses a thousandfold and a tree may name one
+    blob any number of times (a few MiB of history can check out as terabytes)."""
+    out = git.run("ls-tree", "-r", "-l", "-z", commit, max_output=LISTING_CAP).stdout
+    total = 0
+    for record in filter(None, out.split("\0")):
+        meta = record.partition("\t")[0].split()
+        if len(meta) == 4 and meta[1] == "blob" and meta[3].isdigit():
+            total += int(meta[3])
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    vfs = os.statvfs(path)
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def _check_fits(dest: Path, need: int, from_ref: str) -> None:
+    """Refuse a checkout that would take more than half the free space where it is
+    staged (the host's disk, or a tmpfs: its memory), before a byte of it is written."""
+    free = _free_bytes(dest)
+    if need * 2 > free:
+        raise WorkspaceError(
+            f"--from {from_ref!r} checks out {_human(need)} of files, more than half of the "
+            f"{_human(free)} free where banger stages the repo ({dest.parent}); free some "
+            f"space or pick another commit")
 
 
 def _mem_available() -> int:
