@@ -228,3 +228,49 @@ def test_no_two_running_qemus_share_a_user() -> None:
             qemu.kill_and_wait(pid, signal.SIGKILL, 5)
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
+
+
+QEMU_NAME = b"qemu-system-x86_64"
+
+
+def _decoy(qmp: Path, user: int | None) -> subprocess.Popen[bytes]:
+    """A process named like QEMU whose arguments name ``qmp`` as a banger QEMU's do
+    (anyone can read them in /proc), run as ``user``."""
+    argv = ["bash", "-c", 'exec -a qemu-system-x86_64 /usr/bin/python3 -c '
+            '"import time; time.sleep(60)" -add-fd "$0"',
+            f"fd=7,set={qemu.FDSET_QMP},opaque={qemu.QMP_TAG}{qmp}"]
+    proc = subprocess.Popen(argv, user=user, group=user, extra_groups=[] if user else None,
+                            cwd="/")
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[0] != QEMU_NAME:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a process as another uid needs root")
+def test_a_look_alike_of_another_uid_is_not_taken_for_the_vms_qemu(vmdir: Path) -> None:
+    # Taken for the VM's QEMU, another user's decoy blocked the VM's next start ("already
+    # running"), chose its ssh port at rediscovery, and was what a stop signalled.
+    qmp = vmdir / "qmp.sock"
+    nobody = _decoy(qmp, 65534)
+    try:
+        assert not qemu.pid_is_qemu_for(nobody.pid, qmp)
+        assert qemu.find_qemu_pid(qmp) is None
+    finally:
+        nobody.kill()
+        nobody.wait()
+    ours = _decoy(qmp, None)  # the daemon's own uid: still recognised
+    try:
+        assert qemu.find_qemu_pid(qmp) == ours.pid
+    finally:
+        ours.kill()
+        ours.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="QEMU users exist under a root daemon only")
+def test_qemu_users_are_recognised() -> None:
+    runas = vmmuser.resolve()
+    assert runas is not None
+    assert vmmuser.is_vmm_user(runas.uid)
+    assert not vmmuser.is_vmm_user(0) and not vmmuser.is_vmm_user(65534)

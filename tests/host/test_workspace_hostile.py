@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,152 @@ def test_git_dir_swapped_after_select_is_refused_by_stage(tmp_path: Path) -> Non
     (repo / ".git").write_text(f"gitdir: {secret / '.git'}\n")
     with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
         workspace.stage(sel, tmp_path / "staged")
+
+
+def _secret_repo(tmp_path: Path) -> Path:
+    (tmp_path / "secret").mkdir()
+    secret = make_repo(tmp_path / "secret")
+    (secret / "key").write_text("SECRET-OF-THE-HOST\n")
+    git(secret, "add", "key")
+    git(secret, "commit", "-q", "-m", "secret")
+    return secret
+
+
+def _assert_no_secret(dest: Path, secret: Path) -> None:
+    head = git(secret, "rev-parse", "HEAD").strip()
+    if (dest / ".git").exists():
+        res = subprocess.run(["git", "-C", str(dest), "cat-file", "-e", head],
+                             capture_output=True)
+        assert res.returncode != 0, "the other repository's history was copied"
+
+
+def test_commondir_naming_another_repo_is_refused(tmp_path: Path) -> None:
+    # A `commondir` file in a plain .git directory: git takes objects and refs from there,
+    # and the clone carried another repository's whole history into the VM.
+    secret = _secret_repo(tmp_path)
+    repo = make_repo(tmp_path)
+    (repo / ".git" / "commondir").write_text(f"{secret / '.git'}\n")
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.select(repo)
+
+
+def test_commondir_swapped_in_after_select_is_refused_by_stage(tmp_path: Path) -> None:
+    secret = _secret_repo(tmp_path)
+    repo = make_repo(tmp_path)
+    sel = workspace.select(repo)
+    (repo / ".git" / "commondir").write_text(f"{secret / '.git'}\n")
+    dest = tmp_path / "staged"
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.stage(sel, dest)
+    _assert_no_secret(dest, secret)
+
+
+def test_fake_linked_worktree_naming_another_repo_is_refused(tmp_path: Path) -> None:
+    # What a linked worktree looks like (a .git file, a back-pointer), made by the repo's
+    # author inside the repo, with a commondir naming another repository of the host.
+    secret = _secret_repo(tmp_path)
+    repo = make_repo(tmp_path)
+    fake = repo / "fake" / "gd"
+    fake.parent.mkdir()
+    (repo / ".git").rename(fake)
+    (repo / ".git").write_text(f"gitdir: {fake}\n")
+    (fake / "gitdir").write_text(f"{repo / '.git'}\n")
+    (fake / "commondir").write_text(f"{secret / '.git'}\n")
+    with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
+        workspace.select(repo)
+
+
+@pytest.mark.parametrize("link", ["refs/tags", "refs/heads/stolen", "packed-refs"])
+def test_symlinked_refs_with_alternates_are_refused(tmp_path: Path, link: str) -> None:
+    # A ref that is a link into another repository, and alternates naming its objects:
+    # the clone took that repository's commits along.
+    secret = _secret_repo(tmp_path)
+    git(secret, "pack-refs", "--all")
+    repo = make_repo(tmp_path)
+    gitdir = repo / ".git"
+    (gitdir / "objects" / "info" / "alternates").write_text(f"{secret / '.git/objects'}\n")
+    target = secret / ".git/packed-refs"
+    if link == "refs/heads/stolen":
+        # a loose ref file holding the other repository's HEAD
+        (tmp_path / "stolen").write_text(git(secret, "rev-parse", "HEAD"))
+        target = tmp_path / "stolen"
+    path = gitdir / link
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    if link == "refs/tags":
+        # loose refs, so the link leads to something git reads
+        (tmp_path / "loose").mkdir()
+        (tmp_path / "loose" / "t").write_text(git(secret, "rev-parse", "HEAD"))
+        target = tmp_path / "loose"
+    os.symlink(target, path)
+    dest = tmp_path / "staged"
+    with pytest.raises(WorkspaceError, match="is a symlink"):
+        sel = workspace.select(repo)
+        workspace.stage(sel, dest)
+    _assert_no_secret(dest, secret)
+
+
+def test_sparse_file_is_staged_sparse(tmp_path: Path) -> None:
+    # A file of a huge size that takes no space (a tarball can carry one): copied byte
+    # for byte it filled the staging tmpfs or the host disk.
+    repo = make_repo(tmp_path)
+    size = 256 << 20
+    with open(repo / "README", "r+b") as f:
+        f.write(b"head\n")
+        f.truncate(size)
+        f.seek(size - 5)
+        f.write(b"tail\n")
+    assert os.stat(repo / "README").st_blocks * 512 < 1 << 20
+    sel = workspace.select(repo)
+    dest = tmp_path / "staged"
+    workspace.stage(sel, dest)
+    st = os.stat(dest / "README")
+    assert st.st_size == size
+    assert st.st_blocks * 512 < 1 << 20, f"{st.st_blocks * 512} bytes written for a hole"
+    with open(dest / "README", "rb") as f:
+        assert f.read(5) == b"head\n"
+        f.seek(size - 5)
+        assert f.read() == b"tail\n"
+
+
+def _git_bomb(repo: Path, copies: int = 64, blob_mib: int = 4) -> int:
+    """A branch ``bomb`` whose tree names one blob of zeros ``copies`` times: a few KiB in
+    the repo, ``copies * blob_mib`` MiB checked out. Returns the checked-out size."""
+    blob = subprocess.run(["git", "-C", str(repo), "hash-object", "-w", "--stdin"],
+                          input=bytes(blob_mib << 20), capture_output=True,
+                          check=True).stdout.decode().strip()
+    listing = "".join(f"100644 blob {blob}\tzeros{i}\n" for i in range(copies))
+    tree = subprocess.run(["git", "-C", str(repo), "mktree"], input=listing.encode(),
+                          capture_output=True, check=True).stdout.decode().strip()
+    commit = git(repo, "commit-tree", tree, "-m", "bomb").strip()
+    git(repo, "update-ref", "refs/heads/bomb", commit)
+    return copies * blob_mib << 20
+
+
+def test_from_ref_checkout_bigger_than_the_free_space_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `reset --hard` of a hostile --from ref inflated a few KiB of history into the
+    # staging directory: on the tmpfs (as big as RAM here) or on the host's disk.
+    repo = make_repo(tmp_path)
+    size = _git_bomb(repo)
+    sel = workspace.select(repo)
+    # "The disk is small" (raising=False: on code without the check, the bomb goes off).
+    monkeypatch.setattr(workspace, "_free_bytes", lambda _path: size, raising=False)
+    dest = tmp_path / "staged"
+    with pytest.raises(WorkspaceError, match=r"--from 'bomb' checks out 256\.0 MiB"):
+        workspace.stage(sel, dest, branch="try", from_ref="bomb")
+    assert not list(dest.glob("zeros*"))
+
+
+def test_staging_parent_counts_the_from_ref_checkout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path)
+    size = _git_bomb(repo)
+    sel = workspace.select(repo)
+    ram = tmp_path / "ram"
+    ram.mkdir()
+    monkeypatch.setattr(workspace, "_mem_available", lambda: 2 * size)
+    assert workspace.staging_parent(sel, tmp_path, ram) == ram
+    assert workspace.staging_parent(sel, tmp_path, ram, "bomb") == tmp_path

@@ -264,3 +264,24 @@ def test_autostart_whose_daemon_lost_the_lock_waits_for_the_holder(
     finally:
         held.release()
     assert home.daemons() == []
+
+
+def test_autostart_from_a_hostile_repo_imports_nothing_of_it(home: Home,
+                                                            tmp_path: Path) -> None:
+    # `cd repo && banger vm run .` autostarts bangerd in the repo's directory; `python -m`
+    # put that directory first on the daemon's sys.path, so a repo's uvicorn.py (or
+    # banger/, fastapi/ ...) ran in the daemon, as root under a root daemon.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    marker = tmp_path / "imported"
+    for module in ("uvicorn", "fastapi", "dnslib", "httpx"):
+        (repo / f"{module}.py").write_text(
+            f"open({str(marker)!r}, 'a').write({module!r} + '\\n')\n")
+    # The installed `banger` script (its sys.path starts at its own directory), not
+    # `python -m banger.cli.main`, which would import the repo's modules into the CLI.
+    banger = Path(sys.executable).parent / "banger"
+    r = subprocess.run([str(banger), "vm", "list"], env=home.env, capture_output=True,
+                       text=True, timeout=90, cwd=repo)
+    assert not marker.exists(), f"the daemon imported {marker.read_text()!r} from the repo"
+    assert r.returncode == 0, (r.stderr, home.log_text())
+    assert len(home.daemons()) == 1

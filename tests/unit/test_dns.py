@@ -340,3 +340,27 @@ def test_relay_to_a_dead_upstream_is_servfail() -> None:
             reply = DNSRecord.parse(DNSRecord.question("www.example", "A").send(
                 addr[0], addr[1], timeout=5))
             assert reply.header.rcode == RCODE.SERVFAIL
+
+
+def test_relay_to_a_black_hole_holds_up_no_other_answer() -> None:
+    # A --nat guest asking for names whose servers never answer held the listener's one
+    # thread RELAY_TIMEOUT per query: every other guest's `.vm` lookups (and relays)
+    # waited behind it, for as long as the guest kept asking.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answers
+        dead = silent.getsockname()
+        relay = DnsServer(forward=lambda client: dead)
+        relay.set_record("box", "10.0.0.5")
+        with relay:
+            (addr,) = relay.start([("127.0.0.1", 0)])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as guest:
+                for i in range(20):  # more than one client may have waiting
+                    guest.sendto(DNSRecord.question(f"n{i}.black.hole", "A").pack(), addr)
+                for _ in range(3):
+                    own = DNSRecord.parse(DNSRecord.question("box.vm", "A").send(
+                        *addr, timeout=0.5))
+                    assert [str(r.rdata) for r in own.rr] == ["10.0.0.5"]
+                # Past its share, the guest's relays fail at once instead of queueing.
+                guest.settimeout(0.5)
+                replies = [DNSRecord.parse(guest.recv(65535)) for _ in range(12)]
+                assert all(r.header.rcode == RCODE.SERVFAIL for r in replies)

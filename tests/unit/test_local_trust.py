@@ -91,3 +91,26 @@ def test_a_parent_of_another_uid_is_refused(tmp_path: Path) -> None:
     os.chown(theirs, 65534, 65534)
     with pytest.raises(UnsafeDirectory, match=rf"its parent {theirs} is owned by uid 65534"):
         private_dir(theirs / "banger")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a symlink of another uid needs root")
+def test_a_parent_that_is_another_uids_symlink_is_refused(tmp_path: Path) -> None:
+    # XDG_RUNTIME_DIR=/tmp/x where /tmp/x is someone else's link to a directory of ours:
+    # the directory checked is ours, but the link's owner may re-point it at any time.
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "x"
+    link.symlink_to(mine)
+    os.lchown(link, 65534, 65534)
+    with pytest.raises(UnsafeDirectory) as exc:
+        private_dir(link / "banger", what="runtime directory")
+    msg = str(exc.value)
+    assert f"its parent {link} is a symlink (to {mine}) owned by uid 65534 (nobody)" in msg
+    assert not (mine / "banger").exists()
+    # A link of our own on the way is fine (what it points at is checked as before).
+    own = sticky / "own"
+    own.symlink_to(mine)
+    assert private_dir(own / "banger") == own / "banger"

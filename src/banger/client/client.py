@@ -244,8 +244,11 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
     layout.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log_path = layout.daemon_log
     with open(log_path, "ab") as logf:
+        # -P: `python -m` would otherwise put the current directory first on sys.path,
+        # and the CLI runs in the user's repo (`cd repo && banger vm run .`): a repo's
+        # uvicorn.py or banger/ would be imported by the daemon, as root under a root one.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "banger.daemon.main"],
+            [sys.executable, "-P", "-m", "banger.daemon.main"],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
             env=without_agent_env(dict(os.environ)),
         )

@@ -153,7 +153,7 @@ class LocalWorkspace:
         assert isinstance(handle, workspace.Selection)
         with self._ram_lock:
             ram = self._scratch.ram() if self._scratch is not None else None
-            parent = workspace.staging_parent(handle, scratch, ram)
+            parent = workspace.staging_parent(handle, scratch, ram, sel.request.from_ref)
             tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"

@@ -44,6 +44,8 @@ TTL = 5
 # longer than this for a handler thread, since stop() closes the connections first).
 TCP_IDLE_TIMEOUT = 10.0
 RELAY_TIMEOUT = 2.0  # an upstream that does not answer by then gets the client SERVFAIL
+MAX_RELAYS_PER_CLIENT = 8  # UDP relays waiting at once for one client (see _UdpServer)
+MAX_RELAYS = 64
 # Guests can open connections too: bound the threads one listener can be made to hold.
 MAX_TCP_CONNECTIONS = 64
 # How often an idle serve_forever loop looks for a shutdown request; bounds stop()'s wait.
@@ -57,6 +59,14 @@ Address = tuple[str, int]
 
 class DnsError(Exception):
     """A listener could not be set up (or torn down); the message names the address."""
+
+
+@dataclass(frozen=True)
+class Relay:
+    """A query outside the zone that goes to ``upstream`` (see :meth:`DnsServer.answer_local`)."""
+
+    request: Any
+    upstream: Address
 
 
 @dataclass(frozen=True)
@@ -124,6 +134,14 @@ class DnsServer:
     def answer(self, packet: bytes, client: str | None = None) -> bytes | None:
         """The reply to one wire-format query, or None when it deserves no reply
         (unreadable header, or a response rather than a query). Never raises."""
+        local = self.answer_local(packet, client)
+        if isinstance(local, Relay):
+            return _relay(packet, local.upstream) or _servfail(local.request)
+        return local
+
+    def answer_local(self, packet: bytes, client: str | None = None) -> bytes | Relay | None:
+        """:meth:`answer` from memory, or the :class:`Relay` still to be done (which may wait
+        :data:`RELAY_TIMEOUT` on its upstream). Never raises."""
         try:
             request = DNSRecord.parse(packet)
         except Exception:
@@ -135,7 +153,7 @@ class DnsServer:
             if reply.header.rcode == RCODE.REFUSED and client and self.forward is not None:
                 upstream = self.forward(client)
                 if upstream is not None:
-                    return _relay(packet, upstream) or _servfail(request)
+                    return Relay(request, upstream)
             return bytes(reply.pack())
         except Exception:
             log.exception("DNS: failed to answer a query")
@@ -330,14 +348,27 @@ class _UdpHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         data, sock = self.request
-        reply = self.server.dns.answer(data, self.client_address[0])
-        if reply is not None:
-            with contextlib.suppress(OSError):
-                sock.sendto(reply, self.client_address)
+        client = self.client_address[0]
+        local = self.server.dns.answer_local(data, client)
+        if isinstance(local, Relay):
+            if not self.server.relay_later(local, data, sock, self.client_address):
+                _send(sock, _servfail(local.request), self.client_address)
+            return
+        if local is not None:
+            _send(sock, local, self.client_address)
+
+
+def _send(sock: socket.socket, reply: bytes, client: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendto(reply, client)
 
 
 class _UdpServer(socketserver.UDPServer):
-    # Answers come from memory in microseconds: one thread per listener is enough.
+    # Answers from the table take microseconds: the listener's one thread gives them. A
+    # relay may wait RELAY_TIMEOUT on an upstream that never answers (a guest asking for
+    # names whose servers are black holes): it gets a thread of its own, at most
+    # MAX_RELAYS_PER_CLIENT per client and MAX_RELAYS in all (beyond: SERVFAIL at once),
+    # so one guest cannot hold up the `.vm` answers and relays of the others.
     # No SO_REUSEADDR: on Linux it would let a second server share the UDP port silently.
     allow_reuse_address = False
     max_packet_size = 65535
@@ -345,7 +376,34 @@ class _UdpServer(socketserver.UDPServer):
     def __init__(self, family: int, address: Address, dns: DnsServer) -> None:
         self.address_family = family
         self.dns = dns
+        self._relays: dict[str, int] = {}
+        self._relays_lock = threading.Lock()
         super().__init__(address, _UdpHandler)
+
+    def relay_later(self, relay: Relay, packet: bytes, sock: socket.socket,
+                    client: Any) -> bool:
+        """Relay in a thread of its own; False when the client (or everyone) has too many
+        relays waiting already."""
+        ip = client[0]
+        with self._relays_lock:
+            if (self._relays.get(ip, 0) >= MAX_RELAYS_PER_CLIENT
+                    or sum(self._relays.values()) >= MAX_RELAYS):
+                return False
+            self._relays[ip] = self._relays.get(ip, 0) + 1
+
+        def run() -> None:
+            try:
+                reply = _relay(packet, relay.upstream) or _servfail(relay.request)
+                _send(sock, reply, client)
+            finally:
+                with self._relays_lock:
+                    self._relays[ip] -= 1
+                    if not self._relays[ip]:
+                        del self._relays[ip]
+
+        # Daemonic: it ends within RELAY_TIMEOUT; a stop does not wait for it.
+        threading.Thread(target=run, name=f"dns-relay-{ip}", daemon=True).start()
+        return True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.warning("DNS: error handling a UDP query from %s", client_address, exc_info=True)

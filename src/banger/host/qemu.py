@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from banger.host import vmmuser
 from banger.host.vmmuser import RunAs
 
 QEMU = "qemu-system-x86_64"
@@ -447,7 +448,26 @@ def pid_is_qemu_for(pid: int, qmp_socket: Path) -> bool:
         return False
     if not any(_names_qmp(a, str(qmp_socket.absolute())) for a in args):
         return False
-    return pid_alive(pid)
+    return _started_by_us(pid) and pid_alive(pid)
+
+
+def _started_by_us(pid: int) -> bool:
+    """Whether ``pid`` runs as a uid banger starts QEMU as: the daemon's own or, under a
+    root daemon, a QEMU user (:func:`banger.host.vmmuser.is_vmm_user`). Any local user
+    can start a process named qemu-system-* whose arguments name a VM's QMP socket (every
+    QEMU's command line is readable in /proc): taken for the VM's QEMU, it would block
+    the VM's next start ("already running"), set its ssh port at rediscovery, and be
+    what a stop signals."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            uid = int(line.split()[1])
+            me = os.geteuid()
+            return uid == me or (me == 0 and vmmuser.is_vmm_user(uid))
+    return False
 
 
 def _names_qmp(arg: bytes, qmp: str) -> bool:

@@ -161,7 +161,7 @@ def _copy_open(src: int, target: Path, not_regular: str) -> None:
         dst = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                       stat.S_IMODE(st.st_mode))
         try:
-            _copy_data(src, dst)
+            _copy_data(src, dst, st.st_size)
             os.fchmod(dst, stat.S_IMODE(st.st_mode))
             # The copied index compares mtimes: the copy must keep the original's.
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -171,20 +171,50 @@ def _copy_open(src: int, target: Path, not_regular: str) -> None:
         os.close(src)
 
 
-def _copy_data(src: int, dst: int) -> None:
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the first ``size`` bytes, only where ``src`` has data: a hole stays a hole.
+
+    A file's size says nothing of what it holds on disk: a sparse file (a tarball can
+    carry one) of a terabyte takes no space in the repo, and copied byte for byte it
+    would fill the staging tmpfs (RAM) or the host disk before the work disk ever
+    refused it (mkfs keeps holes, so the guest gets it sparse too)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            break  # nothing but a hole up to the end
+        if start >= size:
+            break
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        _copy_range(src, dst, start, end - start)
+        pos = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
     # copy_file_range stays in the kernel (and reflinks where the filesystem can).
+    done = 0
     try:
-        while os.copy_file_range(src, dst, _CHUNK):
-            pass
+        while done < count:
+            n = os.copy_file_range(src, dst, min(count - done, _CHUNK), offset + done,
+                                   offset + done)
+            if n == 0:
+                return  # the file shrank meanwhile
+            done += n
         return
     except OSError as exc:
         if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
             raise
-    # Start over with plain reads: the kernel may have copied a part before refusing.
-    os.lseek(src, 0, os.SEEK_SET)
-    os.lseek(dst, 0, os.SEEK_SET)
-    os.ftruncate(dst, 0)
-    while block := os.read(src, 1 << 20):
+    # Plain reads for the rest: the kernel may have copied a part before refusing.
+    while done < count:
+        block = os.pread(src, min(count - done, 1 << 20), offset + done)
+        if not block:
+            return
         view = memoryview(block)
         while view:
-            view = view[os.write(dst, view):]
+            written = os.pwrite(dst, view, offset + done)
+            view = view[written:]
+            done += written

@@ -27,6 +27,7 @@ import contextlib
 import grp
 import os
 import pwd
+import re
 import shutil
 import stat
 import threading
@@ -80,6 +81,17 @@ def user_name(slot: int = 0) -> str:
     """The QEMU user of ``slot``: the base name, then ``<base>-1``, ``<base>-2`` ..."""
     base = os.environ.get(ENV_USER) or DEFAULT_USER
     return base if slot == 0 else f"{base}-{slot}"
+
+
+def is_vmm_user(uid: int) -> bool:
+    """Whether ``uid`` is one of the QEMU users (:func:`user_name` of some slot)."""
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return False
+    base = user_name(0)
+    return uid != 0 and (name == base or re.fullmatch(re.escape(base) + r"-[0-9]+", name)
+                         is not None)
 
 
 def resolve(slot: int = 0) -> RunAs | None:

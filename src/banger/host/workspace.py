@@ -140,6 +140,7 @@ def stage(selection: Selection, dest: Path, *, branch: str | None = None,
     elif selection.head is not None:
         git.out("update-ref", "--no-deref", "HEAD", selection.head)
     if from_ref is not None:
+        _check_fits(dest, _checkout_bytes(git, str(target)), from_ref)
         git.out("reset", "-q", "--hard")
         _copy_files(selection, (f for f in selection.files if not f.tracked), dest,
                     exclusive=True)
@@ -188,14 +189,23 @@ def record_base(dest: Path, git: RepoGit | None = None) -> str:
     return commit
 
 
-def staging_parent(selection: Selection, fallback: Path, tmpfs: Path | None) -> Path:
+def staging_parent(selection: Selection, fallback: Path, tmpfs: Path | None,
+                   from_ref: str | None = None) -> Path:
     """Where :func:`stage` should put the checkout: ``tmpfs`` (the daemon's own directory
     there) when it fits in a quarter of the available memory (the work-disk build reads it
     once, then it is gone), else ``fallback`` (the VM's directory, so the build moves it in
-    with a rename)."""
+    with a rename). With ``from_ref`` the checkout is that commit's files, whose size is
+    counted (not the work tree's)."""
     if tmpfs is None:
         return fallback
     need = selection.total_bytes + _git_bytes(selection.repo)
+    if from_ref is not None:
+        git = repogit.for_repo(selection.repo)
+        commit = git.out("rev-parse", "--verify", "-q", "--end-of-options",
+                         f"{from_ref}^{{commit}}", check=False)
+        if not commit:
+            return fallback  # stage says what is wrong with it
+        need += _checkout_bytes(git, commit)
     try:
         vfs = os.statvfs(tmpfs)
         avail = _mem_available()
@@ -214,6 +224,35 @@ def _git_bytes(repo: Path) -> int:
         if key in ("size", "size-pack", "size-garbage"):
             kib += int(value)
     return kib << 10
+
+
+def _checkout_bytes(git: RepoGit, commit: str) -> int:
+    """What a checkout of ``commit`` writes: the sum of its files' sizes. Not what they
+    take in the repo: a blob of zeros compresses a thousandfold and a tree may name one
+    blob any number of times (a few MiB of history can check out as terabytes)."""
+    out = git.run("ls-tree", "-r", "-l", "-z", commit, max_output=LISTING_CAP).stdout
+    total = 0
+    for record in filter(None, out.split("\0")):
+        meta = record.partition("\t")[0].split()
+        if len(meta) == 4 and meta[1] == "blob" and meta[3].isdigit():
+            total += int(meta[3])
+    return total
+
+
+def _free_bytes(path: Path) -> int:
+    vfs = os.statvfs(path)
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def _check_fits(dest: Path, need: int, from_ref: str) -> None:
+    """Refuse a checkout that would take more than half the free space where it is
+    staged (the host's disk, or a tmpfs: its memory), before a byte of it is written."""
+    free = _free_bytes(dest)
+    if need * 2 > free:
+        raise WorkspaceError(
+            f"--from {from_ref!r} checks out {_human(need)} of files, more than half of the "
+            f"{_human(free)} free where banger stages the repo ({dest.parent}); free some "
+            f"space or pick another commit")
 
 
 def _mem_available() -> int:
@@ -281,20 +320,50 @@ def _check_git_dir(git: RepoGit) -> None:
     """
     top = git.repo
     git_dir = Path(git.out("rev-parse", "--absolute-git-dir"))
+    # A git directory's `commondir` file moves its objects and refs anywhere (git reads it
+    # in any git directory, not only a linked worktree's): the repository copied would be
+    # that one. Only git writes it, for a linked worktree, pointing at the repository that
+    # holds the worktree's own directory under `worktrees/`.
+    common = Path(git.out("rev-parse", "--path-format=absolute", "--git-common-dir"))
     dot_git = top / ".git"
-    if not dot_git.is_symlink() and dot_git.is_dir() and dot_git.resolve() == git_dir:
+    if not dot_git.is_symlink() and dot_git.is_dir() and dot_git.resolve() == git_dir \
+            and common.resolve() == git_dir.resolve():
+        _check_refs(git_dir)
         return
     try:
         back = (git_dir / "gitdir").read_text().strip()
     except OSError:
         back = ""
     if dot_git.is_file() and not dot_git.is_symlink() and back and \
-            Path(back).resolve() == dot_git.resolve():
+            Path(back).resolve() == dot_git.resolve() and \
+            git_dir.resolve().parent == (common / "worktrees").resolve():
+        _check_refs(common, git_dir)
         return
+    if common.resolve() != git_dir.resolve():
+        git_dir = common
     raise WorkspaceError(
         f"{top}: its .git points at {git_dir}, which is neither its own .git directory nor "
         f"a linked worktree of it; banger would copy that repository's history into the "
         f"VM. Use a checkout that holds its own .git (e.g. `git clone {top} somewhere`)")
+
+
+def _check_refs(*git_dirs: Path) -> None:
+    """Refuse a symlink among the refs (``packed-refs``, ``refs/``): git never makes one
+    there, and git reads through it, so a link to another repository's refs (with
+    ``objects/info/alternates`` naming that repository's objects) would carry its history
+    into the VM. (A symlinked HEAD git checks itself: it must point into ``refs/``.)"""
+    for git_dir in git_dirs:
+        found = [p for p in (git_dir / "packed-refs", git_dir / "refs")
+                 if p.is_symlink()]
+        if not found and (git_dir / "refs").is_dir():
+            for parent, dirs, files in os.walk(git_dir / "refs"):
+                found += [Path(parent, n) for n in (*dirs, *files)
+                          if os.path.islink(os.path.join(parent, n))]
+        if found:
+            raise WorkspaceError(
+                f"{found[0]} is a symlink (to {os.readlink(found[0])}); git keeps refs as "
+                f"plain files and banger will not follow a link out of the repository: "
+                f"replace it with the ref it should hold (`git update-ref`) and retry")
 
 
 def _tracked(git: RepoGit) -> list[str]:

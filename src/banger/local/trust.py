@@ -86,6 +86,14 @@ def private_dir(path: Path, *, what: str = "directory", fix: str = RUNTIME_FIX) 
 def _check_parents(path: Path, what: str, fix: str) -> None:
     me = os.geteuid()
     for parent in path.parents:
+        # A symlink on the way is looked at too: whoever owns it may point it elsewhere
+        # later (in a sticky /tmp its owner may replace it), whatever it points at now.
+        link = os.lstat(parent)
+        if stat.S_ISLNK(link.st_mode) and link.st_uid not in (me, 0):
+            raise UnsafeDirectory(
+                f"refusing {what} {path}: its parent {parent} is a symlink (to "
+                f"{os.readlink(parent)}) owned by {who(link.st_uid)}, who could point it "
+                f"elsewhere (you are {who(me)}). Fix: {fix}")
         st = os.stat(parent)
         if st.st_uid not in (me, 0):
             raise UnsafeDirectory(
