@@ -285,3 +285,5 @@ def test_autostart_from_a_hostile_repo_imports_nothing_of_it(home: Home,
     assert not marker.exists(), f"the daemon imported {marker.read_text()!r} from the repo"
     assert r.returncode == 0, (r.stderr, home.log_text())
     assert len(home.daemons()) == 1
+    # It runs in /, not in the repo: nothing it starts is looked up there.
+    assert Path(f"/proc/{home.daemons()[0]}/cwd").resolve() == Path("/")

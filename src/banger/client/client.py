@@ -217,6 +217,18 @@ def _events(lines: Iterator[str]) -> Iterator[ProgressEvent]:
             yield ProgressEvent.model_validate_json(line)
 
 
+# The environment variables that name directories (model.layout reads them).
+PATH_ENV = ("HOME", "BANGER_HOME", "BANGER_RUNTIME_DIR", "BANGER_IMAGES_DIR", "XDG_STATE_HOME",
+            "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR")
+
+
+def _absolute_paths(env: dict[str, str]) -> dict[str, str]:
+    for key in PATH_ENV:
+        if env.get(key):
+            env[key] = os.path.abspath(env[key])
+    return env
+
+
 def connect(layout: Layout | None = None, *, autostart: bool = True,
             notify: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
             timeout: float = 60.0) -> Client:
@@ -247,10 +259,12 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
         # -P: `python -m` would otherwise put the current directory first on sys.path,
         # and the CLI runs in the user's repo (`cd repo && banger vm run .`): a repo's
         # uvicorn.py or banger/ would be imported by the daemon, as root under a root one.
+        # cwd /: the daemon outlives this directory, and nothing it runs (git, ssh with a
+        # `.` on PATH) may be looked up in a repo; so the paths it is given go absolute.
         proc = subprocess.Popen(
             [sys.executable, "-P", "-m", "banger.daemon.main"],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-            env=without_agent_env(dict(os.environ)),
+            env=_absolute_paths(without_agent_env(dict(os.environ))), cwd="/",
         )
     deadline = time.monotonic() + timeout
     other = False  # our bangerd lost the lock to another CLI's: wait for that one
