@@ -106,6 +106,10 @@ def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
                             bootstrap=body.bootstrap)
 
 
+# Every operation thread's name starts so: the daemon waits for them before its lock goes.
+OP_THREAD_PREFIX = "banger-"
+
+
 def in_thread(fn: Callable[[], T], name: str = "banger-op") -> asyncio.Future[T]:
     """Run ``fn`` on a new thread of its own; its result as a future of the running loop.
 

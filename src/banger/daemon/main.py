@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import uvicorn
@@ -17,7 +18,7 @@ import uvicorn
 from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
 from banger.daemon import lock
-from banger.daemon.app import create_app
+from banger.daemon.app import OP_THREAD_PREFIX, create_app
 from banger.daemon.doctor import doctor
 from banger.daemon.housekeeping import Housekeeping
 from banger.daemon.names import VmNames
@@ -82,7 +83,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve(layout, args.socket or layout.daemon_socket, args.log_level)
     finally:
+        _wait_for_operations()
         held.release()
+
+
+def _wait_for_operations() -> None:
+    """Wait for the operation threads still running once the server stopped.
+
+    uvicorn waits for every request with a client, not for an operation whose client went
+    away (it is rolling back, or deleting a `vm run --rm` VM): until those are done this
+    daemon still changes the state directory, so it keeps the lock. Released earlier, a
+    second bangerd could start, reconcile the half-rolled-back VM and sweep the scratch
+    files under the first one's feet.
+    """
+    for thread in threading.enumerate():
+        if thread.name.startswith(OP_THREAD_PREFIX) and thread is not threading.current_thread():
+            log.info("waiting for %s to finish before releasing the state lock", thread.name)
+            thread.join()
 
 
 def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
