@@ -539,3 +539,25 @@ def test_ports_refuses_a_vm_that_is_not_running(env) -> None:  # type: ignore[no
     assert guest.listening_asked == []
     with pytest.raises(NotFoundError):
         svc.ports("nope")
+
+
+def test_prune_keeps_a_vm_that_started_while_prune_waited_for_it(env) -> None:  # type: ignore[no-untyped-def]
+    # `vm prune` (say, a nightly cron job) while a VM restarts: listed as starting, the
+    # VM is running by the time prune has its lock; it must not be deleted then.
+    import threading
+    import time
+
+    svc, vmm, guest, *_ = env
+    svc.create(name="dev", spec=VMSpec(), start=False)
+    guest.ready_delay = 0.5
+    booting = threading.Thread(target=svc.start, args=("dev",))
+    booting.start()
+    deadline = time.monotonic() + 10
+    while svc.show("dev").vm.state is not VMState.STARTING:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    results = svc.prune()
+    booting.join(10)
+    assert [v.vm.name for v in svc.list_vms()] == ["dev"], "a running VM was pruned"
+    assert svc.show("dev").vm.state is VMState.RUNNING and vmm.procs
+    assert results[0].error is not None and "kept" in str(results[0].error)

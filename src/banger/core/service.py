@@ -408,10 +408,18 @@ class VMService:
     # ---- delete / prune / set -----------------------------------------------------------
 
     @_notifies
-    def delete(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+    def delete(self, ref: str, *, sink: ProgressSink = no_progress,
+               only_idle: bool = False) -> VM:
+        """``only_idle`` (prune): keep the VM if, by the time its lock is ours, it runs or
+        is starting; the list prune chose from may be older than a start or restart."""
         vm = self.resolve(ref)
         with self._lock(vm.id):
             vm = self._reread(vm)
+            if only_idle:
+                vm = self._observe_locked(vm)
+                if vm.state in LIVE_STATES:
+                    raise ConflictError(f"VM {vm.name!r} is {vm.state.value} now: kept "
+                                        f"(prune deletes only VMs that are not running)")
             paths = self.layout.vm(vm.id)
             with self.ops.track("delete", vm.id, vm.name, sink):
                 self._release(vm, paths)
@@ -501,7 +509,9 @@ class VMService:
 
     def prune(self) -> list[BatchResult]:
         doomed = [v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
-        return self.batch("delete", doomed)
+        # A VM listed as starting (or stopped, in the middle of a restart) is checked
+        # again under its lock: it is deleted only if it is still not running then.
+        return self.batch("delete", doomed, only_idle=True)
 
     def set(self, ref: str, *, vcpus: int | None = None, memory_mib: int | None = None,
             work_disk_mib: int | None = None) -> VM:
