@@ -311,6 +311,15 @@ class VMService:
             self.repo.update(running)
             return running
 
+    def _cancel_start(self, vm: VM, why: str) -> None:
+        """Cancel a start of ``vm`` in flight (booting, or in line for a boot slot, its
+        lock held all along): a stop, kill or delete would otherwise wait behind the whole
+        boot (and the line before it), then undo it anyway. The start rolls back and lets
+        go of the lock at once."""
+        for op in self.ops.in_flight():
+            if op.vm_id == vm.id and op.kind == "start":
+                op.control.cancel(f"cancelled: {why}")
+
     def _start_failed(self, vm: VM, op: Operation, err: StepFailed) -> BangerError:
         """Record a failed (error) or cancelled (stopped) start; the error to raise."""
         message = str(err.cause)
@@ -340,6 +349,7 @@ class VMService:
     @_notifies
     def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
+        self._cancel_start(vm, "the VM is being stopped")
         with self._lock(vm.id):
             vm = self._observe_locked(self._reread(vm))
             if vm.state not in LIVE_STATES:
@@ -378,6 +388,7 @@ class VMService:
     def kill(self, ref: str, *, signal: int = signals.SIGKILL,
              sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
+        self._cancel_start(vm, "the VM is being killed")
         with self._lock(vm.id):
             vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
@@ -413,6 +424,8 @@ class VMService:
         """``only_idle`` (prune): keep the VM if, by the time its lock is ours, it runs or
         is starting; the list prune chose from may be older than a start or restart."""
         vm = self.resolve(ref)
+        if not only_idle:  # prune leaves a VM that is starting alone
+            self._cancel_start(vm, "the VM is being deleted")
         with self._lock(vm.id):
             vm = self._reread(vm)
             if only_idle:
