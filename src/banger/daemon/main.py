@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
@@ -145,12 +146,37 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
                                 http=peer_checked(allowed))
         keeper.start()
-        uvicorn.Server(config).run(sockets=[bound.sock])
+        Server(config, service.ops).run(sockets=[bound.sock])
     finally:
         keeper.stop()
         serial_cap.stop()
         names.stop()
         bound.release()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that, told to stop (SIGTERM, SIGINT), also cancels every
+    operation in flight.
+
+    uvicorn stops taking requests, then waits for each response to end: a streamed boot
+    would run to its end (minutes: readiness, then the boot-slot line behind it) while
+    the daemon answers nothing, and a service manager's SIGKILL would then cut it off
+    half made. Cancelled, each operation rolls back now and its client is told so.
+    """
+
+    def __init__(self, config: uvicorn.Config, ops: Operations) -> None:
+        super().__init__(config)
+        self._ops = ops
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # A signal handler may run while this thread holds the registry's lock: cancel
+        # from a thread of its own.
+        threading.Thread(target=self._cancel_all, name="cancel-on-exit", daemon=True).start()
+
+    def _cancel_all(self) -> None:
+        for op in self._ops.in_flight():
+            op.control.cancel("cancelled: bangerd is stopping")
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
