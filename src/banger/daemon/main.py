@@ -115,7 +115,7 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
     keeper.at_start()
     # Startup sweep of what a killed daemon left behind goes here: under the lock (no other
     # daemon of this state dir is running), before the socket and before reconcile.
-    for path in Scratch(layout.state_dir).sweep():
+    for path in Scratch(layout.state_dir).sweep(layout.vms_dir):
         log.info("removed %s, left by a daemon that was killed", path)
     private_dir(layout.runtime_dir / "vms", what="runtime directory")
     bound = bind_socket(sock_path)
