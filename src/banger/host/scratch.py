@@ -77,15 +77,18 @@ class Scratch:
             except UnsafeDirectory as exc:
                 log.warning("not sweeping: %s", exc)
                 continue
-            for entry in os.scandir(d):
-                path = Path(entry.path)
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                removed.append(path)
+            removed += [_remove(entry) for entry in os.scandir(d)]
         return removed
+
+
+def _remove(entry: os.DirEntry[str]) -> Path:
+    path = Path(entry.path)
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return path
 
 
 def _is_temporary(name: str) -> bool:
@@ -105,14 +108,5 @@ def _sweep_vm_dirs(vms_dir: Path) -> list[Path]:
     except FileNotFoundError:
         return removed
     for vm_dir in vm_dirs:
-        for entry in os.scandir(vm_dir.path):
-            if not _is_temporary(entry.name):
-                continue
-            path = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            removed.append(path)
+        removed += [_remove(e) for e in os.scandir(vm_dir.path) if _is_temporary(e.name)]
     return removed
