@@ -317,7 +317,8 @@ class VMService:
         boot (and the line before it), then undo it anyway. The start rolls back and lets
         go of the lock at once."""
         for op in self.ops.in_flight():
-            if op.vm_id == vm.id and op.kind == "start":
+            # "stop": a restart's stop half shares its control with the start half.
+            if op.vm_id == vm.id and op.kind in ("start", "stop"):
                 op.control.cancel(f"cancelled: {why}")
 
     def _start_failed(self, vm: VM, op: Operation, err: StepFailed) -> BangerError:
@@ -406,6 +407,9 @@ class VMService:
     def restart(self, ref: str, *, sink: ProgressSink = no_progress,
                 control: OpControl | None = None) -> VM:
         vm = self.resolve(ref)
+        # One control for both halves, so that a cancel during the stop half (also a
+        # kill or delete of this VM) stops the start half.
+        control = control or OpControl()
         with self._lock(vm.id):
             vm = self._observe_locked(self._reread(vm))
             if vm.state in LIVE_STATES:
