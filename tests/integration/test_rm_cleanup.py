@@ -43,3 +43,22 @@ def test_run_rm_deletes_the_vm_when_the_cli_ends_after_the_boot(
     assert result.exit_code != 0
     assert daemon.client.list_vms() == [], "the --rm VM was left behind"
     assert daemon.vmm.procs == {}
+
+
+def test_prune_deletes_only_what_the_user_confirmed(daemon: Daemon,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # The question "delete old?" may wait an hour for its answer; a VM stopped meanwhile
+    # (work on its disk) was not in it and must not be deleted with it.
+    from banger.api.schema import VMCreate
+
+    daemon.client.create(VMCreate(name="old", start=False), lambda _: None)
+    daemon.client.create(VMCreate(name="dev"), lambda _: None)
+
+    def confirm(*_: Any, **__: Any) -> bool:
+        daemon.client.stop("dev")  # while the question is on the screen
+        return True
+
+    monkeypatch.setattr("click.confirm", confirm)
+    result = CliRunner().invoke(cli_main.cli, ["vm", "prune"])
+    assert result.exit_code == 0, result.output
+    assert [v.name for v in daemon.client.list_vms()] == ["dev"]

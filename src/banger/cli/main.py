@@ -438,7 +438,8 @@ def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
 def vm_prune(force: bool, as_json: bool) -> None:
     """Delete every VM that is not running."""
     client = connect()
-    doomed = [v.name for v in client.list_vms() if v.state != "running"]
+    listed = [v for v in client.list_vms() if v.state != "running"]
+    doomed = [v.name for v in listed]
     if not doomed:
         if as_json:
             print_json([])
@@ -447,7 +448,8 @@ def vm_prune(force: bool, as_json: bool) -> None:
         return
     if not force and not click.confirm(printable(f"delete {', '.join(doomed)}?"), err=True):
         sys.exit(1)
-    res = client.prune()
+    # Exactly these (by id), not whatever is not running once the user has answered.
+    res = client.prune([v.id for v in listed])
     _report_batch([(r.ref, r.vm, r.error) for r in res.results], "deleted", as_json)
 
 

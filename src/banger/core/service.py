@@ -524,8 +524,12 @@ class VMService:
     def workspace_dry_run(self, req: WorkspaceRequest) -> list[str]:
         return self.host.workspace.dry_run(req)
 
-    def prune(self) -> list[BatchResult]:
-        doomed = [v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
+    def prune(self, refs: Sequence[str] | None = None) -> list[BatchResult]:
+        """Delete the VMs that are not running: of ``refs`` when given (the ones the user
+        saw and confirmed; a VM that stopped since the question was asked is not among
+        them), else of all."""
+        doomed = list(refs) if refs is not None else [
+            v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
         # A VM listed as starting (or stopped, in the middle of a restart) is checked
         # again under its lock: it is deleted only if it is still not running then.
         return self.batch("delete", doomed, only_idle=True)
