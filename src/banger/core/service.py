@@ -441,8 +441,15 @@ class VMService:
             with self.ops.track("delete", vm.id, vm.name, sink):
                 self._release(vm, paths)
                 self.host.guest.forget_host(paths.names.ssh_alias)
-                shutil.rmtree(paths.dir, ignore_errors=True)
-                if paths.dir.exists():
+                # The daemon's serial-log cap runs on a thread of its own: a copy it was
+                # making as the VM died may land in the directory after rmtree listed
+                # it. Once more then, rather than fail the delete (a `vm run --rm` one
+                # would leave the VM's record behind).
+                for _ in range(3):
+                    shutil.rmtree(paths.dir, ignore_errors=True)
+                    if not paths.dir.exists():
+                        break
+                else:
                     raise OperationFailed(f"could not remove {paths.dir}")
                 self.repo.delete(vm.id)
                 self._pending_workspace.pop(vm.id, None)
