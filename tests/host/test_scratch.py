@@ -42,10 +42,19 @@ def test_leftovers_are_swept_at_daemon_start(tmp_path: Path) -> None:
     ram = s.ram()
     assert ram is not None and ram.parent == Path("/dev/shm")
     try:
+        vm_dir = layout.vms_dir / "vm-x"
         planted = [s.disk() / "filesync-x" / "id_rsa", s.disk() / "hostkey-y" / "key",
-                   ram / ".workspace-z" / "repo" / "README"]
-        for p in planted:
-            p.parent.mkdir(parents=True)
+                   ram / ".workspace-z" / "repo" / "README",
+                   # In a VM's directory, by a build killed half way: a repo too big for
+                   # RAM, the work disk's staging and image, a serial-log copy.
+                   vm_dir / ".workspace-big" / "repo" / "README",
+                   vm_dir / ".work.ext4.staging-q" / "repo" / "README",
+                   vm_dir / ".work.ext4.tmp", vm_dir / ".workspace-pending-p" / "x",
+                   vm_dir / "serial.log.1.tmp"]
+        kept = [vm_dir / "work.ext4", vm_dir / "root.qcow2", vm_dir / "serial.log",
+                vm_dir / "workspace-pending" / "repo" / "README", vm_dir / "handles.json"]
+        for p in planted + kept:
+            p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text("left by a SIGKILLed daemon")
         (layout.config_dir).mkdir(parents=True)
         layout.config_file.write_text("[network]\ndns_port = 0\n")
@@ -60,6 +69,9 @@ def test_leftovers_are_swept_at_daemon_start(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, "bangerd did not start"
                 time.sleep(0.05)
             assert [p for p in planted if p.exists()] == []
+            assert [p for p in kept if not p.exists()] == []
+            assert sorted(p.name for p in vm_dir.iterdir()) == [
+                "handles.json", "root.qcow2", "serial.log", "work.ext4", "workspace-pending"]
             assert list(s.disk_dir.iterdir()) == [] and list(ram.iterdir()) == []
             assert s.disk_dir.stat().st_mode & 0o777 == 0o700
             assert ram.stat().st_mode & 0o777 == 0o700

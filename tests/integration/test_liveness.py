@@ -231,3 +231,52 @@ def test_booleans_are_not_numbers(daemon: Daemon) -> None:
     # A whole number written as 2.0 is still an integer to JSON Schema.
     r = daemon.client.http.post("/v1/vms", json={"name": "f", "vcpus": 2.0, "start": False})
     assert r.status_code == 201 and r.json()["vcpus"] == 2
+
+
+def test_a_stopping_daemon_cancels_its_boots_instead_of_waiting_for_them(
+        tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # SIGTERM while a streamed boot waits for a slow guest: bangerd's server rolls the
+    # boot back and exits in seconds, rather than answering nothing until the boot ends
+    # (and being SIGKILLed half way by a service manager).
+    import signal
+
+    import uvicorn
+
+    from banger.daemon.app import create_app
+    from banger.daemon.main import Server
+    from banger.daemon.sockets import bind_socket
+    from banger.model.layout import Layout
+    from tests.fakes import fake_service
+
+    monkeypatch.setenv("BANGER_HOME", str(tmp_path / "h"))
+    layout = Layout.for_user()
+    service, _images, _disks, vmm, guest, db = fake_service(tmp_path, layout)
+    app = create_app(service, doctor=lambda: None,  # type: ignore[arg-type,return-value]
+                     ssh_key="k", known_hosts="kh", ssh_argv=lambda addr, alias: [])
+    server = Server(uvicorn.Config(app, log_level="warning"), service.ops)
+    thread = threading.Thread(target=server.run,
+                              kwargs={"sockets": [bind_socket(layout.daemon_socket).sock]},
+                              daemon=True)
+    thread.start()
+    _wait_until(lambda: server.started, "the server started")
+    guest.ready_delay = 60.0
+    outcome: list[object] = []
+
+    def create() -> None:
+        try:
+            outcome.append(Client(layout.daemon_socket).create(VMCreate(name="slow"),
+                                                               lambda _: None))
+        except ApiError as exc:
+            outcome.append(exc)
+
+    threading.Thread(target=create, daemon=True).start()
+    _wait_until(lambda: any(o.stage == "wait_ssh" for o in service.ops.in_flight()),
+                "the boot is waiting for ssh")
+    t0 = time.monotonic()
+    server.handle_exit(signal.SIGTERM, None)
+    thread.join(20)
+    assert not thread.is_alive() and time.monotonic() - t0 < 10, "it waited for the boot"
+    assert isinstance(outcome[0], ApiError) and outcome[0].body.code == "cancelled"
+    assert "bangerd is stopping" in outcome[0].body.message
+    assert vmm.procs == {}
+    db.close()

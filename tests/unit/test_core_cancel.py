@@ -176,3 +176,71 @@ def test_an_operation_that_waited_behind_a_delete_says_not_found(env, action: st
     t.join(5)
     assert len(errors) == 1 and isinstance(errors[0], NotFoundError), errors
     assert "no longer exists" in errors[0].message
+
+
+@pytest.mark.parametrize("action", ["stop", "kill", "delete"])
+def test_stop_kill_delete_of_a_booting_vm_cancel_its_start(env, action: str) -> None:  # type: ignore[no-untyped-def]
+    # `banger vm stop box` while box boots (or waits in line for a boot slot) must not
+    # wait behind the whole boot: the start is cancelled and rolls back.
+    from banger.core.errors import BangerError
+
+    svc, vmm, guest, *_ = env
+    svc.create(name="box", spec=VMSpec(), start=False)
+    guest.ready_delay = 10.0
+    outcome: list[object] = []
+
+    def boot() -> None:
+        try:
+            outcome.append(svc.start("box"))
+        except BangerError as exc:
+            outcome.append(exc)
+
+    booting = threading.Thread(target=boot)
+    booting.start()
+    deadline = time.monotonic() + 5
+    while not any(o.stage == "wait_ssh" for o in svc.ops.in_flight()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    getattr(svc, action)("box")
+    took = time.monotonic() - t0
+    booting.join(15)
+    assert took < 3, f"{action} waited {took:.1f} s behind the boot"
+    assert isinstance(outcome[0], Cancelled) and "being" in str(outcome[0])
+    assert vmm.procs == {}
+
+
+def test_a_kill_during_a_restarts_stop_half_cancels_its_start_half(env) -> None:  # type: ignore[no-untyped-def]
+    from banger.core.errors import BangerError
+
+    svc, vmm, guest, *_ = env
+    svc.create(name="box", spec=VMSpec())
+    real_poweroff = guest.poweroff
+
+    def slow_poweroff(**kw: object) -> None:
+        time.sleep(0.5)
+        real_poweroff(**kw)
+
+    guest.poweroff = slow_poweroff
+    guest.ready_delay = 10.0
+    outcome: list[object] = []
+
+    def restart() -> None:  # as `banger vm restart a b` runs it: no control of its own
+        try:
+            outcome.append(svc.restart("box"))
+        except BangerError as exc:
+            outcome.append(exc)
+
+    restarting = threading.Thread(target=restart)
+    restarting.start()
+    deadline = time.monotonic() + 5
+    while not any(o.kind == "stop" for o in svc.ops.in_flight()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    svc.kill("box")
+    took = time.monotonic() - t0
+    restarting.join(15)
+    assert took < 3, f"the kill waited {took:.1f} s behind the restart's boot"
+    assert isinstance(outcome[0], Cancelled)
+    assert vmm.procs == {} and svc.show("box").vm.state is VMState.STOPPED

@@ -539,3 +539,51 @@ def test_ports_refuses_a_vm_that_is_not_running(env) -> None:  # type: ignore[no
     assert guest.listening_asked == []
     with pytest.raises(NotFoundError):
         svc.ports("nope")
+
+
+def test_prune_keeps_a_vm_that_started_while_prune_waited_for_it(env) -> None:  # type: ignore[no-untyped-def]
+    # `vm prune` (say, a nightly cron job) while a VM restarts: listed as starting, the
+    # VM is running by the time prune has its lock; it must not be deleted then.
+    import threading
+    import time
+
+    svc, vmm, guest, *_ = env
+    svc.create(name="dev", spec=VMSpec(), start=False)
+    guest.ready_delay = 0.5
+    booting = threading.Thread(target=svc.start, args=("dev",))
+    booting.start()
+    deadline = time.monotonic() + 10
+    while svc.show("dev").vm.state is not VMState.STARTING:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    results = svc.prune()
+    booting.join(10)
+    assert [v.vm.name for v in svc.list_vms()] == ["dev"], "a running VM was pruned"
+    assert svc.show("dev").vm.state is VMState.RUNNING and vmm.procs
+    assert results[0].error is not None and "kept" in str(results[0].error)
+
+
+def test_delete_survives_a_serial_log_copy_landing_during_it(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The serial-log cap (a thread of its own) writes serial.log.1 into the VM's directory
+    # when the guest's log passed its cap; its copy may land after rmtree listed the
+    # directory, which then cannot be removed.
+    import shutil
+
+    import banger.core.service as service_module
+
+    svc, *_ = env
+    vm = svc.create(name="noisy", spec=VMSpec())
+    paths = svc.layout.vm(vm.id)
+    real = shutil.rmtree
+    calls = []
+
+    def rmtree_while_the_cap_copies(path, ignore_errors=False):  # type: ignore[no-untyped-def]
+        real(path, ignore_errors=ignore_errors)
+        if path == paths.dir and not calls:  # the cap's os.replace(tmp, serial.log.1), late
+            calls.append(path)
+            paths.dir.mkdir(parents=True, exist_ok=True)
+            paths.serial_log_rotated.write_text("older console output")
+
+    monkeypatch.setattr(service_module.shutil, "rmtree", rmtree_while_the_cap_copies)
+    svc.delete("noisy")
+    assert not paths.dir.exists() and svc.list_vms() == []

@@ -154,3 +154,32 @@ def test_peer_check_in_the_http_protocol(tmp_path: Path, others_only: bool,
         assert f"pid {os.getpid()}" in caplog.text
     else:
         assert answer.startswith(b"HTTP/1.1 200")
+
+
+def test_lock_held_until_operations_whose_client_left_are_done(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An operation whose client went away rolls back (or deletes a --rm VM) after uvicorn
+    # stopped: the state lock must outlive it, or a second bangerd starts meanwhile.
+    import banger.daemon.main as daemon_main
+    from banger.model.layout import Layout
+
+    monkeypatch.setenv("BANGER_HOME", str(tmp_path / "h"))
+    monkeypatch.delenv("BANGER_RUNTIME_DIR", raising=False)
+    layout = Layout.for_user()
+    seen: dict[str, object] = {}
+
+    def rolling_back() -> None:
+        time.sleep(0.5)
+        try:
+            lock.acquire(layout.daemon_lock).release()
+            seen["second daemon"] = "got the lock"
+        except lock.AlreadyRunning:
+            seen["second daemon"] = "refused"
+
+    # Named as app.in_thread names an operation's thread.
+    op = threading.Thread(target=rolling_back, name="banger-op")
+    monkeypatch.setattr(daemon_main, "serve", lambda *_: op.start())
+    daemon_main.main([])
+    op.join(10)
+    assert seen == {"second daemon": "refused"}
+    lock.acquire(layout.daemon_lock).release()  # released once it was done

@@ -146,7 +146,30 @@ def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool,
         argv.append(cd + shlex.join(command) + "; exit $?")
     elif cd:
         argv.append(cd + 'exec "$SHELL" -l')
-    return subprocess.call(argv)
+    proc = subprocess.Popen(argv)
+    try:
+        return proc.wait()
+    except BaseException:
+        # Interrupted (a signal under --rm) or Ctrl-C: ssh is asked to stop, so that it
+        # puts back the terminal it set raw (-t); subprocess.call's SIGKILL would leave
+        # the user's terminal without echo.
+        _end_ssh(proc)
+        raise
+
+
+SSH_GRACE = 5.0  # seconds ssh gets to exit on SIGTERM before it is killed
+
+
+def _end_ssh(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.terminate()
+        proc.wait(SSH_GRACE)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # also when a further signal cuts the wait short
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 class SplitAtDashDash(click.Command):
@@ -227,46 +250,49 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
     req.delete_on_disconnect = remove
     progress = Progress()
     state = Cancelling()
-    try:
-        with cancellable(client, progress) as state:
-            vm = client.create(req, progress)
-    except ApiError as exc:
-        cancelled = exc.body.code == "cancelled"
-        if remove and progress.vm:
-            # --rm leaves nothing, a failed start included (the error names the stage
-            # and carries the console's last lines); first: the terminal may be gone.
-            delete_quietly(client, progress.vm)
-        print_error(exc.body)
-        kept = markup(progress.vm or "", one_line=True)
-        if progress.vm and remove:
-            err_console.print(f"the VM {kept} is deleted (--rm)")
-        elif progress.vm and cancelled:
-            err_console.print(f"the VM {kept} is kept, stopped: `banger vm start {kept}`, "
-                              f"or `banger vm delete {kept}`")
-        elif progress.vm and not cancelled:
-            err_console.print(f"the VM {kept} is kept so you can look: "
-                              f"`banger vm logs {kept}`, then "
-                              f"`banger vm delete {kept}`")
-        sys.exit(state.exit_code or 1)
-    if state.exit_code is not None:  # the boot finished as the cancel arrived
-        if remove:
-            delete_quietly(client, vm.id)
-        sys.exit(state.exit_code)
-    if not as_json:
-        err_console.print(f"[green]{markup(vm.name)} ready[/green] in "
-                          f"{progress.elapsed():.1f}s")
-    if detach:
-        if as_json:
-            print_json(vm.model_dump())
-        else:
-            print(printable(vm.name))
-        return
-    try:
-        with raise_on_signal() if remove else contextlib.nullcontext():
+    made: VMOut | None = None
+    # With --rm, from here to the end a signal raises Interrupted (never the default
+    # SIGTERM/SIGHUP death between two phases), and whatever ends the command once the
+    # boot's result is in (a signal, a closed stderr while printing) passes the delete.
+    with raise_on_signal() if remove else contextlib.nullcontext():
+        try:
+            try:
+                with cancellable(client, progress) as state:
+                    made = vm = client.create(req, progress)
+            except ApiError as exc:
+                cancelled = exc.body.code == "cancelled"
+                if remove and progress.vm:
+                    # --rm leaves nothing, a failed start included (the error names the
+                    # stage and carries the console's last lines); first: the terminal
+                    # may be gone.
+                    delete_quietly(client, progress.vm)
+                print_error(exc.body)
+                kept = markup(progress.vm or "", one_line=True)
+                if progress.vm and remove:
+                    err_console.print(f"the VM {kept} is deleted (--rm)")
+                elif progress.vm and cancelled:
+                    err_console.print(f"the VM {kept} is kept, stopped: "
+                                      f"`banger vm start {kept}`, or `banger vm delete {kept}`")
+                elif progress.vm and not cancelled:
+                    err_console.print(f"the VM {kept} is kept so you can look: "
+                                      f"`banger vm logs {kept}`, then "
+                                      f"`banger vm delete {kept}`")
+                sys.exit(state.exit_code or 1)
+            if state.exit_code is not None:  # the boot finished as the cancel arrived
+                sys.exit(state.exit_code)
+            if not as_json:
+                err_console.print(f"[green]{markup(vm.name)} ready[/green] in "
+                                  f"{progress.elapsed():.1f}s")
+            if detach:
+                if as_json:
+                    print_json(vm.model_dump())
+                else:
+                    print(printable(vm.name))
+                return
             rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
-    finally:
-        if remove:
-            delete_quietly(client, vm.id)
+        finally:
+            if remove and made is not None:
+                delete_quietly(client, made.id)
     if not remove and not command:
         name = markup(vm.name)
         err_console.print(f"{name} is still running: `banger vm ssh {name}` to get back, "
@@ -412,7 +438,8 @@ def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
 def vm_prune(force: bool, as_json: bool) -> None:
     """Delete every VM that is not running."""
     client = connect()
-    doomed = [v.name for v in client.list_vms() if v.state != "running"]
+    listed = [v for v in client.list_vms() if v.state != "running"]
+    doomed = [v.name for v in listed]
     if not doomed:
         if as_json:
             print_json([])
@@ -421,7 +448,8 @@ def vm_prune(force: bool, as_json: bool) -> None:
         return
     if not force and not click.confirm(printable(f"delete {', '.join(doomed)}?"), err=True):
         sys.exit(1)
-    res = client.prune()
+    # Exactly these (by id), not whatever is not running once the user has answered.
+    res = client.prune([v.id for v in listed])
     _report_batch([(r.ref, r.vm, r.error) for r in res.results], "deleted", as_json)
 
 

@@ -168,9 +168,11 @@ class Client:
             self._request("POST", f"/batch/{seg(action)}", json=body,
                           timeout=CHANGE_TIMEOUT))
 
-    def prune(self) -> BatchResponse:
+    def prune(self, refs: list[str] | None = None) -> BatchResponse:
+        """Delete the VMs that are not running (of ``refs`` only, when given)."""
+        body = {"json": {"refs": refs}} if refs else {}
         return BatchResponse.model_validate(
-            self._request("POST", "/prune", timeout=CHANGE_TIMEOUT))
+            self._request("POST", "/prune", timeout=CHANGE_TIMEOUT, **body))
 
     def prepare_workspace(self, ref: str, ws: WorkspaceIn, on_progress: ProgressFn) -> VMOut:
         return self._stream("POST", f"/vms/{seg(ref)}/workspace", on_progress,

@@ -311,6 +311,16 @@ class VMService:
             self.repo.update(running)
             return running
 
+    def _cancel_start(self, vm: VM, why: str) -> None:
+        """Cancel a start of ``vm`` in flight (booting, or in line for a boot slot, its
+        lock held all along): a stop, kill or delete would otherwise wait behind the whole
+        boot (and the line before it), then undo it anyway. The start rolls back and lets
+        go of the lock at once."""
+        for op in self.ops.in_flight():
+            # "stop": a restart's stop half shares its control with the start half.
+            if op.vm_id == vm.id and op.kind in ("start", "stop"):
+                op.control.cancel(f"cancelled: {why}")
+
     def _start_failed(self, vm: VM, op: Operation, err: StepFailed) -> BangerError:
         """Record a failed (error) or cancelled (stopped) start; the error to raise."""
         message = str(err.cause)
@@ -340,6 +350,7 @@ class VMService:
     @_notifies
     def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
+        self._cancel_start(vm, "the VM is being stopped")
         with self._lock(vm.id):
             vm = self._observe_locked(self._reread(vm))
             if vm.state not in LIVE_STATES:
@@ -378,6 +389,7 @@ class VMService:
     def kill(self, ref: str, *, signal: int = signals.SIGKILL,
              sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
+        self._cancel_start(vm, "the VM is being killed")
         with self._lock(vm.id):
             vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
@@ -395,6 +407,9 @@ class VMService:
     def restart(self, ref: str, *, sink: ProgressSink = no_progress,
                 control: OpControl | None = None) -> VM:
         vm = self.resolve(ref)
+        # One control for both halves, so that a cancel during the stop half (also a
+        # kill or delete of this VM) stops the start half.
+        control = control or OpControl()
         with self._lock(vm.id):
             vm = self._observe_locked(self._reread(vm))
             if vm.state in LIVE_STATES:
@@ -408,16 +423,33 @@ class VMService:
     # ---- delete / prune / set -----------------------------------------------------------
 
     @_notifies
-    def delete(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
+    def delete(self, ref: str, *, sink: ProgressSink = no_progress,
+               only_idle: bool = False) -> VM:
+        """``only_idle`` (prune): keep the VM if, by the time its lock is ours, it runs or
+        is starting; the list prune chose from may be older than a start or restart."""
         vm = self.resolve(ref)
+        if not only_idle:  # prune leaves a VM that is starting alone
+            self._cancel_start(vm, "the VM is being deleted")
         with self._lock(vm.id):
             vm = self._reread(vm)
+            if only_idle:
+                vm = self._observe_locked(vm)
+                if vm.state in LIVE_STATES:
+                    raise ConflictError(f"VM {vm.name!r} is {vm.state.value} now: kept "
+                                        f"(prune deletes only VMs that are not running)")
             paths = self.layout.vm(vm.id)
             with self.ops.track("delete", vm.id, vm.name, sink):
                 self._release(vm, paths)
                 self.host.guest.forget_host(paths.names.ssh_alias)
-                shutil.rmtree(paths.dir, ignore_errors=True)
-                if paths.dir.exists():
+                # The daemon's serial-log cap runs on a thread of its own: a copy it was
+                # making as the VM died may land in the directory after rmtree listed
+                # it. Once more then, rather than fail the delete (a `vm run --rm` one
+                # would leave the VM's record behind).
+                for _ in range(3):
+                    shutil.rmtree(paths.dir, ignore_errors=True)
+                    if not paths.dir.exists():
+                        break
+                else:
                     raise OperationFailed(f"could not remove {paths.dir}")
                 self.repo.delete(vm.id)
                 self._pending_workspace.pop(vm.id, None)
@@ -499,9 +531,15 @@ class VMService:
     def workspace_dry_run(self, req: WorkspaceRequest) -> list[str]:
         return self.host.workspace.dry_run(req)
 
-    def prune(self) -> list[BatchResult]:
-        doomed = [v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
-        return self.batch("delete", doomed)
+    def prune(self, refs: Sequence[str] | None = None) -> list[BatchResult]:
+        """Delete the VMs that are not running: of ``refs`` when given (the ones the user
+        saw and confirmed; a VM that stopped since the question was asked is not among
+        them), else of all."""
+        doomed = list(refs) if refs is not None else [
+            v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
+        # A VM listed as starting (or stopped, in the middle of a restart) is checked
+        # again under its lock: it is deleted only if it is still not running then.
+        return self.batch("delete", doomed, only_idle=True)
 
     def set(self, ref: str, *, vcpus: int | None = None, memory_mib: int | None = None,
             work_disk_mib: int | None = None) -> VM:

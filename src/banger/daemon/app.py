@@ -106,6 +106,10 @@ def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
                             bootstrap=body.bootstrap)
 
 
+# Every operation thread's name starts so: the daemon waits for them before its lock goes.
+OP_THREAD_PREFIX = "banger-"
+
+
 def in_thread(fn: Callable[[], T], name: str = "banger-op") -> asyncio.Future[T]:
     """Run ``fn`` on a new thread of its own; its result as a future of the running loop.
 
@@ -390,8 +394,10 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         return await in_thread(lambda: batch_out(service.batch(action, body.refs, **kwargs)))
 
     @app.post(f"{PREFIX}/prune")
-    async def prune() -> BatchResponse:
-        return await in_thread(lambda: batch_out(service.prune()))
+    async def prune(body: BatchRequest | None = None) -> BatchResponse:
+        """Delete the VMs that are not running; only those of ``refs`` when given."""
+        refs = body.refs if body is not None else None
+        return await in_thread(lambda: batch_out(service.prune(refs)))
 
     @app.get(f"{PREFIX}/vms/{{ref}}/logs")
     def logs(ref: str) -> Logs:

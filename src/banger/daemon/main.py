@@ -10,14 +10,16 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
 from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
 from banger.daemon import lock
-from banger.daemon.app import create_app
+from banger.daemon.app import OP_THREAD_PREFIX, create_app
 from banger.daemon.doctor import doctor
 from banger.daemon.housekeeping import Housekeeping
 from banger.daemon.names import VmNames
@@ -82,7 +84,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve(layout, args.socket or layout.daemon_socket, args.log_level)
     finally:
+        _wait_for_operations()
         held.release()
+
+
+def _wait_for_operations() -> None:
+    """Wait for the operation threads still running once the server stopped.
+
+    uvicorn waits for every request with a client, not for an operation whose client went
+    away (it is rolling back, or deleting a `vm run --rm` VM): until those are done this
+    daemon still changes the state directory, so it keeps the lock. Released earlier, a
+    second bangerd could start, reconcile the half-rolled-back VM and sweep the scratch
+    files under the first one's feet.
+    """
+    for thread in threading.enumerate():
+        if thread.name.startswith(OP_THREAD_PREFIX) and thread is not threading.current_thread():
+            log.info("waiting for %s to finish before releasing the state lock", thread.name)
+            thread.join()
 
 
 def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
@@ -97,7 +115,7 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
     keeper.at_start()
     # Startup sweep of what a killed daemon left behind goes here: under the lock (no other
     # daemon of this state dir is running), before the socket and before reconcile.
-    for path in Scratch(layout.state_dir).sweep():
+    for path in Scratch(layout.state_dir).sweep(layout.vms_dir):
         log.info("removed %s, left by a daemon that was killed", path)
     private_dir(layout.runtime_dir / "vms", what="runtime directory")
     bound = bind_socket(sock_path)
@@ -128,12 +146,37 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
                                 http=peer_checked(allowed))
         keeper.start()
-        uvicorn.Server(config).run(sockets=[bound.sock])
+        Server(config, service.ops).run(sockets=[bound.sock])
     finally:
         keeper.stop()
         serial_cap.stop()
         names.stop()
         bound.release()
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server that, told to stop (SIGTERM, SIGINT), also cancels every
+    operation in flight.
+
+    uvicorn stops taking requests, then waits for each response to end: a streamed boot
+    would run to its end (minutes: readiness, then the boot-slot line behind it) while
+    the daemon answers nothing, and a service manager's SIGKILL would then cut it off
+    half made. Cancelled, each operation rolls back now and its client is told so.
+    """
+
+    def __init__(self, config: uvicorn.Config, ops: Operations) -> None:
+        super().__init__(config)
+        self._ops = ops
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # A signal handler may run while this thread holds the registry's lock: cancel
+        # from a thread of its own.
+        threading.Thread(target=self._cancel_all, name="cancel-on-exit", daemon=True).start()
+
+    def _cancel_all(self) -> None:
+        for op in self._ops.in_flight():
+            op.control.cancel("cancelled: bangerd is stopping")
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -64,10 +64,11 @@ class Scratch:
             log.warning("not staging in RAM: %s", exc)
             return None
 
-    def sweep(self) -> list[Path]:
-        """Remove everything in both directories (what a killed daemon left); returns what
-        was removed. Only call it while no other daemon uses this state directory."""
-        removed: list[Path] = []
+    def sweep(self, vms_dir: Path | None = None) -> list[Path]:
+        """Remove everything in both directories (what a killed daemon left), and the
+        temporaries in each VM directory under ``vms_dir``; returns what was removed.
+        Only call it while no other daemon uses this state directory."""
+        removed: list[Path] = _sweep_vm_dirs(vms_dir) if vms_dir is not None else []
         for d in (self.disk_dir, self.ram_dir):
             if not d.exists() and not d.is_symlink():
                 continue
@@ -76,12 +77,36 @@ class Scratch:
             except UnsafeDirectory as exc:
                 log.warning("not sweeping: %s", exc)
                 continue
-            for entry in os.scandir(d):
-                path = Path(entry.path)
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                removed.append(path)
+            removed += [_remove(entry) for entry in os.scandir(d)]
         return removed
+
+
+def _remove(entry: os.DirEntry[str]) -> Path:
+    path = Path(entry.path)
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return path
+
+
+def _is_temporary(name: str) -> bool:
+    """A VM directory's temporaries: every one banger makes there is a dot-name (a repo
+    staged there when too big for RAM ``.workspace-*``, ``.workspace-pending-*``, a work
+    disk's ``.work.ext4.staging-*`` and ``.work.ext4.tmp``, ``.root.qcow2.tmp``) or ends
+    in ``.tmp`` (``serial.log.1.tmp``, ``handles.tmp``); what a VM keeps never is."""
+    return name.startswith(".") or name.endswith(".tmp")
+
+
+def _sweep_vm_dirs(vms_dir: Path) -> list[Path]:
+    # A daemon killed while it built a work disk leaves a copy of the repo (any size) and
+    # a disk-sized image there; nothing else would remove them before the VM is deleted.
+    removed: list[Path] = []
+    try:
+        vm_dirs = [e for e in os.scandir(vms_dir) if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return removed
+    for vm_dir in vm_dirs:
+        removed += [_remove(e) for e in os.scandir(vm_dir.path) if _is_temporary(e.name)]
+    return removed
