@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchlib import kill_banger_processes, write_result
 
-from banger.host import disks, imagebuild, kvm, qemu, ssh
+from banger.host import disks, imagebuild, kvm, qemu, ssh, vmmproc
 
 IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
@@ -47,14 +47,14 @@ def baseline(image: imagebuild.ImageArtifacts, accel: str) -> float:
             ".banger/hostname": (b"bench\n", 0o644)})
         cfg = qemu.QemuConfig(kernel=image.kernel, initrd=image.initrd,
                               root_disk=d / "root.qcow2", work_disk=d / "work.ext4", vcpus=1,
-                              memory_mib=512, ssh_port=qemu.free_port(),
+                              memory_mib=512, ssh_port=vmmproc.free_port(),
                               serial_log=d / "serial.log", qmp_socket=d / "qmp.sock",
                               accel=accel, hostname="bench", cmdline=image.cmdline)
         pid = qemu.launch(cfg, d / "vmm.log")
         ssh.wait_ready(port=cfg.ssh_port, key=key, known_hosts=d / "kh", alias="bench",
-                       timeout=240, serial_log=cfg.serial_log, alive=lambda: qemu.pid_alive(pid))
+                       timeout=240, serial_log=cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
         elapsed = time.monotonic() - started
-        qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+        vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
         return elapsed
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import disks, imagebuild, kvm, qemu, ssh
+from banger.host import disks, imagebuild, kvm, qemu, ssh, vmmproc
 
 IMAGES_DIR = Path(os.environ.get("BANGER_TEST_IMAGES_DIR",
                                  Path.home() / ".cache" / "banger-test" / "images"))
@@ -240,12 +240,12 @@ class Vm:
         started = time.monotonic()
         # The connection drops as the guest powers off: ssh's own status is meaningless.
         self.ssh(command)
-        while qemu.pid_alive(pid) and time.monotonic() - started < within:
+        while vmmproc.pid_alive(pid) and time.monotonic() - started < within:
             time.sleep(0.1)
-        assert not qemu.pid_alive(pid), f"QEMU still running {within:.0f} s after {command}"
+        assert not vmmproc.pid_alive(pid), f"QEMU still running {within:.0f} s after {command}"
         print(f"{command} to VMM exit: {time.monotonic() - started:.1f} s")
-        assert qemu.find_qemu_pid(self.cfg.qmp_socket) is None
-        assert qemu.port_is_free(self.cfg.ssh_port)
+        assert vmmproc.find_qemu_pid(self.cfg.qmp_socket) is None
+        assert vmmproc.port_is_free(self.cfg.ssh_port)
 
 
 @pytest.fixture
@@ -265,16 +265,16 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
     })
     cfg = qemu.QemuConfig(
         kernel=image.kernel, initrd=image.initrd, root_disk=d / "root.qcow2",
-        work_disk=d / "work.ext4", vcpus=1, memory_mib=512, ssh_port=qemu.free_port(),
+        work_disk=d / "work.ext4", vcpus=1, memory_mib=512, ssh_port=vmmproc.free_port(),
         serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel=accel,
         hostname="e2e-box", cmdline=image.cmdline, base_image=image.rootfs)
     machine = Vm(dir=d, cfg=cfg, key=key, known_hosts=d / "known_hosts", alias="e2e-box")
     try:
         yield machine
     finally:
-        leftover = qemu.find_qemu_pid(cfg.qmp_socket)
+        leftover = vmmproc.find_qemu_pid(cfg.qmp_socket)
         if leftover is not None:
-            qemu.kill_and_wait(leftover, signal.SIGKILL, 5)
+            vmmproc.kill_and_wait(leftover, signal.SIGKILL, 5)
         shutil.rmtree(d, ignore_errors=True)
         assert leftover is None, f"a QEMU (pid {leftover}) was left running"
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from banger.host import disks, qemu, ssh
+from banger.host import disks, qemu, ssh, vmmproc
 
 from .conftest import Vm
 
@@ -22,7 +22,7 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
     waited = ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
-                            serial_log=vm.cfg.serial_log, alive=lambda: qemu.pid_alive(pid))
+                            serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
     print(f"boot to ssh: {waited:.1f} s ({vm.cfg.accel})")
     assert "banger: " in vm.cfg.serial_log.read_text()
     assert "sshd started" in vm.cfg.serial_log.read_text()
@@ -36,22 +36,22 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     # Orphans are reaped by PID 1: no zombies after a background child's parent exits.
     zombies = vm.ssh("sh -c '(sleep 0.2 &) ; sleep 1; ps -eo stat= | grep -c ^Z'")
     assert zombies.stdout.strip() == "0"
-    assert qemu.qmp_status(vm.cfg.qmp_socket) == "running"
+    assert vmmproc.qmp_status(vm.cfg.qmp_socket) == "running"
 
     vm.assert_powers_off(pid, "banger-poweroff", within=10)
 
 
 def test_killed_right_after_launch_is_reported(vm: Vm) -> None:
     pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
-    assert qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+    assert vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
     started = time.monotonic()
     with pytest.raises(ssh.VmmDied) as err:
         ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                        alias=vm.alias, timeout=60, serial_log=vm.cfg.serial_log,
-                       alive=lambda: qemu.pid_alive(pid))
+                       alive=lambda: vmmproc.pid_alive(pid))
     assert time.monotonic() - started < 2
     assert str(vm.cfg.serial_log) in str(err.value)
-    assert qemu.port_is_free(vm.cfg.ssh_port)
+    assert vmmproc.port_is_free(vm.cfg.ssh_port)
 
 
 def test_kill_during_boot_is_reported(vm: Vm) -> None:
@@ -61,7 +61,7 @@ def test_kill_during_boot_is_reported(vm: Vm) -> None:
         with pytest.raises(ssh.VmmDied, match="exited while waiting"):
             ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                            alias=vm.alias, timeout=60, serial_log=vm.cfg.serial_log,
-                           alive=lambda: qemu.pid_alive(pid))
+                           alive=lambda: vmmproc.pid_alive(pid))
     finally:
         killer.wait()
 
@@ -72,9 +72,9 @@ def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> Non
     with pytest.raises(ssh.VmmDied) as err:
         ssh.wait_ready(port=cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                        alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=cfg.serial_log,
-                       alive=lambda: qemu.pid_alive(pid))
+                       alive=lambda: vmmproc.pid_alive(pid))
     assert "root device /dev/vdz did not appear" in str(err.value)
-    assert not qemu.pid_alive(pid)
+    assert not vmmproc.pid_alive(pid)
 
 
 def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None:
@@ -90,7 +90,7 @@ def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None
     pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
     ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                    alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
-                   alive=lambda: qemu.pid_alive(pid))
+                   alive=lambda: vmmproc.pid_alive(pid))
     strict = [a.replace("accept-new", "yes") for a in vm.ssh_argv("hostname")]
     res = subprocess.run(strict, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -99,6 +99,6 @@ def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None
     assert vm.known_hosts.read_text().count(vm.alias) == 1
     vm.ssh("banger-poweroff")
     deadline = time.monotonic() + 10
-    while qemu.pid_alive(pid) and time.monotonic() < deadline:
+    while vmmproc.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not qemu.pid_alive(pid)
+    assert not vmmproc.pid_alive(pid)

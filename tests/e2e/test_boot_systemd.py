@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from banger.host import qemu, ssh
+from banger.host import qemu, ssh, vmmproc
 
 from .conftest import Vm
 
@@ -19,7 +19,7 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
     waited = ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
-                            serial_log=vm.cfg.serial_log, alive=lambda: qemu.pid_alive(pid))
+                            serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
     print(f"systemd image, boot to ssh: {waited:.1f} s ({vm.cfg.accel})")
     serial = vm.cfg.serial_log.read_text()
     assert "handing PID 1 to systemd" in serial
@@ -45,7 +45,7 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     journal = vm.ssh("find /run/log/journal /var/log/journal -type f -name '*.journal'")
     assert journal.stdout.strip(), journal.stderr
     assert all(f.startswith("/run/log/journal/") for f in journal.stdout.split())
-    assert qemu.qmp_status(vm.cfg.qmp_socket) == "running"
+    assert vmmproc.qmp_status(vm.cfg.qmp_socket) == "running"
 
     vm.assert_powers_off(pid, "banger-poweroff", within=15)
 
@@ -56,5 +56,5 @@ def test_systemd_image_orderly_poweroff_ends_the_vmm(systemd_vm: Vm) -> None:
     pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
     ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                    alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
-                   alive=lambda: qemu.pid_alive(pid))
+                   alive=lambda: vmmproc.pid_alive(pid))
     vm.assert_powers_off(pid, "systemctl poweroff", within=30)

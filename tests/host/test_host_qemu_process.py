@@ -20,7 +20,7 @@ import pytest
 
 from banger.core.ports import LaunchSpec
 from banger.daemon import wiring
-from banger.host import kvm, qemu, vmmuser
+from banger.host import kvm, qemu, vmmproc, vmmuser
 from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
 
 pytestmark = [
@@ -36,9 +36,9 @@ def vmdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     try:
         yield d
     finally:
-        pid = qemu.find_qemu_pid(d / "qmp.sock")
+        pid = vmmproc.find_qemu_pid(d / "qmp.sock")
         if pid is not None:
-            qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+            vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -58,7 +58,7 @@ def stub_config(d: Path, **over: object) -> QemuConfig:
                        check=True)
     base: dict[str, object] = dict(
         kernel=kernel, initrd=d / "initrd", root_disk=d / "root.qcow2",
-        work_disk=d / "work.ext4", vcpus=1, memory_mib=64, ssh_port=qemu.free_port(),
+        work_disk=d / "work.ext4", vcpus=1, memory_mib=64, ssh_port=vmmproc.free_port(),
         serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel="tcg",
         hostname="stub")
     base.update(over)
@@ -68,32 +68,32 @@ def stub_config(d: Path, **over: object) -> QemuConfig:
 def test_launch_observe_and_quit(vmdir: Path) -> None:
     cfg = stub_config(vmdir)
     pid = qemu.launch(cfg, vmdir / "vmm.log")
-    assert qemu.pid_alive(pid)
+    assert vmmproc.pid_alive(pid)
     assert os.getsid(pid) == pid  # its own session: no signal from our terminal reaches it
-    assert qemu.pid_is_qemu_for(pid, cfg.qmp_socket)
-    assert not qemu.pid_is_qemu_for(pid, vmdir / "other.sock")
-    assert not qemu.pid_is_qemu_for(os.getpid(), cfg.qmp_socket)
-    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid
-    assert qemu.qmp_status(cfg.qmp_socket) == "running"
-    assert not qemu.port_is_free(cfg.ssh_port)
+    assert vmmproc.pid_is_qemu_for(pid, cfg.qmp_socket)
+    assert not vmmproc.pid_is_qemu_for(pid, vmdir / "other.sock")
+    assert not vmmproc.pid_is_qemu_for(os.getpid(), cfg.qmp_socket)
+    assert vmmproc.find_qemu_pid(cfg.qmp_socket) == pid
+    assert vmmproc.qmp_status(cfg.qmp_socket) == "running"
+    assert not vmmproc.port_is_free(cfg.ssh_port)
     with pytest.raises(VmmError, match="already running"):
         qemu.launch(cfg, vmdir / "vmm.log")
-    assert qemu.qmp_quit(cfg.qmp_socket)
+    assert vmmproc.qmp_quit(cfg.qmp_socket)
     deadline = time.monotonic() + 5
-    while qemu.pid_alive(pid) and time.monotonic() < deadline:
+    while vmmproc.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not qemu.pid_alive(pid)
-    assert qemu.find_qemu_pid(cfg.qmp_socket) is None
-    assert qemu.port_is_free(cfg.ssh_port)
-    assert qemu.qmp_status(cfg.qmp_socket) is None
+    assert not vmmproc.pid_alive(pid)
+    assert vmmproc.find_qemu_pid(cfg.qmp_socket) is None
+    assert vmmproc.port_is_free(cfg.ssh_port)
+    assert vmmproc.qmp_status(cfg.qmp_socket) is None
 
 
 def test_kill_and_wait(vmdir: Path) -> None:
     cfg = stub_config(vmdir)
     pid = qemu.launch(cfg, vmdir / "vmm.log")
-    assert qemu.kill_and_wait(pid, signal.SIGKILL, 5)
-    assert not qemu.pid_alive(pid)
-    assert qemu.kill_and_wait(pid, signal.SIGKILL, 1)  # already gone is success
+    assert vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
+    assert not vmmproc.pid_alive(pid)
+    assert vmmproc.kill_and_wait(pid, signal.SIGKILL, 1)  # already gone is success
 
 
 def test_vm_survives_its_launcher_being_killed(vmdir: Path) -> None:
@@ -109,9 +109,9 @@ def test_vm_survives_its_launcher_being_killed(vmdir: Path) -> None:
     launcher.kill()
     launcher.wait()
     time.sleep(0.3)
-    assert qemu.pid_alive(pid)
-    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid  # rediscovered from /proc alone
-    assert qemu.qmp_status(cfg.qmp_socket) == "running"
+    assert vmmproc.pid_alive(pid)
+    assert vmmproc.find_qemu_pid(cfg.qmp_socket) == pid  # rediscovered from /proc alone
+    assert vmmproc.qmp_status(cfg.qmp_socket) == "running"
 
 
 def _cfg_kwargs(cfg: QemuConfig) -> str:
@@ -130,7 +130,7 @@ def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
     assert time.monotonic() - started < 3
     assert "exited with status" in str(err.value)
     assert "kernel" in str(err.value)  # QEMU's own complaint, from the log tail
-    assert qemu.find_qemu_pid(cfg.qmp_socket) is None
+    assert vmmproc.find_qemu_pid(cfg.qmp_socket) is None
     assert not cfg.qmp_socket.exists()
 
 
@@ -153,22 +153,22 @@ def test_busy_ssh_port_is_its_own_error(vmdir: Path) -> None:
 def test_zombie_counts_as_dead() -> None:
     child = subprocess.Popen(["true"])
     deadline = time.monotonic() + 5
-    while qemu.pid_alive(child.pid) and time.monotonic() < deadline:
+    while vmmproc.pid_alive(child.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert Path(f"/proc/{child.pid}").exists()  # not reaped yet: a zombie
-    assert not qemu.pid_alive(child.pid)
+    assert not vmmproc.pid_alive(child.pid)
     child.wait()
 
 
 def test_qmp_helpers_on_missing_or_dead_socket(tmp_path: Path) -> None:
-    assert qemu.qmp_status(tmp_path / "none.sock") is None
+    assert vmmproc.qmp_status(tmp_path / "none.sock") is None
     dead = tmp_path / "dead.sock"
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(dead))
     s.close()  # the file stays, nobody listens
     started = time.monotonic()
-    assert qemu.qmp_status(dead, timeout=1) is None
-    assert not qemu.qmp_quit(dead, timeout=1)
+    assert vmmproc.qmp_status(dead, timeout=1) is None
+    assert not vmmproc.qmp_quit(dead, timeout=1)
     assert time.monotonic() - started < 3
 
 
@@ -185,10 +185,10 @@ def test_under_root_it_runs_unprivileged_and_sandboxed(vmdir: Path) -> None:
     assert status["Gid"].split() == [str(runas.gid)] * 4
     assert status["Groups"].split() == [str(g) for g in runas.groups]
     assert status["Seccomp"].strip() == "2"
-    assert qemu.find_qemu_pid(cfg.qmp_socket) == pid
-    assert qemu.qmp_status(cfg.qmp_socket) == "running"
-    assert qemu.qmp_quit(cfg.qmp_socket)
-    assert qemu.kill_and_wait(pid, 0, 5)
+    assert vmmproc.find_qemu_pid(cfg.qmp_socket) == pid
+    assert vmmproc.qmp_status(cfg.qmp_socket) == "running"
+    assert vmmproc.qmp_quit(cfg.qmp_socket)
+    assert vmmproc.kill_and_wait(pid, 0, 5)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
@@ -220,12 +220,12 @@ def test_no_two_running_qemus_share_a_user() -> None:
                 for pid in pids]
         assert len(set(uids)) == 3 and "0" not in uids, uids  # no ptrace between VMs
         # A slot that frees up is used again: no new user per start.
-        assert qemu.kill_and_wait(pids[1], signal.SIGKILL, 5)
+        assert vmmproc.kill_and_wait(pids[1], signal.SIGKILL, 5)
         with vmm._users.free() as runas:
             assert runas is not None and str(runas.uid) == uids[1]
     finally:
         for pid in pids:
-            qemu.kill_and_wait(pid, signal.SIGKILL, 5)
+            vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
         for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -238,7 +238,7 @@ def _decoy(qmp: Path, user: int | None) -> subprocess.Popen[bytes]:
     (anyone can read them in /proc), run as ``user``."""
     argv = ["bash", "-c", 'exec -a qemu-system-x86_64 /usr/bin/python3 -c '
             '"import time; time.sleep(60)" -add-fd "$0"',
-            f"fd=7,set={qemu.FDSET_QMP},opaque={qemu.QMP_TAG}{qmp}"]
+            f"fd=7,set={qemu.FDSET_QMP},opaque={vmmproc.QMP_TAG}{qmp}"]
     proc = subprocess.Popen(argv, user=user, group=user, extra_groups=[] if user else None,
                             cwd="/")
     deadline = time.monotonic() + 10
@@ -255,14 +255,14 @@ def test_a_look_alike_of_another_uid_is_not_taken_for_the_vms_qemu(vmdir: Path) 
     qmp = vmdir / "qmp.sock"
     nobody = _decoy(qmp, 65534)
     try:
-        assert not qemu.pid_is_qemu_for(nobody.pid, qmp)
-        assert qemu.find_qemu_pid(qmp) is None
+        assert not vmmproc.pid_is_qemu_for(nobody.pid, qmp)
+        assert vmmproc.find_qemu_pid(qmp) is None
     finally:
         nobody.kill()
         nobody.wait()
     ours = _decoy(qmp, None)  # the daemon's own uid: still recognised
     try:
-        assert qemu.find_qemu_pid(qmp) == ours.pid
+        assert vmmproc.find_qemu_pid(qmp) == ours.pid
     finally:
         ours.kill()
         ours.wait()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import imagebuild, qemu
+from banger.host import imagebuild, qemu, vmmproc
 from banger.host.qemu import QemuConfig, VmmError, VmmFds
 from banger.host.qemu import qemu_argv as _qemu_argv
 
@@ -161,7 +161,7 @@ def test_relative_paths_become_absolute_and_commas_are_escaped(
     assert opt(argv, "-name") == ["banger-h,,x"]
     # Un-escaped, every option value gives back the path whole: nothing was injected.
     for value in fdsets:
-        opts = qemu.split_opts(value)
+        opts = vmmproc.split_opts(value)
         assert set(opts) == {"fd", "set", "opaque"}
         assert "a,b" in opts["opaque"]
     # No other option value carries a path at all.
@@ -170,7 +170,7 @@ def test_relative_paths_become_absolute_and_commas_are_escaped(
 
 
 def test_split_opts_undoes_the_escape() -> None:
-    assert qemu.split_opts("fd=3,opaque=/x,,y,,z=1") == {"fd": "3", "opaque": "/x,y,z=1"}
+    assert vmmproc.split_opts("fd=3,opaque=/x,,y,,z=1") == {"fd": "3", "opaque": "/x,y,z=1"}
 
 
 def test_qmp_socket_path_limit() -> None:

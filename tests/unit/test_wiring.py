@@ -68,8 +68,8 @@ def test_accel_probed_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_free_port_never_hands_one_port_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    from banger.host import qemu
+    from banger.host import vmmproc
     ports = iter([40001, 40001, 40001, 40002])
-    monkeypatch.setattr(qemu, "free_port", lambda: next(ports))
+    monkeypatch.setattr(vmmproc, "free_port", lambda: next(ports))
     vmm = wiring.QemuVmm(None)
     assert [vmm.free_port(), vmm.free_port()] == [40001, 40002]

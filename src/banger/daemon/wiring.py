@@ -36,6 +36,7 @@ from banger.host import (
     qemu,
     seriallog,
     ssh,
+    vmmproc,
     vmmuser,
     workspace,
 )
@@ -197,7 +198,7 @@ class VmmUsers:
     def free(self) -> Iterator[vmmuser.RunAs | None]:
         """A user no running (or starting) QEMU has, reserved while the caller launches."""
         with self._lock:
-            busy = qemu.running_qemu_uids() | self._reserved
+            busy = vmmproc.running_qemu_uids() | self._reserved
             slot = 0
             while (runas := self._get(slot)) is not None and runas.uid in busy:
                 slot += 1
@@ -251,7 +252,7 @@ class QemuVmm:
             now = time.monotonic()
             self._handed = {p: t for p, t in self._handed.items() if now - t < 120}
             for _ in range(100):
-                port = qemu.free_port()
+                port = vmmproc.free_port()
                 if port not in self._handed:
                     self._handed[port] = now
                     return port
@@ -272,30 +273,30 @@ class QemuVmm:
             return qemu.launch(cfg, spec.vmm_log, runas)
 
     def alive(self, pid: int, qmp_socket: Path) -> bool:
-        return qemu.pid_alive(pid) and qemu.pid_is_qemu_for(pid, qmp_socket)
+        return vmmproc.pid_alive(pid) and vmmproc.pid_is_qemu_for(pid, qmp_socket)
 
     def answering(self, qmp_socket: Path) -> bool:
-        return qemu.qmp_status(qmp_socket) is not None
+        return vmmproc.qmp_status(qmp_socket) is not None
 
     def stuck(self, qmp_socket: Path) -> str | None:
-        status = qemu.qmp_status(qmp_socket)
+        status = vmmproc.qmp_status(qmp_socket)
         return status if status in ("internal-error", "guest-panicked", "io-error",
                                     "shutdown") else None
 
     def quit(self, qmp_socket: Path) -> bool:
-        return qemu.qmp_quit(qmp_socket)
+        return vmmproc.qmp_quit(qmp_socket)
 
     def kill(self, pid: int, sig: int) -> None:
-        qemu.kill_and_wait(pid, sig, 0.0)
+        vmmproc.kill_and_wait(pid, sig, 0.0)
 
     def wait_exit(self, pid: int, timeout: float) -> bool:
-        return qemu.kill_and_wait(pid, 0, timeout)
+        return vmmproc.kill_and_wait(pid, 0, timeout)
 
     def rediscover(self, qmp_socket: Path) -> Rediscovered | None:
-        pid = qemu.find_qemu_pid(qmp_socket)
+        pid = vmmproc.find_qemu_pid(qmp_socket)
         if pid is None:
             return None
-        return Rediscovered(pid, qemu.ssh_port_of(pid))
+        return Rediscovered(pid, vmmproc.ssh_port_of(pid))
 
 
 def _user_key(runas: vmmuser.RunAs | None) -> list[int] | None:
