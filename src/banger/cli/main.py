@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import re
-import shlex
-import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from pydantic import ValidationError
 
 from banger import __version__
-from banger.api.schema import VMCreate, VMOut, VMSet, WorkspaceIn
+from banger.api.schema import VMOut, VMSet, WorkspaceIn
+from banger.cli.common import (
+    SplitAtDashDash,
+    handle_errors,
+    make_create,
+    parse_size_mib,
+    positive,
+    pydantic_message,
+    run_ssh,
+    spec_options,
+)
 from banger.cli.interrupt import (
     Cancelling,
-    Interrupted,
     cancellable,
     delete_quietly,
     raise_on_signal,
@@ -37,150 +41,13 @@ from banger.cli.render import (
     vm_detail,
     vm_table,
 )
-from banger.cli.safe import markup, printable, relay_printable
-from banger.client.client import ApiError, Client, DaemonUnavailable, connect
-from banger.client.peer import Untrusted
+from banger.cli.safe import markup, printable
+from banger.cli.workspace import vm_exec, vm_workspace
+from banger.client.client import ApiError, connect
 
-# The one host module the CLI may use (an explicit, linted exception): ~/.ssh/config is the
-# user's file, so the CLI, running as the user, edits it, never the daemon.
+# ~/.ssh/config is the user's file, so the CLI, running as the user, edits it, never the daemon.
 from banger.local import sshconfig
 from banger.model.layout import Layout
-from banger.model.vm import InvalidSpec, VMSpec
-
-F = TypeVar("F", bound=Callable[..., Any])
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-def handle_errors(fn: F) -> F:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ApiError as exc:
-            print_error(exc.body)
-            sys.exit(1)
-        except (DaemonUnavailable, Untrusted) as exc:
-            err_console.print(f"[red]error:[/red] {markup(str(exc))}")
-            sys.exit(1)
-        except Interrupted as exc:
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            sys.exit(130)
-    return wrapper  # type: ignore[return-value]
-
-
-def parse_size_mib(value: str, flag: str) -> int:
-    m = re.fullmatch(r"\s*(-?\d+)\s*([mMgG](?:i?[bB])?)?\s*", value)
-    if not m:
-        raise click.BadParameter(f"{value!r}: use a number of MiB or a size like 512M or 2G",
-                                 param_hint=flag)
-    n = int(m.group(1))
-    if m.group(2) and m.group(2)[0] in "gG":
-        n *= 1024
-    if n <= 0:
-        raise click.BadParameter(f"{value!r}: must be positive", param_hint=flag)
-    return n
-
-
-def _pydantic_message(exc: ValidationError) -> str:
-    flags = {"vcpus": "--vcpu", "memory_mib": "--memory", "disk_mib": "--disk-size"}
-    return "; ".join(f"{flags.get(str(e['loc'][-1]), e['loc'][-1])}: {e['msg']}"
-                     for e in exc.errors())
-
-
-def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"{value}: must be at least 1")
-    return value
-
-
-def check_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not _NAME.match(value):
-        raise click.BadParameter(
-            f"{value!r} is not a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and "
-            "ending with a letter or digit")
-    return value
-
-
-def spec_options(fn: F) -> F:
-    fn = click.option("--nat", is_flag=True, help="give the guest outbound network access")(fn)
-    fn = click.option("--network", type=click.Choice(["user", "tap"]), default=None,
-                      help="user: rootless, ssh through a forwarded loopback port; tap: a "
-                           "bridge, its own address and <name>.vm (needs a root daemon). "
-                           "Default: [network] mode in config, else user")(fn)
-    fn = click.option("--disk-size", "disk", default="4G", show_default=True,
-                      help="work disk size (/root), e.g. 4G")(fn)
-    fn = click.option("--memory", default="512M", show_default=True,
-                      help="guest memory, e.g. 512M or 1G")(fn)
-    fn = click.option("--vcpu", default=1, show_default=True, type=int, callback=positive,
-                      help="virtual CPUs")(fn)
-    fn = click.option("--image", default="debian-bookworm", show_default=True)(fn)
-    fn = click.option("--name", callback=check_name, help="VM name (a DNS label)")(fn)
-    return fn
-
-
-def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
-                network: str | None, start: bool = True) -> VMCreate:
-    spec = VMSpec(vcpus=vcpu, memory_mib=parse_size_mib(memory, "--memory"),
-                  work_disk_mib=parse_size_mib(disk, "--disk-size"), image=image, nat=nat)
-    try:
-        spec.validated()  # the daemon checks again; refusing here saves a round trip
-    except InvalidSpec as exc:
-        raise click.UsageError(str(exc)) from exc
-    return VMCreate(name=name, image=image, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                    disk_mib=spec.work_disk_mib, nat=nat, start=start,
-                    network=network)  # type: ignore[arg-type]
-
-
-
-def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool,
-            workdir: str | None = None) -> int:
-    target = client.ssh_target(ref)
-    argv = list(target.argv)
-    argv.insert(1, "-t" if tty else "-T")
-    workdir = workdir or target.workdir
-    cd = f"cd {shlex.quote(workdir)} && " if workdir else ""
-    if command:
-        # One argument, quoted for the guest's shell, so argv arrives intact. The trailing
-        # `exit $?` keeps the shell from exec'ing the command, so a signal becomes 128+n.
-        argv.append(cd + shlex.join(command) + "; exit $?")
-    elif cd:
-        argv.append(cd + 'exec "$SHELL" -l')
-    proc = subprocess.Popen(argv)
-    try:
-        return proc.wait()
-    except BaseException:
-        # Interrupted (a signal under --rm) or Ctrl-C: ssh is asked to stop, so that it
-        # puts back the terminal it set raw (-t); subprocess.call's SIGKILL would leave
-        # the user's terminal without echo.
-        _end_ssh(proc)
-        raise
-
-
-SSH_GRACE = 5.0  # seconds ssh gets to exit on SIGTERM before it is killed
-
-
-def _end_ssh(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        proc.terminate()
-        proc.wait(SSH_GRACE)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:  # also when a further signal cuts the wait short
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-class SplitAtDashDash(click.Command):
-    """Everything after the first ``--`` is the guest command, never an option or PATH."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if "--" in args:
-            i = args.index("--")
-            ctx.meta["guest_command"] = tuple(args[i + 1:])
-            args = args[:i]
-        return super().parse_args(ctx, args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -422,7 +289,7 @@ def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
                     memory_mib=parse_size_mib(memory, "--memory") if memory else None,
                     disk_mib=parse_size_mib(disk, "--disk-size") if disk else None)
     except ValidationError as exc:
-        raise click.UsageError(_pydantic_message(exc)) from exc
+        raise click.UsageError(pydantic_message(exc)) from exc
     v = connect().set(ref, req)
     if as_json:
         print_json(v.model_dump())
@@ -497,137 +364,8 @@ def vm_ssh(ref: str, command: tuple[str, ...]) -> None:
     sys.exit(run_ssh(connect(), ref, command, tty=not command and sys.stdin.isatty()))
 
 
-@vm.command("exec", cls=SplitAtDashDash)
-@click.argument("ref")
-@click.option("--guest-path", help="directory to run in (default: the VM's workspace)")
-@click.option("--auto-prepare", is_flag=True,
-              help="re-sync the workspace first if the host repo's HEAD moved since it was "
-                   "copied")
-@click.pass_context
-@handle_errors
-def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: bool) -> None:
-    """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
-    repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
-    command runs under `mise exec`."""
-    command: tuple[str, ...] = ctx.meta.get("guest_command", ())
-    if not command:
-        raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
-    client = connect()
-    if guest_path is None:
-        vm = client.show(ref)
-        if vm.workspace_guest_path is None:
-            raise click.UsageError(f"{ref} has no workspace: pass --guest-path, or use "
-                                   f"`banger vm ssh {ref} -- ...`")
-        moved = _head_moved(vm)
-        if moved and auto_prepare:
-            assert vm.workspace_path is not None
-            err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
-            with Progress() as progress:
-                client.prepare_workspace(ref, WorkspaceIn(path=vm.workspace_path,
-                                                          bootstrap=False), progress)
-        elif moved:
-            err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
-                              f"old tree. `banger vm workspace prepare {markup(vm.name)} "
-                              f"{markup(shlex.quote(vm.workspace_path or ''))}` or "
-                              "--auto-prepare re-syncs it.", highlight=False)
-    sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
-                     workdir=guest_path))
-
-
-# Runs the command under mise when the workspace pins tools and mise is there (what the
-# tool bootstrap installed); as itself otherwise.
-_IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || continue; '
-             'PATH="/root/.local/bin:$PATH"; command -v mise >/dev/null 2>&1 && '
-             'exec mise exec -- "$@"; break; done; exec "$@"')
-
-
-def _head_moved(vm: VMOut) -> str | None:
-    """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
-    if not vm.workspace_path or not vm.workspace_head:
-        return None
-    proc = subprocess.run(["git", "-C", vm.workspace_path, "rev-parse", "-q", "--verify",
-                           "HEAD"], capture_output=True, text=True, check=False)
-    head = proc.stdout.strip()
-    if proc.returncode != 0 or not head or head == vm.workspace_head:
-        return None
-    return (f"the host repo's HEAD moved since the workspace was copied "
-            f"({vm.workspace_head[:12]} -> {head[:12]})")
-
-
-@vm.group("workspace")
-def vm_workspace() -> None:
-    """The repo copied into a VM (`banger vm run ./repo`)."""
-
-
-@vm_workspace.command("prepare")
-@click.argument("ref")
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--include-untracked", is_flag=True)
-@click.option("--branch", help="create this guest-only branch")
-@click.option("--from", "from_ref", help="start --branch from this ref")
-@click.option("--no-bootstrap", is_flag=True,
-              help="do not install the tools .mise.toml/.tool-versions pin")
-@handle_errors
-def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: str | None,
-                         from_ref: str | None, no_bootstrap: bool) -> None:
-    """Re-sync a VM's /root/repo from PATH: a running VM now (one stream over ssh), a
-    stopped one at its next start (the repo is staged now, as it is at this moment)."""
-    if from_ref and not branch:
-        raise click.UsageError("--from needs --branch")
-    ws = WorkspaceIn(path=str(path.resolve()), include_untracked=include_untracked,
-                     branch=branch, from_ref=from_ref, bootstrap=not no_bootstrap)
-    with Progress() as progress:
-        vm = connect().prepare_workspace(ref, ws, progress)
-    print(printable(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}"))
-
-
-# Runs in the guest. A throwaway index (seeded from the real one so unchanged files are
-# not hashed again) takes every change, untracked files included; the repo's own index,
-# HEAD and work tree are left as they were. --binary keeps binary files exact.
-_EXPORT = """set -e
-cd {workdir}
-base={base}
-git rev-parse -q --verify "$base^{{commit}}" >/dev/null || {{
-  echo "banger: no base commit $base in {workdir}: pass --base-commit" >&2; exit 2; }}
-idx=$(mktemp)
-trap 'rm -f "$idx"' EXIT
-if [ -f .git/index ]; then cp .git/index "$idx"; fi
-GIT_INDEX_FILE=$idx git add -A
-GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
-"""
-
-
-@vm_workspace.command("export")
-@click.argument("ref")
-@click.option("--base-commit", help="diff against this commit instead of the state the "
-              "workspace was copied in with (refs/banger/base)")
-@handle_errors
-def vm_workspace_export(ref: str, base_commit: str | None) -> None:
-    """Print a binary patch of everything changed in the guest's workspace: guest commits,
-    uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
-    Streamed, so any size works; on a terminal, control characters are shown escaped."""
-    client = connect()
-    target = client.ssh_target(ref)
-    if target.workdir is None:
-        raise click.UsageError(f"{ref} has no workspace (it was not created from a PATH)")
-    script = _EXPORT.format(workdir=shlex.quote(target.workdir),
-                            base=shlex.quote(base_commit or "refs/banger/base"))
-    argv = [target.argv[0], "-T", *target.argv[1:], script]
-    # The patch is the guest's text, streamed (never held whole). A pipe or file gets its
-    # bytes as they are, which `git apply` needs; a terminal sees control characters
-    # escaped, and so does ssh's stderr, which carries the guest's messages.
-    tty = sys.stdout.isatty()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if tty else None,
-                            stderr=subprocess.PIPE)
-    relays = [threading.Thread(target=relay_printable, args=(src, dst), daemon=True)
-              for src, dst in ((proc.stderr, sys.stderr), (proc.stdout, sys.stdout))
-              if src is not None]
-    for t in relays:
-        t.start()
-    rc = proc.wait()
-    for t in relays:
-        t.join()
-    sys.exit(rc)
+vm.add_command(vm_exec)
+vm.add_command(vm_workspace)
 
 
 @cli.command("doctor")

@@ -1,0 +1,154 @@
+"""`banger vm exec` and `banger vm workspace`: commands in a VM's checkout, re-syncing it
+from the host repo, and exporting the guest's changes as a patch."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from banger.api.schema import VMOut, WorkspaceIn
+from banger.cli.common import SplitAtDashDash, handle_errors, run_ssh
+from banger.cli.render import (
+    Progress,
+    err_console,
+)
+from banger.cli.safe import markup, printable, relay_printable
+from banger.client.client import connect
+
+
+@click.command("exec", cls=SplitAtDashDash)
+@click.argument("ref")
+@click.option("--guest-path", help="directory to run in (default: the VM's workspace)")
+@click.option("--auto-prepare", is_flag=True,
+              help="re-sync the workspace first if the host repo's HEAD moved since it was "
+                   "copied")
+@click.pass_context
+@handle_errors
+def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: bool) -> None:
+    """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
+    repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
+    command runs under `mise exec`."""
+    command: tuple[str, ...] = ctx.meta.get("guest_command", ())
+    if not command:
+        raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
+    client = connect()
+    if guest_path is None:
+        vm = client.show(ref)
+        if vm.workspace_guest_path is None:
+            raise click.UsageError(f"{ref} has no workspace: pass --guest-path, or use "
+                                   f"`banger vm ssh {ref} -- ...`")
+        moved = _head_moved(vm)
+        if moved and auto_prepare:
+            assert vm.workspace_path is not None
+            err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
+            with Progress() as progress:
+                client.prepare_workspace(ref, WorkspaceIn(path=vm.workspace_path,
+                                                          bootstrap=False), progress)
+        elif moved:
+            err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
+                              f"old tree. `banger vm workspace prepare {markup(vm.name)} "
+                              f"{markup(shlex.quote(vm.workspace_path or ''))}` or "
+                              "--auto-prepare re-syncs it.", highlight=False)
+    sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
+                     workdir=guest_path))
+
+
+# Runs the command under mise when the workspace pins tools and mise is there (what the
+# tool bootstrap installed); as itself otherwise.
+_IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || continue; '
+             'PATH="/root/.local/bin:$PATH"; command -v mise >/dev/null 2>&1 && '
+             'exec mise exec -- "$@"; break; done; exec "$@"')
+
+
+def _head_moved(vm: VMOut) -> str | None:
+    """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
+    if not vm.workspace_path or not vm.workspace_head:
+        return None
+    proc = subprocess.run(["git", "-C", vm.workspace_path, "rev-parse", "-q", "--verify",
+                           "HEAD"], capture_output=True, text=True, check=False)
+    head = proc.stdout.strip()
+    if proc.returncode != 0 or not head or head == vm.workspace_head:
+        return None
+    return (f"the host repo's HEAD moved since the workspace was copied "
+            f"({vm.workspace_head[:12]} -> {head[:12]})")
+
+
+@click.group("workspace")
+def vm_workspace() -> None:
+    """The repo copied into a VM (`banger vm run ./repo`)."""
+
+
+@vm_workspace.command("prepare")
+@click.argument("ref")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--include-untracked", is_flag=True)
+@click.option("--branch", help="create this guest-only branch")
+@click.option("--from", "from_ref", help="start --branch from this ref")
+@click.option("--no-bootstrap", is_flag=True,
+              help="do not install the tools .mise.toml/.tool-versions pin")
+@handle_errors
+def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: str | None,
+                         from_ref: str | None, no_bootstrap: bool) -> None:
+    """Re-sync a VM's /root/repo from PATH: a running VM now (one stream over ssh), a
+    stopped one at its next start (the repo is staged now, as it is at this moment)."""
+    if from_ref and not branch:
+        raise click.UsageError("--from needs --branch")
+    ws = WorkspaceIn(path=str(path.resolve()), include_untracked=include_untracked,
+                     branch=branch, from_ref=from_ref, bootstrap=not no_bootstrap)
+    with Progress() as progress:
+        vm = connect().prepare_workspace(ref, ws, progress)
+    print(printable(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}"))
+
+
+# Runs in the guest. A throwaway index (seeded from the real one so unchanged files are
+# not hashed again) takes every change, untracked files included; the repo's own index,
+# HEAD and work tree are left as they were. --binary keeps binary files exact.
+_EXPORT = """set -e
+cd {workdir}
+base={base}
+git rev-parse -q --verify "$base^{{commit}}" >/dev/null || {{
+  echo "banger: no base commit $base in {workdir}: pass --base-commit" >&2; exit 2; }}
+idx=$(mktemp)
+trap 'rm -f "$idx"' EXIT
+if [ -f .git/index ]; then cp .git/index "$idx"; fi
+GIT_INDEX_FILE=$idx git add -A
+GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
+"""
+
+
+@vm_workspace.command("export")
+@click.argument("ref")
+@click.option("--base-commit", help="diff against this commit instead of the state the "
+              "workspace was copied in with (refs/banger/base)")
+@handle_errors
+def vm_workspace_export(ref: str, base_commit: str | None) -> None:
+    """Print a binary patch of everything changed in the guest's workspace: guest commits,
+    uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
+    Streamed, so any size works; on a terminal, control characters are shown escaped."""
+    client = connect()
+    target = client.ssh_target(ref)
+    if target.workdir is None:
+        raise click.UsageError(f"{ref} has no workspace (it was not created from a PATH)")
+    script = _EXPORT.format(workdir=shlex.quote(target.workdir),
+                            base=shlex.quote(base_commit or "refs/banger/base"))
+    argv = [target.argv[0], "-T", *target.argv[1:], script]
+    # The patch is the guest's text, streamed (never held whole). A pipe or file gets its
+    # bytes as they are, which `git apply` needs; a terminal sees control characters
+    # escaped, and so does ssh's stderr, which carries the guest's messages.
+    tty = sys.stdout.isatty()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE if tty else None,
+                            stderr=subprocess.PIPE)
+    relays = [threading.Thread(target=relay_printable, args=(src, dst), daemon=True)
+              for src, dst in ((proc.stderr, sys.stderr), (proc.stdout, sys.stdout))
+              if src is not None]
+    for t in relays:
+        t.start()
+    rc = proc.wait()
+    for t in relays:
+        t.join()
+    sys.exit(rc)
