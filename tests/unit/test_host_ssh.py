@@ -238,10 +238,32 @@ def test_base_argv_forwards_nothing_whatever_the_user_config(tmp_path: Path) -> 
     user.write_text(HOSTILE_USER_CONFIG)
     for batch in (True, False):
         argv = ssh.ssh_base_argv(port=2201, key=tmp_path / "k", known_hosts=tmp_path / "kh",
-                                 alias="banger-vm1", batch=batch)
+                                 alias="banger-vm1", batch=batch, user_config=True)
         # -G prints what ssh would use, without connecting; -F stands for ~/.ssh/config.
         out = subprocess.run(["ssh", "-G", "-F", str(user), *argv[1:]], capture_output=True,
                              text=True, timeout=10, check=True).stdout
         assert_forwards_nothing(out)
     # banger's options come before anything a caller appends or the CLI inserts.
     assert argv[1:3] == ["-o", "ForwardAgent=no"]
+
+
+def test_bangers_own_ssh_reads_no_user_config(tmp_path: Path) -> None:
+    # SendEnv adds up (a -o cannot clear it): banger's own calls must not read the user's
+    # ssh config at all, or the daemon's environment could go to the guest. ssh finds
+    # ~/.ssh/config through the passwd entry, so the test names it with -F, put first:
+    # a later -F (banger's "none") wins.
+    user = tmp_path / "config"
+    user.write_text("Host *\n  SendEnv BANGER_SECRET_*\n  ForwardAgent yes\n"
+                    "  User someone\n")
+    own = ssh.ssh_base_argv(port=2201, key=tmp_path / "k", known_hosts=tmp_path / "kh",
+                            alias="banger-vm1")
+    out = subprocess.run(["ssh", "-G", "-F", str(user), *own[1:]], capture_output=True,
+                         text=True, timeout=10, check=True).stdout
+    assert "sendenv banger_secret_*" not in out.lower() and "user root" in out
+    assert_forwards_nothing(out)
+    person = ssh.ssh_base_argv(port=2201, key=tmp_path / "k", known_hosts=tmp_path / "kh",
+                               alias="banger-vm1", user_config=True)
+    out = subprocess.run(["ssh", "-G", "-F", str(user), *person[1:]], capture_output=True,
+                         text=True, timeout=10, check=True).stdout
+    assert "sendenv banger_secret_*" in out.lower()  # a person's own config still applies
+    assert_forwards_nothing(out)

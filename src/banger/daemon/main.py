@@ -139,7 +139,7 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
             ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
             ssh_argv=lambda addr, alias: ssh.ssh_base_argv(
                 port=addr.port, host=addr.host, key=layout.ssh_key,
-                known_hosts=layout.known_hosts, alias=alias))
+                known_hosts=layout.known_hosts, alias=alias, user_config=True))
         allowed = allowed_uids(_allow_root(layout))
         log.info("bangerd %d serving %s (uids allowed: %s)", os.getpid(), sock_path,
                  sorted(allowed))

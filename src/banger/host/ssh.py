@@ -115,13 +115,18 @@ def trust_host_key(known_hosts: Path, alias: str, public_key: str) -> None:
 
 
 def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,
-                  user: str = "root", batch: bool = True, host: str = "127.0.0.1") -> list[str]:
+                  user: str = "root", batch: bool = True, host: str = "127.0.0.1",
+                  user_config: bool = False) -> list[str]:
     """``ssh`` and its options, ending with the destination: append a command (or
     ``-t`` and nothing for an interactive shell). ``batch=False`` for a person.
 
     :data:`~banger.local.sshconfig.LOCKDOWN` comes first: ssh keeps the first value it
-    finds, so no ``~/.ssh/config`` (nor anything appended) can forward to the guest."""
-    argv = ["ssh"]
+    finds, so no ``~/.ssh/config`` (nor anything appended) can forward to the guest.
+    banger's own calls read no ssh config at all (``-F none``): a ``SendEnv`` there adds
+    to the list rather than being overridden, and would hand the daemon's environment to
+    a guest that accepts it. ``user_config=True`` for the argv a person's session runs
+    (``vm ssh``, ``vm run``): their config applies, under LOCKDOWN."""
+    argv = ["ssh"] if user_config else ["ssh", "-F", "none"]
     for option, value in LOCKDOWN:
         argv += ["-o", f"{option}={value}"]
     argv += [
