@@ -36,7 +36,7 @@ from banger.api.schema import (
 )
 from banger.client.peer import PeerCheckedTransport, Untrusted
 from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
-from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
+from banger.model.layout import EXIT_ALREADY_RUNNING, PATH_ENV, Layout
 
 # Plain (non-streamed) requests never wait forever on a daemon that stopped answering.
 # Reads answer from memory and SQLite. `ports` runs `ss` in the guest, which the daemon
@@ -217,11 +217,6 @@ def _events(lines: Iterator[str]) -> Iterator[ProgressEvent]:
     for line in lines:
         if line.strip():
             yield ProgressEvent.model_validate_json(line)
-
-
-# The environment variables that name directories (model.layout reads them).
-PATH_ENV = ("HOME", "BANGER_HOME", "BANGER_RUNTIME_DIR", "BANGER_IMAGES_DIR", "XDG_STATE_HOME",
-            "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR")
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:

@@ -14,6 +14,9 @@ from pathlib import Path
 from banger.model.vm import ResourceNames
 
 UNIX_PATH_MAX = 108
+# The environment variables Layout.for_user reads that name directories.
+PATH_ENV = ("HOME", "BANGER_HOME", "BANGER_RUNTIME_DIR", "BANGER_IMAGES_DIR", "XDG_STATE_HOME",
+            "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_RUNTIME_DIR")
 
 # bangerd's exit status when another bangerd already holds the state directory's lock: the
 # CLI that autostarted it keeps waiting for that other daemon instead of failing.
