@@ -1,5 +1,11 @@
 """VM use cases: create, start, stop, restart, kill, delete, set, prune, observe, reconcile.
 
+:class:`VMService` is the one entry point (the daemon's and the tests'); some use cases
+live in modules of their own and it delegates to them: driving the start pipeline
+(:mod:`banger.core.starting`), workspaces (:mod:`banger.core.workspaces`), observation and
+reconcile (:mod:`banger.core.reconcile`), several VMs at once and prune
+(:mod:`banger.core.batch`).
+
 Reaches the host only through :mod:`banger.core.ports`. Each VM has a lock: one lifecycle
 operation at a time per VM; different VMs proceed concurrently, and reads never wait for a
 VM's lock. At most ``max_boots`` start pipelines run at once (:class:`BootSlots`, first come
@@ -13,53 +19,37 @@ import functools
 import logging
 import shutil
 import signal as signals
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
-from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from banger.core.errors import (
-    BangerError,
-    Cancelled,
-    ConflictError,
-    InvalidRequest,
-    NotFoundError,
-    OperationFailed,
-)
+from banger.core import batch as batches
+from banger.core import reconcile as reconciling
+from banger.core import starting, workspaces
+from banger.core.batch import BatchResult
+from banger.core.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.core.guestports import GuestSocketView, reachability
 from banger.core.operations import (
     BootSlots,
     OpControl,
     Operation,
     Operations,
-    Progress,
     ProgressSink,
     default_max_boots,
     no_progress,
 )
-from banger.core.ports import (
-    Endpoint,
-    HostPorts,
-    WorkspaceRequest,
-    WorkspaceSelection,
-)
+from banger.core.ports import Endpoint, HostPorts, WorkspaceRequest, WorkspaceSelection
+from banger.core.reconcile import LIVE_STATES
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.startplan import (
-    BOOTSTRAP_MARK,
-    WORKSPACE_DIR,
     WORKSPACE_GUEST_PATH,
-    StartContext,
     check_bootstrap,
     check_network,
     host_net,
-    launch_bootstrap,
     read_config,
-    start_steps,
 )
 from banger.model import netalloc
 from banger.model.config import Config
@@ -74,12 +64,10 @@ from banger.model.vm import (
     new_vm_id,
     validate_name,
 )
-from banger.pipeline import Event, StepFailed, run_steps
+from banger.pipeline import Event
 from banger.store.vms import Conflict, NotFound, VMRepository
 
 log = logging.getLogger(__name__)
-
-LIVE_STATES = frozenset({VMState.RUNNING, VMState.STARTING, VMState.STOPPING})
 
 
 @dataclass(frozen=True)
@@ -101,13 +89,6 @@ class VMView:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    ref: str
-    vm: VM | None
-    error: BangerError | None
 
 
 def _notifies(method: Callable[P, R]) -> Callable[P, R]:
@@ -277,80 +258,14 @@ class VMService:
             vm = self._observe_locked(self._reread(vm))
             if vm.state is VMState.RUNNING:
                 raise ConflictError(f"VM {vm.name!r} is already running")
-            return self._start_locked(vm, sink, control)
-
-    def _start_locked(self, vm: VM, sink: ProgressSink, control: OpControl | None) -> VM:
-        paths = self.layout.vm(vm.id)
-        with self.ops.track("start", vm.id, vm.name, sink, control) as op:
-            vm = vm.with_state(VMState.STARTING, self.clock(), op_id=op.id)
-            self.repo.update(vm)
-            ctx = StartContext(
-                vm=vm, paths=paths, host=self.host, handles=self.handles, clock=self.clock,
-                ready_timeout=self.timeouts.ready, failpoint=self.failpoint,
-                workspace=self._pending_workspace.get(vm.id), load_config=self.load_config,
-                identities=self._identities,
-                on_detail=lambda stage, msg: self.ops.emit(
-                    op, Progress(op.id, vm.name, "detail", stage, message=msg)),
-                check_cancel=op.control.check,
-            )
-            try:
-                with self.boots.slot(op.control, lambda n: self.ops.emit(op, Progress(
-                        op.id, vm.name, "queued", "queued",
-                        f"waiting for a boot slot ({self.boots.describe()}): "
-                        f"number {n} in line"))):
-                    run_steps(start_steps(ctx), ctx, on_event=self._forward(op, vm.name),
-                              check=op.control.check)
-            except Cancelled as exc:  # still in line: nothing was set up
-                err = StepFailed(str(exc), [exc], step="queued")
-                raise self._start_failed(vm, op, err) from exc
-            except StepFailed as err:
-                raise self._start_failed(vm, op, err) from err
-            self._pending_workspace.pop(vm.id, None)
-            running = replace(vm.with_state(VMState.RUNNING, self.clock(), op_id=op.id),
-                              boot_id=ctx.boot_id)
-            self.repo.update(running)
-            return running
-
-    def _cancel_start(self, vm: VM, why: str) -> None:
-        """Cancel a start of ``vm`` in flight (booting, or in line for a boot slot, its
-        lock held all along): a stop, kill or delete would otherwise wait behind the whole
-        boot (and the line before it), then undo it anyway. The start rolls back and lets
-        go of the lock at once."""
-        for op in self.ops.in_flight():
-            # "stop": a restart's stop half shares its control with the start half.
-            if op.vm_id == vm.id and op.kind in ("start", "stop"):
-                op.control.cancel(f"cancelled: {why}")
-
-    def _start_failed(self, vm: VM, op: Operation, err: StepFailed) -> BangerError:
-        """Record a failed (error) or cancelled (stopped) start; the error to raise."""
-        message = str(err.cause)
-        if err.undo_errors:
-            message += "; cleanup also failed: " + "; ".join(
-                f"{type(e).__name__}: {e}" for e in err.undo_errors)
-        if isinstance(err.cause, Cancelled):
-            message = f"start cancelled before stage {err.step!r} ({message})"
-            self.repo.update(vm.with_state(VMState.STOPPED, self.clock(), error=message,
-                                           stage=err.step, op_id=op.id))
-            return Cancelled(f"{vm.name!r}: {message}; what it had set up was rolled back",
-                             stage=err.step, op_id=op.id)
-        self.repo.update(vm.with_state(VMState.ERROR, self.clock(), error=message,
-                                       stage=err.step, op_id=op.id))
-        return OperationFailed(f"start of {vm.name!r} failed at stage {err.step!r}: "
-                               f"{message}", stage=err.step, op_id=op.id)
-
-    def _forward(self, op: Operation, vm_name: str) -> Callable[[Event], None]:
-        def forward(e: Event) -> None:
-            msg = f"{type(e.error).__name__}: {e.error}" if e.error is not None else None
-            self.ops.emit(op, Progress(op.id, vm_name, e.kind, e.step, e.progress, e.elapsed,
-                                       msg))
-        return forward
+            return starting.start_locked(self, vm, sink, control)
 
     # ---- stop / kill / restart ----------------------------------------------------------
 
     @_notifies
     def stop(self, ref: str, *, sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
-        self._cancel_start(vm, "the VM is being stopped")
+        starting.cancel_start(self, vm, "the VM is being stopped")
         with self._lock(vm.id):
             vm = self._observe_locked(self._reread(vm))
             if vm.state not in LIVE_STATES:
@@ -367,7 +282,7 @@ class VMService:
         h = self.handles.get(vm.id) or self.handles.load(paths)
         vmm, t = self.host.vmm, self.timeouts
         if h is not None and vmm.alive(h.pid, paths.qmp_socket):
-            emit = self._forward(op, vm.name)
+            emit = starting.forward(self.ops, op, vm.name)
             gone = False
             if h.endpoint is not None:
                 emit(Event("run", "guest_poweroff", "powering off the guest"))
@@ -389,7 +304,7 @@ class VMService:
     def kill(self, ref: str, *, signal: int = signals.SIGKILL,
              sink: ProgressSink = no_progress) -> VM:
         vm = self.resolve(ref)
-        self._cancel_start(vm, "the VM is being killed")
+        starting.cancel_start(self, vm, "the VM is being killed")
         with self._lock(vm.id):
             vm = self._reread(vm)
             paths = self.layout.vm(vm.id)
@@ -418,7 +333,7 @@ class VMService:
                     self._graceful_stop_locked(vm, op)
                     vm = vm.with_state(VMState.STOPPED, self.clock(), op_id=op.id)
                     self.repo.update(vm)
-            return self._start_locked(vm, sink, control)
+            return starting.start_locked(self, vm, sink, control)
 
     # ---- delete / prune / set -----------------------------------------------------------
 
@@ -429,7 +344,7 @@ class VMService:
         is starting; the list prune chose from may be older than a start or restart."""
         vm = self.resolve(ref)
         if not only_idle:  # prune leaves a VM that is starting alone
-            self._cancel_start(vm, "the VM is being deleted")
+            starting.cancel_start(self, vm, "the VM is being deleted")
         with self._lock(vm.id):
             vm = self._reread(vm)
             if only_idle:
@@ -459,87 +374,13 @@ class VMService:
 
     def prepare_workspace(self, ref: str, req: WorkspaceRequest,
                           sink: ProgressSink = no_progress) -> VM:
-        """Re-sync a VM's /root/repo from the host repo: a running VM at once, as one
-        stream over ssh; a stopped one at its next start, from a copy staged now."""
-        vm = self.resolve(ref)
-        selection = self.host.workspace.select(req)
-        check_bootstrap(selection, vm.spec.nat, vm.name)
-        with self._lock(vm.id):
-            vm = self._observe_locked(self._reread(vm))
-            paths = self.layout.vm(vm.id)
-            addr = self._endpoint_of(vm, self.handles.get(vm.id))
-            with self.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
-                emit = self._forward(op, vm.name)
-
-                def detail(stage: str, msg: str, op: Operation = op,
-                           name: str = vm.name) -> None:
-                    self.ops.emit(op, Progress(op.id, name, "detail", stage, message=msg))
-
-                if addr is not None:
-                    self._push_workspace(selection, paths, addr, emit, detail)
-                elif paths.work_disk.exists():
-                    self._stage_pending(selection, paths, emit)
-                    detail("workspace_stage", f"{vm.name} is {vm.state.value}: the repo goes "
-                           f"to {WORKSPACE_GUEST_PATH} when it next starts "
-                           f"(`banger vm start {vm.name}`)")
-                else:
-                    # Never started: the work disk is made with the repo in it.
-                    self._pending_workspace[vm.id] = selection
-                    detail("workspace_stage", f"{vm.name} has no work disk yet: the repo "
-                           "is copied in when it is made, at the next start")
-                updated = replace(vm, workspace_path=str(selection.repo),
-                                  workspace_guest_path=WORKSPACE_GUEST_PATH,
-                                  workspace_head=selection.head,
-                                  updated_at=self.clock(), last_op_id=op.id)
-                self.repo.update(updated)
-                return updated
-
-    def _push_workspace(self, selection: WorkspaceSelection, paths: VMPaths, addr: Endpoint,
-                        emit: Callable[[Event], None],
-                        detail: Callable[[str, str], None]) -> None:
-        emit(Event("run", "workspace_stage", "staging the repo"))
-        started = self.clock()
-        with self.host.workspace.staged(selection, paths.dir) as tree:
-            emit(Event("ok", "workspace_stage", None, self.clock() - started))
-            emit(Event("run", "workspace_copy", f"copying to {WORKSPACE_GUEST_PATH}"))
-            started = self.clock()
-            self.host.guest.push_tree(addr=addr, alias=paths.names.ssh_alias, tree=tree,
-                                      guest_path=WORKSPACE_GUEST_PATH)
-        emit(Event("ok", "workspace_copy", None, self.clock() - started))
-        if selection.request.bootstrap and selection.tool_files:
-            emit(Event("run", "tool_bootstrap", "starting the tool install in the background"))
-            launch_bootstrap(self.host, addr, paths, self._config().installer_url, detail)
-            emit(Event("ok", "tool_bootstrap", None))
-
-    def _stage_pending(self, selection: WorkspaceSelection, paths: VMPaths,
-                       emit: Callable[[Event], None]) -> None:
-        """Stage the repo now (what the host has at this moment) for the next start."""
-        emit(Event("run", "workspace_stage", "staging the repo for the next start"))
-        started = self.clock()
-        scratch = Path(tempfile.mkdtemp(prefix=".workspace-pending-", dir=paths.dir))
-        try:
-            with self.host.workspace.staged(selection, paths.dir) as tree:
-                shutil.move(tree, scratch / WORKSPACE_DIR)
-            if selection.request.bootstrap and selection.tool_files:
-                (scratch / BOOTSTRAP_MARK).touch()
-            shutil.rmtree(paths.pending_workspace, ignore_errors=True)
-            scratch.rename(paths.pending_workspace)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        emit(Event("ok", "workspace_stage", None, self.clock() - started))
+        return workspaces.prepare_workspace(self, ref, req, sink)
 
     def workspace_dry_run(self, req: WorkspaceRequest) -> list[str]:
         return self.host.workspace.dry_run(req)
 
     def prune(self, refs: Sequence[str] | None = None) -> list[BatchResult]:
-        """Delete the VMs that are not running: of ``refs`` when given (the ones the user
-        saw and confirmed; a VM that stopped since the question was asked is not among
-        them), else of all."""
-        doomed = list(refs) if refs is not None else [
-            v.vm.id for v in self.list_vms() if v.vm.state is not VMState.RUNNING]
-        # A VM listed as starting (or stopped, in the middle of a restart) is checked
-        # again under its lock: it is deleted only if it is still not running then.
-        return self.batch("delete", doomed, only_idle=True)
+        return batches.prune(self, refs)
 
     def set(self, ref: str, *, vcpus: int | None = None, memory_mib: int | None = None,
             work_disk_mib: int | None = None) -> VM:
@@ -565,44 +406,7 @@ class VMService:
     # ---- several VMs at once ------------------------------------------------------------
 
     def batch(self, action: str, refs: Sequence[str], **kwargs: object) -> list[BatchResult]:
-        """Resolve every ref once, de-duplicate, act concurrently, report each result."""
-        fn: Callable[..., VM] = {
-            "start": self.start, "stop": self.stop, "restart": self.restart,
-            "kill": self.kill, "delete": self.delete,
-        }[action]
-        resolved: list[tuple[str, VM | None, BangerError | None]] = []
-        for ref in refs:
-            try:
-                resolved.append((ref, self.resolve(ref), None))
-            except BangerError as exc:
-                resolved.append((ref, None, exc))
-        unique: dict[str, VM] = {}
-        for _, vm, _err in resolved:
-            if vm is not None:
-                unique.setdefault(vm.id, vm)
-        outcomes: dict[str, tuple[VM | None, BangerError | None]] = {}
-
-        def act(vm: VM) -> None:
-            try:
-                outcomes[vm.id] = (fn(vm.id, **kwargs), None)
-            except BangerError as exc:
-                outcomes[vm.id] = (None, exc)
-            except Exception as exc:
-                outcomes[vm.id] = (None, OperationFailed(f"{action} {vm.name}: {exc}"))
-
-        if unique:
-            with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
-                list(pool.map(act, unique.values()))
-        results: list[BatchResult] = []
-        seen: set[str] = set()
-        for ref, vm, err in resolved:
-            if vm is None:
-                results.append(BatchResult(ref, None, err))
-            elif vm.id not in seen:
-                seen.add(vm.id)
-                done, failure = outcomes[vm.id]
-                results.append(BatchResult(ref, done, failure))
-        return results
+        return batches.batch(self, action, refs, **kwargs)
 
     # ---- observation --------------------------------------------------------------------
 
@@ -638,71 +442,8 @@ class VMService:
         return vm, reachability(vm, addr, sockets)
 
     def _observe_locked(self, vm: VM) -> VM:
-        """Demote a VM whose VMM is gone; rediscover handles of one that still runs."""
-        if vm.state not in LIVE_STATES:
-            return vm
-        paths = self.layout.vm(vm.id)
-        h = self.handles.get(vm.id) or self.handles.load(paths)
-        if h is not None and self.host.vmm.alive(h.pid, paths.qmp_socket):
-            return vm
-        found = self.host.vmm.rediscover(paths.qmp_socket)
-        if found is not None:
-            log.warning("VM %s: handles lost; rediscovered VMM pid %d", vm.name, found.pid)
-            tap = vm.spec.network is NetworkMode.TAP and vm.guest_ip is not None
-            self.handles.put(paths, Handles(
-                pid=found.pid, ssh_port=22 if tap else found.ssh_port,
-                qmp_socket=str(paths.qmp_socket),
-                accel=self.host.vmm.accel().accel, boot_id=vm.boot_id or "",
-                started_at=self.clock(), vmm=self.host.vmm.name,
-                accel_reason=self.host.vmm.accel().reason,
-                ssh_host=vm.guest_ip if tap and vm.guest_ip else "127.0.0.1",
-                tap=paths.names.tap if tap else None))
-            return vm
-        self._release(vm, paths)
-        demoted = vm.with_state(
-            VMState.STOPPED, self.clock(),
-            error=None if vm.state is VMState.STOPPING else "the VMM process exited",
-            stage=None)
-        self.repo.update(demoted)
-        return demoted
+        return reconciling.observe_locked(self, vm)
 
     @_notifies
     def reconcile(self) -> list[VM]:
-        """At daemon start: keep live VMs (same pid), tear down dead or half-started ones."""
-        out = []
-        for vm in self.repo.list():
-            with self._lock(vm.id):
-                if vm.state is VMState.STARTING:
-                    # A start interrupted by a daemon crash: nothing finished it.
-                    self._release(vm, self.layout.vm(vm.id))
-                    vm = vm.with_state(VMState.ERROR, self.clock(),
-                                       error="the daemon stopped during this start",
-                                       stage=vm.last_error_stage)
-                    self.repo.update(vm)
-                else:
-                    vm = self._observe_locked(vm)
-            out.append(vm)
-        self._sweep_network(out)
-        return out
-
-    def _sweep_network(self, vms: list[VM]) -> None:
-        """Remove taps and NAT rules banger made for VMs that are not running (left by a
-        crash, or by a VM deleted while the daemon was down), and put back the rules of
-        running --nat VMs (a firewall reload or a Docker start since may have dropped
-        them or added a drop chain they must be accepted in)."""
-        if self.host.net.unavailable() is not None:
-            return
-        live = {v.id for v in vms if v.state in LIVE_STATES}
-        bridge = self._config().network.bridge
-        for vm in vms:
-            if (vm.state in LIVE_STATES and vm.spec.network is NetworkMode.TAP
-                    and vm.spec.nat and vm.guest_ip):
-                self.host.net.add_nat(vm.id, IPv4Address(vm.guest_ip), bridge)
-        for tap in self.host.net.taps():
-            owner = tap[2:]
-            if not any(vm_id.startswith(owner) for vm_id in live):
-                log.info("removing leftover tap %s", tap)
-                self.host.net.delete_tap(tap)
-        for vm_id in self.host.net.nat_vm_ids() - live:
-            log.info("removing leftover NAT rules of VM %s", vm_id)
-            self.host.net.remove_nat(vm_id)
+        return reconciling.reconcile(self)

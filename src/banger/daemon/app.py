@@ -55,10 +55,11 @@ from banger.api.schema import (
     VMSet,
     WorkspaceIn,
 )
+from banger.core.batch import BatchResult
 from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.ports import Endpoint, WorkspaceRequest
-from banger.core.service import BatchResult, VMService, VMView
+from banger.core.service import VMService, VMView
 from banger.model.vm import VM, NetworkMode, VMSpec
 
 log = logging.getLogger(__name__)
