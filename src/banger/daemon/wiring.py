@@ -35,6 +35,7 @@ from banger.host import (
     nat,
     net,
     qemu,
+    repostage,
     seriallog,
     ssh,
     vmmproc,
@@ -127,7 +128,8 @@ class LocalDisks:
 
 
 class LocalWorkspace:
-    """Host repos read with git and staged as a real checkout (banger.host.workspace)."""
+    """Host repos read with git (banger.host.workspace) and staged as a real checkout
+    (banger.host.repostage)."""
 
     def __init__(self, scratch: Scratch | None = None) -> None:
         self._scratch = scratch  # None: no RAM staging (the VM's directory only)
@@ -155,12 +157,12 @@ class LocalWorkspace:
         assert isinstance(handle, workspace.Selection)
         with self._ram_lock:
             ram = self._scratch.ram() if self._scratch is not None else None
-            parent = workspace.staging_parent(handle, scratch, ram, sel.request.from_ref)
+            parent = repostage.staging_parent(handle, scratch, ram, sel.request.from_ref)
             tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"
             try:
-                workspace.stage(handle, tree, branch=sel.request.branch,
+                repostage.stage(handle, tree, branch=sel.request.branch,
                                 from_ref=sel.request.from_ref)
             except workspace.WorkspaceError as exc:
                 raise InvalidRequest(str(exc)) from exc
