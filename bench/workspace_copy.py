@@ -24,7 +24,7 @@ from pathlib import Path
 
 from benchlib import write_result
 
-from banger.host import disks, workspace
+from banger.host import disks, repostage, workspace
 
 GIT_ENV = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
            "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.com",
@@ -88,11 +88,11 @@ def banger(repo: Path, work: Path, disk_bytes: int, *, tmpfs: bool) -> dict[str,
     img = work / "work.ext4"
     t0 = time.perf_counter()
     sel = workspace.select(repo)
-    parent = workspace.staging_parent(sel, work) if tmpfs else work
+    parent = repostage.staging_parent(sel, work) if tmpfs else work
     t1 = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="bgws-stage-", dir=parent))
     try:
-        workspace.stage(sel, scratch / "repo")
+        repostage.stage(sel, scratch / "repo")
         t2 = time.perf_counter()
         disks.build_work_disk(img, disk_bytes, {}, trees={"repo": scratch / "repo"})
         t3 = time.perf_counter()
@@ -125,7 +125,7 @@ def main() -> None:
     args = ap.parse_args()
     # Same filesystem as a real VM directory: staged tree and disk side by side.
     root = Path(tempfile.mkdtemp(prefix="bgws-", dir="/var/tmp"))
-    shm = Path(tempfile.mkdtemp(prefix="bgws-", dir=workspace.TMPFS))
+    shm = Path(tempfile.mkdtemp(prefix="bgws-", dir=repostage.TMPFS))
     try:
         t0 = time.perf_counter()
         repo = make_repo(root, args.files, args.mib)

@@ -22,7 +22,7 @@ import pytest
 from netns import current_inode, entered, run_in, throwaway
 
 from banger.daemon import wiring
-from banger.host import net
+from banger.host import nat, net
 from banger.host.net import NetworkError
 
 pytestmark = [
@@ -142,35 +142,35 @@ def test_tap_on_missing_bridge_is_rolled_back(hostns: str) -> None:
 
 def rule_comments() -> list[str]:
     return [r["comment"] for r in
-            (item["rule"] for item in net.list_ruleset() if "rule" in item)
+            (item["rule"] for item in nat.list_ruleset() if "rule" in item)
             if "comment" in r]
 
 
 def test_nat_rules_are_added_and_removed_by_vm_id(hostns: str) -> None:
-    assert net.nat_vm_ids() == set()
-    assert net.remove_nat("aaa") == 0  # nothing there yet: still fine
-    setup = net.add_nat("aaa", GUEST_IP, BRIDGE)
+    assert nat.nat_vm_ids() == set()
+    assert nat.remove_nat("aaa") == 0  # nothing there yet: still fine
+    setup = nat.add_nat("aaa", GUEST_IP, BRIDGE)
     assert setup.rules == 3 and setup.forward_drops == ()
-    net.add_nat("bbb", IPv4Address("172.30.0.6"), BRIDGE, out_iface="eth9")
-    net.add_nat("aaa", GUEST_IP, BRIDGE)  # replaces, never duplicates
+    nat.add_nat("bbb", IPv4Address("172.30.0.6"), BRIDGE, out_iface="eth9")
+    nat.add_nat("aaa", GUEST_IP, BRIDGE)  # replaces, never duplicates
     assert sorted(rule_comments()) == ["banger:aaa"] * 3 + ["banger:bbb"] * 3
-    assert net.nat_vm_ids() == {"aaa", "bbb"}
-    assert net.remove_nat("aaa") == 3
-    assert net.remove_nat("aaa") == 0
-    assert net.nat_vm_ids() == {"bbb"}
+    assert nat.nat_vm_ids() == {"aaa", "bbb"}
+    assert nat.remove_nat("aaa") == 3
+    assert nat.remove_nat("aaa") == 0
+    assert nat.nat_vm_ids() == {"bbb"}
     assert rule_comments() == ["banger:bbb"] * 3
     ruleset = sh("nft", "list", "table", "inet", "banger")
     assert 'oifname "eth9" masquerade' in ruleset and "172.30.0.6" in ruleset
-    assert net.delete_nat_table() is True
-    assert net.delete_nat_table() is False
-    assert net.nat_vm_ids() == set()
+    assert nat.delete_nat_table() is True
+    assert nat.delete_nat_table() is False
+    assert nat.nat_vm_ids() == set()
 
 
 def test_ip_forward_is_per_namespace(hostns: str) -> None:
-    assert not net.ip_forward_enabled()
-    assert net.ensure_ip_forward() is True
-    assert net.ensure_ip_forward() is False
-    assert net.ip_forward_enabled()
+    assert not nat.ip_forward_enabled()
+    assert nat.ensure_ip_forward() is True
+    assert nat.ensure_ip_forward() is False
+    assert nat.ip_forward_enabled()
     # root_untouched checks the original namespace still has its own value.
 
 
@@ -178,22 +178,22 @@ def test_ip_forward_is_restored_when_the_last_nat_vm_goes(hostns: str, tmp_path:
     record = tmp_path / "ip_forward.orig"
     host = wiring.LocalNet(record)
     assert host.ensure_bridge(BRIDGE, IPv4Interface(GATEWAY))
-    assert not net.ip_forward_enabled()
+    assert not nat.ip_forward_enabled()
     lines = host.add_nat("vm1", GUEST_IP, BRIDGE)
     assert any("enabled IPv4 forwarding" in line for line in lines), lines
-    assert net.ip_forward_enabled() and record.read_text().strip() == "0"
+    assert nat.ip_forward_enabled() and record.read_text().strip() == "0"
     host.add_nat("vm2", IPv4Address("172.30.0.6"), BRIDGE)
     host = wiring.LocalNet(record)  # a daemon restart: the original is read back from disk
     assert host.remove_nat("vm1") > 0
-    assert net.ip_forward_enabled(), "vm2 still needs forwarding"
+    assert nat.ip_forward_enabled(), "vm2 still needs forwarding"
     assert host.remove_nat("vm2") > 0
-    assert not net.ip_forward_enabled() and not record.exists()
+    assert not nat.ip_forward_enabled() and not record.exists()
     # Forwarding that was on before banger (a router, Docker) stays on.
-    net.ensure_ip_forward()
+    nat.ensure_ip_forward()
     assert not any("forwarding" in line for line in host.add_nat("vm3", GUEST_IP, BRIDGE))
     assert not record.exists()
     host.remove_nat("vm3")
-    assert net.ip_forward_enabled()
+    assert nat.ip_forward_enabled()
 
 
 @dataclass
@@ -254,11 +254,11 @@ def topology(hostns: str) -> Iterator[Topology]:
 
 def test_nat_gives_the_guest_outbound_access(topology: Topology) -> None:
     assert topology.reach() is None  # ip_forward off
-    assert net.ensure_ip_forward() is True
+    assert nat.ensure_ip_forward() is True
     assert topology.reach() is None  # forwarded, but the remote cannot answer 172.30.0.5
-    net.add_nat("vm1", GUEST_IP, BRIDGE)
+    nat.add_nat("vm1", GUEST_IP, BRIDGE)
     assert topology.reach() == HOST_REMOTE_SIDE  # masqueraded behind the host
-    assert net.remove_nat("vm1") == 3
+    assert nat.remove_nat("vm1") == 3
     assert topology.reach() is None
 
 
@@ -267,16 +267,16 @@ def test_guard_keeps_guests_without_nat_closed_even_when_routed(topology: Topolo
     guest without NAT once forwarding is on - unless the bridge's guard is there."""
     assert run_in(topology.remote, "ip", "route", "add", "172.30.0.0/24", "via",
                   HOST_REMOTE_SIDE).returncode == 0
-    net.ensure_ip_forward()
+    nat.ensure_ip_forward()
     assert topology.reach() == str(GUEST_IP)  # plain routing: the guest is out
-    assert net.ensure_guard(BRIDGE) is True
-    assert net.ensure_guard(BRIDGE) is False  # idempotent
+    assert nat.ensure_guard(BRIDGE) is True
+    assert nat.ensure_guard(BRIDGE) is False  # idempotent
     assert topology.reach() is None  # guarded: no NAT, no way out
-    net.add_nat("vm1", GUEST_IP, BRIDGE)
+    nat.add_nat("vm1", GUEST_IP, BRIDGE)
     assert topology.reach() == HOST_REMOTE_SIDE  # its NAT rules go ahead of the guard
-    net.remove_nat("vm1")
+    nat.remove_nat("vm1")
     assert topology.reach() is None
-    assert net.nat_vm_ids() == set()  # the guard is not a VM's rule
+    assert nat.nat_vm_ids() == set()  # the guard is not a VM's rule
 
 
 IPTABLES = shutil.which("iptables-nft")
@@ -303,12 +303,12 @@ def add_foreign_forward_drop(docker: bool) -> None:
 
 @pytest.mark.parametrize("docker", [True, False], ids=["docker-user", "plain-forward"])
 def test_foreign_forward_drop_gets_accept_rules(topology: Topology, docker: bool) -> None:
-    net.ensure_ip_forward()
+    nat.ensure_ip_forward()
     add_foreign_forward_drop(docker)
     accept_in = "DOCKER-USER" if docker else "FORWARD"
-    [drop] = net.forward_drop_chains()
+    [drop] = nat.forward_drop_chains()
     assert (str(drop.chain), drop.accept_in.name) == ("ip filter FORWARD", accept_in)
-    setup = net.add_nat("vm1", GUEST_IP, BRIDGE)
+    setup = nat.add_nat("vm1", GUEST_IP, BRIDGE)
     assert setup.forward_drops == (drop,)
     assert setup.rules == 5
     assert any(accept_in in line for line in setup.describe())
@@ -321,7 +321,7 @@ def test_foreign_forward_drop_gets_accept_rules(topology: Topology, docker: bool
             sh(IPTABLES, "-C", "FORWARD", "-j", "DOCKER-USER")
 
     # Only the rules in the foreign chain let the traffic through it.
-    foreign = [item["rule"] for item in net.list_ruleset()
+    foreign = [item["rule"] for item in nat.list_ruleset()
                if "rule" in item and item["rule"]["table"] == "filter"
                and item["rule"].get("comment") == "banger:vm1"]
     assert len(foreign) == 2 and {r["chain"] for r in foreign} == {accept_in}
@@ -329,8 +329,8 @@ def test_foreign_forward_drop_gets_accept_rules(topology: Topology, docker: bool
         sh("nft", "delete", "rule", "ip", "filter", accept_in, "handle", str(rule["handle"]))
     assert topology.reach() is None
 
-    net.add_nat("vm1", GUEST_IP, BRIDGE)
+    nat.add_nat("vm1", GUEST_IP, BRIDGE)
     assert topology.reach() == HOST_REMOTE_SIDE
-    assert net.remove_nat("vm1") == 5
+    assert nat.remove_nat("vm1") == 5
     assert "banger" not in sh("nft", "list", "table", "ip", "filter")
     assert topology.reach() is None

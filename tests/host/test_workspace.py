@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import disks, workspace
+from banger.host import disks, repostage, workspace
 from banger.host.workspace import WorkspaceError
 
 pytestmark = [
@@ -149,7 +149,7 @@ def test_not_a_work_tree_refused(tmp_path: Path) -> None:
 
 def stage(tmp_path: Path, sel: workspace.Selection, **kw: str) -> Path:
     dest = tmp_path / "staged"
-    workspace.stage(sel, dest, **kw)
+    repostage.stage(sel, dest, **kw)
     return dest
 
 
@@ -195,7 +195,7 @@ def test_base_snapshot_is_the_staged_tree_and_leaves_the_index_alone(tmp_path: P
     (repo / "README").write_text("changed, not staged\n")
     dest = stage(tmp_path, workspace.select(repo, include_untracked=True))
     before = status(dest)
-    base = git(dest, "rev-parse", workspace.BASE_REF).strip()
+    base = git(dest, "rev-parse", repostage.BASE_REF).strip()
     assert git(dest, "rev-parse", f"{base}^").strip() == git(repo, "rev-parse", "HEAD").strip()
     # The snapshot holds exactly the staged work tree: uncommitted and untracked included.
     assert git(dest, "show", f"{base}:README") == "changed, not staged\n"
@@ -230,9 +230,9 @@ def test_guest_only_branch_from_ref(tmp_path: Path) -> None:
     assert status(dest) == "?? notes.txt\n"
     assert "feat" not in git(repo, "branch", "--list")  # guest-only
     with pytest.raises(WorkspaceError, match="already exists"):
-        workspace.stage(workspace.select(repo), tmp_path / "again", branch="main")
+        repostage.stage(workspace.select(repo), tmp_path / "again", branch="main")
     with pytest.raises(WorkspaceError, match="not a commit"):
-        workspace.stage(workspace.select(repo), tmp_path / "x", branch="b", from_ref="nope")
+        repostage.stage(workspace.select(repo), tmp_path / "x", branch="b", from_ref="nope")
 
 
 def test_branch_without_from_keeps_the_work_tree(tmp_path: Path) -> None:
@@ -262,7 +262,7 @@ def test_directory_swapped_for_symlink_is_not_followed(tmp_path: Path) -> None:
     shutil.rmtree(repo / "bin")
     os.symlink(secret, repo / "bin")
     with pytest.raises(WorkspaceError, match=r"bin/run\.sh"):
-        workspace.stage(sel, tmp_path / "staged")
+        repostage.stage(sel, tmp_path / "staged")
 
 
 def debugfs(img: Path, request: str) -> str:
@@ -336,15 +336,15 @@ def test_tree_owned_by_root_when_built_by_a_user(tmp_path: Path) -> None:
 
 def test_staging_parent_prefers_tmpfs_only_when_small(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    if not workspace.TMPFS.is_dir():
-        pytest.skip(f"{workspace.TMPFS} does not exist here")
+    if not repostage.TMPFS.is_dir():
+        pytest.skip(f"{repostage.TMPFS} does not exist here")
     sel = workspace.select(make_repo(tmp_path))
-    ram = Path(tempfile.mkdtemp(dir=workspace.TMPFS))
+    ram = Path(tempfile.mkdtemp(dir=repostage.TMPFS))
     try:
-        assert workspace.staging_parent(sel, tmp_path, ram) == ram
-        assert workspace.staging_parent(sel, tmp_path, None) == tmp_path
-        monkeypatch.setattr(workspace, "TMPFS_SHARE", 1 << 50)  # "memory is tiny"
-        assert workspace.staging_parent(sel, tmp_path, ram) == tmp_path
+        assert repostage.staging_parent(sel, tmp_path, ram) == ram
+        assert repostage.staging_parent(sel, tmp_path, None) == tmp_path
+        monkeypatch.setattr(repostage, "TMPFS_SHARE", 1 << 50)  # "memory is tiny"
+        assert repostage.staging_parent(sel, tmp_path, ram) == tmp_path
     finally:
         ram.rmdir()
 
@@ -362,6 +362,6 @@ def test_repo_without_commits_and_detached_head(tmp_path: Path) -> None:
     git(repo, "checkout", "-q", "--detach")
     sel = workspace.select(repo)
     assert sel.branch is None and sel.head is not None
-    workspace.stage(sel, tmp_path / "detached")
+    repostage.stage(sel, tmp_path / "detached")
     assert git(tmp_path / "detached", "rev-parse", "HEAD").strip() == sel.head
     assert status(tmp_path / "detached") == ""

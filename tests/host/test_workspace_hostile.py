@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_workspace import GIT_ENV, git, make_repo, status
 
-from banger.host import repogit, workspace
+from banger.host import repogit, repostage, workspace
 from banger.host.workspace import WorkspaceError
 
 pytestmark = [
@@ -112,14 +112,14 @@ def test_hostile_config_and_hooks_run_nothing_and_stage_right(tmp_path: Path) ->
     sel = workspace.select(repo, include_untracked=True)
     assert not {f.path: f for f in sel.files}["new.txt"].tracked
     dest = tmp_path / "staged"
-    workspace.stage(sel, dest)
-    workspace.record_base(dest)
+    repostage.stage(sel, dest)
+    repostage.record_base(dest)
     assert ran(markers) == []
     # The checkout is still right: the host's status, HEAD, contents and base snapshot.
     assert status(dest) == expected["status"]
     assert git(dest, "rev-parse", "HEAD").strip() == expected["head"]
     assert (dest / "data.txt").read_text() == "changed, not staged\n"
-    base = git(dest, "rev-parse", workspace.BASE_REF).strip()
+    base = git(dest, "rev-parse", repostage.BASE_REF).strip()
     assert git(dest, "show", f"{base}:data.txt") == "changed, not staged\n"
     assert git(dest, "show", f"{base}:new.txt") == "untracked, filtered\n"
     # Nothing of the hostile config made it into the copy (remotes are kept, as data).
@@ -132,7 +132,7 @@ def test_hostile_config_and_hooks_run_nothing_and_stage_right(tmp_path: Path) ->
 def test_hostile_repo_staged_from_another_ref_on_a_branch(tmp_path: Path) -> None:
     repo, markers, expected = make_hostile(tmp_path)
     dest = tmp_path / "staged"
-    workspace.stage(workspace.select(repo, include_untracked=True), dest, branch="guest",
+    repostage.stage(workspace.select(repo, include_untracked=True), dest, branch="guest",
                     from_ref="HEAD")  # reset --hard: checks out filtered files
     assert ran(markers) == []
     assert git(dest, "symbolic-ref", "HEAD").strip() == "refs/heads/guest"
@@ -203,7 +203,7 @@ def test_symlinked_index_is_refused(tmp_path: Path, which: str) -> None:
     os.symlink(secret, link)
     dest = tmp_path / "staged"
     with pytest.raises(WorkspaceError, match=f"{link} is a symlink"):
-        workspace.stage(sel, dest)
+        repostage.stage(sel, dest)
     for path in dest.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert b"SECRET-BYTES" not in path.read_bytes(), path
@@ -215,7 +215,7 @@ def test_fifo_index_is_refused_without_hanging(tmp_path: Path) -> None:
     (repo / ".git" / "index").unlink()
     os.mkfifo(repo / ".git" / "index")
     with pytest.raises(WorkspaceError, match="not a regular file"):
-        workspace.stage(sel, tmp_path / "staged")
+        repostage.stage(sel, tmp_path / "staged")
 
 
 @pytest.mark.parametrize("how", ["gitfile", "symlink"])
@@ -241,7 +241,7 @@ def test_linked_worktree_still_works(tmp_path: Path) -> None:
     sel = workspace.select(linked)
     assert sel.repo == linked.resolve() and sel.branch == "side"
     dest = tmp_path / "staged"
-    workspace.stage(sel, dest)
+    repostage.stage(sel, dest)
     assert status(dest) == " M README\n"
     assert git(dest, "symbolic-ref", "HEAD").strip() == "refs/heads/side"
 
@@ -254,7 +254,7 @@ def test_git_dir_swapped_after_select_is_refused_by_stage(tmp_path: Path) -> Non
     shutil.rmtree(repo / ".git")
     (repo / ".git").write_text(f"gitdir: {secret / '.git'}\n")
     with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
-        workspace.stage(sel, tmp_path / "staged")
+        repostage.stage(sel, tmp_path / "staged")
 
 
 def _secret_repo(tmp_path: Path) -> Path:
@@ -291,7 +291,7 @@ def test_commondir_swapped_in_after_select_is_refused_by_stage(tmp_path: Path) -
     (repo / ".git" / "commondir").write_text(f"{secret / '.git'}\n")
     dest = tmp_path / "staged"
     with pytest.raises(WorkspaceError, match=f"points at {secret / '.git'}"):
-        workspace.stage(sel, dest)
+        repostage.stage(sel, dest)
     _assert_no_secret(dest, secret)
 
 
@@ -338,7 +338,7 @@ def test_symlinked_refs_with_alternates_are_refused(tmp_path: Path, link: str) -
     dest = tmp_path / "staged"
     with pytest.raises(WorkspaceError, match="is a symlink"):
         sel = workspace.select(repo)
-        workspace.stage(sel, dest)
+        repostage.stage(sel, dest)
     _assert_no_secret(dest, secret)
 
 
@@ -355,7 +355,7 @@ def test_sparse_file_is_staged_sparse(tmp_path: Path) -> None:
     assert os.stat(repo / "README").st_blocks * 512 < 1 << 20
     sel = workspace.select(repo)
     dest = tmp_path / "staged"
-    workspace.stage(sel, dest)
+    repostage.stage(sel, dest)
     st = os.stat(dest / "README")
     assert st.st_size == size
     assert st.st_blocks * 512 < 1 << 20, f"{st.st_blocks * 512} bytes written for a hole"
@@ -387,10 +387,10 @@ def test_from_ref_checkout_bigger_than_the_free_space_is_refused(
     size = _git_bomb(repo)
     sel = workspace.select(repo)
     # "The disk is small" (raising=False: on code without the check, the bomb goes off).
-    monkeypatch.setattr(workspace, "_free_bytes", lambda _path: size, raising=False)
+    monkeypatch.setattr(repostage, "_free_bytes", lambda _path: size, raising=False)
     dest = tmp_path / "staged"
     with pytest.raises(WorkspaceError, match=r"--from 'bomb' checks out 256\.0 MiB"):
-        workspace.stage(sel, dest, branch="try", from_ref="bomb")
+        repostage.stage(sel, dest, branch="try", from_ref="bomb")
     assert not list(dest.glob("zeros*"))
 
 
@@ -401,6 +401,6 @@ def test_staging_parent_counts_the_from_ref_checkout(
     sel = workspace.select(repo)
     ram = tmp_path / "ram"
     ram.mkdir()
-    monkeypatch.setattr(workspace, "_mem_available", lambda: 2 * size)
-    assert workspace.staging_parent(sel, tmp_path, ram) == ram
-    assert workspace.staging_parent(sel, tmp_path, ram, "bomb") == tmp_path
+    monkeypatch.setattr(repostage, "_mem_available", lambda: 2 * size)
+    assert repostage.staging_parent(sel, tmp_path, ram) == ram
+    assert repostage.staging_parent(sel, tmp_path, ram, "bomb") == tmp_path

@@ -1,10 +1,10 @@
-"""Pure parts of banger.host.net: reading nft's JSON ruleset (no commands run)."""
+"""Pure parts of banger.host.nat: reading nft's JSON ruleset (no commands run)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from banger.host.net import ChainRef, ForwardDrop, forward_drop_chains
+from banger.host.nat import ChainRef, ForwardDrop, forward_drop_chains
 
 
 def chain(family: str, table: str, name: str, **base: Any) -> dict[str, Any]:

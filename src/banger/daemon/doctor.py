@@ -12,7 +12,7 @@ from typing import Literal
 from banger.api.schema import Check, Doctor
 from banger.core.ports import VmmPort
 from banger.daemon.names import VmNames
-from banger.host import net
+from banger.host import nat, net
 from banger.host.runner import CommandError, run
 from banger.local import sshconfig
 from banger.model import netalloc
@@ -88,8 +88,8 @@ def network_checks(cfg: NetworkConfig, names: VmNames | None) -> list[Check]:
                               "set [network] bridge to another name"), "fail"
         checks.append(Check(name="tap networking", status=status, detail=detail))
         try:
-            forwarding = "on" if net.ip_forward_enabled() else "off (turned on by the first --nat)"
-            drops = [d.describe() for d in net.forward_drop_chains()]
+            forwarding = "on" if nat.ip_forward_enabled() else "off (turned on by the first --nat)"
+            drops = [d.describe() for d in nat.forward_drop_chains()]
             checks.append(Check(name="ip forwarding", status="pass", detail=forwarding))
             checks.append(Check(
                 name="forward policy", status="warn" if drops else "pass",

@@ -32,8 +32,10 @@ from banger.host import (
     guestports,
     imagebuild,
     kvm,
+    nat,
     net,
     qemu,
+    repostage,
     seriallog,
     ssh,
     vmmproc,
@@ -126,7 +128,8 @@ class LocalDisks:
 
 
 class LocalWorkspace:
-    """Host repos read with git and staged as a real checkout (banger.host.workspace)."""
+    """Host repos read with git (banger.host.workspace) and staged as a real checkout
+    (banger.host.repostage)."""
 
     def __init__(self, scratch: Scratch | None = None) -> None:
         self._scratch = scratch  # None: no RAM staging (the VM's directory only)
@@ -154,12 +157,12 @@ class LocalWorkspace:
         assert isinstance(handle, workspace.Selection)
         with self._ram_lock:
             ram = self._scratch.ram() if self._scratch is not None else None
-            parent = workspace.staging_parent(handle, scratch, ram, sel.request.from_ref)
+            parent = repostage.staging_parent(handle, scratch, ram, sel.request.from_ref)
             tmp = Path(tempfile.mkdtemp(prefix=".workspace-", dir=parent))
         try:
             tree = tmp / "repo"
             try:
-                workspace.stage(handle, tree, branch=sel.request.branch,
+                repostage.stage(handle, tree, branch=sel.request.branch,
                                 from_ref=sel.request.from_ref)
             except workspace.WorkspaceError as exc:
                 raise InvalidRequest(str(exc)) from exc
@@ -394,7 +397,7 @@ class SshGuest:
 
 
 class LocalNet:
-    """Bridge, taps and nftables NAT on this host (banger.host.net); needs root."""
+    """Bridge, taps and nftables NAT on this host (banger.host.net, banger.host.nat); needs root."""
 
     def __init__(self, ip_forward_record: Path | None = None) -> None:
         self._bridge_lock = threading.Lock()
@@ -419,7 +422,7 @@ class LocalNet:
     def ensure_bridge(self, name: str, gateway: IPv4Interface) -> bool:
         with self._bridge_lock:
             created = self._net(net.ensure_bridge, name, gateway)
-            self._net(net.ensure_guard, name)
+            self._net(nat.ensure_guard, name)
             return created
 
     def create_tap(self, name: str, bridge: str) -> bool:
@@ -435,21 +438,21 @@ class LocalNet:
     def add_nat(self, vm_id: str, guest_ip: IPv4Address, bridge: str) -> list[str]:
         lines = []
         with self._nat_lock:
-            if self._net(net.ensure_ip_forward, self._forward_record):
+            if self._net(nat.ensure_ip_forward, self._forward_record):
                 lines.append("enabled IPv4 forwarding (net.ipv4.ip_forward was 0; restored "
                              "when the last --nat VM goes)")
-            setup = self._net(net.add_nat, vm_id, guest_ip, bridge)
+            setup = self._net(nat.add_nat, vm_id, guest_ip, bridge)
         return lines + setup.describe()
 
     def remove_nat(self, vm_id: str) -> int:
         with self._nat_lock:
-            removed = self._net(net.remove_nat, vm_id)
-            if self._forward_record is not None and not self._net(net.nat_vm_ids):
-                self._net(net.restore_ip_forward, self._forward_record)
+            removed = self._net(nat.remove_nat, vm_id)
+            if self._forward_record is not None and not self._net(nat.nat_vm_ids):
+                self._net(nat.restore_ip_forward, self._forward_record)
             return removed
 
     def nat_vm_ids(self) -> set[str]:
-        return self._net(net.nat_vm_ids)
+        return self._net(nat.nat_vm_ids)
 
     @staticmethod
     def _net(fn: Callable[..., T], *args: object) -> T:

@@ -1,14 +1,14 @@
 """git on a repo banger does not trust: its own config may name programs, and none run.
 
-The one way :mod:`banger.host.workspace` runs git, on the user's repo (select, the clone
-of its history, reading its config) and on the staged copy (reset, update-index, add,
-commit-tree ...). A repo's ``.git/config`` (and any file it includes) is the repo
-author's, not the user's: a repo from a tarball, a shared directory or a colleague can
-set keys that make git run commands, and bangerd may run as root. :func:`for_repo` lists
-the config key names without running anything (``git config --list --name-only``, which
-reads config files and nothing else, with includes followed) and :class:`RepoGit`
-overrides, as command-scope config (read last, so it wins), every key that can run a
-program:
+The one way :mod:`banger.host.workspace` and :mod:`banger.host.repostage` run git, on the
+user's repo (select, the clone of its history, reading its config) and on the staged copy
+(reset, update-index, add, commit-tree ...). A repo's ``.git/config`` (and any file it
+includes) is the repo author's, not the user's: a repo from a tarball, a shared directory
+or a colleague can set keys that make git run commands, and bangerd may run as root.
+:func:`for_repo` lists the config key names without running anything
+(``git config --list --name-only``, which reads config files and nothing else, with
+includes followed) and :class:`RepoGit` overrides, as command-scope config (read last,
+so it wins), every key that can run a program:
 
 fixed keys (always overridden)
   ``core.fsmonitor=false``       runs a hook program whenever the index is read.
