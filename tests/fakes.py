@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.operations import Operations
-from banger.core.ports import (
+from banger.core.service import VMService
+from banger.model.config import Config, FileSync
+from banger.model.errors import InvalidRequest, OperationFailed
+from banger.model.layout import Layout
+from banger.ports import (
     Accel,
     Endpoint,
     HostPorts,
@@ -28,9 +31,6 @@ from banger.core.ports import (
     WorkspaceRequest,
     WorkspaceSelection,
 )
-from banger.core.service import VMService
-from banger.model.config import Config, FileSync
-from banger.model.layout import Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
 

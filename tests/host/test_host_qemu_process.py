@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from banger.core.ports import LaunchSpec
 from banger.daemon import wiring
 from banger.host import kvm, qemu, vmmproc, vmmuser
 from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
+from banger.ports import LaunchSpec
 
 pytestmark = [
     pytest.mark.host,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from banger.core.ports import WorkspaceRequest
 from banger.daemon import wiring
 from banger.host.scratch import Scratch
 from banger.model.layout import Layout
+from banger.ports import WorkspaceRequest
 
 pytestmark = pytest.mark.host
 

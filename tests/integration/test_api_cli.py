@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from banger.cli.main import cli
-from banger.core.ports import ListeningSocket
+from banger.ports import ListeningSocket
 from tests.integration.conftest import Daemon
 
 

@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from banger.api.schema import Check, Doctor
 from banger.cli.main import cli
 from banger.client.client import Client
-from banger.core.ports import ListeningSocket
 from banger.daemon.wiring import LocalWorkspace
+from banger.ports import ListeningSocket
 from tests.integration.conftest import Daemon
 
 # OSC 52 (sets the clipboard), CSI clear screen, the C1 CSI (U+009B), BEL, a bare CR that

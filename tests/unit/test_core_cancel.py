@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from banger.core.errors import Cancelled, NotFoundError
 from banger.core.operations import BootSlots, OpControl, Progress
+from banger.model.errors import Cancelled, NotFoundError
 from banger.model.layout import Layout
 from banger.model.vm import VMSpec, VMState
 from tests.fakes import fake_service
@@ -182,7 +182,7 @@ def test_an_operation_that_waited_behind_a_delete_says_not_found(env, action: st
 def test_stop_kill_delete_of_a_booting_vm_cancel_its_start(env, action: str) -> None:  # type: ignore[no-untyped-def]
     # `banger vm stop box` while box boots (or waits in line for a boot slot) must not
     # wait behind the whole boot: the start is cancelled and rolls back.
-    from banger.core.errors import BangerError
+    from banger.model.errors import BangerError
 
     svc, vmm, guest, *_ = env
     svc.create(name="box", spec=VMSpec(), start=False)
@@ -211,7 +211,7 @@ def test_stop_kill_delete_of_a_booting_vm_cancel_its_start(env, action: str) -> 
 
 
 def test_a_kill_during_a_restarts_stop_half_cancels_its_start_half(env) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.errors import BangerError
+    from banger.model.errors import BangerError
 
     svc, vmm, guest, *_ = env
     svc.create(name="box", spec=VMSpec())

@@ -9,8 +9,8 @@ from banger.core.guestports import (
     GuestSocketView,
     reachability,
 )
-from banger.core.ports import Endpoint, ListeningSocket
 from banger.model.vm import VM, NetworkMode, VMSpec, VMState
+from banger.ports import Endpoint, ListeningSocket
 
 SSH4 = ListeningSocket("tcp", "0.0.0.0", 22, "sshd")
 SSH6 = ListeningSocket("tcp", "::", 22, "sshd")

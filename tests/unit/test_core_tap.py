@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from banger.core.errors import InvalidRequest, OperationFailed
 from banger.core.operations import Progress
 from banger.core.service import VMService
 from banger.model.config import Config, NetworkConfig
+from banger.model.errors import InvalidRequest, OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import NetworkMode, VMSpec, VMState
 from tests.fakes import FakeNet, FakeVmm, fake_service

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from banger.core.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.core.operations import Operations, Progress
-from banger.core.ports import ListeningSocket
 from banger.core.service import VMService
 from banger.core.startplan import StartContext, start_steps
+from banger.model.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import VMSpec, VMState
+from banger.ports import ListeningSocket
 from banger.store.vms import OperationLog, VMRepository
 from tests.fakes import FakeVmm, fake_service
 
@@ -307,7 +307,7 @@ def test_in_flight_operations_listed(env) -> None:  # type: ignore[no-untyped-de
 
 
 def test_workspace_copied_onto_the_work_disk(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, disks, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
@@ -325,7 +325,7 @@ def test_workspace_copied_onto_the_work_disk(env, tmp_path: Path) -> None:  # ty
 
 
 def test_bad_workspace_refused_before_anything_exists(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, *_ = env
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -335,7 +335,7 @@ def test_bad_workspace_refused_before_anything_exists(env, tmp_path: Path) -> No
 
 
 def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, disks, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
@@ -348,7 +348,7 @@ def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  
 
 
 def test_prepare_workspace_on_running_vm(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
@@ -364,7 +364,7 @@ def test_prepare_workspace_on_running_vm(env, tmp_path: Path) -> None:  # type: 
 
 
 def test_prepare_workspace_on_stopped_vm_lands_at_next_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
@@ -391,7 +391,7 @@ def test_prepare_workspace_on_stopped_vm_lands_at_next_start(env, tmp_path: Path
 
 
 def test_prepare_workspace_failed_sync_is_kept_for_the_next_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
@@ -409,7 +409,7 @@ def test_prepare_workspace_failed_sync_is_kept_for_the_next_start(env, tmp_path:
 
 
 def test_prepare_workspace_on_never_started_vm_goes_on_the_work_disk(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, disks, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
@@ -428,7 +428,7 @@ def _tool_repo(tmp_path: Path) -> Path:
 
 
 def test_bootstrap_without_network_refused_before_anything_exists(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
     repo = _tool_repo(tmp_path)
     with pytest.raises(InvalidRequest, match=r"\.tool-versions.*--nat.*--no-bootstrap"):
@@ -439,8 +439,8 @@ def test_bootstrap_without_network_refused_before_anything_exists(env, tmp_path:
 
 
 def test_bootstrap_started_after_the_workspace_lands(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from banger.core.ports import WorkspaceRequest
     from banger.model.config import Config
+    from banger.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
     svc.load_config = lambda: Config(installer_url="http://10.0.2.2:9/i.sh")
     repo = _tool_repo(tmp_path)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from banger.core.errors import BangerError, OperationFailed
+from banger.model.errors import BangerError, OperationFailed
 from banger.model.vm import VM, VMState
 
 if TYPE_CHECKING:

@@ -15,8 +15,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from banger.core.ports import Endpoint, ListeningSocket
 from banger.model.vm import VM, NetworkMode
+from banger.ports import Endpoint, ListeningSocket
 
 GUEST_SSH_PORT = 22
 DNS_ZONE = "vm"

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from banger.core.errors import Cancelled, NotFoundError
+from banger.model.errors import Cancelled, NotFoundError
 
 log = logging.getLogger("banger.ops")
 

@@ -15,8 +15,8 @@ import signal
 import threading
 from dataclasses import asdict, dataclass
 
-from banger.core.ports import Endpoint, NetPort, VmmPort
 from banger.model.layout import VMPaths
+from banger.ports import Endpoint, NetPort, VmmPort
 
 log = logging.getLogger(__name__)
 

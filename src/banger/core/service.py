@@ -6,7 +6,7 @@ live in modules of their own and it delegates to them: driving the start pipelin
 reconcile (:mod:`banger.core.reconcile`), several VMs at once and prune
 (:mod:`banger.core.batch`).
 
-Reaches the host only through :mod:`banger.core.ports`. Each VM has a lock: one lifecycle
+Reaches the host only through :mod:`banger.ports`. Each VM has a lock: one lifecycle
 operation at a time per VM; different VMs proceed concurrently, and reads never wait for a
 VM's lock. At most ``max_boots`` start pipelines run at once (:class:`BootSlots`, first come
 first served). A start can be cancelled (its :class:`OpControl`): the pipeline stops
@@ -30,7 +30,6 @@ from banger.core import batch as batches
 from banger.core import reconcile as reconciling
 from banger.core import starting, workspaces
 from banger.core.batch import BatchResult
-from banger.core.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.core.guestports import GuestSocketView, reachability
 from banger.core.operations import (
     BootSlots,
@@ -41,7 +40,6 @@ from banger.core.operations import (
     default_max_boots,
     no_progress,
 )
-from banger.core.ports import Endpoint, HostPorts, WorkspaceRequest, WorkspaceSelection
 from banger.core.reconcile import LIVE_STATES
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.startplan import (
@@ -53,6 +51,7 @@ from banger.core.startplan import (
 )
 from banger.model import netalloc
 from banger.model.config import Config
+from banger.model.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import (
     VM,
@@ -65,6 +64,7 @@ from banger.model.vm import (
     validate_name,
 )
 from banger.pipeline import Event
+from banger.ports import Endpoint, HostPorts, WorkspaceRequest, WorkspaceSelection
 from banger.store.vms import Conflict, NotFound, VMRepository
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from banger.core.errors import BangerError, Cancelled, OperationFailed
 from banger.core.operations import OpControl, Operation, Operations, Progress, ProgressSink
 from banger.core.startplan import StartContext, start_steps
+from banger.model.errors import BangerError, Cancelled, OperationFailed
 from banger.model.vm import VM, VMState
 from banger.pipeline import Event, StepFailed, run_steps
 

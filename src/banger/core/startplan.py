@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
-from banger.core.errors import FailpointTriggered, InvalidRequest
-from banger.core.ports import (
+from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.model import netalloc
+from banger.model.config import Config, ConfigError
+from banger.model.errors import FailpointTriggered, InvalidRequest
+from banger.model.layout import VMPaths
+from banger.model.vm import VM, NetworkMode
+from banger.pipeline import Step
+from banger.ports import (
     Endpoint,
     HostPorts,
     ImageInfo,
@@ -23,12 +29,6 @@ from banger.core.ports import (
     NetPort,
     WorkspaceSelection,
 )
-from banger.core.runtime import Handles, HandleStore, release_runtime
-from banger.model import netalloc
-from banger.model.config import Config, ConfigError
-from banger.model.layout import VMPaths
-from banger.model.vm import VM, NetworkMode
-from banger.pipeline import Step
 
 MIB = 1024 * 1024
 WORKSPACE_DIR = "repo"

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from banger.core import reconcile, starting
 from banger.core.operations import Operation, Progress, ProgressSink, no_progress
-from banger.core.ports import Endpoint, WorkspaceRequest, WorkspaceSelection
 from banger.core.startplan import (
     BOOTSTRAP_MARK,
     WORKSPACE_DIR,
@@ -27,6 +26,7 @@ from banger.core.startplan import (
 from banger.model.layout import VMPaths
 from banger.model.vm import VM
 from banger.pipeline import Event
+from banger.ports import Endpoint, WorkspaceRequest, WorkspaceSelection
 
 if TYPE_CHECKING:
     from banger.core.service import VMService

@@ -56,11 +56,11 @@ from banger.api.schema import (
     WorkspaceIn,
 )
 from banger.core.batch import BatchResult
-from banger.core.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
-from banger.core.ports import Endpoint, WorkspaceRequest
 from banger.core.service import VMService, VMView
+from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.model.vm import VM, NetworkMode, VMSpec
+from banger.ports import Endpoint, WorkspaceRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Literal
 
 from banger.api.schema import Check, Doctor
-from banger.core.ports import VmmPort
 from banger.daemon.names import VmNames
 from banger.host import nat, net
 from banger.host.runner import CommandError, run
@@ -18,6 +17,7 @@ from banger.local import sshconfig
 from banger.model import netalloc
 from banger.model.config import Config, NetworkConfig
 from banger.model.layout import Layout
+from banger.ports import VmmPort
 
 TOOLS = {
     "qemu-system-x86_64": "apt-get install qemu-system-x86",

@@ -14,18 +14,6 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 from typing import TypeVar
 
-from banger.core.errors import InvalidRequest, OperationFailed
-from banger.core.ports import (
-    Accel,
-    Endpoint,
-    HostPorts,
-    ImageInfo,
-    LaunchSpec,
-    ListeningSocket,
-    Rediscovered,
-    WorkspaceRequest,
-    WorkspaceSelection,
-)
 from banger.host import (
     disks,
     filesync,
@@ -45,8 +33,20 @@ from banger.host import (
 from banger.host.runner import CommandError, run
 from banger.host.scratch import Scratch
 from banger.model.config import FileSync
+from banger.model.errors import InvalidRequest, OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import ResourceNames
+from banger.ports import (
+    Accel,
+    Endpoint,
+    HostPorts,
+    ImageInfo,
+    LaunchSpec,
+    ListeningSocket,
+    Rediscovered,
+    WorkspaceRequest,
+    WorkspaceSelection,
+)
 
 T = TypeVar("T")
 
