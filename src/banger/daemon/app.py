@@ -58,6 +58,7 @@ from banger.api.schema import (
 from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
+from banger.local.logtail import tail_bytes
 from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.model.vm import VM, NetworkMode, VMSpec
 from banger.ports import Endpoint, WorkspaceRequest
@@ -167,11 +168,7 @@ LOG_TAIL = 256 * 1024
 
 def _tail(path: os.PathLike[str] | str, limit: int = LOG_TAIL) -> bytes:
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            return f.read(limit)  # not past `limit`: the guest may still be writing
+        return tail_bytes(path, limit)
     except FileNotFoundError:
         return b""
 

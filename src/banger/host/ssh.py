@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from banger.host.runner import CommandError, run
+from banger.local.logtail import tail_lines
 from banger.local.sshconfig import LOCKDOWN
 
 CONNECT_TIMEOUT = 10
@@ -276,10 +277,7 @@ def _last_line(exc: CommandError) -> str:
 
 def _with_tail(message: str, serial_log: Path) -> str:
     try:
-        with serial_log.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            lines = f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
+        lines = tail_lines(serial_log, TAIL_LINES)
     except OSError as exc:
         return f"{message}\nserial log {serial_log}: {exc.strerror}"
     body = "\n".join(f"  {line}" for line in lines) or "  (empty)"
