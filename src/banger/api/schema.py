@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
+from banger.model.events import EventKind
 from banger.model.vm import (
     MAX_MEMORY_MIB,
     MAX_VCPUS,
@@ -164,9 +165,9 @@ class BatchResponse(BaseModel):
 class ProgressEvent(BaseModel):
     """One line of an NDJSON progress stream.
 
-    ``type`` is "progress" for stage events (``kind``: run, ok, failed, undo, undone,
-    undo_failed, detail, or queued: waiting for a boot slot, ``label`` saying its place
-    in line), "heartbeat" (no content: sent every HEARTBEAT_SECONDS while nothing else
+    ``type`` is "progress" for stage events (``kind``: see :mod:`banger.model.events`;
+    "queued": waiting for a boot slot, ``label`` saying its place in line), "heartbeat"
+    (no content: sent every HEARTBEAT_SECONDS while nothing else
     is, so a client may give up after STREAM_SILENCE_LIMIT seconds of silence), then
     exactly one final "result" (with ``vm``) or "error" (with ``error``; code
     "cancelled" after a cancel, the rollback reported by the progress lines before it).
@@ -175,7 +176,7 @@ class ProgressEvent(BaseModel):
     type: Literal["progress", "heartbeat", "result", "error"]
     op_id: str | None = None
     vm: str | None = None
-    kind: str | None = None
+    kind: EventKind | None = None
     stage: str | None = None
     label: str | None = None
     elapsed: float | None = None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from banger.model.errors import Cancelled, NotFoundError
+from banger.model.events import EventKind
 
 log = logging.getLogger("banger.ops")
 
@@ -25,7 +26,7 @@ class Progress:
 
     op_id: str
     vm: str
-    kind: str  # run | ok | failed | undo | undone | undo_failed | detail | queued
+    kind: EventKind
     stage: str
     label: str | None = None
     elapsed: float | None = None
