@@ -16,7 +16,12 @@ from banger.model.vm import (
     MAX_VCPUS,
     MAX_WORK_DISK_MIB,
     MIN_MEMORY_MIB,
+    MIN_VCPUS,
     MIN_WORK_DISK_MIB,
+    NAME_PATTERN,
+    NetworkMode,
+    VMSpec,
+    VMState,
 )
 
 API_VERSION = "v1"
@@ -45,7 +50,9 @@ class Health(BaseModel):
     pid: int
 
 
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# Names, patterns, bounds, defaults and choices come from banger.model.vm: the OpenAPI
+# document cannot drift from the rules the daemon applies (tests/unit/test_wire_schema.py).
+_DEFAULT = VMSpec()
 
 
 def _not_bool(value: object) -> object:
@@ -56,7 +63,7 @@ def _not_bool(value: object) -> object:
 
 # JSON true is not the number 1 (the published schema says integer; 2.0 is one).
 NotBool = BeforeValidator(_not_bool)
-Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS), NotBool]
+Vcpus = Annotated[int, Field(ge=MIN_VCPUS, le=MAX_VCPUS), NotBool]
 MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB), NotBool]
 DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB), NotBool]
 
@@ -83,14 +90,14 @@ class VMCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
-    image: str = "debian-bookworm"
-    vcpus: Vcpus = 1
-    memory_mib: MemoryMib = 512
-    disk_mib: DiskMib = 4096
-    network: Literal["user", "tap"] | None = Field(default=None, description=(
+    image: str = _DEFAULT.image
+    vcpus: Vcpus = _DEFAULT.vcpus
+    memory_mib: MemoryMib = _DEFAULT.memory_mib
+    disk_mib: DiskMib = _DEFAULT.work_disk_mib
+    network: NetworkMode | None = Field(default=None, description=(
         "user: rootless, ssh via a forwarded loopback port; tap: bridge, own address, "
         "<name>.vm (root daemon). None: the daemon's [network] mode"))
-    nat: StrictBool = False
+    nat: StrictBool = _DEFAULT.nat
     start: StrictBool = True
     workspace: WorkspaceIn | None = None
     delete_on_disconnect: StrictBool = Field(default=False, description=(
@@ -123,12 +130,12 @@ class Runtime(BaseModel):
 class VMOut(BaseModel):
     id: str
     name: str
-    state: str
+    state: VMState
     image: str
     vcpus: int
     memory_mib: int
     disk_mib: int
-    network: str
+    network: NetworkMode
     nat: bool
     created_at: float
     updated_at: float

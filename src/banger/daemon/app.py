@@ -84,9 +84,9 @@ def error_body(exc: BangerError) -> ErrorBody:
 def vm_out(view: VMView) -> VMOut:
     vm, h = view.vm, view.handles
     return VMOut(
-        id=vm.id, name=vm.name, state=vm.state.value, image=vm.spec.image, vcpus=vm.spec.vcpus,
+        id=vm.id, name=vm.name, state=vm.state, image=vm.spec.image, vcpus=vm.spec.vcpus,
         memory_mib=vm.spec.memory_mib, disk_mib=vm.spec.work_disk_mib,
-        network=vm.spec.network.value, nat=vm.spec.nat, created_at=vm.created_at,
+        network=vm.spec.network, nat=vm.spec.nat, created_at=vm.created_at,
         updated_at=vm.updated_at, last_error=vm.last_error,
         last_error_stage=vm.last_error_stage, last_op_id=vm.last_op_id, boot_id=vm.boot_id,
         guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
