@@ -43,7 +43,7 @@ def no_progress(_: Progress) -> None:
 class OpLogPort(Protocol):
     def begin(self, op_id: str, vm_id: str | None, kind: str) -> None: ...
 
-    def event(self, op_id: str, seq: int, kind: str, stage: str, elapsed: float | None,
+    def event(self, op_id: str, seq: int, kind: EventKind, stage: str, elapsed: float | None,
               error: str | None) -> None: ...
 
     def finish(self, op_id: str, *, error: str | None = None,
