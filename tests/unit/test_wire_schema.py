@@ -3,6 +3,7 @@ and choices come from banger.model.vm, so the published schema cannot drift from
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from banger.core.operations import Operations
 from banger.core.service import VMService
 from banger.daemon.app import create_app
 from banger.model import vm as model
+from banger.model.events import EVENT_KINDS
 from banger.model.layout import Layout
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
@@ -21,7 +23,7 @@ from tests.fakes import fake_host
 
 
 @pytest.fixture(scope="module")
-def schemas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def document(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root: Path = tmp_path_factory.mktemp("openapi")
     layout = Layout.for_user({"BANGER_HOME": str(root / "h"), "HOME": str(root)})
     db = Database(layout.db)
@@ -32,7 +34,12 @@ def schemas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                      ssh_key="k", known_hosts="kh", ssh_argv=lambda p, a: ["ssh"])
     doc: dict[str, Any] = app.openapi()
     db.close()
-    return doc["components"]["schemas"]  # type: ignore[no-any-return]
+    return doc
+
+
+@pytest.fixture
+def schemas(document: dict[str, Any]) -> dict[str, Any]:
+    return document["components"]["schemas"]  # type: ignore[no-any-return]
 
 
 def _plain(prop: dict[str, Any]) -> dict[str, Any]:
@@ -103,3 +110,18 @@ def test_choices_are_the_models(schemas: dict[str, Any]) -> None:
     assert _choices(schemas, schemas["VMOut"]["properties"]["network"]) == networks
     assert _choices(schemas, schemas["VMOut"]["properties"]["state"]) == [
         s.value for s in model.VMState]
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("post", "/v1/vms", "201"), ("post", "/v1/vms/{ref}/start", "200"),
+    ("post", "/v1/vms/{ref}/restart", "200"), ("post", "/v1/vms/{ref}/workspace", "200")])
+def test_streamed_routes_publish_the_event_vocabulary(document: dict[str, Any], method: str,
+                                                      path: str, status: str) -> None:
+    content = document["paths"][path][method]["responses"][status]["content"]
+    line = content["application/x-ndjson"]["schema"]
+    assert _choices(document["components"]["schemas"], line["properties"]["kind"]) == list(
+        EVENT_KINDS)
+    # Its nested models are the document's own (no dangling $defs).
+    assert "$defs" not in line
+    for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(line)):
+        assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref

@@ -172,10 +172,11 @@ class BatchResponse(BaseModel):
 class ProgressEvent(BaseModel):
     """One line of an NDJSON progress stream.
 
-    ``type`` is "progress" for stage events (``kind``: see :mod:`banger.model.events`;
-    "queued": waiting for a boot slot, ``label`` saying its place in line), "heartbeat"
-    (no content: sent every HEARTBEAT_SECONDS while nothing else
-    is, so a client may give up after STREAM_SILENCE_LIMIT seconds of silence), then
+    ``type`` is "progress" for stage events (``kind``: a step's run, ok, failed, undo,
+    undone or undo_failed; detail, a line of news from inside a stage; or queued, waiting
+    for a boot slot, ``label`` saying its place in line: banger.model.events), "heartbeat"
+    (no content: sent every HEARTBEAT_SECONDS while nothing else is, so a client may give
+    up after STREAM_SILENCE_LIMIT seconds of silence), then
     exactly one final "result" (with ``vm``) or "error" (with ``error``; code
     "cancelled" after a cancel, the rollback reported by the progress lines before it).
     """

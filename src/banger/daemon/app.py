@@ -77,6 +77,15 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+def streams(status: int = 200) -> dict[int | str, dict[str, object]]:
+    """The OpenAPI entry of a route that streams its progress when asked to (Accept:
+    application/x-ndjson): a ProgressEvent a line, so the published document carries the
+    event vocabulary too (its nested models are the document's own components)."""
+    line = ProgressEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    line.pop("$defs", None)
+    return {status: {"content": {NDJSON: {"schema": line}}}}
+
+
 def error_body(exc: BangerError) -> ErrorBody:
     return ErrorBody(code=exc.code, message=exc.message, stage=exc.stage, op_id=exc.op_id)
 
@@ -299,7 +308,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     def list_vms() -> list[VMOut]:
         return [vm_out(v) for v in service.list_vms()]
 
-    @app.post(f"{PREFIX}/vms", status_code=201)
+    @app.post(f"{PREFIX}/vms", status_code=201, responses=streams(201))
     async def create(body: VMCreate, accept: Accept = None) -> VMOut:
         network = NetworkMode(body.network) if body.network else service.default_network()
         spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
@@ -321,7 +330,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
             return streamed(run, delete_ephemeral)  # type: ignore[return-value]
         return await call(lambda: run(lambda _: None))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/workspace")
+    @app.post(f"{PREFIX}/vms/{{ref}}/workspace", responses=streams())
     async def prepare_workspace(ref: str, body: WorkspaceIn, accept: Accept = None) -> VMOut:
         req = workspace_request(body)
         if wants_stream(accept):
@@ -343,14 +352,14 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         return await call(lambda: service.set(ref, vcpus=body.vcpus, memory_mib=body.memory_mib,
                                               work_disk_mib=body.disk_mib))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/start")
+    @app.post(f"{PREFIX}/vms/{{ref}}/start", responses=streams())
     async def start(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
             return streamed(  # type: ignore[return-value]
                 lambda sink, control: service.start(ref, sink=sink, control=control))
         return await call(lambda: service.start(ref))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/restart")
+    @app.post(f"{PREFIX}/vms/{{ref}}/restart", responses=streams())
     async def restart(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
             return streamed(  # type: ignore[return-value]
