@@ -125,3 +125,23 @@ def test_streamed_routes_publish_the_event_vocabulary(document: dict[str, Any], 
     assert "$defs" not in line
     for ref in re.findall(r'"\$ref": "([^"]+)"', json.dumps(line)):
         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref
+
+
+def test_ssh_config_takes_the_models_names(tmp_path: Path) -> None:
+    # banger.local is a stdlib leaf that cannot import the model: its own check of a VM
+    # name must accept exactly what the model does.
+    from banger.local.sshconfig import SshEntry, render
+
+    for name in ("box", "web-1", "a" * 63, "0", "-x", "x-", "a" * 64, "a_b", "a.b", ""):
+        try:
+            model.validate_name(name)
+            valid = True
+        except model.InvalidSpec:
+            valid = False
+        entry = SshEntry(name=name, hostname=None, port=22, alias="banger-x")
+        try:
+            render([entry], tmp_path / "k", tmp_path / "kh")
+            rendered = True
+        except ValueError:
+            rendered = False
+        assert rendered is valid, name
