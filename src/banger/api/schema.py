@@ -10,12 +10,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
+from banger.model.events import EventKind
 from banger.model.vm import (
     MAX_MEMORY_MIB,
     MAX_VCPUS,
     MAX_WORK_DISK_MIB,
     MIN_MEMORY_MIB,
+    MIN_VCPUS,
     MIN_WORK_DISK_MIB,
+    NAME_PATTERN,
+    NetworkMode,
+    VMSpec,
+    VMState,
 )
 
 API_VERSION = "v1"
@@ -44,7 +50,9 @@ class Health(BaseModel):
     pid: int
 
 
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# Names, patterns, bounds, defaults and choices come from banger.model.vm: the OpenAPI
+# document cannot drift from the rules the daemon applies (tests/unit/test_wire_schema.py).
+_DEFAULT = VMSpec()
 
 
 def _not_bool(value: object) -> object:
@@ -55,7 +63,7 @@ def _not_bool(value: object) -> object:
 
 # JSON true is not the number 1 (the published schema says integer; 2.0 is one).
 NotBool = BeforeValidator(_not_bool)
-Vcpus = Annotated[int, Field(ge=1, le=MAX_VCPUS), NotBool]
+Vcpus = Annotated[int, Field(ge=MIN_VCPUS, le=MAX_VCPUS), NotBool]
 MemoryMib = Annotated[int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB), NotBool]
 DiskMib = Annotated[int, Field(ge=MIN_WORK_DISK_MIB, le=MAX_WORK_DISK_MIB), NotBool]
 
@@ -82,14 +90,14 @@ class VMCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)] | None = None
-    image: str = "debian-bookworm"
-    vcpus: Vcpus = 1
-    memory_mib: MemoryMib = 512
-    disk_mib: DiskMib = 4096
-    network: Literal["user", "tap"] | None = Field(default=None, description=(
+    image: str = _DEFAULT.image
+    vcpus: Vcpus = _DEFAULT.vcpus
+    memory_mib: MemoryMib = _DEFAULT.memory_mib
+    disk_mib: DiskMib = _DEFAULT.work_disk_mib
+    network: NetworkMode | None = Field(default=None, description=(
         "user: rootless, ssh via a forwarded loopback port; tap: bridge, own address, "
         "<name>.vm (root daemon). None: the daemon's [network] mode"))
-    nat: StrictBool = False
+    nat: StrictBool = _DEFAULT.nat
     start: StrictBool = True
     workspace: WorkspaceIn | None = None
     delete_on_disconnect: StrictBool = Field(default=False, description=(
@@ -122,12 +130,12 @@ class Runtime(BaseModel):
 class VMOut(BaseModel):
     id: str
     name: str
-    state: str
+    state: VMState
     image: str
     vcpus: int
     memory_mib: int
     disk_mib: int
-    network: str
+    network: NetworkMode
     nat: bool
     created_at: float
     updated_at: float
@@ -164,10 +172,11 @@ class BatchResponse(BaseModel):
 class ProgressEvent(BaseModel):
     """One line of an NDJSON progress stream.
 
-    ``type`` is "progress" for stage events (``kind``: run, ok, failed, undo, undone,
-    undo_failed, detail, or queued: waiting for a boot slot, ``label`` saying its place
-    in line), "heartbeat" (no content: sent every HEARTBEAT_SECONDS while nothing else
-    is, so a client may give up after STREAM_SILENCE_LIMIT seconds of silence), then
+    ``type`` is "progress" for stage events (``kind``: a step's run, ok, failed, undo,
+    undone or undo_failed; detail, a line of news from inside a stage; or queued, waiting
+    for a boot slot, ``label`` saying its place in line: banger.model.events), "heartbeat"
+    (no content: sent every HEARTBEAT_SECONDS while nothing else is, so a client may give
+    up after STREAM_SILENCE_LIMIT seconds of silence), then
     exactly one final "result" (with ``vm``) or "error" (with ``error``; code
     "cancelled" after a cancel, the rollback reported by the progress lines before it).
     """
@@ -175,7 +184,7 @@ class ProgressEvent(BaseModel):
     type: Literal["progress", "heartbeat", "result", "error"]
     op_id: str | None = None
     vm: str | None = None
-    kind: str | None = None
+    kind: EventKind | None = None
     stage: str | None = None
     label: str | None = None
     elapsed: float | None = None

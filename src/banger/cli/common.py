@@ -25,10 +25,10 @@ from banger.cli.render import (
 from banger.cli.safe import markup
 from banger.client.client import ApiError, Client, DaemonUnavailable
 from banger.client.peer import Untrusted
-from banger.model.vm import InvalidSpec, VMSpec
+from banger.model.vm import NAME_PATTERN, InvalidSpec, NetworkMode, VMSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_NAME = re.compile(NAME_PATTERN)
 
 
 def handle_errors(fn: F) -> F:
@@ -84,7 +84,8 @@ def check_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 def spec_options(fn: F) -> F:
     fn = click.option("--nat", is_flag=True, help="give the guest outbound network access")(fn)
-    fn = click.option("--network", type=click.Choice(["user", "tap"]), default=None,
+    fn = click.option("--network", type=click.Choice([m.value for m in NetworkMode]),
+                      default=None,
                       help="user: rootless, ssh through a forwarded loopback port; tap: a "
                            "bridge, its own address and <name>.vm (needs a root daemon). "
                            "Default: [network] mode in config, else user")(fn)

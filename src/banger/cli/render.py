@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, assert_never
 
 from rich.console import Console
 from rich.table import Table
@@ -55,26 +55,32 @@ class Progress:
         stage = markup(ev.stage or "", one_line=True)
         message = markup(ev.message or "")
         took = f" ({ev.elapsed:.2f}s)" if ev.elapsed is not None else ""
-        if ev.kind == "run":
-            if self._status is not None:
-                self._status.update(f"{label} [dim]({stage})[/dim]")
-            else:
-                self._line(f"… {stage}: {label}")
-        elif ev.kind == "ok":
-            self._line(f"[green]✓[/green] {stage}{took}")
-        elif ev.kind == "failed":
-            self._line(f"[red]✗[/red] {stage}{took}: {message}")
-        elif ev.kind == "undo":
-            self._line(f"↺ rolling back {stage}")
-        elif ev.kind == "undo_failed":
-            self._line(f"[red]✗[/red] rollback of {stage} failed: {message}")
-        elif ev.kind == "queued":
-            if self._status is not None:
-                self._status.update(f"queued: {label}")
-            else:
-                self._line(f"… queued: {label}")
-        elif ev.kind == "detail":
-            self._line(f"  {stage}: {message}")
+        # Every kind of banger.model.events, or mypy fails at assert_never.
+        match ev.kind:
+            case "run":
+                if self._status is not None:
+                    self._status.update(f"{label} [dim]({stage})[/dim]")
+                else:
+                    self._line(f"… {stage}: {label}")
+            case "ok":
+                self._line(f"[green]✓[/green] {stage}{took}")
+            case "failed":
+                self._line(f"[red]✗[/red] {stage}{took}: {message}")
+            case "undo":
+                self._line(f"↺ rolling back {stage}")
+            case "undo_failed":
+                self._line(f"[red]✗[/red] rollback of {stage} failed: {message}")
+            case "queued":
+                if self._status is not None:
+                    self._status.update(f"queued: {label}")
+                else:
+                    self._line(f"… queued: {label}")
+            case "detail":
+                self._line(f"  {stage}: {message}")
+            case "undone" | None:
+                pass  # a rollback step that worked is not news: only the failures are
+            case _:
+                assert_never(ev.kind)
 
     def _line(self, text: str) -> None:
         if self.tty:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from banger.model.errors import Cancelled, NotFoundError
+from banger.model.events import EventKind
 
 log = logging.getLogger("banger.ops")
 
@@ -25,7 +26,7 @@ class Progress:
 
     op_id: str
     vm: str
-    kind: str  # run | ok | failed | undo | undone | undo_failed | detail | queued
+    kind: EventKind
     stage: str
     label: str | None = None
     elapsed: float | None = None
@@ -42,7 +43,7 @@ def no_progress(_: Progress) -> None:
 class OpLogPort(Protocol):
     def begin(self, op_id: str, vm_id: str | None, kind: str) -> None: ...
 
-    def event(self, op_id: str, seq: int, kind: str, stage: str, elapsed: float | None,
+    def event(self, op_id: str, seq: int, kind: EventKind, stage: str, elapsed: float | None,
               error: str | None) -> None: ...
 
     def finish(self, op_id: str, *, error: str | None = None,

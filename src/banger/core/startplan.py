@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.local.logtail import tail_lines
 from banger.model import netalloc
 from banger.model.config import Config, ConfigError
 from banger.model.errors import FailpointTriggered, InvalidRequest
@@ -403,10 +404,10 @@ class VmmStuck(RuntimeError):
 
 def _tail(path: Path, lines: int = 10) -> str:
     try:
-        text = path.read_text(errors="replace")
+        last = tail_lines(path, lines)
     except OSError:
         return "  (no log)"
-    return "\n".join("  " + line for line in text.splitlines()[-lines:]) or "  (empty)"
+    return "\n".join("  " + line for line in last) or "  (empty)"
 
 
 def vm_files_exist(paths: VMPaths) -> list[Path]:

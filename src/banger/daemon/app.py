@@ -58,6 +58,7 @@ from banger.api.schema import (
 from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
+from banger.local.logtail import tail_bytes
 from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.model.vm import VM, NetworkMode, VMSpec
 from banger.ports import Endpoint, WorkspaceRequest
@@ -76,6 +77,15 @@ ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+def streams(status: int = 200) -> dict[int | str, dict[str, object]]:
+    """The OpenAPI entry of a route that streams its progress when asked to (Accept:
+    application/x-ndjson): a ProgressEvent a line, so the published document carries the
+    event vocabulary too (its nested models are the document's own components)."""
+    line = ProgressEvent.model_json_schema(ref_template="#/components/schemas/{model}")
+    line.pop("$defs", None)
+    return {status: {"content": {NDJSON: {"schema": line}}}}
+
+
 def error_body(exc: BangerError) -> ErrorBody:
     return ErrorBody(code=exc.code, message=exc.message, stage=exc.stage, op_id=exc.op_id)
 
@@ -83,9 +93,9 @@ def error_body(exc: BangerError) -> ErrorBody:
 def vm_out(view: VMView) -> VMOut:
     vm, h = view.vm, view.handles
     return VMOut(
-        id=vm.id, name=vm.name, state=vm.state.value, image=vm.spec.image, vcpus=vm.spec.vcpus,
+        id=vm.id, name=vm.name, state=vm.state, image=vm.spec.image, vcpus=vm.spec.vcpus,
         memory_mib=vm.spec.memory_mib, disk_mib=vm.spec.work_disk_mib,
-        network=vm.spec.network.value, nat=vm.spec.nat, created_at=vm.created_at,
+        network=vm.spec.network, nat=vm.spec.nat, created_at=vm.created_at,
         updated_at=vm.updated_at, last_error=vm.last_error,
         last_error_stage=vm.last_error_stage, last_op_id=vm.last_op_id, boot_id=vm.boot_id,
         guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
@@ -167,11 +177,7 @@ LOG_TAIL = 256 * 1024
 
 def _tail(path: os.PathLike[str] | str, limit: int = LOG_TAIL) -> bytes:
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            return f.read(limit)  # not past `limit`: the guest may still be writing
+        return tail_bytes(path, limit)
     except FileNotFoundError:
         return b""
 
@@ -302,7 +308,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     def list_vms() -> list[VMOut]:
         return [vm_out(v) for v in service.list_vms()]
 
-    @app.post(f"{PREFIX}/vms", status_code=201)
+    @app.post(f"{PREFIX}/vms", status_code=201, responses=streams(201))
     async def create(body: VMCreate, accept: Accept = None) -> VMOut:
         network = NetworkMode(body.network) if body.network else service.default_network()
         spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
@@ -324,7 +330,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
             return streamed(run, delete_ephemeral)  # type: ignore[return-value]
         return await call(lambda: run(lambda _: None))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/workspace")
+    @app.post(f"{PREFIX}/vms/{{ref}}/workspace", responses=streams())
     async def prepare_workspace(ref: str, body: WorkspaceIn, accept: Accept = None) -> VMOut:
         req = workspace_request(body)
         if wants_stream(accept):
@@ -346,14 +352,14 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         return await call(lambda: service.set(ref, vcpus=body.vcpus, memory_mib=body.memory_mib,
                                               work_disk_mib=body.disk_mib))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/start")
+    @app.post(f"{PREFIX}/vms/{{ref}}/start", responses=streams())
     async def start(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
             return streamed(  # type: ignore[return-value]
                 lambda sink, control: service.start(ref, sink=sink, control=control))
         return await call(lambda: service.start(ref))
 
-    @app.post(f"{PREFIX}/vms/{{ref}}/restart")
+    @app.post(f"{PREFIX}/vms/{{ref}}/restart", responses=streams())
     async def restart(ref: str, accept: Accept = None) -> VMOut:
         if wants_stream(accept):
             return streamed(  # type: ignore[return-value]

@@ -60,6 +60,32 @@ def _serial_max_mib(service: VMService) -> int:
         return DEFAULT_SERIAL_MAX_MIB  # a broken config is reported where it is used
 
 
+# The kernel's name of the daemon process (its comm, 15 bytes at most): what `pgrep -x`,
+# `ps -e`, `ps -C`, top and killall show and match. The README calls the daemon bangerd.
+PROCESS_NAME = "bangerd"
+
+
+def name_process(name: str = PROCESS_NAME) -> None:
+    """Name this process ``name`` in the kernel (/proc/self/comm, as prctl(PR_SET_NAME)).
+
+    Only the comm: the command line and /proc/<pid>/environ stay what they are (rewriting
+    argv in place, as setproctitle does, overwrites the environment block that leak checks
+    and `cat /proc/<pid>/environ` read). Called first, while this is the only thread:
+    the threads started later inherit the name.
+    """
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError as exc:  # no /proc: the daemon works the same, named python
+        log.warning("cannot name the process %s: %s", name, exc)
+
+
+def run() -> None:
+    """The bangerd process (console script, `python -m banger.daemon.main`)."""
+    name_process()
+    main()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bangerd", description=__doc__)
     parser.add_argument("--socket", type=Path, help="Unix socket path (default: per user)")
@@ -193,4 +219,4 @@ def _allow_root(layout: Layout) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    run()

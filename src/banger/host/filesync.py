@@ -8,13 +8,12 @@ entries land at their /root paths, owned by root), then the identity is set with
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from banger.host import ssh
+from banger.host import guestsh, ssh
 from banger.host.runner import run
 from banger.model.config import FileSync
 
@@ -61,9 +60,9 @@ def sync(*, port: int, key: Path, known_hosts: Path, alias: str,
         if staged:
             ssh.push_files(argv=base, root=Path(tmp), members=staged)
     if identity:
-        cmds = "; ".join(f"git config --global {k} {shlex.quote(v)}"
-                         for k, v in sorted(identity.items()))
-        res = run([*base, cmds], check=False, timeout=60, max_output=ssh.CHATTER_CAP)
+        pairs = [word for pair in sorted(identity.items()) for word in pair]
+        res = run([*base, guestsh.command("git-identity", *pairs)], check=False, timeout=60,
+                  max_output=ssh.CHATTER_CAP)
         if res.returncode != 0:
             raise FileSyncError(f"setting the git identity in the guest failed: "
                                 f"{res.stderr.strip()}")

@@ -11,11 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from banger.host import guestsh
+
 Proto = Literal["tcp", "udp"]
 
-# -H no header, -l listening (UDP: unconnected), -n numeric, -t/-u TCP and UDP,
-# -p the owning processes (the guest command runs as root, so every socket has them).
-SS_COMMAND = "ss -H -l -n -t -u -p"
+# The ssh command line of guest/sh/list-sockets (the ss options are explained there).
+SS_COMMAND = guestsh.command("list-sockets")
 # The guest chooses what comes back. A line is ~150 bytes, so 1 MiB is thousands of
 # listening sockets; more than that is a guest flooding us, and the runner kills the ssh.
 SS_OUTPUT_CAP = 1 << 20

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from banger.host.vmmproc import QMP_TAG, find_qemu_pid, kill_and_wait, qmp_status
 from banger.host.vmmuser import RunAs
+from banger.local.logtail import tail_lines
 
 QEMU = "qemu-system-x86_64"
 # sun_path is 108 bytes including the terminating NUL.
@@ -359,10 +360,6 @@ def _raise_died(vmm_log: Path, code: int, after: float) -> None:
 
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode(errors="replace")
+        return "\n".join(tail_lines(path, lines))
     except OSError as exc:
         return f"({path}: {exc.strerror})"
-    return "\n".join(text.splitlines()[-lines:])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import socket
 import subprocess
 import tempfile
@@ -19,7 +18,9 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from banger.host import guestsh
 from banger.host.runner import CommandError, run
+from banger.local.logtail import tail_lines
 from banger.local.sshconfig import LOCKDOWN
 
 CONNECT_TIMEOUT = 10
@@ -276,10 +277,7 @@ def _last_line(exc: CommandError) -> str:
 
 def _with_tail(message: str, serial_log: Path) -> str:
     try:
-        with serial_log.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            lines = f.read().decode(errors="replace").splitlines()[-TAIL_LINES:]
+        lines = tail_lines(serial_log, TAIL_LINES)
     except OSError as exc:
         return f"{message}\nserial log {serial_log}: {exc.strerror}"
     body = "\n".join(f"  {line}" for line in lines) or "  (empty)"
@@ -302,11 +300,8 @@ def push_tree(*, port: int, key: Path, known_hosts: Path, alias: str, tree: Path
     """Replace ``guest_path`` in the guest with the contents of ``tree``, as one tar stream
     over one SSH session (cost scales with bytes, not files). Everything lands owned by
     root; the old directory is swapped out only after the new one is complete."""
-    quoted = shlex.quote(guest_path)
-    remote = (f"set -e; rm -rf {quoted}.new; mkdir -p {quoted}.new; "
-              f"tar -x -f - -C {quoted}.new; rm -rf {quoted}; mv {quoted}.new {quoted}")
     ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias,
-                               host=host), remote]
+                               host=host), guestsh.command("push-tree", guest_path)]
     _tar_over_ssh(tree, ["."], ssh_argv, guest_path, timeout)
 
 
@@ -319,10 +314,7 @@ def start_bootstrap(argv: list[str], *, workdir: str, installer_url: str,
     return at once with the guest path of its log. ``argv`` is :func:`ssh_base_argv`'s
     output. The script travels on stdin, so the image needs nothing for it."""
     script = (resources.files("banger.host") / "guest" / "banger-bootstrap").read_bytes()
-    target = "/root/.banger/banger-bootstrap"
-    remote = (f"set -e; mkdir -p /root/.banger; cat > {target}; chmod 0755 {target}; "
-              f"setsid -f {target} {shlex.quote(installer_url)} {shlex.quote(workdir)} "
-              f"> {BOOTSTRAP_LOG} 2>&1 < /dev/null")
+    remote = guestsh.command("start-bootstrap", installer_url, workdir, BOOTSTRAP_LOG)
     try:
         run([*argv, remote], input=script, timeout=timeout, max_output=CHATTER_CAP)
     except CommandError as exc:
@@ -334,7 +326,7 @@ def push_files(*, argv: list[str], root: Path, members: list[str],
                timeout: float = 600) -> None:
     """Extract ``members`` (paths relative to ``root``) at / in the guest, owned by root.
     ``argv`` is :func:`ssh_base_argv`'s output."""
-    _tar_over_ssh(root, members, [*argv, "tar -x -f - -C /"], "/", timeout)
+    _tar_over_ssh(root, members, [*argv, guestsh.command("push-files")], "/", timeout)
 
 
 def _tar_over_ssh(root: Path, members: list[str], ssh_argv: list[str], guest_path: str,

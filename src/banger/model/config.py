@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from banger.model.vm import NetworkMode
+
 
 class ConfigError(ValueError):
     """The config file is invalid; the message names the file, the key and the fix."""
@@ -143,7 +145,7 @@ def _network(data: dict[str, Any], path: Path) -> NetworkConfig:
     table = _table(data, "network", path, {"mode", "bridge", "subnet", "dns_port"})
     default = NetworkConfig()
     mode = table.get("mode", default.mode)
-    if mode not in ("user", "tap"):
+    if mode not in tuple(NetworkMode):
         raise ConfigError(f"{path}: [network] mode must be \"user\" or \"tap\", not {mode!r}")
     bridge = table.get("bridge", default.bridge)
     if not isinstance(bridge, str) or not _BRIDGE_NAME.fullmatch(bridge):

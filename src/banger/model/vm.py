@@ -10,11 +10,14 @@ import secrets
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-# A DNS label (RFC 1123): the VM name becomes <name>.vm and a guest hostname.
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# A DNS label (RFC 1123): the VM name becomes <name>.vm and a guest hostname. The one
+# definition: the API schema (and so its OpenAPI document) and the CLI take it from here.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+_LABEL = re.compile(NAME_PATTERN)
 
 MIN_MEMORY_MIB = 128
 MAX_MEMORY_MIB = 64 * 1024
+MIN_VCPUS = 1
 MAX_VCPUS = 64
 MIN_WORK_DISK_MIB = 64
 MAX_WORK_DISK_MIB = 1024 * 1024
@@ -67,8 +70,9 @@ class VMSpec:
     nat: bool = False
 
     def validated(self) -> VMSpec:
-        if not 1 <= self.vcpus <= MAX_VCPUS:
-            raise InvalidSpec(f"--vcpu {self.vcpus} is out of range: use 1 to {MAX_VCPUS}")
+        if not MIN_VCPUS <= self.vcpus <= MAX_VCPUS:
+            raise InvalidSpec(f"--vcpu {self.vcpus} is out of range: use {MIN_VCPUS} to "
+                              f"{MAX_VCPUS}")
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise InvalidSpec(
                 f"--memory {self.memory_mib} MiB is out of range: use {MIN_MEMORY_MIB} to "

@@ -26,12 +26,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
+
+from banger.model.events import EventKind
 
 C = TypeVar("C")
 log = logging.getLogger(__name__)
-
-EventKind = Literal["run", "ok", "failed", "undo", "undone", "undo_failed"]
 
 
 @dataclass(frozen=True)
