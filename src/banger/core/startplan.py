@@ -390,6 +390,3 @@ def _tail(path: Path, lines: int = 10) -> str:
         return "  (no log)"
     return "\n".join("  " + line for line in text.splitlines()[-lines:]) or "  (empty)"
 
-
-def vm_files_exist(paths: VMPaths) -> list[Path]:
-    return [p for p in (paths.root_disk, paths.work_disk) if p.exists()]
