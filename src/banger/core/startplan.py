@@ -96,17 +96,17 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
     return steps
 
 
-def _with_failpoint(step: Step[StartContext], stage: str) -> Step[StartContext]:
-    if step.name != stage:
-        return step
-    inner = step.run
+def _with_failpoint(s: Step[StartContext], stage: str) -> Step[StartContext]:
+    if s.name != stage:
+        return s
+    inner = s.run
 
     def run(ctx: StartContext) -> None:
         # Fail after the step acquired its resource, so its own undo must release it.
         inner(ctx)
         raise FailpointTriggered(f"failpoint: injected failure after stage {stage!r}")
 
-    return replace(step, run=run)
+    return replace(s, run=run)
 
 
 def check_network(host: HostPorts, network: NetworkMode) -> None:
