@@ -10,7 +10,7 @@ import pytest
 
 from banger.core.operations import Progress
 from banger.core.stages import LABELS, Stage
-from banger.model.config import Config, NetworkConfig
+from banger.model.config import Config, FileSync, NetworkConfig
 from banger.model.errors import OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import NetworkMode, VMSpec, VMState
@@ -64,20 +64,17 @@ def test_stop_escalation_is_reported_step_by_step(env) -> None:  # type: ignore[
     assert steps_of(seen)[-1] == ("ok", "release_runtime") and vmm.procs == {}
 
 
-def test_stop_of_a_vm_that_is_not_running_only_releases(env) -> None:  # type: ignore[no-untyped-def]
+def test_kill_signals_then_releases(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, *_ = env
     vm = svc.create(name="a", spec=VMSpec())
-    svc.ctx.repo.update(vm.with_state(VMState.STOPPING, 1.0))
-    svc.ctx.handles.forget(svc.layout.vm(vm.id))
-    vmm.procs.clear()  # the VMM is gone; the record says stopping
     seen: list[Progress] = []
-    svc.stop("a", sink=seen.append)
-    assert steps_of(seen) == []  # observed as stopped: no operation at all
-    svc.start("a")
-    seen.clear()
     svc.kill("a", sink=seen.append)
     assert steps_of(seen) == [("run", "vmm_signal"), ("ok", "vmm_signal"),
                               ("run", "release_runtime"), ("ok", "release_runtime")]
+    assert_no_runtime_leak(svc, vmm, vm.id)
+    seen.clear()
+    svc.kill("a", sink=seen.append)  # nothing runs: nothing to signal
+    assert steps_of(seen) == [("run", "release_runtime"), ("ok", "release_runtime")]
 
 
 def test_restart_is_the_stop_steps_then_the_start_steps(env) -> None:  # type: ignore[no-untyped-def]
@@ -101,8 +98,7 @@ def test_every_detail_is_under_the_step_that_runs(env) -> None:  # type: ignore[
     images.built = False  # type: ignore[attr-defined]
     svc.ctx.load_config = lambda: Config(
         network=NetworkConfig(bridge="bgt0"), installer_url="http://10.0.2.2:9/i.sh",
-        file_sync=(__import__("banger.model.config", fromlist=["FileSync"]).FileSync(
-            tmp_path / "missing", "/root/.missing"),))
+        file_sync=(FileSync(tmp_path / "missing", "/root/.missing"),))
     repo = tmp_path / "tools"
     (repo / ".git").mkdir(parents=True)
     (repo / ".tool-versions").write_text("python 3.12.1\n")
@@ -157,7 +153,7 @@ def test_a_failed_copy_names_its_stage_and_leaves_no_staged_copy(env) -> None:  
     svc, vmm, guest, net, tmp_path = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
-    vm = svc.create(name="p", spec=VMSpec())
+    svc.create(name="p", spec=VMSpec())
 
     def refused(**_: object) -> None:
         raise RuntimeError("ssh: connection reset")
@@ -170,7 +166,6 @@ def test_a_failed_copy_names_its_stage_and_leaves_no_staged_copy(env) -> None:  
     assert staged and not any(d.exists() for d in staged)
     assert svc.resolve("p").workspace_path is None
     assert svc.ctx.ops._oplog.get(info.value.op_id)["status"] == "failed"  # type: ignore[attr-defined]
-    assert vm.id
 
 
 # ---- release_runtime keeps every failure ----------------------------------------------

@@ -57,9 +57,10 @@ class VMContext:
     # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
     # Address choice and insert of a new VM happen under it: no two share an address.
-    create_lock: threading.Lock = field(default_factory=threading.Lock)
-    _locks_guard: threading.Lock = field(default_factory=threading.Lock)
-    _locks: dict[str, threading.Lock] = field(default_factory=dict)
+    create_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _locks_guard: threading.Lock = field(default_factory=threading.Lock, init=False,
+                                         repr=False)
+    _locks: dict[str, threading.Lock] = field(default_factory=dict, init=False, repr=False)
 
     # ---- lookup and locks -----------------------------------------------------------
 
