@@ -237,3 +237,21 @@ def test_release_runtime_attempts_every_part_and_keeps_every_error(env) -> None:
     net.fail.clear()
     release_runtime(paths, vmm, svc.ctx.handles, net=net)
     assert vmm.procs == {} and net.taps_up == {} and net.rules == {}
+
+
+def test_reconcile_records_a_release_failure_and_goes_on(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, net, _ = env
+    dead = svc.create(name="dead", spec=VMSpec(network=NetworkMode.TAP))
+    live = svc.create(name="live", spec=VMSpec(network=NetworkMode.TAP))
+    for pid, proc in list(vmm.procs.items()):
+        if proc.spec.vm_id == dead.id:
+            del vmm.procs[pid]  # died while no daemon ran
+    net.fail.add("delete_tap")
+    states = {v.name: v for v in svc.reconcile()}
+    assert states["live"].state is VMState.RUNNING
+    failed = states["dead"]
+    assert failed.state is VMState.ERROR and failed.last_error_stage == "release_runtime"
+    assert "delete_tap" in (failed.last_error or "")
+    net.fail.clear()
+    svc.delete("dead")  # retries what was left
+    assert set(net.taps_up) == {svc.layout.vm(live.id).names.tap}
