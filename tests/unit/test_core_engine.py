@@ -255,3 +255,16 @@ def test_reconcile_records_a_release_failure_and_goes_on(env) -> None:  # type: 
     net.fail.clear()
     svc.delete("dead")  # retries what was left
     assert set(net.taps_up) == {svc.layout.vm(live.id).names.tap}
+
+
+def test_a_restart_whose_stop_half_fails_does_not_start(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, net, _ = env
+    svc.create(name="r", spec=VMSpec())
+    vmm.unkillable = vmm.ignore_quit = True
+    guest.poweroff_works = False
+    launched = len(vmm.launched)
+    seen: list[Progress] = []
+    with pytest.raises(OperationFailed) as info:
+        svc.restart("r", sink=seen.append)
+    assert info.value.stage == "release_runtime"
+    assert "preflight" not in {e.stage for e in seen} and len(vmm.launched) == launched
