@@ -134,6 +134,8 @@ class FakeVmm:
         self.launched: list[LaunchSpec] = []
         self.quits = 0
         self.stuck_status: str | None = None
+        # A VMM that outlives every signal (stuck in the kernel): kill() changes nothing.
+        self.unkillable = False
 
     def accel(self) -> Accel:
         return Accel("tcg", "fake")
@@ -173,6 +175,8 @@ class FakeVmm:
         return False
 
     def kill(self, pid: int, sig: int) -> None:
+        if self.unkillable:
+            return
         p = self.procs.pop(pid, None)
         if p is not None:
             p.signals.append(sig)

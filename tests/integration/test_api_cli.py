@@ -75,7 +75,7 @@ def test_bad_input_refused_before_anything_is_created(daemon: Daemon) -> None:
 
 
 def test_failed_start_shows_stage_and_operation(daemon: Daemon) -> None:
-    daemon.service.failpoint = "qemu_launch"
+    daemon.service.ctx.failpoint = "qemu_launch"
     code, _, err = banger("vm", "create", "--name", "f")
     assert code == 1
     assert "stage qemu_launch" in err and "operation op-" in err

@@ -31,7 +31,7 @@ def _start(client: Client, name: str, barrier: threading.Barrier,
 
 
 def test_burst_of_streamed_starts_all_finish_and_reads_and_stop_answer(daemon: Daemon) -> None:
-    daemon.service.boots = BootSlots(8)  # 16 starts: half of them wait in line
+    daemon.service.ctx.boots = BootSlots(8)  # 16 starts: half of them wait in line
     names = [f"b{i}" for i in range(BURST)]
     for name in names:
         daemon.client.create(VMCreate(name=name, start=False), lambda _: None)
@@ -186,7 +186,7 @@ def test_an_idle_stream_carries_heartbeats(daemon: Daemon, monkeypatch) -> None:
 
 def test_the_cli_shows_a_queued_start(daemon: Daemon) -> None:
     from tests.integration.test_api_cli import banger
-    daemon.service.boots = BootSlots(1)
+    daemon.service.ctx.boots = BootSlots(1)
     for name in ("first", "second"):
         daemon.client.create(VMCreate(name=name, start=False), lambda _: None)
     daemon.guest.ready_delay = 1.5

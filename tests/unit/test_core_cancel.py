@@ -97,7 +97,7 @@ def test_cancel_through_the_registry_by_op_id(env) -> None:  # type: ignore[no-u
 
 def test_boots_beyond_the_limit_queue_in_order_and_a_queued_one_cancels(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
-    svc.boots = BootSlots(1)
+    svc.ctx.boots = BootSlots(1)
     for name in ("a", "b", "c", "d"):
         svc.create(name=name, spec=VMSpec(), start=False)
     guest.ready_delay = 1.0  # each boot holds the only slot while the others line up
@@ -167,12 +167,12 @@ def test_an_operation_that_waited_behind_a_delete_says_not_found(env, action: st
         except BaseException as exc:
             errors.append(exc)
 
-    lock = svc._lock(vm.id)
+    lock = svc.ctx.lock(vm.id)
     with lock:  # an operation holds the VM; the other resolves it, then waits
         t = threading.Thread(target=act)
         t.start()
         time.sleep(0.2)
-        svc.repo.delete(vm.id)  # the first one deleted it meanwhile
+        svc.ctx.repo.delete(vm.id)  # the first one deleted it meanwhile
     t.join(5)
     assert len(errors) == 1 and isinstance(errors[0], NotFoundError), errors
     assert "no longer exists" in errors[0].message

@@ -63,7 +63,7 @@ def test_tap_vm_gets_its_address_tap_and_nat(env) -> None:  # type: ignore[no-un
     assert spec.tap == paths.names.tap and spec.mac and spec.mac.startswith("52:54:00:")
     assert f"banger.ip={vm.guest_ip}/24" in spec.net_args
     assert "banger.gw=10.77.0.1" in spec.net_args and "banger.dns=10.77.0.1" in spec.net_args
-    h = svc.handles.get(vm.id)
+    h = svc.ctx.handles.get(vm.id)
     assert h is not None and h.endpoint is not None
     assert (h.endpoint.host, h.endpoint.port) == (vm.guest_ip, 22)
     assert any(e.kind == "detail" and "created bridge bgt0" in (e.message or "") for e in seen)
@@ -100,10 +100,10 @@ def test_failure_at_every_tap_stage_leaks_nothing(env, fresh: bool) -> None:  # 
         vm = svc.create(name=name, spec=TAP_NAT, start=not fresh)
         if not fresh:
             svc.stop(name)
-        svc.failpoint = stage
+        svc.ctx.failpoint = stage
         with pytest.raises(OperationFailed) as info:
             svc.start(name)
-        svc.failpoint = None
+        svc.ctx.failpoint = None
         assert info.value.stage == stage
         assert svc.resolve(name).state is VMState.ERROR
         assert_clean(svc, vmm, net)
@@ -152,17 +152,17 @@ def test_reconcile_sweeps_rules_and_taps_of_dead_vms(env) -> None:  # type: igno
     net.taps_up["btdeadbeef0000"] = "bgt0"
     net.rules["deadbeef0000"] = (IPv4Address("10.77.0.99"), "bgt0")
     del net.rules[live.id]  # a firewall reload took the live VM's rules away
-    svc.handles = type(svc.handles)()
+    svc.ctx.handles = type(svc.ctx.handles)()
     svc.reconcile()
     assert svc.resolve("dead").state is VMState.STOPPED
     assert set(net.taps_up) == {svc.layout.vm(live.id).names.tap}
     assert set(net.rules) == {live.id}
-    h = svc.handles.get(live.id)
+    h = svc.ctx.handles.get(live.id)
     assert h is not None and h.endpoint is not None and h.endpoint.host == live.guest_ip
 
 
 def test_default_network_comes_from_config(env) -> None:  # type: ignore[no-untyped-def]
     svc, *_ = env
     assert svc.default_network() is NetworkMode.USER
-    svc.load_config = lambda: Config(network=NetworkConfig(mode="tap"))
+    svc.ctx.load_config = lambda: Config(network=NetworkConfig(mode="tap"))
     assert svc.default_network() is NetworkMode.TAP

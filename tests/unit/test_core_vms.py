@@ -27,8 +27,8 @@ def env(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def stage_names(svc: VMService, spec: VMSpec | None = None) -> list[str]:
     vm = svc.create(name="probe", spec=spec or VMSpec(), start=False)
-    ctx = StartContext(vm=vm, paths=svc.layout.vm(vm.id), host=svc.host, handles=svc.handles,
-                       clock=svc.clock)
+    ctx = StartContext(vm=vm, paths=svc.layout.vm(vm.id), host=svc.host,
+                       handles=svc.ctx.handles, clock=svc.ctx.clock)
     names = [s.name for s in start_steps(ctx)]
     svc.delete("probe")
     return names
@@ -40,7 +40,7 @@ def assert_no_runtime_leak(svc: VMService, vmm: FakeVmm, vm_id: str) -> None:
     assert not paths.qmp_socket.exists()
     assert not paths.sock_dir.exists()
     assert not paths.handles.exists()
-    assert svc.handles.get(vm_id) is None
+    assert svc.ctx.handles.get(vm_id) is None
 
 
 def test_stage_names_are_banger_names(env) -> None:  # type: ignore[no-untyped-def]
@@ -91,10 +91,10 @@ def test_failure_at_every_stage_leaks_nothing(env, fresh: bool) -> None:  # type
             svc.stop(name)
         paths = svc.layout.vm(vm.id)
         had_disks = paths.root_disk.exists()
-        svc.failpoint = stage
+        svc.ctx.failpoint = stage
         with pytest.raises(OperationFailed) as info:
             svc.start(name)
-        svc.failpoint = None
+        svc.ctx.failpoint = None
         err = info.value
         assert err.stage == stage and err.op_id
         assert f"stage {stage!r}" in str(err) and "failpoint" in str(err)
@@ -227,17 +227,17 @@ def test_reconcile_keeps_live_vm_with_corrupt_handles(env) -> None:  # type: ign
     svc, vmm, guest, disks, images, layout, db = env
     vm = svc.create(name="live", spec=VMSpec())
     dead = svc.create(name="dead", spec=VMSpec())
-    pid = svc.handles.get(vm.id).pid  # type: ignore[union-attr]
+    pid = svc.ctx.handles.get(vm.id).pid  # type: ignore[union-attr]
     layout.vm(vm.id).handles.write_text("{not json")
     # The dead VM's VMM vanished while the daemon was down.
-    dead_pid = svc.handles.get(dead.id).pid  # type: ignore[union-attr]
+    dead_pid = svc.ctx.handles.get(dead.id).pid  # type: ignore[union-attr]
     del vmm.procs[dead_pid]
     # A new daemon: fresh service over the same DB and OS.
     svc2 = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=svc.host,
                      layout=layout)
     states = {v.name: v.state for v in svc2.reconcile()}
     assert states == {"live": VMState.RUNNING, "dead": VMState.STOPPED}
-    h = svc2.handles.get(vm.id)
+    h = svc2.ctx.handles.get(vm.id)
     assert h is not None and h.pid == pid
     assert svc2.show("live").handles is not None
     assert not layout.vm(dead.id).sock_dir.exists()
@@ -246,7 +246,7 @@ def test_reconcile_keeps_live_vm_with_corrupt_handles(env) -> None:  # type: ign
 def test_reconcile_finishes_half_started(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, disks, images, layout, db = env
     vm = svc.create(name="half", spec=VMSpec())
-    svc.repo.update(vm.with_state(VMState.STARTING, 5.0))
+    svc.ctx.repo.update(vm.with_state(VMState.STARTING, 5.0))
     states = {v.name: v.state for v in svc.reconcile()}
     assert states["half"] is VMState.ERROR
     assert_no_runtime_leak(svc, vmm, vm.id)
@@ -339,10 +339,10 @@ def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  
     svc, vmm, guest, disks, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
-    svc.failpoint = "wait_ssh"
+    svc.ctx.failpoint = "wait_ssh"
     with pytest.raises(OperationFailed):
         svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo))
-    svc.failpoint = None
+    svc.ctx.failpoint = None
     vm = svc.start("ws")
     assert disks.work_trees[svc.layout.vm(vm.id).work_disk][0] == "repo"
 
@@ -398,10 +398,10 @@ def test_prepare_workspace_failed_sync_is_kept_for_the_next_start(env, tmp_path:
     vm = svc.create(name="p", spec=VMSpec())
     svc.stop("p")
     svc.prepare_workspace("p", WorkspaceRequest(repo))
-    svc.failpoint = "wait_ssh"
+    svc.ctx.failpoint = "wait_ssh"
     with pytest.raises(OperationFailed, match="wait_ssh"):
         svc.start("p")
-    svc.failpoint = None
+    svc.ctx.failpoint = None
     assert svc.layout.vm(vm.id).pending_workspace.exists()
     assert not vmm.procs  # rolled back
     svc.start("p")
@@ -442,7 +442,7 @@ def test_bootstrap_started_after_the_workspace_lands(env, tmp_path: Path) -> Non
     from banger.model.config import Config
     from banger.ports import WorkspaceRequest
     svc, vmm, guest, *_ = env
-    svc.load_config = lambda: Config(installer_url="http://10.0.2.2:9/i.sh")
+    svc.ctx.load_config = lambda: Config(installer_url="http://10.0.2.2:9/i.sh")
     repo = _tool_repo(tmp_path)
     stages: list[str] = []
     vm = svc.create(name="t", spec=VMSpec(nat=True), workspace=WorkspaceRequest(repo),
@@ -472,7 +472,7 @@ def test_file_sync_at_every_start_and_bad_config_aborts(env, tmp_path: Path) -> 
     entries = (FileSync(tmp_path / "there", "/root/.there"),
                FileSync(tmp_path / "missing", "/root/.missing"))
     (tmp_path / "there").write_text("x")
-    svc.load_config = lambda: Config(file_sync=entries)
+    svc.ctx.load_config = lambda: Config(file_sync=entries)
     seen: list[Progress] = []
     svc.create(name="fs", spec=VMSpec(), sink=seen.append)
     svc.restart("fs")
@@ -482,7 +482,7 @@ def test_file_sync_at_every_start_and_bad_config_aborts(env, tmp_path: Path) -> 
     def broken() -> Config:
         raise ConfigError("config.toml: file_sync entry 1: needs string keys host and guest")
 
-    svc.load_config = broken
+    svc.ctx.load_config = broken
     svc.stop("fs")
     with pytest.raises(OperationFailed, match="needs string keys") as info:
         svc.start("fs")
@@ -569,7 +569,7 @@ def test_delete_survives_a_serial_log_copy_landing_during_it(env, monkeypatch) -
     # directory, which then cannot be removed.
     import shutil
 
-    import banger.core.service as service_module
+    import banger.core.lifecycle as service_module
 
     svc, *_ = env
     vm = svc.create(name="noisy", spec=VMSpec())

@@ -6,13 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from banger.core.context import VMContext
+from banger.core.views import list_views
 from banger.model.errors import BangerError, OperationFailed
 from banger.model.vm import VM, VMState
-
-if TYPE_CHECKING:
-    from banger.core.service import VMService
 
 
 @dataclass(frozen=True)
@@ -22,17 +20,14 @@ class BatchResult:
     error: BangerError | None
 
 
-def batch(svc: VMService, action: str, refs: Sequence[str],
+def batch(ctx: VMContext, action: str, act: Callable[..., VM], refs: Sequence[str],
           **kwargs: object) -> list[BatchResult]:
-    """Resolve every ref once, de-duplicate, act concurrently, report each result."""
-    fn: Callable[..., VM] = {
-        "start": svc.start, "stop": svc.stop, "restart": svc.restart,
-        "kill": svc.kill, "delete": svc.delete,
-    }[action]
+    """Resolve every ref once, de-duplicate, ``act`` (the use case ``action``, called
+    with a VM id and ``kwargs``) concurrently, report each result."""
     resolved: list[tuple[str, VM | None, BangerError | None]] = []
     for ref in refs:
         try:
-            resolved.append((ref, svc.resolve(ref), None))
+            resolved.append((ref, ctx.resolve(ref), None))
         except BangerError as exc:
             resolved.append((ref, None, exc))
     unique: dict[str, VM] = {}
@@ -41,9 +36,9 @@ def batch(svc: VMService, action: str, refs: Sequence[str],
             unique.setdefault(vm.id, vm)
     outcomes: dict[str, tuple[VM | None, BangerError | None]] = {}
 
-    def act(vm: VM) -> None:
+    def one(vm: VM) -> None:
         try:
-            outcomes[vm.id] = (fn(vm.id, **kwargs), None)
+            outcomes[vm.id] = (act(vm.id, **kwargs), None)
         except BangerError as exc:
             outcomes[vm.id] = (None, exc)
         except Exception as exc:
@@ -51,7 +46,7 @@ def batch(svc: VMService, action: str, refs: Sequence[str],
 
     if unique:
         with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
-            list(pool.map(act, unique.values()))
+            list(pool.map(one, unique.values()))
     results: list[BatchResult] = []
     seen: set[str] = set()
     for ref, vm, err in resolved:
@@ -64,12 +59,13 @@ def batch(svc: VMService, action: str, refs: Sequence[str],
     return results
 
 
-def prune(svc: VMService, refs: Sequence[str] | None = None) -> list[BatchResult]:
+def prune(ctx: VMContext, delete: Callable[..., VM],
+          refs: Sequence[str] | None = None) -> list[BatchResult]:
     """Delete the VMs that are not running: of ``refs`` when given (the ones the user
     saw and confirmed; a VM that stopped since the question was asked is not among
     them), else of all."""
     doomed = list(refs) if refs is not None else [
-        v.vm.id for v in svc.list_vms() if v.vm.state is not VMState.RUNNING]
+        v.vm.id for v in list_views(ctx) if v.vm.state is not VMState.RUNNING]
     # A VM listed as starting (or stopped, in the middle of a restart) is checked
     # again under its lock: it is deleted only if it is still not running then.
-    return batch(svc, "delete", doomed, only_idle=True)
+    return batch(ctx, "delete", delete, doomed, only_idle=True)

@@ -3,7 +3,7 @@
 Handles (VMM pid, forwarded port, control socket) never go into SQLite: they live in memory
 plus the VM directory's handles.json, and are rediscovered from the OS when that file is
 missing or corrupt. :func:`release_runtime` is used by start rollback, stop, kill, delete
-and reconcile alike, so teardown cannot drift from rollback.
+and reconcile alike, so teardown cannot drift from rollback; it keeps every failure.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import logging
 import shutil
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+from banger.model.errors import OperationFailed
 from banger.model.layout import VMPaths
 from banger.ports import Endpoint, NetPort, VmmPort
 
@@ -81,10 +83,44 @@ class HandleStore:
         paths.handles.with_suffix(".tmp").unlink(missing_ok=True)
 
 
+class ReleaseFailed(OperationFailed):
+    """Part of a VM's runtime could not be released; ``errors`` holds every failure, in
+    the order they happened (the message names them all)."""
+
+    def __init__(self, vm_id: str, errors: Sequence[Exception]) -> None:
+        self.errors = tuple(errors)
+        super().__init__(f"could not release everything VM {vm_id} held at run time: "
+                         + "; ".join(f"{type(e).__name__}: {e}" for e in self.errors))
+
+
 def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
                     *, kill_timeout: float = 5.0, net: NetPort | None = None) -> None:
     """Kill the VMM (if any), remove sockets and handles and, given ``net`` (tap mode),
-    the VM's NAT rules and tap. Idempotent: what is already gone is skipped."""
+    the VM's NAT rules and tap. Idempotent: what is already gone is skipped.
+
+    Every part is attempted even when an earlier one failed (a VMM that will not die
+    must not keep its tap and rules alive); then :class:`ReleaseFailed` carries every
+    failure."""
+    errors: list[Exception] = []
+
+    def attempt(part: Callable[[], object]) -> None:
+        try:
+            part()
+        except Exception as exc:
+            errors.append(exc)
+
+    attempt(lambda: _kill_vmm(paths, vmm, handles, kill_timeout))
+    attempt(lambda: handles.forget(paths))
+    attempt(lambda: paths.qmp_socket.unlink(missing_ok=True))
+    attempt(lambda: shutil.rmtree(paths.sock_dir, ignore_errors=True))
+    if net is not None:
+        attempt(lambda: net.remove_nat(paths.names.vm_id))
+        attempt(lambda: net.delete_tap(paths.names.tap))
+    if errors:
+        raise ReleaseFailed(paths.names.vm_id, errors)
+
+
+def _kill_vmm(paths: VMPaths, vmm: VmmPort, handles: HandleStore, timeout: float) -> None:
     h = handles.get(paths.names.vm_id) or handles.load(paths)
     pid: int | None = None
     if h is not None and vmm.alive(h.pid, paths.qmp_socket):
@@ -94,21 +130,5 @@ def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
         pid = found.pid if found else None
     if pid is not None:
         vmm.kill(pid, signal.SIGKILL)
-        if not vmm.wait_exit(pid, kill_timeout):
-            raise RuntimeError(f"VMM pid {pid} did not exit after SIGKILL")
-    handles.forget(paths)
-    paths.qmp_socket.unlink(missing_ok=True)
-    shutil.rmtree(paths.sock_dir, ignore_errors=True)
-    if net is not None:
-        # Both are attempted; the first failure is raised after the second ran.
-        first: Exception | None = None
-        try:
-            net.remove_nat(paths.names.vm_id)
-        except Exception as exc:
-            first = exc
-        try:
-            net.delete_tap(paths.names.tap)
-        except Exception as exc:
-            first = first or exc
-        if first is not None:
-            raise first
+        if not vmm.wait_exit(pid, timeout):
+            raise RuntimeError(f"VMM pid {pid} did not exit {timeout:g} s after SIGKILL")

@@ -10,30 +10,29 @@ from __future__ import annotations
 import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
+from banger.core.context import host_net, read_config
 from banger.core.runtime import Handles, HandleStore, release_runtime
+from banger.core.stages import WORKSPACE_DIR, WORKSPACE_GUEST_PATH, Stage, step
 from banger.local.logtail import tail_lines
 from banger.model import netalloc
-from banger.model.config import Config, ConfigError
+from banger.model.config import Config
 from banger.model.errors import FailpointTriggered, InvalidRequest
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, NetworkMode
-from banger.pipeline import Step
+from banger.pipeline import Detail, Step
 from banger.ports import (
     Endpoint,
     HostPorts,
     ImageInfo,
     LaunchSpec,
-    NetPort,
     WorkspaceSelection,
 )
 
 MIB = 1024 * 1024
-WORKSPACE_DIR = "repo"
-WORKSPACE_GUEST_PATH = f"/root/{WORKSPACE_DIR}"
 
 
 @dataclass
@@ -49,12 +48,13 @@ class StartContext:
     load_config: Callable[[], Config] = Config
     # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
-    on_detail: Callable[[str, str], None] = lambda stage, msg: None
+    # Details of the step running now (the pipeline points it at each step in turn).
+    detail: Detail = field(default_factory=lambda: Detail(lambda stage, msg: None))
     # Raises Cancelled once the start was cancelled; long waits (readiness) poll it.
     check_cancel: Callable[[], None] = lambda: None
     # Filled in as the steps run.
     image: ImageInfo | None = None
-    created: set[str] = field(default_factory=set)
+    created: set[Stage] = field(default_factory=set)  # what this run acquired (undos)
     ssh_port: int | None = None
     ssh_host: str = "127.0.0.1"
     pid: int | None = None
@@ -67,60 +67,47 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
     """The ordered stages for starting ``ctx.vm``."""
     tap = ctx.vm.spec.network is NetworkMode.TAP
     steps: list[Step[StartContext]] = [
-        Step("preflight", _preflight, progress="checking image and spec"),
-        Step("cleanup_runtime", _cleanup_runtime, progress="clearing stale runtime state"),
+        step(Stage.PREFLIGHT, _preflight),
+        step(Stage.CLEANUP_RUNTIME, _cleanup_runtime),
     ]
     if tap:
-        steps.append(Step("bridge", _bridge, progress="setting up the bridge"))
+        steps.append(step(Stage.BRIDGE, _bridge))
     steps += [
-        Step("socket_dir", _socket_dir, _undo_socket_dir, progress="creating socket directory"),
-        Step("system_overlay", _system_overlay, _undo_system_overlay,
-             progress="creating root disk overlay"),
-        Step("work_disk", _work_disk, _undo_work_disk, progress="creating work disk"),
+        step(Stage.SOCKET_DIR, _socket_dir, _undo_socket_dir),
+        step(Stage.SYSTEM_OVERLAY, _system_overlay, _undo_system_overlay),
+        step(Stage.WORK_DISK, _work_disk, _undo_work_disk),
     ]
     if not tap:
-        steps.append(Step("port_forward", _port_forward, progress="reserving ssh port"))
+        steps.append(step(Stage.PORT_FORWARD, _port_forward))
     else:
         if ctx.vm.spec.nat:
-            steps.append(Step("prepare_host_features", _nat, _undo_nat,
-                              progress="adding NAT rules (--nat)"))
-        steps.append(Step("tap", _tap, _undo_tap, progress="creating the tap device"))
+            steps.append(step(Stage.PREPARE_HOST_FEATURES, _nat, _undo_nat))
+        steps.append(step(Stage.TAP, _tap, _undo_tap))
     steps += [
-        Step("qemu_launch", _qemu_launch, _undo_launch, progress="launching QEMU"),
-        Step("wait_ssh", _wait_ssh, progress="waiting for ssh"),
+        step(Stage.QEMU_LAUNCH, _qemu_launch, _undo_launch),
+        step(Stage.WAIT_SSH, _wait_ssh),
     ]
     if (ctx.paths.pending_workspace / WORKSPACE_DIR).exists():
-        steps.append(Step("workspace_sync", _workspace_sync,
-                          progress=f"copying the prepared workspace to {WORKSPACE_GUEST_PATH}"))
-    steps.append(Step("post_start_features", _post_start,
-                      progress="syncing files and git identity"))
+        steps.append(step(Stage.WORKSPACE_SYNC, _workspace_sync))
+    steps.append(step(Stage.POST_START_FEATURES, _post_start))
     if wants_bootstrap(ctx):
-        steps.append(Step("tool_bootstrap", _tool_bootstrap,
-                          progress="starting the tool install in the background"))
+        steps.append(step(Stage.TOOL_BOOTSTRAP, _tool_bootstrap))
     if ctx.failpoint:
         steps = [_with_failpoint(s, ctx.failpoint) for s in steps]
     return steps
 
 
-def _with_failpoint(step: Step[StartContext], stage: str) -> Step[StartContext]:
-    if step.name != stage:
-        return step
-    inner = step.run
+def _with_failpoint(s: Step[StartContext], stage: str) -> Step[StartContext]:
+    if s.name != stage:
+        return s
+    inner = s.run
 
     def run(ctx: StartContext) -> None:
         # Fail after the step acquired its resource, so its own undo must release it.
         inner(ctx)
         raise FailpointTriggered(f"failpoint: injected failure after stage {stage!r}")
 
-    return Step(step.name, run, step.undo, step.progress, step.attrs)
-
-
-def read_config(load: Callable[[], Config]) -> Config:
-    """The config, or InvalidRequest naming the file, key and fix."""
-    try:
-        return load()
-    except ConfigError as exc:
-        raise InvalidRequest(str(exc)) from exc
+    return replace(s, run=run)
 
 
 def check_network(host: HostPorts, network: NetworkMode) -> None:
@@ -146,18 +133,13 @@ def _preflight(ctx: StartContext) -> None:
         raise InvalidRequest(f"unknown image {spec.image!r}; known: {', '.join(images.known())}")
     image = images.get(spec.image)
     if image is None:
-        image = images.build(spec.image, lambda msg: ctx.on_detail("preflight", msg))
+        image = images.build(spec.image, ctx.detail)
     ctx.image = image
     # The first start after a host boot probes KVM for real (a few seconds): do it here,
     # said out loud, rather than hidden inside qemu_launch.
     accel = ctx.host.vmm.accel()
-    ctx.on_detail("preflight", f"acceleration: {accel.accel} ({accel.reason})")
+    ctx.detail(f"acceleration: {accel.accel} ({accel.reason})")
     ctx.paths.dir.mkdir(parents=True, exist_ok=True)
-
-
-def host_net(host: HostPorts, vm: VM) -> NetPort | None:
-    """The network port when ``vm`` has host networking (tap) to release, else None."""
-    return host.net if vm.spec.network is NetworkMode.TAP else None
 
 
 def _cleanup_runtime(ctx: StartContext) -> None:
@@ -173,40 +155,40 @@ def _bridge(ctx: StartContext) -> None:
     cfg = ctx.config.network
     gateway = IPv4Interface(f"{netalloc.gateway(cfg.subnet)}/{cfg.subnet.prefixlen}")
     if ctx.host.net.ensure_bridge(cfg.bridge, gateway):
-        ctx.on_detail("bridge", f"created bridge {cfg.bridge} ({gateway})")
+        ctx.detail(f"created bridge {cfg.bridge} ({gateway})")
     # Never undone: the bridge is shared by every tap VM and costs nothing idle.
 
 
 def _nat(ctx: StartContext) -> None:
-    ctx.created.add("nat")
+    ctx.created.add(Stage.PREPARE_HOST_FEATURES)
     for line in ctx.host.net.add_nat(ctx.vm.id, _guest_ip(ctx), ctx.config.network.bridge):
-        ctx.on_detail("prepare_host_features", line)
+        ctx.detail(line)
 
 
 def _undo_nat(ctx: StartContext) -> None:
-    if "nat" in ctx.created:
+    if Stage.PREPARE_HOST_FEATURES in ctx.created:
         ctx.host.net.remove_nat(ctx.vm.id)
 
 
 def _tap(ctx: StartContext) -> None:
-    ctx.created.add("tap")
+    ctx.created.add(Stage.TAP)
     ctx.host.net.create_tap(ctx.paths.names.tap, ctx.config.network.bridge)
     ctx.ssh_host, ctx.ssh_port = str(_guest_ip(ctx)), 22
 
 
 def _undo_tap(ctx: StartContext) -> None:
-    if "tap" in ctx.created:
+    if Stage.TAP in ctx.created:
         ctx.host.net.delete_tap(ctx.paths.names.tap)
 
 
 def _socket_dir(ctx: StartContext) -> None:
     if not ctx.paths.sock_dir.exists():
         ctx.paths.sock_dir.mkdir(parents=True, mode=0o700)
-        ctx.created.add("socket_dir")
+        ctx.created.add(Stage.SOCKET_DIR)
 
 
 def _undo_socket_dir(ctx: StartContext) -> None:
-    if "socket_dir" in ctx.created:
+    if Stage.SOCKET_DIR in ctx.created:
         shutil.rmtree(ctx.paths.sock_dir, ignore_errors=True)
 
 
@@ -214,12 +196,12 @@ def _system_overlay(ctx: StartContext) -> None:
     assert ctx.image is not None
     if ctx.paths.root_disk.exists():
         return
-    ctx.created.add("system_overlay")
+    ctx.created.add(Stage.SYSTEM_OVERLAY)
     ctx.host.disks.create_overlay(ctx.image.rootfs, ctx.paths.root_disk)
 
 
 def _undo_system_overlay(ctx: StartContext) -> None:
-    if "system_overlay" in ctx.created:
+    if Stage.SYSTEM_OVERLAY in ctx.created:
         ctx.paths.root_disk.unlink(missing_ok=True)
 
 
@@ -238,14 +220,14 @@ def _work_disk(ctx: StartContext) -> None:
     identity = guest.git_identity()
     if identity:
         files[".gitconfig"] = (gitconfig(identity).encode(), 0o644)
-    ctx.created.add("work_disk")
+    ctx.created.add(Stage.WORK_DISK)
     size = ctx.vm.spec.work_disk_mib * MIB
     if ctx.workspace is None:
         ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files)
     else:
-        ctx.on_detail("work_disk", f"copying {ctx.workspace.files} files "
-                                   f"({ctx.workspace.total_bytes} bytes) of "
-                                   f"{ctx.workspace.repo} to {WORKSPACE_GUEST_PATH}")
+        ctx.detail(f"copying {ctx.workspace.files} files "
+                   f"({ctx.workspace.total_bytes} bytes) of "
+                   f"{ctx.workspace.repo} to {WORKSPACE_GUEST_PATH}")
         with ctx.host.workspace.staged(ctx.workspace, ctx.paths.dir) as tree:
             ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files,
                                            trees={WORKSPACE_DIR: tree})
@@ -261,7 +243,7 @@ def gitconfig(identity: dict[str, str]) -> str:
 
 
 def _undo_work_disk(ctx: StartContext) -> None:
-    if "work_disk" in ctx.created:
+    if Stage.WORK_DISK in ctx.created:
         ctx.paths.work_disk.unlink(missing_ok=True)
         ctx.host.guest.forget_host(ctx.paths.names.ssh_alias)
 
@@ -346,7 +328,7 @@ def _post_start(ctx: StartContext) -> None:
         return  # nothing to send: no ssh session on this start
     for warning in guest.sync_files(addr=_addr(ctx), alias=ctx.paths.names.ssh_alias,
                                     entries=ctx.config.file_sync, identity=changed):
-        ctx.on_detail("post_start_features", warning)
+        ctx.detail(warning)
     ctx.identities[ctx.vm.id] = identity
 
 
@@ -385,16 +367,16 @@ def _workspace_sync(ctx: StartContext) -> None:
 
 
 def launch_bootstrap(host: HostPorts, addr: Endpoint, paths: VMPaths, installer_url: str,
-                     on_detail: Callable[[str, str], None]) -> None:
+                     detail: Callable[[str], None]) -> None:
     """Start the repo's tool install in the guest's background and say where its log is."""
     log = host.guest.start_bootstrap(addr=addr, alias=paths.names.ssh_alias,
                                      workdir=WORKSPACE_GUEST_PATH, installer_url=installer_url)
-    on_detail("tool_bootstrap", f"installing the repo's tools in the background; "
+    detail(f"installing the repo's tools in the background; "
                                 f"log in the guest: {log}")
 
 
 def _tool_bootstrap(ctx: StartContext) -> None:
-    launch_bootstrap(ctx.host, _addr(ctx), ctx.paths, ctx.config.installer_url, ctx.on_detail)
+    launch_bootstrap(ctx.host, _addr(ctx), ctx.paths, ctx.config.installer_url, ctx.detail)
     shutil.rmtree(ctx.paths.pending_workspace, ignore_errors=True)
 
 
@@ -409,6 +391,3 @@ def _tail(path: Path, lines: int = 10) -> str:
         return "  (no log)"
     return "\n".join("  " + line for line in last) or "  (empty)"
 
-
-def vm_files_exist(paths: VMPaths) -> list[Path]:
-    return [p for p in (paths.root_disk, paths.work_disk) if p.exists()]

@@ -3,6 +3,6 @@
 Knows nothing about VMs. See ARCHITECTURE.md section 1 for the contract.
 """
 
-from banger.pipeline.steps import Event, Step, StepFailed, run_steps
+from banger.pipeline.steps import Detail, Event, Step, StepFailed, run_steps
 
-__all__ = ["Event", "Step", "StepFailed", "run_steps"]
+__all__ = ["Detail", "Event", "Step", "StepFailed", "run_steps"]

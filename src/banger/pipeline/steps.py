@@ -18,15 +18,23 @@ Contract (pinned by tests/unit/test_pipeline*.py):
 7. ``check`` (e.g. "was this operation cancelled?") is called before each step; when it
    raises, no further step runs and the steps that ran are rolled back as for a failure,
    the raised error being the root cause.
+8. A step with ``when`` runs only if ``when(ctx)`` holds as its turn comes (decided then,
+   not when the list was built: "is the VMM still running?"); otherwise it is passed over
+   without an event. A ``best_effort`` step that fails is reported (``failed``) and the run
+   goes on: it is one attempt among several (a guest poweroff before the VMM is told to
+   quit), and what follows takes over.
+9. A step reports details through the :class:`Detail` of its context, which the engine
+   points at the step running (or being undone) so that no step can speak under another's
+   name.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from banger.model.events import EventKind
 
@@ -39,14 +47,16 @@ class Step(Generic[C]):
     """A named unit of work and the undo of what it acquired.
 
     ``name`` is the stable stage id (logs, progress, API errors and tests use it);
-    ``progress`` an optional user-facing label; ``attrs`` optional log attributes.
+    ``progress`` an optional user-facing label; ``when`` and ``best_effort``: see the
+    module's contract (8).
     """
 
     name: str
     run: Callable[[C], None]
     undo: Callable[[C], None] | None = None
     progress: str | None = None
-    attrs: Mapping[str, Any] = field(default_factory=dict)
+    when: Callable[[C], bool] | None = None
+    best_effort: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,12 +94,29 @@ class StepFailed(ExceptionGroup[Exception]):
         return self.exceptions[1:]
 
 
+class Detail:
+    """Where steps report details (a line of progress) while they run: always under the
+    name of the step the engine runs or undoes right now. Like events, details are a
+    report: a sink that raises is logged and never fails the step."""
+
+    def __init__(self, sink: Callable[[str, str], None], step: str = "") -> None:
+        self._sink = sink
+        self.step = step  # set by run_steps; before a run, the name details go under
+
+    def __call__(self, message: str) -> None:
+        try:
+            self._sink(self.step, message)
+        except Exception:
+            log.exception("detail of step %r was lost: %s", self.step, message)
+
+
 def run_steps(
     steps: Sequence[Step[C]],
     ctx: C,
     *,
     on_event: Callable[[Event], None] | None = None,
     check: Callable[[], None] | None = None,
+    detail: Detail | None = None,
 ) -> None:
     """Run ``steps`` against ``ctx``; raise :class:`StepFailed` after rolling back."""
     emit = _reporting(on_event) if on_event else _ignore
@@ -99,27 +126,37 @@ def run_steps(
             try:
                 check()
             except Exception as exc:
-                undo_errors = _roll_back(ran, ctx, emit)
+                undo_errors = _roll_back(ran, ctx, emit, detail)
                 raise StepFailed(f"stopped before step {step.name!r}: {exc}",
                                  [exc, *undo_errors], step=step.name) from None
-        emit(Event("run", step.name, step.progress))
-        ran.append(step)
+        if detail is not None:
+            detail.step = step.name
         started = time.monotonic()
         try:
+            # A ``when`` that raises fails its step, like the step itself raising.
+            if step.when is not None and not step.when(ctx):
+                continue
+            emit(Event("run", step.name, step.progress))
+            ran.append(step)
             step.run(ctx)
         except Exception as exc:
             emit(Event("failed", step.name, step.progress, time.monotonic() - started, exc))
-            undo_errors = _roll_back(ran, ctx, emit)
+            if step.best_effort:
+                continue
+            undo_errors = _roll_back(ran, ctx, emit, detail)
             message = f"step {step.name!r} failed: {exc}"
             raise StepFailed(message, [exc, *undo_errors], step=step.name) from None
         emit(Event("ok", step.name, step.progress, time.monotonic() - started))
 
 
-def _roll_back(ran: Sequence[Step[C]], ctx: C, emit: Callable[[Event], None]) -> list[Exception]:
+def _roll_back(ran: Sequence[Step[C]], ctx: C, emit: Callable[[Event], None],
+               detail: Detail | None) -> list[Exception]:
     errors: list[Exception] = []
     for step in reversed(ran):
         if step.undo is None:
             continue
+        if detail is not None:
+            detail.step = step.name
         emit(Event("undo", step.name, step.progress))
         started = time.monotonic()
         try:
