@@ -28,15 +28,15 @@ def observe_locked(svc: VMService, vm: VM) -> VM:
         return vm
     paths = svc.layout.vm(vm.id)
     h = svc.handles.get(vm.id) or svc.handles.load(paths)
-    if h is not None and svc.host.vmm.alive(h.pid, paths.qmp_socket):
+    if h is not None and svc.host.vmm.alive(h.pid, paths.control_socket):
         return vm
-    found = svc.host.vmm.rediscover(paths.qmp_socket)
+    found = svc.host.vmm.rediscover(paths.control_socket)
     if found is not None:
         log.warning("VM %s: handles lost; rediscovered VMM pid %d", vm.name, found.pid)
         tap = vm.spec.network is NetworkMode.TAP and vm.guest_ip is not None
         svc.handles.put(paths, Handles(
             pid=found.pid, ssh_port=22 if tap else found.ssh_port,
-            qmp_socket=str(paths.qmp_socket),
+            control_socket=str(paths.control_socket),
             accel=svc.host.vmm.accel().accel, boot_id=vm.boot_id or "",
             started_at=svc.clock(), vmm=svc.host.vmm.name,
             accel_reason=svc.host.vmm.accel().reason,

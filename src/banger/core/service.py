@@ -281,7 +281,7 @@ class VMService:
         paths = self.layout.vm(vm.id)
         h = self.handles.get(vm.id) or self.handles.load(paths)
         vmm, t = self.host.vmm, self.timeouts
-        if h is not None and vmm.alive(h.pid, paths.qmp_socket):
+        if h is not None and vmm.alive(h.pid, paths.control_socket):
             emit = starting.forward(self.ops, op, vm.name)
             gone = False
             if h.endpoint is not None:
@@ -295,7 +295,7 @@ class VMService:
                 emit(Event("ok" if gone else "failed", "guest_poweroff", None))
             if not gone:
                 emit(Event("run", "qmp_quit", "asking QEMU to quit"))
-                vmm.quit(paths.qmp_socket)
+                vmm.quit(paths.control_socket)
                 gone = vmm.wait_exit(h.pid, t.qmp_quit)
                 emit(Event("ok" if gone else "failed", "qmp_quit", None))
         self._release(vm, paths)
@@ -310,7 +310,7 @@ class VMService:
             paths = self.layout.vm(vm.id)
             with self.ops.track("kill", vm.id, vm.name, sink) as op:
                 h = self.handles.get(vm.id) or self.handles.load(paths)
-                if h is not None and self.host.vmm.alive(h.pid, paths.qmp_socket):
+                if h is not None and self.host.vmm.alive(h.pid, paths.control_socket):
                     self.host.vmm.kill(h.pid, signal)
                     self.host.vmm.wait_exit(h.pid, self.timeouts.kill)
                 self._release(vm, paths)
