@@ -284,7 +284,7 @@ def _qemu_launch(ctx: StartContext) -> None:
         boot=BootSource(ctx.image.kernel, ctx.image.initrd, ctx.image.cmdline),
         root=Drive(ctx.paths.root_disk, backing=ctx.image.rootfs),
         work=Drive(ctx.paths.work_disk), vcpus=ctx.vm.spec.vcpus,
-        memory_mib=ctx.vm.spec.memory_mib, net=_tap_launch(ctx),
+        memory_mib=ctx.vm.spec.memory_mib, net=_net_attachment(ctx),
         guest=GuestSettings(hostname=ctx.vm.name), serial_log=ctx.paths.serial_log,
         vmm_log=ctx.paths.vmm_log, runtime_dir=ctx.paths.sock_dir,
         control_socket=ctx.paths.control_socket,
@@ -299,7 +299,7 @@ def _qemu_launch(ctx: StartContext) -> None:
         agent=None if up.agent is None else str(up.agent)))
 
 
-def _tap_launch(ctx: StartContext) -> NetAttachment:
+def _net_attachment(ctx: StartContext) -> NetAttachment:
     """The VM's network as its VMM attaches it: the forwarded ssh port (user), or its
     tap, MAC and the address its init sets (tap)."""
     outbound = ctx.vm.spec.nat

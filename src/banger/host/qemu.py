@@ -102,9 +102,8 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
 
 def guest_net_args(net: NetAttachment) -> str:
     """The kernel arguments that tell banger's init (host/guest/banger-init) how to bring
-    up eth0: QEMU's user network, or the tap's static address (the cloud kernel has no IP
-    autoconfig). The gateway is also the guest's resolver in tap mode: the daemon's DNS
-    answers there."""
+    up eth0: QEMU's user network (its fixed 10.0.2.15 via 10.0.2.2), or the tap's static
+    address, gateway and resolver (the cloud kernel has no IP autoconfig)."""
     if isinstance(net, TapNet):
         return (f"banger.net=tap banger.ip={net.address} banger.gw={net.gateway} "
                 f"banger.dns={net.resolver}")
