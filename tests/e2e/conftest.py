@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import disks, imagebuild, kvm, qemu, ssh, vmmproc
+from banger.host import disks, imagebuild, kvm, qemu_cmdline, ssh, vmmproc
 from banger.ports import LaunchSpec
 from tests.vmspec import ssh_port, user_spec
 
@@ -197,7 +197,7 @@ DEFAULT_IMAGE_DIR = IMAGES_DIR / "debian-bookworm"
 
 def cached_image(name: str) -> imagebuild.ImageArtifacts:
     """Image ``name`` from the shared test cache, built there first if missing or stale."""
-    for tool in (qemu.QEMU, "qemu-img", "mmdebstrap", "ssh"):
+    for tool in (qemu_cmdline.QEMU, "qemu-img", "mmdebstrap", "ssh"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     d = IMAGES_DIR / name

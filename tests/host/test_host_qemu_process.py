@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 from tests.vmspec import ssh_port, user_spec
 
-from banger.host import kvm, qemu, vmmproc, vmmuser
+from banger.host import kvm, qemu, qemu_cmdline, vmmproc, vmmuser
 from banger.host.qemu import HostPortBusy, VmmError
 from banger.host.vmm_qemu import QemuVmm
 from banger.ports import LaunchSpec
 
 pytestmark = [
     pytest.mark.host,
-    pytest.mark.skipif(shutil.which(qemu.QEMU) is None, reason="QEMU not installed"),
+    pytest.mark.skipif(shutil.which(qemu_cmdline.QEMU) is None, reason="QEMU not installed"),
 ]
 
 
@@ -225,7 +225,7 @@ def _decoy(qmp: Path, user: int | None) -> subprocess.Popen[bytes]:
     (anyone can read them in /proc), run as ``user``."""
     argv = ["bash", "-c", 'exec -a qemu-system-x86_64 /usr/bin/python3 -c '
             '"import time; time.sleep(60)" -add-fd "$0"',
-            f"fd=7,set={qemu.FDSET_QMP},opaque={vmmproc.QMP_TAG}{qmp}"]
+            f"fd=7,set={qemu_cmdline.FDSET_QMP},opaque={vmmproc.QMP_TAG}{qmp}"]
     proc = subprocess.Popen(argv, user=user, group=user, extra_groups=[] if user else None,
                             cwd="/")
     deadline = time.monotonic() + 10

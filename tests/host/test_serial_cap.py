@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from test_host_qemu_process import stub_config, vmdir
 
-from banger.host import kvm, qemu
+from banger.host import kvm, qemu, qemu_cmdline
 from banger.host.seriallog import SerialLogCap
 from banger.model.layout import Layout
 
 pytestmark = [
     pytest.mark.host,
-    pytest.mark.skipif(shutil.which(qemu.QEMU) is None, reason="QEMU not installed"),
+    pytest.mark.skipif(shutil.which(qemu_cmdline.QEMU) is None, reason="QEMU not installed"),
 ]
 __all__ = ["vmdir"]  # the fixture
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import imagebuild, qemu, vmmproc
-from banger.host.qemu import VmmError, VmmFds
-from banger.host.qemu import qemu_argv as _qemu_argv
+from banger.host import imagebuild, vmmproc
+from banger.host import qemu_cmdline as qemu
+from banger.host.qemu_cmdline import VmmError, VmmFds
+from banger.host.qemu_cmdline import qemu_argv as _qemu_argv
 from banger.ports import Drive, LaunchSpec, Snapshot, TapNet, UserNet
 from tests.vmspec import user_spec
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from banger.host import kvm, qemu, seriallog, vmmproc, vmmuser
+from banger.host import kvm, qemu, qemu_cmdline, seriallog, vmmproc, vmmuser
 from banger.host.bootid import boot_id
 from banger.model.errors import OperationFailed
 from banger.model.vm import ResourceNames
@@ -81,7 +81,7 @@ class QemuVmm:
         if os.environ.get("BANGER_ACCEL") or self._cache is None:
             choice = kvm.probe_accel(self._users.get())
             return Accel(choice.accel, choice.reason)
-        key = {"boot_id": boot_id(), "qemu": _stat_key(shutil.which(qemu.QEMU)),
+        key = {"boot_id": boot_id(), "qemu": _stat_key(shutil.which(qemu_cmdline.QEMU)),
                "kvm": _stat_key("/dev/kvm"), "user": _user_key(self._users.get())}
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             data = json.loads(self._cache.read_text())
