@@ -23,6 +23,7 @@ from pathlib import Path
 from benchlib import kill_banger_processes, write_result
 
 from banger.host import disks, imagebuild, kvm, qemu, ssh, vmmproc
+from banger.ports import BootSource, Drive, GuestSettings, LaunchSpec, UserNet
 
 IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
@@ -45,13 +46,15 @@ def baseline(image: imagebuild.ImageArtifacts, accel: str) -> float:
         disks.build_work_disk(d / "work.ext4", 4 << 30, {
             ".ssh/authorized_keys": (f"{pub}\n".encode(), 0o600),
             ".banger/hostname": (b"bench\n", 0o644)})
-        cfg = qemu.QemuConfig(kernel=image.kernel, initrd=image.initrd,
-                              root_disk=d / "root.qcow2", work_disk=d / "work.ext4", vcpus=1,
-                              memory_mib=512, ssh_port=vmmproc.free_port(),
-                              serial_log=d / "serial.log", qmp_socket=d / "qmp.sock",
-                              accel=accel, hostname="bench", cmdline=image.cmdline)
-        pid = qemu.launch(cfg, d / "vmm.log")
-        ssh.wait_ready(port=cfg.ssh_port, key=key, known_hosts=d / "kh", alias="bench",
+        port = vmmproc.free_port()
+        cfg = LaunchSpec(
+            vm_id="bench", boot=BootSource(image.kernel, image.initrd, image.cmdline),
+            root=Drive(d / "root.qcow2"), work=Drive(d / "work.ext4"), vcpus=1,
+            memory_mib=512, net=UserNet(port), guest=GuestSettings(hostname="bench"),
+            serial_log=d / "serial.log", vmm_log=d / "vmm.log", runtime_dir=d,
+            control_socket=d / "qmp.sock")
+        pid = qemu.launch(cfg, accel)
+        ssh.wait_ready(port=port, key=key, known_hosts=d / "kh", alias="bench",
                        timeout=240, serial_log=cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
         elapsed = time.monotonic() - started
         vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)

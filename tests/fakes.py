@@ -25,9 +25,11 @@ from banger.ports import (
     Endpoint,
     HostPorts,
     ImageInfo,
+    Launched,
     LaunchSpec,
     ListeningSocket,
     Rediscovered,
+    UserNet,
     WorkspaceRequest,
     WorkspaceSelection,
 )
@@ -120,6 +122,14 @@ class FakeProc:
     spec: LaunchSpec
     signals: list[int] = field(default_factory=list)
 
+    @property
+    def ssh(self) -> Endpoint:
+        """Where its guest's sshd answers: the forwarded port, or the tap address."""
+        net = self.spec.net
+        if isinstance(net, UserNet):
+            return Endpoint("127.0.0.1", net.ssh_port)
+        return Endpoint(str(net.address.ip), 22)
+
 
 class FakeVmm:
     name = "qemu"
@@ -143,33 +153,33 @@ class FakeVmm:
     def free_port(self) -> int:
         return next(self._ports)
 
-    def launch(self, spec: LaunchSpec) -> int:
+    def launch(self, spec: LaunchSpec) -> Launched:
         if self.launch_error is not None:
             raise self.launch_error
         pid = next(self._pids)
-        spec.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
-        spec.qmp_socket.write_text("sock")
+        spec.control_socket.parent.mkdir(parents=True, exist_ok=True)
+        spec.control_socket.write_text("sock")
         self.launched.append(spec)
         if not self.die_on_launch:
             self.procs[pid] = FakeProc(pid, spec)
-        return pid
+        return Launched(pid, spec.control_socket, self.accel())
 
-    def alive(self, pid: int, qmp_socket: Path) -> bool:
+    def alive(self, pid: int, control_socket: Path) -> bool:
         p = self.procs.get(pid)
-        return p is not None and p.spec.qmp_socket == qmp_socket
+        return p is not None and p.spec.control_socket == control_socket
 
-    def answering(self, qmp_socket: Path) -> bool:
-        return any(p.spec.qmp_socket == qmp_socket for p in self.procs.values())
+    def answering(self, control_socket: Path) -> bool:
+        return any(p.spec.control_socket == control_socket for p in self.procs.values())
 
-    def stuck(self, qmp_socket: Path) -> str | None:
+    def stuck(self, control_socket: Path) -> str | None:
         return self.stuck_status
 
-    def quit(self, qmp_socket: Path) -> bool:
+    def quit(self, control_socket: Path) -> bool:
         self.quits += 1
         if self.ignore_quit:
             return False
         for pid, p in list(self.procs.items()):
-            if p.spec.qmp_socket == qmp_socket:
+            if p.spec.control_socket == control_socket:
                 del self.procs[pid]
                 return True
         return False
@@ -184,10 +194,11 @@ class FakeVmm:
     def wait_exit(self, pid: int, timeout: float) -> bool:
         return pid not in self.procs
 
-    def rediscover(self, qmp_socket: Path) -> Rediscovered | None:
+    def rediscover(self, control_socket: Path) -> Rediscovered | None:
         for p in self.procs.values():
-            if p.spec.qmp_socket == qmp_socket:
-                return Rediscovered(p.pid, p.spec.ssh_port)
+            if p.spec.control_socket == control_socket:
+                port = p.spec.net.ssh_port if isinstance(p.spec.net, UserNet) else None
+                return Rediscovered(p.pid, port)
         return None
 
 
@@ -232,7 +243,7 @@ class FakeGuest:
         if not self.poweroff_works:
             raise RuntimeError("ssh: connection refused")
         for pid, p in list(self.vmm.procs.items()):
-            if p.spec.ssh_port == addr.port:
+            if p.ssh == addr:
                 del self.vmm.procs[pid]
 
     def git_identity(self) -> dict[str, str]:
@@ -254,7 +265,7 @@ class FakeGuest:
         return "/root/.banger/bootstrap.log"
 
     def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
-        if not any(p.spec.ssh_port == addr.port for p in self.vmm.procs.values()):
+        if not any(p.ssh == addr for p in self.vmm.procs.values()):
             raise RuntimeError(f"ssh: connect to {addr}: connection refused")
         self.listening_asked.append(addr)
         return list(self.sockets)

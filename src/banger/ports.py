@@ -1,8 +1,8 @@
 """The small protocols through which use cases reach the host.
 
-Production adapters live in ``banger.host`` and are wired in the daemon; unit tests use
-the stateful fakes in ``tests/fakes.py``. Every method is idempotent where it releases
-something: "already gone" is success.
+Production adapters live in ``banger.host`` and are composed in ``banger.daemon.wiring``;
+unit tests use the stateful fakes in ``tests/fakes.py``. Every method is idempotent where
+it releases something: "already gone" is success.
 """
 
 from __future__ import annotations
@@ -79,6 +79,12 @@ class WorkspacePort(Protocol):
         """A staged git checkout of ``sel``, removed on exit if still there."""
 
 
+# --- the VMM driver ----------------------------------------------------------------------
+# Core hands a driver a VM's resources and gets handles back; the driver builds its own
+# command line, kernel arguments and control-socket calls (QMP for QEMU; a Firecracker
+# driver would make its API calls from the same records).
+
+
 @dataclass(frozen=True)
 class Accel:
     accel: str  # "kvm" | "tcg"
@@ -86,26 +92,93 @@ class Accel:
 
 
 @dataclass(frozen=True)
-class LaunchSpec:
-    vm_id: str
+class BootSource:
+    """What the guest boots. ``cmdline``: the image's own kernel arguments (they name its
+    init); the driver puts its own, the network's and the guest settings' before them."""
+
     kernel: Path
     initrd: Path
-    cmdline: str
-    root_disk: Path
-    work_disk: Path
+    cmdline: str = ""
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A disk file the guest writes. ``backing``: the read-only base image under a
+    copy-on-write overlay, named by core (never read from the overlay's header, which the
+    VMM can write); None: the file stands alone."""
+
+    path: Path
+    backing: Path | None = None
+
+
+@dataclass(frozen=True)
+class UserNet:
+    """Rootless user-mode networking: no host device; sshd is reached through a forwarded
+    loopback port. Without ``outbound`` the guest reaches nothing outside."""
+
+    ssh_port: int
+    outbound: bool = False
+
+
+@dataclass(frozen=True)
+class TapNet:
+    """A host tap (it exists, on the bridge) and the guest's static addressing, which the
+    guest's init sets. ``outbound``: the host NATs the guest (firewall rules, not VMM)."""
+
+    tap: str
+    mac: str
+    address: IPv4Interface  # the guest's address and prefix
+    gateway: IPv4Address
+    resolver: IPv4Address
+    outbound: bool = False
+
+
+NetAttachment = UserNet | TapNet
+
+
+@dataclass(frozen=True)
+class GuestSettings:
+    """What the guest is told about itself at boot."""
+
+    hostname: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A saved VM to resume instead of booting: its device state and memory (the disks are
+    the launch's own)."""
+
+    state: Path
+    memory: Path
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a driver needs to run one VM."""
+
+    vm_id: str
+    boot: BootSource
+    root: Drive  # the guest's root disk (first disk)
+    work: Drive  # the work disk, mounted at /root (second disk)
     vcpus: int
     memory_mib: int
-    ssh_port: int
-    serial_log: Path
-    vmm_log: Path
-    qmp_socket: Path
-    hostname: str
-    restrict_net: bool
-    accel: str
-    tap: str | None = None       # tap mode: the host tap (exists, on the bridge)
-    mac: str | None = None
-    net_args: str = "banger.net=user"  # kernel args the guest's init reads
-    base_image: Path | None = None  # the root overlay's backing file (handed to the VMM)
+    net: NetAttachment
+    guest: GuestSettings
+    serial_log: Path      # the guest's console
+    vmm_log: Path         # the VMM's own output
+    runtime_dir: Path     # the VM's private runtime directory (sockets)
+    control_socket: Path  # where the VMM's control socket goes (in runtime_dir)
+    restore: Snapshot | None = None  # resume this instead of booting
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What a launch gives back (the core keeps it in the VM's handles)."""
+
+    pid: int
+    control_socket: Path
+    accel: Accel           # what the VMM runs under
+    agent: Path | None = None  # the host end of the guest agent's channel, if any
 
 
 @dataclass(frozen=True)
@@ -119,27 +192,30 @@ class VmmPort(Protocol):
 
     def accel(self) -> Accel: ...
 
-    def free_port(self) -> int: ...
+    def free_port(self) -> int:
+        """A loopback port for a user-networking VM's ssh forward, handed out once."""
 
-    def launch(self, spec: LaunchSpec) -> int:
-        """Start the VMM detached from the daemon; return its pid."""
+    def launch(self, spec: LaunchSpec) -> Launched:
+        """Start the VMM detached from the daemon; return once its control socket
+        answers."""
 
-    def alive(self, pid: int, qmp_socket: Path) -> bool:
+    def alive(self, pid: int, control_socket: Path) -> bool:
         """True when ``pid`` is running and is the VMM of that socket (never a recycled pid)."""
 
-    def answering(self, qmp_socket: Path) -> bool:
+    def answering(self, control_socket: Path) -> bool:
         """True when the VMM's control socket answers."""
 
-    def stuck(self, qmp_socket: Path) -> str | None:
+    def stuck(self, control_socket: Path) -> str | None:
         """Why a running VMM can never make progress (e.g. "internal-error"), else None."""
 
-    def quit(self, qmp_socket: Path) -> bool: ...
+    def quit(self, control_socket: Path) -> bool:
+        """Ask the VMM to exit now (no guest shutdown); True if it accepted."""
 
     def kill(self, pid: int, sig: int) -> None: ...
 
     def wait_exit(self, pid: int, timeout: float) -> bool: ...
 
-    def rediscover(self, qmp_socket: Path) -> Rediscovered | None:
+    def rediscover(self, control_socket: Path) -> Rediscovered | None:
         """Find a live VMM from its socket path alone (handles file lost or corrupt)."""
 
 

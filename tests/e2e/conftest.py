@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import disks, imagebuild, kvm, qemu, ssh, vmmproc
+from banger.host import disks, imagebuild, kvm, qemu_cmdline, ssh, vmmproc
+from banger.ports import LaunchSpec
+from tests.vmspec import ssh_port, user_spec
 
 IMAGES_DIR = Path(os.environ.get("BANGER_TEST_IMAGES_DIR",
                                  Path.home() / ".cache" / "banger-test" / "images"))
@@ -195,7 +197,7 @@ DEFAULT_IMAGE_DIR = IMAGES_DIR / "debian-bookworm"
 
 def cached_image(name: str) -> imagebuild.ImageArtifacts:
     """Image ``name`` from the shared test cache, built there first if missing or stale."""
-    for tool in (qemu.QEMU, "qemu-img", "mmdebstrap", "ssh"):
+    for tool in (qemu_cmdline.QEMU, "qemu-img", "mmdebstrap", "ssh"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     d = IMAGES_DIR / name
@@ -220,14 +222,19 @@ def accel() -> str:
 @dataclass
 class Vm:
     dir: Path
-    cfg: qemu.QemuConfig
+    cfg: LaunchSpec
+    accel: str
     key: Path
     known_hosts: Path
     alias: str
     pid: int | None = None
 
+    @property
+    def ssh_port(self) -> int:
+        return ssh_port(self.cfg)
+
     def ssh_argv(self, command: str) -> list[str]:
-        return [*ssh.ssh_base_argv(port=self.cfg.ssh_port, key=self.key,
+        return [*ssh.ssh_base_argv(port=self.ssh_port, key=self.key,
                                    known_hosts=self.known_hosts, alias=self.alias),
                 command]
 
@@ -244,8 +251,8 @@ class Vm:
             time.sleep(0.1)
         assert not vmmproc.pid_alive(pid), f"QEMU still running {within:.0f} s after {command}"
         print(f"{command} to VMM exit: {time.monotonic() - started:.1f} s")
-        assert vmmproc.find_qemu_pid(self.cfg.qmp_socket) is None
-        assert vmmproc.port_is_free(self.cfg.ssh_port)
+        assert vmmproc.find_qemu_pid(self.cfg.control_socket) is None
+        assert vmmproc.port_is_free(self.ssh_port)
 
 
 @pytest.fixture
@@ -263,16 +270,15 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
         ".ssh/authorized_keys": (f"{pub}\n".encode(), 0o600),
         ".banger/hostname": (b"e2e-box\n", 0o644),
     })
-    cfg = qemu.QemuConfig(
-        kernel=image.kernel, initrd=image.initrd, root_disk=d / "root.qcow2",
-        work_disk=d / "work.ext4", vcpus=1, memory_mib=512, ssh_port=vmmproc.free_port(),
-        serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel=accel,
-        hostname="e2e-box", cmdline=image.cmdline, base_image=image.rootfs)
-    machine = Vm(dir=d, cfg=cfg, key=key, known_hosts=d / "known_hosts", alias="e2e-box")
+    cfg = user_spec(d, kernel=image.kernel, initrd=image.initrd, memory_mib=512,
+                    ssh_port=vmmproc.free_port(), hostname="e2e-box", cmdline=image.cmdline,
+                    backing=image.rootfs)
+    machine = Vm(dir=d, cfg=cfg, accel=accel, key=key, known_hosts=d / "known_hosts",
+                 alias="e2e-box")
     try:
         yield machine
     finally:
-        leftover = vmmproc.find_qemu_pid(cfg.qmp_socket)
+        leftover = vmmproc.find_qemu_pid(cfg.control_socket)
         if leftover is not None:
             vmmproc.kill_and_wait(leftover, signal.SIGKILL, 5)
         shutil.rmtree(d, ignore_errors=True)

@@ -19,11 +19,11 @@ BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core machine
 
 
 def test_boot_ssh_and_poweroff(vm: Vm) -> None:
-    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
-    waited = ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+    pid = qemu.launch(vm.cfg, vm.accel)
+    waited = ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
                             serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
-    print(f"boot to ssh: {waited:.1f} s ({vm.cfg.accel})")
+    print(f"boot to ssh: {waited:.1f} s ({vm.accel})")
     assert "banger: " in vm.cfg.serial_log.read_text()
     assert "sshd started" in vm.cfg.serial_log.read_text()
 
@@ -36,30 +36,30 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     # Orphans are reaped by PID 1: no zombies after a background child's parent exits.
     zombies = vm.ssh("sh -c '(sleep 0.2 &) ; sleep 1; ps -eo stat= | grep -c ^Z'")
     assert zombies.stdout.strip() == "0"
-    assert vmmproc.qmp_status(vm.cfg.qmp_socket) == "running"
+    assert vmmproc.qmp_status(vm.cfg.control_socket) == "running"
 
     vm.assert_powers_off(pid, "banger-poweroff", within=10)
 
 
 def test_killed_right_after_launch_is_reported(vm: Vm) -> None:
-    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
+    pid = qemu.launch(vm.cfg, vm.accel)
     assert vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
     started = time.monotonic()
     with pytest.raises(ssh.VmmDied) as err:
-        ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+        ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                        alias=vm.alias, timeout=60, serial_log=vm.cfg.serial_log,
                        alive=lambda: vmmproc.pid_alive(pid))
     assert time.monotonic() - started < 2
     assert str(vm.cfg.serial_log) in str(err.value)
-    assert vmmproc.port_is_free(vm.cfg.ssh_port)
+    assert vmmproc.port_is_free(vm.ssh_port)
 
 
 def test_kill_during_boot_is_reported(vm: Vm) -> None:
-    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
+    pid = qemu.launch(vm.cfg, vm.accel)
     killer = subprocess.Popen(["sh", "-c", f"sleep 2; kill -9 {pid}"])
     try:
         with pytest.raises(ssh.VmmDied, match="exited while waiting"):
-            ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+            ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                            alias=vm.alias, timeout=60, serial_log=vm.cfg.serial_log,
                            alive=lambda: vmmproc.pid_alive(pid))
     finally:
@@ -67,10 +67,11 @@ def test_kill_during_boot_is_reported(vm: Vm) -> None:
 
 
 def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> None:
-    cfg = dataclasses.replace(vm.cfg, cmdline=f"{vm.cfg.cmdline} root=/dev/vdz")
-    pid = qemu.launch(cfg, vm.dir / "vmm.log")
+    cfg = dataclasses.replace(vm.cfg, boot=dataclasses.replace(
+        vm.cfg.boot, cmdline=f"{vm.cfg.boot.cmdline} root=/dev/vdz"))
+    pid = qemu.launch(cfg, vm.accel)
     with pytest.raises(ssh.VmmDied) as err:
-        ssh.wait_ready(port=cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+        ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                        alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=cfg.serial_log,
                        alive=lambda: vmmproc.pid_alive(pid))
     assert "root device /dev/vdz did not appear" in str(err.value)
@@ -79,7 +80,7 @@ def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> Non
 
 def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None:
     private, public = ssh.host_keypair(vm.dir)
-    work = vm.cfg.work_disk
+    work = vm.cfg.work.path
     work.unlink()
     disks.build_work_disk(work, 256 << 20, {
         ".ssh/authorized_keys": ((ssh.ensure_key(vm.key) + "\n").encode(), 0o600),
@@ -87,15 +88,15 @@ def test_host_key_from_the_work_disk_needs_no_trust_on_first_use(vm: Vm) -> None
         ".banger/ssh_host_ed25519_key.pub": ((public + "\n").encode(), 0o644),
     })
     ssh.trust_host_key(vm.known_hosts, vm.alias, public)
-    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
-    ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+    pid = qemu.launch(vm.cfg, vm.accel)
+    ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                    alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
                    alive=lambda: vmmproc.pid_alive(pid))
     strict = [a.replace("accept-new", "yes") for a in vm.ssh_argv("hostname")]
     res = subprocess.run(strict, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     # No hostname file on this work disk: the kernel argument names the guest.
-    assert res.stdout.strip() == vm.cfg.hostname
+    assert res.stdout.strip() == vm.cfg.guest.hostname
     assert vm.known_hosts.read_text().count(vm.alias) == 1
     vm.ssh("banger-poweroff")
     deadline = time.monotonic() + 10

@@ -15,12 +15,12 @@ BOOT_TIMEOUT = 240.0  # systemd under TCG on a loaded 2-core machine
 
 def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     vm = systemd_vm
-    assert "banger.init=systemd" in vm.cfg.cmdline.split()
-    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
-    waited = ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+    assert "banger.init=systemd" in vm.cfg.boot.cmdline.split()
+    pid = qemu.launch(vm.cfg, vm.accel)
+    waited = ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
                             serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
-    print(f"systemd image, boot to ssh: {waited:.1f} s ({vm.cfg.accel})")
+    print(f"systemd image, boot to ssh: {waited:.1f} s ({vm.accel})")
     serial = vm.cfg.serial_log.read_text()
     assert "handing PID 1 to systemd" in serial
     assert "sshd started" in serial  # from banger-sshd-ready.service
@@ -45,7 +45,7 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     journal = vm.ssh("find /run/log/journal /var/log/journal -type f -name '*.journal'")
     assert journal.stdout.strip(), journal.stderr
     assert all(f.startswith("/run/log/journal/") for f in journal.stdout.split())
-    assert vmmproc.qmp_status(vm.cfg.qmp_socket) == "running"
+    assert vmmproc.qmp_status(vm.cfg.control_socket) == "running"
 
     vm.assert_powers_off(pid, "banger-poweroff", within=15)
 
@@ -53,8 +53,8 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
 def test_systemd_image_orderly_poweroff_ends_the_vmm(systemd_vm: Vm) -> None:
     """systemd's own `poweroff` (stop units, unmount, power off) also ends QEMU."""
     vm = systemd_vm
-    pid = qemu.launch(vm.cfg, vm.dir / "vmm.log")
-    ssh.wait_ready(port=vm.cfg.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
+    pid = qemu.launch(vm.cfg, vm.accel)
+    ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                    alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
                    alive=lambda: vmmproc.pid_alive(pid))
     vm.assert_powers_off(pid, "systemctl poweroff", within=30)

@@ -7,6 +7,7 @@ real boot is in tests/e2e.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -17,15 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.vmspec import ssh_port, user_spec
 
-from banger.daemon import wiring
-from banger.host import kvm, qemu, vmmproc, vmmuser
-from banger.host.qemu import HostPortBusy, QemuConfig, VmmError
+from banger.host import kvm, qemu, qemu_cmdline, vmmproc, vmmuser
+from banger.host.qemu import HostPortBusy, VmmError
+from banger.host.vmm_qemu import QemuVmm
 from banger.ports import LaunchSpec
 
 pytestmark = [
     pytest.mark.host,
-    pytest.mark.skipif(shutil.which(qemu.QEMU) is None, reason="QEMU not installed"),
+    pytest.mark.skipif(shutil.which(qemu_cmdline.QEMU) is None, reason="QEMU not installed"),
 ]
 
 
@@ -47,7 +49,7 @@ def tempfile_short() -> str:
     return tempfile.mkdtemp(prefix="bq-", dir="/tmp")
 
 
-def stub_config(d: Path, **over: object) -> QemuConfig:
+def stub_config(d: Path, **over: object) -> LaunchSpec:
     """Without isa-debug-exit the probe's exit write goes nowhere: it halts forever."""
     kernel = d / "stub.elf"
     kernel.write_bytes(kvm.probe_elf())
@@ -57,40 +59,38 @@ def stub_config(d: Path, **over: object) -> QemuConfig:
                         "qcow2" if disk.endswith("qcow2") else "raw", str(d / disk), "16M"],
                        check=True)
     base: dict[str, object] = dict(
-        kernel=kernel, initrd=d / "initrd", root_disk=d / "root.qcow2",
-        work_disk=d / "work.ext4", vcpus=1, memory_mib=64, ssh_port=vmmproc.free_port(),
-        serial_log=d / "serial.log", qmp_socket=d / "qmp.sock", accel="tcg",
+        kernel=kernel, initrd=d / "initrd", memory_mib=64, ssh_port=vmmproc.free_port(),
         hostname="stub")
     base.update(over)
-    return QemuConfig(**base)  # type: ignore[arg-type]
+    return user_spec(d, **base)  # type: ignore[arg-type]
 
 
 def test_launch_observe_and_quit(vmdir: Path) -> None:
     cfg = stub_config(vmdir)
-    pid = qemu.launch(cfg, vmdir / "vmm.log")
+    pid = qemu.launch(cfg, "tcg")
     assert vmmproc.pid_alive(pid)
     assert os.getsid(pid) == pid  # its own session: no signal from our terminal reaches it
-    assert vmmproc.pid_is_qemu_for(pid, cfg.qmp_socket)
+    assert vmmproc.pid_is_qemu_for(pid, cfg.control_socket)
     assert not vmmproc.pid_is_qemu_for(pid, vmdir / "other.sock")
-    assert not vmmproc.pid_is_qemu_for(os.getpid(), cfg.qmp_socket)
-    assert vmmproc.find_qemu_pid(cfg.qmp_socket) == pid
-    assert vmmproc.qmp_status(cfg.qmp_socket) == "running"
-    assert not vmmproc.port_is_free(cfg.ssh_port)
+    assert not vmmproc.pid_is_qemu_for(os.getpid(), cfg.control_socket)
+    assert vmmproc.find_qemu_pid(cfg.control_socket) == pid
+    assert vmmproc.qmp_status(cfg.control_socket) == "running"
+    assert not vmmproc.port_is_free(ssh_port(cfg))
     with pytest.raises(VmmError, match="already running"):
-        qemu.launch(cfg, vmdir / "vmm.log")
-    assert vmmproc.qmp_quit(cfg.qmp_socket)
+        qemu.launch(cfg, "tcg")
+    assert vmmproc.qmp_quit(cfg.control_socket)
     deadline = time.monotonic() + 5
     while vmmproc.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not vmmproc.pid_alive(pid)
-    assert vmmproc.find_qemu_pid(cfg.qmp_socket) is None
-    assert vmmproc.port_is_free(cfg.ssh_port)
-    assert vmmproc.qmp_status(cfg.qmp_socket) is None
+    assert vmmproc.find_qemu_pid(cfg.control_socket) is None
+    assert vmmproc.port_is_free(ssh_port(cfg))
+    assert vmmproc.qmp_status(cfg.control_socket) is None
 
 
 def test_kill_and_wait(vmdir: Path) -> None:
     cfg = stub_config(vmdir)
-    pid = qemu.launch(cfg, vmdir / "vmm.log")
+    pid = qemu.launch(cfg, "tcg")
     assert vmmproc.kill_and_wait(pid, signal.SIGKILL, 5)
     assert not vmmproc.pid_alive(pid)
     assert vmmproc.kill_and_wait(pid, signal.SIGKILL, 1)  # already gone is success
@@ -98,9 +98,9 @@ def test_kill_and_wait(vmdir: Path) -> None:
 
 def test_vm_survives_its_launcher_being_killed(vmdir: Path) -> None:
     cfg = stub_config(vmdir)
-    code = ("import sys, time; from pathlib import Path; from banger.host import qemu; "
-            f"cfg = qemu.QemuConfig(**{_cfg_kwargs(cfg)}); "
-            f"print(qemu.launch(cfg, Path({str(vmdir / 'vmm.log')!r})), flush=True); "
+    code = ("import pickle, time; from banger.host import qemu; "
+            f"cfg = pickle.loads(bytes.fromhex({pickle.dumps(cfg).hex()!r})); "
+            "print(qemu.launch(cfg, 'tcg'), flush=True); "
             "time.sleep(60)")
     launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                 text=True)
@@ -110,15 +110,8 @@ def test_vm_survives_its_launcher_being_killed(vmdir: Path) -> None:
     launcher.wait()
     time.sleep(0.3)
     assert vmmproc.pid_alive(pid)
-    assert vmmproc.find_qemu_pid(cfg.qmp_socket) == pid  # rediscovered from /proc alone
-    assert vmmproc.qmp_status(cfg.qmp_socket) == "running"
-
-
-def _cfg_kwargs(cfg: QemuConfig) -> str:
-    parts = []
-    for k, v in vars(cfg).items():
-        parts.append(f"{k}=Path({str(v)!r})" if isinstance(v, Path) else f"{k}={v!r}")
-    return "dict(" + ", ".join(parts) + ")"
+    assert vmmproc.find_qemu_pid(cfg.control_socket) == pid  # rediscovered from /proc alone
+    assert vmmproc.qmp_status(cfg.control_socket) == "running"
 
 
 def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
@@ -126,19 +119,19 @@ def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
     cfg = stub_config(vmdir, kernel=vmdir / "bad-kernel")
     started = time.monotonic()
     with pytest.raises(VmmError) as err:
-        qemu.launch(cfg, vmdir / "vmm.log")
+        qemu.launch(cfg, "tcg")
     assert time.monotonic() - started < 3
     assert "exited with status" in str(err.value)
     assert "kernel" in str(err.value)  # QEMU's own complaint, from the log tail
-    assert vmmproc.find_qemu_pid(cfg.qmp_socket) is None
-    assert not cfg.qmp_socket.exists()
+    assert vmmproc.find_qemu_pid(cfg.control_socket) is None
+    assert not cfg.control_socket.exists()
 
 
 def test_missing_file_is_named_before_qemu_starts(vmdir: Path) -> None:
     cfg = stub_config(vmdir, kernel=vmdir / "no-such-kernel")
     with pytest.raises(VmmError, match=r"cannot open .*no-such-kernel for QEMU"):
-        qemu.launch(cfg, vmdir / "vmm.log")
-    assert not cfg.qmp_socket.exists()
+        qemu.launch(cfg, "tcg")
+    assert not cfg.control_socket.exists()
 
 
 def test_busy_ssh_port_is_its_own_error(vmdir: Path) -> None:
@@ -147,7 +140,7 @@ def test_busy_ssh_port_is_its_own_error(vmdir: Path) -> None:
         s.listen()
         cfg = stub_config(vmdir, ssh_port=s.getsockname()[1])
         with pytest.raises(HostPortBusy):
-            qemu.launch(cfg, vmdir / "vmm.log")
+            qemu.launch(cfg, "tcg")
 
 
 def test_zombie_counts_as_dead() -> None:
@@ -178,16 +171,16 @@ def test_under_root_it_runs_unprivileged_and_sandboxed(vmdir: Path) -> None:
     assert runas is not None and runas.uid != 0
     cfg = stub_config(vmdir)
     assert vmdir.stat().st_mode & 0o777 == 0o700  # QEMU's user cannot even enter it
-    pid = qemu.launch(cfg, vmdir / "vmm.log", runas)
+    pid = qemu.launch(cfg, "tcg", runas)
     status = dict(line.split(":", 1) for line in
                   Path(f"/proc/{pid}/status").read_text().splitlines())
     assert status["Uid"].split() == [str(runas.uid)] * 4
     assert status["Gid"].split() == [str(runas.gid)] * 4
     assert status["Groups"].split() == [str(g) for g in runas.groups]
     assert status["Seccomp"].strip() == "2"
-    assert vmmproc.find_qemu_pid(cfg.qmp_socket) == pid
-    assert vmmproc.qmp_status(cfg.qmp_socket) == "running"
-    assert vmmproc.qmp_quit(cfg.qmp_socket)
+    assert vmmproc.find_qemu_pid(cfg.control_socket) == pid
+    assert vmmproc.qmp_status(cfg.control_socket) == "running"
+    assert vmmproc.qmp_quit(cfg.control_socket)
     assert vmmproc.kill_and_wait(pid, 0, 5)
 
 
@@ -196,26 +189,20 @@ def test_a_kernel_its_user_cannot_read_is_named(vmdir: Path) -> None:
     runas = vmmuser.resolve()
     assert runas is not None
     cfg = stub_config(vmdir)
-    cfg.kernel.chmod(0o600)
+    cfg.boot.kernel.chmod(0o600)
     with pytest.raises(VmmError, match="not readable by QEMU's user"):
-        qemu.launch(cfg, vmdir / "vmm.log", runas)
-    assert not cfg.qmp_socket.exists()
+        qemu.launch(cfg, "tcg", runas)
+    assert not cfg.control_socket.exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="starting QEMU as another user needs root")
 def test_no_two_running_qemus_share_a_user() -> None:
-    vmm = wiring.QemuVmm()
+    vmm = QemuVmm()
     dirs = [Path(tempfile_short()) for _ in range(3)]
     pids: list[int] = []
     try:
         for d in dirs:
-            cfg = stub_config(d)
-            pids.append(vmm.launch(LaunchSpec(
-                vm_id=d.name, kernel=cfg.kernel, initrd=cfg.initrd, cmdline="",
-                root_disk=cfg.root_disk, work_disk=cfg.work_disk, vcpus=1, memory_mib=64,
-                ssh_port=cfg.ssh_port, serial_log=cfg.serial_log, vmm_log=d / "vmm.log",
-                qmp_socket=cfg.qmp_socket, hostname="stub", restrict_net=True,
-                accel="tcg")))
+            pids.append(vmm.launch(stub_config(d)).pid)
         uids = [Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0]
                 for pid in pids]
         assert len(set(uids)) == 3 and "0" not in uids, uids  # no ptrace between VMs
@@ -238,7 +225,7 @@ def _decoy(qmp: Path, user: int | None) -> subprocess.Popen[bytes]:
     (anyone can read them in /proc), run as ``user``."""
     argv = ["bash", "-c", 'exec -a qemu-system-x86_64 /usr/bin/python3 -c '
             '"import time; time.sleep(60)" -add-fd "$0"',
-            f"fd=7,set={qemu.FDSET_QMP},opaque={vmmproc.QMP_TAG}{qmp}"]
+            f"fd=7,set={qemu_cmdline.FDSET_QMP},opaque={vmmproc.QMP_TAG}{qmp}"]
     proc = subprocess.Popen(argv, user=user, group=user, extra_groups=[] if user else None,
                             cwd="/")
     deadline = time.monotonic() + 10

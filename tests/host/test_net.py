@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from netns import current_inode, entered, run_in, throwaway
 
-from banger.daemon import wiring
 from banger.host import nat, net
 from banger.host.net import NetworkError
+from banger.host.network import LocalNet
 
 pytestmark = [
     pytest.mark.host,
@@ -176,14 +176,14 @@ def test_ip_forward_is_per_namespace(hostns: str) -> None:
 
 def test_ip_forward_is_restored_when_the_last_nat_vm_goes(hostns: str, tmp_path: Path) -> None:
     record = tmp_path / "ip_forward.orig"
-    host = wiring.LocalNet(record)
+    host = LocalNet(record)
     assert host.ensure_bridge(BRIDGE, IPv4Interface(GATEWAY))
     assert not nat.ip_forward_enabled()
     lines = host.add_nat("vm1", GUEST_IP, BRIDGE)
     assert any("enabled IPv4 forwarding" in line for line in lines), lines
     assert nat.ip_forward_enabled() and record.read_text().strip() == "0"
     host.add_nat("vm2", IPv4Address("172.30.0.6"), BRIDGE)
-    host = wiring.LocalNet(record)  # a daemon restart: the original is read back from disk
+    host = LocalNet(record)  # a daemon restart: the original is read back from disk
     assert host.remove_nat("vm1") > 0
     assert nat.ip_forward_enabled(), "vm2 still needs forwarding"
     assert host.remove_nat("vm2") > 0

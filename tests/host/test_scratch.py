@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from banger.daemon import wiring
+from banger.host.guest_ssh import SshGuest
 from banger.host.scratch import Scratch
+from banger.host.workspace_port import LocalWorkspace
 from banger.model.layout import Layout
 from banger.ports import WorkspaceRequest
 
@@ -97,13 +98,13 @@ def test_temp_copies_stay_out_of_tmp_and_dev_shm(tmp_path: Path,
     trap = tmp_path / "trap"
     trap.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(trap))  # what /tmp would have been
-    private, public = wiring.SshGuest(layout).new_host_key()
+    private, public = SshGuest(layout).new_host_key()
     assert private and public.startswith("ssh-ed25519 ")
     assert list(trap.iterdir()) == []
     assert Scratch(layout.state_dir).disk_dir.is_dir()  # where the key pair was made
     # A repo staged in RAM goes into the daemon's own directory there.
     repo = make_repo(tmp_path)
-    ws = wiring.LocalWorkspace(Scratch(layout.state_dir))
+    ws = LocalWorkspace(Scratch(layout.state_dir))
     sel = ws.select(WorkspaceRequest(path=repo))
     vm_dir = tmp_path / "vm"
     vm_dir.mkdir()

@@ -15,7 +15,7 @@ import uvicorn
 from banger.api.schema import Doctor
 from banger.daemon.app import create_app
 from banger.daemon.sockets import bind_socket
-from banger.daemon.wiring import SshGuest
+from banger.host.guest_ssh import SshGuest
 from banger.model.layout import Layout
 from tests.fakes import fake_service
 

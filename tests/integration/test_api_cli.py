@@ -122,7 +122,7 @@ def test_ports_route_and_cli(daemon: Daemon) -> None:
     daemon.guest.sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
                             ListeningSocket("tcp", "*", 8080, "busybox"),
                             ListeningSocket("udp", "127.0.0.53", 53, None)]
-    port = daemon.vmm.launched[-1].ssh_port
+    port = daemon.vmm.launched[-1].net.ssh_port  # type: ignore[union-attr]
     body = daemon.client.http.get("/v1/vms/web/ports").json()
     assert body["vm"] == "web" and body["network"] == "user"
     code, out, err = banger("vm", "ports", "web", "--json")

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from banger.api.schema import Check, Doctor
 from banger.cli.main import cli
 from banger.client.client import Client
-from banger.daemon.wiring import LocalWorkspace
+from banger.host.workspace_port import LocalWorkspace
 from banger.ports import ListeningSocket
 from tests.integration.conftest import Daemon
 

@@ -185,7 +185,7 @@ def test_a_vmm_that_will_not_die_still_lets_go_of_everything_else(env) -> None: 
     assert "did not exit" in str(err) and "injected failure in remove_nat" in str(err)
     # All the rest went: the tap, the sockets, the handles.
     assert net.taps_up == {}
-    assert not paths.qmp_socket.exists() and not paths.sock_dir.exists()
+    assert not paths.control_socket.exists() and not paths.sock_dir.exists()
     assert not paths.handles.exists() and svc.ctx.handles.get(vm.id) is None
 
 

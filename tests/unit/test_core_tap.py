@@ -14,6 +14,7 @@ from banger.model.config import Config, NetworkConfig
 from banger.model.errors import InvalidRequest, OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import NetworkMode, VMSpec, VMState
+from banger.ports import TapNet
 from tests.fakes import FakeNet, FakeVmm, fake_service
 from tests.unit.test_core_vms import stage_names
 
@@ -59,10 +60,12 @@ def test_tap_vm_gets_its_address_tap_and_nat(env) -> None:  # type: ignore[no-un
     assert net.bridges == {"bgt0": IPv4Interface("10.77.0.1/24")}
     assert net.taps_up == {paths.names.tap: "bgt0"}
     assert net.rules == {vm.id: (IPv4Address(vm.guest_ip), "bgt0")}
-    spec = vmm.launched[-1]
-    assert spec.tap == paths.names.tap and spec.mac and spec.mac.startswith("52:54:00:")
-    assert f"banger.ip={vm.guest_ip}/24" in spec.net_args
-    assert "banger.gw=10.77.0.1" in spec.net_args and "banger.dns=10.77.0.1" in spec.net_args
+    attached = vmm.launched[-1].net
+    assert isinstance(attached, TapNet)
+    assert attached.tap == paths.names.tap and attached.mac.startswith("52:54:00:")
+    assert attached.address == IPv4Interface(f"{vm.guest_ip}/24")
+    assert attached.gateway == attached.resolver == IPv4Address("10.77.0.1")
+    assert attached.outbound is True
     h = svc.ctx.handles.get(vm.id)
     assert h is not None and h.endpoint is not None
     assert (h.endpoint.host, h.endpoint.port) == (vm.guest_ip, 22)
@@ -83,7 +86,7 @@ def test_without_nat_no_rules(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, net = env
     svc.create(name="quiet", spec=TAP)
     assert net.rules == {} and len(net.taps_up) == 1
-    assert vmm.launched[-1].restrict_net is True
+    assert vmm.launched[-1].net.outbound is False
 
 
 def test_many_vms_never_share_an_address(env) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from banger.core.startplan import StartContext, start_steps
 from banger.model.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import VMSpec, VMState
-from banger.ports import ListeningSocket
+from banger.ports import ListeningSocket, UserNet
 from banger.store.vms import OperationLog, VMRepository
 from tests.fakes import FakeVmm, fake_service
 
@@ -37,7 +37,7 @@ def stage_names(svc: VMService, spec: VMSpec | None = None) -> list[str]:
 def assert_no_runtime_leak(svc: VMService, vmm: FakeVmm, vm_id: str) -> None:
     paths = svc.layout.vm(vm_id)
     assert vmm.procs == {}, "a VMM process is left"
-    assert not paths.qmp_socket.exists()
+    assert not paths.control_socket.exists()
     assert not paths.sock_dir.exists()
     assert not paths.handles.exists()
     assert svc.ctx.handles.get(vm_id) is None
@@ -65,7 +65,8 @@ def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped
     assert guest.trusted[paths.names.ssh_alias] == files[
         ".banger/ssh_host_ed25519_key.pub"][0].decode().strip()
     assert vmm.launched[0].vcpus == 2 and vmm.launched[0].memory_mib == 1024
-    assert vmm.launched[0].restrict_net is True
+    net = vmm.launched[0].net
+    assert isinstance(net, UserNet) and net.outbound is False
     stopped = svc.stop("box")
     assert stopped.state is VMState.STOPPED
     assert_no_runtime_leak(svc, vmm, vm.id)
@@ -513,7 +514,7 @@ def test_ports_of_a_running_vm(env) -> None:  # type: ignore[no-untyped-def]
                      ListeningSocket("tcp", "127.0.0.1", 5432, "postgres")]
     vm, views = svc.ports("web")
     assert vm.name == "web"
-    port = vmm.launched[-1].ssh_port
+    port = vmm.launched[-1].net.ssh_port  # type: ignore[union-attr]
     assert guest.listening_asked[-1].port == port
     got = {v.socket.port: v for v in views}
     assert got[22].endpoint == f"127.0.0.1:{port}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import kvm, qemu
+from banger.host import kvm, qemu_cmdline
 from banger.host.vmmuser import RunAs
 
 needs_qemu = pytest.mark.skipif(shutil.which(kvm.QEMU) is None, reason="QEMU not installed")
@@ -55,7 +55,7 @@ def test_run_as_checks_permission_bits_like_the_kernel(tmp_path: Path) -> None:
 
 def test_probe_runs_sandboxed_like_the_vmm(tmp_path: Path) -> None:
     argv = kvm.probe_argv(tmp_path / "p.elf", "tcg")
-    assert argv[argv.index("-sandbox") + 1] == qemu.SANDBOX
+    assert argv[argv.index("-sandbox") + 1] == qemu_cmdline.SANDBOX
 
 
 def test_probe_elf_is_a_pvh_kernel() -> None:

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
+import dataclasses
+from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
 
 import pytest
 
-from banger.host import imagebuild, qemu, vmmproc
-from banger.host.qemu import QemuConfig, VmmError, VmmFds
-from banger.host.qemu import qemu_argv as _qemu_argv
+from banger.host import imagebuild, vmmproc
+from banger.host import qemu_cmdline as qemu
+from banger.host.qemu_cmdline import VmmError, VmmFds
+from banger.host.qemu_cmdline import qemu_argv as _qemu_argv
+from banger.ports import Drive, LaunchSpec, Snapshot, TapNet, UserNet
+from tests.vmspec import user_spec
+
+TAP = TapNet(tap="bt0123", mac="52:54:00:00:00:01", address=IPv4Interface("172.30.0.7/24"),
+             gateway=IPv4Address("172.30.0.1"), resolver=IPv4Address("172.30.0.1"))
 
 
-def cfg(tmp: Path = Path("/vm"), **over: object) -> QemuConfig:
-    base: dict[str, object] = dict(
-        kernel=Path("/img/vmlinux"), initrd=Path("/img/initrd.img"),
-        root_disk=tmp / "root.qcow2", work_disk=tmp / "work.ext4", vcpus=1,
-        memory_mib=256, ssh_port=2222, serial_log=tmp / "serial.log",
-        qmp_socket=tmp / "qmp.sock", accel="tcg", hostname="box",
-        cmdline="init=/sbin/banger-init",
-    )
-    base.update(over)
-    return QemuConfig(**base)  # type: ignore[arg-type]
+def cfg(tmp: Path = Path("/vm"), *, backing: Path | None = None, **over: object) -> LaunchSpec:
+    spec = user_spec(tmp, kernel=Path("/img/vmlinux"), initrd=Path("/img/initrd.img"),
+                     ssh_port=2222, cmdline="init=/sbin/banger-init", backing=backing)
+    return dataclasses.replace(spec, **over)  # type: ignore[arg-type]
 
 
 FDS = VmmFds(root=10, work=11, serial=12, kernel=13, initrd=14, qmp=15, qmp_tag=16, base=17)
 
 
-def qemu_argv(c: QemuConfig, *, tsc_khz: int) -> list[str]:
-    return _qemu_argv(c, FDS, tsc_khz=tsc_khz)
+def qemu_argv(c: LaunchSpec, *, tsc_khz: int, accel: str = "tcg") -> list[str]:
+    return _qemu_argv(c, FDS, accel=accel, tsc_khz=tsc_khz)
 
 
 def opt(argv: list[str], flag: str) -> list[str]:
@@ -80,7 +82,7 @@ def test_root_disk_comes_first_so_it_is_vda() -> None:
 
 def test_base_image_is_the_given_one_read_only() -> None:
     # The daemon names the backing file; the overlay's header (QEMU-writable) is not read.
-    argv = qemu_argv(cfg(base_image=Path("/img/rootfs.ext4")), tsc_khz=1)
+    argv = qemu_argv(cfg(backing=Path("/img/rootfs.ext4")), tsc_khz=1)
     assert "fd=17,set=2,opaque=/img/rootfs.ext4" in opt(argv, "-add-fd")
     blockdevs = opt(argv, "-blockdev")
     assert blockdevs[:3] == [
@@ -89,26 +91,27 @@ def test_base_image_is_the_given_one_read_only() -> None:
         "driver=file,node-name=root-file,filename=/dev/fdset/1,discard=unmap"]
     assert "driver=qcow2,node-name=root,file=root-file,backing=base,discard=unmap" in blockdevs
     with pytest.raises(ValueError, match="descriptor"):
-        _qemu_argv(cfg(base_image=Path("/img/rootfs.ext4")),
+        _qemu_argv(cfg(backing=Path("/img/rootfs.ext4")),
                    VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6, qmp_tag=7),
-                   tsc_khz=1)
+                   accel="tcg", tsc_khz=1)
 
 
 def test_network_is_restricted_and_forward_bound_to_loopback() -> None:
-    argv = qemu_argv(cfg(ssh_port=40022), tsc_khz=1)
+    argv = qemu_argv(cfg(net=UserNet(40022)), tsc_khz=1)
     (netdev,) = opt(argv, "-netdev")
     assert netdev.startswith("user,id=n0,")
     assert "hostfwd=tcp:127.0.0.1:40022-:22" in netdev
     assert "restrict=on" in netdev.split(",")
     assert "virtio-net-device,netdev=n0" in opt(argv, "-device")
-    unrestricted = opt(qemu_argv(cfg(restrict_net=False), tsc_khz=1), "-netdev")[0]
+    unrestricted = opt(qemu_argv(cfg(net=UserNet(40022, outbound=True)), tsc_khz=1),
+                       "-netdev")[0]
     assert "restrict" not in unrestricted
 
 
 def test_tap_is_handed_over_attached() -> None:
-    c = cfg(tap="bt0123", mac="52:54:00:00:00:01")
+    c = cfg(net=TAP)
     argv = _qemu_argv(c, VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6,
-                                qmp_tag=7, tap=8), tsc_khz=1)
+                                qmp_tag=7, tap=8), accel="tcg", tsc_khz=1)
     assert opt(argv, "-netdev") == ["tap,id=n0,fd=8"]  # QEMU opens no /dev/net/tun
     assert "virtio-net-device,netdev=n0,mac=52:54:00:00:00:01" in opt(argv, "-device")
     with pytest.raises(ValueError, match="descriptor"):
@@ -131,7 +134,9 @@ def test_kernel_cmdline() -> None:
 @pytest.mark.parametrize("variant", imagebuild.VARIANTS)
 def test_exactly_one_init_and_it_is_the_images(variant: str) -> None:
     image_args = imagebuild.image_cmdline(variant)
-    (append,) = opt(qemu_argv(cfg(cmdline=image_args), tsc_khz=1), "-append")
+    spec = cfg()
+    spec = dataclasses.replace(spec, boot=dataclasses.replace(spec.boot, cmdline=image_args))
+    (append,) = opt(qemu_argv(spec, tsc_khz=1), "-append")
     words = append.split()
     assert [w for w in words if w.startswith("init=")] == ["init=/sbin/banger-init"]
     assert words[-len(image_args.split()):] == image_args.split()
@@ -139,21 +144,25 @@ def test_exactly_one_init_and_it_is_the_images(variant: str) -> None:
 
 
 def test_no_init_of_its_own() -> None:
-    (append,) = opt(qemu_argv(cfg(cmdline=""), tsc_khz=1), "-append")
+    spec = cfg()
+    spec = dataclasses.replace(spec, boot=dataclasses.replace(spec.boot, cmdline=""))
+    (append,) = opt(qemu_argv(spec, tsc_khz=1), "-append")
     assert not any(w.startswith("init=") for w in append.split())
 
 
 def test_kvm_accel() -> None:
-    assert opt(qemu_argv(cfg(accel="kvm"), tsc_khz=1), "-accel") == ["kvm"]
+    assert opt(qemu_argv(cfg(), accel="kvm", tsc_khz=1), "-accel") == ["kvm"]
     with pytest.raises(ValueError):
-        qemu_argv(cfg(accel="hvf"), tsc_khz=1)
+        qemu_argv(cfg(), accel="hvf", tsc_khz=1)
 
 
 def test_relative_paths_become_absolute_and_commas_are_escaped(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
     d = Path("a,b")
-    argv = qemu_argv(cfg(d, base_image=d / "base,id=x", hostname="h,x"), tsc_khz=1)
+    spec = cfg(d, backing=d / "base,id=x")
+    spec = dataclasses.replace(spec, guest=dataclasses.replace(spec.guest, hostname="h,x"))
+    argv = qemu_argv(spec, tsc_khz=1)
     fdsets = opt(argv, "-add-fd")
     assert f"fd=10,set=1,opaque={tmp_path}/a,,b/root.qcow2" in fdsets
     assert f"fd=16,set=5,opaque=qmp:{tmp_path}/a,,b/qmp.sock" in fdsets
@@ -173,7 +182,7 @@ def test_split_opts_undoes_the_escape() -> None:
     assert vmmproc.split_opts("fd=3,opaque=/x,,y,,z=1") == {"fd": "3", "opaque": "/x,y,z=1"}
 
 
-def test_qmp_socket_path_limit() -> None:
+def test_control_socket_path_limit() -> None:
     with pytest.raises(VmmError, match="Unix socket limit"):
         qemu_argv(cfg(Path("/" + "x" * 120)), tsc_khz=1)
 
@@ -186,3 +195,37 @@ def test_host_tsc_khz(tmp_path: Path) -> None:
     with pytest.raises(VmmError):
         qemu.host_tsc_khz(info)
     assert qemu.host_tsc_khz() > 0  # this machine
+
+
+def test_user_network_kernel_args() -> None:
+    # The guest init's contract (host/guest/banger-init): banger.net, banger.hostname.
+    spec = cfg()
+    assert qemu.guest_net_args(spec.net) == "banger.net=user"
+    assert qemu.kernel_cmdline(spec, 2_100_000) == (
+        "console=ttyS0 root=/dev/vda rw tsc_early_khz=2100000 quiet cryptomgr.notests "
+        "8250.nr_uarts=1 random.trust_cpu=on panic=-1 banger.net=user banger.hostname=box "
+        "init=/sbin/banger-init")
+    # Outbound access is the VMM's (restrict=on), not the guest's business.
+    assert qemu.guest_net_args(UserNet(2222, outbound=True)) == "banger.net=user"
+
+
+def test_tap_network_kernel_args() -> None:
+    # The words banger-init reads to set eth0 up statically (the kernel has no IP
+    # autoconfig): address/prefix, gateway, resolver.
+    assert qemu.guest_net_args(TAP) == (
+        "banger.net=tap banger.ip=172.30.0.7/24 banger.gw=172.30.0.1 banger.dns=172.30.0.1")
+    other = dataclasses.replace(TAP, resolver=IPv4Address("172.30.0.53"))
+    assert "banger.dns=172.30.0.53" in qemu.guest_net_args(other).split()
+    words = qemu.kernel_cmdline(cfg(net=TAP, vcpus=2), 1).split()
+    assert words[words.index("panic=-1") + 1:] == [
+        "banger.net=tap", "banger.ip=172.30.0.7/24", "banger.gw=172.30.0.1",
+        "banger.dns=172.30.0.1", "banger.hostname=box", "tsc=reliable",
+        "init=/sbin/banger-init"]
+
+
+def test_no_snapshot_restore_and_no_work_disk_backing() -> None:
+    snap = Snapshot(state=Path("/snap/state"), memory=Path("/snap/mem"))
+    with pytest.raises(VmmError, match="cannot restore a snapshot"):
+        qemu_argv(cfg(restore=snap), tsc_khz=1)
+    with pytest.raises(ValueError, match="work disk"):
+        qemu_argv(cfg(work=Drive(Path("/vm/work.ext4"), backing=Path("/img/x"))), tsc_khz=1)

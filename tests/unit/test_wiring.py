@@ -1,4 +1,4 @@
-"""The daemon's host adapters: verification stamps and the per-boot accel probe cache."""
+"""The host adapters: verification stamps and the per-boot accel probe cache."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import pytest
 
 from banger.daemon import wiring
 from banger.host import imagebuild, kvm
+from banger.host.images import LocalImages
+from banger.host.vmm_qemu import QemuVmm
+from banger.model.layout import Layout
 
 
 def _image(d: Path) -> None:
@@ -25,7 +28,7 @@ def test_image_verified_once_then_trusted_until_a_file_changes(
     real = imagebuild.sha256_file
     monkeypatch.setattr(imagebuild, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     imagebuild._verified.clear()
-    images = wiring.LocalImages(tmp_path)
+    images = LocalImages(tmp_path)
     assert images.get("debian-bookworm") is not None
     assert sorted(hashed) == sorted([imagebuild.ROOTFS, imagebuild.KERNEL, imagebuild.INITRD])
     hashed.clear()
@@ -41,7 +44,7 @@ def test_image_verified_once_then_trusted_until_a_file_changes(
 def test_image_from_an_older_recipe_is_not_used(tmp_path: Path) -> None:
     d = tmp_path / "debian-bookworm"
     _image(d)
-    images = wiring.LocalImages(tmp_path)
+    images = LocalImages(tmp_path)
     assert images.get("debian-bookworm") is not None
     manifest = json.loads((d / imagebuild.MANIFEST).read_text())
     manifest["recipe"] = "older"
@@ -59,11 +62,11 @@ def test_accel_probed_once_per_boot(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(kvm, "probe_accel", probe)
     cache = tmp_path / "accel.json"
-    assert wiring.QemuVmm(cache).accel().reason == "test reason"
-    assert wiring.QemuVmm(cache).accel().accel == "tcg"
+    assert QemuVmm(cache).accel().reason == "test reason"
+    assert QemuVmm(cache).accel().accel == "tcg"
     assert len(calls) == 1
     cache.write_text("{broken")
-    wiring.QemuVmm(cache).accel()
+    QemuVmm(cache).accel()
     assert len(calls) == 2
 
 
@@ -71,5 +74,12 @@ def test_free_port_never_hands_one_port_twice(monkeypatch: pytest.MonkeyPatch) -
     from banger.host import vmmproc
     ports = iter([40001, 40001, 40001, 40002])
     monkeypatch.setattr(vmmproc, "free_port", lambda: next(ports))
-    vmm = wiring.QemuVmm(None)
+    vmm = QemuVmm(None)
     assert [vmm.free_port(), vmm.free_port()] == [40001, 40002]
+
+
+def test_the_daemon_composes_the_host_adapters(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "s", tmp_path / "c", tmp_path / "cfg", tmp_path / "r")
+    ports = wiring.host_ports(layout)
+    assert isinstance(ports.images, LocalImages) and ports.images.root == layout.images_dir
+    assert isinstance(ports.vmm, QemuVmm) and ports.vmm.name == "qemu"

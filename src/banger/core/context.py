@@ -117,15 +117,15 @@ class VMContext:
         paths = self.layout.vm(vm.id)
         vmm = self.host.vmm
         h = self.handles.get(vm.id) or self.handles.load(paths)
-        if h is not None and vmm.alive(h.pid, paths.qmp_socket):
+        if h is not None and vmm.alive(h.pid, paths.control_socket):
             return vm
-        found = vmm.rediscover(paths.qmp_socket)
+        found = vmm.rediscover(paths.control_socket)
         if found is not None:
             log.warning("VM %s: handles lost; rediscovered VMM pid %d", vm.name, found.pid)
             tap = vm.spec.network is NetworkMode.TAP and vm.guest_ip is not None
             self.handles.put(paths, Handles(
                 pid=found.pid, ssh_port=22 if tap else found.ssh_port,
-                qmp_socket=str(paths.qmp_socket),
+                control_socket=str(paths.control_socket),
                 accel=vmm.accel().accel, boot_id=vm.boot_id or "",
                 started_at=self.clock(), vmm=vmm.name,
                 accel_reason=vmm.accel().reason,

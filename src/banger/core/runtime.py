@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Handles:
     pid: int
     ssh_port: int | None
-    qmp_socket: str
+    control_socket: str
     accel: str
     boot_id: str
     started_at: float
@@ -35,6 +35,7 @@ class Handles:
     accel_reason: str = ""
     ssh_host: str = "127.0.0.1"  # the guest's own address in tap mode
     tap: str | None = None
+    agent: str | None = None  # the host end of the guest agent's channel, if any
 
     @property
     def endpoint(self) -> Endpoint | None:
@@ -63,6 +64,9 @@ class HandleStore:
         """Read handles.json; None when it is missing or corrupt (caller rediscovers)."""
         try:
             data = json.loads(paths.handles.read_text())
+            if isinstance(data, dict) and "qmp_socket" in data:
+                # Written by a daemon from before the VMM port was driver-neutral.
+                data.setdefault("control_socket", data.pop("qmp_socket"))
             h = Handles(**data)
             if not isinstance(h.pid, int):
                 raise TypeError("pid")
@@ -111,7 +115,7 @@ def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
 
     attempt(lambda: _kill_vmm(paths, vmm, handles, kill_timeout))
     attempt(lambda: handles.forget(paths))
-    attempt(lambda: paths.qmp_socket.unlink(missing_ok=True))
+    attempt(lambda: paths.control_socket.unlink(missing_ok=True))
     attempt(lambda: shutil.rmtree(paths.sock_dir, ignore_errors=True))
     if net is not None:
         attempt(lambda: net.remove_nat(paths.names.vm_id))
@@ -123,10 +127,10 @@ def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
 def _kill_vmm(paths: VMPaths, vmm: VmmPort, handles: HandleStore, timeout: float) -> None:
     h = handles.get(paths.names.vm_id) or handles.load(paths)
     pid: int | None = None
-    if h is not None and vmm.alive(h.pid, paths.qmp_socket):
+    if h is not None and vmm.alive(h.pid, paths.control_socket):
         pid = h.pid
     else:
-        found = vmm.rediscover(paths.qmp_socket)
+        found = vmm.rediscover(paths.control_socket)
         pid = found.pid if found else None
     if pid is not None:
         vmm.kill(pid, signal.SIGKILL)

@@ -25,10 +25,16 @@ from banger.model.layout import VMPaths
 from banger.model.vm import VM, NetworkMode
 from banger.pipeline import Detail, Step
 from banger.ports import (
+    BootSource,
+    Drive,
     Endpoint,
+    GuestSettings,
     HostPorts,
     ImageInfo,
     LaunchSpec,
+    NetAttachment,
+    TapNet,
+    UserNet,
     WorkspaceSelection,
 )
 
@@ -257,34 +263,39 @@ def _qemu_launch(ctx: StartContext) -> None:
     vmm = ctx.host.vmm
     ctx.boot_id = secrets.token_hex(8)
     spec = LaunchSpec(
-        vm_id=ctx.vm.id, kernel=ctx.image.kernel, initrd=ctx.image.initrd,
-        cmdline=ctx.image.cmdline, root_disk=ctx.paths.root_disk,
-        work_disk=ctx.paths.work_disk, vcpus=ctx.vm.spec.vcpus,
-        memory_mib=ctx.vm.spec.memory_mib, ssh_port=ctx.ssh_port or 0,
-        serial_log=ctx.paths.serial_log, vmm_log=ctx.paths.vmm_log,
-        qmp_socket=ctx.paths.qmp_socket, hostname=ctx.vm.name,
-        restrict_net=not ctx.vm.spec.nat, accel=vmm.accel().accel,
-        base_image=ctx.image.rootfs, **_tap_launch(ctx),
+        vm_id=ctx.vm.id,
+        boot=BootSource(ctx.image.kernel, ctx.image.initrd, ctx.image.cmdline),
+        root=Drive(ctx.paths.root_disk, backing=ctx.image.rootfs),
+        work=Drive(ctx.paths.work_disk), vcpus=ctx.vm.spec.vcpus,
+        memory_mib=ctx.vm.spec.memory_mib, net=_net_attachment(ctx),
+        guest=GuestSettings(hostname=ctx.vm.name), serial_log=ctx.paths.serial_log,
+        vmm_log=ctx.paths.vmm_log, runtime_dir=ctx.paths.sock_dir,
+        control_socket=ctx.paths.control_socket,
     )
-    ctx.pid = vmm.launch(spec)
+    up = vmm.launch(spec)
+    ctx.pid = up.pid
     ctx.handles.put(ctx.paths, Handles(
-        pid=ctx.pid, ssh_port=ctx.ssh_port, qmp_socket=str(ctx.paths.qmp_socket),
-        accel=spec.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name,
-        accel_reason=vmm.accel().reason, ssh_host=ctx.ssh_host, tap=spec.tap))
+        pid=up.pid, ssh_port=ctx.ssh_port, control_socket=str(up.control_socket),
+        accel=up.accel.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name,
+        accel_reason=up.accel.reason, ssh_host=ctx.ssh_host,
+        tap=spec.net.tap if isinstance(spec.net, TapNet) else None,
+        agent=None if up.agent is None else str(up.agent)))
 
 
-def _tap_launch(ctx: StartContext) -> dict[str, str]:
-    """LaunchSpec fields for a tap VM: its tap, MAC, and the address its init sets."""
+def _net_attachment(ctx: StartContext) -> NetAttachment:
+    """The VM's network as its VMM attaches it: the forwarded ssh port (user), or its
+    tap, MAC and the address its init sets (tap)."""
+    outbound = ctx.vm.spec.nat
     if ctx.vm.spec.network is not NetworkMode.TAP:
-        return {}
+        assert ctx.ssh_port is not None
+        return UserNet(ssh_port=ctx.ssh_port, outbound=outbound)
     subnet = ctx.config.network.subnet
     gateway = netalloc.gateway(subnet)
     # The gateway is also the guest's resolver: the daemon's DNS answers there (never the
     # host's 127.0.0.53 stub, which means nothing inside the guest).
-    net_args = (f"banger.net=tap banger.ip={_guest_ip(ctx)}/{subnet.prefixlen} "
-                f"banger.gw={gateway} banger.dns={gateway}")
-    return {"tap": ctx.paths.names.tap, "mac": netalloc.mac_for(ctx.vm.id),
-            "net_args": net_args}
+    return TapNet(tap=ctx.paths.names.tap, mac=netalloc.mac_for(ctx.vm.id),
+                  address=IPv4Interface(f"{_guest_ip(ctx)}/{subnet.prefixlen}"),
+                  gateway=gateway, resolver=gateway, outbound=outbound)
 
 
 def _undo_launch(ctx: StartContext) -> None:
@@ -299,7 +310,7 @@ def _addr(ctx: StartContext) -> Endpoint:
 
 def _wait_ssh(ctx: StartContext) -> None:
     assert ctx.pid is not None
-    pid, sock = ctx.pid, ctx.paths.qmp_socket
+    pid, sock = ctx.pid, ctx.paths.control_socket
     vmm = ctx.host.vmm
     vmm_log = ctx.paths.vmm_log
 

@@ -63,7 +63,7 @@ def stop_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl |
     caller, as an operation of that kind; the stopped record."""
     paths = ctx.layout.vm(vm.id)
     h = ctx.handles.get(vm.id) or ctx.handles.load(paths)
-    running = h is not None and ctx.host.vmm.alive(h.pid, paths.qmp_socket)
+    running = h is not None and ctx.host.vmm.alive(h.pid, paths.control_socket)
     stop = StopContext(ctx, vm, paths, h, signal, gone=not running)
     with ctx.ops.track(kind, vm.id, vm.name, sink, control) as op:
         # No cancel check: a stop half done would leave a VM neither running nor stopped.
@@ -92,7 +92,7 @@ def _guest_poweroff(c: StopContext) -> None:
 def _qmp_quit(c: StopContext) -> None:
     assert c.handles is not None
     vmm, timeout = c.core.host.vmm, c.core.timeouts.qmp_quit
-    vmm.quit(c.paths.qmp_socket)
+    vmm.quit(c.paths.control_socket)
     c.gone = vmm.wait_exit(c.handles.pid, timeout)
     if not c.gone:
         raise StillRunning(f"the VMM did not quit within {timeout:g} s: it is killed")

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from banger.host.qemu import SANDBOX
+from banger.host.qemu_cmdline import SANDBOX
 from banger.host.runner import CommandError, run
 from banger.host.vmmuser import RunAs
 

@@ -28,7 +28,7 @@ class Layout:
     state_dir: Path    # SQLite, VM directories, ssh key
     cache_dir: Path    # built images
     config_dir: Path   # config.toml
-    runtime_dir: Path  # daemon socket, QMP sockets
+    runtime_dir: Path  # daemon socket, VMM control sockets
 
     @classmethod
     def for_user(cls, env: dict[str, str] | None = None) -> Layout:
@@ -134,5 +134,6 @@ class VMPaths:
         return self.dir / "workspace-pending"
 
     @property
-    def qmp_socket(self) -> Path:
-        return self.sock_dir / self.names.qmp_socket
+    def control_socket(self) -> Path:
+        """The VMM's control socket (QMP for QEMU)."""
+        return self.sock_dir / self.names.control_socket

@@ -164,7 +164,9 @@ class ResourceNames:
         return "vmm.log"
 
     @property
-    def qmp_socket(self) -> str:
+    def control_socket(self) -> str:
+        # The name QEMU-era daemons gave it: kept, so that VMs running across an upgrade
+        # are still found from their id alone.
         return "qmp.sock"
 
     @property
