@@ -27,8 +27,8 @@ from ipaddress import IPv4Address
 from typing import ParamSpec, TypeVar
 
 from banger.core import batch as batches
+from banger.core import pendingws, starting, workspaces
 from banger.core import reconcile as reconciling
-from banger.core import starting, workspaces
 from banger.core.batch import BatchResult
 from banger.core.guestports import GuestSocketView, reachability
 from banger.core.operations import (
@@ -64,7 +64,7 @@ from banger.model.vm import (
     validate_name,
 )
 from banger.pipeline import Event
-from banger.ports import Endpoint, HostPorts, WorkspaceRequest, WorkspaceSelection
+from banger.ports import Endpoint, HostPorts, WorkspaceRequest
 from banger.store.vms import Conflict, NotFound, VMRepository
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ class VMService:
         self._locks_guard = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._create_lock = threading.Lock()
-        self._pending_workspace: dict[str, WorkspaceSelection] = {}
         self._identities: dict[str, dict[str, str]] = {}
         # Told the VM list after every lifecycle change (DNS records, ssh_config).
         self.on_change: list[Callable[[list[VMView]], None]] = []
@@ -202,7 +201,9 @@ class VMService:
                 created_at=now, updated_at=now,
                 workspace_path=str(selection.repo) if selection else None,
                 workspace_guest_path=WORKSPACE_GUEST_PATH if selection else None,
-                workspace_head=selection.head if selection else None)
+                workspace_head=selection.head if selection else None,
+                # In the record's own insert: kept until a work disk holds the repo.
+                pending_workspace=pendingws.record(selection.request) if selection else None)
         # Address choice and insert under one lock: two creates never share an address.
         with self._create_lock:
             if spec.network is NetworkMode.TAP:
@@ -212,9 +213,6 @@ class VMService:
             except Conflict as exc:
                 raise ConflictError(str(exc)) from exc
         self.layout.vm(vm_id).dir.mkdir(parents=True, exist_ok=True)
-        if selection is not None:
-            # Held until a start makes the work disk (a failed first start keeps it).
-            self._pending_workspace[vm_id] = selection
         if on_record is not None:
             on_record(vm)
         if start:
@@ -367,7 +365,6 @@ class VMService:
                 else:
                     raise OperationFailed(f"could not remove {paths.dir}")
                 self.repo.delete(vm.id)
-                self._pending_workspace.pop(vm.id, None)
         with self._locks_guard:
             self._locks.pop(vm.id, None)
         return vm

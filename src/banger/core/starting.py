@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+from banger.core import pendingws
 from banger.core.operations import OpControl, Operation, Operations, Progress, ProgressSink
 from banger.core.startplan import StartContext, start_steps
 from banger.model.errors import BangerError, Cancelled, OperationFailed
@@ -27,10 +28,15 @@ def start_locked(svc: VMService, vm: VM, sink: ProgressSink, control: OpControl 
     with svc.ops.track("start", vm.id, vm.name, sink, control) as op:
         vm = vm.with_state(VMState.STARTING, svc.clock(), op_id=op.id)
         svc.repo.update(vm)
+        try:  # the repo of a never-started VM, read again for the work disk
+            workspace = pendingws.for_start(svc.host, vm, paths)
+        except pendingws.WorkspaceLost as exc:
+            err = StepFailed(str(exc), [exc], step="work_disk")
+            raise start_failed(svc, vm, op, err) from exc
         ctx = StartContext(
             vm=vm, paths=paths, host=svc.host, handles=svc.handles, clock=svc.clock,
             ready_timeout=svc.timeouts.ready, failpoint=svc.failpoint,
-            workspace=svc._pending_workspace.get(vm.id), load_config=svc.load_config,
+            workspace=workspace, load_config=svc.load_config,
             identities=svc._identities,
             on_detail=lambda stage, msg: svc.ops.emit(
                 op, Progress(op.id, vm.name, "detail", stage, message=msg)),
@@ -48,9 +54,9 @@ def start_locked(svc: VMService, vm: VM, sink: ProgressSink, control: OpControl 
             raise start_failed(svc, vm, op, err) from exc
         except StepFailed as err:
             raise start_failed(svc, vm, op, err) from err
-        svc._pending_workspace.pop(vm.id, None)
         running = replace(vm.with_state(VMState.RUNNING, svc.clock(), op_id=op.id),
                           boot_id=ctx.boot_id)
+        running = pendingws.settled(running, ctx)  # one write: running, nothing pending
         svc.repo.update(running)
         return running
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from banger.core import reconcile, starting
+from banger.core import pendingws, reconcile, starting
 from banger.core.operations import Operation, Progress, ProgressSink, no_progress
 from banger.core.startplan import (
     BOOTSTRAP_MARK,
@@ -45,6 +45,7 @@ def prepare_workspace(svc: VMService, ref: str, req: WorkspaceRequest,
         addr = svc._endpoint_of(vm, svc.handles.get(vm.id))
         with svc.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
             emit = starting.forward(svc.ops, op, vm.name)
+            pending = None  # once a work disk exists, nothing waits for one
 
             def detail(stage: str, msg: str, op: Operation = op,
                        name: str = vm.name) -> None:
@@ -59,12 +60,12 @@ def prepare_workspace(svc: VMService, ref: str, req: WorkspaceRequest,
                        f"(`banger vm start {vm.name}`)")
             else:
                 # Never started: the work disk is made with the repo in it.
-                svc._pending_workspace[vm.id] = selection
+                pending = pendingws.record(req)
                 detail("workspace_stage", f"{vm.name} has no work disk yet: the repo "
                        "is copied in when it is made, at the next start")
             updated = replace(vm, workspace_path=str(selection.repo),
                               workspace_guest_path=WORKSPACE_GUEST_PATH,
-                              workspace_head=selection.head,
+                              workspace_head=selection.head, pending_workspace=pending,
                               updated_at=svc.clock(), last_op_id=op.id)
             svc.repo.update(updated)
             return updated

@@ -159,7 +159,20 @@ def _make_work_disk(path: Path, tmp: Path, staging: Path, size_bytes: int,
         raise
     # mkfs -d leaves the filesystem root 0755; it becomes /root, a private home.
     run([tool("debugfs"), "-w", "-R", "sif / mode 040700", str(tmp)])
+    # Only a complete image ever has the work disk's name: a start that finds the file
+    # takes it as made, with the repo in it. On disk before the rename, so that a host
+    # crash cannot leave the name on an image whose blocks were never written.
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _stage_file(root: Path, rel: str, content: bytes, mode: int) -> None:
