@@ -117,7 +117,7 @@ def build_work_disk(path: Path, size_bytes: int,
     near = next(iter(trees.values())).parent if trees else path.parent
     with _host_full_as_error(near):
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=near))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = partial_path(path)
     try:
         # Staging files, the image and mkfs all write to the host: a full disk there is
         # said as such, not taken for a work disk that is too small.
@@ -127,6 +127,11 @@ def build_work_disk(path: Path, size_bytes: int,
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def partial_path(path: Path) -> Path:
+    """Where the work disk ``path`` is built until it is complete (then renamed)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def _make_work_disk(path: Path, tmp: Path, staging: Path, size_bytes: int,
