@@ -150,3 +150,20 @@ def test_failed_first_start_keeps_the_request_on_disk(tmp_path: Path, layout: La
 def test_service_keeps_no_workspace_in_memory(tmp_path: Path, layout: Layout) -> None:
     svc, *_ = daemon(tmp_path, layout)
     assert not any("pending" in name for name in vars(svc))
+
+
+def test_tool_install_still_started_after_a_start_killed_past_the_work_disk(
+        tmp_path: Path, layout: Layout) -> None:
+    from banger.model.config import Config
+    first, *_ = daemon(tmp_path, layout)
+    repo = make_repo(tmp_path, "tools")
+    (repo / ".tool-versions").write_text("python 3.12.1\n")
+    vm = first.create(name="t", spec=VMSpec(nat=True), workspace=WorkspaceRequest(repo),
+                      start=False)
+    layout.vm(vm.id).work_disk.write_bytes(b"ext4 with the repo")  # the killed start's
+    svc, disks, guest = daemon(tmp_path, layout)
+    svc.load_config = lambda: Config(installer_url="http://10.0.2.2:9/i.sh")
+    svc.start("t")
+    assert disks.work_trees == {}  # not made again
+    assert [b[1] for b in guest.bootstraps] == ["/root/repo"]
+    assert svc.resolve("t").pending_workspace is None

@@ -59,11 +59,11 @@ def for_start(host: HostPorts, vm: VM, paths: VMPaths) -> WorkspaceSelection | N
         return host.workspace.select(request(pending))
     except Exception as exc:  # whatever the host says, the repo cannot be copied
         raise WorkspaceLost(
-            f"VM {vm.name!r} was created with the repo {pending.path} for "
-            f"{WORKSPACE_GUEST_PATH}, and "
-            f"it can no longer be copied ({exc}). Give the VM its repo again with "
-            f"`banger vm workspace prepare {vm.name} PATH` then `banger vm start "
-            f"{vm.name}`, or delete it with `banger vm delete {vm.name}`") from exc
+            f"VM {vm.name!r} has no work disk yet and was to get the repo {pending.path} "
+            f"at {WORKSPACE_GUEST_PATH} on it, but that repo can no longer be copied "
+            f"({exc}). Give the VM a repo again with `banger vm workspace prepare "
+            f"{vm.name} PATH` then `banger vm start {vm.name}`, or delete the VM with "
+            f"`banger vm delete {vm.name}`") from exc
 
 
 def settled(vm: VM, ctx: StartContext) -> VM:
