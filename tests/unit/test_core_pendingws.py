@@ -167,3 +167,22 @@ def test_tool_install_still_started_after_a_start_killed_past_the_work_disk(
     assert disks.work_trees == {}  # not made again
     assert [b[1] for b in guest.bootstraps] == ["/root/repo"]
     assert svc.resolve("t").pending_workspace is None
+
+
+def test_host_key_trusted_before_the_work_disk_exists(tmp_path: Path, layout: Layout) -> None:
+    """A daemon killed right after the work disk was made must not leave a disk whose
+    host key no one trusts: the next start takes the disk as made and its ssh would
+    refuse the guest."""
+    svc, disks, guest = daemon(tmp_path, layout)
+    trusted_at_build: list[bool] = []
+    build = disks.build_work_disk
+
+    def watched(path: Path, *args: object, **kwargs: object) -> None:
+        trusted_at_build.append(layout.vm(vm_id[0]).names.ssh_alias in guest.trusted)
+        build(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    disks.build_work_disk = watched  # type: ignore[method-assign]
+    vm_id: list[str] = []
+    svc.create(name="k", spec=VMSpec(), start=False, on_record=lambda v: vm_id.append(v.id))
+    svc.start("k")
+    assert trusted_at_build == [True]
