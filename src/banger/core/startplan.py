@@ -358,7 +358,7 @@ def wants_bootstrap(ctx: StartContext) -> bool:
     """A workspace with pinned tools lands in this start and its owner did not opt out."""
     if (ctx.paths.pending_workspace / BOOTSTRAP_MARK).exists():
         return True
-    ws = ctx.workspace  # set only while the VM's first work disk is to be made
+    ws = ctx.workspace  # set only while a repo waits for this start (pendingws.for_start)
     return ws is not None and ws.request.bootstrap and bool(ws.tool_files)
 
 
