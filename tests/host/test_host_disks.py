@@ -195,3 +195,29 @@ def test_a_too_small_work_disk_is_still_said_as_such(tmp_path: Path) -> None:
                               {"big": (os.urandom(12 << 20), 0o644)})
     assert not isinstance(err.value, disks.HostDiskFull)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dies_in", ["mkfs.ext4", "debugfs"])
+def test_a_build_killed_midway_leaves_no_work_disk(tmp_path: Path, dies_in: str) -> None:
+    """A SIGKILL during the build (mkfs half written, or the image made but not yet
+    finished) never leaves a file under the work disk's name: a start takes one that
+    exists as complete, with the repo in it. The next build starts over and succeeds."""
+    fakes = tmp_path / "bin"
+    fakes.mkdir()
+    tool = fakes / dies_in
+    # The tool writes part of an image, then the builder dies as a daemon SIGKILLed here.
+    tool.write_text('#!/bin/sh\nfor a; do last="$a"; done\n'
+                    'printf partial >> "$last"\nkill -9 "$PPID"\nsleep 60\n')
+    tool.chmod(0o755)
+    img = tmp_path / "vm" / "work.ext4"
+    code = ("from pathlib import Path; from banger.host import disks; "
+            f"disks.build_work_disk(Path({str(img)!r}), {64 << 20}, {FILES!r})")
+    env = {**os.environ, "PATH": f"{fakes}:{os.environ.get('PATH', '')}"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         timeout=60)
+    assert res.returncode == -9, res.stderr
+    assert not img.exists(), "a killed build left a file under the work disk's name"
+    assert any(p.name.startswith(".work.ext4") for p in img.parent.iterdir()), \
+        "the build was not killed midway (nothing half made)"
+    disks.build_work_disk(img, 64 << 20, FILES)
+    check_work_disk(img, 64 << 20)

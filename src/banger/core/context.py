@@ -22,7 +22,7 @@ from banger.model.config import Config, ConfigError
 from banger.model.errors import ConflictError, InvalidRequest, NotFoundError
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import VM, NetworkMode, VMState
-from banger.ports import Endpoint, HostPorts, NetPort, WorkspaceSelection
+from banger.ports import Endpoint, HostPorts, NetPort
 from banger.store.vms import NotFound, VMRepository
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,6 @@ class VMContext:
     failpoint: str | None = None  # a start stage that fails on purpose (tests)
     load_config: Callable[[], Config] = Config
     handles: HandleStore = field(default_factory=HandleStore)
-    # The workspace of a VM whose work disk is not made yet (by VM id).
-    pending_workspace: dict[str, WorkspaceSelection] = field(default_factory=dict)
     # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
     # Address choice and insert of a new VM happen under it: no two share an address.

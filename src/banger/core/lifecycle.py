@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import IPv4Address
 
+from banger.core import pendingws
 from banger.core.context import LIVE_STATES, VMContext
 from banger.core.operations import OpControl, ProgressSink
 from banger.core.stages import WORKSPACE_GUEST_PATH
@@ -62,7 +63,10 @@ def create(ctx: VMContext, *, name: str | None, spec: VMSpec, start: bool,
             created_at=now, updated_at=now,
             workspace_path=str(selection.repo) if selection else None,
             workspace_guest_path=WORKSPACE_GUEST_PATH if selection else None,
-            workspace_head=selection.head if selection else None)
+            workspace_head=selection.head if selection else None,
+            # Kept with the record, in the same write: a daemon that dies before the
+            # work disk is made still copies the repo in at the next start.
+            pending_workspace=pendingws.record(selection.request) if selection else None)
     with ctx.create_lock:
         if spec.network is NetworkMode.TAP:
             vm = replace(vm, guest_ip=str(_allocate_ip(ctx, vm_id)))
@@ -71,9 +75,6 @@ def create(ctx: VMContext, *, name: str | None, spec: VMSpec, start: bool,
         except Conflict as exc:
             raise ConflictError(str(exc)) from exc
     ctx.layout.vm(vm_id).dir.mkdir(parents=True, exist_ok=True)
-    if selection is not None:
-        # Held until a start makes the work disk (a failed first start keeps it).
-        ctx.pending_workspace[vm_id] = selection
     if on_record is not None:
         on_record(vm)
     if start:
@@ -152,7 +153,6 @@ def delete(ctx: VMContext, ref: str, *, sink: ProgressSink, only_idle: bool) -> 
             else:
                 raise OperationFailed(f"could not remove {paths.dir}")
             ctx.repo.delete(vm.id)
-            ctx.pending_workspace.pop(vm.id, None)
     ctx.forget_lock(vm.id)
     return vm
 

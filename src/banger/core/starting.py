@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
+from banger.core import pendingws
 from banger.core.context import VMContext
 from banger.core.operations import OpControl, Operation, Operations, Progress, ProgressSink
 from banger.core.stages import LABELS, Stage
@@ -29,10 +30,15 @@ def start_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl 
     with ctx.ops.track("start", vm.id, vm.name, sink, control) as op:
         vm = vm.with_state(VMState.STARTING, ctx.clock(), op_id=op.id)
         ctx.repo.update(vm)
+        try:  # the repo of a never-started VM, read again for the work disk
+            workspace = pendingws.for_start(ctx.host, vm, paths)
+        except pendingws.WorkspaceLost as exc:
+            err = StepFailed(str(exc), [exc], step=Stage.WORK_DISK.value)
+            raise start_failed(ctx, vm, op, err) from exc
         start = StartContext(
             vm=vm, paths=paths, host=ctx.host, handles=ctx.handles, clock=ctx.clock,
             ready_timeout=ctx.timeouts.ready, failpoint=ctx.failpoint,
-            workspace=ctx.pending_workspace.get(vm.id), load_config=ctx.load_config,
+            workspace=workspace, load_config=ctx.load_config,
             identities=ctx.identities, detail=details(ctx.ops, op, vm.name),
             check_cancel=op.control.check,
         )
@@ -47,9 +53,9 @@ def start_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl 
             raise start_failed(ctx, vm, op, err) from exc
         except StepFailed as err:
             raise start_failed(ctx, vm, op, err) from err
-        ctx.pending_workspace.pop(vm.id, None)
         running = replace(vm.with_state(VMState.RUNNING, ctx.clock(), op_id=op.id),
                           boot_id=start.boot_id)
+        running = pendingws.settled(running, start)  # one write: running, nothing pending
         ctx.repo.update(running)
         return running
 

@@ -227,6 +227,9 @@ def _work_disk(ctx: StartContext) -> None:
     if identity:
         files[".gitconfig"] = (gitconfig(identity).encode(), 0o644)
     ctx.created.add(Stage.WORK_DISK)
+    # Trusted before the disk exists: a daemon killed between the two must not leave a
+    # work disk whose host key the next start's ssh refuses.
+    guest.trust_host(ctx.paths.names.ssh_alias, host_public)
     size = ctx.vm.spec.work_disk_mib * MIB
     if ctx.workspace is None:
         ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files)
@@ -237,7 +240,6 @@ def _work_disk(ctx: StartContext) -> None:
         with ctx.host.workspace.staged(ctx.workspace, ctx.paths.dir) as tree:
             ctx.host.disks.build_work_disk(ctx.paths.work_disk, size, files,
                                            trees={WORKSPACE_DIR: tree})
-    guest.trust_host(ctx.paths.names.ssh_alias, host_public)
     ctx.identities[ctx.vm.id] = identity
 
 
@@ -350,9 +352,8 @@ def wants_bootstrap(ctx: StartContext) -> bool:
     """A workspace with pinned tools lands in this start and its owner did not opt out."""
     if (ctx.paths.pending_workspace / BOOTSTRAP_MARK).exists():
         return True
-    ws = ctx.workspace
-    return (ws is not None and ws.request.bootstrap and bool(ws.tool_files)
-            and not ctx.paths.work_disk.exists())
+    ws = ctx.workspace  # set only while a repo waits for this start (pendingws.for_start)
+    return ws is not None and ws.request.bootstrap and bool(ws.tool_files)
 
 
 def check_bootstrap(ws: WorkspaceSelection, nat: bool, vm_name: str | None) -> None:

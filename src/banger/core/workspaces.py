@@ -13,13 +13,14 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from banger.core import pendingws
 from banger.core.context import VMContext
 from banger.core.operations import ProgressSink
 from banger.core.stages import WORKSPACE_DIR, WORKSPACE_GUEST_PATH, Stage, step
 from banger.core.starting import details, run_as
 from banger.core.startplan import BOOTSTRAP_MARK, check_bootstrap, launch_bootstrap
 from banger.model.layout import VMPaths
-from banger.model.vm import VM
+from banger.model.vm import VM, PendingWorkspace
 from banger.pipeline import Detail, Step
 from banger.ports import Endpoint, WorkspaceRequest, WorkspaceSelection
 
@@ -35,6 +36,8 @@ class PrepareContext:
     # The staged copy of the repo (running VM), removed when the prepare ends.
     staging: ExitStack = field(default_factory=ExitStack)
     tree: Path | None = None
+    # Never started: the repo the work disk gets, kept with the record.
+    pending: PendingWorkspace | None = None
 
 
 def prepare_steps(c: PrepareContext) -> list[Step[PrepareContext]]:
@@ -66,7 +69,7 @@ def prepare_workspace(ctx: VMContext, ref: str, req: WorkspaceRequest,
                 run_as(ctx.ops, op, "workspace prepare", prepare_steps(c), c, c.detail)
             updated = replace(vm, workspace_path=str(selection.repo),
                               workspace_guest_path=WORKSPACE_GUEST_PATH,
-                              workspace_head=selection.head,
+                              workspace_head=selection.head, pending_workspace=c.pending,
                               updated_at=ctx.clock(), last_op_id=op.id)
             ctx.repo.update(updated)
             return updated
@@ -107,6 +110,6 @@ def _stage_for_next_start(c: PrepareContext) -> None:
 
 def _keep_for_work_disk(c: PrepareContext) -> None:
     # Never started: the work disk is made with the repo in it.
-    c.core.pending_workspace[c.vm.id] = c.selection
+    c.pending = pendingws.record(c.selection.request)
     c.detail(f"{c.vm.name} has no work disk yet: the repo is copied in when it is made, "
              "at the next start")

@@ -18,7 +18,7 @@ import uvicorn
 
 from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
-from banger.daemon import lock
+from banger.daemon import killpoint, lock
 from banger.daemon.app import OP_THREAD_PREFIX, create_app
 from banger.daemon.doctor import doctor
 from banger.daemon.housekeeping import Housekeeping
@@ -34,7 +34,7 @@ from banger.local.trust import AGENT_ENV, UnsafeDirectory, private_dir
 from banger.model.config import DEFAULT_SERIAL_MAX_MIB, ConfigError, load_config
 from banger.model.layout import EXIT_ALREADY_RUNNING, Layout
 from banger.store.db import Database
-from banger.store.vms import OperationLog, VMRepository
+from banger.store.vms import OperationLog
 
 log = logging.getLogger("bangerd")
 
@@ -47,8 +47,10 @@ def build_service(layout: Layout, db: Database) -> VMService:
     except ConfigError as exc:  # each request names the bad config again
         log.error("%s: using the default boot limit", exc)
         max_boots = None
-    return VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)),
-                     host=host_ports(layout), layout=layout, timeouts=Timeouts(ready=ready),
+    repo, oplog, host = killpoint.armed(os.environ.get("BANGER_KILLPOINT"), db,
+                                        host_ports(layout))
+    return VMService(repo=repo, ops=Operations(oplog),
+                     host=host, layout=layout, timeouts=Timeouts(ready=ready),
                      failpoint=failpoint, max_boots=max_boots,
                      load_config=lambda: load_config(layout.config_file, Path.home()))
 

@@ -117,7 +117,7 @@ def build_work_disk(path: Path, size_bytes: int,
     near = next(iter(trees.values())).parent if trees else path.parent
     with _host_full_as_error(near):
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.staging-", dir=near))
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = partial_path(path)
     try:
         # Staging files, the image and mkfs all write to the host: a full disk there is
         # said as such, not taken for a work disk that is too small.
@@ -127,6 +127,11 @@ def build_work_disk(path: Path, size_bytes: int,
         shutil.rmtree(staging, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def partial_path(path: Path) -> Path:
+    """Where the work disk ``path`` is built until it is complete (then renamed)."""
+    return path.with_name(f".{path.name}.tmp")
 
 
 def _make_work_disk(path: Path, tmp: Path, staging: Path, size_bytes: int,
@@ -159,7 +164,20 @@ def _make_work_disk(path: Path, tmp: Path, staging: Path, size_bytes: int,
         raise
     # mkfs -d leaves the filesystem root 0755; it becomes /root, a private home.
     run([tool("debugfs"), "-w", "-R", "sif / mode 040700", str(tmp)])
+    # Only a complete image ever has the work disk's name: a start that finds the file
+    # takes it as made, with the repo in it. On disk before the rename, so that a host
+    # crash cannot leave the name on an image whose blocks were never written.
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _stage_file(root: Path, rel: str, content: bytes, mode: int) -> None:

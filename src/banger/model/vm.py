@@ -96,6 +96,19 @@ class VMSpec:
 
 
 @dataclass(frozen=True)
+class PendingWorkspace:
+    """A repo chosen for a VM whose work disk is not made yet: the start that makes the
+    work disk reads it again and copies it in. Kept with the VM's record (not in daemon
+    memory) so that a daemon restart between create and first start does not lose it."""
+
+    path: str
+    include_untracked: bool = False
+    branch: str | None = None
+    from_ref: str | None = None
+    bootstrap: bool = True
+
+
+@dataclass(frozen=True)
 class VM:
     """The durable record of a VM (what lives in SQLite)."""
 
@@ -113,6 +126,8 @@ class VM:
     workspace_path: str | None = None        # host repo copied in at creation
     workspace_guest_path: str | None = None  # where it is in the guest (/root/<name>)
     workspace_head: str | None = None        # the host repo's HEAD when it was copied
+    # Set until a work disk holding the repo exists (cleared by the start that made it).
+    pending_workspace: PendingWorkspace | None = None
 
     def with_state(self, state: VMState, now: float, *, error: str | None = None,
                    stage: str | None = None, op_id: str | None = None) -> VM:

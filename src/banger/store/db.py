@@ -80,6 +80,14 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX operations_finished ON operations (finished_at);
         """,
     ),
+    (
+        5,
+        # The repo a never-started VM gets on its work disk (JSON of PendingWorkspace),
+        # written with the record itself: no instant has the VM without it.
+        """
+        ALTER TABLE vms ADD COLUMN pending_workspace TEXT;
+        """,
+    ),
 )
 
 

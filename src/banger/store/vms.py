@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 import time
 
-from banger.model.vm import VM, NetworkMode, VMSpec, VMState
+from banger.model.vm import VM, NetworkMode, PendingWorkspace, VMSpec, VMState
 from banger.store.db import Database
 
 
@@ -28,7 +30,8 @@ class VMRepository:
                     "INSERT INTO vms (id, name, image, vcpus, memory_mib, work_disk_mib, network, "
                     "nat, state, created_at, updated_at, last_error, last_error_stage, "
                     "last_op_id, boot_id, guest_ip, workspace_path, workspace_guest_path, "
-                    "workspace_head) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "workspace_head, pending_workspace) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _row(vm),
                 )
         except sqlite3.IntegrityError as exc:
@@ -40,7 +43,7 @@ class VMRepository:
                 "UPDATE vms SET name=?, image=?, vcpus=?, memory_mib=?, work_disk_mib=?, "
                 "network=?, nat=?, state=?, created_at=?, updated_at=?, last_error=?, "
                 "last_error_stage=?, last_op_id=?, boot_id=?, guest_ip=?, workspace_path=?, "
-                "workspace_guest_path=?, workspace_head=? WHERE id=?",
+                "workspace_guest_path=?, workspace_head=?, pending_workspace=? WHERE id=?",
                 (*_row(vm)[1:], vm.id),
             )
             if cur.rowcount == 0:
@@ -122,7 +125,15 @@ def _row(vm: VM) -> tuple[object, ...]:
     return (vm.id, vm.name, s.image, s.vcpus, s.memory_mib, s.work_disk_mib, s.network.value,
             int(s.nat), vm.state.value, vm.created_at, vm.updated_at, vm.last_error,
             vm.last_error_stage, vm.last_op_id, vm.boot_id, vm.guest_ip, vm.workspace_path,
-            vm.workspace_guest_path, vm.workspace_head)
+            vm.workspace_guest_path, vm.workspace_head, _pending_json(vm.pending_workspace))
+
+
+def _pending_json(p: PendingWorkspace | None) -> str | None:
+    return None if p is None else json.dumps(dataclasses.asdict(p), sort_keys=True)
+
+
+def _pending(text: str | None) -> PendingWorkspace | None:
+    return None if text is None else PendingWorkspace(**json.loads(text))
 
 
 def _vm(r: sqlite3.Row) -> VM:
@@ -134,4 +145,5 @@ def _vm(r: sqlite3.Row) -> VM:
               last_op_id=r["last_op_id"], boot_id=r["boot_id"], guest_ip=r["guest_ip"],
               workspace_path=r["workspace_path"],
               workspace_guest_path=r["workspace_guest_path"],
-              workspace_head=r["workspace_head"])
+              workspace_head=r["workspace_head"],
+              pending_workspace=_pending(r["pending_workspace"]))
