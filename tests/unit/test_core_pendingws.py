@@ -138,7 +138,7 @@ def test_work_disk_made_before_the_death_is_not_made_again(tmp_path: Path,
 def test_failed_first_start_keeps_the_request_on_disk(tmp_path: Path, layout: Layout) -> None:
     first, *_ = daemon(tmp_path, layout)
     repo = make_repo(tmp_path)
-    first.failpoint = "wait_ssh"  # after the work disk was made: its undo removes it
+    first.ctx.failpoint = "wait_ssh"  # after the work disk was made: its undo removes it
     with pytest.raises(OperationFailed):
         first.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo))
     assert first.resolve("ws").pending_workspace is not None

@@ -59,6 +59,10 @@ def _notifies(method: Callable[P, R]) -> Callable[P, R]:
 
 
 class VMService:
+    # What it was built with lives in ``ctx``: a test or caller setting ``svc.failpoint``
+    # would otherwise change nothing, silently.
+    __slots__ = ("_notify_lock", "ctx", "on_change")
+
     def __init__(self, *, repo: VMRepository, ops: Operations, host: HostPorts, layout: Layout,
                  clock: Callable[[], float] = time.time, timeouts: Timeouts | None = None,
                  failpoint: str | None = None,
