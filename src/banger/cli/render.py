@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from banger.api.schema import ErrorBody, GuestPortOut, ProgressEvent, VMOut
 from banger.cli.safe import cell, markup, printable
+from banger.client.types import ErrorBody, GuestPortOut, ProgressEvent, VMOut
 
 err_console = Console(stderr=True, highlight=False)
 out_console = Console(highlight=False)

@@ -8,21 +8,19 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from banger.api.schema import VMOut, WorkspaceIn
-from banger.cli.common import SplitAtDashDash, handle_errors, run_ssh
-from banger.cli.render import (
-    Progress,
-    err_console,
-)
-from banger.cli.safe import markup, printable, relay_printable
-from banger.client.client import connect
+from banger.cli.common import SplitAtDashDash, handle_errors
+from banger.cli.complete import complete_vm
+
+if TYPE_CHECKING:
+    from banger.client.types import VMOut
 
 
 @click.command("exec", cls=SplitAtDashDash)
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_vm)
 @click.option("--guest-path", help="directory to run in (default: the VM's workspace)")
 @click.option("--auto-prepare", is_flag=True,
               help="re-sync the workspace first if the host repo's HEAD moved since it was "
@@ -33,6 +31,11 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
     """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
     repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
     command runs under `mise exec`."""
+    from banger.cli.common import run_ssh
+    from banger.cli.render import Progress, err_console
+    from banger.cli.safe import markup
+    from banger.client.client import connect
+
     command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if not command:
         raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
@@ -47,8 +50,8 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
             assert vm.workspace_path is not None
             err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
             with Progress() as progress:
-                client.prepare_workspace(ref, WorkspaceIn(path=vm.workspace_path,
-                                                          bootstrap=False), progress)
+                client.prepare_workspace(ref, {"path": vm.workspace_path,
+                                               "bootstrap": False}, progress)
         elif moved:
             err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
                               f"old tree. `banger vm workspace prepare {markup(vm.name)} "
@@ -84,7 +87,7 @@ def vm_workspace() -> None:
 
 
 @vm_workspace.command("prepare")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_vm)
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--include-untracked", is_flag=True)
 @click.option("--branch", help="create this guest-only branch")
@@ -96,12 +99,21 @@ def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: 
                          from_ref: str | None, no_bootstrap: bool) -> None:
     """Re-sync a VM's /root/repo from PATH: a running VM now (one stream over ssh), a
     stopped one at its next start (the repo is staged now, as it is at this moment)."""
+    from banger.cli.common import usage_error
+    from banger.cli.render import Progress
+    from banger.cli.safe import printable
+    from banger.client.client import ApiError, connect
+    from banger.client.types import WorkspaceBody
+
     if from_ref and not branch:
         raise click.UsageError("--from needs --branch")
-    ws = WorkspaceIn(path=str(path.resolve()), include_untracked=include_untracked,
-                     branch=branch, from_ref=from_ref, bootstrap=not no_bootstrap)
-    with Progress() as progress:
-        vm = connect().prepare_workspace(ref, ws, progress)
+    ws: WorkspaceBody = {"path": str(path.resolve()), "include_untracked": include_untracked,
+                         "branch": branch, "from_ref": from_ref, "bootstrap": not no_bootstrap}
+    try:
+        with Progress() as progress:
+            vm = connect().prepare_workspace(ref, ws, progress)
+    except ApiError as exc:
+        raise usage_error(exc, ws) or exc from exc
     print(printable(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}"))
 
 
@@ -122,7 +134,7 @@ GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
 
 
 @vm_workspace.command("export")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_vm)
 @click.option("--base-commit", help="diff against this commit instead of the state the "
               "workspace was copied in with (refs/banger/base)")
 @handle_errors
@@ -130,6 +142,9 @@ def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     """Print a binary patch of everything changed in the guest's workspace: guest commits,
     uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
     Streamed, so any size works; on a terminal, control characters are shown escaped."""
+    from banger.cli.safe import relay_printable
+    from banger.client.client import connect
+
     client = connect()
     target = client.ssh_target(ref)
     if target.workdir is None:

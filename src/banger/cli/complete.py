@@ -1,0 +1,39 @@
+"""Shell completion of VM refs: the names of the VMs the user's running daemon knows.
+
+It runs on every Tab, so it stays cheap and harmless: no daemon is ever started (no
+socket, no names), a daemon that does not answer within COMPLETE_TIMEOUT completes
+nothing, and any failure completes nothing rather than printing into the command line.
+"""
+
+from __future__ import annotations
+
+import click
+from click.shell_completion import CompletionItem
+
+COMPLETE_TIMEOUT = 1.0  # seconds; a Tab that hangs is worse than one that offers nothing
+
+
+def vm_names() -> list[tuple[str, str]]:
+    """(name, state) of every VM of the running daemon; [] when none answers."""
+    from banger.client.client import Client, DaemonUnavailable
+    from banger.client.peer import Untrusted
+    from banger.local.trust import UnsafeDirectory, private_dir
+    from banger.model.layout import Layout
+
+    layout = Layout.for_user()
+    if not layout.daemon_socket.exists():
+        return []  # no daemon: never autostart one for a Tab
+    try:
+        private_dir(layout.runtime_dir, what="runtime directory")
+        vms = Client(layout.daemon_socket, read_timeout=COMPLETE_TIMEOUT).list_vms()
+    except (DaemonUnavailable, Untrusted, UnsafeDirectory, OSError, ValueError, KeyError):
+        return []
+    except Exception:  # an error reply (ApiError): still nothing to offer
+        return []
+    return [(v.name, v.state) for v in vms]
+
+
+def complete_vm(ctx: click.Context, param: click.Parameter,
+                incomplete: str) -> list[CompletionItem]:
+    return [CompletionItem(name, help=state) for name, state in vm_names()
+            if name.startswith(incomplete)]

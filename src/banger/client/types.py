@@ -1,0 +1,275 @@
+"""What the daemon answers, as the CLI reads it: frozen dataclasses built from the JSON.
+
+The daemon validates with the pydantic models of :mod:`banger.api.schema`; the CLI only
+reads what they produced, so it needs no pydantic (a third of a second per command). The
+field names here are the schema's (a unit test compares the two); fields the CLI does not
+know are ignored, as pydantic ignored them. Request bodies are TypedDicts: the daemon is
+their one validator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypedDict, TypeVar
+
+from banger.api.wire import API_VERSION
+
+T = TypeVar("T")
+
+
+def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+def _opt(cls: type[T], data: Any) -> T | None:
+    return None if data is None else cls.from_json(data)  # type: ignore[attr-defined]
+
+
+def as_json(obj: Any) -> Any:
+    """The JSON form of a dataclass (or a list of them), for --json output."""
+    if isinstance(obj, list):
+        return [as_json(o) for o in obj]
+    return asdict(obj)
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    code: str
+    message: str
+    stage: str | None = None
+    op_id: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ErrorBody:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class Health:
+    version: str
+    pid: int
+    api: str = API_VERSION
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Health:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    pid: int
+    ssh_port: int | None
+    accel: str
+    accel_reason: str
+    vmm: str
+    boot_id: str
+    started_at: float
+    ssh_host: str = "127.0.0.1"
+    tap: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Runtime:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class VMOut:
+    id: str
+    name: str
+    state: str
+    image: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    network: str
+    nat: bool
+    created_at: float
+    updated_at: float
+    dir: str
+    serial_log: str
+    last_error: str | None = None
+    last_error_stage: str | None = None
+    last_op_id: str | None = None
+    boot_id: str | None = None
+    guest_ip: str | None = None
+    workspace_path: str | None = None
+    workspace_guest_path: str | None = None
+    workspace_head: str | None = None
+    runtime: Runtime | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VMOut:
+        known = _known(cls, data)
+        known["runtime"] = _opt(Runtime, known.get("runtime"))
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    ref: str
+    vm: VMOut | None = None
+    error: ErrorBody | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BatchItem:
+        return cls(ref=data["ref"], vm=_opt(VMOut, data.get("vm")),
+                   error=_opt(ErrorBody, data.get("error")))
+
+
+@dataclass(frozen=True)
+class BatchResponse:
+    results: list[BatchItem]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BatchResponse:
+        return cls([BatchItem.from_json(r) for r in data["results"]])
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    type: str
+    op_id: str | None = None
+    vm: str | None = None
+    kind: str | None = None
+    stage: str | None = None
+    label: str | None = None
+    elapsed: float | None = None
+    message: str | None = None
+    result: VMOut | None = None
+    error: ErrorBody | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ProgressEvent:
+        known = _known(cls, data)
+        known["result"] = _opt(VMOut, known.get("result"))
+        known["error"] = _opt(ErrorBody, known.get("error"))
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class Logs:
+    serial_log: str
+    serial: str
+    vmm_log: str
+    vmm: str
+    serial_rotated: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Logs:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    host: str
+    port: int
+    user: str
+    key: str
+    known_hosts: str
+    alias: str
+    vm: str
+    argv: list[str]
+    workdir: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SshTarget:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class GuestPortOut:
+    proto: str
+    address: str
+    port: int
+    process: str | None = None
+    endpoint: str | None = None
+    note: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GuestPortOut:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class VMPorts:
+    vm: str
+    network: str
+    ports: list[GuestPortOut]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VMPorts:
+        return cls(vm=data["vm"], network=data["network"],
+                   ports=[GuestPortOut.from_json(p) for p in data["ports"]])
+
+
+@dataclass(frozen=True)
+class SshConfig:
+    path: str
+    text: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SshConfig:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class OperationOut:
+    id: str
+    kind: str
+    vm_id: str | None
+    vm_name: str | None
+    started_at: float
+    stage: str | None
+    cancelled: bool = False
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OperationOut:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Check:
+        return cls(**_known(cls, data))
+
+
+@dataclass(frozen=True)
+class Doctor:
+    checks: list[Check]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Doctor:
+        return cls([Check.from_json(c) for c in data["checks"]])
+
+
+class WorkspaceBody(TypedDict, total=False):
+    path: str
+    include_untracked: bool
+    branch: str | None
+    from_ref: str | None
+    bootstrap: bool
+
+
+class CreateBody(TypedDict, total=False):
+    name: str | None
+    image: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    network: str | None
+    nat: bool
+    start: bool
+    workspace: WorkspaceBody | None
+    delete_on_disconnect: bool
+
+
+class SetBody(TypedDict, total=False):
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
