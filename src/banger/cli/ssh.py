@@ -40,9 +40,10 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
     """
     # ~/.ssh/config is the user's file, so the CLI, running as the user, edits it, never
     # the daemon.
-    from banger.cli import userssh
     from banger.cli.render import err_console, print_json
     from banger.cli.safe import markup, printable
+    from banger.cli.userssh import install as install_include
+    from banger.cli.userssh import uninstall as uninstall_include
     from banger.client.client import connect
     from banger.local.sshconfig import SshConfigError, is_installed
     from banger.model.layout import Layout
@@ -61,8 +62,8 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
         hosts = [line.split()[1] for line in current.text.splitlines()
                  if line.startswith("Host ") and "*" not in line]
     try:
-        changed = (userssh.install(user_config, path) if install
-                   else userssh.uninstall(user_config) if uninstall else False)
+        changed = (install_include(user_config, path) if install
+                   else uninstall_include(user_config) if uninstall else False)
         installed = is_installed(user_config, path)
     except (SshConfigError, ValueError, OSError) as exc:
         err_console.print(f"[red]error:[/red] {markup(str(exc))}", soft_wrap=True)

@@ -14,7 +14,7 @@ from typing import Any, TypedDict, TypeVar
 
 from banger.api.wire import API_VERSION
 
-T = TypeVar("T")
+R = TypeVar("R", bound="_Record")
 
 
 def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -22,8 +22,17 @@ def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in names}
 
 
-def _opt(cls: type[T], data: Any) -> T | None:
-    return None if data is None else cls.from_json(data)  # type: ignore[attr-defined]
+def _opt(cls: type[R], data: Any) -> R | None:
+    return None if data is None else cls.from_json(data)
+
+
+class _Record:
+    """A dataclass read from the daemon's JSON: its known keys, nested ones by
+    overriding :meth:`from_json`."""
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        return cls(**_known(cls, data))
 
 
 def as_json(obj: Any) -> Any:
@@ -34,30 +43,22 @@ def as_json(obj: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class ErrorBody:
+class ErrorBody(_Record):
     code: str
     message: str
     stage: str | None = None
     op_id: str | None = None
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ErrorBody:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class Health:
+class Health(_Record):
     version: str
     pid: int
     api: str = API_VERSION
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Health:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class Runtime:
+class Runtime(_Record):
     pid: int
     ssh_port: int | None
     accel: str
@@ -68,13 +69,9 @@ class Runtime:
     ssh_host: str = "127.0.0.1"
     tap: str | None = None
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Runtime:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class VMOut:
+class VMOut(_Record):
     id: str
     name: str
     state: str
@@ -106,7 +103,7 @@ class VMOut:
 
 
 @dataclass(frozen=True)
-class BatchItem:
+class BatchItem(_Record):
     ref: str
     vm: VMOut | None = None
     error: ErrorBody | None = None
@@ -118,7 +115,7 @@ class BatchItem:
 
 
 @dataclass(frozen=True)
-class BatchResponse:
+class BatchResponse(_Record):
     results: list[BatchItem]
 
     @classmethod
@@ -127,7 +124,7 @@ class BatchResponse:
 
 
 @dataclass(frozen=True)
-class ProgressEvent:
+class ProgressEvent(_Record):
     type: str
     op_id: str | None = None
     vm: str | None = None
@@ -148,20 +145,16 @@ class ProgressEvent:
 
 
 @dataclass(frozen=True)
-class Logs:
+class Logs(_Record):
     serial_log: str
     serial: str
     vmm_log: str
     vmm: str
     serial_rotated: str | None = None
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Logs:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class SshTarget:
+class SshTarget(_Record):
     host: str
     port: int
     user: str
@@ -172,13 +165,9 @@ class SshTarget:
     argv: list[str]
     workdir: str | None = None
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SshTarget:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class GuestPortOut:
+class GuestPortOut(_Record):
     proto: str
     address: str
     port: int
@@ -186,13 +175,9 @@ class GuestPortOut:
     endpoint: str | None = None
     note: str | None = None
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> GuestPortOut:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class VMPorts:
+class VMPorts(_Record):
     vm: str
     network: str
     ports: list[GuestPortOut]
@@ -204,17 +189,13 @@ class VMPorts:
 
 
 @dataclass(frozen=True)
-class SshConfig:
+class SshConfig(_Record):
     path: str
     text: str
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SshConfig:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class OperationOut:
+class OperationOut(_Record):
     id: str
     kind: str
     vm_id: str | None
@@ -223,24 +204,16 @@ class OperationOut:
     stage: str | None
     cancelled: bool = False
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> OperationOut:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class Check:
+class Check(_Record):
     name: str
     status: str
     detail: str
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Check:
-        return cls(**_known(cls, data))
-
 
 @dataclass(frozen=True)
-class Doctor:
+class Doctor(_Record):
     checks: list[Check]
 
     @classmethod
