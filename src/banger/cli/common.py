@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import functools
 import re
-import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -14,6 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 if TYPE_CHECKING:
+    import subprocess
+
     from banger.client.client import ApiError, Client
     from banger.client.types import CreateBody
 
@@ -33,24 +33,27 @@ PATTERN_MEANS = {"name": "not a DNS label: 1-63 characters of a-z, 0-9 and '-', 
 def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        # Imported when a command runs, not when `banger --help` loads this module.
-        from banger.cli.interrupt import Interrupted
-        from banger.cli.render import err_console, print_error
-        from banger.cli.safe import markup
-        from banger.client.client import ApiError, DaemonUnavailable
-        from banger.client.peer import Untrusted
         try:
             return fn(*args, **kwargs)
-        except ApiError as exc:
-            print_error(exc.body)
-            sys.exit(1)
-        except (DaemonUnavailable, Untrusted) as exc:
-            err_console.print(f"[red]error:[/red] {markup(str(exc))}")
-            sys.exit(1)
-        except Interrupted as exc:
-            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             sys.exit(130)
+        except Exception as exc:
+            # Imported once something went wrong, not for every command: a command that
+            # raised one of these has loaded its module already.
+            from banger.cli.interrupt import Interrupted
+            from banger.cli.render import err_console, print_error
+            from banger.cli.safe import markup
+            from banger.client.client import ApiError, DaemonUnavailable
+            from banger.client.peer import Untrusted
+            if isinstance(exc, ApiError):
+                print_error(exc.body)
+                sys.exit(1)
+            if isinstance(exc, (DaemonUnavailable, Untrusted)):
+                err_console.print(f"[red]error:[/red] {markup(str(exc))}")
+                sys.exit(1)
+            if isinstance(exc, Interrupted):
+                sys.exit(exc.exit_code)
+            raise
     return wrapper  # type: ignore[return-value]
 
 
@@ -118,6 +121,9 @@ def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str,
 
 def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool,
             workdir: str | None = None) -> int:
+    import shlex
+    import subprocess
+
     target = client.ssh_target(ref)
     argv = list(target.argv)
     argv.insert(1, "-t" if tty else "-T")
@@ -144,6 +150,8 @@ SSH_GRACE = 5.0  # seconds ssh gets to exit on SIGTERM before it is killed
 
 
 def _end_ssh(proc: subprocess.Popen[bytes]) -> None:
+    import subprocess
+
     try:
         proc.terminate()
         proc.wait(SSH_GRACE)

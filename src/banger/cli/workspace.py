@@ -4,9 +4,7 @@ from the host repo, and exporting the guest's changes as a patch."""
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,6 +68,8 @@ _IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || co
 
 def _head_moved(vm: VMOut) -> str | None:
     """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
+    import subprocess
+
     if not vm.workspace_path or not vm.workspace_head:
         return None
     proc = subprocess.run(["git", "-C", vm.workspace_path, "rev-parse", "-q", "--verify",
@@ -142,6 +142,9 @@ def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     """Print a binary patch of everything changed in the guest's workspace: guest commits,
     uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
     Streamed, so any size works; on a terminal, control characters are shown escaped."""
+    import subprocess
+    import threading
+
     from banger.cli.safe import relay_printable
     from banger.client.client import connect
 
