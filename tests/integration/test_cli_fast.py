@@ -40,6 +40,8 @@ def test_vm_list_loads_neither_pydantic_nor_httpx(daemon: Daemon) -> None:
     assert all(n in r.stdout for n in ("alpha", "beta", "gamma")), r.stdout
     mods = modules(r.stderr)
     assert "banger" in mods and not mods & {"pydantic", "httpx"}, sorted(mods)
+    # rich draws the table, without its 36 ms table of emoji codes (emoji=False).
+    assert "rich._emoji_codes" not in r.stderr
 
 
 def complete(words: str, env: dict[str, str] | None = None) -> list[str]:
