@@ -55,11 +55,16 @@ def markup(text: str, *, one_line: bool = False) -> str:
     return escape(printable(text, one_line=one_line))
 
 
+def cell_text(text: str | None, default: str = "-") -> str:
+    """The text of a table cell of untrusted text: one line."""
+    return printable(text, one_line=True) if text else default
+
+
 def cell(text: str | None, default: str = "-") -> Text:
     """A table cell of untrusted text: one line, no markup."""
     from rich.text import Text
 
-    return Text(printable(text, one_line=True) if text else default)
+    return Text(cell_text(text, default))
 
 
 def relay_printable(src: IO[bytes], dst: TextIO) -> None:

@@ -40,7 +40,8 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
     """
     # ~/.ssh/config is the user's file, so the CLI, running as the user, edits it, never
     # the daemon.
-    from banger.cli.render import err_console, print_json
+    from banger.cli.plain import print_json
+    from banger.cli.render import err_console
     from banger.cli.safe import markup, printable
     from banger.cli.userssh import install as install_include
     from banger.cli.userssh import uninstall as uninstall_include

@@ -15,7 +15,8 @@ from banger.cli.common import handle_errors
 @handle_errors
 def doctor(as_json: bool) -> None:
     """Check what this host can do (tools, acceleration, state)."""
-    from banger.cli.render import out_console, print_json
+    from banger.cli.plain import print_json
+    from banger.cli.render import out_console
     from banger.cli.safe import markup
     from banger.client.client import connect
     from banger.client.types import as_json as json_of
@@ -38,7 +39,7 @@ def doctor(as_json: bool) -> None:
 @handle_errors
 def ops(as_json: bool) -> None:
     """List operations in flight."""
-    from banger.cli.render import print_json
+    from banger.cli.plain import print_json
     from banger.cli.safe import printable
     from banger.client.client import connect
     from banger.client.types import as_json as json_of

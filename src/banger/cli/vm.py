@@ -70,7 +70,8 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
     """
     from banger.cli.common import run_ssh
     from banger.cli.interrupt import Cancelling, cancellable, delete_quietly, raise_on_signal
-    from banger.cli.render import Progress, err_console, mib, print_error, print_json
+    from banger.cli.plain import mib, print_json
+    from banger.cli.render import Progress, err_console, print_error
     from banger.cli.safe import markup, printable
     from banger.client.client import ApiError, connect
     from banger.client.types import as_json as json_of
@@ -170,7 +171,7 @@ def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, n
               no_start: bool, as_json: bool) -> None:
     """Create a VM (and start it unless --no-start)."""
     from banger.cli.interrupt import streamed
-    from banger.cli.render import print_json
+    from banger.cli.plain import print_json
     from banger.cli.safe import printable
     from banger.client.client import connect
     from banger.client.types import as_json as json_of
@@ -194,9 +195,14 @@ def vm_list(as_json: bool) -> None:
 
     vms = connect().list_vms()
     if as_json:
-        from banger.cli.render import print_json
+        from banger.cli.plain import print_json
         from banger.client.types import as_json as json_of
         print_json(json_of(vms))
+        return
+    from banger.cli.plain import VM_COLUMNS, plain_table, to_pipe, vm_rows
+    text = plain_table(VM_COLUMNS, vm_rows(vms)) if to_pipe() else None
+    if text is not None:
+        sys.stdout.write(text)  # what rich prints to a pipe, without loading rich
     else:
         from banger.cli.render import out_console, vm_table
         out_console.print(vm_table(vms))
@@ -211,7 +217,8 @@ vm.add_command(vm_list, "ps")
 @handle_errors
 def vm_show(ref: str, as_json: bool) -> None:
     """Show one VM: spec, observed state, runtime, last error."""
-    from banger.cli.render import out_console, print_json, vm_detail
+    from banger.cli.plain import print_json
+    from banger.cli.render import out_console, vm_detail
     from banger.client.client import connect
     from banger.client.types import as_json as json_of
 
@@ -224,7 +231,8 @@ def vm_show(ref: str, as_json: bool) -> None:
 
 def _report_batch(results: list[tuple[str, VMOut | None, ErrorBody | None]], verb: str,
                   as_json: bool) -> None:
-    from banger.cli.render import print_error, print_json
+    from banger.cli.plain import print_json
+    from banger.cli.render import print_error
     from banger.cli.safe import printable
     from banger.client.types import as_json as json_of
 
@@ -301,7 +309,7 @@ def vm_kill(refs: tuple[str, ...], sig: str, as_json: bool) -> None:
 def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
            as_json: bool) -> None:
     """Change a stopped VM's spec; applies at its next start."""
-    from banger.cli.render import mib, print_json
+    from banger.cli.plain import mib, print_json
     from banger.cli.safe import printable
     from banger.client.client import ApiError, connect
     from banger.client.types import as_json as json_of
@@ -332,7 +340,7 @@ def vm_set(ref: str, vcpu: int | None, memory: str | None, disk: str | None,
 @handle_errors
 def vm_prune(force: bool, as_json: bool) -> None:
     """Delete every VM that is not running."""
-    from banger.cli.render import print_json
+    from banger.cli.plain import print_json
     from banger.cli.safe import printable
     from banger.client.client import connect
 
@@ -382,7 +390,8 @@ def vm_logs(ref: str, vmm: bool, raw: bool) -> None:
 def vm_ports(ref: str, as_json: bool) -> None:
     """List the running guest's listening TCP and UDP sockets and where the host reaches
     each one."""
-    from banger.cli.render import out_console, ports_table, print_json
+    from banger.cli.plain import print_json
+    from banger.cli.render import out_console, ports_table
     from banger.cli.safe import printable
     from banger.client.client import connect
     from banger.client.types import as_json as json_of
