@@ -7,8 +7,12 @@ nothing, and any failure completes nothing rather than printing into the command
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
-from click.shell_completion import CompletionItem
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
 
 COMPLETE_TIMEOUT = 1.0  # seconds; a Tab that hangs is worse than one that offers nothing
 
@@ -35,5 +39,7 @@ def vm_names() -> list[tuple[str, str]]:
 
 def complete_vm(ctx: click.Context, param: click.Parameter,
                 incomplete: str) -> list[CompletionItem]:
+    from click.shell_completion import CompletionItem
+
     return [CompletionItem(name, help=state) for name, state in vm_names()
             if name.startswith(incomplete)]

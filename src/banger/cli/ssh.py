@@ -4,7 +4,6 @@ ssh_config, and its Include in the user's ~/.ssh/config)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
@@ -40,6 +39,8 @@ def ssh_config(install: bool, uninstall: bool, as_json: bool) -> None:
     """
     # ~/.ssh/config is the user's file, so the CLI, running as the user, edits it, never
     # the daemon.
+    from pathlib import Path
+
     from banger.cli.plain import print_json
     from banger.cli.render import err_console
     from banger.cli.safe import markup, printable

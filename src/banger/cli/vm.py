@@ -9,9 +9,9 @@ the command that runs, so `banger --help` and completion stay cheap.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -52,14 +52,14 @@ VM_REFS = click.argument("refs", nargs=-1, required=True, shell_complete=complet
 @click.option("--no-bootstrap", is_flag=True,
               help="do not install the tools .mise.toml/.tool-versions pin (that needs --nat)")
 @click.argument("path", required=False, type=click.Path(exists=True, file_okay=False,
-                                                        path_type=Path))
+                                                        path_type=str))
 @click.pass_context
 @handle_errors
 def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: str,
            disk: str, nat: bool, network: str | None, remove: bool, detach: bool,
            as_json: bool, dry_run: bool,
            include_untracked: bool, branch: str | None, from_ref: str | None,
-           no_bootstrap: bool, path: Path | None) -> None:
+           no_bootstrap: bool, path: str | None) -> None:
     """Start a fresh VM, with PATH's git repo at /root/repo if given; run a command after
     `--` (its exit code is banger's) or open a shell there.
 
@@ -88,7 +88,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
                                "need a PATH")
     req = make_create(name, image, vcpu, memory, disk, nat, network)
     if path is not None:
-        req["workspace"] = {"path": str(path.resolve()), "include_untracked": include_untracked,
+        req["workspace"] = {"path": os.path.realpath(path), "include_untracked": include_untracked,
                             "branch": branch, "from_ref": from_ref,
                             "bootstrap": not no_bootstrap}
     client = connect()

@@ -3,9 +3,8 @@ from the host repo, and exporting the guest's changes as a patch."""
 
 from __future__ import annotations
 
-import shlex
+import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
@@ -29,6 +28,8 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
     """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
     repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
     command runs under `mise exec`."""
+    from shlex import quote
+
     from banger.cli.common import run_ssh
     from banger.cli.render import Progress, err_console
     from banger.cli.safe import markup
@@ -53,7 +54,7 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
         elif moved:
             err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
                               f"old tree. `banger vm workspace prepare {markup(vm.name)} "
-                              f"{markup(shlex.quote(vm.workspace_path or ''))}` or "
+                              f"{markup(quote(vm.workspace_path or ''))}` or "
                               "--auto-prepare re-syncs it.", highlight=False)
     sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
                      workdir=guest_path))
@@ -88,14 +89,14 @@ def vm_workspace() -> None:
 
 @vm_workspace.command("prepare")
 @click.argument("ref", shell_complete=complete_vm)
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--include-untracked", is_flag=True)
 @click.option("--branch", help="create this guest-only branch")
 @click.option("--from", "from_ref", help="start --branch from this ref")
 @click.option("--no-bootstrap", is_flag=True,
               help="do not install the tools .mise.toml/.tool-versions pin")
 @handle_errors
-def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: str | None,
+def vm_workspace_prepare(ref: str, path: str, include_untracked: bool, branch: str | None,
                          from_ref: str | None, no_bootstrap: bool) -> None:
     """Re-sync a VM's /root/repo from PATH: a running VM now (one stream over ssh), a
     stopped one at its next start (the repo is staged now, as it is at this moment)."""
@@ -107,7 +108,7 @@ def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: 
 
     if from_ref and not branch:
         raise click.UsageError("--from needs --branch")
-    ws: WorkspaceBody = {"path": str(path.resolve()), "include_untracked": include_untracked,
+    ws: WorkspaceBody = {"path": os.path.realpath(path), "include_untracked": include_untracked,
                          "branch": branch, "from_ref": from_ref, "bootstrap": not no_bootstrap}
     try:
         with Progress() as progress:
@@ -144,6 +145,7 @@ def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     Streamed, so any size works; on a terminal, control characters are shown escaped."""
     import subprocess
     import threading
+    from shlex import quote
 
     from banger.cli.safe import relay_printable
     from banger.client.client import connect
@@ -152,8 +154,8 @@ def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     target = client.ssh_target(ref)
     if target.workdir is None:
         raise click.UsageError(f"{ref} has no workspace (it was not created from a PATH)")
-    script = _EXPORT.format(workdir=shlex.quote(target.workdir),
-                            base=shlex.quote(base_commit or "refs/banger/base"))
+    script = _EXPORT.format(workdir=quote(target.workdir),
+                            base=quote(base_commit or "refs/banger/base"))
     argv = [target.argv[0], "-T", *target.argv[1:], script]
     # The patch is the guest's text, streamed (never held whole). A pipe or file gets its
     # bytes as they are, which `git apply` needs; a terminal sees control characters
