@@ -1,8 +1,10 @@
 """How long the CLI takes to answer, against the floor for a click CLI: the CLI's own
 interpreter running `import click` and nothing else. Timed interleaved in one run
-(floor, `banger --version`, `banger --help`, `banger vm list`, round after round) and
-reported as medians and ratios to the floor, with the targets of issue 9: --version
-within 1.5x the floor, vm list (a real bangerd running, 3 VMs) within 3x.
+(floor, `banger --version`, `banger --help`, `banger vm list` to a pipe and to a
+terminal, round after round) and reported as medians and ratios to the floor, with the
+targets of issue 9: --version within 1.5x the floor, vm list (a real bangerd running,
+3 VMs) within 3x. To a pipe (scripts, loops) vm list prints its table without rich; on a
+terminal (list_tty: a pty, no target) rich draws it.
 
 The VMs are created with --no-start (no boot needed) in a throwaway BANGER_HOME, whose
 bangerd the first command autostarts; everything started is stopped at the end.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pty
 import shutil
 import signal
 import statistics
@@ -34,11 +37,19 @@ HEAVY = ("pydantic", "httpx", "rich")
 TARGETS = {"version": 1.5, "list": 3.0}
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   cwd="/", check=True)
-    return time.perf_counter() - t0
+def timed(argv: list[str], env: dict[str, str], *, tty: bool = False) -> float:
+    """Wall time of one run; with ``tty``, stdout is a terminal (a pty), where rich
+    draws the table."""
+    master, slave = pty.openpty() if tty else (-1, -1)
+    try:
+        t0 = time.perf_counter()
+        subprocess.run(argv, env=env, stdout=slave if tty else subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd="/", check=True)
+        return time.perf_counter() - t0
+    finally:
+        if tty:
+            os.close(master)
+            os.close(slave)
 
 
 def heavy_loaded(argv: list[str], env: dict[str, str]) -> list[str]:
@@ -62,6 +73,7 @@ def main() -> None:
         "version": [sys.executable, str(BANGER), "--version"],
         "help": [sys.executable, str(BANGER), "--help"],
         "list": [sys.executable, str(BANGER), "vm", "list"],
+        "list_tty": [sys.executable, str(BANGER), "vm", "list"],
     }
     try:
         for i in range(3):
@@ -72,12 +84,13 @@ def main() -> None:
                                 capture_output=True, text=True).stdout
         assert all(f"bench{i}" in listed for i in range(3)), listed
         times: dict[str, list[float]] = {k: [] for k in commands}
-        for argv in commands.values():  # warm the page cache: not measured
-            timed(argv, env)
+        for name, argv in commands.items():  # warm the page cache: not measured
+            timed(argv, env, tty=name == "list_tty")
         for _ in range(args.rounds):
             for name, argv in commands.items():
-                times[name].append(timed(argv, env))
-        loads = {k: heavy_loaded(argv, env) for k, argv in commands.items() if k != "floor"}
+                times[name].append(timed(argv, env, tty=name == "list_tty"))
+        loads = {k: heavy_loaded(argv, env) for k, argv in commands.items()
+                 if k not in ("floor", "list_tty")}
     finally:
         kill_banger_processes(home, signal.SIGTERM)
         time.sleep(1)
