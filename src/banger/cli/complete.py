@@ -19,9 +19,8 @@ COMPLETE_TIMEOUT = 1.0  # seconds; a Tab that hangs is worse than one that offer
 
 def vm_names() -> list[tuple[str, str]]:
     """(name, state) of every VM of the running daemon; [] when none answers."""
-    from banger.client.client import Client, DaemonUnavailable
-    from banger.client.peer import Untrusted
-    from banger.local.trust import UnsafeDirectory, private_dir
+    from banger.client.client import Client
+    from banger.local.trust import private_dir
     from banger.model.layout import Layout
 
     layout = Layout.for_user()
@@ -30,9 +29,9 @@ def vm_names() -> list[tuple[str, str]]:
     try:
         private_dir(layout.runtime_dir, what="runtime directory")
         vms = Client(layout.daemon_socket, read_timeout=COMPLETE_TIMEOUT).list_vms()
-    except (DaemonUnavailable, Untrusted, UnsafeDirectory, OSError, ValueError, KeyError):
-        return []
-    except Exception:  # an error reply (ApiError): still nothing to offer
+    except Exception:
+        # Not answering (DaemonUnavailable), not ours (Untrusted, UnsafeDirectory), an
+        # error reply or garbage: a Tab offers nothing rather than a traceback.
         return []
     return [(v.name, v.state) for v in vms]
 
