@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 
@@ -28,6 +29,7 @@ class Daemon:
     vmm: FakeVmm
     client: Client
     guest: FakeGuest
+    http: httpx.Client  # raw requests to the API, for what the CLI never sends
 
 
 @pytest.fixture
@@ -51,7 +53,10 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
         assert time.monotonic() < deadline, "daemon did not start"
         time.sleep(0.02)
     client = Client(layout.daemon_socket)
-    yield Daemon(layout, service, vmm, client, guest)
+    http = httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.daemon_socket)),
+                        base_url="http://bangerd", timeout=httpx.Timeout(30.0))
+    yield Daemon(layout, service, vmm, client, guest, http)
+    http.close()
     client.close()
     server.should_exit = True
     thread.join(10)

@@ -9,8 +9,11 @@ import time
 
 import httpx
 
-from banger.api.schema import NDJSON, ProgressEvent, VMCreate, VMOut
+from banger.api.schema import ProgressEvent
+from banger.api.wire import NDJSON
 from banger.client.client import ApiError, Client
+from banger.client.types import ProgressEvent as ClientEvent
+from banger.client.types import VMOut
 from banger.core.operations import BootSlots
 from banger.model.vm import VMState
 from tests.integration.conftest import Daemon
@@ -34,8 +37,8 @@ def test_burst_of_streamed_starts_all_finish_and_reads_and_stop_answer(daemon: D
     daemon.service.ctx.boots = BootSlots(8)  # 16 starts: half of them wait in line
     names = [f"b{i}" for i in range(BURST)]
     for name in names:
-        daemon.client.create(VMCreate(name=name, start=False), lambda _: None)
-    daemon.client.create(VMCreate(name="other", start=False), lambda _: None)
+        daemon.client.create({"name": name, "start": False}, lambda _: None)
+    daemon.client.create({"name": "other", "start": False}, lambda _: None)
     # The reads and the stop go over a client with short timeouts: a daemon that does
     # not answer fails the test instead of hanging it.
     quick = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.layout.daemon_socket)),
@@ -152,19 +155,19 @@ def test_cancel_route_rolls_back_and_the_stream_says_cancelled(daemon: Daemon) -
     daemon.guest.ready_delay = 30.0
     kinds: list[str] = []
 
-    def on_progress(ev: ProgressEvent) -> None:
+    def on_progress(ev: ClientEvent) -> None:
         kinds.append(f"{ev.kind}:{ev.stage}")
         if ev.kind == "run" and ev.stage == "wait_ssh" and ev.op_id:
             assert Client(daemon.layout.daemon_socket).cancel(ev.op_id).cancelled
 
     try:
-        daemon.client.create(VMCreate(name="c"), on_progress)
+        daemon.client.create({"name": "c"}, on_progress)
         raise AssertionError("the create was not cancelled")
     except ApiError as exc:
         assert exc.body.code == "cancelled" and exc.body.op_id
     assert "undone:qemu_launch" in kinds and "undone:work_disk" in kinds
     assert daemon.vmm.procs == {}
-    r = daemon.client.http.post("/v1/operations/op-nope/cancel")
+    r = daemon.http.post("/v1/operations/op-nope/cancel")
     assert r.status_code == 404 and "banger ops" in r.json()["error"]["message"]
 
 
@@ -188,7 +191,7 @@ def test_the_cli_shows_a_queued_start(daemon: Daemon) -> None:
     from tests.integration.test_api_cli import banger
     daemon.service.ctx.boots = BootSlots(1)
     for name in ("first", "second"):
-        daemon.client.create(VMCreate(name=name, start=False), lambda _: None)
+        daemon.client.create({"name": name, "start": False}, lambda _: None)
     daemon.guest.ready_delay = 1.5
     first = threading.Thread(target=daemon.client.start, args=("first", lambda _: None))
     first.start()
@@ -211,7 +214,7 @@ def test_an_ephemeral_create_whose_client_read_the_result_is_kept(daemon: Daemon
     try:
         for name in names:
             client = Client(daemon.layout.daemon_socket)
-            vm = client.create(VMCreate(name=name, delete_on_disconnect=True), lambda _: None)
+            vm = client.create({"name": name, "delete_on_disconnect": True}, lambda _: None)
             client.close()
             assert vm.state == "running"
     finally:
@@ -223,13 +226,13 @@ def test_an_ephemeral_create_whose_client_read_the_result_is_kept(daemon: Daemon
 
 def test_booleans_are_not_numbers(daemon: Daemon) -> None:
     # (Found by the API fuzz test: `"signal": true` was taken as signal 1.)
-    r = daemon.client.http.post("/v1/batch/kill", json={"refs": ["x"], "signal": True})
+    r = daemon.http.post("/v1/batch/kill", json={"refs": ["x"], "signal": True})
     assert r.status_code == 422 and "signal" in r.json()["error"]["message"]
-    r = daemon.client.http.post("/v1/vms", json={"name": "b", "vcpus": True})
+    r = daemon.http.post("/v1/vms", json={"name": "b", "vcpus": True})
     assert r.status_code == 422 and "vcpus" in r.json()["error"]["message"]
     assert daemon.client.list_vms() == []
     # A whole number written as 2.0 is still an integer to JSON Schema.
-    r = daemon.client.http.post("/v1/vms", json={"name": "f", "vcpus": 2.0, "start": False})
+    r = daemon.http.post("/v1/vms", json={"name": "f", "vcpus": 2.0, "start": False})
     assert r.status_code == 201 and r.json()["vcpus"] == 2
 
 
@@ -264,7 +267,7 @@ def test_a_stopping_daemon_cancels_its_boots_instead_of_waiting_for_them(
 
     def create() -> None:
         try:
-            outcome.append(Client(layout.daemon_socket).create(VMCreate(name="slow"),
+            outcome.append(Client(layout.daemon_socket).create({"name": "slow"},
                                                                lambda _: None))
         except ApiError as exc:
             outcome.append(exc)

@@ -82,3 +82,39 @@ def test_plain_requests_time_out_reads_short_changes_long(
         assert 2 <= time.monotonic() - t0 < 5
     finally:
         c.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_silent_progress_stream_is_given_up_after_the_silence_limit(
+        silent_socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The daemon sends a heartbeat every HEARTBEAT_SECONDS: a stream this quiet is dead.
+    monkeypatch.setattr(client_mod, "STREAM_SILENCE_LIMIT", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(DaemonUnavailable, match=r"sent nothing for 0 s \(not even its "
+                                                r"heartbeat\)"):
+        Client(silent_socket).start("box", lambda _: None)
+    assert time.monotonic() - t0 < 5
+
+
+def test_no_socket_and_a_hung_up_stream_are_said(tmp_path: Path) -> None:
+    with pytest.raises(DaemonUnavailable, match=r"bangerd is not answering on \S*nothing"):
+        Client(tmp_path / "nothing").list_vms()
+    path = Path(f"/tmp/banger-hangup-{id(tmp_path)}.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+
+    def hang_up() -> None:
+        conn, _ = srv.accept()
+        conn.recv(65536)
+        conn.close()  # the request read, no answer
+
+    t = threading.Thread(target=hang_up, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(DaemonUnavailable, match=r"lost bangerd on"):
+            Client(path).start("box", lambda _: None)
+    finally:
+        t.join(10)
+        srv.close()
+        path.unlink()

@@ -11,18 +11,19 @@ import pytest
 from click.testing import CliRunner
 
 import banger.cli.main as cli_main
+from banger.cli import render
 from tests.integration.conftest import Daemon
 
 
 def _fail_at_ready(monkeypatch: pytest.MonkeyPatch, fail: Any) -> None:
-    real = cli_main.err_console.print
+    real = render.err_console.print
 
     def print_(*args: Any, **kwargs: Any) -> None:
         if args and "ready" in str(args[0]):
             fail()
         real(*args, **kwargs)
 
-    monkeypatch.setattr(cli_main.err_console, "print", print_)
+    monkeypatch.setattr(render.err_console, "print", print_)
 
 
 def _broken_pipe() -> None:
@@ -49,10 +50,8 @@ def test_prune_deletes_only_what_the_user_confirmed(daemon: Daemon,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # The question "delete old?" may wait an hour for its answer; a VM stopped meanwhile
     # (work on its disk) was not in it and must not be deleted with it.
-    from banger.api.schema import VMCreate
-
-    daemon.client.create(VMCreate(name="old", start=False), lambda _: None)
-    daemon.client.create(VMCreate(name="dev"), lambda _: None)
+    daemon.client.create({"name": "old", "start": False}, lambda _: None)
+    daemon.client.create({"name": "dev"}, lambda _: None)
 
     def confirm(*_: Any, **__: Any) -> bool:
         daemon.client.stop("dev")  # while the question is on the screen

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from banger.api.schema import SshTarget
+from banger.cli.common import run_ssh
 from banger.cli.interrupt import Interrupted, raise_on_signal
-from banger.cli.main import run_ssh
 
 FAKE_SSH = """#!{python}
 import signal, sys, time

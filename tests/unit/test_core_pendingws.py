@@ -149,7 +149,7 @@ def test_failed_first_start_keeps_the_request_on_disk(tmp_path: Path, layout: La
 
 def test_service_keeps_no_workspace_in_memory(tmp_path: Path, layout: Layout) -> None:
     svc, *_ = daemon(tmp_path, layout)
-    assert not any("pending" in name for name in vars(svc))
+    assert not any("pending" in name for name in vars(svc.ctx))
 
 
 def test_tool_install_still_started_after_a_start_killed_past_the_work_disk(

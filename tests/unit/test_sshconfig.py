@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from banger.cli import userssh
 from banger.daemon.doctor import ssh_config_check
 from banger.local import sshconfig
 from banger.local.sshconfig import BEGIN, END, SshConfigError, SshEntry
@@ -89,7 +90,7 @@ INCLUDE = Path("/var/lib/banger state/ssh/config")
 def test_install_creates_private_dir_and_file(tmp_path: Path) -> None:
     user = tmp_path / "home" / ".ssh" / "config"
     assert not sshconfig.is_installed(user)
-    assert sshconfig.install(user, INCLUDE)
+    assert userssh.install(user, INCLUDE)
     assert stat.S_IMODE(user.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(user.stat().st_mode) == 0o600
     text = user.read_text()
@@ -103,7 +104,7 @@ def test_install_keeps_existing_dir_mode(tmp_path: Path) -> None:
     d = tmp_path / ".ssh"
     d.mkdir(mode=0o755)
     d.chmod(0o755)
-    sshconfig.install(d / "config", INCLUDE)
+    userssh.install(d / "config", INCLUDE)
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
 
 
@@ -111,30 +112,30 @@ def test_install_idempotent_and_first(tmp_path: Path) -> None:
     user = tmp_path / "config"
     original = b"Host github.com\n    User git\n"
     user.write_bytes(original)
-    assert sshconfig.install(user, INCLUDE)
+    assert userssh.install(user, INCLUDE)
     once = user.read_bytes()
     assert once.startswith(BEGIN.encode()) and once.endswith(original)
-    assert not sshconfig.install(user, INCLUDE)
+    assert not userssh.install(user, INCLUDE)
     assert user.read_bytes() == once
-    assert sshconfig.uninstall(user)
+    assert userssh.uninstall(user)
     assert user.read_bytes() == original
-    assert not sshconfig.uninstall(user)
+    assert not userssh.uninstall(user)
     assert user.read_bytes() == original
-    assert not sshconfig.uninstall(tmp_path / "missing")
+    assert not userssh.uninstall(tmp_path / "missing")
 
 
 def test_install_moves_block_to_top_and_updates_path(tmp_path: Path) -> None:
     user = tmp_path / "config"
     user.write_bytes(b"Host a\n    User x\n")
-    sshconfig.install(user, INCLUDE)
+    userssh.install(user, INCLUDE)
     block = user.read_bytes()[: -len(b"Host a\n    User x\n")]
     # Someone put content above the block: install moves the block back to the top.
     user.write_bytes(b"Host z\n" + block + b"Host a\n    User x\n")
     assert not sshconfig.is_installed(user)
-    assert sshconfig.install(user, INCLUDE)
+    assert userssh.install(user, INCLUDE)
     assert user.read_bytes() == block + b"Host z\nHost a\n    User x\n"
     # Another include path replaces the block in place.
-    assert sshconfig.install(user, Path("/new/place/config"))
+    assert userssh.install(user, Path("/new/place/config"))
     data = user.read_bytes()
     assert data.count(BEGIN.encode()) == 1 and b'Include "/new/place/config"' in data
     assert data.endswith(b"Host z\nHost a\n    User x\n")
@@ -147,11 +148,11 @@ def test_mode_and_symlink_preserved(tmp_path: Path) -> None:
     real.chmod(0o640)
     link = tmp_path / "config"
     link.symlink_to(real)
-    assert sshconfig.install(link, INCLUDE)
+    assert userssh.install(link, INCLUDE)
     assert link.is_symlink()
     assert stat.S_IMODE(real.stat().st_mode) == 0o640
     assert real.read_text().endswith("Host a\n") and sshconfig.is_installed(link)
-    assert sshconfig.uninstall(link)
+    assert userssh.uninstall(link)
     assert link.is_symlink() and real.read_text() == "Host a\n"
     assert stat.S_IMODE(real.stat().st_mode) == 0o640
 
@@ -165,7 +166,7 @@ def test_mode_and_symlink_preserved(tmp_path: Path) -> None:
 def test_half_marker_refused(tmp_path: Path, content: str, line: int) -> None:
     user = tmp_path / "config"
     user.write_text(content)
-    for call in (lambda: sshconfig.install(user, INCLUDE), lambda: sshconfig.uninstall(user),
+    for call in (lambda: userssh.install(user, INCLUDE), lambda: userssh.uninstall(user),
                  lambda: sshconfig.is_installed(user)):
         with pytest.raises(SshConfigError, match=f"{user}:{line}:"):
             call()
@@ -174,9 +175,9 @@ def test_half_marker_refused(tmp_path: Path, content: str, line: int) -> None:
 
 def test_include_path_must_be_usable(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
-        sshconfig.install(tmp_path / "config", Path("relative/config"))
+        userssh.install(tmp_path / "config", Path("relative/config"))
     with pytest.raises(SshConfigError):
-        sshconfig.install(tmp_path / "config", Path("/tmp/glob*/config"))
+        userssh.install(tmp_path / "config", Path("/tmp/glob*/config"))
     assert not (tmp_path / "config").exists()
 
 
@@ -195,13 +196,13 @@ def test_install_uninstall_preserve_bytes(tmp_path: Path, content: bytes) -> Non
     user = tmp_path / "config"
     user.write_bytes(content)
     user.chmod(0o600)
-    assert sshconfig.install(user, INCLUDE)
+    assert userssh.install(user, INCLUDE)
     installed = user.read_bytes()
     assert installed.endswith(content)
     assert sshconfig.is_installed(user, INCLUDE)
-    assert not sshconfig.install(user, INCLUDE)
+    assert not userssh.install(user, INCLUDE)
     assert user.read_bytes() == installed
-    assert sshconfig.uninstall(user)
+    assert userssh.uninstall(user)
     assert user.read_bytes() == content
     assert stat.S_IMODE(user.stat().st_mode) == 0o600
     user.unlink()
@@ -229,7 +230,7 @@ def test_ssh_reads_it_through_the_include(tmp_path: Path) -> None:
     user.parent.mkdir(parents=True)
     # A user's catch-all that would win if banger's block were not first.
     user.write_text("Host *\n    User alice\n    Port 2222\n")
-    sshconfig.install(user, banger_cfg)
+    userssh.install(user, banger_cfg)
 
     box = _ssh_g(user, "box.vm")
     assert box["hostname"] == ["127.0.0.1"] and box["port"] == ["2201"]
@@ -248,7 +249,7 @@ def test_ssh_reads_it_through_the_include(tmp_path: Path) -> None:
     elsewhere = _ssh_g(user, "example.com")
     assert elsewhere["user"] == ["alice"] and elsewhere["port"] == ["2222"]
 
-    sshconfig.uninstall(user)
+    userssh.uninstall(user)
     assert _ssh_g(user, "box.vm")["user"] == ["alice"]
     assert os.stat(user).st_size == len("Host *\n    User alice\n    Port 2222\n")
 
@@ -260,7 +261,7 @@ def test_doctor_ssh_config_row(tmp_path: Path) -> None:
     user = tmp_path / ".ssh" / "config"
     check = ssh_config_check(user, include)
     assert check.status == "warn" and "banger ssh-config --install" in check.detail
-    sshconfig.install(user, include)
+    userssh.install(user, include)
     assert ssh_config_check(user, include).status == "pass"
     other = ssh_config_check(user, tmp_path / "elsewhere")
     assert other.status == "warn" and "banger ssh-config --install" in other.detail
@@ -277,7 +278,7 @@ def test_include_forwards_nothing_whatever_the_user_config(tmp_path: Path) -> No
     user = tmp_path / "home" / ".ssh" / "config"
     user.parent.mkdir(parents=True)
     user.write_text(HOSTILE_USER_CONFIG)
-    sshconfig.install(user, banger_cfg)
+    userssh.install(user, banger_cfg)
     assert user.read_text().startswith(BEGIN)  # first, so its values win
     for host in ("box.vm", "web.vm", "not-yet-listed.vm"):
         out = subprocess.run(["ssh", "-G", "-F", str(user), host], capture_output=True,
@@ -304,7 +305,7 @@ def _home(tmp_path: Path, owner: int = USER) -> Path:
 
 
 def _both(user: Path) -> list[Callable[[], bool]]:
-    return [lambda: sshconfig.install(user, INCLUDE), lambda: sshconfig.uninstall(user)]
+    return [lambda: userssh.install(user, INCLUDE), lambda: userssh.uninstall(user)]
 
 
 def _owned(path: Path, uid: int, text: str | None = None) -> Path:
@@ -340,13 +341,13 @@ def test_root_refuses_a_third_users_file_or_directory(tmp_path: Path) -> None:
     user = home / ".ssh" / "config"
     user.symlink_to(theirs / "cfg")
     with pytest.raises(SshConfigError, match=f"{theirs} belongs to uid {OTHER}"):
-        sshconfig.install(user, INCLUDE)
+        userssh.install(user, INCLUDE)
     assert (theirs / "cfg").read_text() == "Host x\n"
     # ~/.ssh itself handed to another user: not written into either.
     user.unlink()
     os.chown(home / ".ssh", OTHER, OTHER)
     with pytest.raises(SshConfigError, match=f"{home / '.ssh'} belongs to uid {OTHER}"):
-        sshconfig.install(user, INCLUDE)
+        userssh.install(user, INCLUDE)
     assert not os.path.lexists(user)
     # The file in the owner's ~/.ssh, but another user's.
     os.chown(home / ".ssh", USER, USER)
@@ -361,11 +362,11 @@ def test_root_refuses_a_third_users_file_or_directory(tmp_path: Path) -> None:
 def test_root_sets_up_a_users_ssh_config_as_theirs(tmp_path: Path) -> None:
     home = _owned(tmp_path / "home", USER)
     user = home / ".ssh" / "config"
-    assert sshconfig.install(user, INCLUDE)  # ~/.ssh made, the user's
+    assert userssh.install(user, INCLUDE)  # ~/.ssh made, the user's
     for p, mode in ((home / ".ssh", 0o700), (user, 0o600)):
         st = p.stat()
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (USER, USER, mode)
-    assert sshconfig.uninstall(user) and user.read_bytes() == b""
+    assert userssh.uninstall(user) and user.read_bytes() == b""
     assert user.stat().st_uid == USER
     assert [p.name for p in (home / ".ssh").iterdir()] == ["config"]  # no temp file left
 
@@ -378,11 +379,11 @@ def test_root_keeps_a_users_dotfile_symlink_working(tmp_path: Path) -> None:
     user = home / ".ssh" / "config"
     user.symlink_to(real)
     os.lchown(user, USER, USER)
-    assert sshconfig.install(user, INCLUDE)
+    assert userssh.install(user, INCLUDE)
     assert user.is_symlink() and sshconfig.is_installed(user, INCLUDE)
     st = real.stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (USER, 0o640)
-    assert sshconfig.uninstall(user) and real.read_text() == "Host a\n"
+    assert userssh.uninstall(user) and real.read_text() == "Host a\n"
 
 
 def test_a_user_cannot_edit_a_home_not_theirs(tmp_path: Path,
@@ -392,5 +393,5 @@ def test_a_user_cannot_edit_a_home_not_theirs(tmp_path: Path,
     owner = home.stat().st_uid
     monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)  # a caller that is not root
     with pytest.raises(SshConfigError, match="not to you"):
-        sshconfig.install(home / ".ssh" / "config", INCLUDE)
+        userssh.install(home / ".ssh" / "config", INCLUDE)
     assert not (home / ".ssh" / "config").exists()

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
+from banger.api.wire import API_VERSION
 from banger.model.events import EventKind
 from banger.model.vm import (
     MAX_MEMORY_MIB,
@@ -23,14 +24,6 @@ from banger.model.vm import (
     VMSpec,
     VMState,
 )
-
-API_VERSION = "v1"
-PREFIX = f"/{API_VERSION}"
-NDJSON = "application/x-ndjson"
-# An idle progress stream carries a heartbeat line this often, so a client can tell a
-# daemon that is gone (no line for STREAM_SILENCE_LIMIT seconds) from a slow boot.
-HEARTBEAT_SECONDS = 5.0
-STREAM_SILENCE_LIMIT = 60.0
 
 
 class ErrorBody(BaseModel):

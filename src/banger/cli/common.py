@@ -5,30 +5,31 @@ from __future__ import annotations
 
 import functools
 import re
-import shlex
-import subprocess
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
 
-from banger.api.schema import VMCreate
-from banger.cli.interrupt import (
-    Interrupted,
-)
-from banger.cli.render import (
-    err_console,
-    print_error,
-)
-from banger.cli.safe import markup
-from banger.client.client import ApiError, Client, DaemonUnavailable
-from banger.client.peer import Untrusted
-from banger.model.vm import NAME_PATTERN, InvalidSpec, NetworkMode, VMSpec
+from banger.model.vm import NetworkMode
+
+if TYPE_CHECKING:
+    import subprocess
+
+    from banger.client.client import ApiError, Client
+    from banger.client.types import CreateBody
 
 F = TypeVar("F", bound=Callable[..., Any])
-_NAME = re.compile(NAME_PATTERN)
+
+# The request fields the spec options fill, and the flag each comes from: the daemon's
+# validation error names the field, the user typed the flag.
+SPEC_FLAGS = {"name": "--name", "image": "--image", "vcpus": "--vcpu",
+              "memory_mib": "--memory", "disk_mib": "--disk-size", "network": "--network",
+              "branch": "--branch", "from_ref": "--from", "path": "PATH"}
+INVALID_REQUEST = "invalid request: "
+# What a pattern the daemon refused means, for the fields whose pattern says little.
+PATTERN_MEANS = {"name": "not a DNS label: 1-63 characters of a-z, 0-9 and '-', starting "
+                         "and ending with a letter or digit"}
 
 
 def handle_errors(fn: F) -> F:
@@ -36,17 +37,52 @@ def handle_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ApiError as exc:
-            print_error(exc.body)
-            sys.exit(1)
-        except (DaemonUnavailable, Untrusted) as exc:
-            err_console.print(f"[red]error:[/red] {markup(str(exc))}")
-            sys.exit(1)
-        except Interrupted as exc:
-            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             sys.exit(130)
+        except Exception as exc:
+            # Imported once something went wrong, not for every command: a command that
+            # raised one of these has loaded its module already.
+            from banger.cli.interrupt import Interrupted
+            from banger.cli.render import err_console, print_error
+            from banger.cli.safe import markup
+            from banger.client.client import ApiError, DaemonUnavailable
+            from banger.client.peer import Untrusted
+            if isinstance(exc, ApiError):
+                print_error(exc.body)
+                sys.exit(1)
+            if isinstance(exc, (DaemonUnavailable, Untrusted)):
+                err_console.print(f"[red]error:[/red] {markup(str(exc))}")
+                sys.exit(1)
+            if isinstance(exc, Interrupted):
+                sys.exit(exc.exit_code)
+            raise
     return wrapper  # type: ignore[return-value]
+
+
+def usage_error(exc: ApiError, sent: Mapping[str, Any]) -> click.UsageError | None:
+    """The daemon's refusal of a request's fields (code "invalid") as a usage error
+    naming the flags and values the user gave; None for any other error.
+
+    The daemon's API schema is the one validator of a VM spec: the CLI parses sizes but
+    checks no range or pattern of its own, and only says the refusal in its own terms."""
+    # The daemon's schema refusal (422, "invalid request: <field>: <why>; ..."), not a
+    # use case's own "invalid" (a PATH outside a git work tree) which says it all.
+    if exc.status != 422 or not exc.body.message.startswith(INVALID_REQUEST):
+        return None
+    parts = []
+    for part in exc.body.message.removeprefix(INVALID_REQUEST).split("; "):
+        field, sep, msg = part.partition(": ")
+        key = field.rsplit(".", 1)[-1]
+        if not sep or key not in SPEC_FLAGS:
+            parts.append(part)
+            continue
+        value = sent.get(key, (sent.get("workspace") or {}).get(key))
+        shown = ("" if value is None else f" {value!r}" if isinstance(value, str)
+                 else f" {value} MiB" if key.endswith("_mib") else f" {value}")
+        if msg.startswith("String should match pattern") and key in PATTERN_MEANS:
+            msg = PATTERN_MEANS[key]
+        parts.append(f"{SPEC_FLAGS[key]}{shown}: {msg}")
+    return click.UsageError("; ".join(parts))
 
 
 def parse_size_mib(value: str, flag: str) -> int:
@@ -57,29 +93,7 @@ def parse_size_mib(value: str, flag: str) -> int:
     n = int(m.group(1))
     if m.group(2) and m.group(2)[0] in "gG":
         n *= 1024
-    if n <= 0:
-        raise click.BadParameter(f"{value!r}: must be positive", param_hint=flag)
-    return n
-
-
-def pydantic_message(exc: ValidationError) -> str:
-    flags = {"vcpus": "--vcpu", "memory_mib": "--memory", "disk_mib": "--disk-size"}
-    return "; ".join(f"{flags.get(str(e['loc'][-1]), e['loc'][-1])}: {e['msg']}"
-                     for e in exc.errors())
-
-
-def positive(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
-    if value is not None and value <= 0:
-        raise click.BadParameter(f"{value}: must be at least 1")
-    return value
-
-
-def check_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not _NAME.match(value):
-        raise click.BadParameter(
-            f"{value!r} is not a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and "
-            "ending with a letter or digit")
-    return value
+    return n  # its range is the daemon's to check
 
 
 def spec_options(fn: F) -> F:
@@ -93,29 +107,26 @@ def spec_options(fn: F) -> F:
                       help="work disk size (/root), e.g. 4G")(fn)
     fn = click.option("--memory", default="512M", show_default=True,
                       help="guest memory, e.g. 512M or 1G")(fn)
-    fn = click.option("--vcpu", default=1, show_default=True, type=int, callback=positive,
+    fn = click.option("--vcpu", default=1, show_default=True, type=int,
                       help="virtual CPUs")(fn)
     fn = click.option("--image", default="debian-bookworm", show_default=True)(fn)
-    fn = click.option("--name", callback=check_name, help="VM name (a DNS label)")(fn)
+    fn = click.option("--name", help="VM name (a DNS label)")(fn)
     return fn
 
 
 def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
-                network: str | None, start: bool = True) -> VMCreate:
-    spec = VMSpec(vcpus=vcpu, memory_mib=parse_size_mib(memory, "--memory"),
-                  work_disk_mib=parse_size_mib(disk, "--disk-size"), image=image, nat=nat)
-    try:
-        spec.validated()  # the daemon checks again; refusing here saves a round trip
-    except InvalidSpec as exc:
-        raise click.UsageError(str(exc)) from exc
-    return VMCreate(name=name, image=image, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                    disk_mib=spec.work_disk_mib, nat=nat, start=start,
-                    network=network)  # type: ignore[arg-type]
-
+                network: str | None, start: bool = True) -> CreateBody:
+    return {"name": name, "image": image, "vcpus": vcpu,
+            "memory_mib": parse_size_mib(memory, "--memory"),
+            "disk_mib": parse_size_mib(disk, "--disk-size"), "nat": nat, "start": start,
+            "network": network, "workspace": None, "delete_on_disconnect": False}
 
 
 def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool,
             workdir: str | None = None) -> int:
+    import shlex
+    import subprocess
+
     target = client.ssh_target(ref)
     argv = list(target.argv)
     argv.insert(1, "-t" if tty else "-T")
@@ -142,6 +153,8 @@ SSH_GRACE = 5.0  # seconds ssh gets to exit on SIGTERM before it is killed
 
 
 def _end_ssh(proc: subprocess.Popen[bytes]) -> None:
+    import subprocess
+
     try:
         proc.terminate()
         proc.wait(SSH_GRACE)

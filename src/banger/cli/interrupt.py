@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
-from banger.api.schema import VMOut
 from banger.cli.render import Progress, err_console, print_error
 from banger.cli.safe import markup
 from banger.client.client import ApiError, Client, DaemonUnavailable
+from banger.client.types import VMOut
 
 SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)
 Handler = Callable[[int, FrameType | None], object] | int | None
@@ -115,15 +115,20 @@ def cancellable(client: Client, progress: Progress) -> Iterator[Cancelling]:
         yield state
 
 
-def streamed(client: Client, call: Callable[[Progress], VMOut]) -> VMOut:
+def streamed(client: Client, call: Callable[[Progress], VMOut], *,
+             refused: Callable[[ApiError], Exception | None] = lambda _: None) -> VMOut:
     """Run one streamed operation under :func:`cancellable`; print its error and exit
-    (128 + the signal after a cancel) when it fails."""
+    (128 + the signal after a cancel) when it fails. ``refused`` turns the daemon's
+    refusal of the request into the error to raise instead (a usage error)."""
     progress = Progress()
     state = Cancelling()
     try:
         with cancellable(client, progress) as state:
             vm = call(progress)
     except ApiError as exc:
+        instead = refused(exc)
+        if instead is not None:
+            raise instead from exc
         print_error(exc.body)
         sys.exit(state.exit_code or 1)
     if state.exit_code is not None:  # it finished as the cancel arrived

@@ -6,7 +6,6 @@ Every string from the daemon may carry what a guest or a repo chose: it reaches 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any, assert_never
@@ -15,14 +14,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from banger.api.schema import ErrorBody, GuestPortOut, ProgressEvent, VMOut
+from banger.cli.plain import PIPE_WIDTH, VM_COLUMNS, mib, vm_rows
 from banger.cli.safe import cell, markup, printable
+from banger.client.types import ErrorBody, GuestPortOut, ProgressEvent, VMOut
 
-err_console = Console(stderr=True, highlight=False)
-out_console = Console(highlight=False)
+# emoji=False: a guest's ":smile:" stays the text it is (and rich's 36 ms table of emoji
+# codes is never loaded).
+err_console = Console(stderr=True, highlight=False, emoji=False)
+out_console = Console(highlight=False, emoji=False)
 if not out_console.is_terminal:
     # Piped output is for grep and awk: never truncate or wrap a row to 80 columns.
-    out_console = Console(highlight=False, width=10_000)
+    out_console = Console(highlight=False, width=PIPE_WIDTH, emoji=False)
 
 
 class Progress:
@@ -102,25 +104,12 @@ def print_error(body: ErrorBody) -> None:
     err_console.print(f"[red]error:[/red] {markup(body.message + suffix)}", soft_wrap=True)
 
 
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def mib(n: int) -> str:
-    return f"{n // 1024} GiB" if n % 1024 == 0 else f"{n} MiB"
-
-
 def vm_table(vms: list[VMOut]) -> Table:
     t = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "STATE", "IMAGE", "IP", "VCPU", "MEM", "DISK", "SSH",
-                "CREATED"):
+    for col in VM_COLUMNS:
         t.add_column(col, no_wrap=True)
-    for v in vms:
-        ssh = (f"{v.runtime.ssh_host}:{v.runtime.ssh_port}" if v.runtime and v.runtime.ssh_port
-               else "-")
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))
-        t.add_row(*(cell(x) for x in (v.id, v.name, v.state, v.image, v.guest_ip, str(v.vcpus),
-                                      mib(v.memory_mib), mib(v.disk_mib), ssh, created)))
+    for row in vm_rows(vms):
+        t.add_row(*(Text(c) for c in row))
     return t
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import codecs
 import re
-from typing import IO, TextIO
+from typing import IO, TYPE_CHECKING, TextIO
 
-from rich.markup import escape
-from rich.text import Text
+if TYPE_CHECKING:
+    from rich.text import Text
 
 # C0 controls but TAB and LF, DEL, C1 controls (a UTF-8 terminal may take U+009B as
 # CSI), and the bidi overrides and isolates that reorder what a line seems to say.
@@ -50,12 +50,21 @@ def printable(text: str, *, one_line: bool = False) -> str:
 
 def markup(text: str, *, one_line: bool = False) -> str:
     """:func:`printable`, escaped for use inside a rich markup string."""
+    from rich.markup import escape  # rich loads only where rich draws
+
     return escape(printable(text, one_line=one_line))
+
+
+def cell_text(text: str | None, default: str = "-") -> str:
+    """The text of a table cell of untrusted text: one line."""
+    return printable(text, one_line=True) if text else default
 
 
 def cell(text: str | None, default: str = "-") -> Text:
     """A table cell of untrusted text: one line, no markup."""
-    return Text(printable(text, one_line=True) if text else default)
+    from rich.text import Text
+
+    return Text(cell_text(text, default))
 
 
 def relay_printable(src: IO[bytes], dst: TextIO) -> None:

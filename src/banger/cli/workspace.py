@@ -3,26 +3,21 @@ from the host repo, and exporting the guest's changes as a patch."""
 
 from __future__ import annotations
 
-import shlex
-import subprocess
+import os
 import sys
-import threading
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from banger.api.schema import VMOut, WorkspaceIn
-from banger.cli.common import SplitAtDashDash, handle_errors, run_ssh
-from banger.cli.render import (
-    Progress,
-    err_console,
-)
-from banger.cli.safe import markup, printable, relay_printable
-from banger.client.client import connect
+from banger.cli.common import SplitAtDashDash, handle_errors
+from banger.cli.complete import complete_vm
+
+if TYPE_CHECKING:
+    from banger.client.types import VMOut
 
 
 @click.command("exec", cls=SplitAtDashDash)
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_vm)
 @click.option("--guest-path", help="directory to run in (default: the VM's workspace)")
 @click.option("--auto-prepare", is_flag=True,
               help="re-sync the workspace first if the host repo's HEAD moved since it was "
@@ -33,6 +28,13 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
     """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
     repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
     command runs under `mise exec`."""
+    from shlex import quote
+
+    from banger.cli.common import run_ssh
+    from banger.cli.render import Progress, err_console
+    from banger.cli.safe import markup
+    from banger.client.client import connect
+
     command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if not command:
         raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
@@ -47,12 +49,12 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
             assert vm.workspace_path is not None
             err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
             with Progress() as progress:
-                client.prepare_workspace(ref, WorkspaceIn(path=vm.workspace_path,
-                                                          bootstrap=False), progress)
+                client.prepare_workspace(ref, {"path": vm.workspace_path,
+                                               "bootstrap": False}, progress)
         elif moved:
             err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
                               f"old tree. `banger vm workspace prepare {markup(vm.name)} "
-                              f"{markup(shlex.quote(vm.workspace_path or ''))}` or "
+                              f"{markup(quote(vm.workspace_path or ''))}` or "
                               "--auto-prepare re-syncs it.", highlight=False)
     sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
                      workdir=guest_path))
@@ -67,6 +69,8 @@ _IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || co
 
 def _head_moved(vm: VMOut) -> str | None:
     """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
+    import subprocess
+
     if not vm.workspace_path or not vm.workspace_head:
         return None
     proc = subprocess.run(["git", "-C", vm.workspace_path, "rev-parse", "-q", "--verify",
@@ -84,24 +88,33 @@ def vm_workspace() -> None:
 
 
 @vm_workspace.command("prepare")
-@click.argument("ref")
-@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("ref", shell_complete=complete_vm)
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.option("--include-untracked", is_flag=True)
 @click.option("--branch", help="create this guest-only branch")
 @click.option("--from", "from_ref", help="start --branch from this ref")
 @click.option("--no-bootstrap", is_flag=True,
               help="do not install the tools .mise.toml/.tool-versions pin")
 @handle_errors
-def vm_workspace_prepare(ref: str, path: Path, include_untracked: bool, branch: str | None,
+def vm_workspace_prepare(ref: str, path: str, include_untracked: bool, branch: str | None,
                          from_ref: str | None, no_bootstrap: bool) -> None:
     """Re-sync a VM's /root/repo from PATH: a running VM now (one stream over ssh), a
     stopped one at its next start (the repo is staged now, as it is at this moment)."""
+    from banger.cli.common import usage_error
+    from banger.cli.render import Progress
+    from banger.cli.safe import printable
+    from banger.client.client import ApiError, connect
+    from banger.client.types import WorkspaceBody
+
     if from_ref and not branch:
         raise click.UsageError("--from needs --branch")
-    ws = WorkspaceIn(path=str(path.resolve()), include_untracked=include_untracked,
-                     branch=branch, from_ref=from_ref, bootstrap=not no_bootstrap)
-    with Progress() as progress:
-        vm = connect().prepare_workspace(ref, ws, progress)
+    ws: WorkspaceBody = {"path": os.path.realpath(path), "include_untracked": include_untracked,
+                         "branch": branch, "from_ref": from_ref, "bootstrap": not no_bootstrap}
+    try:
+        with Progress() as progress:
+            vm = connect().prepare_workspace(ref, ws, progress)
+    except ApiError as exc:
+        raise usage_error(exc, ws) or exc from exc
     print(printable(f"{vm.name}: {vm.workspace_path} -> {vm.workspace_guest_path}"))
 
 
@@ -122,7 +135,7 @@ GIT_INDEX_FILE=$idx git diff --cached --binary "$base"
 
 
 @vm_workspace.command("export")
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_vm)
 @click.option("--base-commit", help="diff against this commit instead of the state the "
               "workspace was copied in with (refs/banger/base)")
 @handle_errors
@@ -130,12 +143,19 @@ def vm_workspace_export(ref: str, base_commit: str | None) -> None:
     """Print a binary patch of everything changed in the guest's workspace: guest commits,
     uncommitted and untracked (not ignored) files. `git apply` takes it on the host.
     Streamed, so any size works; on a terminal, control characters are shown escaped."""
+    import subprocess
+    import threading
+    from shlex import quote
+
+    from banger.cli.safe import relay_printable
+    from banger.client.client import connect
+
     client = connect()
     target = client.ssh_target(ref)
     if target.workdir is None:
         raise click.UsageError(f"{ref} has no workspace (it was not created from a PATH)")
-    script = _EXPORT.format(workdir=shlex.quote(target.workdir),
-                            base=shlex.quote(base_commit or "refs/banger/base"))
+    script = _EXPORT.format(workdir=quote(target.workdir),
+                            base=quote(base_commit or "refs/banger/base"))
     argv = [target.argv[0], "-T", *target.argv[1:], script]
     # The patch is the guest's text, streamed (never held whole). A pipe or file gets its
     # bytes as they are, which `git apply` needs; a terminal sees control characters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import subprocess
@@ -12,29 +13,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
-from banger.api.schema import (
-    NDJSON,
-    PREFIX,
-    STREAM_SILENCE_LIMIT,
+from banger.api.wire import NDJSON, PREFIX, STREAM_SILENCE_LIMIT
+from banger.client.peer import PeerCheckedConnection, Untrusted
+from banger.client.types import (
     BatchResponse,
+    CreateBody,
     Doctor,
-    DryRun,
     ErrorBody,
     Health,
     Logs,
     OperationOut,
     ProgressEvent,
+    SetBody,
     SshConfig,
     SshTarget,
-    VMCreate,
     VMOut,
     VMPorts,
-    VMSet,
-    WorkspaceIn,
+    WorkspaceBody,
 )
-from banger.client.peer import PeerCheckedTransport, Untrusted
 from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
 from banger.model.layout import EXIT_ALREADY_RUNNING, PATH_ENV, Layout
 
@@ -48,6 +44,7 @@ CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 GUEST_TIMEOUT = 90.0
 CHANGE_TIMEOUT = 600.0
+STREAM_CONNECT_TIMEOUT = 10.0
 
 
 class ApiError(Exception):
@@ -66,7 +63,7 @@ class DaemonUnavailable(Exception):
 def seg(ref: str) -> str:
     """``ref`` as one URL path segment: `banger vm start 'box/stop?'` must not stop box.
 
-    '.' and '..' are encoded too, or httpx would resolve them as dot segments."""
+    '.' and '..' are encoded too, or a server could resolve them as dot segments."""
     q = quote(ref, safe="")
     return q.replace(".", "%2E") if q in (".", "..") else q
 
@@ -75,41 +72,61 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 
 class Client:
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, *, read_timeout: float | None = None) -> None:
         self.socket_path = socket_path
-        self.http = httpx.Client(transport=PeerCheckedTransport(uds=str(socket_path)),
-                                 base_url="http://bangerd", timeout=httpx.Timeout(None))
+        self.read_timeout = read_timeout  # overrides every plain request's (completion)
 
     def close(self) -> None:
-        self.http.close()
+        """Nothing to release: each request has its own connection."""
+
+    def _connection(self, timeout: float, connect_timeout: float) -> PeerCheckedConnection:
+        return PeerCheckedConnection(str(self.socket_path), timeout=timeout,
+                                     connect_timeout=connect_timeout)
+
+    @staticmethod
+    def _send(conn: PeerCheckedConnection, method: str, path: str, body: Any,
+              accept: str) -> http.client.HTTPResponse:
+        headers = {"Accept": accept}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, PREFIX + path, body=data, headers=headers)
+        return conn.getresponse()
 
     def _request(self, method: str, path: str, *, timeout: float | None = None,
-                 **kw: Any) -> Any:
+                 body: Any = None) -> Any:
         timeout = READ_TIMEOUT if timeout is None else timeout
+        if self.read_timeout is not None:
+            timeout = min(timeout, self.read_timeout)
+        conn = self._connection(timeout, min(CONNECT_TIMEOUT, timeout))
         try:
-            resp = self.http.request(method, PREFIX + path, **kw,
-                                     timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT))
-        except httpx.TimeoutException as exc:
+            resp = self._send(conn, method, path, body, "application/json")
+            content = resp.read()
+        except TimeoutError as exc:
             raise DaemonUnavailable(f"bangerd on {self.socket_path} did not answer {method} "
                                     f"{PREFIX + path} within {timeout:.0f} s ({exc!r})"
                                     ) from exc
-        except httpx.TransportError as exc:
-            raise DaemonUnavailable(f"bangerd is not answering on {self.socket_path}: {exc}"
-                                    ) from exc
-        if resp.status_code >= 400:
-            raise _api_error(resp.status_code, resp.content)
-        return resp.json()
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonUnavailable(f"bangerd is not answering on {self.socket_path}: "
+                                    f"{exc or type(exc).__name__}") from exc
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise _api_error(resp.status, content)
+        return json.loads(content)
 
-    def _stream(self, method: str, path: str, on_progress: ProgressFn, **kw: Any) -> VMOut:
+    def _stream(self, method: str, path: str, on_progress: ProgressFn,
+                body: Any = None) -> VMOut:
         # No limit on the whole operation (a boot may take minutes), but the daemon sends
         # a line at least every HEARTBEAT_SECONDS: silence this long means it is gone.
-        timeout = httpx.Timeout(10.0, read=STREAM_SILENCE_LIMIT)
+        conn = self._connection(STREAM_SILENCE_LIMIT, STREAM_CONNECT_TIMEOUT)
         try:
-            with self.http.stream(method, PREFIX + path, headers={"Accept": NDJSON},
-                                  timeout=timeout, **kw) as resp:
-                if resp.status_code >= 400:
-                    raise _api_error(resp.status_code, resp.read())
-                for ev in _events(resp.iter_lines()):
+            try:
+                resp = self._send(conn, method, path, body, NDJSON)
+                if resp.status >= 400:
+                    raise _api_error(resp.status, resp.read())
+                for ev in _events(resp):
                     if ev.type == "heartbeat":
                         continue
                     if ev.type == "progress":
@@ -118,28 +135,33 @@ class Client:
                         raise ApiError(ev.error)
                     elif ev.type == "result" and ev.result is not None:
                         return ev.result
-        except httpx.ReadTimeout as exc:
-            raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
-                                    f"{STREAM_SILENCE_LIMIT:.0f} s (not even its heartbeat): "
-                                    f"it is stuck or gone; see its log") from exc
-        except httpx.TransportError as exc:
-            raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: {exc}") from exc
+            except TimeoutError as exc:
+                raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
+                                        f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
+                                        "heartbeat): it is stuck or gone; see its log"
+                                        ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
+                                        f"{exc or type(exc).__name__}") from exc
+        finally:
+            # Closing the stream is what tells the daemon its client went away.
+            conn.close()
         raise DaemonUnavailable("bangerd ended the progress stream without a result")
 
     def health(self) -> Health:
-        return Health.model_validate(self._request("GET", "/health"))
+        return Health.from_json(self._request("GET", "/health"))
 
     def doctor(self) -> Doctor:
-        return Doctor.model_validate(self._request("GET", "/doctor"))
+        return Doctor.from_json(self._request("GET", "/doctor"))
 
     def list_vms(self) -> list[VMOut]:
-        return [VMOut.model_validate(v) for v in self._request("GET", "/vms")]
+        return [VMOut.from_json(v) for v in self._request("GET", "/vms")]
 
     def show(self, ref: str) -> VMOut:
-        return VMOut.model_validate(self._request("GET", f"/vms/{seg(ref)}"))
+        return VMOut.from_json(self._request("GET", f"/vms/{seg(ref)}"))
 
-    def create(self, req: VMCreate, on_progress: ProgressFn) -> VMOut:
-        return self._stream("POST", "/vms", on_progress, json=req.model_dump())
+    def create(self, req: CreateBody, on_progress: ProgressFn) -> VMOut:
+        return self._stream("POST", "/vms", on_progress, body=req)
 
     def start(self, ref: str, on_progress: ProgressFn) -> VMOut:
         return self._stream("POST", f"/vms/{seg(ref)}/start", on_progress)
@@ -148,75 +170,74 @@ class Client:
         return self._stream("POST", f"/vms/{seg(ref)}/restart", on_progress)
 
     def stop(self, ref: str) -> VMOut:
-        return VMOut.model_validate(self._request("POST", f"/vms/{seg(ref)}/stop",
-                                                  timeout=CHANGE_TIMEOUT))
+        return VMOut.from_json(self._request("POST", f"/vms/{seg(ref)}/stop",
+                                             timeout=CHANGE_TIMEOUT))
 
     def delete(self, ref: str) -> VMOut:
-        return VMOut.model_validate(self._request("DELETE", f"/vms/{seg(ref)}",
-                                                  timeout=CHANGE_TIMEOUT))
+        return VMOut.from_json(self._request("DELETE", f"/vms/{seg(ref)}",
+                                             timeout=CHANGE_TIMEOUT))
 
-    def set(self, ref: str, req: VMSet) -> VMOut:
-        return VMOut.model_validate(self._request("PATCH", f"/vms/{seg(ref)}",
-                                                  json=req.model_dump(exclude_none=True),
-                                                  timeout=CHANGE_TIMEOUT))
+    def set(self, ref: str, req: SetBody) -> VMOut:
+        return VMOut.from_json(self._request("PATCH", f"/vms/{seg(ref)}", body=req,
+                                             timeout=CHANGE_TIMEOUT))
 
     def batch(self, action: str, refs: list[str], signal: int | None = None) -> BatchResponse:
         body: dict[str, Any] = {"refs": refs}
         if signal is not None:
             body["signal"] = signal
-        return BatchResponse.model_validate(
-            self._request("POST", f"/batch/{seg(action)}", json=body,
+        return BatchResponse.from_json(
+            self._request("POST", f"/batch/{seg(action)}", body=body,
                           timeout=CHANGE_TIMEOUT))
 
     def prune(self, refs: list[str] | None = None) -> BatchResponse:
         """Delete the VMs that are not running (of ``refs`` only, when given)."""
-        body = {"json": {"refs": refs}} if refs else {}
-        return BatchResponse.model_validate(
-            self._request("POST", "/prune", timeout=CHANGE_TIMEOUT, **body))
+        return BatchResponse.from_json(
+            self._request("POST", "/prune", timeout=CHANGE_TIMEOUT,
+                          body={"refs": refs} if refs else None))
 
-    def prepare_workspace(self, ref: str, ws: WorkspaceIn, on_progress: ProgressFn) -> VMOut:
-        return self._stream("POST", f"/vms/{seg(ref)}/workspace", on_progress,
-                            json=ws.model_dump())
+    def prepare_workspace(self, ref: str, ws: WorkspaceBody,
+                          on_progress: ProgressFn) -> VMOut:
+        return self._stream("POST", f"/vms/{seg(ref)}/workspace", on_progress, body=ws)
 
-    def workspace_dry_run(self, ws: WorkspaceIn) -> list[str]:
-        return DryRun.model_validate(
-            self._request("POST", "/workspace/dry-run", json=ws.model_dump(),
-                          timeout=GUEST_TIMEOUT)).lines
+    def workspace_dry_run(self, ws: WorkspaceBody) -> list[str]:
+        lines: list[str] = self._request("POST", "/workspace/dry-run", body=ws,
+                                         timeout=GUEST_TIMEOUT)["lines"]
+        return lines
 
     def logs(self, ref: str) -> Logs:
-        return Logs.model_validate(self._request("GET", f"/vms/{seg(ref)}/logs"))
+        return Logs.from_json(self._request("GET", f"/vms/{seg(ref)}/logs"))
 
     def ssh_target(self, ref: str) -> SshTarget:
-        return SshTarget.model_validate(self._request("GET", f"/vms/{seg(ref)}/ssh"))
+        return SshTarget.from_json(self._request("GET", f"/vms/{seg(ref)}/ssh"))
 
     def ports(self, ref: str) -> VMPorts:
-        return VMPorts.model_validate(self._request("GET", f"/vms/{seg(ref)}/ports",
-                                                         timeout=GUEST_TIMEOUT))
+        return VMPorts.from_json(self._request("GET", f"/vms/{seg(ref)}/ports",
+                                               timeout=GUEST_TIMEOUT))
 
     def ssh_config(self) -> SshConfig:
-        return SshConfig.model_validate(self._request("GET", "/ssh-config"))
+        return SshConfig.from_json(self._request("GET", "/ssh-config"))
 
     def cancel(self, op_id: str) -> OperationOut:
         """Ask the daemon to cancel operation ``op_id``; its stream reports the rollback."""
-        return OperationOut.model_validate(
+        return OperationOut.from_json(
             self._request("POST", f"/operations/{seg(op_id)}/cancel"))
 
     def operations(self) -> list[OperationOut]:
-        return [OperationOut.model_validate(o) for o in self._request("GET", "/operations")]
+        return [OperationOut.from_json(o) for o in self._request("GET", "/operations")]
 
 
 def _api_error(status: int, content: bytes) -> ApiError:
     try:
-        body = ErrorBody.model_validate(json.loads(content)["error"])
+        body = ErrorBody.from_json(json.loads(content)["error"])
     except (ValueError, KeyError, TypeError):
         body = ErrorBody(code="http_error", message=f"HTTP {status}: {content[:300]!r}")
     return ApiError(body, status)
 
 
-def _events(lines: Iterator[str]) -> Iterator[ProgressEvent]:
+def _events(lines: Iterator[bytes] | http.client.HTTPResponse) -> Iterator[ProgressEvent]:
     for line in lines:
         if line.strip():
-            yield ProgressEvent.model_validate_json(line)
+            yield ProgressEvent.from_json(json.loads(line))
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:

@@ -31,9 +31,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from banger import __version__
 from banger.api.schema import (
-    HEARTBEAT_SECONDS,
-    NDJSON,
-    PREFIX,
     BatchItem,
     BatchRequest,
     BatchResponse,
@@ -55,6 +52,7 @@ from banger.api.schema import (
     VMSet,
     WorkspaceIn,
 )
+from banger.api.wire import HEARTBEAT_SECONDS, NDJSON, PREFIX
 from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
