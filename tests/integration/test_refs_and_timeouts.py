@@ -3,6 +3,7 @@ never waits forever on a daemon that stopped answering."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -182,3 +183,25 @@ def test_answers_the_client_cannot_read_are_said_not_raised(
     answers.append(_http("200 OK", b'[1, 2]\n', "application/x-ndjson"))
     with pytest.raises(DaemonUnavailable, match=r"progress line this banger cannot read"):
         c.start("box", lambda _: None)
+
+
+def test_a_progress_kind_this_cli_does_not_know_is_passed_over(
+        canned: tuple[Path, list[bytes]]) -> None:
+    # A newer daemon's event kind: the renderer's exhaustive match raised AssertionError
+    # (assert_never), a traceback that closed the stream, which cancels the operation.
+    from banger.cli.render import Progress
+
+    path, answers = canned
+    vm = {"id": "abc", "name": "box", "state": "running", "image": "i", "vcpus": 1,
+          "memory_mib": 512, "disk_mib": 4096, "network": "user", "nat": False,
+          "created_at": 0.0, "updated_at": 0.0, "dir": "/d", "serial_log": "/d/s"}
+    lines = [{"type": "progress", "op_id": "op1", "vm": "box", "kind": "snapshotted",
+              "stage": "s"},
+             {"type": "progress", "op_id": "op1", "vm": "box", "kind": "ok", "stage": "s"},
+             {"type": "result", "result": vm}]
+    answers.append(_http("200 OK", b"".join(json.dumps(x).encode() + b"\n" for x in lines),
+                         "application/x-ndjson"))
+    progress = Progress()
+    with progress:
+        out = Client(path).start("box", progress)
+    assert out.name == "box" and progress.op_id == "op1"
