@@ -287,3 +287,55 @@ def test_autostart_from_a_hostile_repo_imports_nothing_of_it(home: Home,
     assert len(home.daemons()) == 1
     # It runs in /, not in the repo: nothing it starts is looked up there.
     assert Path(f"/proc/{home.daemons()[0]}/cwd").resolve() == Path("/")
+
+
+LISTENER = textwrap.dedent("""
+    import os, socket, sys
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(sys.argv[1])
+    os.chmod(sys.argv[1], 0o666)
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    s.listen(8)
+    print("ready", flush=True)
+    while True:
+        c, _ = s.accept()
+        c.settimeout(1.0)
+        got = 0
+        try:
+            while chunk := c.recv(4096):
+                got += len(chunk)
+        except TimeoutError:
+            pass
+        c.close()
+        print(got, flush=True)
+""")
+
+
+@needs_root
+def test_every_kind_of_connection_is_refused_before_a_byte_is_sent(
+        home: Home, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Plain requests, progress streams and a Tab's completion each open their own
+    # connection: each must check the peer first (the stdlib client of issue 9).
+    from banger.cli import complete
+    from banger.client.client import Client
+    from banger.client.peer import UntrustedDaemon
+
+    home.run_dir.mkdir(mode=0o700)
+    fake = subprocess.Popen([sys.executable, "-c", LISTENER, str(home.socket)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and fake.stdout.readline().strip() == "ready"
+        client = Client(home.socket)
+        calls = [client.list_vms, lambda: client.stop("x"),
+                 lambda: client.start("x", lambda _: None),
+                 lambda: client.create({"name": "x"}, lambda _: None)]
+        for call in calls:
+            with pytest.raises(UntrustedDaemon):
+                call()
+            assert fake.stdout.readline().strip() == "0"  # the fake received nothing
+        monkeypatch.setenv("BANGER_HOME", home.env["BANGER_HOME"])
+        assert complete.vm_names() == []
+        assert fake.stdout.readline().strip() == "0"
+    finally:
+        fake.kill()
+        fake.wait()

@@ -3,6 +3,7 @@ never waits forever on a daemon that stopped answering."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -118,3 +119,89 @@ def test_no_socket_and_a_hung_up_stream_are_said(tmp_path: Path) -> None:
         t.join(10)
         srv.close()
         path.unlink()
+
+
+def test_an_empty_ref_is_an_error_not_a_traceback(daemon: Daemon) -> None:
+    # `GET /v1/vms/` is answered with a redirect (to the list) and an empty body, which
+    # the client used to parse as JSON: a JSONDecodeError traceback.
+    for args in (["vm", "show", ""], ["vm", "start", ""], ["vm", "logs", ""],
+                 ["vm", "delete", ""]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (args, r.exception)
+        assert "no VM" in r.stderr, (args, r.stderr)
+
+
+@pytest.fixture
+def canned(tmp_path: Path) -> Iterator[tuple[Path, list[bytes]]]:
+    """A socket that answers each connection with the next canned bytes, then hangs up."""
+    path = Path(f"/tmp/banger-canned-{id(tmp_path)}.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(8)
+    answers: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn = srv.accept()[0]
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answers.pop(0))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    yield path, answers
+    stop.set()
+    t.join()
+    srv.close()
+    path.unlink()
+
+
+def _http(status: str, body: bytes, ctype: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+
+
+def test_answers_the_client_cannot_read_are_said_not_raised(
+        canned: tuple[Path, list[bytes]]) -> None:
+    path, answers = canned
+    c = Client(path)
+    answers.append(_http("200 OK", b"<html>not json</html>"))
+    with pytest.raises(DaemonUnavailable, match=r"answer to GET /v1/vms is not JSON"):
+        c.list_vms()
+    answers.append(_http("307 Temporary Redirect", b""))
+    with pytest.raises(client_mod.ApiError, match=r"HTTP 307"):
+        c.show("box")
+    answers.append(_http("200 OK", b'{"type": "heartbeat"}\n\x1b[2Jgarbage\n',
+                         "application/x-ndjson"))
+    with pytest.raises(DaemonUnavailable, match=r"progress line this banger cannot read"):
+        c.start("box", lambda _: None)
+    answers.append(_http("200 OK", b'[1, 2]\n', "application/x-ndjson"))
+    with pytest.raises(DaemonUnavailable, match=r"progress line this banger cannot read"):
+        c.start("box", lambda _: None)
+
+
+def test_a_progress_kind_this_cli_does_not_know_is_passed_over(
+        canned: tuple[Path, list[bytes]]) -> None:
+    # A newer daemon's event kind: the renderer's exhaustive match raised AssertionError
+    # (assert_never), a traceback that closed the stream, which cancels the operation.
+    from banger.cli.render import Progress
+
+    path, answers = canned
+    vm = {"id": "abc", "name": "box", "state": "running", "image": "i", "vcpus": 1,
+          "memory_mib": 512, "disk_mib": 4096, "network": "user", "nat": False,
+          "created_at": 0.0, "updated_at": 0.0, "dir": "/d", "serial_log": "/d/s"}
+    lines = [{"type": "progress", "op_id": "op1", "vm": "box", "kind": "snapshotted",
+              "stage": "s"},
+             {"type": "progress", "op_id": "op1", "vm": "box", "kind": "ok", "stage": "s"},
+             {"type": "result", "result": vm}]
+    answers.append(_http("200 OK", b"".join(json.dumps(x).encode() + b"\n" for x in lines),
+                         "application/x-ndjson"))
+    progress = Progress()
+    with progress:
+        out = Client(path).start("box", progress)
+    assert out.name == "box" and progress.op_id == "op1"

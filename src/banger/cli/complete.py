@@ -23,10 +23,12 @@ def vm_names() -> list[tuple[str, str]]:
     from banger.local.trust import private_dir
     from banger.model.layout import Layout
 
-    layout = Layout.for_user()
-    if not layout.daemon_socket.exists():
-        return []  # no daemon: never autostart one for a Tab
     try:
+        layout = Layout.for_user()
+        if not layout.daemon_socket.exists():
+            return []  # no daemon: never autostart one for a Tab
+        # exists() raises when the socket cannot even be looked at (another user's
+        # runtime directory, a name too long): that too is a Tab with nothing to offer.
         private_dir(layout.runtime_dir, what="runtime directory")
         vms = Client(layout.daemon_socket, read_timeout=COMPLETE_TIMEOUT).list_vms()
     except Exception:

@@ -120,12 +120,14 @@ def vm_workspace_prepare(ref: str, path: str, include_untracked: bool, branch: s
 
 # Runs in the guest. A throwaway index (seeded from the real one so unchanged files are
 # not hashed again) takes every change, untracked files included; the repo's own index,
-# HEAD and work tree are left as they were. --binary keeps binary files exact.
+# HEAD and work tree are left as they were. --binary keeps binary files exact. The
+# quoted words are used once each, never inside double quotes (where a quoted
+# '$(...)' would run): the message names the directory as $PWD.
 _EXPORT = """set -e
 cd {workdir}
 base={base}
 git rev-parse -q --verify "$base^{{commit}}" >/dev/null || {{
-  echo "banger: no base commit $base in {workdir}: pass --base-commit" >&2; exit 2; }}
+  echo "banger: no base commit $base in $PWD: pass --base-commit" >&2; exit 2; }}
 idx=$(mktemp)
 trap 'rm -f "$idx"' EXIT
 if [ -f .git/index ]; then cp .git/index "$idx"; fi

@@ -63,7 +63,12 @@ class DaemonUnavailable(Exception):
 def seg(ref: str) -> str:
     """``ref`` as one URL path segment: `banger vm start 'box/stop?'` must not stop box.
 
-    '.' and '..' are encoded too, or a server could resolve them as dot segments."""
+    '.' and '..' are encoded too, or a server could resolve them as dot segments. An
+    empty ref is refused here: as an empty segment, `GET /v1/vms/` is answered with a
+    redirect to the list, which is no answer about a VM."""
+    if not ref:
+        raise ApiError(ErrorBody(code="not_found", message="an empty name or id names no "
+                                 "VM (see `banger vm list`)"), 404)
     q = quote(ref, safe="")
     return q.replace(".", "%2E") if q in (".", "..") else q
 
@@ -112,9 +117,13 @@ class Client:
                                     f"{exc or type(exc).__name__}") from exc
         finally:
             conn.close()
-        if resp.status >= 400:
+        if not 200 <= resp.status < 300:  # a redirect too: this client follows none
             raise _api_error(resp.status, content)
-        return json.loads(content)
+        try:
+            return json.loads(content)
+        except ValueError as exc:
+            raise DaemonUnavailable(f"bangerd's answer to {method} {PREFIX + path} is not "
+                                    f"JSON: {content[:100]!r}") from exc
 
     def _stream(self, method: str, path: str, on_progress: ProgressFn,
                 body: Any = None) -> VMOut:
@@ -124,7 +133,7 @@ class Client:
         try:
             try:
                 resp = self._send(conn, method, path, body, NDJSON)
-                if resp.status >= 400:
+                if not 200 <= resp.status < 300:
                     raise _api_error(resp.status, resp.read())
                 for ev in _events(resp):
                     if ev.type == "heartbeat":
@@ -237,7 +246,12 @@ def _api_error(status: int, content: bytes) -> ApiError:
 def _events(lines: Iterator[bytes] | http.client.HTTPResponse) -> Iterator[ProgressEvent]:
     for line in lines:
         if line.strip():
-            yield ProgressEvent.from_json(json.loads(line))
+            try:
+                ev = ProgressEvent.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise DaemonUnavailable(f"bangerd sent a progress line this banger cannot "
+                                        f"read ({exc!r}): {line[:100]!r}") from exc
+            yield ev
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:

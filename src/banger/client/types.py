@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, TypedDict, TypeVar
 
 from banger.api.wire import API_VERSION
-from banger.model.events import EventKind
+from banger.model.events import EVENT_KINDS, EventKind
 
 R = TypeVar("R", bound="_Record")
 
@@ -141,6 +141,11 @@ class ProgressEvent(_Record):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ProgressEvent:
         known = _known(cls, data)
+        if known.get("kind") not in EVENT_KINDS:
+            # A kind this CLI does not know (a newer daemon's) is news it cannot show,
+            # never a crash: the renderer's match is exhaustive over EVENT_KINDS only,
+            # and a CLI that dies mid-stream cancels the operation it was following.
+            known["kind"] = None
         known["result"] = _opt(VMOut, known.get("result"))
         known["error"] = _opt(ErrorBody, known.get("error"))
         return cls(**known)
