@@ -65,7 +65,6 @@ class StartContext:
     ssh_host: str = "127.0.0.1"
     pid: int | None = None
     boot_id: str | None = None
-    ready_after: float | None = None
     config: Config = field(default_factory=Config)
 
 
@@ -328,7 +327,7 @@ def _wait_ssh(ctx: StartContext) -> None:
                            f"{vmm_log}:\n{_tail(vmm_log)}")
         return True
 
-    ctx.ready_after = ctx.host.guest.wait_ready(
+    ctx.host.guest.wait_ready(
         addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
         serial_log=ctx.paths.serial_log, alive=alive)
 
