@@ -60,3 +60,19 @@ def test_unset_wraps_nothing_and_a_bad_point_is_refused(tmp_path: Path) -> None:
         with pytest.raises(SystemExit, match="<event>:<stage>"):
             killpoint.armed(misspelt, db, host)
     killpoint.armed("run:wait_ssh", db, host)  # a real one is armed
+
+
+def test_a_failpoint_must_name_a_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Like a killpoint: a misspelt stage would never fail, and the test relying on it
+    # would pass for the wrong reason.
+    from banger.daemon.main import build_service
+    from banger.model.layout import Layout
+
+    layout = Layout.for_user({"BANGER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)})
+    layout.state_dir.mkdir(parents=True)
+    db = Database(tmp_path / "state.db")
+    monkeypatch.setenv("BANGER_FAILPOINT", "qemu_lunch")
+    with pytest.raises(SystemExit, match="BANGER_FAILPOINT='qemu_lunch' is not a stage"):
+        build_service(layout, db)
+    monkeypatch.setenv("BANGER_FAILPOINT", "wait_ssh")
+    assert build_service(layout, db).ctx.failpoint == "wait_ssh"
