@@ -168,9 +168,6 @@ class FakeVmm:
         p = self.procs.get(pid)
         return p is not None and p.spec.control_socket == control_socket
 
-    def answering(self, control_socket: Path) -> bool:
-        return any(p.spec.control_socket == control_socket for p in self.procs.values())
-
     def stuck(self, control_socket: Path) -> str | None:
         return self.stuck_status
 

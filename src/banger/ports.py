@@ -202,9 +202,6 @@ class VmmPort(Protocol):
     def alive(self, pid: int, control_socket: Path) -> bool:
         """True when ``pid`` is running and is the VMM of that socket (never a recycled pid)."""
 
-    def answering(self, control_socket: Path) -> bool:
-        """True when the VMM's control socket answers."""
-
     def stuck(self, control_socket: Path) -> str | None:
         """Why a running VMM can never make progress (e.g. "internal-error"), else None."""
 

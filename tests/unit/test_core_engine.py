@@ -268,3 +268,18 @@ def test_a_restart_whose_stop_half_fails_does_not_start(env) -> None:  # type: i
         svc.restart("r", sink=seen.append)
     assert info.value.stage == "release_runtime"
     assert "preflight" not in {e.stage for e in seen} and len(vmm.launched) == launched
+
+
+def test_the_launch_stage_is_the_drivers(env) -> None:  # type: ignore[no-untyped-def]
+    # Core names no VMM: a driver's start reports its own launch stage and label.
+    svc, vmm, *_ = env
+    vmm.name = "firecracker"
+    seen: list[Progress] = []
+    svc.create(name="f", spec=VMSpec(), sink=seen.append)
+    launch = [e for e in seen if e.kind == "run" and e.stage.endswith("_launch")]
+    assert [(e.stage, e.label) for e in launch] == [
+        ("firecracker_launch", LABELS[Stage.FIRECRACKER_LAUNCH])]
+    from banger.core.stages import launch_stage
+    assert launch_stage("qemu") is Stage.QEMU_LAUNCH
+    with pytest.raises(ValueError, match="no launch stage for VMM driver 'cloud-hypervisor'"):
+        launch_stage("cloud-hypervisor")

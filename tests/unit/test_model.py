@@ -21,7 +21,8 @@ def test_valid_names(name: str) -> None:
     assert validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "-a", "a-", "Box", "a_b", "a.b", "x" * 64, "a b", "ü"])
+@pytest.mark.parametrize("name", ["", "-a", "a-", "Box", "a_b", "a.b", "x" * 64, "a b", "ü",
+                                  "box\n"])
 def test_invalid_names_refused_with_hint(name: str) -> None:
     with pytest.raises(InvalidSpec, match="DNS label"):
         validate_name(name)

@@ -132,7 +132,8 @@ def test_ssh_config_takes_the_models_names(tmp_path: Path) -> None:
     # name must accept exactly what the model does.
     from banger.local.sshconfig import SshEntry, render
 
-    for name in ("box", "web-1", "a" * 63, "0", "-x", "x-", "a" * 64, "a_b", "a.b", ""):
+    for name in ("box", "web-1", "a" * 63, "0", "-x", "x-", "a" * 64, "a_b", "a.b", "",
+                 "box\n"):
         try:
             model.validate_name(name)
             valid = True

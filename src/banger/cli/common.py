@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from banger.model.vm import NetworkMode
+from banger.model.vm import NAME_RULE, NetworkMode, VMSpec
 
 if TYPE_CHECKING:
     import subprocess
@@ -28,8 +28,7 @@ SPEC_FLAGS = {"name": "--name", "image": "--image", "vcpus": "--vcpu",
               "branch": "--branch", "from_ref": "--from", "path": "PATH"}
 INVALID_REQUEST = "invalid request: "
 # What a pattern the daemon refused means, for the fields whose pattern says little.
-PATTERN_MEANS = {"name": "not a DNS label: 1-63 characters of a-z, 0-9 and '-', starting "
-                         "and ending with a letter or digit"}
+PATTERN_MEANS = {"name": f"not a DNS label: {NAME_RULE}"}
 
 
 def handle_errors(fn: F) -> F:
@@ -96,6 +95,15 @@ def parse_size_mib(value: str, flag: str) -> int:
     return n  # its range is the daemon's to check
 
 
+def size_text(mib: int) -> str:
+    """``mib`` as --memory and --disk-size take it (4096 -> "4G", 512 -> "512M")."""
+    return f"{mib // 1024}G" if mib % 1024 == 0 else f"{mib}M"
+
+
+# The defaults the spec options show and send: the model's (a create sends every field).
+_DEFAULT = VMSpec()
+
+
 def spec_options(fn: F) -> F:
     fn = click.option("--nat", is_flag=True, help="give the guest outbound network access")(fn)
     fn = click.option("--network", type=click.Choice([m.value for m in NetworkMode]),
@@ -103,13 +111,13 @@ def spec_options(fn: F) -> F:
                       help="user: rootless, ssh through a forwarded loopback port; tap: a "
                            "bridge, its own address and <name>.vm (needs a root daemon). "
                            "Default: [network] mode in config, else user")(fn)
-    fn = click.option("--disk-size", "disk", default="4G", show_default=True,
-                      help="work disk size (/root), e.g. 4G")(fn)
-    fn = click.option("--memory", default="512M", show_default=True,
+    fn = click.option("--disk-size", "disk", default=size_text(_DEFAULT.work_disk_mib),
+                      show_default=True, help="work disk size (/root), e.g. 4G")(fn)
+    fn = click.option("--memory", default=size_text(_DEFAULT.memory_mib), show_default=True,
                       help="guest memory, e.g. 512M or 1G")(fn)
-    fn = click.option("--vcpu", default=1, show_default=True, type=int,
+    fn = click.option("--vcpu", default=_DEFAULT.vcpus, show_default=True, type=int,
                       help="virtual CPUs")(fn)
-    fn = click.option("--image", default="debian-bookworm", show_default=True)(fn)
+    fn = click.option("--image", default=_DEFAULT.image, show_default=True)(fn)
     fn = click.option("--name", help="VM name (a DNS label)")(fn)
     return fn
 

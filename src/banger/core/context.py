@@ -34,7 +34,7 @@ LIVE_STATES = frozenset({VMState.RUNNING, VMState.STARTING, VMState.STOPPING})
 class Timeouts:
     ready: float = 180.0
     guest_poweroff: float = 10.0
-    qmp_quit: float = 5.0
+    vmm_quit: float = 5.0
     kill: float = 5.0
 
 

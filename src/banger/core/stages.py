@@ -33,14 +33,15 @@ class Stage(StrEnum):
     PORT_FORWARD = "port_forward"
     PREPARE_HOST_FEATURES = "prepare_host_features"
     TAP = "tap"
-    QEMU_LAUNCH = "qemu_launch"
+    QEMU_LAUNCH = "qemu_launch"  # the launch is the driver's: see launch_stage
+    FIRECRACKER_LAUNCH = "firecracker_launch"
     WAIT_SSH = "wait_ssh"
     WORKSPACE_SYNC = "workspace_sync"
     POST_START_FEATURES = "post_start_features"
     TOOL_BOOTSTRAP = "tool_bootstrap"
     # stop and kill
     GUEST_POWEROFF = "guest_poweroff"
-    QMP_QUIT = "qmp_quit"
+    QMP_QUIT = "qmp_quit"  # driver-neutral (VmmPort.quit); the id is kept: logs and tests name it
     VMM_SIGNAL = "vmm_signal"
     RELEASE_RUNTIME = "release_runtime"
     # workspace prepare
@@ -60,17 +61,28 @@ LABELS: dict[Stage, str] = {
     Stage.PREPARE_HOST_FEATURES: "adding NAT rules (--nat)",
     Stage.TAP: "creating the tap device",
     Stage.QEMU_LAUNCH: "launching QEMU",
+    Stage.FIRECRACKER_LAUNCH: "launching Firecracker",
     Stage.WAIT_SSH: "waiting for ssh",
     Stage.WORKSPACE_SYNC: f"copying the prepared workspace to {WORKSPACE_GUEST_PATH}",
     Stage.POST_START_FEATURES: "syncing files and git identity",
     Stage.TOOL_BOOTSTRAP: "starting the tool install in the background",
     Stage.GUEST_POWEROFF: "powering off the guest",
-    Stage.QMP_QUIT: "asking QEMU to quit",
+    Stage.QMP_QUIT: "asking the VMM to quit",
     Stage.VMM_SIGNAL: "signalling the VMM",
     Stage.RELEASE_RUNTIME: "releasing the VMM, its sockets and its network",
     Stage.WORKSPACE_STAGE: "staging the repo",
     Stage.WORKSPACE_COPY: f"copying to {WORKSPACE_GUEST_PATH}",
 }
+
+
+def launch_stage(vmm: str) -> Stage:
+    """The launch stage of the VMM driver named ``vmm`` (``VmmPort.name``): each driver
+    launches by its own mechanism, and says which under its own stable name."""
+    try:
+        return Stage(f"{vmm}_launch")
+    except ValueError:
+        raise ValueError(f"no launch stage for VMM driver {vmm!r}: add "
+                         f"{vmm.upper()}_LAUNCH to banger.core.stages") from None
 
 
 def step(stage: Stage, run: Callable[[C], None], undo: Callable[[C], None] | None = None, *,

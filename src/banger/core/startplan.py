@@ -16,7 +16,7 @@ from pathlib import Path
 
 from banger.core.context import host_net, read_config
 from banger.core.runtime import Handles, HandleStore, release_runtime
-from banger.core.stages import WORKSPACE_DIR, WORKSPACE_GUEST_PATH, Stage, step
+from banger.core.stages import WORKSPACE_DIR, WORKSPACE_GUEST_PATH, Stage, launch_stage, step
 from banger.local.logtail import tail_lines
 from banger.model import netalloc
 from banger.model.config import Config
@@ -65,7 +65,6 @@ class StartContext:
     ssh_host: str = "127.0.0.1"
     pid: int | None = None
     boot_id: str | None = None
-    ready_after: float | None = None
     config: Config = field(default_factory=Config)
 
 
@@ -90,7 +89,7 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
             steps.append(step(Stage.PREPARE_HOST_FEATURES, _nat, _undo_nat))
         steps.append(step(Stage.TAP, _tap, _undo_tap))
     steps += [
-        step(Stage.QEMU_LAUNCH, _qemu_launch, _undo_launch),
+        step(launch_stage(ctx.host.vmm.name), _launch, _undo_launch),
         step(Stage.WAIT_SSH, _wait_ssh),
     ]
     if (ctx.paths.pending_workspace / WORKSPACE_DIR).exists():
@@ -142,7 +141,7 @@ def _preflight(ctx: StartContext) -> None:
         image = images.build(spec.image, ctx.detail)
     ctx.image = image
     # The first start after a host boot probes KVM for real (a few seconds): do it here,
-    # said out loud, rather than hidden inside qemu_launch.
+    # said out loud, rather than hidden inside the launch.
     accel = ctx.host.vmm.accel()
     ctx.detail(f"acceleration: {accel.accel} ({accel.reason})")
     ctx.paths.dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +259,7 @@ def _port_forward(ctx: StartContext) -> None:
     ctx.ssh_port = ctx.host.vmm.free_port()
 
 
-def _qemu_launch(ctx: StartContext) -> None:
+def _launch(ctx: StartContext) -> None:
     assert ctx.image is not None
     vmm = ctx.host.vmm
     ctx.boot_id = secrets.token_hex(8)
@@ -328,7 +327,7 @@ def _wait_ssh(ctx: StartContext) -> None:
                            f"{vmm_log}:\n{_tail(vmm_log)}")
         return True
 
-    ctx.ready_after = ctx.host.guest.wait_ready(
+    ctx.host.guest.wait_ready(
         addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
         serial_log=ctx.paths.serial_log, alive=alive)
 

@@ -45,7 +45,7 @@ def stop_steps() -> list[Step[StopContext]]:
         step(Stage.GUEST_POWEROFF, _guest_poweroff, best_effort=True,
              when=lambda c: not c.gone and c.handles is not None
              and c.handles.endpoint is not None),
-        step(Stage.QMP_QUIT, _qmp_quit, best_effort=True, when=lambda c: not c.gone),
+        step(Stage.QMP_QUIT, _vmm_quit, best_effort=True, when=lambda c: not c.gone),
         step(Stage.RELEASE_RUNTIME, _release),
     ]
 
@@ -89,9 +89,9 @@ def _guest_poweroff(c: StopContext) -> None:
         raise StillRunning(f"the guest did not power off within {timeout:g} s{why}")
 
 
-def _qmp_quit(c: StopContext) -> None:
+def _vmm_quit(c: StopContext) -> None:
     assert c.handles is not None
-    vmm, timeout = c.core.host.vmm, c.core.timeouts.qmp_quit
+    vmm, timeout = c.core.host.vmm, c.core.timeouts.vmm_quit
     vmm.quit(c.paths.control_socket)
     c.gone = vmm.wait_exit(c.handles.pid, timeout)
     if not c.gone:

@@ -58,7 +58,7 @@ from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
 from banger.local.logtail import tail_bytes
 from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
-from banger.model.vm import VM, NetworkMode, VMSpec
+from banger.model.vm import VM, NetworkMode, VMSpec, VMState
 from banger.ports import Endpoint, WorkspaceRequest
 
 log = logging.getLogger(__name__)
@@ -416,7 +416,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     def ssh_target(ref: str) -> SshTarget:
         view = service.show(ref)
         addr = view.handles.endpoint if view.handles else None
-        if view.vm.state.value != "running" or addr is None:
+        if view.vm.state is not VMState.RUNNING or addr is None:
             raise ConflictError(f"VM {view.vm.name!r} is {view.vm.state.value}, not running: "
                                 f"start it with `banger vm start {view.vm.name}`")
         return SshTarget(host=addr.host, port=addr.port, user="root", key=ssh_key,

@@ -22,7 +22,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
+from banger.core.stages import Stage
 from banger.host import disks
+from banger.model.events import STEP_EVENT_KINDS
 from banger.model.vm import VM, VMState
 from banger.ports import DiskPort, HostPorts
 from banger.store.db import Database
@@ -38,12 +40,19 @@ def armed(point: str | None, db: Database,
     """The repository, op log and host ports of the daemon, dying at ``point`` if set."""
     if not point:
         return VMRepository(db), OperationLog(db), host
-    if point not in NAMED and ":" not in point:
+    if point not in NAMED and not _is_step_event(point):
+        # A misspelt point would never be reached: the test would wait for nothing.
         raise SystemExit(f"bangerd: BANGER_KILLPOINT={point!r}: use one of "
-                         f"{', '.join(NAMED)} or <event>:<stage> (e.g. run:wait_ssh)")
+                         f"{', '.join(NAMED)} or <event>:<stage> (e.g. run:wait_ssh; "
+                         f"events: {', '.join(STEP_EVENT_KINDS)}; stages: banger.core.stages)")
     log.warning("BANGER_KILLPOINT=%s: this daemon SIGKILLs itself there (a test hook)", point)
     return (_Repository(db, point), _OpLog(db, point),
             replace(host, disks=_Disks(host.disks, point)))
+
+
+def _is_step_event(point: str) -> bool:
+    event, _, stage = point.partition(":")
+    return event in STEP_EVENT_KINDS and stage in {s.value for s in Stage}
 
 
 def die(point: str) -> None:

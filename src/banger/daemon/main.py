@@ -18,6 +18,7 @@ import uvicorn
 
 from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
+from banger.core.stages import Stage
 from banger.daemon import killpoint, lock
 from banger.daemon.app import OP_THREAD_PREFIX, create_app
 from banger.daemon.doctor import doctor
@@ -41,6 +42,10 @@ log = logging.getLogger("bangerd")
 
 def build_service(layout: Layout, db: Database) -> VMService:
     failpoint = os.environ.get("BANGER_FAILPOINT") or None
+    if failpoint is not None and failpoint not in {s.value for s in Stage}:
+        # A misspelt stage would never fail: the test would pass for the wrong reason.
+        raise SystemExit(f"bangerd: BANGER_FAILPOINT={failpoint!r} is not a stage of "
+                         f"banger.core.stages (e.g. qemu_launch, wait_ssh)")
     ready = float(os.environ.get("BANGER_READY_TIMEOUT", "180"))
     try:
         max_boots = load_config(layout.config_file, Path.home()).max_concurrent_boots

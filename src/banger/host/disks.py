@@ -246,9 +246,3 @@ def stat_in_image(image: Path, path: str) -> InodeInfo:
         t.group(1), 0)
     return InodeInfo(uid=int(m.group(2)), gid=int(m.group(3)),
                      mode=kind | int(m.group(1), 8), size=int(m.group(4)))
-
-
-def remove_disk(path: Path) -> None:
-    """Delete a disk image; an already missing one is fine."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()

@@ -119,9 +119,6 @@ class QemuVmm:
     def alive(self, pid: int, control_socket: Path) -> bool:
         return vmmproc.pid_alive(pid) and vmmproc.pid_is_qemu_for(pid, control_socket)
 
-    def answering(self, control_socket: Path) -> bool:
-        return vmmproc.qmp_status(control_socket) is not None
-
     def stuck(self, control_socket: Path) -> str | None:
         status = vmmproc.qmp_status(control_socket)
         return status if status in ("internal-error", "guest-panicked", "io-error",

@@ -204,15 +204,6 @@ def qmp_quit(sock: Path, timeout: float = 2.0) -> bool:
         return False
 
 
-def qmp_command(sock: Path, command: str, arguments: dict[str, object] | None = None,
-                timeout: float = 2.0) -> object:
-    """Run one QMP command and return its result; raises on any failure."""
-    async def call(client: Any) -> object:
-        return await client.execute(command, arguments)
-
-    return _qmp_call(sock, call, timeout)
-
-
 def _qmp_call(sock: Path, fn: Callable[[Any], Awaitable[T]], timeout: float) -> T:
     # qemu.qmp's sync shim (legacy.QEMUMonitorProtocol) cannot bound the connect and
     # greeting; a wedged QEMU would hang the caller. The asyncio client under

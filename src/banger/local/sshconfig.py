@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from banger.local.names import NAME_PATTERN
+
 BEGIN = "# >>> banger >>>"
 END = "# <<< banger <<<"
 DEFAULT_ZONE = "vm"
@@ -103,7 +105,7 @@ def render(entries: Iterable[SshEntry], key_path: Path, known_hosts_path: Path, 
         name = e.name.lower()
         if name in by_name:
             raise ValueError(f"two ssh entries for {name}.{zone}")
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name):
+        if not re.fullmatch(NAME_PATTERN, name):
             raise ValueError(f"invalid VM name for ssh_config: {e.name!r}")
         if not 0 < e.port < 65536:
             raise ValueError(f"invalid ssh port {e.port} for {name}")

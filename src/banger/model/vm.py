@@ -1,6 +1,6 @@
 """Pure VM records and rules: names, specs, states and the names derived from a VM id.
 
-Stdlib only; nothing here touches the host.
+Stdlib only (and banger.local, itself stdlib only); nothing here touches the host.
 """
 
 from __future__ import annotations
@@ -10,9 +10,12 @@ import secrets
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-# A DNS label (RFC 1123): the VM name becomes <name>.vm and a guest hostname. The one
-# definition: the API schema (and so its OpenAPI document) and the CLI take it from here.
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+# A DNS label (RFC 1123): the VM name becomes <name>.vm and a guest hostname. Defined in
+# banger.local.names (banger's ssh_config, below the model, checks names too); the API
+# schema (and so its OpenAPI document) and the CLI take it from here.
+from banger.local.names import NAME_PATTERN as NAME_PATTERN
+from banger.local.names import NAME_RULE as NAME_RULE
+
 _LABEL = re.compile(NAME_PATTERN)
 
 MIN_MEMORY_MIB = 128
@@ -42,10 +45,10 @@ class NetworkMode(StrEnum):
 
 
 def validate_name(name: str) -> str:
-    if not _LABEL.match(name):
+    # fullmatch: with match, the pattern's $ would let a trailing newline through.
+    if not _LABEL.fullmatch(name):
         raise InvalidSpec(
-            f"invalid VM name {name!r}: use a DNS label, 1-63 characters of a-z, 0-9 and '-', "
-            "starting and ending with a letter or digit (e.g. 'box' or 'web-1')"
+            f"invalid VM name {name!r}: use a DNS label, {NAME_RULE} (e.g. 'box' or 'web-1')"
         )
     return name
 
