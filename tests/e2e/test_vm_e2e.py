@@ -99,7 +99,7 @@ def test_lifecycle_persistence_and_set(banger: Banger) -> None:
     # Graceful first: the guest powered itself off; no QMP quit or kill was needed.
     log = (banger.home / "state" / "bangerd.log").read_text()
     assert re.search(r"stop ok vm=box stage=guest_poweroff", log), log[-2000:]
-    assert "stage=qmp_quit" not in log
+    assert "stage=vmm_quit" not in log
     assert qemu_pids(str(banger.home)) == []
     banger.run("vm", "set", "box", "--vcpu", "2", "--memory", "1024")
     banger.run("vm", "start", "box")

@@ -51,7 +51,7 @@ def test_stop_escalation_is_reported_step_by_step(env) -> None:  # type: ignore[
     seen: list[Progress] = []
     svc.stop("a", sink=seen.append)
     assert steps_of(seen) == [("run", "guest_poweroff"), ("failed", "guest_poweroff"),
-                              ("run", "qmp_quit"), ("ok", "qmp_quit"),
+                              ("run", "vmm_quit"), ("ok", "vmm_quit"),
                               ("run", "release_runtime"), ("ok", "release_runtime")]
     failed = next(e for e in seen if e.kind == "failed")
     assert "did not power off" in (failed.message or "")
@@ -60,7 +60,7 @@ def test_stop_escalation_is_reported_step_by_step(env) -> None:  # type: ignore[
     vmm.ignore_quit = True
     seen.clear()
     assert svc.stop("a", sink=seen.append).state is VMState.STOPPED
-    assert [k for k, s in steps_of(seen) if s == "qmp_quit"] == ["run", "failed"]
+    assert [k for k, s in steps_of(seen) if s == "vmm_quit"] == ["run", "failed"]
     assert steps_of(seen)[-1] == ("ok", "release_runtime") and vmm.procs == {}
 
 

@@ -41,7 +41,7 @@ class Stage(StrEnum):
     TOOL_BOOTSTRAP = "tool_bootstrap"
     # stop and kill
     GUEST_POWEROFF = "guest_poweroff"
-    QMP_QUIT = "qmp_quit"  # driver-neutral (VmmPort.quit); the id is kept: logs and tests name it
+    VMM_QUIT = "vmm_quit"  # VmmPort.quit: QMP quit for QEMU, the API for Firecracker
     VMM_SIGNAL = "vmm_signal"
     RELEASE_RUNTIME = "release_runtime"
     # workspace prepare
@@ -67,7 +67,7 @@ LABELS: dict[Stage, str] = {
     Stage.POST_START_FEATURES: "syncing files and git identity",
     Stage.TOOL_BOOTSTRAP: "starting the tool install in the background",
     Stage.GUEST_POWEROFF: "powering off the guest",
-    Stage.QMP_QUIT: "asking the VMM to quit",
+    Stage.VMM_QUIT: "asking the VMM to quit",
     Stage.VMM_SIGNAL: "signalling the VMM",
     Stage.RELEASE_RUNTIME: "releasing the VMM, its sockets and its network",
     Stage.WORKSPACE_STAGE: "staging the repo",

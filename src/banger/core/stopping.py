@@ -45,7 +45,7 @@ def stop_steps() -> list[Step[StopContext]]:
         step(Stage.GUEST_POWEROFF, _guest_poweroff, best_effort=True,
              when=lambda c: not c.gone and c.handles is not None
              and c.handles.endpoint is not None),
-        step(Stage.QMP_QUIT, _vmm_quit, best_effort=True, when=lambda c: not c.gone),
+        step(Stage.VMM_QUIT, _vmm_quit, best_effort=True, when=lambda c: not c.gone),
         step(Stage.RELEASE_RUNTIME, _release),
     ]
 
