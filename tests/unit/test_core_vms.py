@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -247,7 +248,9 @@ def test_reconcile_keeps_live_vm_with_corrupt_handles(env) -> None:  # type: ign
 def test_reconcile_finishes_half_started(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, disks, images, layout, db = env
     vm = svc.create(name="half", spec=VMSpec())
-    svc.ctx.repo.update(vm.with_state(VMState.STARTING, 5.0))
+    # The record a daemon killed mid-start leaves, its VMM still running (forged: no use
+    # case moves a running VM back to starting).
+    svc.ctx.repo.update(replace(vm, state=VMState.STARTING, updated_at=5.0))
     states = {v.name: v.state for v in svc.reconcile()}
     assert states["half"] is VMState.ERROR
     assert_no_runtime_leak(svc, vmm, vm.id)

@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 
 from banger.model.vm import (
     TRANSITIONS,
+    VM,
     InvalidSpec,
+    InvalidTransition,
     ResourceNames,
     VMSpec,
     VMState,
@@ -50,6 +52,16 @@ def test_every_state_has_transitions() -> None:
     assert set(TRANSITIONS) == set(VMState)
     assert can_transition(VMState.STOPPED, VMState.STARTING)
     assert not can_transition(VMState.CREATED, VMState.RUNNING)
+
+
+def test_with_state_enforces_the_state_machine() -> None:
+    vm = VM(id="0123456789ab", name="box", spec=VMSpec(), state=VMState.CREATED,
+            created_at=0.0, updated_at=0.0)
+    with pytest.raises(InvalidTransition, match="from created to running"):
+        vm.with_state(VMState.RUNNING, 1.0)
+    stopped = vm.with_state(VMState.STOPPED, 1.0)  # a VM that never started, killed
+    assert stopped.with_state(VMState.STOPPED, 2.0).updated_at == 2.0  # killed again
+    assert stopped.with_state(VMState.STARTING, 3.0).state is VMState.STARTING
 
 
 @given(st.integers(0, 2**48 - 1))

@@ -134,14 +134,26 @@ class VM:
 
     def with_state(self, state: VMState, now: float, *, error: str | None = None,
                    stage: str | None = None, op_id: str | None = None) -> VM:
+        """The record in ``state``; raises :class:`InvalidTransition` when the state machine
+        (:data:`TRANSITIONS`) has no such edge. Staying in a state (a stopped VM killed
+        again, an error recorded anew) is always allowed."""
+        if state is not self.state and not can_transition(self.state, state):
+            raise InvalidTransition(f"VM {self.name!r}: no transition from "
+                                    f"{self.state.value} to {state.value}")
         return replace(self, state=state, updated_at=now, last_error=error,
                        last_error_stage=stage, last_op_id=op_id or self.last_op_id)
 
 
-# Allowed transitions of the durable state. Observation (reconcile) may also demote a
-# running VM whose VMM died to stopped, which is in the table.
+class InvalidTransition(ValueError):
+    """A use case tried to move a VM along an edge the state machine does not have (a bug
+    in banger, not a user error)."""
+
+
+# Allowed transitions of the durable state, enforced by VM.with_state. Observation
+# (reconcile) may demote a running VM whose VMM died to stopped; a kill of a VM that never
+# started records it stopped.
 TRANSITIONS: dict[VMState, frozenset[VMState]] = {
-    VMState.CREATED: frozenset({VMState.STARTING, VMState.ERROR}),
+    VMState.CREATED: frozenset({VMState.STARTING, VMState.STOPPED, VMState.ERROR}),
     VMState.STARTING: frozenset({VMState.RUNNING, VMState.ERROR, VMState.STOPPED}),
     VMState.RUNNING: frozenset({VMState.STOPPING, VMState.STOPPED, VMState.ERROR}),
     VMState.STOPPING: frozenset({VMState.STOPPED, VMState.ERROR}),
