@@ -90,8 +90,10 @@ class FakeWorkspace:
 
     def __init__(self) -> None:
         self.staged_dirs: list[Path] = []
+        self.selected: list[WorkspaceRequest] = []  # every read of a repo, in order
 
     def select(self, req: WorkspaceRequest) -> WorkspaceSelection:
+        self.selected.append(req)
         if not (req.path / ".git").exists():
             raise InvalidRequest(f"{req.path} is not inside a git work tree")
         files = [p for p in req.path.iterdir() if p.name != ".git"]

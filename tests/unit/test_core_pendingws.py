@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from banger.core import pendingws
 from banger.core.service import VMService
 from banger.model.errors import OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import PendingWorkspace, VMSpec, VMState
 from banger.ports import WorkspaceRequest
-from tests.fakes import FakeDisks, FakeGuest, fake_service
+from tests.fakes import FakeDisks, FakeGuest, FakeWorkspace, fake_service
 
 
 @pytest.fixture
@@ -186,3 +187,22 @@ def test_host_key_trusted_before_the_work_disk_exists(tmp_path: Path, layout: La
     svc.create(name="k", spec=VMSpec(), start=False, on_record=lambda v: vm_id.append(v.id))
     svc.start("k")
     assert trusted_at_build == [True]
+
+
+def test_vm_run_reads_the_repo_once(tmp_path: Path, layout: Layout) -> None:
+    svc, *_ = daemon(tmp_path, layout)
+    repo = make_repo(tmp_path)
+    svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo))  # create + start
+    workspace = svc.ctx.host.workspace
+    assert isinstance(workspace, FakeWorkspace)
+    assert workspace.selected == [WorkspaceRequest(repo)]
+
+
+def test_a_request_changed_since_the_create_read_is_read_again(tmp_path: Path,
+                                                               layout: Layout) -> None:
+    svc, *_ = daemon(tmp_path, layout)
+    old, new = make_repo(tmp_path, "old"), make_repo(tmp_path, "new")
+    vm = svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(new), start=False)
+    stale = svc.ctx.host.workspace.select(WorkspaceRequest(old))
+    chosen = pendingws.for_start(svc.ctx.host, vm, layout.vm(vm.id), just_read=stale)
+    assert chosen is not None and chosen.repo == new

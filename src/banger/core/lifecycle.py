@@ -33,7 +33,7 @@ from banger.model.vm import (
     new_vm_id,
     validate_name,
 )
-from banger.ports import WorkspaceRequest
+from banger.ports import WorkspaceRequest, WorkspaceSelection
 from banger.store.vms import Conflict
 
 
@@ -78,7 +78,7 @@ def create(ctx: VMContext, *, name: str | None, spec: VMSpec, start: bool,
     if on_record is not None:
         on_record(vm)
     if start:
-        return start_vm(ctx, vm.id, sink=sink, control=control)
+        return start_vm(ctx, vm.id, sink=sink, control=control, just_read=selection)
     return vm
 
 
@@ -91,12 +91,12 @@ def _allocate_ip(ctx: VMContext, vm_id: str) -> IPv4Address:
         raise ConflictError(str(exc)) from exc
 
 
-def start_vm(ctx: VMContext, ref: str, *, sink: ProgressSink,
-             control: OpControl | None) -> VM:
+def start_vm(ctx: VMContext, ref: str, *, sink: ProgressSink, control: OpControl | None,
+             just_read: WorkspaceSelection | None = None) -> VM:
     with ctx.locked(ref) as vm:
         if vm.state is VMState.RUNNING:
             raise ConflictError(f"VM {vm.name!r} is already running")
-        return start_locked(ctx, vm, sink, control)
+        return start_locked(ctx, vm, sink, control, just_read)
 
 
 def stop(ctx: VMContext, ref: str, *, sink: ProgressSink) -> VM:

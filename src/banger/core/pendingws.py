@@ -40,13 +40,21 @@ class WorkspaceLost(InvalidRequest):
     """The repo a never-started VM is to get can no longer be read."""
 
 
-def for_start(host: HostPorts, vm: VM, paths: VMPaths) -> WorkspaceSelection | None:
+def for_start(host: HostPorts, vm: VM, paths: VMPaths,
+              just_read: WorkspaceSelection | None = None) -> WorkspaceSelection | None:
     """The repo this start puts on the work disk it makes, read again now; None when
     there is none to copy. Raises :class:`WorkspaceLost`, naming the repo and the fix,
-    when it can no longer be copied: a VM must never start without its repo."""
+    when it can no longer be copied: a VM must never start without its repo.
+
+    ``just_read``: the selection the create that runs this start made a moment ago (``vm
+    run ./repo``); used as it is when it is still the VM's pending request, so that a
+    repo is not read twice in one command."""
     pending = vm.pending_workspace
     if pending is None:
         return None
+    if (just_read is not None and record(just_read.request) == pending
+            and not paths.work_disk.exists()):
+        return just_read
     if paths.work_disk.exists():
         # Made whole by a start that died before it ended: the repo is on it already.
         # Read the repo only to learn whether its tool install is still to be started.

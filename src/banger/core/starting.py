@@ -20,18 +20,21 @@ from banger.core.startplan import StartContext, start_steps
 from banger.model.errors import BangerError, Cancelled, OperationFailed
 from banger.model.vm import VM, VMState
 from banger.pipeline import Detail, Event, Step, StepFailed, run_steps
+from banger.ports import WorkspaceSelection
 
 C = TypeVar("C")
 
 
-def start_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl | None) -> VM:
-    """Start ``vm`` (its lock held by the caller) as the operation "start"."""
+def start_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl | None,
+                 just_read: WorkspaceSelection | None = None) -> VM:
+    """Start ``vm`` (its lock held by the caller) as the operation "start";
+    ``just_read``: see :func:`banger.core.pendingws.for_start`."""
     paths = ctx.layout.vm(vm.id)
     with ctx.ops.track("start", vm.id, vm.name, sink, control) as op:
         vm = vm.with_state(VMState.STARTING, ctx.clock(), op_id=op.id)
         ctx.repo.update(vm)
         try:  # the repo of a never-started VM, read again for the work disk
-            workspace = pendingws.for_start(ctx.host, vm, paths)
+            workspace = pendingws.for_start(ctx.host, vm, paths, just_read)
         except pendingws.WorkspaceLost as exc:
             err = StepFailed(str(exc), [exc], step=Stage.WORK_DISK.value)
             raise start_failed(ctx, vm, op, err) from exc
