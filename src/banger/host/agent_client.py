@@ -114,8 +114,7 @@ class AgentConnection:
         with self.cond:
             if not self.cond.wait_for(lambda: self._hello or self._failure, timeout):
                 raise AgentTimeout(f"no HELLO from the guest agent within {timeout} s")
-            if self._hello is None:
-                self._raise_failure()
+            self._raise_failure()
             assert self._hello is not None
             return self._hello
 
@@ -171,7 +170,8 @@ class AgentConnection:
 
     def close(self) -> None:
         """End the connection: pending waits raise :class:`AgentDisconnected`."""
-        self._fail(AgentDisconnected("the connection to the agent was closed by banger"))
+        self._fail(AgentDisconnected("the connection to the agent was closed by banger"),
+                   quiet=True)
         if threading.current_thread() is not self._reader:
             self._reader.join()
 
@@ -255,12 +255,12 @@ class AgentConnection:
         finally:
             self._send_lock.release()
 
-    def _fail(self, err: AgentError) -> None:
+    def _fail(self, err: AgentError, *, quiet: bool = False) -> None:
         """End the connection with ``err`` (the first cause wins) and wake every waiter."""
         with self.cond:
             if self._failure is None:
                 self._failure = err
-                if not isinstance(err, AgentDisconnected) or "banger" not in str(err):
+                if not quiet:
                     log.warning("agent connection ended: %s", err)
             for state in self._execs.values():
                 if state.error is None:
