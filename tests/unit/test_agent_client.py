@@ -395,16 +395,22 @@ def test_a_guest_that_reads_nothing_cannot_block_a_send(
     _ended_with(conn, AgentTimeout)
 
 
-def test_a_reboot_under_the_connection_ends_pending_execs(
-        raw: tuple[AgentConnection, RawGuest]) -> None:
+@pytest.mark.parametrize(("boot_id", "why"), [
+    ("another-boot", f"the guest rebooted \\(boot id {BOOT_ID} -> another-boot\\)"),
+    (BOOT_ID, "the guest agent restarted"),
+])
+def test_a_second_hello_ends_what_was_pending(
+        raw: tuple[AgentConnection, RawGuest], boot_id: str, why: str) -> None:
     conn, guest = raw
     guest.send(Kind.HELLO, 0, hello_body())
     ex = _started(conn, guest, ["cat"])
-    guest.send(Kind.HELLO, 0, hello_body(boot_id="another-boot"))
-    with pytest.raises(AgentDisconnected, match="the guest rebooted"):
+    guest.send(Kind.HELLO, 0, hello_body(boot_id=boot_id))
+    with pytest.raises(AgentDisconnected, match=why):
         ex.wait(5)
-    assert conn.wait_hello(1).boot_id == "another-boot"
+    assert conn.wait_hello(1).boot_id == boot_id
     assert conn.failure is None
+    ex2 = _started(conn, guest, ["cat"])  # the connection serves on, with fresh chans
+    assert ex2.chan == 2
 
 
 def test_a_hello_of_another_protocol(raw: tuple[AgentConnection, RawGuest]) -> None:

@@ -32,6 +32,8 @@ from banger.host.agent_proto import (
     Frame,
     Kind,
     ProtocolError,
+    SignalTag,
+    TimeSetTag,
     fields,
     frame,
     kind_name,
@@ -136,7 +138,8 @@ class AgentConnection:
         self._request(Kind.POWEROFF, b"", Kind.DONE, "POWEROFF", timeout)
 
     def time_set(self, unix_ns: int, timeout: float) -> None:
-        self._request(Kind.TIME_SET, fields([(1, unix_ns)]), Kind.DONE, "TIME_SET", timeout)
+        body = fields([(TimeSetTag.UNIX_NS, unix_ns)])
+        self._request(Kind.TIME_SET, body, Kind.DONE, "TIME_SET", timeout)
 
     def exec(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str = "/",
              pty: tuple[int, int] | None = None, *, on_output: OutputCallback | None = None,
@@ -332,24 +335,26 @@ class AgentConnection:
                 self._execs.pop(f.chan, None)
 
     def _on_hello(self, hello: Hello) -> None:
+        """A HELLO starts a session: the first one readies the connection; a later one
+        means the agent reopened its channel (it restarted, or the guest rebooted), and
+        nothing of the session before it will ever answer (the chans are void)."""
         with self.cond:
             old, self._hello = self._hello, hello
-            self.cond.notify_all()
-        if old is not None and old.boot_id != hello.boot_id:
-            # The guest rebooted under this connection: nothing pending can still answer.
-            err = AgentDisconnected(f"the guest rebooted (boot id {old.boot_id} -> "
-                                    f"{hello.boot_id})")
-            with self.cond:
+            if old is not None:
+                why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
+                       if old.boot_id != hello.boot_id else
+                       "the guest agent restarted (it said HELLO again)")
                 for state in self._execs.values():
-                    state.error = state.error or _again(err)
+                    state.error = state.error or AgentDisconnected(why)
                 for req in self._requests.values():
-                    req.error = _again(err)
+                    req.error = AgentDisconnected(why)
                 self._execs.clear()
                 self._requests.clear()
-                self.cond.notify_all()
+            self.cond.notify_all()
 
     def kill(self, chan: int) -> None:
         """SIGKILL to an exec, from the reader: a failure to send ends the connection."""
         with contextlib.suppress(AgentError):
-            self.send_request_frame(chan, Kind.SIGNAL, [(1, signal.SIGKILL)], f"exec {chan}")
+            self.send_request_frame(chan, Kind.SIGNAL, [(SignalTag.SIGNO, signal.SIGKILL)],
+                                    f"exec {chan}")
 

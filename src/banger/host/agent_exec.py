@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from banger.host.agent_proto import Frame, Kind, ProtocolError, kind_name
+from banger.host.agent_proto import (
+    Frame,
+    Kind,
+    ProtocolError,
+    ResizeTag,
+    SignalTag,
+    kind_name,
+)
 from banger.host.agent_records import (
     AgentError,
     AgentRequestError,
@@ -93,15 +100,17 @@ class Exec:
     def signal(self, signo: int) -> None:
         """Send signal ``signo`` to the command (its process group with a pty)."""
         if not self._state.ended:
-            self._conn.send_request_frame(self.chan, Kind.SIGNAL, [(1, int(signo))], "SIGNAL")
+            self._conn.send_request_frame(self.chan, Kind.SIGNAL,
+                                          [(SignalTag.SIGNO, int(signo))], self.what())
 
     def kill(self) -> None:
         self.signal(signals.SIGKILL)
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the window size of the command's pty."""
-        self._conn.send_request_frame(self.chan, Kind.RESIZE, [(1, rows), (2, cols)],
-                                      self._live())
+        self._conn.send_request_frame(
+            self.chan, Kind.RESIZE, [(ResizeTag.ROWS, rows), (ResizeTag.COLS, cols)],
+            self._live())
 
     def _live(self) -> str:
         if self._state.ended:

@@ -19,6 +19,7 @@ from banger.host.agent_proto import (
     HelloTag,
     MessageTag,
     ProtocolError,
+    StartedTag,
     StatsTag,
     as_int,
     as_str,
@@ -151,7 +152,7 @@ def parse_hello(body: bytes) -> Hello:
 
 
 def parse_started(body: bytes) -> int:
-    return as_int(need(field_map(body), 1, "STARTED"))
+    return as_int(need(field_map(body), StartedTag.PID, "STARTED"))
 
 
 def parse_exit(body: bytes) -> ExitStatus:
