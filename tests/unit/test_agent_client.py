@@ -5,6 +5,7 @@ Every test ends with the leak check: no reader thread of a connection outlives i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -13,6 +14,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_exec import Exec
@@ -433,3 +436,42 @@ def test_guest_text_in_errors_is_escaped(raw: tuple[AgentConnection, RawGuest]) 
     t.join()
     assert "\x1b" not in str(info.value) and "\\x1b[2Jgone\\n" in str(info.value)
     assert len(str(info.value)) < 500
+
+
+_guest_kinds = st.sampled_from([k for k in Kind] + [0x00, 0x7F, 0xFF])
+_field_items = st.lists(st.tuples(st.integers(0, 30), st.binary(max_size=12)
+                                  | st.integers(-2, 300).map(lambda n: n.to_bytes(8, "big",
+                                                                                 signed=True))),
+                        max_size=4)
+_frames = st.lists(st.tuples(_guest_kinds, st.integers(0, 4),
+                             _field_items.map(fields) | st.binary(max_size=20)), max_size=6)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_frames)
+def test_random_frames_never_hang_or_crash_the_host(
+        frames: list[tuple[int, int, bytes]]) -> None:
+    """Whatever frames a guest sends around a live exec, the host's waits end with the
+    exec's status or an AgentError, and a broken connection's reader is gone."""
+    host, guest_sock = socket.socketpair()
+    conn = AgentConnection(host, name="fuzz")
+    guest = RawGuest(guest_sock)
+    try:
+        guest.send(Kind.HELLO, 0, hello_body())
+        ex = _started(conn, guest, ["cat"])
+        with contextlib.suppress(OSError):  # the host may have hung up already
+            for kind, chan, body in frames:
+                guest.send(kind, chan, body)
+            guest.send(Kind.EXIT, 1, fields([(1, 0)]))
+        try:
+            ex.wait(2)
+            conn.ping(0.05)
+        except AgentTimeout:
+            pass  # nothing answers the PING: the fake guest is not listening
+        except (AgentProtocolError, AgentDisconnected):
+            conn._reader.join(5)
+            assert not conn._reader.is_alive()
+    finally:
+        conn.close()
+        guest_sock.close()

@@ -216,7 +216,7 @@ def exec_fields(argv: Sequence[str], env: Mapping[str, str], cwd: str,
             raise ValueError(f"exec's argv, env and cwd may not hold NUL: {value!r}")
     if pty is not None:
         rows, cols = pty
-        if not (0 < rows < 1 << 16 and 0 < cols < 1 << 16):
+        if not (0 <= rows < 1 << 16 and 0 <= cols < 1 << 16):
             raise ValueError(f"pty size {rows}x{cols} is out of range")
         items += [(ExecTag.PTY_ROWS, rows), (ExecTag.PTY_COLS, cols)]
     return items
