@@ -318,6 +318,19 @@ def test_malformed_stats_close_the_connection(raw: tuple[AgentConnection, RawGue
     assert _ended_with(conn, AgentProtocolError)
 
 
+def test_a_malformed_error_answer_fails_the_request_at_once(
+        raw: tuple[AgentConnection, RawGuest]) -> None:
+    conn, guest = raw
+    t = threading.Thread(target=lambda: guest.send(Kind.ERROR, guest.recv().chan,
+                                                   fields([(1, b"\xff")])))
+    t.start()
+    start = time.monotonic()
+    with pytest.raises(AgentProtocolError, match="not UTF-8"):
+        conn.ping(10)
+    t.join()
+    assert time.monotonic() - start < 5
+
+
 def test_exit_for_an_unknown_chan(raw: tuple[AgentConnection, RawGuest]) -> None:
     conn, guest = raw
     guest.send(Kind.EXIT, 77, fields([(1, 0)]))

@@ -239,7 +239,7 @@ class AgentConnection:
             poller.register(self._sock, select.POLLOUT)
             while sent < len(data):
                 try:
-                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT)
+                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
                     continue
                 except BlockingIOError:
                     pass
@@ -309,7 +309,7 @@ class AgentConnection:
             return
         with self.cond:
             state = self._execs.get(f.chan)
-            req = self._requests.pop(f.chan, None) if state is None else None
+            req = self._requests.get(f.chan) if state is None else None
             if state is None and req is None:
                 if f.chan in self._abandoned:
                     self._abandoned.discard(f.chan)
@@ -327,6 +327,8 @@ class AgentConnection:
                     req.answer = f
                 else:
                     raise ProtocolError(f"{kind_name(f.kind)} in answer to {req.what}")
+                # Only now: a malformed answer above leaves it to _fail, which wakes it.
+                del self._requests[f.chan]
                 self.cond.notify_all()
                 return
         assert state is not None
