@@ -47,6 +47,7 @@ from banger.host.agent_records import (
     GuestStats,
     Hello,
     exec_fields,
+    fresh,
     parse_hello,
     parse_message,
     parse_stats,
@@ -69,11 +70,6 @@ class _Request:
     expect: Kind
     answer: Frame | None = None
     error: AgentError | None = None
-
-
-def _again(err: AgentError) -> AgentError:
-    """A fresh copy of a shared error, so that each raise has its own traceback."""
-    return type(err)(str(err))
 
 
 class AgentConnection:
@@ -168,7 +164,7 @@ class AgentConnection:
                 # Keep the chan: a late STARTED gets SIGKILL, its output is dropped.
                 state.error = AgentTimeout(f"{handle.what()} was not started within {timeout} s")
             if not state.started and state.error is not None:
-                raise _again(state.error)
+                raise fresh(state.error)
         return handle
 
     def close(self) -> None:
@@ -195,7 +191,7 @@ class AgentConnection:
 
     def _raise_failure(self) -> None:
         if self._failure is not None:
-            raise _again(self._failure)
+            raise fresh(self._failure)
 
     def _parsed(self, parse: Callable[[], _T]) -> _T:
         """Parse an answer; a malformed one ends the connection like any protocol error."""
@@ -220,7 +216,7 @@ class AgentConnection:
                 raise AgentTimeout(f"no answer ({expect.name}) from the guest agent to "
                                    f"{what} within {timeout} s")
             if req.error is not None:
-                raise _again(req.error)
+                raise fresh(req.error)
             assert req.answer is not None
             return req.answer
 
@@ -247,13 +243,13 @@ class AgentConnection:
                     err: AgentError = AgentDisconnected(
                         f"the connection to the guest agent failed sending {what}: {exc}")
                     self._fail(err)
-                    raise _again(err) from None
+                    raise fresh(err) from None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     err = AgentTimeout(f"the guest agent read nothing for {self._send_timeout}"
                                        f" s while banger sent {what}; connection closed")
                     self._fail(err)
-                    raise _again(err)
+                    raise fresh(err)
                 poller.poll(left * 1000)
         finally:
             self._send_lock.release()
@@ -267,9 +263,9 @@ class AgentConnection:
                     log.warning("agent connection ended: %s", err)
             for state in self._execs.values():
                 if state.error is None:
-                    state.error = _again(self._failure)
+                    state.error = fresh(self._failure)
             for req in self._requests.values():
-                req.error = _again(self._failure)
+                req.error = fresh(self._failure)
             self._execs.clear()
             self._requests.clear()
             self.cond.notify_all()

@@ -35,6 +35,7 @@ from banger.host.agent_records import (
     ExitStatus,
     OutputTooLarge,
     Stream,
+    fresh,
     parse_exit,
     parse_message,
     parse_started,
@@ -133,7 +134,7 @@ class Exec:
                         if len(st.queue) >= self._conn.max_queued else "")
                 raise AgentTimeout(f"{self.what()} did not end within {timeout} s{full}")
             if st.error is not None:
-                raise st.error
+                raise fresh(st.error)
             assert st.status is not None
             return st.status
 
@@ -150,7 +151,7 @@ class Exec:
                     raise AgentTimeout(f"{self.what()} printed nothing for {timeout} s")
                 if not st.queue:
                     if st.error is not None:
-                        raise st.error
+                        raise fresh(st.error)
                     return
                 item = st.queue.popleft()
                 cond.notify_all()

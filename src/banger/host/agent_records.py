@@ -58,6 +58,12 @@ class ExecEnded(AgentError):
     """A request for an exec that has already ended."""
 
 
+def fresh(err: AgentError) -> AgentError:
+    """A copy of an error shared by several waiters, so that each raise has its own
+    traceback."""
+    return type(err)(str(err))
+
+
 def safe_text(text: str, limit: int = _MESSAGE_CHARS) -> str:
     """A guest's text fit for a log line or terminal: control characters escaped, clipped."""
     text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
