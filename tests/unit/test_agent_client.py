@@ -213,6 +213,21 @@ def test_output_over_the_cap_kills_the_exec() -> None:
     fake.join()
 
 
+def test_stdin_stops_once_the_exec_is_killed_for_its_output() -> None:
+    host, guest = socket.socketpair()
+    fake = FakeAgent(guest)
+    with AgentConnection(host, name="test", max_output=1 << 20) as conn:
+        cat = conn.exec(["cat"], on_output=lambda stream, data: None)
+        with pytest.raises(ExecEnded, match=r"exec 1 \(cat\) has already ended"):
+            cat.write_stdin(bytes(64 << 20))
+        with pytest.raises(OutputTooLarge, match="exceeded 1 MiB"):
+            cat.wait(5)
+        assert conn.failure is None and conn.ping(5) >= 0
+        stdin = sum(len(f.body) for f in fake.received if f.kind == Kind.STDIN)
+        assert stdin < 4 << 20
+    fake.join()
+
+
 def test_a_slow_consumer_holds_the_reader_and_wait_still_times_out() -> None:
     host, guest = socket.socketpair()
     fake = FakeAgent(guest)

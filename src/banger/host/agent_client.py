@@ -179,8 +179,8 @@ class AgentConnection:
         self._send(frame(kind, chan, fields(items)), f"{kind.name} to {what}")
 
     def send_data(self, chan: int, kind: Kind, data: bytes, what: str) -> None:
-        for start in range(0, len(data), MAX_BODY):
-            self._send(frame(kind, chan, data[start:start + MAX_BODY]), f"{kind.name} to {what}")
+        """One frame of raw data (at most MAX_BODY bytes)."""
+        self._send(frame(kind, chan, data), f"{kind.name} to {what}")
 
     def _alloc_chan(self) -> int:
         self._raise_failure()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from banger.host.agent_proto import (
+    MAX_BODY,
     Frame,
     Kind,
     ProtocolError,
@@ -91,8 +92,14 @@ class Exec:
         return self._state.pid
 
     def write_stdin(self, data: bytes) -> None:
-        """Send ``data`` to the command's stdin (split into frames as needed)."""
-        self._conn.send_data(self.chan, Kind.STDIN, data, self._live())
+        """Send ``data`` to the command's stdin (split into frames as needed).
+
+        Raises :class:`ExecEnded` once the exec has ended (or was killed), also part way.
+        """
+        view = memoryview(data)
+        for start in range(0, len(data), MAX_BODY):
+            self._conn.send_data(self.chan, Kind.STDIN, bytes(view[start:start + MAX_BODY]),
+                                 self._live())
 
     def close_stdin(self) -> None:
         """Close the command's stdin (with a pty: the terminal's EOF character)."""
