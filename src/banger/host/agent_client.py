@@ -1,0 +1,358 @@
+"""The host's side of the guest agent protocol: one connection to one guest's agent.
+
+:class:`AgentConnection` runs over a connected stream socket (QEMU's chardev Unix socket
+in production, a socketpair in tests). One reader thread decodes frames and hands each
+to its chan: an exec (:class:`~banger.host.agent_exec.Exec`) or a pending request.
+
+The guest is hostile (docs/agent-protocol.md, "The host's rules"): every wait has a
+timeout, every send has one too (a guest that stops reading cannot block the daemon),
+each exec's output is capped in total and queued in bounded form, and anything that
+breaks the protocol closes the connection with an error naming the problem. Every
+pending exec and request then ends with that error; nothing waits for good.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from banger.host.agent_exec import Exec, ExecState, OutputCallback, on_exec_frame
+from banger.host.agent_proto import (
+    MAX_BODY,
+    MAX_CHAN,
+    Decoder,
+    Frame,
+    Kind,
+    ProtocolError,
+    SignalTag,
+    TimeSetTag,
+    fields,
+    frame,
+    kind_name,
+)
+from banger.host.agent_records import (
+    AgentDisconnected,
+    AgentError,
+    AgentProtocolError,
+    AgentRequestError,
+    AgentTimeout,
+    GuestStats,
+    Hello,
+    exec_fields,
+    fresh,
+    parse_hello,
+    parse_message,
+    parse_stats,
+    safe_text,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTPUT = 16 << 20
+# Frames of output queued per exec before the reader waits for the consumer: 4 MiB at
+# most, and the wait is what slows a guest that prints faster than banger reads.
+DEFAULT_MAX_QUEUED = 64
+_RECV = 1 << 16
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Request:
+    what: str
+    expect: Kind
+    answer: Frame | None = None
+    error: AgentError | None = None
+
+
+class AgentConnection:
+    """One connection to a guest's agent; thread-safe; close it when done."""
+
+    def __init__(self, sock: socket.socket, *, max_output: int = DEFAULT_MAX_OUTPUT,
+                 max_queued: int = DEFAULT_MAX_QUEUED, send_timeout: float = 30.0,
+                 name: str = "agent") -> None:
+        sock.setblocking(True)
+        self._sock = sock
+        self.max_output = max_output
+        self.max_queued = max_queued
+        self._send_timeout = send_timeout
+        self.cond = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._next_chan = 1
+        self._execs: dict[int, ExecState] = {}
+        self._requests: dict[int, _Request] = {}
+        # Chans whose request timed out: one late answer on each is dropped, not an error.
+        self._abandoned: set[int] = set()
+        self._hello: Hello | None = None
+        self._failure: AgentError | None = None
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name=f"banger-agent-reader:{name}")
+        self._reader.start()
+
+    def __enter__(self) -> AgentConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def failure(self) -> AgentError | None:
+        """Why the connection ended (None while it is open)."""
+        return self._failure
+
+    def wait_hello(self, timeout: float) -> Hello:
+        """The agent's latest HELLO, waiting up to ``timeout`` seconds for the first."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self._hello or self._failure, timeout):
+                raise AgentTimeout(f"no HELLO from the guest agent within {timeout} s")
+            self._raise_failure()
+            assert self._hello is not None
+            return self._hello
+
+    def ping(self, timeout: float) -> float:
+        """The round trip of a PING, in seconds."""
+        start = time.monotonic()
+        self._request(Kind.PING, b"", Kind.PONG, "PING", timeout)
+        return time.monotonic() - start
+
+    def stats(self, timeout: float) -> GuestStats:
+        answer = self._request(Kind.STATS_REQ, b"", Kind.STATS, "STATS_REQ", timeout)
+        return self._parsed(lambda: parse_stats(answer.body))
+
+    def sync(self, timeout: float) -> None:
+        self._request(Kind.SYNC, b"", Kind.DONE, "SYNC", timeout)
+
+    def poweroff(self, timeout: float) -> None:
+        """Ask the agent to power the guest off; returns once it accepted (DONE)."""
+        self._request(Kind.POWEROFF, b"", Kind.DONE, "POWEROFF", timeout)
+
+    def time_set(self, unix_ns: int, timeout: float) -> None:
+        body = fields([(TimeSetTag.UNIX_NS, unix_ns)])
+        self._request(Kind.TIME_SET, body, Kind.DONE, "TIME_SET", timeout)
+
+    def exec(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str = "/",
+             pty: tuple[int, int] | None = None, *, on_output: OutputCallback | None = None,
+             timeout: float = 10.0) -> Exec:
+        """Start ``argv`` in the guest (no shell) and return once it started.
+
+        ``env`` is the command's whole environment. ``pty=(rows, cols)`` runs it on a new
+        pty. Output goes to ``on_output`` (called on the reader thread: a slow callback
+        slows the guest) or, without one, to :meth:`Exec.output`. Raises
+        :class:`AgentRequestError` when the agent cannot start it.
+        """
+        argv = tuple(argv)
+        items = exec_fields(argv, env or {}, cwd, pty)
+        body = fields(items)
+        if len(body) > MAX_BODY:
+            raise ValueError(f"argv, env and cwd take {len(body)} bytes; "
+                             f"the agent protocol's cap is {MAX_BODY}")
+        state = ExecState(argv, on_output)
+        with self.cond:
+            chan = self._alloc_chan()
+            self._execs[chan] = state
+        handle = Exec(self, chan, state)
+        self._send(frame(Kind.EXEC, chan, body), f"EXEC of {safe_text(argv[0], 80)}")
+        with self.cond:
+            if not self.cond.wait_for(lambda: state.started or state.ended, timeout):
+                # Keep the chan: a late STARTED gets SIGKILL, its output is dropped.
+                state.error = AgentTimeout(f"{handle.what()} was not started within {timeout} s")
+            if not state.started and state.error is not None:
+                raise fresh(state.error)
+        return handle
+
+    def close(self) -> None:
+        """End the connection: pending waits raise :class:`AgentDisconnected`."""
+        self._fail(AgentDisconnected("the connection to the agent was closed by banger"),
+                   quiet=True)
+        if threading.current_thread() is not self._reader:
+            self._reader.join()
+
+    def send_request_frame(self, chan: int, kind: Kind, items: Iterable[tuple[int, int]],
+                           what: str) -> None:
+        self._send(frame(kind, chan, fields(items)), f"{kind.name} to {what}")
+
+    def send_data(self, chan: int, kind: Kind, data: bytes, what: str) -> None:
+        """One frame of raw data (at most MAX_BODY bytes)."""
+        self._send(frame(kind, chan, data), f"{kind.name} to {what}")
+
+    def _alloc_chan(self) -> int:
+        self._raise_failure()
+        if self._next_chan > MAX_CHAN:
+            raise AgentError("this agent connection has used up its chan ids; reconnect")
+        chan, self._next_chan = self._next_chan, self._next_chan + 1
+        return chan
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise fresh(self._failure)
+
+    def _parsed(self, parse: Callable[[], _T]) -> _T:
+        """Parse an answer; a malformed one ends the connection like any protocol error."""
+        try:
+            return parse()
+        except ProtocolError as exc:
+            err = AgentProtocolError(f"the agent sent a malformed answer: {exc}")
+            self._fail(err)
+            raise err from None
+
+    def _request(self, kind: Kind, body: bytes, expect: Kind, what: str,
+                 timeout: float) -> Frame:
+        req = _Request(what, expect)
+        with self.cond:
+            chan = self._alloc_chan()
+            self._requests[chan] = req
+        self._send(frame(kind, chan, body), what)
+        with self.cond:
+            if not self.cond.wait_for(lambda: req.answer or req.error, timeout):
+                del self._requests[chan]
+                self._abandoned.add(chan)
+                raise AgentTimeout(f"no answer ({expect.name}) from the guest agent to "
+                                   f"{what} within {timeout} s")
+            if req.error is not None:
+                raise fresh(req.error)
+            assert req.answer is not None
+            return req.answer
+
+    def _send(self, data: bytes, what: str) -> None:
+        """Write one whole frame, within the send timeout; a stall closes the connection
+        (a frame cut short leaves the stream unusable anyway)."""
+        deadline = time.monotonic() + self._send_timeout
+        if not self._send_lock.acquire(timeout=self._send_timeout):
+            raise AgentTimeout(f"could not send {what} to the guest agent within "
+                               f"{self._send_timeout} s (another send is stuck)")
+        try:
+            with self.cond:
+                self._raise_failure()
+            view, sent = memoryview(data), 0
+            poller = select.poll()
+            poller.register(self._sock, select.POLLOUT)
+            while sent < len(data):
+                try:
+                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    err: AgentError = AgentDisconnected(
+                        f"the connection to the guest agent failed sending {what}: {exc}")
+                    self._fail(err)
+                    raise fresh(err) from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    err = AgentTimeout(f"the guest agent read nothing for {self._send_timeout}"
+                                       f" s while banger sent {what}; connection closed")
+                    self._fail(err)
+                    raise fresh(err)
+                poller.poll(left * 1000)
+        finally:
+            self._send_lock.release()
+
+    def _fail(self, err: AgentError, *, quiet: bool = False) -> None:
+        """End the connection with ``err`` (the first cause wins) and wake every waiter."""
+        with self.cond:
+            if self._failure is None:
+                self._failure = err
+                if not quiet:
+                    log.warning("agent connection ended: %s", err)
+            for state in self._execs.values():
+                if state.error is None:
+                    state.error = fresh(self._failure)
+            for req in self._requests.values():
+                req.error = fresh(self._failure)
+            self._execs.clear()
+            self._requests.clear()
+            self.cond.notify_all()
+        # Wakes the reader out of recv(); the reader closes the socket on its way out.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _read_loop(self) -> None:
+        decoder = Decoder()
+        try:
+            while True:
+                try:
+                    data = self._sock.recv(_RECV)
+                except OSError as exc:
+                    raise AgentDisconnected(f"the connection to the guest agent failed: {exc}"
+                                            ) from None
+                if not data:
+                    raise AgentDisconnected("the guest agent closed the connection")
+                for f in decoder.feed(data):
+                    self._dispatch(f)
+        except ProtocolError as exc:
+            self._fail(AgentProtocolError(f"the guest agent broke the protocol: {exc}"))
+        except AgentError as exc:
+            self._fail(exc)
+        except Exception as exc:  # an output callback's bug must not leave waiters hanging
+            self._fail(AgentError(f"the agent connection's reader failed: {exc!r}"))
+            raise
+        finally:
+            with self._send_lock:
+                self._sock.close()
+
+    def _dispatch(self, f: Frame) -> None:
+        if f.chan == 0:
+            if f.kind != Kind.HELLO:
+                raise ProtocolError(f"{kind_name(f.kind)} on chan 0 (only HELLO goes there)")
+            self._on_hello(parse_hello(f.body))
+            return
+        with self.cond:
+            state = self._execs.get(f.chan)
+            req = self._requests.get(f.chan) if state is None else None
+            if state is None and req is None:
+                if f.chan in self._abandoned:
+                    self._abandoned.discard(f.chan)
+                    return
+                # A STDIN/SIGNAL racing an EXIT is refused with ERROR after that EXIT.
+                if f.kind == Kind.ERROR and f.chan < self._next_chan:
+                    return
+                raise ProtocolError(f"{kind_name(f.kind)} on chan {f.chan}, which has "
+                                    "no exec or request open")
+            if req is not None:
+                if f.kind == Kind.ERROR:
+                    req.error = AgentRequestError(f"the guest agent refused {req.what}: "
+                                                  f"{parse_message(f.body)}")
+                elif f.kind == req.expect:
+                    req.answer = f
+                else:
+                    raise ProtocolError(f"{kind_name(f.kind)} in answer to {req.what}")
+                # Only now: a malformed answer above leaves it to _fail, which wakes it.
+                del self._requests[f.chan]
+                self.cond.notify_all()
+                return
+        assert state is not None
+        if on_exec_frame(self, f, state):
+            with self.cond:
+                self._execs.pop(f.chan, None)
+
+    def _on_hello(self, hello: Hello) -> None:
+        """A HELLO starts a session: the first one readies the connection; a later one
+        means the agent reopened its channel (it restarted, or the guest rebooted), and
+        nothing of the session before it will ever answer (the chans are void)."""
+        with self.cond:
+            old, self._hello = self._hello, hello
+            if old is not None:
+                why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
+                       if old.boot_id != hello.boot_id else
+                       "the guest agent restarted (it said HELLO again)")
+                for state in self._execs.values():
+                    state.error = state.error or AgentDisconnected(why)
+                for req in self._requests.values():
+                    req.error = AgentDisconnected(why)
+                self._execs.clear()
+                self._requests.clear()
+            self.cond.notify_all()
+
+    def kill(self, chan: int) -> None:
+        """SIGKILL to an exec, from the reader: a failure to send ends the connection."""
+        with contextlib.suppress(AgentError):
+            self.send_request_frame(chan, Kind.SIGNAL, [(SignalTag.SIGNO, signal.SIGKILL)],
+                                    f"exec {chan}")
+

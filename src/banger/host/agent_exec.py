@@ -1,0 +1,250 @@
+"""The host's view of one exec in the guest: its state machine and its handle.
+
+:func:`on_exec_frame` applies what the agent sends on an exec's chan (STARTED, then
+output, then EXIT or EXEC_ERROR; anything else out of order is a protocol error).
+
+:class:`Exec` is the handle :meth:`AgentConnection.exec` returns: it holds one exec's
+output (bounded: the connection's reader blocks when it is full, which is the
+backpressure on the guest), its end, and the requests that go to that exec's chan.
+The connection (:mod:`banger.host.agent_client`) owns the lock and the socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal as signals
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from banger.host.agent_proto import (
+    MAX_BODY,
+    Frame,
+    Kind,
+    ProtocolError,
+    ResizeTag,
+    SignalTag,
+    kind_name,
+)
+from banger.host.agent_records import (
+    AgentError,
+    AgentRequestError,
+    AgentTimeout,
+    ExecEnded,
+    ExitStatus,
+    OutputTooLarge,
+    Stream,
+    fresh,
+    parse_exit,
+    parse_message,
+    parse_started,
+    safe_text,
+)
+from banger.host.runner import size_text
+
+if TYPE_CHECKING:
+    from banger.host.agent_client import AgentConnection
+
+log = logging.getLogger(__name__)
+# After SIGKILL an honest agent still drains what the pipes held (64 KiB each, a pty's
+# buffer): more than this past the cap is a guest that ignores the kill.
+_KILL_GRACE = 1 << 20
+
+OutputCallback = Callable[[Stream, bytes], None]
+
+
+@dataclass
+class ExecState:
+    """What the reader thread knows of one exec; guarded by the connection's lock."""
+
+    argv: tuple[str, ...]
+    on_output: OutputCallback | None
+    queue: deque[tuple[Stream, bytes]] = field(default_factory=deque)
+    pid: int | None = None
+    started: bool = False
+    status: ExitStatus | None = None
+    error: AgentError | None = None
+    output_bytes: int = 0
+    killed: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return self.status is not None or self.error is not None
+
+
+class Exec:
+    """One command running in the guest (see :meth:`AgentConnection.exec`)."""
+
+    def __init__(self, conn: AgentConnection, chan: int, state: ExecState) -> None:
+        self._conn = conn
+        self.chan = chan
+        self._state = state
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self._state.argv
+
+    @property
+    def pid(self) -> int | None:
+        """The command's pid in the guest (known once STARTED came)."""
+        return self._state.pid
+
+    def write_stdin(self, data: bytes) -> None:
+        """Send ``data`` to the command's stdin (split into frames as needed).
+
+        Raises :class:`ExecEnded` once the exec has ended (or was killed), also part way.
+        """
+        view = memoryview(data)
+        for start in range(0, len(data), MAX_BODY):
+            self._conn.send_data(self.chan, Kind.STDIN, bytes(view[start:start + MAX_BODY]),
+                                 self._live())
+
+    def close_stdin(self) -> None:
+        """Close the command's stdin (with a pty: the terminal's EOF character)."""
+        self._conn.send_request_frame(self.chan, Kind.STDIN_EOF, [], self._live())
+
+    def signal(self, signo: int) -> None:
+        """Send signal ``signo`` to the command (its process group with a pty)."""
+        if not self._state.ended:
+            self._conn.send_request_frame(self.chan, Kind.SIGNAL,
+                                          [(SignalTag.SIGNO, int(signo))], self.what())
+
+    def kill(self) -> None:
+        self.signal(signals.SIGKILL)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of the command's pty."""
+        self._conn.send_request_frame(
+            self.chan, Kind.RESIZE, [(ResizeTag.ROWS, rows), (ResizeTag.COLS, cols)],
+            self._live())
+
+    def _live(self) -> str:
+        if self._state.ended:
+            raise ExecEnded(f"{self.what()} has already ended")
+        return self.what()
+
+    def what(self) -> str:
+        return f"exec {self.chan} ({safe_text(' '.join(self._state.argv), 80)})"
+
+    def wait(self, timeout: float) -> ExitStatus:
+        """Wait for the command to end; raise the error that ended it otherwise.
+
+        Output nobody reads (no callback, :meth:`output` not iterated) fills the exec's
+        queue and then stalls the connection: read it, or this times out.
+        """
+        cond, st = self._conn.cond, self._state
+        with cond:
+            if not cond.wait_for(lambda: st.ended, timeout):
+                full = (" (its output queue is full: read Exec.output() or pass on_output)"
+                        if len(st.queue) >= self._conn.max_queued else "")
+                raise AgentTimeout(f"{self.what()} did not end within {timeout} s{full}")
+            if st.error is not None:
+                raise fresh(st.error)
+            assert st.status is not None
+            return st.status
+
+    def output(self, timeout: float) -> Iterator[tuple[Stream, bytes]]:
+        """(stream, bytes) as the command prints them, until it ends.
+
+        Each piece is awaited for at most ``timeout`` seconds. Ends normally at EXIT;
+        raises the error that ended the exec otherwise (after what came before it).
+        """
+        cond, st = self._conn.cond, self._state
+        while True:
+            with cond:
+                if not cond.wait_for(lambda: st.queue or st.ended, timeout):
+                    raise AgentTimeout(f"{self.what()} printed nothing for {timeout} s")
+                if not st.queue:
+                    if st.error is not None:
+                        raise fresh(st.error)
+                    return
+                item = st.queue.popleft()
+                cond.notify_all()
+            yield item
+
+    def collect(self, timeout: float) -> tuple[ExitStatus, bytes, bytes]:
+        """Read all output and wait for the end, within ``timeout`` seconds in all."""
+        deadline = time.monotonic() + timeout
+        out = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
+        for stream, data in self.output(timeout):
+            out[stream] += data
+            if time.monotonic() > deadline:
+                raise AgentTimeout(f"{self.what()} did not end within {timeout} s")
+        status = self.wait(max(0.0, deadline - time.monotonic()))
+        return status, bytes(out[Stream.STDOUT]), bytes(out[Stream.STDERR])
+
+
+def on_exec_frame(conn: AgentConnection, f: Frame, state: ExecState) -> bool:
+    """Apply a frame the agent sent on an exec's chan; True when it ended the chan."""
+    kind = f.kind
+    if kind == Kind.STARTED:
+        if state.started:
+            raise ProtocolError(f"a second STARTED on chan {f.chan}")
+        pid = parse_started(f.body)
+        with conn.cond:
+            state.started, state.pid = True, pid
+            late = state.error is not None
+            conn.cond.notify_all()
+        if late:  # exec() gave up on it: it is not to run on unseen
+            conn.kill(f.chan)
+        return False
+    if kind in (Kind.STDOUT, Kind.STDERR):
+        if not state.started:
+            raise ProtocolError(f"{kind_name(kind)} before STARTED on chan {f.chan}")
+        _on_output(conn, f, state)
+        return False
+    if kind == Kind.EXIT:
+        if not state.started:
+            raise ProtocolError(f"EXIT before STARTED on chan {f.chan}")
+        status = parse_exit(f.body)
+    elif kind in (Kind.EXEC_ERROR, Kind.ERROR):
+        if state.started:
+            if kind == Kind.ERROR:  # a refused STDIN/SIGNAL/RESIZE: the exec goes on
+                log.info("agent refused a request on exec %d: %s", f.chan,
+                         parse_message(f.body))
+                return False
+            raise ProtocolError(f"EXEC_ERROR after STARTED on chan {f.chan}")
+        refused = AgentRequestError(
+            f"the guest agent could not start {safe_text(' '.join(state.argv), 80)}: "
+            f"{parse_message(f.body)}")
+    else:
+        raise ProtocolError(f"{kind_name(kind)} on exec chan {f.chan}")
+    with conn.cond:
+        if state.error is None:
+            if kind == Kind.EXIT:
+                state.status = status
+            else:
+                state.error = refused
+        conn.cond.notify_all()
+    return True
+
+
+def _on_output(conn: AgentConnection, f: Frame, state: ExecState) -> None:
+    state.output_bytes += len(f.body)
+    if state.output_bytes > conn.max_output + _KILL_GRACE:
+        raise ProtocolError(f"exec {f.chan} kept printing after SIGKILL "
+                            f"({state.output_bytes} bytes)")
+    stream = Stream.STDOUT if f.kind == Kind.STDOUT else Stream.STDERR
+    if state.output_bytes > conn.max_output and not state.killed:
+        with conn.cond:
+            state.killed = True
+            state.error = state.error or OutputTooLarge(
+                f"exec {f.chan} ({safe_text(' '.join(state.argv), 80)}): its output "
+                f"exceeded {size_text(conn.max_output)}; the command was killed")
+            conn.cond.notify_all()
+        conn.kill(f.chan)
+    if state.error is not None or not f.body:
+        return
+    if state.on_output is not None:
+        state.on_output(stream, f.body)
+        return
+    with conn.cond:
+        # The backpressure: wait for the consumer, and so stop reading the guest.
+        while (len(state.queue) >= conn.max_queued and conn.failure is None
+               and state.error is None):
+            conn.cond.wait()
+        if conn.failure is None and state.error is None:
+            state.queue.append((stream, f.body))
+            conn.cond.notify_all()
