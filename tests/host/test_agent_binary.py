@@ -16,8 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from banger.host.agent_proto import MAX_BODY, Decoder, Frame, Kind, as_int, fields, frame, \
-    parse_fields
+from banger.host.agent_proto import (
+    MAX_BODY,
+    Decoder,
+    Frame,
+    Kind,
+    as_int,
+    fields,
+    frame,
+    parse_fields,
+)
 from banger.host.agentbin import ensure_agent
 
 pytestmark = pytest.mark.host
