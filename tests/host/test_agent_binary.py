@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import socket
 import subprocess
 import threading
 import time
+import tty
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,6 +212,23 @@ def test_stdin_is_piped_through(agent: Agent) -> None:
     assert (len(res.out), res.out == data, res.end) == (len(data), True, {1: 0})
 
 
+
+def test_stdin_for_a_command_that_stopped_reading_is_dropped(agent: Agent) -> None:
+    agent.exec(4, ["/usr/bin/head", "-c", "1"])
+    for _ in range(60):  # 3 MB, more than the agent queues before it stops reading
+        agent.send(Kind.STDIN, 4, b"x" * 50_000)
+    res = agent.wait(4)
+    assert (res.out, res.end) == (b"x", {1: 0})
+    assert agent.request(Kind.PING, 5) == Frame(Kind.PONG, 5, b"")
+
+
+def test_a_background_process_holding_the_output_does_not_hold_back_exit(
+        agent: Agent) -> None:
+    started = time.monotonic()
+    res = agent.run(1, ["/bin/sh", "-c", "sleep 5 & echo hi; exit 3"])
+    assert (res.out, res.end) == (b"hi\n", {1: 3})
+    assert time.monotonic() - started < 2
+
 def test_env_is_exactly_the_given_one_and_cwd_applies(agent: Agent, tmp_path: Path) -> None:
     res = agent.run(1, ["/usr/bin/env"], env=["A=1", "B=two words"])
     assert res.out == b"A=1\nB=two words\n"
@@ -381,3 +400,65 @@ def test_a_truncated_frame_then_eof_ends_cleanly(agent_bin: Path) -> None:
     a = Agent(agent_bin)
     a.sock.sendall(frame(Kind.EXEC, 1, fields([(1, "/bin/true")]))[:-3])
     assert a.close() == 0
+
+
+class PortHost:
+    """The host end of ``--port PATH``: a raw pty whose slave the agent opens through a
+    symlink the test can point at a fresh pty (a new host connection)."""
+
+    def __init__(self, link: Path) -> None:
+        self.master, slave = os.openpty()
+        tty.setraw(slave)  # bytes pass untouched, like a virtio-serial port
+        self.slave = slave
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.ttyname(slave))
+        self.decoder = Decoder()
+
+    def send(self, kind: int, chan: int, body: bytes = b"") -> None:
+        os.write(self.master, frame(kind, chan, body))
+
+    def recv(self) -> Frame:
+        frames: list[Frame] = []
+        deadline = time.monotonic() + WAIT
+        while not frames:
+            assert time.monotonic() < deadline, "agent did not answer on the port"
+            if select.select([self.master], [], [], 0.5)[0]:
+                frames = self.decoder.feed(os.read(self.master, 1 << 16))
+        assert len(frames) == 1, frames
+        return frames[0]
+
+    def close(self) -> None:
+        os.close(self.slave)
+        os.close(self.master)
+
+
+def cpu_seconds(pid: int) -> float:
+    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_port_mode_says_hello_again_after_the_host_comes_back(
+        agent_bin: Path, tmp_path: Path) -> None:
+    link = tmp_path / "port"
+    host = PortHost(link)
+    proc = subprocess.Popen([str(agent_bin), "--port", str(link)])
+    try:
+        assert host.recv().kind == Kind.HELLO
+        host.send(Kind.EXEC, 1, fields([(1, "/bin/sleep"), (1, "100")]))
+        assert host.recv().kind == Kind.STARTED
+        host.close()  # the host goes away: the agent retries, every 100 ms, not in a spin
+        time.sleep(0.3)
+        before = cpu_seconds(proc.pid)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        assert cpu_seconds(proc.pid) - before < 0.2
+        host = PortHost(link)
+        hello = host.recv()
+        assert hello.kind == Kind.HELLO
+        host.send(Kind.SIGNAL, 1, fields([(1, 9)]))  # the exec kept running meanwhile
+        end = host.recv()
+        assert (end.kind, parse_fields(end.body)) == (Kind.EXIT, [(2, (9).to_bytes(8, "big"))])
+    finally:
+        proc.kill()
+        proc.wait()
+        host.close()
