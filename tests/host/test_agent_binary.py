@@ -5,6 +5,7 @@ exec paths (pipes, pty, signals, concurrency, large output) and hostile input.""
 from __future__ import annotations
 
 import os
+import random
 import re
 import select
 import socket
@@ -462,3 +463,32 @@ def test_port_mode_says_hello_again_after_the_host_comes_back(
         proc.kill()
         proc.wait()
         host.close()
+
+
+def test_random_frames_never_crash_it(agent: Agent) -> None:
+    rng = random.Random(1234)
+    agent.exec(1, ["/bin/cat"])
+    agent.exec(2, ["/bin/cat"], pty=(24, 80))
+    # Not EXEC (random programs), TIME_SET (the clock), POWEROFF or SYNC (slow).
+    kinds = [k for k in range(256) if k not in (Kind.EXEC, Kind.TIME_SET, Kind.POWEROFF,
+                                                  Kind.SYNC)]
+    def send_all() -> None:  # in a thread: the answers must be read meanwhile
+        for _ in range(20000):
+            body = bytearray()
+            for _ in range(rng.randrange(4)):
+                size = rng.choice([0, 1, 4, 8, 8, 9, 300])
+                body += bytes([rng.randrange(1, 8)]) + size.to_bytes(4, "big")
+                body += rng.randbytes(size)
+            if rng.random() < 0.3:
+                body = body[:rng.randrange(len(body) + 1)]
+            agent.send(rng.choice(kinds), rng.choice([0, 1, 2, 3]), bytes(body))
+        agent.send(Kind.PING, 99)
+
+    t = threading.Thread(target=send_all)
+    t.start()
+    while (f := agent.recv()).chan != 99:
+        assert f.kind in (Kind.ERROR, Kind.STDOUT, Kind.STDERR, Kind.EXIT, Kind.STATS,
+                          Kind.PONG), f
+    t.join()
+    assert f == Frame(Kind.PONG, 99, b"")
+    assert agent.proc.poll() is None
