@@ -418,7 +418,7 @@ static void do_exec(uint32_t chan, const unsigned char *b, size_t n) {
             int64_t x;
             if (!as_i64(v, len, &x) || x < 0 || x > 0xffff) {
                 send_error(ERROR, chan, "PTY_%s must be an i64 in 0..65535",
-                              tag == 4 ? "ROWS" : "COLS");
+                           tag == 4 ? "ROWS" : "COLS");
                 return;
             }
             *(tag == 4 ? &rows : &cols) = x;
@@ -450,8 +450,8 @@ static void flush_stdin(struct exec *e) {
 }
 
 static void queue_stdin(struct exec *e, const void *p, size_t n) {
-    if (e->in < 0 || (e->in_eof && !e->pty))
-        return;                  /* stdin already closed: nothing reads it */
+    if (n == 0 || e->in < 0 || (e->in_eof && !e->pty))
+        return;                  /* nothing, or stdin already closed: nothing reads it */
     if (e->qlen + n > e->qcap) {
         size_t cap = (e->qlen + n) * 2;
         unsigned char *q = realloc(e->q, cap);
