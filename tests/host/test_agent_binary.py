@@ -10,6 +10,7 @@ import re
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 import tty
@@ -246,6 +247,17 @@ def test_children_get_default_signals_an_empty_mask_and_no_agent_fds(agent: Agen
     agent.send(Kind.SIGNAL, 9, fields([(1, 9)]))
     assert agent.wait(9).end == {2: 9}
 
+
+
+def test_an_agent_started_with_sigchld_blocked_and_ignored_still_reaps(agent_bin: Path) -> None:
+    # An init may start the agent with any mask and dispositions; both are inherited.
+    start = ("import os, signal, sys; signal.signal(signal.SIGCHLD, signal.SIG_IGN); "
+             "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD}); "
+             "os.execv(sys.argv[1], sys.argv[1:])")
+    a = Agent(agent_bin, prefix=[sys.executable, "-c", start])
+    assert a.run(1, ["/bin/sh", "-c", "exit 7"]).end == {1: 7}
+    assert a.zombies() == []
+    assert a.close() == 0
 
 def test_exec_errors_name_the_cause(agent: Agent) -> None:
     res = agent.run(1, ["no-such-program-banger"])

@@ -759,6 +759,9 @@ int main(int argc, char **argv) {
         return warnx("pipe: %s", strerror(errno)), 1;
     struct sigaction sa = {.sa_handler = on_sigchld, .sa_flags = SA_RESTART | SA_NOCLDSTOP};
     sigaction(SIGCHLD, &sa, NULL);
+    sigset_t none;               /* whoever started us may have blocked SIGCHLD */
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
     signal(SIGPIPE, SIG_IGN);    /* a closed stdin pipe or channel is an errno, not death */
     if (fd_mode) {
         fcntl(chan_fd, F_SETFD, FD_CLOEXEC);
