@@ -131,21 +131,13 @@ class Agent:
         return self.recv(chan)
 
     def zombies(self) -> list[str]:
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                parts = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if parts[0] == "Z" and int(parts[1]) == self.proc.pid:
-                found.append(stat.parent.name)
-        return found
+        kids = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [k for k in kids.split()
+                if Path(f"/proc/{k}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"]
 
     def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
         assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace")
+        return "(running)" if self.proc.poll() is None else self.proc.stderr.read().decode()
 
     def close(self) -> int:
         self.sock.close()
