@@ -418,23 +418,28 @@ class PortHost:
         link.unlink(missing_ok=True)
         link.symlink_to(os.ttyname(slave))
         self.decoder = Decoder()
+        self.pending: list[Frame] = []  # decoded, not yet received (one read may hold several)
 
     def send(self, kind: int, chan: int, body: bytes = b"") -> None:
         os.write(self.master, frame(kind, chan, body))
 
     def recv(self) -> Frame:
-        frames: list[Frame] = []
         deadline = time.monotonic() + WAIT
-        while not frames:
+        while not self.pending:
             assert time.monotonic() < deadline, "agent did not answer on the port"
             if select.select([self.master], [], [], 0.5)[0]:
-                frames = self.decoder.feed(os.read(self.master, 1 << 16))
-        assert len(frames) == 1, frames
-        return frames[0]
+                self.pending += self.decoder.feed(os.read(self.master, 1 << 16))
+        return self.pending.pop(0)
 
     def close(self) -> None:
         os.close(self.slave)
         os.close(self.master)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The agent's children still there (running or not yet reaped)."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -457,12 +462,18 @@ def test_port_mode_says_hello_again_after_the_host_comes_back(
         time.sleep(1.0)
         assert proc.poll() is None
         assert cpu_seconds(proc.pid) - before < 0.2
+        sleeper = child_pids(proc.pid)
+        assert sleeper == [], "the gone host's exec got SIGHUP and was reaped"
         host = PortHost(link)
         hello = host.recv()
         assert hello.kind == Kind.HELLO
-        host.send(Kind.SIGNAL, 1, fields([(1, 9)]))  # the exec kept running meanwhile
-        end = host.recv()
-        assert (end.kind, parse_fields(end.body)) == (Kind.EXIT, [(2, (9).to_bytes(8, "big"))])
+        # A new session: the old chan 1 is void (nothing arrives for it) and free again.
+        host.send(Kind.SIGNAL, 1, fields([(1, 9)]))
+        refused = host.recv()
+        assert (refused.kind, refused.chan) == (Kind.ERROR, 1)
+        host.send(Kind.EXEC, 1, fields([(1, "/bin/echo"), (1, "again")]))
+        assert [f.kind for f in (host.recv(), host.recv(), host.recv())] == [
+            Kind.STARTED, Kind.STDOUT, Kind.EXIT]
     finally:
         proc.kill()
         proc.wait()

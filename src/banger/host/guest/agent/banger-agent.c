@@ -42,6 +42,7 @@ enum {
 
 struct exec {
     bool used, pty, reaped, in_eof;
+    bool detached;               /* its host went away: nothing more is sent for it */
     uint32_t chan;
     pid_t pid;
     int status;
@@ -87,9 +88,32 @@ static void put32(unsigned char *p, uint32_t v) {
 
 /* ---- the channel ---------------------------------------------------------------- */
 
+static void close_fd(int *fd);
+
+/* A HELLO starts a session (docs/agent-protocol.md): the execs of the session that just
+ * ended belong to a host that is gone. They get SIGHUP, as from a terminal that hung up,
+ * and are reaped in silence; their chans are free for the next host, which numbers its
+ * own from 1 again. */
+static void detach_execs(void) {
+    for (int i = 0; i < MAX_EXECS; i++) {
+        struct exec *e = &execs[i];
+        if (!e->used || e->detached)
+            continue;
+        e->detached = true;
+        e->chan = 0;
+        if (!e->reaped)
+            kill(e->pty ? -e->pid : e->pid, SIGHUP);
+        close_fd(&e->in);
+        free(e->q);
+        e->q = NULL;
+        e->qlen = e->qcap = 0;
+    }
+}
+
 static void lost_channel(void) {
     if (fd_mode)
         exit(0);                 /* tests: the host closed its end */
+    detach_execs();
     if (chan_fd >= 0)
         close(chan_fd);
     chan_fd = -1;
@@ -267,6 +291,8 @@ static bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
 /* ---- execs ---------------------------------------------------------------------- */
 
 static struct exec *find_exec(uint32_t chan) {
+    if (chan == 0)
+        return NULL;             /* 0 is the connection's, and a detached exec's */
     for (int i = 0; i < MAX_EXECS; i++)
         if (execs[i].used && execs[i].chan == chan)
             return &execs[i];
@@ -472,7 +498,8 @@ static bool pump(struct exec *e, int *fd, int kind) {
     ssize_t n = read(*fd, out + HDR, MAX_BODY);
     if (n > 0) {
         outlen = HDR + (size_t)n;
-        send_frame(kind, e->chan);
+        if (!e->detached)
+            send_frame(kind, e->chan);
         return true;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
@@ -499,7 +526,8 @@ static void maybe_finish(struct exec *e) {
         put_i64(2, WTERMSIG(e->status));
     else
         put_i64(1, WEXITSTATUS(e->status));
-    send_frame(EXIT, e->chan);
+    if (!e->detached)
+        send_frame(EXIT, e->chan);
     close_fd(&e->in);
     free(e->q);
     *e = (struct exec){.used = false};
