@@ -113,8 +113,8 @@ class QemuVmm:
         with self._users.free() as runas:
             # Once launched, the process itself marks its uid as taken.
             pid = qemu.launch(spec, accel.accel, runas)
-        # No guest agent yet: banger reaches the guest over ssh.
-        return Launched(pid=pid, control_socket=spec.control_socket, accel=accel)
+        return Launched(pid=pid, control_socket=spec.control_socket, accel=accel,
+                        agent=qemu_cmdline.agent_socket(spec))
 
     def alive(self, pid: int, control_socket: Path) -> bool:
         return vmmproc.pid_alive(pid) and vmmproc.pid_is_qemu_for(pid, control_socket)
