@@ -204,7 +204,8 @@ def cached_image(name: str) -> imagebuild.ImageArtifacts:
     if imagebuild.is_current(d):
         return imagebuild.load_image(d)
     return imagebuild.build_default_image(d, variant=imagebuild.IMAGE_VARIANTS[name],
-                                          on_progress=lambda s: print(f"image: {s}"))
+                                          on_progress=lambda s: print(f"image: {s}"),
+                                          agent_cache=IMAGES_DIR.parent)
 
 
 @pytest.fixture(scope="session")

@@ -206,7 +206,7 @@ def test_agent_socket_path_limit() -> None:
     # 98 bytes of directory: qmp.sock fits in 107 bytes, agent.sock does not.
     d = Path("/" + "x" * 97)
     assert len(str(d / "qmp.sock")) <= qemu.UNIX_PATH_MAX < len(str(d / "agent.sock"))
-    with pytest.raises(VmmError, match="guest agent socket path .* Unix socket limit"):
+    with pytest.raises(VmmError, match=r"guest agent socket path .* Unix socket limit"):
         qemu_argv(cfg(d), tsc_khz=1)
 
 
