@@ -200,7 +200,7 @@ class FakeVmm:
         for p in self.procs.values():
             if p.spec.control_socket == control_socket:
                 port = p.spec.net.ssh_port if isinstance(p.spec.net, UserNet) else None
-                return Rediscovered(p.pid, port)
+                return Rediscovered(p.pid, port, agent=p.spec.runtime_dir / "agent.sock")
         return None
 
 

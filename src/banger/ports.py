@@ -185,6 +185,7 @@ class Launched:
 class Rediscovered:
     pid: int
     ssh_port: int | None
+    agent: Path | None = None  # the guest agent's channel, if the VMM serves one
 
 
 class VmmPort(Protocol):

@@ -286,6 +286,7 @@ def test_reconcile_keeps_live_vm_with_corrupt_handles(env) -> None:  # type: ign
     assert states == {"live": VMState.RUNNING, "dead": VMState.STOPPED}
     h = svc2.ctx.handles.get(vm.id)
     assert h is not None and h.pid == pid
+    assert h.agent == str(layout.vm(vm.id).agent_socket), "the agent's channel is found too"
     assert svc2.show("live").handles is not None
     assert not layout.vm(dead.id).sock_dir.exists()
 

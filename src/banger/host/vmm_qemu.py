@@ -137,7 +137,12 @@ class QemuVmm:
         pid = vmmproc.find_qemu_pid(control_socket)
         if pid is None:
             return None
-        return Rediscovered(pid, vmmproc.ssh_port_of(pid))
+        # The agent's socket sits next to the control socket (both in the VM's runtime
+        # dir, which is named by its id).
+        sock_dir = control_socket.parent
+        agent = sock_dir / ResourceNames(sock_dir.name).agent_socket
+        return Rediscovered(pid, vmmproc.ssh_port_of(pid),
+                            agent=agent if agent.exists() else None)
 
 
 def _user_key(runas: vmmuser.RunAs | None) -> list[int] | None:
