@@ -49,6 +49,12 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     assert boot_id == hello.boot_id == vm.ssh("cat /proc/sys/kernel/random/boot_id"
                                                ).stdout.strip()
     assert release == vm.ssh("uname -r").stdout.strip()
+    # No udev: the port is a devtmpfs node (/dev/vportNp1, N as the virtio devices were
+    # enumerated), found by the name sysfs gives it.
+    port = vm.ssh("for p in /sys/class/virtio-ports/*; do "
+                  "echo ${p##*/} $(cat $p/name); done; ls /dev/vport*")
+    name, label, node = port.stdout.split()
+    assert (label, node) == ("banger.agent", f"/dev/{name}"), port.stdout + port.stderr
     # busybox init respawns the agent: killed, it says hello again.
     assert vm.ssh("pkill -KILL -x banger-agent").returncode == 0
     assert agent_uname(qemu_cmdline.agent_socket(vm.cfg)) == (boot_id, release)
