@@ -146,6 +146,23 @@ def test_readiness_is_the_agents_hello_and_its_boot_id_is_the_guests(env) -> Non
     assert said is not None and "said hello after" in said and vm.boot_id in said
 
 
+def test_agent_and_ssh_waits_share_one_ready_timeout(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.ctx.timeouts = replace(svc.ctx.timeouts, ready=30.0)
+    svc.host.agent.hello_delay = 0.5  # type: ignore[attr-defined]
+    given: list[float] = []
+    wait_ready = guest.wait_ready
+
+    def recording(**kw):  # type: ignore[no-untyped-def]
+        given.append(kw["timeout"])
+        return wait_ready(**kw)
+
+    guest.wait_ready = recording
+    svc.create(name="budget", spec=VMSpec())
+    (timeout,) = given
+    assert 20.0 < timeout <= 29.5, "ssh gets what the agent's wait left, not a fresh 30 s"
+
+
 def test_vmm_dies_while_waiting_for_the_agent(env) -> None:  # type: ignore[no-untyped-def]
     # The guest booted part way, then its VMM died: the wait ends at once (not at the
     # ready timeout), the start fails at wait_agent and everything is rolled back.

@@ -40,6 +40,8 @@ from banger.ports import (
 )
 
 MIB = 1024 * 1024
+# The least time sshd gets after the agent's HELLO, whatever is left of the ready timeout.
+SSH_GRACE = 10.0
 
 
 @dataclass
@@ -66,6 +68,9 @@ class StartContext:
     ssh_host: str = "127.0.0.1"
     pid: int | None = None
     agent: Path | None = None  # the guest agent's channel (Launched.agent)
+    # When readiness (the agent's HELLO, then sshd) must be reached: one ready_timeout
+    # for both waits (time.monotonic()).
+    ready_by: float | None = None
     boot_id: str | None = None
     config: Config = field(default_factory=Config)
 
@@ -343,6 +348,7 @@ def _wait_agent(ctx: StartContext) -> None:
         raise OperationFailed(f"the {ctx.host.vmm.name} driver gave no guest agent "
                               f"channel: banger cannot tell when the guest is ready")
     started = time.monotonic()
+    ctx.ready_by = started + ctx.ready_timeout
     hello = ctx.host.agent.wait_hello(
         channel=ctx.agent, timeout=ctx.ready_timeout, serial_log=ctx.paths.serial_log,
         alive=_vmm_alive(ctx))
@@ -355,8 +361,11 @@ def _wait_agent(ctx: StartContext) -> None:
 
 
 def _wait_ssh(ctx: StartContext) -> None:
+    # What the agent's wait left of the ready timeout (a few seconds at least: sshd
+    # starts right after the agent, a guest that said hello is up).
+    left = ctx.ready_timeout if ctx.ready_by is None else ctx.ready_by - time.monotonic()
     ctx.host.guest.wait_ready(
-        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
+        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=max(left, SSH_GRACE),
         serial_log=ctx.paths.serial_log, alive=_vmm_alive(ctx))
 
 
