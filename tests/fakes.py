@@ -22,6 +22,7 @@ from banger.model.errors import InvalidRequest, OperationFailed
 from banger.model.layout import Layout
 from banger.ports import (
     Accel,
+    AgentHello,
     Endpoint,
     HostPorts,
     ImageInfo,
@@ -161,10 +162,12 @@ class FakeVmm:
         pid = next(self._pids)
         spec.control_socket.parent.mkdir(parents=True, exist_ok=True)
         spec.control_socket.write_text("sock")
+        agent = spec.runtime_dir / "agent.sock"
+        agent.write_text("sock")
         self.launched.append(spec)
         if not self.die_on_launch:
             self.procs[pid] = FakeProc(pid, spec)
-        return Launched(pid, spec.control_socket, self.accel())
+        return Launched(pid, spec.control_socket, self.accel(), agent=agent)
 
     def alive(self, pid: int, control_socket: Path) -> bool:
         p = self.procs.get(pid)
@@ -197,8 +200,39 @@ class FakeVmm:
         for p in self.procs.values():
             if p.spec.control_socket == control_socket:
                 port = p.spec.net.ssh_port if isinstance(p.spec.net, UserNet) else None
-                return Rediscovered(p.pid, port)
+                return Rediscovered(p.pid, port, agent=p.spec.runtime_dir / "agent.sock")
         return None
+
+
+class FakeAgent:
+    """The guest agents of the FakeVmm's VMs: each says HELLO (after ``hello_delay``,
+    polling alive() as the real wait does) with a boot id of its own per launch."""
+
+    def __init__(self, vmm: FakeVmm) -> None:
+        self.vmm = vmm
+        self.hello_delay = 0.0
+        self.hello_error: Exception | None = None
+        self.waits: list[Path] = []
+        # Called on each poll of the wait (a test kills the VMM mid-wait with it).
+        self.on_poll: Callable[[], None] = lambda: None
+
+    def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
+                   alive: Callable[[], bool]) -> AgentHello:
+        self.waits.append(channel)
+        until = time.monotonic() + self.hello_delay
+        while True:
+            self.on_poll()
+            if not alive():
+                raise RuntimeError("the VM process exited while waiting for the guest "
+                                   "agent's HELLO")
+            if time.monotonic() >= until:
+                break
+            time.sleep(0.02)
+        if self.hello_error is not None:
+            raise self.hello_error
+        (proc,) = [p for p in self.vmm.procs.values()
+                   if p.spec.runtime_dir / "agent.sock" == channel]
+        return AgentHello(boot_id=f"guest-boot-{proc.pid}", version="0.1.0-fake")
 
 
 class FakeGuest:
@@ -336,8 +370,8 @@ class FakeNet:
 def fake_host(root: Path) -> tuple[HostPorts, FakeImages, FakeDisks, FakeVmm, FakeGuest]:
     images, disks, vmm = FakeImages(root), FakeDisks(), FakeVmm()
     guest = FakeGuest(vmm)
-    return (HostPorts(images, disks, vmm, guest, FakeWorkspace(), FakeNet()), images, disks,
-            vmm, guest)
+    return (HostPorts(images, disks, vmm, guest, FakeWorkspace(), FakeNet(), FakeAgent(vmm)),
+            images, disks, vmm, guest)
 
 
 def fake_service(root: Path, layout: Layout, *, load_config: Callable[[], Config] = Config

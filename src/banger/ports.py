@@ -185,6 +185,7 @@ class Launched:
 class Rediscovered:
     pid: int
     ssh_port: int | None
+    agent: Path | None = None  # the guest agent's channel, if the VMM serves one
 
 
 class VmmPort(Protocol):
@@ -277,6 +278,25 @@ class GuestPort(Protocol):
         """The guest's listening TCP and UDP sockets, each (proto, address, port) once."""
 
 
+@dataclass(frozen=True)
+class AgentHello:
+    """The guest agent's greeting: the guest booted, its agent runs, the channel works."""
+
+    boot_id: str  # the guest kernel's boot id (/proc/sys/kernel/random/boot_id)
+    version: str  # the agent's version
+
+
+class AgentPort(Protocol):
+    """The guest agent (``banger-agent``) over the channel a VMM driver serves
+    (``Launched.agent``)."""
+
+    def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
+                   alive: Callable[[], bool]) -> AgentHello:
+        """Connect to the agent's channel and wait for its HELLO, polling ``alive()``
+        throughout (False: the VMM is gone; it may raise to end the wait, e.g. a cancel).
+        A dead VMM or the timeout raise an error carrying the serial log's last lines."""
+
+
 class NetPort(Protocol):
     """Host networking for tap mode: bridge, taps, NAT (all idempotent; "already gone" is
     success)."""
@@ -313,3 +333,4 @@ class HostPorts:
     guest: GuestPort
     workspace: WorkspacePort
     net: NetPort
+    agent: AgentPort

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from banger.host import disks, imagebuild, kvm, qemu_cmdline, ssh, vmmproc
+from banger.host.agent_client import AgentConnection
 from banger.ports import LaunchSpec
 from tests.vmspec import ssh_port, user_spec
 
@@ -192,6 +194,28 @@ def finish(b: Banger, extra_check: Callable[[], None] | None = None) -> None:
 
 # --- host-level boot fixtures (no daemon): the driver, disks and ssh on their own ---
 
+AGENT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LC_ALL": "C"}
+
+
+def agent_uname(channel: Path) -> tuple[str, str]:
+    """Straight to a running guest's agent over its channel (the VMM's socket): its
+    HELLO's boot id, and ``uname -r`` run through it.
+
+    The pause first: the agent learns that the previous host went away from a hang-up on
+    its port; a host that reconnects at once may hide that hang-up from it, and then no
+    new HELLO comes (a known limit of virtio-serial: the daemon keeps one connection)."""
+    time.sleep(1.0)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(channel))
+    with AgentConnection(sock, name="e2e") as conn:
+        hello = conn.wait_hello(30)
+        status, out, err = conn.exec(["uname", "-r"], env=AGENT_ENV).collect(30)
+    assert status.returncode == 0, err
+    return hello.boot_id, out.decode().strip()
+
+
 DEFAULT_IMAGE_DIR = IMAGES_DIR / "debian-bookworm"
 
 
@@ -204,7 +228,8 @@ def cached_image(name: str) -> imagebuild.ImageArtifacts:
     if imagebuild.is_current(d):
         return imagebuild.load_image(d)
     return imagebuild.build_default_image(d, variant=imagebuild.IMAGE_VARIANTS[name],
-                                          on_progress=lambda s: print(f"image: {s}"))
+                                          on_progress=lambda s: print(f"image: {s}"),
+                                          agent_cache=IMAGES_DIR.parent)
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from banger.host import disks, qemu, ssh, vmmproc
+from banger.host import disks, qemu, qemu_cmdline, ssh, vmmproc
+from banger.host.guest_agent import LocalAgent
 
-from .conftest import Vm
+from .conftest import Vm, agent_uname
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -20,6 +21,11 @@ BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core machine
 
 def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     pid = qemu.launch(vm.cfg, vm.accel)
+    # The agent says HELLO first (it starts before sshd); then ssh answers too.
+    hello = LocalAgent().wait_hello(channel=qemu_cmdline.agent_socket(vm.cfg),
+                                    timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
+                                    alive=lambda: vmmproc.pid_alive(pid))
+    print(f"boot to the agent's hello: guest boot id {hello.boot_id}")
     waited = ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
                             serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
@@ -37,6 +43,21 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     zombies = vm.ssh("sh -c '(sleep 0.2 &) ; sleep 1; ps -eo stat= | grep -c ^Z'")
     assert zombies.stdout.strip() == "0"
     assert vmmproc.qmp_status(vm.cfg.control_socket) == "running"
+    # The agent runs the guest's commands: the same kernel ssh sees, the boot id its
+    # hello said (a second connection: the agent took the first one's end in its stride).
+    boot_id, release = agent_uname(qemu_cmdline.agent_socket(vm.cfg))
+    assert boot_id == hello.boot_id == vm.ssh("cat /proc/sys/kernel/random/boot_id"
+                                               ).stdout.strip()
+    assert release == vm.ssh("uname -r").stdout.strip()
+    # No udev: the port is a devtmpfs node (/dev/vportNp1, N as the virtio devices were
+    # enumerated), found by the name sysfs gives it.
+    port = vm.ssh("for p in /sys/class/virtio-ports/*; do "
+                  "echo ${p##*/} $(cat $p/name); done; ls /dev/vport*")
+    name, label, node = port.stdout.split()
+    assert (label, node) == ("banger.agent", f"/dev/{name}"), port.stdout + port.stderr
+    # busybox init respawns the agent: killed, it says hello again.
+    assert vm.ssh("pkill -KILL -x banger-agent").returncode == 0
+    assert agent_uname(qemu_cmdline.agent_socket(vm.cfg)) == (boot_id, release)
 
     vm.assert_powers_off(pid, "banger-poweroff", within=10)
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from banger.host import qemu, ssh, vmmproc
+from banger.host import qemu, qemu_cmdline, ssh, vmmproc
+from banger.host.guest_agent import LocalAgent
 
-from .conftest import Vm
+from .conftest import Vm, agent_uname
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -17,10 +18,23 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     vm = systemd_vm
     assert "banger.init=systemd" in vm.cfg.boot.cmdline.split()
     pid = qemu.launch(vm.cfg, vm.accel)
+    channel = qemu_cmdline.agent_socket(vm.cfg)
+    hello = LocalAgent().wait_hello(channel=channel, timeout=BOOT_TIMEOUT,
+                                    serial_log=vm.cfg.serial_log,
+                                    alive=lambda: vmmproc.pid_alive(pid))
     waited = ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
                             serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
     print(f"systemd image, boot to ssh: {waited:.1f} s ({vm.accel})")
+    # The agent runs under systemd as its own early unit, restarted if it dies.
+    boot_id, release = agent_uname(channel)
+    assert boot_id == hello.boot_id
+    assert release == vm.ssh("uname -r").stdout.strip()
+    agent_unit = vm.ssh("systemctl is-active banger-agent.service; "
+                        "systemctl show -p Restart --value banger-agent.service")
+    assert agent_unit.stdout.split() == ["active", "always"], agent_unit.stderr
+    assert vm.ssh("systemctl kill -s KILL banger-agent.service").returncode == 0
+    assert agent_uname(channel) == (boot_id, release)
     serial = vm.cfg.serial_log.read_text()
     assert "handing PID 1 to systemd" in serial
     assert "sshd started" in serial  # from banger-sshd-ready.service

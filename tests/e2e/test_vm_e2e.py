@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from banger.host import imagebuild
-from tests.e2e.conftest import Banger, assert_nothing_left, make_banger, qemu_pids
+from tests.e2e.conftest import (
+    Banger,
+    agent_uname,
+    assert_nothing_left,
+    make_banger,
+    qemu_pids,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +30,14 @@ def test_run_returns_guest_exit_code_and_keeps_vm(banger: Banger) -> None:
     assert proc.returncode == 42, proc.stderr
     assert "started bangerd" in proc.stderr  # autostart is announced
     assert "ready in" in proc.stderr
+    # Readiness is the agent's hello, before ssh; the agent runs commands for the host.
+    assert "✓ wait_agent" in proc.stderr and "said hello after" in proc.stderr
+    assert proc.stderr.index("✓ wait_agent") < proc.stderr.index("✓ wait_ssh")
     vm = banger.show("ec")
+    channel = banger.home / "run" / "vms" / str(vm["id"]) / "agent.sock"
+    boot_id, release = agent_uname(channel)
+    assert boot_id == vm["boot_id"], "the recorded boot id is the guest's own"
+    assert release == banger.run("vm", "ssh", "ec", "--", "uname", "-r").stdout.strip()
     assert vm["state"] == "running", "a VM run with -- cmd and no --rm stays running"
     # argv arrives intact; a signal becomes 128+n.
     out = banger.run("vm", "ssh", "ec", "--", "printf", "%s|", "a b", "c'd", "$HOME")
@@ -122,7 +135,8 @@ def test_lifecycle_persistence_and_set(banger: Banger) -> None:
 
 @pytest.mark.parametrize("stage", ["preflight", "cleanup_runtime", "socket_dir",
                                    "system_overlay", "work_disk", "port_forward",
-                                   "qemu_launch", "wait_ssh", "post_start_features"])
+                                   "qemu_launch", "wait_agent", "wait_ssh",
+                                   "post_start_features"])
 def test_failpoint_at_every_stage_leaves_nothing(image_dir: Path, stage: str) -> None:
     b = make_banger(images_dir=image_dir, extra_env={"BANGER_FAILPOINT": stage})
     try:
@@ -165,7 +179,7 @@ def test_vmm_dying_right_after_launch_is_reported(banger: Banger) -> None:
     assert proc.returncode == 1
     vm = banger.show("dies")
     assert vm["state"] == "error"
-    assert vm["last_error_stage"] in ("qemu_launch", "wait_ssh")
+    assert vm["last_error_stage"] in ("qemu_launch", "wait_agent")
     assert "exit" in str(vm["last_error"]).lower()
     assert qemu_pids(str(banger.home)) == []
     banger.run("vm", "delete", "dies")

@@ -76,6 +76,14 @@ def test_launch_observe_and_quit(vmdir: Path) -> None:
     assert vmmproc.find_qemu_pid(cfg.control_socket) == pid
     assert vmmproc.qmp_status(cfg.control_socket) == "running"
     assert not vmmproc.port_is_free(ssh_port(cfg))
+    # The guest agent's channel: QEMU serves the socket the launch bound, and a daemon
+    # that lost its handles finds it again next to the control socket.
+    agent = qemu_cmdline.agent_socket(cfg)
+    assert agent == vmdir / "agent.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.connect(str(agent))
+    found = QemuVmm().rediscover(cfg.control_socket)
+    assert found is not None and (found.pid, found.agent) == (pid, agent)
     with pytest.raises(VmmError, match="already running"):
         qemu.launch(cfg, "tcg")
     assert vmmproc.qmp_quit(cfg.control_socket)
@@ -86,6 +94,9 @@ def test_launch_observe_and_quit(vmdir: Path) -> None:
     assert vmmproc.find_qemu_pid(cfg.control_socket) is None
     assert vmmproc.port_is_free(ssh_port(cfg))
     assert vmmproc.qmp_status(cfg.control_socket) is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe, \
+            pytest.raises((ConnectionRefusedError, FileNotFoundError)):
+        probe.connect(str(agent))  # nobody serves it once QEMU is gone (QEMU removes it)
 
 
 def test_kill_and_wait(vmdir: Path) -> None:
@@ -125,6 +136,7 @@ def test_immediate_death_is_reported_with_the_log(vmdir: Path) -> None:
     assert "kernel" in str(err.value)  # QEMU's own complaint, from the log tail
     assert vmmproc.find_qemu_pid(cfg.control_socket) is None
     assert not cfg.control_socket.exists()
+    assert not qemu_cmdline.agent_socket(cfg).exists()
 
 
 def test_missing_file_is_named_before_qemu_starts(vmdir: Path) -> None:

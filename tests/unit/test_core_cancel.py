@@ -80,6 +80,20 @@ def test_cancel_during_the_readiness_wait_ends_it_at_once(env) -> None:  # type:
     assert not svc.layout.vm(vm.id).root_disk.exists()
 
 
+def test_cancel_while_waiting_for_the_agent_ends_it_at_once(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.host.agent.hello_delay = 30.0  # type: ignore[attr-defined]
+    control, log = OpControl(), []
+    started = time.monotonic()
+    with pytest.raises(Cancelled) as info:
+        svc.create(name="slow-agent", spec=VMSpec(),
+                   sink=cancel_when(control, "run", "wait_agent", log), control=control)
+    assert time.monotonic() - started < 5, "the agent wait polls the cancel"
+    assert info.value.stage == "wait_agent"
+    assert [p.kind for p in log if p.stage == "qemu_launch"][-2:] == ["undo", "undone"]
+    assert_no_runtime_leak(svc, vmm, svc.resolve("slow-agent").id)
+
+
 def test_cancel_through_the_registry_by_op_id(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
     guest.ready_delay = 30.0

@@ -85,7 +85,7 @@ def test_restart_is_the_stop_steps_then_the_start_steps(env) -> None:  # type: i
     ran = [s for k, s in steps_of(seen) if k == "run"]
     assert ran == ["guest_poweroff", "release_runtime", "preflight", "cleanup_runtime",
                    "socket_dir", "system_overlay", "work_disk", "port_forward",
-                   "qemu_launch", "wait_ssh", "post_start_features"]
+                   "qemu_launch", "wait_agent", "wait_ssh", "post_start_features"]
     ops = {svc.ctx.ops._oplog.get(e.op_id)["kind"]  # type: ignore[attr-defined]
            for e in seen}
     assert ops == {"stop", "start"}

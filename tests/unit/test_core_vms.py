@@ -47,8 +47,8 @@ def assert_no_runtime_leak(svc: VMService, vmm: FakeVmm, vm_id: str) -> None:
 def test_stage_names_are_banger_names(env) -> None:  # type: ignore[no-untyped-def]
     svc = env[0]
     assert stage_names(svc) == ["preflight", "cleanup_runtime", "socket_dir", "system_overlay",
-                                "work_disk", "port_forward", "qemu_launch", "wait_ssh",
-                                "post_start_features"]
+                                "work_disk", "port_forward", "qemu_launch", "wait_agent",
+                                "wait_ssh", "post_start_features"]
 
 
 def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped-def]
@@ -57,7 +57,7 @@ def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped
     vm = svc.create(name="box", spec=VMSpec(vcpus=2, memory_mib=1024), sink=events.append)
     assert vm.state is VMState.RUNNING and vm.boot_id
     oks = [e.stage for e in events if e.kind == "ok"]
-    assert oks[-2:] == ["wait_ssh", "post_start_features"]
+    assert oks[-3:] == ["wait_agent", "wait_ssh", "post_start_features"]
     paths = layout.vm(vm.id)
     files = disks.work_files[paths.work_disk]
     assert files[".banger/hostname"][0] == b"box\n"
@@ -120,12 +120,74 @@ def test_failure_at_every_stage_leaks_nothing(env, fresh: bool) -> None:  # type
 def test_vmm_dies_right_after_launch(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, *_ = env
     vmm.die_on_launch = True
-    with pytest.raises(OperationFailed, match="wait_ssh") as info:
+    with pytest.raises(OperationFailed, match="wait_agent") as info:
         svc.create(name="dies", spec=VMSpec())
     assert "exited" in str(info.value)
     vm = svc.resolve("dies")
-    assert vm.state is VMState.ERROR and vm.last_error_stage == "wait_ssh"
+    assert vm.state is VMState.ERROR and vm.last_error_stage == "wait_agent"
     assert_no_runtime_leak(svc, vmm, vm.id)
+
+
+def test_readiness_is_the_agents_hello_and_its_boot_id_is_the_guests(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    events: list[Progress] = []
+    vm = svc.create(name="hi", spec=VMSpec(), sink=events.append)
+    (pid,) = vmm.procs
+    paths = svc.layout.vm(vm.id)
+    agent = svc.host.agent
+    assert agent.waits == [paths.agent_socket]  # type: ignore[attr-defined]
+    # The boot id banger records is the one the guest's kernel gave itself.
+    assert vm.boot_id == f"guest-boot-{pid}"
+    h = svc.ctx.handles.get(vm.id)
+    assert h is not None and h.boot_id == vm.boot_id and h.agent == str(paths.agent_socket)
+    kinds = [(e.kind, e.stage) for e in events]
+    assert kinds.index(("ok", "wait_agent")) < kinds.index(("run", "wait_ssh"))
+    (said,) = [e.message for e in events if e.kind == "detail" and e.stage == "wait_agent"]
+    assert said is not None and "said hello after" in said and vm.boot_id in said
+
+
+def test_agent_and_ssh_waits_share_one_ready_timeout(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.ctx.timeouts = replace(svc.ctx.timeouts, ready=30.0)
+    svc.host.agent.hello_delay = 0.5  # type: ignore[attr-defined]
+    given: list[float] = []
+    wait_ready = guest.wait_ready
+
+    def recording(**kw):  # type: ignore[no-untyped-def]
+        given.append(kw["timeout"])
+        return wait_ready(**kw)
+
+    guest.wait_ready = recording
+    svc.create(name="budget", spec=VMSpec())
+    (timeout,) = given
+    assert 20.0 < timeout <= 29.5, "ssh gets what the agent's wait left, not a fresh 30 s"
+
+
+def test_vmm_dies_while_waiting_for_the_agent(env) -> None:  # type: ignore[no-untyped-def]
+    # The guest booted part way, then its VMM died: the wait ends at once (not at the
+    # ready timeout), the start fails at wait_agent and everything is rolled back.
+    import time
+
+    svc, vmm, guest, *_ = env
+    agent = svc.host.agent
+    agent.hello_delay = 30.0  # type: ignore[attr-defined]
+    polls = []
+
+    def die_on_third_poll() -> None:
+        polls.append(1)
+        if len(polls) == 3:
+            vmm.procs.clear()
+
+    agent.on_poll = die_on_third_poll  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with pytest.raises(OperationFailed, match="exited") as info:
+        svc.create(name="dies-booting", spec=VMSpec())
+    assert time.monotonic() - started < 10
+    assert info.value.stage == "wait_agent"
+    vm = svc.resolve("dies-booting")
+    assert vm.state is VMState.ERROR and vm.last_error_stage == "wait_agent"
+    assert_no_runtime_leak(svc, vmm, vm.id)
+    assert not svc.layout.vm(vm.id).agent_socket.exists()
 
 
 def test_wedged_vmm_fails_readiness_at_once(env) -> None:  # type: ignore[no-untyped-def]
@@ -133,7 +195,7 @@ def test_wedged_vmm_fails_readiness_at_once(env) -> None:  # type: ignore[no-unt
     vmm.stuck_status = "internal-error"
     with pytest.raises(OperationFailed, match="internal-error") as info:
         svc.create(name="wedged", spec=VMSpec())
-    assert info.value.stage == "wait_ssh"
+    assert info.value.stage == "wait_agent"
     assert_no_runtime_leak(svc, vmm, svc.resolve("wedged").id)
 
 
@@ -241,6 +303,7 @@ def test_reconcile_keeps_live_vm_with_corrupt_handles(env) -> None:  # type: ign
     assert states == {"live": VMState.RUNNING, "dead": VMState.STOPPED}
     h = svc2.ctx.handles.get(vm.id)
     assert h is not None and h.pid == pid
+    assert h.agent == str(layout.vm(vm.id).agent_socket), "the agent's channel is found too"
     assert svc2.show("live").handles is not None
     assert not layout.vm(dead.id).sock_dir.exists()
 

@@ -240,3 +240,32 @@ def test_extract_vmlinux_finds_the_lz4_payload(tmp_path: Path) -> None:
     (tmp_path / "nolz4").write_bytes(b"MZ" * 100)
     with pytest.raises(bootfiles.BootFileError, match="LZ4"):
         bootfiles.extract_vmlinux(tmp_path / "nolz4", tmp_path / "x")
+
+
+@pytest.mark.parametrize("variant", ["minimal", "systemd"])
+def test_recipe_digest_covers_the_guest_agent(monkeypatch: pytest.MonkeyPatch,
+                                              variant: str) -> None:
+    # An edited agent source makes every image stale: images rebuild with the new agent.
+    before = imagebuild.recipe_digest(variant)
+    sources = imagebuild.agentbin.read_sources()
+    edited = {name: data + b"/* edited */\n" for name, data in sources.items()}
+    monkeypatch.setattr(imagebuild.agentbin, "read_sources", lambda *a: edited)
+    assert imagebuild.recipe_digest(variant) != before
+
+
+def test_both_variants_start_the_agent() -> None:
+    guest = imagebuild.resources.files("banger.host") / "guest"
+    inittab = [line for line in (guest / "inittab").read_text().splitlines()
+               if line and not line.startswith("#")]
+    # busybox init: the agent is respawned, and started before sshd.
+    assert inittab[0] == "::respawn:/usr/local/sbin/banger-agent"
+    assert inittab[1] == "::respawn:/sbin/banger-init sshd"
+    hook = (guest / "customize-hook").read_text()
+    assert '"$root/usr/local/sbin/banger-agent"' in hook
+    # systemd: a unit of its own, started early (sysinit), restarted whenever it dies.
+    assert "banger-agent.service" in imagebuild.guest_files("systemd")
+    unit = (guest / "banger-agent.service").read_text()
+    for line in ("ExecStart=/usr/local/sbin/banger-agent", "Restart=always",
+                 "DefaultDependencies=no", "WantedBy=sysinit.target"):
+        assert line in unit.splitlines()
+    assert "sysinit.target.wants/banger-agent.service" in (guest / "systemd-tune").read_text()

@@ -25,7 +25,8 @@ def cfg(tmp: Path = Path("/vm"), *, backing: Path | None = None, **over: object)
     return dataclasses.replace(spec, **over)  # type: ignore[arg-type]
 
 
-FDS = VmmFds(root=10, work=11, serial=12, kernel=13, initrd=14, qmp=15, qmp_tag=16, base=17)
+FDS = VmmFds(root=10, work=11, serial=12, kernel=13, initrd=14, qmp=15, qmp_tag=16, agent=18,
+             base=17)
 
 
 def qemu_argv(c: LaunchSpec, *, tsc_khz: int, accel: str = "tcg") -> list[str]:
@@ -51,7 +52,8 @@ def test_microvm_tcg_command_line() -> None:
     assert opt(argv, "-kernel") == ["/proc/self/fd/13"]
     assert opt(argv, "-initrd") == ["/proc/self/fd/14"]
     assert opt(argv, "-chardev") == ["file,id=serial0,path=/dev/fdset/4,append=on",
-                                     "socket,id=qmp,fd=15,server=on,wait=off"]
+                                     "socket,id=qmp,fd=15,server=on,wait=off",
+                                     "socket,id=agent,fd=18,server=on,wait=off"]
     assert opt(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert opt(argv, "-serial") == ["chardev:serial0"]
     assert "-qmp" not in argv and "-drive" not in argv
@@ -92,7 +94,8 @@ def test_base_image_is_the_given_one_read_only() -> None:
     assert "driver=qcow2,node-name=root,file=root-file,backing=base,discard=unmap" in blockdevs
     with pytest.raises(ValueError, match="descriptor"):
         _qemu_argv(cfg(backing=Path("/img/rootfs.ext4")),
-                   VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6, qmp_tag=7),
+                   VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6, qmp_tag=7,
+                          agent=9),
                    accel="tcg", tsc_khz=1)
 
 
@@ -111,7 +114,7 @@ def test_network_is_restricted_and_forward_bound_to_loopback() -> None:
 def test_tap_is_handed_over_attached() -> None:
     c = cfg(net=TAP)
     argv = _qemu_argv(c, VmmFds(root=1, work=2, serial=3, kernel=4, initrd=5, qmp=6,
-                                qmp_tag=7, tap=8), accel="tcg", tsc_khz=1)
+                                qmp_tag=7, agent=9, tap=8), accel="tcg", tsc_khz=1)
     assert opt(argv, "-netdev") == ["tap,id=n0,fd=8"]  # QEMU opens no /dev/net/tun
     assert "virtio-net-device,netdev=n0,mac=52:54:00:00:00:01" in opt(argv, "-device")
     with pytest.raises(ValueError, match="descriptor"):
@@ -185,6 +188,26 @@ def test_split_opts_undoes_the_escape() -> None:
 def test_control_socket_path_limit() -> None:
     with pytest.raises(VmmError, match="Unix socket limit"):
         qemu_argv(cfg(Path("/" + "x" * 120)), tsc_khz=1)
+
+
+def test_guest_agent_channel_is_a_named_virtio_serial_port() -> None:
+    # microvm has no PCI: the virtio-mmio flavour of virtio-serial, one port named as
+    # banger-agent looks for it, its host end the socket the daemon bound (fd 18).
+    argv = qemu_argv(cfg(), tsc_khz=1)
+    devices = opt(argv, "-device")
+    assert devices[-2:] == ["virtio-serial-device",
+                            "virtserialport,chardev=agent,name=banger.agent"]
+    assert "socket,id=agent,fd=18,server=on,wait=off" in opt(argv, "-chardev")
+    assert 18 in FDS.all()
+    assert qemu.agent_socket(cfg()) == Path("/vm/agent.sock")
+
+
+def test_agent_socket_path_limit() -> None:
+    # 98 bytes of directory: qmp.sock fits in 107 bytes, agent.sock does not.
+    d = Path("/" + "x" * 97)
+    assert len(str(d / "qmp.sock")) <= qemu.UNIX_PATH_MAX < len(str(d / "agent.sock"))
+    with pytest.raises(VmmError, match=r"guest agent socket path .* Unix socket limit"):
+        qemu_argv(cfg(d), tsc_khz=1)
 
 
 def test_host_tsc_khz(tmp_path: Path) -> None:

@@ -128,7 +128,8 @@ class VMContext:
                 started_at=self.clock(), vmm=vmm.name,
                 accel_reason=vmm.accel().reason,
                 ssh_host=vm.guest_ip if tap and vm.guest_ip else "127.0.0.1",
-                tap=paths.names.tap if tap else None))
+                tap=paths.names.tap if tap else None,
+                agent=None if found.agent is None else str(found.agent)))
             return vm
         self.release(vm, paths)
         demoted = vm.with_state(

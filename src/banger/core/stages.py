@@ -35,6 +35,7 @@ class Stage(StrEnum):
     TAP = "tap"
     QEMU_LAUNCH = "qemu_launch"  # the launch is the driver's: see launch_stage
     FIRECRACKER_LAUNCH = "firecracker_launch"
+    WAIT_AGENT = "wait_agent"
     WAIT_SSH = "wait_ssh"
     WORKSPACE_SYNC = "workspace_sync"
     POST_START_FEATURES = "post_start_features"
@@ -62,6 +63,7 @@ LABELS: dict[Stage, str] = {
     Stage.TAP: "creating the tap device",
     Stage.QEMU_LAUNCH: "launching QEMU",
     Stage.FIRECRACKER_LAUNCH: "launching Firecracker",
+    Stage.WAIT_AGENT: "waiting for the guest agent",
     Stage.WAIT_SSH: "waiting for ssh",
     Stage.WORKSPACE_SYNC: f"copying the prepared workspace to {WORKSPACE_GUEST_PATH}",
     Stage.POST_START_FEATURES: "syncing files and git identity",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface
@@ -20,7 +21,7 @@ from banger.core.stages import WORKSPACE_DIR, WORKSPACE_GUEST_PATH, Stage, launc
 from banger.local.logtail import tail_lines
 from banger.model import netalloc
 from banger.model.config import Config
-from banger.model.errors import FailpointTriggered, InvalidRequest
+from banger.model.errors import FailpointTriggered, InvalidRequest, OperationFailed
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, NetworkMode
 from banger.pipeline import Detail, Step
@@ -39,6 +40,8 @@ from banger.ports import (
 )
 
 MIB = 1024 * 1024
+# The least time sshd gets after the agent's HELLO, whatever is left of the ready timeout.
+SSH_GRACE = 10.0
 
 
 @dataclass
@@ -64,6 +67,10 @@ class StartContext:
     ssh_port: int | None = None
     ssh_host: str = "127.0.0.1"
     pid: int | None = None
+    agent: Path | None = None  # the guest agent's channel (Launched.agent)
+    # When readiness (the agent's HELLO, then sshd) must be reached: one ready_timeout
+    # for both waits (time.monotonic()).
+    ready_by: float | None = None
     boot_id: str | None = None
     config: Config = field(default_factory=Config)
 
@@ -90,6 +97,7 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
         steps.append(step(Stage.TAP, _tap, _undo_tap))
     steps += [
         step(launch_stage(ctx.host.vmm.name), _launch, _undo_launch),
+        step(Stage.WAIT_AGENT, _wait_agent),
         step(Stage.WAIT_SSH, _wait_ssh),
     ]
     if (ctx.paths.pending_workspace / WORKSPACE_DIR).exists():
@@ -275,6 +283,7 @@ def _launch(ctx: StartContext) -> None:
     )
     up = vmm.launch(spec)
     ctx.pid = up.pid
+    ctx.agent = up.agent
     ctx.handles.put(ctx.paths, Handles(
         pid=up.pid, ssh_port=ctx.ssh_port, control_socket=str(up.control_socket),
         accel=up.accel.accel, boot_id=ctx.boot_id, started_at=ctx.clock(), vmm=vmm.name,
@@ -309,7 +318,9 @@ def _addr(ctx: StartContext) -> Endpoint:
     return Endpoint(ctx.ssh_host, ctx.ssh_port)
 
 
-def _wait_ssh(ctx: StartContext) -> None:
+def _vmm_alive(ctx: StartContext) -> Callable[[], bool]:
+    """The liveness poll of a readiness wait: False once the VMM is gone; raises on a
+    cancel (at once) or a VMM that can never make progress."""
     assert ctx.pid is not None
     pid, sock = ctx.pid, ctx.paths.control_socket
     vmm = ctx.host.vmm
@@ -327,9 +338,35 @@ def _wait_ssh(ctx: StartContext) -> None:
                            f"{vmm_log}:\n{_tail(vmm_log)}")
         return True
 
+    return alive
+
+
+def _wait_agent(ctx: StartContext) -> None:
+    """Readiness: the guest agent's HELLO. Its boot id is the guest kernel's: it replaces
+    the launch's placeholder in the handles and, once running, the record."""
+    if ctx.agent is None:
+        raise OperationFailed(f"the {ctx.host.vmm.name} driver gave no guest agent "
+                              f"channel: banger cannot tell when the guest is ready")
+    started = time.monotonic()
+    ctx.ready_by = started + ctx.ready_timeout
+    hello = ctx.host.agent.wait_hello(
+        channel=ctx.agent, timeout=ctx.ready_timeout, serial_log=ctx.paths.serial_log,
+        alive=_vmm_alive(ctx))
+    ctx.detail(f"guest agent {hello.version} said hello after "
+               f"{time.monotonic() - started:.2f} s (guest boot id {hello.boot_id})")
+    ctx.boot_id = hello.boot_id
+    h = ctx.handles.get(ctx.vm.id)
+    if h is not None:
+        ctx.handles.put(ctx.paths, replace(h, boot_id=hello.boot_id))
+
+
+def _wait_ssh(ctx: StartContext) -> None:
+    # What the agent's wait left of the ready timeout (a few seconds at least: sshd
+    # starts right after the agent, a guest that said hello is up).
+    left = ctx.ready_timeout if ctx.ready_by is None else ctx.ready_by - time.monotonic()
     ctx.host.guest.wait_ready(
-        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=ctx.ready_timeout,
-        serial_log=ctx.paths.serial_log, alive=alive)
+        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=max(left, SSH_GRACE),
+        serial_log=ctx.paths.serial_log, alive=_vmm_alive(ctx))
 
 
 def _post_start(ctx: StartContext) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from banger.host.guest_agent import LocalAgent
 from banger.host.guest_ssh import SshGuest
 from banger.host.images import LocalImages
 from banger.host.localdisks import LocalDisks
@@ -14,7 +15,8 @@ from banger.ports import HostPorts
 
 
 def host_ports(layout: Layout) -> HostPorts:
-    return HostPorts(images=LocalImages(layout.images_dir), disks=LocalDisks(),
-                     vmm=QemuVmm(layout.state_dir / "accel.json"),
+    return HostPorts(images=LocalImages(layout.images_dir, layout.cache_dir),
+                     disks=LocalDisks(), vmm=QemuVmm(layout.state_dir / "accel.json"),
                      workspace=LocalWorkspace(Scratch(layout.state_dir)),
-                     guest=SshGuest(layout), net=LocalNet(layout.state_dir / "ip_forward.orig"))
+                     guest=SshGuest(layout), net=LocalNet(layout.state_dir / "ip_forward.orig"),
+                     agent=LocalAgent())

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from banger.host import bootfiles
+from banger.host import agentbin, bootfiles
 from banger.host.runner import CommandError, run
 
 IMAGE_NAME = "debian-bookworm"
@@ -82,8 +82,8 @@ GUEST_FILES: tuple[str, ...] = (
 # Guest files only a variant uses (installed by customize-hook for that variant).
 VARIANT_GUEST_FILES: dict[str, tuple[str, ...]] = {
     MINIMAL: (),
-    SYSTEMD: ("systemd-tune", "banger-sshd-ready.service", "journald-banger.conf",
-              "ssh-banger.conf"),
+    SYSTEMD: ("systemd-tune", "banger-agent.service", "banger-sshd-ready.service",
+              "journald-banger.conf", "ssh-banger.conf"),
 }
 _DATA_FILES = ("inittab", "sshd_config")  # installed 0644; everything else is a script
 
@@ -107,8 +107,8 @@ def image_cmdline(variant: str = MINIMAL) -> str:
 
 
 def recipe_digest(variant: str = MINIMAL) -> str:
-    """What an image variant is built from: packages, dpkg filters, kernel arguments
-    and every guest file it installs.
+    """What an image variant is built from: packages, dpkg filters, kernel arguments,
+    every guest file it installs and the guest agent's sources (and compiler flags).
 
     Recorded in the manifest; an image whose recipe differs from this banger's (its init,
     sshd config, ...) is stale and is rebuilt rather than booted with a mismatched guest.
@@ -119,6 +119,7 @@ def recipe_digest(variant: str = MINIMAL) -> str:
     guest = resources.files("banger.host") / "guest"
     for name in guest_files(variant):
         h.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")
+    h.update(b"agent\0" + agentbin.source_hash(agentbin.read_sources()).encode())
     return h.hexdigest()[:16]
 
 
@@ -157,9 +158,14 @@ class ImageArtifacts:
 
 
 def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
-                        mirror: str | None = None, variant: str = MINIMAL) -> ImageArtifacts:
+                        mirror: str | None = None, variant: str = MINIMAL,
+                        agent_cache: Path | None = None) -> ImageArtifacts:
     """Build the default image, or its ``variant``, into ``out_dir`` (replaced only once
-    complete)."""
+    complete).
+
+    ``agent_cache``: banger's cache directory, where the guest agent is built once per
+    source version (:func:`banger.host.agentbin.ensure_agent`); None builds it afresh for
+    this image only."""
     _check_variant(variant)
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +185,10 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
         stage = Path(tempfile.mkdtemp(prefix="stage-", dir=hook_dir))
         stage.chmod(0o1777)
         guest = _stage_guest_files(hook_dir / "guest", variant)
+        on_progress("building the guest agent (banger-agent)")
+        agent = agentbin.ensure_agent(agent_cache or work / "agent-build")
+        shutil.copyfile(agent, guest / agentbin.BINARY)
+        (guest / agentbin.BINARY).chmod(0o755)
         sources = debian_sources(mirror)
         started = time.monotonic()
         on_progress(f"bootstrapping Debian {SUITE} (mmdebstrap, {variant} variant)")

@@ -17,8 +17,9 @@ from banger.ports import ImageInfo
 class LocalImages:
     """Images built locally on first use, content-addressed and verified when read back."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, cache_dir: Path | None = None) -> None:
         self.root = root
+        self._cache_dir = cache_dir  # where the guest agent is built (None: per image)
         self._lock = threading.Lock()  # concurrent first uses coalesce into one build
 
     def known(self) -> list[str]:
@@ -59,7 +60,7 @@ class LocalImages:
             self.root.mkdir(parents=True, exist_ok=True)
             return self._info(imagebuild.build_default_image(
                 self.root / name, on_progress=on_progress,
-                variant=imagebuild.IMAGE_VARIANTS[name]), name)
+                variant=imagebuild.IMAGE_VARIANTS[name], agent_cache=self._cache_dir), name)
 
 
 def _identity(d: Path, names: list[str]) -> dict[str, object]:

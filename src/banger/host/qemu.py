@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from banger.host.qemu_cmdline import QEMU, VmmError, VmmFds, qemu_argv
+from banger.host.qemu_cmdline import QEMU, VmmError, VmmFds, agent_socket, qemu_argv
 from banger.host.vmmproc import find_qemu_pid, kill_and_wait, qmp_status
 from banger.host.vmmuser import RunAs
 from banger.local.logtail import tail_lines
@@ -56,13 +56,20 @@ def launch(spec: LaunchSpec, accel: str, runas: RunAs | None = None) -> int:
     if other is not None:
         raise VmmError(f"a QEMU (pid {other}) is already running with {qmp}")
     vmm_log.parent.mkdir(parents=True, exist_ok=True)
+    agent = agent_socket(spec)
+
+    def unlink_sockets() -> None:
+        # Bound by _open_for_qemu, for a QEMU that never started or died on start.
+        qmp.unlink(missing_ok=True)
+        agent.unlink(missing_ok=True)
+
     with contextlib.ExitStack() as opened, vmm_log.open("ab") as log, \
             open(os.devnull, "rb") as devnull:
         try:
             fds = _open_for_qemu(spec, runas, opened)
             argv = qemu_argv(spec, fds, accel=accel)
         except BaseException:
-            qmp.unlink(missing_ok=True)  # bound by _open_for_qemu, for a QEMU never started
+            unlink_sockets()
             raise
         log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} launching"
                   f"{' as ' + runas.name if runas else ''}: {' '.join(argv)}\n".encode())
@@ -75,7 +82,7 @@ def launch(spec: LaunchSpec, accel: str, runas: RunAs | None = None) -> int:
                 user=runas.uid if runas else None, group=runas.gid if runas else None,
                 extra_groups=list(runas.groups) if runas else None)
         except OSError as exc:
-            qmp.unlink(missing_ok=True)
+            unlink_sockets()
             raise VmmError(f"cannot run {QEMU}: {exc}") from exc
     # Reap it when it exits, so a dead VMM never lingers as a zombie of the daemon.
     threading.Thread(target=proc.wait, name=f"reap-qemu-{proc.pid}", daemon=True).start()
@@ -83,7 +90,7 @@ def launch(spec: LaunchSpec, accel: str, runas: RunAs | None = None) -> int:
     while True:
         code = proc.poll()
         if code is not None:
-            qmp.unlink(missing_ok=True)
+            unlink_sockets()
             _raise_died(vmm_log, code, time.monotonic() - started)
         # The socket is bound already (by us): QEMU is up once its monitor greets.
         if (time.monotonic() - started >= EARLY_EXIT_WINDOW
@@ -91,7 +98,7 @@ def launch(spec: LaunchSpec, accel: str, runas: RunAs | None = None) -> int:
             return proc.pid
         if time.monotonic() - started > QMP_SOCKET_WAIT:
             kill_and_wait(proc.pid, signal.SIGKILL, 2.0)
-            qmp.unlink(missing_ok=True)
+            unlink_sockets()
             raise VmmError(f"QEMU (pid {proc.pid}) did not answer on its QMP socket {qmp} "
                            f"within {QMP_SOCKET_WAIT:.0f} s; killed it.\n"
                            f"{log_tail(vmm_log)}")
@@ -122,21 +129,29 @@ def _open_for_qemu(spec: LaunchSpec, runas: RunAs | None,
     base = fd(backing, os.O_RDONLY) if backing is not None else None
     # Write-only, as QEMU asks its fd set for it (it applies its own append or truncate).
     serial = fd(spec.serial_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    qmp = spec.control_socket.absolute()
+    sock = _listen(spec.control_socket.absolute(), "the QMP socket", opened)
+    tag = os.dup(sock)
+    opened.callback(os.close, tag)
+    # The agent's channel: QEMU accepts one client at a time on it (the daemon).
+    agent = _listen(agent_socket(spec), "the guest agent socket", opened)
+    tap = _attach_tap(spec.net.tap, opened) if isinstance(spec.net, TapNet) else None
+    return VmmFds(root=root, work=work, serial=serial, kernel=kernel, initrd=initrd,
+                  qmp=sock, qmp_tag=tag, agent=agent, base=base, tap=tap)
+
+
+def _listen(path: Path, what: str, opened: contextlib.ExitStack) -> int:
+    """A Unix socket bound at ``path`` (in the VM's 0700 runtime dir) and listening, for
+    QEMU to inherit and serve."""
     with contextlib.suppress(FileNotFoundError):
-        qmp.unlink()  # stale, from a VMM that died without cleaning up
+        path.unlink()  # stale, from a VMM that died without cleaning up
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     opened.callback(sock.close)
     try:
-        sock.bind(str(qmp))
+        sock.bind(str(path))
         sock.listen(8)
     except OSError as exc:
-        raise VmmError(f"cannot listen on the QMP socket {qmp}: {exc.strerror}") from exc
-    tag = os.dup(sock.fileno())
-    opened.callback(os.close, tag)
-    tap = _attach_tap(spec.net.tap, opened) if isinstance(spec.net, TapNet) else None
-    return VmmFds(root=root, work=work, serial=serial, kernel=kernel, initrd=initrd,
-                  qmp=sock.fileno(), qmp_tag=tag, base=base, tap=tap)
+        raise VmmError(f"cannot listen on {what} {path}: {exc.strerror}") from exc
+    return sock.fileno()
 
 
 _TUNSETIFF = 0x400454CA

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banger.host.vmmproc import QMP_TAG
+from banger.model.vm import ResourceNames
 from banger.ports import LaunchSpec, NetAttachment, TapNet
 
 QEMU = "qemu-system-x86_64"
@@ -35,6 +36,8 @@ DEFAULT_TB_SIZE_MIB = 64
 # seccomp mode 2 with every optional deny QEMU 7.2 offers (checked against Debian 12's
 # qemu-system-x86 7.2: the guest boots, QMP, hostfwd and taps work under it).
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# The virtio-serial port the guest agent looks for by name (banger-agent.c, open_port).
+AGENT_PORT = "banger.agent"
 # The fd sets of the files QEMU is handed (``-add-fd``); see VmmFds.
 FDSET_ROOT, FDSET_BASE, FDSET_WORK, FDSET_SERIAL, FDSET_QMP = 1, 2, 3, 4, 5
 
@@ -55,12 +58,13 @@ class VmmFds:
     initrd: int
     qmp: int     # the bound, listening QMP socket
     qmp_tag: int  # a second descriptor of it, listed with its path (for find_qemu_pid)
+    agent: int   # the bound, listening socket of the guest agent's channel
     base: int | None = None  # the base image, read-only
     tap: int | None = None   # the tap, attached (TUNSETIFF) by the daemon
 
     def all(self) -> list[int]:
         fds = [self.root, self.work, self.serial, self.kernel, self.initrd, self.qmp,
-               self.qmp_tag]
+               self.qmp_tag, self.agent]
         return fds + [fd for fd in (self.base, self.tap) if fd is not None]
 
 
@@ -76,6 +80,18 @@ def host_tsc_khz(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
         if key.strip() == "cpu MHz":
             return round(float(value) * 1000)
     raise VmmError(f"no 'cpu MHz' in {cpuinfo}: cannot set tsc_early_khz")
+
+
+def agent_socket(spec: LaunchSpec) -> Path:
+    """Where the host end of the guest agent's channel goes: in the VM's runtime dir."""
+    return (spec.runtime_dir / ResourceNames(spec.vm_id).agent_socket).absolute()
+
+
+def check_socket_path(path: Path, what: str) -> None:
+    if len(str(path)) > UNIX_PATH_MAX:
+        raise VmmError(f"{what} path is {len(str(path))} bytes, over the "
+                       f"{UNIX_PATH_MAX}-byte Unix socket limit: {path} (use a shorter "
+                       f"BANGER_RUNTIME_DIR or XDG_RUNTIME_DIR)")
 
 
 def guest_net_args(net: NetAttachment) -> str:
@@ -122,9 +138,8 @@ def qemu_argv(spec: LaunchSpec, fds: VmmFds, *, accel: str, tsc_khz: int | None 
     if spec.work.backing is not None:
         raise ValueError("the work disk is a raw file and takes no backing file")
     qmp = spec.control_socket.absolute()
-    if len(str(qmp)) > UNIX_PATH_MAX:
-        raise VmmError(f"QMP socket path is {len(str(qmp))} bytes, over the "
-                       f"{UNIX_PATH_MAX}-byte Unix socket limit: {qmp}")
+    check_socket_path(qmp, "QMP socket")
+    check_socket_path(agent_socket(spec), "guest agent socket")
     if tsc_khz is None:
         tsc_khz = host_tsc_khz()
     accel_opt = "kvm" if accel == "kvm" else f"tcg,tb-size={tb_size_mib}"
@@ -194,6 +209,11 @@ def qemu_argv(spec: LaunchSpec, fds: VmmFds, *, accel: str, tsc_khz: int | None 
         "-add-fd", f"fd={fds.qmp_tag},set={FDSET_QMP},opaque={QMP_TAG}{opt_value(qmp)}",
         "-chardev", f"socket,id=qmp,fd={fds.qmp},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
+        # The guest agent's channel: a virtio-serial port the agent finds by its name,
+        # whose host end is a socket the daemon bound (QEMU accepts the daemon on it).
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,fd={fds.agent},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT}",
     ]
 
 

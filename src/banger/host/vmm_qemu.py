@@ -113,8 +113,8 @@ class QemuVmm:
         with self._users.free() as runas:
             # Once launched, the process itself marks its uid as taken.
             pid = qemu.launch(spec, accel.accel, runas)
-        # No guest agent yet: banger reaches the guest over ssh.
-        return Launched(pid=pid, control_socket=spec.control_socket, accel=accel)
+        return Launched(pid=pid, control_socket=spec.control_socket, accel=accel,
+                        agent=qemu_cmdline.agent_socket(spec))
 
     def alive(self, pid: int, control_socket: Path) -> bool:
         return vmmproc.pid_alive(pid) and vmmproc.pid_is_qemu_for(pid, control_socket)
@@ -137,7 +137,12 @@ class QemuVmm:
         pid = vmmproc.find_qemu_pid(control_socket)
         if pid is None:
             return None
-        return Rediscovered(pid, vmmproc.ssh_port_of(pid))
+        # The agent's socket sits next to the control socket (both in the VM's runtime
+        # dir, which is named by its id).
+        sock_dir = control_socket.parent
+        agent = sock_dir / ResourceNames(sock_dir.name).agent_socket
+        return Rediscovered(pid, vmmproc.ssh_port_of(pid),
+                            agent=agent if agent.exists() else None)
 
 
 def _user_key(runas: vmmuser.RunAs | None) -> list[int] | None:

@@ -137,3 +137,8 @@ class VMPaths:
     def control_socket(self) -> Path:
         """The VMM's control socket (QMP for QEMU)."""
         return self.sock_dir / self.names.control_socket
+
+    @property
+    def agent_socket(self) -> Path:
+        """The host end of the guest agent's channel, served by the VMM."""
+        return self.sock_dir / self.names.agent_socket

@@ -200,6 +200,11 @@ class ResourceNames:
         return "qmp.sock"
 
     @property
+    def agent_socket(self) -> str:
+        """The host end of the guest agent's channel (the VMM's side of it)."""
+        return "agent.sock"
+
+    @property
     def handles(self) -> str:
         return "handles.json"
 
