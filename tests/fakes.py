@@ -255,6 +255,7 @@ class FakeGuest:
         self.listening_asked: list[Endpoint] = []
         # A slow guest: readiness takes this long, polling alive() as the real wait does.
         self.ready_delay = 0.0
+        self.identity_delay = 0.0  # reading the host's git identity (work_disk, post_start)
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -280,6 +281,7 @@ class FakeGuest:
                 del self.vmm.procs[pid]
 
     def git_identity(self) -> dict[str, str]:
+        time.sleep(self.identity_delay)
         return dict(self.identity)
 
     def sync_files(self, *, addr: Endpoint, alias: str, entries: Sequence[FileSync],
