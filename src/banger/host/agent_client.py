@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import select
 import signal
 import socket
@@ -30,6 +31,7 @@ from banger.host.agent_proto import (
     MAX_CHAN,
     Decoder,
     Frame,
+    HelloReqTag,
     Kind,
     ProtocolError,
     SignalTag,
@@ -77,7 +79,7 @@ class AgentConnection:
 
     def __init__(self, sock: socket.socket, *, max_output: int = DEFAULT_MAX_OUTPUT,
                  max_queued: int = DEFAULT_MAX_QUEUED, send_timeout: float = 30.0,
-                 name: str = "agent") -> None:
+                 name: str = "agent", ask_hello: bool = True) -> None:
         sock.setblocking(True)
         self._sock = sock
         self.max_output = max_output
@@ -92,9 +94,19 @@ class AgentConnection:
         self._abandoned: set[int] = set()
         self._hello: Hello | None = None
         self._failure: AgentError | None = None
+        # ask_hello: the session starts with the HELLO answering our HELLO_REQ (it carries
+        # this token); a HELLO before it is the agent's greeting on opening its end.
+        self._token = secrets.randbits(62) if ask_hello else None
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"banger-agent-reader:{name}")
         self._reader.start()
+        if self._token is not None:
+            # A host that connects right after another one closed may have hidden that
+            # hang-up from the agent (virtio-serial): asking always gets a HELLO, and a new
+            # session. A failed send ends the connection; wait_hello then says why.
+            with contextlib.suppress(AgentError):
+                self._send(frame(Kind.HELLO_REQ, 0, fields([(HelloReqTag.TOKEN, self._token)])),
+                           "HELLO_REQ")
 
     def __enter__(self) -> AgentConnection:
         return self
@@ -337,6 +349,8 @@ class AgentConnection:
         means the agent reopened its channel (it restarted, or the guest rebooted), and
         nothing of the session before it will ever answer (the chans are void)."""
         with self.cond:
+            if self._token is not None and self._hello is None and hello.token != self._token:
+                return  # the greeting before the answer to our HELLO_REQ: that one counts
             old, self._hello = self._hello, hello
             if old is not None:
                 why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
