@@ -29,6 +29,7 @@ from banger.client.types import (
     SshTarget,
     VMOut,
     VMPorts,
+    VMStatsOut,
     WorkspaceBody,
 )
 from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
@@ -222,6 +223,11 @@ class Client:
     def ports(self, ref: str) -> VMPorts:
         return VMPorts.from_json(self._request("GET", f"/vms/{seg(ref)}/ports",
                                                timeout=GUEST_TIMEOUT))
+
+    def stats(self, ref: str) -> VMStatsOut:
+        """A running VM's guest and VMM stats (the daemon samples twice, ~0.5 s apart)."""
+        return VMStatsOut.from_json(self._request("GET", f"/vms/{seg(ref)}/stats",
+                                                  timeout=GUEST_TIMEOUT))
 
     def ssh_config(self) -> SshConfig:
         return SshConfig.from_json(self._request("GET", "/ssh-config"))
