@@ -97,16 +97,15 @@ class AgentConnection:
         # ask_hello: the session starts with the HELLO answering our HELLO_REQ (it carries
         # this token); a HELLO before it is the agent's greeting on opening its end.
         self._token = secrets.randbits(62) if ask_hello else None
+        self._asked = 0  # HELLO_REQs sent and not answered (a lost one stays counted)
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"banger-agent-reader:{name}")
         self._reader.start()
         if self._token is not None:
             # A host that connects right after another one closed may have hidden that
             # hang-up from the agent (virtio-serial): asking always gets a HELLO, and a new
-            # session. A failed send ends the connection; wait_hello then says why.
-            with contextlib.suppress(AgentError):
-                self._send(frame(Kind.HELLO_REQ, 0, fields([(HelloReqTag.TOKEN, self._token)])),
-                           "HELLO_REQ")
+            # session.
+            self._ask_hello()
 
     def __enter__(self) -> AgentConnection:
         return self
@@ -344,25 +343,52 @@ class AgentConnection:
             with self.cond:
                 self._execs.pop(f.chan, None)
 
+    def _ask_hello(self) -> None:
+        """Send a HELLO_REQ; a failed send ends the connection (wait_hello says why)."""
+        assert self._token is not None
+        with self.cond:
+            self._asked += 1
+        with contextlib.suppress(AgentError):
+            self._send(frame(Kind.HELLO_REQ, 0, fields([(HelloReqTag.TOKEN, self._token)])),
+                       "HELLO_REQ")
+
     def _on_hello(self, hello: Hello) -> None:
         """A HELLO starts a session: the first one readies the connection; a later one
         means the agent reopened its channel (it restarted, or the guest rebooted), and
-        nothing of the session before it will ever answer (the chans are void)."""
+        nothing of the session before it will ever answer (the chans are void).
+
+        With ask_hello, the session starts with the HELLO carrying our token. A HELLO
+        without it before then is the agent's greeting on (re)opening its end, which may
+        have dropped the HELLO_REQ sent before it: we ask again. A second answer with our
+        token precedes everything sent after that second ask: it voids nothing of ours."""
+        ask_again = False
         with self.cond:
-            if self._token is not None and self._hello is None and hello.token != self._token:
-                return  # the greeting before the answer to our HELLO_REQ: that one counts
-            old, self._hello = self._hello, hello
-            if old is not None:
-                why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
-                       if old.boot_id != hello.boot_id else
-                       "the guest agent restarted (it said HELLO again)")
-                for state in self._execs.values():
-                    state.error = state.error or AgentDisconnected(why)
-                for req in self._requests.values():
-                    req.error = AgentDisconnected(why)
-                self._execs.clear()
-                self._requests.clear()
-            self.cond.notify_all()
+            asked = self._token is not None
+            if asked and self._hello is None and hello.token != self._token:
+                ask_again = True
+            elif asked and hello.token == self._token and self._asked > 0:
+                self._asked -= 1
+                if self._hello is None:
+                    self._start_session(hello)
+            else:
+                self._start_session(hello)
+        if ask_again:
+            self._ask_hello()
+
+    def _start_session(self, hello: Hello) -> None:
+        """With self.cond held."""
+        old, self._hello = self._hello, hello
+        if old is not None:
+            why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
+                   if old.boot_id != hello.boot_id else
+                   "the guest agent restarted (it said HELLO again)")
+            for state in self._execs.values():
+                state.error = state.error or AgentDisconnected(why)
+            for req in self._requests.values():
+                req.error = AgentDisconnected(why)
+            self._execs.clear()
+            self._requests.clear()
+        self.cond.notify_all()
 
     def kill(self, chan: int) -> None:
         """SIGKILL to an exec, from the reader: a failure to send ends the connection."""
