@@ -280,27 +280,22 @@ static bool as_i64(const unsigned char *v, uint32_t n, int64_t *x) {
     return true;
 }
 
-/* The first integer field with that tag; false if absent or not 8 bytes. */
-static bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
+/* The first field with that tag; false if absent. */
+static bool find_field(const unsigned char *b, size_t n, int want, const unsigned char **v,
+                       uint32_t *len) {
     struct fields f = {b, b + n};
     int tag;
-    const unsigned char *v;
-    uint32_t len;
-    while (next_field(&f, &tag, &v, &len) == 1)
-        if (tag == want)
-            return as_i64(v, len, x);
-    return false;
-}
-
-static bool has_field(const unsigned char *b, size_t n, int want) {
-    struct fields f = {b, b + n};
-    int tag;
-    const unsigned char *v;
-    uint32_t len;
-    while (next_field(&f, &tag, &v, &len) == 1)
+    while (next_field(&f, &tag, v, len) == 1)
         if (tag == want)
             return true;
     return false;
+}
+
+/* The first integer field with that tag; false if absent or not 8 bytes. */
+static bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
+    const unsigned char *v;
+    uint32_t len;
+    return find_field(b, n, want, &v, &len) && as_i64(v, len, x);
 }
 
 /* ---- execs ---------------------------------------------------------------------- */
@@ -656,6 +651,8 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
     }
     struct exec *e = find_exec(chan);
     int64_t x, y;
+    const unsigned char *tv;
+    uint32_t tlen;
     bool needs_exec = kind == STDIN || kind == STDIN_EOF || kind == SIGNAL || kind == RESIZE;
     if (needs_exec && (chan == 0 || !e)) {
         send_error(ERROR, chan, "no exec on chan %u", chan);
@@ -707,11 +704,11 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
          * (virtio-serial): it asks, and gets a new session exactly as on a reopen. */
         if (chan != 0) {
             send_error(ERROR, chan, "HELLO_REQ goes on chan 0");
-        } else if (has_field(b, n, 1) && (!int_field(b, n, 1, &x) || x < 0)) {
+        } else if (find_field(b, n, 1, &tv, &tlen) && (!as_i64(tv, tlen, &x) || x < 0)) {
             send_error(ERROR, chan, "HELLO_REQ's TOKEN must be a non-negative i64");
         } else {
             detach_execs();
-            send_hello(has_field(b, n, 1) ? x : -1);
+            send_hello(find_field(b, n, 1, &tv, &tlen) ? x : -1);
         }
         break;
     case SYNC:
