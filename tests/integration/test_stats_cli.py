@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from banger.cli import stats as cli_stats
 from banger.cli.main import cli
 from banger.ports import GuestFilesystem
 from tests.fakes import FakeAgent
@@ -77,3 +79,24 @@ def test_stats_in_the_openapi_document(daemon: Daemon) -> None:
     schemas = doc["components"]["schemas"]
     assert "/v1/vms/{ref}/stats" in doc["paths"]
     assert {"VMStatsOut", "GuestStatsOut", "FilesystemOut", "VmmUsageOut"} <= schemas.keys()
+
+
+def test_watch_redraws_until_ctrl_c(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert banger("vm", "create", "--name", "box")[0] == 0
+    rounds: list[float] = []
+
+    def pause(seconds: float) -> None:
+        rounds.append(seconds)
+        if len(rounds) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_stats, "pause", pause)
+    code, out, err = banger("vm", "stats", "--watch", "1")
+    assert code == 0, err  # Ctrl-C ends a watch: not an error
+    assert len(rounds) == 2 and all(0 <= r <= 1 for r in rounds)
+    (proc,) = daemon.vmm.procs.values()
+    assert proc.stats_samples == 4  # two rounds (Ctrl-C in the second pause), two samples each
+    assert "box" in out and "25.0%" in out
+    code, _, err = banger("vm", "stats", "--watch", "1", "--json")
+    assert code == 2 and "does not go with --json" in err
+    assert banger("vm", "stats", "--watch", "0.1")[0] == 2  # at least 0.5 s

@@ -8,8 +8,10 @@ are the guest's text: they reach the terminal through :func:`banger.cli.safe.pri
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -30,8 +32,10 @@ FS_COLUMNS = ("NAME", "MOUNT", "SIZE", "USED", "AVAIL", "USE")
 @click.command("stats")
 @click.argument("refs", nargs=-1, shell_complete=complete_vm)
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--watch", "-w", type=click.FloatRange(min=0.5), metavar="SECONDS",
+              help="show them again every SECONDS until Ctrl-C")
 @handle_errors
-def vm_stats(refs: tuple[str, ...], as_json: bool) -> None:
+def vm_stats(refs: tuple[str, ...], as_json: bool, watch: float | None) -> None:
     """Show CPU, memory, load and disk use of running VMs (all of them without REFS),
     and their VMM processes' memory and CPU on the host."""
     from banger.cli.plain import print_json
@@ -40,6 +44,11 @@ def vm_stats(refs: tuple[str, ...], as_json: bool) -> None:
     from banger.client.types import as_json as json_of
 
     client = connect()
+    if watch is not None:
+        if as_json:
+            raise click.UsageError("--watch shows tables: it does not go with --json")
+        _watch(client, refs, watch)
+        return
     names = list(refs) or [v.name for v in client.list_vms() if v.state == "running"]
     results = _gather(client, names)
     found = [s for s, _ in results if s is not None]
@@ -57,6 +66,37 @@ def vm_stats(refs: tuple[str, ...], as_json: bool) -> None:
             out_console.print(fs_table(found))
     if len(found) < len(results):
         sys.exit(1)
+
+
+def _watch(client: Client, refs: tuple[str, ...], every: float) -> None:
+    """Redraw the tables every ``every`` seconds (a round's own ~0.5 s included) until
+    Ctrl-C; without REFS, the VMs running at each round. Errors show under the tables."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from banger.cli.render import out_console
+    from banger.cli.safe import printable
+
+    with contextlib.suppress(KeyboardInterrupt), Live(console=out_console,
+                                                      auto_refresh=False) as live:
+        while True:
+            started = time.monotonic()
+            names = list(refs) or [v.name for v in client.list_vms() if v.state == "running"]
+            results = _gather(client, names)
+            found = [s for s, _ in results if s is not None]
+            parts: list[Any] = [stats_table(found)] if found else [Text("no VM is running")]
+            if any(s.guest.filesystems for s in found):
+                parts += [Text(""), fs_table(found)]
+            parts += [Text(printable(f"error: {e.message}"), style="red")
+                      for _, e in results if e is not None]
+            live.update(Group(*parts), refresh=True)
+            pause(max(0.0, every - (time.monotonic() - started)))
+
+
+def pause(seconds: float) -> None:
+    """Between two rounds of --watch (a test ends the loop here)."""
+    time.sleep(seconds)
 
 
 def _gather(client: Client, refs: list[str]
