@@ -36,8 +36,9 @@ from banger.host.agent_proto import (
 BOOT_ID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 
 
-def hello_body(protocol: int = 1, boot_id: str = BOOT_ID) -> bytes:
-    return fields([(1, protocol), (2, "0.1.0-fake"), (3, boot_id)])
+def hello_body(protocol: int = 1, boot_id: str = BOOT_ID, token: int | None = None) -> bytes:
+    token_field = [] if token is None else [(4, token)]
+    return fields([(1, protocol), (2, "0.1.0-fake"), (3, boot_id), *token_field])
 
 
 @dataclass
@@ -99,6 +100,9 @@ class FakeAgent:
             self.send(Kind.STATS, f.chan, fields(
                 [(tag, tag * 100) for tag in range(1, 11)]
                 + [(20, "/\t1000\t400\t600"), (20, "/root\t2000\t100\t1900"), (99, b"new")]))
+        elif f.kind == Kind.HELLO_REQ:
+            token = dict(parse_fields(f.body)).get(1)
+            self.send(Kind.HELLO, 0, hello_body(token=None if token is None else as_int(token)))
         elif f.kind == Kind.EXEC:
             self._exec(f)
         elif f.chan not in self._execs or self._execs[f.chan].done:

@@ -24,6 +24,8 @@ from banger.ports import (
     Accel,
     AgentHello,
     Endpoint,
+    GuestFilesystem,
+    GuestStats,
     HostPorts,
     ImageInfo,
     Launched,
@@ -31,6 +33,7 @@ from banger.ports import (
     ListeningSocket,
     Rediscovered,
     UserNet,
+    VmmUsage,
     WorkspaceRequest,
     WorkspaceSelection,
 )
@@ -124,6 +127,8 @@ class FakeProc:
     pid: int
     spec: LaunchSpec
     signals: list[int] = field(default_factory=list)
+    cpu_looks: int = 0  # FakeVmm.usage calls
+    stats_samples: int = 0  # FakeAgent.stats calls
 
     @property
     def ssh(self) -> Endpoint:
@@ -196,6 +201,14 @@ class FakeVmm:
     def wait_exit(self, pid: int, timeout: float) -> bool:
         return pid not in self.procs
 
+    def usage(self, pid: int) -> VmmUsage | None:
+        """64 MiB resident; 0.1 s of CPU more at each look."""
+        p = self.procs.get(pid)
+        if p is None:
+            return None
+        p.cpu_looks += 1
+        return VmmUsage(rss_bytes=64 << 20, cpu_seconds=p.cpu_looks / 10)
+
     def rediscover(self, control_socket: Path) -> Rediscovered | None:
         for p in self.procs.values():
             if p.spec.control_socket == control_socket:
@@ -213,6 +226,8 @@ class FakeAgent:
         self.hello_delay = 0.0
         self.hello_error: Exception | None = None
         self.waits: list[Path] = []
+        self.stats_error: Exception | None = None
+        self.mounts: tuple[GuestFilesystem, ...] = ()  # more than "/" in stats
         # Called on each poll of the wait (a test kills the VMM mid-wait with it).
         self.on_poll: Callable[[], None] = lambda: None
 
@@ -230,9 +245,27 @@ class FakeAgent:
             time.sleep(0.02)
         if self.hello_error is not None:
             raise self.hello_error
+        proc = self._proc(channel)
+        return AgentHello(boot_id=f"guest-boot-{proc.pid}", version="0.1.0-fake")
+
+    def _proc(self, channel: Path) -> FakeProc:
         (proc,) = [p for p in self.vmm.procs.values()
                    if p.spec.runtime_dir / "agent.sock" == channel]
-        return AgentHello(boot_id=f"guest-boot-{proc.pid}", version="0.1.0-fake")
+        return proc
+
+    def stats(self, *, channel: Path, timeout: float) -> GuestStats:
+        """Two CPUs, 1 GiB with 768 MiB available, "/" and ``mounts``; each sample 100
+        ticks later than the one before, 25 of them busy (a CPU share of 25 %)."""
+        if self.stats_error is not None:
+            raise self.stats_error
+        proc = self._proc(channel)
+        proc.stats_samples += 1
+        n = proc.stats_samples * 100
+        return GuestStats(
+            uptime_ms=5000 + n, load1=0.25, load5=0.5, load15=1.0, mem_total_kib=1 << 20,
+            mem_available_kib=768 << 10, cpu_user_ticks=n // 5, cpu_system_ticks=n // 20,
+            cpu_idle_ticks=n * 3 // 4, ncpu=2, filesystems=(
+                GuestFilesystem("/", 4 << 30, 1 << 30, 3 << 30), *self.mounts))
 
 
 class FakeGuest:

@@ -216,6 +216,17 @@ class VmmPort(Protocol):
     def rediscover(self, control_socket: Path) -> Rediscovered | None:
         """Find a live VMM from its socket path alone (handles file lost or corrupt)."""
 
+    def usage(self, pid: int) -> VmmUsage | None:
+        """The VMM process's resident memory and CPU time so far; None once it is gone."""
+
+
+@dataclass(frozen=True)
+class VmmUsage:
+    """What a VMM process costs the host (``/proc/<pid>``)."""
+
+    rss_bytes: int
+    cpu_seconds: float  # user + system time since it started
+
 
 @dataclass(frozen=True)
 class Endpoint:
@@ -286,9 +297,39 @@ class AgentHello:
     version: str  # the agent's version
 
 
+@dataclass(frozen=True)
+class GuestFilesystem:
+    mountpoint: str  # guest text: escape it before a terminal
+    size_bytes: int
+    used_bytes: int
+    avail_bytes: int
+
+
+@dataclass(frozen=True)
+class GuestStats:
+    """One sample of a guest's own numbers, from its agent. CPU ticks are cumulative
+    (all CPUs, USER_HZ): a CPU share needs two samples."""
+
+    uptime_ms: int
+    load1: float
+    load5: float
+    load15: float
+    mem_total_kib: int
+    mem_available_kib: int
+    cpu_user_ticks: int
+    cpu_system_ticks: int
+    cpu_idle_ticks: int
+    ncpu: int
+    filesystems: tuple[GuestFilesystem, ...] = ()
+
+
 class AgentPort(Protocol):
     """The guest agent (``banger-agent``) over the channel a VMM driver serves
     (``Launched.agent``)."""
+
+    def stats(self, *, channel: Path, timeout: float) -> GuestStats:
+        """One STATS sample; a guest that does not answer within ``timeout`` (or breaks
+        the protocol) raises OperationFailed naming the channel."""
 
     def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> AgentHello:

@@ -202,10 +202,9 @@ def agent_uname(channel: Path) -> tuple[str, str]:
     """Straight to a running guest's agent over its channel (the VMM's socket): its
     HELLO's boot id, and ``uname -r`` run through it.
 
-    The pause first: the agent learns that the previous host went away from a hang-up on
-    its port; a host that reconnects at once may hide that hang-up from it, and then no
-    new HELLO comes (a known limit of virtio-serial: the daemon keeps one connection)."""
-    time.sleep(1.0)
+    No pause before connecting: a host that reconnects at once may hide the previous
+    host's hang-up from the agent (virtio-serial), and the client's HELLO_REQ still gets a
+    HELLO (and a new session)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(10)
     sock.connect(str(channel))

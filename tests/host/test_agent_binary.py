@@ -480,13 +480,43 @@ def test_port_mode_says_hello_again_after_the_host_comes_back(
         host.close()
 
 
+def test_hello_req_answers_hello_with_its_token_and_detaches_the_old_execs(
+        agent: Agent) -> None:
+    # A host that reconnected at once (the agent saw no hang-up) asks for a new session.
+    pid = agent.exec(1, ["/bin/sleep", "100"])
+    agent.send(Kind.HELLO_REQ, 0, fields([(1, 77)]))
+    hello = agent.recv()
+    assert (hello.kind, hello.chan) == (Kind.HELLO, 0)
+    got = dict(parse_fields(hello.body))
+    assert as_int(got[4]) == 77 and as_int(got[1]) == 1
+    deadline = time.monotonic() + WAIT
+    while pid in child_pids(agent.proc.pid):  # SIGHUP, then reaped in silence
+        assert time.monotonic() < deadline, "the old session's exec is still there"
+        time.sleep(0.05)
+    # chan 1 is void: nothing came for it (no EXIT), and it is free for the new session.
+    assert error_text(agent.request(Kind.SIGNAL, 1, fields([(1, 9)]))).startswith("no exec")
+    assert agent.run(1, ["/bin/echo", "new"]).out == b"new\n"
+    agent.send(Kind.HELLO_REQ, 0)  # no TOKEN: a HELLO without one
+    assert 4 not in dict(parse_fields(agent.recv().body))
+
+
+@pytest.mark.parametrize(("chan", "body", "message"), [
+    (3, b"", "HELLO_REQ goes on chan 0"),
+    (0, fields([(1, -1)]), "TOKEN must be a non-negative i64"),
+    (0, fields([(1, "x")]), "TOKEN must be a non-negative i64"),
+])
+def test_a_bad_hello_req_is_refused(agent: Agent, chan: int, body: bytes, message: str) -> None:
+    assert message in error_text(agent.request(Kind.HELLO_REQ, chan, body))
+
+
 def test_random_frames_never_crash_it(agent: Agent) -> None:
     rng = random.Random(1234)
     agent.exec(1, ["/bin/cat"])
     agent.exec(2, ["/bin/cat"], pty=(24, 80))
     # Not EXEC (random programs), TIME_SET (the clock), POWEROFF or SYNC (slow).
+    # Nor HELLO_REQ: it would end the session of the two execs (its own test above).
     kinds = [k for k in range(256) if k not in (Kind.EXEC, Kind.TIME_SET, Kind.POWEROFF,
-                                                  Kind.SYNC)]
+                                                  Kind.SYNC, Kind.HELLO_REQ)]
     def send_all() -> None:  # in a thread: the answers must be read meanwhile
         for _ in range(20000):
             body = bytearray()

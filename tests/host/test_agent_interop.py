@@ -42,6 +42,16 @@ def test_hello_names_this_boot(conn: AgentConnection) -> None:
     assert conn.ping(5) < 5
 
 
+def test_the_session_starts_with_the_answer_to_hello_req(conn: AgentConnection) -> None:
+    # The agent greets on its own and then answers the HELLO_REQ the client sent on
+    # connecting: the answer (with the client's token) is the session, the greeting is not
+    # a "second HELLO" that would void what the host started meanwhile.
+    hello = conn.wait_hello(5)
+    assert hello.token is not None
+    status, out, _ = conn.exec(["echo", "ok"], env=ENV).collect(10)
+    assert (status.returncode, out, conn.failure) == (0, b"ok\n", None)
+
+
 def test_exit_codes_streams_and_stdin(conn: AgentConnection) -> None:
     conn.wait_hello(5)
     status, out, err = conn.exec(["sh", "-c", "echo out; echo err >&2; exit 3"],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host.agent_proto import Kind, frame
+from banger.host.agent_proto import Decoder, Kind, as_int, fields, frame, parse_fields
 from banger.host.guest_agent import AgentNotReady, LocalAgent
 from tests.fake_agent import BOOT_ID, hello_body
 
@@ -57,7 +57,13 @@ def serial(tmp_path: Path) -> Path:
 
 
 def _hello(conn: socket.socket, body: bytes | None = None) -> None:
-    conn.sendall(frame(Kind.HELLO, 0, body or hello_body()))
+    """Answer the host's HELLO_REQ (the agent's only HELLO when it missed the previous
+    host's hang-up), echoing its TOKEN."""
+    conn.settimeout(5)
+    req = Decoder().feed(conn.recv(1 << 16))[0]
+    assert (req.kind, req.chan) == (Kind.HELLO_REQ, 0)
+    token = fields([(4, as_int(dict(parse_fields(req.body))[1]))])
+    conn.sendall(frame(Kind.HELLO, 0, (body or hello_body()) + token))
 
 
 def test_hello_is_readiness(tmp_path: Path, serial: Path) -> None:

@@ -227,6 +227,52 @@ class VMPorts(BaseModel):
     network: str
     ports: list[GuestPortOut]
 
+class FilesystemOut(BaseModel):
+    """A mounted disk filesystem of the guest (ext4, xfs, btrfs, vfat, ...)."""
+
+    mountpoint: str = Field(description="the guest's text: escape it before a terminal")
+    size_bytes: int = Field(ge=0)
+    used_bytes: int = Field(ge=0)
+    avail_bytes: int = Field(ge=0, description="available to unprivileged users")
+
+
+class GuestStatsOut(BaseModel):
+    """The guest's own numbers, from its agent (the second of two samples)."""
+
+    uptime_ms: int
+    load1: float
+    load5: float
+    load15: float
+    mem_total_kib: int
+    mem_available_kib: int
+    ncpu: int
+    cpu_user_ticks: int = Field(description="cumulative since boot, all CPUs (USER_HZ)")
+    cpu_system_ticks: int
+    cpu_idle_ticks: int
+    cpu_percent: float | None = Field(description=(
+        "busy share (user + system) of all the guest's CPUs between the two samples, "
+        "0..100; null when no tick passed"))
+    filesystems: list[FilesystemOut]
+
+
+class VmmUsageOut(BaseModel):
+    """What the VM's VMM process costs the host."""
+
+    pid: int
+    rss_bytes: int = Field(ge=0, description="resident memory (VmRSS)")
+    cpu_seconds: float = Field(ge=0, description="user + system CPU time since it started")
+    cpu_percent: float | None = Field(description=(
+        "its CPU time between the two samples over the wall time, as top shows it "
+        "(100 = one host core)"))
+
+
+class VMStatsOut(BaseModel):
+    vm: str
+    interval: float = Field(description="seconds between the two samples")
+    guest: GuestStatsOut
+    vmm: VmmUsageOut | None = Field(description="null when the process could not be read")
+
+
 class SshConfig(BaseModel):
     """banger's own ssh_config: where the daemon keeps it and what it holds now."""
 

@@ -13,6 +13,7 @@ import click
 
 from banger import __version__
 from banger.cli.ssh import ssh_config, vm_ssh
+from banger.cli.stats import vm_stats
 from banger.cli.system import COMPLETE_VAR, completion, doctor, ops
 from banger.cli.vm import vm
 from banger.cli.workspace import vm_exec, vm_workspace
@@ -28,6 +29,7 @@ cli.add_command(vm)
 vm.add_command(vm_ssh)
 vm.add_command(vm_exec)
 vm.add_command(vm_workspace)
+vm.add_command(vm_stats)
 cli.add_command(doctor)
 cli.add_command(ssh_config)
 cli.add_command(ops)

@@ -29,6 +29,7 @@ from banger.client.types import (
     SshTarget,
     VMOut,
     VMPorts,
+    VMStatsOut,
     WorkspaceBody,
 )
 from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
@@ -36,10 +37,11 @@ from banger.model.layout import EXIT_ALREADY_RUNNING, PATH_ENV, Layout
 
 # Plain (non-streamed) requests never wait forever on a daemon that stopped answering.
 # Reads answer from memory and SQLite. `ports` runs `ss` in the guest, which the daemon
-# caps at 30 s. Changes (stop, kill, delete, set, batch, prune) may first wait for the
-# VM's lock, which a start holds up to its readiness timeout (core Timeouts.ready: 180 s,
-# BANGER_READY_TIMEOUT), then power the guest off (10 s, then QMP quit 5 s, then kill 5 s):
-# ten minutes covers both with room to spare.
+# caps at 30 s; `stats` asks the guest's agent twice (10 s each at most). Changes (stop,
+# kill, delete, set, batch, prune) may first wait for the VM's lock, which a start holds
+# up to its readiness timeout (core Timeouts.ready: 180 s, BANGER_READY_TIMEOUT), then
+# power the guest off (10 s, then QMP quit 5 s, then kill 5 s): ten minutes covers both
+# with room to spare.
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
 GUEST_TIMEOUT = 90.0
@@ -222,6 +224,11 @@ class Client:
     def ports(self, ref: str) -> VMPorts:
         return VMPorts.from_json(self._request("GET", f"/vms/{seg(ref)}/ports",
                                                timeout=GUEST_TIMEOUT))
+
+    def stats(self, ref: str) -> VMStatsOut:
+        """A running VM's guest and VMM stats (the daemon samples twice, ~0.5 s apart)."""
+        return VMStatsOut.from_json(self._request("GET", f"/vms/{seg(ref)}/stats",
+                                                  timeout=GUEST_TIMEOUT))
 
     def ssh_config(self) -> SshConfig:
         return SshConfig.from_json(self._request("GET", "/ssh-config"))

@@ -196,6 +196,58 @@ class VMPorts(_Record):
 
 
 @dataclass
+class FilesystemOut(_Record):
+    mountpoint: str  # the guest's text: printable() before a terminal
+    size_bytes: int
+    used_bytes: int
+    avail_bytes: int
+
+
+@dataclass
+class GuestStatsOut(_Record):
+    uptime_ms: int
+    load1: float
+    load5: float
+    load15: float
+    mem_total_kib: int
+    mem_available_kib: int
+    ncpu: int
+    cpu_user_ticks: int
+    cpu_system_ticks: int
+    cpu_idle_ticks: int
+    cpu_percent: float | None
+    filesystems: list[FilesystemOut]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GuestStatsOut:
+        known = _known(cls, data)
+        known["filesystems"] = [FilesystemOut.from_json(f) for f in data["filesystems"]]
+        return cls(**known)
+
+
+@dataclass
+class VmmUsageOut(_Record):
+    pid: int
+    rss_bytes: int
+    cpu_seconds: float
+    cpu_percent: float | None
+
+
+@dataclass
+class VMStatsOut(_Record):
+    vm: str
+    interval: float
+    guest: GuestStatsOut
+    vmm: VmmUsageOut | None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VMStatsOut:
+        return cls(vm=data["vm"], interval=data["interval"],
+                   guest=GuestStatsOut.from_json(data["guest"]),
+                   vmm=_opt(VmmUsageOut, data.get("vmm")))
+
+
+@dataclass
 class SshConfig(_Record):
     path: str
     text: str

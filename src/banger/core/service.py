@@ -29,6 +29,7 @@ from banger.core.operations import (
     default_max_boots,
     no_progress,
 )
+from banger.core.stats import SAMPLE_INTERVAL, VMStats, vm_stats
 from banger.core.views import VMView
 from banger.model.config import Config
 from banger.model.layout import Layout
@@ -187,6 +188,9 @@ class VMService:
 
     def ports(self, ref: str) -> tuple[VM, list[GuestSocketView]]:
         return views.ports(self.ctx, ref)
+
+    def stats(self, ref: str, interval: float = SAMPLE_INTERVAL) -> VMStats:
+        return vm_stats(self.ctx, ref, interval)
 
     @_notifies
     def reconcile(self) -> list[VM]:

@@ -38,7 +38,9 @@ from banger.api.schema import (
     DryRun,
     ErrorBody,
     ErrorResponse,
+    FilesystemOut,
     GuestPortOut,
+    GuestStatsOut,
     Health,
     Logs,
     OperationOut,
@@ -47,9 +49,11 @@ from banger.api.schema import (
     SshConfig,
     SshTarget,
     VMCreate,
+    VmmUsageOut,
     VMOut,
     VMPorts,
     VMSet,
+    VMStatsOut,
     WorkspaceIn,
 )
 from banger.api.wire import HEARTBEAT_SECONDS, NDJSON, PREFIX
@@ -432,6 +436,24 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                          port=v.socket.port, process=v.socket.process, endpoint=v.endpoint,
                          note=v.note)
             for v in views])
+
+    @app.get(f"{PREFIX}/vms/{{ref}}/stats")
+    async def stats(ref: str) -> VMStatsOut:
+        """The running guest's CPU, memory, load and disks (from its agent, two samples
+        ~0.5 s apart) and its VMM process's memory and CPU on the host."""
+        s = await in_thread(lambda: service.stats(ref))
+        g = s.guest
+        vmm = None if s.vmm is None else VmmUsageOut(
+            pid=s.vmm_pid, rss_bytes=s.vmm.rss_bytes, cpu_seconds=s.vmm.cpu_seconds,
+            cpu_percent=s.vmm_cpu_percent)
+        return VMStatsOut(vm=s.vm.name, interval=s.interval, vmm=vmm, guest=GuestStatsOut(
+            uptime_ms=g.uptime_ms, load1=g.load1, load5=g.load5, load15=g.load15,
+            mem_total_kib=g.mem_total_kib, mem_available_kib=g.mem_available_kib,
+            ncpu=g.ncpu, cpu_user_ticks=g.cpu_user_ticks, cpu_system_ticks=g.cpu_system_ticks,
+            cpu_idle_ticks=g.cpu_idle_ticks, cpu_percent=s.guest_cpu_percent,
+            filesystems=[FilesystemOut(mountpoint=f.mountpoint, size_bytes=f.size_bytes,
+                                       used_bytes=f.used_bytes, avail_bytes=f.avail_bytes)
+                         for f in g.filesystems]))
 
     @app.get(f"{PREFIX}/ssh-config")
     def ssh_config() -> SshConfig:

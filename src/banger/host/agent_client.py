@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import select
 import signal
 import socket
@@ -30,6 +31,7 @@ from banger.host.agent_proto import (
     MAX_CHAN,
     Decoder,
     Frame,
+    HelloReqTag,
     Kind,
     ProtocolError,
     SignalTag,
@@ -77,7 +79,7 @@ class AgentConnection:
 
     def __init__(self, sock: socket.socket, *, max_output: int = DEFAULT_MAX_OUTPUT,
                  max_queued: int = DEFAULT_MAX_QUEUED, send_timeout: float = 30.0,
-                 name: str = "agent") -> None:
+                 name: str = "agent", ask_hello: bool = True) -> None:
         sock.setblocking(True)
         self._sock = sock
         self.max_output = max_output
@@ -92,9 +94,22 @@ class AgentConnection:
         self._abandoned: set[int] = set()
         self._hello: Hello | None = None
         self._failure: AgentError | None = None
+        # ask_hello: the session starts with the HELLO answering our HELLO_REQ (it carries
+        # this token); a HELLO before it is the agent's greeting on opening its end.
+        self._token = secrets.randbits(62) if ask_hello else None
+        self._asked = 0  # HELLO_REQs sent and not answered (a lost one stays counted)
+        # Greetings (a HELLO without our token) before the session, and how many of them
+        # wait_hello asked again for.
+        self._greetings = 0
+        self._reasked = 0
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name=f"banger-agent-reader:{name}")
         self._reader.start()
+        if self._token is not None:
+            # A host that connects right after another one closed may have hidden that
+            # hang-up from the agent (virtio-serial): asking always gets a HELLO, and a new
+            # session.
+            self._ask_hello()
 
     def __enter__(self) -> AgentConnection:
         return self
@@ -108,13 +123,25 @@ class AgentConnection:
         return self._failure
 
     def wait_hello(self, timeout: float) -> Hello:
-        """The agent's latest HELLO, waiting up to ``timeout`` seconds for the first."""
-        with self.cond:
-            if not self.cond.wait_for(lambda: self._hello or self._failure, timeout):
-                raise AgentTimeout(f"no HELLO from the guest agent within {timeout} s")
-            self._raise_failure()
-            assert self._hello is not None
-            return self._hello
+        """The agent's latest HELLO, waiting up to ``timeout`` seconds for the first.
+
+        With ask_hello, call it before sending anything else: it may ask again (after a
+        greeting, see :meth:`_on_hello`), and the agent's answer to that ends the execs
+        of the session so far."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self._hello or self._failure
+                                   or self._greetings > self._reasked,
+                                   max(0.0, deadline - time.monotonic()))
+                self._raise_failure()
+                if self._hello is not None:
+                    return self._hello
+                if self._greetings <= self._reasked:
+                    raise AgentTimeout(f"no HELLO from the guest agent within {timeout} s")
+                self._reasked += 1
+            # Here, not on the reader: a send may block, and the reader must keep reading.
+            self._ask_hello()
 
     def ping(self, timeout: float) -> float:
         """The round trip of a PING, in seconds."""
@@ -220,11 +247,15 @@ class AgentConnection:
             assert req.answer is not None
             return req.answer
 
-    def _send(self, data: bytes, what: str) -> None:
+    def _send(self, data: bytes, what: str, *, busy_ok: bool = False) -> bool:
         """Write one whole frame, within the send timeout; a stall closes the connection
-        (a frame cut short leaves the stream unusable anyway)."""
+        (a frame cut short leaves the stream unusable anyway). ``busy_ok``: return False
+        at once, sending nothing, when another send holds the lock."""
         deadline = time.monotonic() + self._send_timeout
-        if not self._send_lock.acquire(timeout=self._send_timeout):
+        if busy_ok:
+            if not self._send_lock.acquire(blocking=False):
+                return False
+        elif not self._send_lock.acquire(timeout=self._send_timeout):
             raise AgentTimeout(f"could not send {what} to the guest agent within "
                                f"{self._send_timeout} s (another send is stuck)")
         try:
@@ -253,6 +284,7 @@ class AgentConnection:
                 poller.poll(left * 1000)
         finally:
             self._send_lock.release()
+        return True
 
     def _fail(self, err: AgentError, *, quiet: bool = False) -> None:
         """End the connection with ``err`` (the first cause wins) and wake every waiter."""
@@ -332,27 +364,65 @@ class AgentConnection:
             with self.cond:
                 self._execs.pop(f.chan, None)
 
+    def _ask_hello(self) -> None:
+        """Send a HELLO_REQ; a failed send ends the connection (wait_hello says why)."""
+        assert self._token is not None
+        with self.cond:
+            self._asked += 1
+        with contextlib.suppress(AgentError):
+            self._send(frame(Kind.HELLO_REQ, 0, fields([(HelloReqTag.TOKEN, self._token)])),
+                       "HELLO_REQ")
+
     def _on_hello(self, hello: Hello) -> None:
         """A HELLO starts a session: the first one readies the connection; a later one
         means the agent reopened its channel (it restarted, or the guest rebooted), and
-        nothing of the session before it will ever answer (the chans are void)."""
+        nothing of the session before it will ever answer (the chans are void).
+
+        With ask_hello, the session starts with the HELLO carrying our token. A HELLO
+        without it before then is the agent's greeting on (re)opening its end, which may
+        have dropped the HELLO_REQ sent before it: wait_hello asks again. A second answer
+        with our token precedes everything sent after that second ask: it voids nothing."""
         with self.cond:
-            old, self._hello = self._hello, hello
-            if old is not None:
-                why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
-                       if old.boot_id != hello.boot_id else
-                       "the guest agent restarted (it said HELLO again)")
-                for state in self._execs.values():
-                    state.error = state.error or AgentDisconnected(why)
-                for req in self._requests.values():
-                    req.error = AgentDisconnected(why)
-                self._execs.clear()
-                self._requests.clear()
-            self.cond.notify_all()
+            asked = self._token is not None
+            if asked and self._hello is None and hello.token != self._token:
+                self._greetings += 1
+                self.cond.notify_all()
+            elif asked and hello.token == self._token and self._asked > 0:
+                self._asked -= 1
+                if self._hello is None:
+                    self._start_session(hello)
+            else:
+                self._start_session(hello)
+
+    def _start_session(self, hello: Hello) -> None:
+        """With self.cond held."""
+        old, self._hello = self._hello, hello
+        if old is not None:
+            why = (f"the guest rebooted (boot id {old.boot_id} -> {hello.boot_id})"
+                   if old.boot_id != hello.boot_id else
+                   "the guest agent restarted (it said HELLO again)")
+            for state in self._execs.values():
+                state.error = state.error or AgentDisconnected(why)
+            for req in self._requests.values():
+                req.error = AgentDisconnected(why)
+            self._execs.clear()
+            self._requests.clear()
+        self.cond.notify_all()
 
     def kill(self, chan: int) -> None:
-        """SIGKILL to an exec, from the reader: a failure to send ends the connection."""
+        """SIGKILL to an exec, asked by the reader: sent at once when no other send is
+        under way, else from a thread of its own. The reader must never wait for the send
+        lock: its holder (a large stdin write) may be waiting for the guest, which waits
+        for the reader to take its output. A failure to send ends the connection."""
+        data = frame(Kind.SIGNAL, chan, fields([(SignalTag.SIGNO, signal.SIGKILL)]))
+        what = f"SIGNAL to exec {chan}"
         with contextlib.suppress(AgentError):
-            self.send_request_frame(chan, Kind.SIGNAL, [(SignalTag.SIGNO, signal.SIGKILL)],
-                                    f"exec {chan}")
+            if self._send(data, what, busy_ok=True):
+                return
+
+        def send() -> None:
+            with contextlib.suppress(AgentError):
+                self._send(data, what)
+
+        threading.Thread(target=send, daemon=True, name=f"banger-agent-kill:{chan}").start()
 

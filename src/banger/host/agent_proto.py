@@ -46,6 +46,7 @@ class Kind(IntEnum):
     SYNC = 0x09
     POWEROFF = 0x0A
     TIME_SET = 0x0B
+    HELLO_REQ = 0x0C
     STARTED = 0x10
     STDOUT = 0x11
     STDERR = 0x12
@@ -62,6 +63,11 @@ class HelloTag(IntEnum):
     PROTOCOL = 1
     VERSION = 2
     BOOT_ID = 3
+    TOKEN = 4  # only in the HELLO answering a HELLO_REQ: its TOKEN
+
+
+class HelloReqTag(IntEnum):
+    TOKEN = 1
 
 
 class ExecTag(IntEnum):

@@ -76,6 +76,7 @@ class Hello:
     protocol: int
     version: str
     boot_id: str
+    token: int | None = None  # the TOKEN of the HELLO_REQ this HELLO answers
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,10 @@ def parse_hello(body: bytes) -> Hello:
     if protocol != PROTOCOL:
         raise ProtocolError(f"the agent speaks protocol {protocol}; this banger speaks "
                             f"{PROTOCOL} (rebuild the image's agent, or update banger)")
+    token = one(fs, HelloTag.TOKEN, "HELLO")
     return Hello(protocol, as_str(need(fs, HelloTag.VERSION, "HELLO")),
-                 as_str(need(fs, HelloTag.BOOT_ID, "HELLO")))
+                 as_str(need(fs, HelloTag.BOOT_ID, "HELLO")),
+                 None if token is None else as_int(token))
 
 
 def parse_started(body: bytes) -> int:

@@ -1,4 +1,4 @@
-"""The agent port on this host: the guest agent's HELLO, through
+"""The agent port on this host: the guest agent's HELLO and its STATS, through
 :class:`~banger.host.agent_client.AgentConnection`, over the channel a VMM driver serves
 (QEMU: the Unix socket of the virtio-serial port ``banger.agent``).
 
@@ -21,7 +21,7 @@ from banger.host.agent_client import AgentConnection
 from banger.host.agent_records import AgentError, AgentProtocolError, AgentTimeout, safe_text
 from banger.local.logtail import tail_lines
 from banger.model.errors import OperationFailed
-from banger.ports import AgentHello
+from banger.ports import AgentHello, GuestFilesystem, GuestStats
 
 # How often the VMM's liveness (and a cancel) is checked while the guest boots.
 POLL = 0.1
@@ -84,6 +84,25 @@ class LocalAgent:
         finally:
             if conn is not None:
                 conn.close()
+
+
+    def stats(self, *, channel: Path, timeout: float) -> GuestStats:
+        deadline = time.monotonic() + timeout
+        try:
+            with _connect(channel) as conn:
+                conn.wait_hello(timeout)
+                raw = conn.stats(max(0.1, deadline - time.monotonic()))
+        except (OSError, AgentError) as exc:
+            raise OperationFailed(f"could not read stats from the guest agent on {channel}: "
+                                  f"{exc}") from exc
+        return GuestStats(
+            uptime_ms=raw.uptime_ms, load1=raw.load1_x100 / 100, load5=raw.load5_x100 / 100,
+            load15=raw.load15_x100 / 100, mem_total_kib=raw.mem_total_kib,
+            mem_available_kib=raw.mem_available_kib, cpu_user_ticks=raw.cpu_user_ticks,
+            cpu_system_ticks=raw.cpu_system_ticks, cpu_idle_ticks=raw.cpu_idle_ticks,
+            ncpu=raw.ncpu, filesystems=tuple(
+                GuestFilesystem(f.mountpoint, f.size_bytes, f.used_bytes, f.avail_bytes)
+                for f in raw.filesystems))
 
 
 def _connect(channel: Path) -> AgentConnection:

@@ -17,7 +17,7 @@ from banger.host import kvm, qemu, qemu_cmdline, seriallog, vmmproc, vmmuser
 from banger.host.bootid import boot_id
 from banger.model.errors import OperationFailed
 from banger.model.vm import ResourceNames
-from banger.ports import Accel, Launched, LaunchSpec, Rediscovered
+from banger.ports import Accel, Launched, LaunchSpec, Rediscovered, VmmUsage
 
 
 class VmmUsers:
@@ -132,6 +132,9 @@ class QemuVmm:
 
     def wait_exit(self, pid: int, timeout: float) -> bool:
         return vmmproc.kill_and_wait(pid, 0, timeout)
+
+    def usage(self, pid: int) -> VmmUsage | None:
+        return vmmproc.usage(pid)
 
     def rediscover(self, control_socket: Path) -> Rediscovered | None:
         pid = vmmproc.find_qemu_pid(control_socket)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from banger.host import vmmuser
+from banger.ports import VmmUsage
 
 QMP_TAG = "qmp:"  # the QMP fd set's opaque: "qmp:<socket path>"
 
@@ -84,6 +85,25 @@ def _state(stat_file: Path) -> str | None:
     # The state follows the command name, which may itself hold spaces and parens.
     fields = stat.rpartition(")")[2].split()
     return fields[0] if fields else None
+
+
+def usage(pid: int) -> VmmUsage | None:
+    """The process's resident memory (``VmRSS`` of /proc/<pid>/status) and its CPU time
+    (utime + stime of /proc/<pid>/stat); None when it is gone or a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rss = re.search(r"^VmRSS:\s+(\d+) kB$", status, re.MULTILINE)
+    # After the command name (which may hold spaces and parens): state is field 3, utime
+    # and stime fields 14 and 15 of stat(5).
+    fields = stat.rpartition(")")[2].split()
+    if rss is None or len(fields) < 13:
+        return None  # a zombie has no VmRSS line
+    ticks = int(fields[11]) + int(fields[12])
+    return VmmUsage(rss_bytes=int(rss.group(1)) * 1024,
+                    cpu_seconds=ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def pid_is_qemu_for(pid: int, qmp_socket: Path) -> bool:

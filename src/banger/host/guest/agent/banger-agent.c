@@ -36,6 +36,7 @@
 enum {
     HELLO = 0x01, PING = 0x02, EXEC = 0x03, STDIN = 0x04, STDIN_EOF = 0x05, SIGNAL = 0x06,
     RESIZE = 0x07, STATS_REQ = 0x08, SYNC = 0x09, POWEROFF = 0x0a, TIME_SET = 0x0b,
+    HELLO_REQ = 0x0c,
     STARTED = 0x10, STDOUT = 0x11, STDERR = 0x12, EXIT = 0x13, EXEC_ERROR = 0x14,
     STATS = 0x20, PONG = 0x21, DONE = 0x22, ERROR = 0x23,
 };
@@ -180,7 +181,8 @@ static void send_error(int kind, uint32_t chan, const char *fmt, ...) {
     send_frame(kind, chan);
 }
 
-static void send_hello(void) {
+/* token >= 0: the HELLO answers a HELLO_REQ carrying that TOKEN and echoes it. */
+static void send_hello(int64_t token) {
     char id[64] = "";
     FILE *f = fopen("/proc/sys/kernel/random/boot_id", "re");
     if (f) {
@@ -193,6 +195,8 @@ static void send_hello(void) {
     put_i64(1, 1);
     put_str(2, VERSION);
     put_str(3, id);
+    if (token >= 0)
+        put_i64(4, token);
     send_frame(HELLO, 0);
 }
 
@@ -234,7 +238,7 @@ static void try_connect(void) {
     struct pollfd pf = {chan_fd, POLLOUT, 0};
     if (poll(&pf, 1, 0) >= 0 && !(pf.revents & (POLLHUP | POLLERR | POLLNVAL))) {
         connected = true;
-        send_hello();
+        send_hello(-1);
     }
 }
 
@@ -276,16 +280,22 @@ static bool as_i64(const unsigned char *v, uint32_t n, int64_t *x) {
     return true;
 }
 
-/* The first integer field with that tag; false if absent or not 8 bytes. */
-static bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
+/* The first field with that tag; false if absent. */
+static bool find_field(const unsigned char *b, size_t n, int want, const unsigned char **v,
+                       uint32_t *len) {
     struct fields f = {b, b + n};
     int tag;
+    while (next_field(&f, &tag, v, len) == 1)
+        if (tag == want)
+            return true;
+    return false;
+}
+
+/* The first integer field with that tag; false if absent or not 8 bytes. */
+static bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
     const unsigned char *v;
     uint32_t len;
-    while (next_field(&f, &tag, &v, &len) == 1)
-        if (tag == want)
-            return as_i64(v, len, x);
-    return false;
+    return find_field(b, n, want, &v, &len) && as_i64(v, len, x);
 }
 
 /* ---- execs ---------------------------------------------------------------------- */
@@ -641,6 +651,8 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
     }
     struct exec *e = find_exec(chan);
     int64_t x, y;
+    const unsigned char *tv;
+    uint32_t tlen;
     bool needs_exec = kind == STDIN || kind == STDIN_EOF || kind == SIGNAL || kind == RESIZE;
     if (needs_exec && (chan == 0 || !e)) {
         send_error(ERROR, chan, "no exec on chan %u", chan);
@@ -686,6 +698,18 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
         break;
     case STATS_REQ:
         do_stats(chan);
+        break;
+    case HELLO_REQ:
+        /* A host that connected again at once may have hidden its hang-up from us
+         * (virtio-serial): it asks, and gets a new session exactly as on a reopen. */
+        if (chan != 0) {
+            send_error(ERROR, chan, "HELLO_REQ goes on chan 0");
+        } else if (find_field(b, n, 1, &tv, &tlen) && (!as_i64(tv, tlen, &x) || x < 0)) {
+            send_error(ERROR, chan, "HELLO_REQ's TOKEN must be a non-negative i64");
+        } else {
+            detach_execs();
+            send_hello(find_field(b, n, 1, &tv, &tlen) ? x : -1);
+        }
         break;
     case SYNC:
         sync();
@@ -795,7 +819,7 @@ int main(int argc, char **argv) {
         fcntl(chan_fd, F_SETFD, FD_CLOEXEC);
         nonblock(chan_fd);
         connected = true;
-        send_hello();
+        send_hello(-1);
     }
     struct pollfd pf[2 + 3 * MAX_EXECS];
     int who[2 + 3 * MAX_EXECS];  /* exec index * 3 + role (0 out, 1 err, 2 in) */
