@@ -21,15 +21,21 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import TypeVar
 
+from banger.host import agent_files
 from banger.host.agent_exec import Exec, ExecState, OutputCallback, on_exec_frame
+from banger.host.agent_files import TarSource, TransferState, on_transfer_frame
 from banger.host.agent_proto import (
+    FEATURE_CREDIT,
+    FEATURE_LISTENING,
     MAX_BODY,
     MAX_CHAN,
     Decoder,
+    ExecTag,
     Frame,
     HelloReqTag,
     Kind,
@@ -45,12 +51,14 @@ from banger.host.agent_records import (
     AgentError,
     AgentProtocolError,
     AgentRequestError,
+    AgentSocket,
     AgentTimeout,
     GuestStats,
     Hello,
     exec_fields,
     fresh,
     parse_hello,
+    parse_listening,
     parse_message,
     parse_stats,
     safe_text,
@@ -62,6 +70,10 @@ DEFAULT_MAX_OUTPUT = 16 << 20
 # Frames of output queued per exec before the reader waits for the consumer: 4 MiB at
 # most, and the wait is what slows a guest that prints faster than banger reads.
 DEFAULT_MAX_QUEUED = 64
+# With flow control: output (and FILE_GET data) the guest may send ahead of the consumer,
+# per chan. This bounds what the host holds per exec; a quarter of it is granted back
+# at a time.
+DEFAULT_WINDOW = 1 << 20
 _RECV = 1 << 16
 _T = TypeVar("_T")
 
@@ -77,19 +89,24 @@ class _Request:
 class AgentConnection:
     """One connection to a guest's agent; thread-safe; close it when done."""
 
-    def __init__(self, sock: socket.socket, *, max_output: int = DEFAULT_MAX_OUTPUT,
+    def __init__(self, sock: socket.socket, *, max_output: int | None = DEFAULT_MAX_OUTPUT,
                  max_queued: int = DEFAULT_MAX_QUEUED, send_timeout: float = 30.0,
-                 name: str = "agent", ask_hello: bool = True) -> None:
+                 name: str = "agent", ask_hello: bool = True,
+                 window: int = DEFAULT_WINDOW) -> None:
+        if not 4 <= window <= 1 << 30:
+            raise ValueError(f"window {window} is not 4 bytes..1 GiB")
         sock.setblocking(True)
         self._sock = sock
         self.max_output = max_output
         self.max_queued = max_queued
+        self.window = window
         self._send_timeout = send_timeout
         self.cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._next_chan = 1
         self._execs: dict[int, ExecState] = {}
         self._requests: dict[int, _Request] = {}
+        self.transfers: dict[int, TransferState] = {}
         # Chans whose request timed out: one late answer on each is dropped, not an error.
         self._abandoned: set[int] = set()
         self._hello: Hello | None = None
@@ -116,6 +133,14 @@ class AgentConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def send_timeout(self) -> float:
+        return self._send_timeout
+
+    def features(self) -> frozenset[str]:
+        """What the agent announced in its HELLO (empty before it)."""
+        return self._hello.features if self._hello is not None else frozenset()
 
     @property
     def failure(self) -> AgentError | None:
@@ -164,23 +189,58 @@ class AgentConnection:
         body = fields([(TimeSetTag.UNIX_NS, unix_ns)])
         self._request(Kind.TIME_SET, body, Kind.DONE, "TIME_SET", timeout)
 
+    def listening(self, timeout: float) -> list[AgentSocket]:
+        """The guest's listening TCP and bound UDP sockets (what ``ss -ltunp`` shows)."""
+        self._need(FEATURE_LISTENING, "list the guest's sockets")
+        answer = self._request(Kind.LISTENING_REQ, b"", Kind.LISTENING, "LISTENING_REQ",
+                               timeout)
+        socks, truncated = self._parsed(lambda: parse_listening(answer.body))
+        if truncated:
+            log.info("the guest has more listening sockets than one LISTENING frame holds")
+        return socks
+
+    def put_tar(self, dest: str, source: TarSource, timeout: float) -> None:
+        """Extract a tar stream (an iterable of bytes, or a binary file) into the guest's
+        directory ``dest`` (created if missing). ``timeout`` bounds each wait."""
+        agent_files.put_tar(self, dest, source, timeout)
+
+    def get_tar(self, path: str, timeout: float) -> Iterator[bytes]:
+        """A tar of the guest's ``path`` (a file, or a directory recursively), in chunks
+        of at most MAX_BODY bytes as the guest sends them; ``timeout`` bounds each wait.
+        Closing the iterator early cancels the transfer."""
+        return agent_files.get_tar(self, path, timeout)
+
+    def _need(self, feature: str, what: str) -> None:
+        if feature not in self.features():
+            raise AgentError(f"the guest's agent cannot {what} (it lacks the {feature!r} "
+                             "feature: an older agent; rebuild the VM's image)")
+
     def exec(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str = "/",
              pty: tuple[int, int] | None = None, *, on_output: OutputCallback | None = None,
-             timeout: float = 10.0) -> Exec:
+             timeout: float = 10.0,
+             max_output: int | EllipsisType | None = ...) -> Exec:
         """Start ``argv`` in the guest (no shell) and return once it started.
 
         ``env`` is the command's whole environment. ``pty=(rows, cols)`` runs it on a new
         pty. Output goes to ``on_output`` (called on the reader thread: a slow callback
-        slows the guest) or, without one, to :meth:`Exec.output`. Raises
-        :class:`AgentRequestError` when the agent cannot start it.
+        slows the guest) or, without one, to :meth:`Exec.output`. ``max_output``: the
+        exec's total output cap (default: the connection's; None: no cap, memory is still
+        bounded by the window). Raises :class:`AgentRequestError` when the agent cannot
+        start it.
         """
         argv = tuple(argv)
         items = exec_fields(argv, env or {}, cwd, pty)
+        credit = FEATURE_CREDIT in self.features()
+        if credit:
+            items.append((ExecTag.WINDOW, self.window))
         body = fields(items)
         if len(body) > MAX_BODY:
             raise ValueError(f"argv, env and cwd take {len(body)} bytes; "
                              f"the agent protocol's cap is {MAX_BODY}")
-        state = ExecState(argv, on_output)
+        state = ExecState(argv, on_output,
+                          max_output=self.max_output if max_output is ... else max_output,
+                          window=self.window if credit else 0,
+                          allowed=self.window if credit else 0)
         with self.cond:
             chan = self._alloc_chan()
             self._execs[chan] = state
@@ -208,6 +268,10 @@ class AgentConnection:
     def send_data(self, chan: int, kind: Kind, data: bytes, what: str) -> None:
         """One frame of raw data (at most MAX_BODY bytes)."""
         self._send(frame(kind, chan, data), f"{kind.name} to {what}")
+
+    def alloc_chan(self) -> int:
+        """A fresh chan id (with self.cond held)."""
+        return self._alloc_chan()
 
     def _alloc_chan(self) -> int:
         self._raise_failure()
@@ -298,8 +362,11 @@ class AgentConnection:
                     state.error = fresh(self._failure)
             for req in self._requests.values():
                 req.error = fresh(self._failure)
+            for transfer in self.transfers.values():
+                transfer.error = transfer.error or fresh(self._failure)
             self._execs.clear()
             self._requests.clear()
+            self.transfers.clear()
             self.cond.notify_all()
         # Wakes the reader out of recv(); the reader closes the socket on its way out.
         with contextlib.suppress(OSError):
@@ -338,6 +405,11 @@ class AgentConnection:
         with self.cond:
             state = self._execs.get(f.chan)
             req = self._requests.get(f.chan) if state is None else None
+            transfer = self.transfers.get(f.chan)
+            if transfer is not None:
+                if on_transfer_frame(self, f, transfer):
+                    self.transfers.pop(f.chan, None)
+                return
             if state is None and req is None:
                 if f.chan in self._abandoned:
                     self._abandoned.discard(f.chan)
@@ -405,17 +477,23 @@ class AgentConnection:
                 state.error = state.error or AgentDisconnected(why)
             for req in self._requests.values():
                 req.error = AgentDisconnected(why)
+            for transfer in self.transfers.values():
+                transfer.error = AgentDisconnected(why)
             self._execs.clear()
             self._requests.clear()
+            self.transfers.clear()
         self.cond.notify_all()
 
     def kill(self, chan: int) -> None:
-        """SIGKILL to an exec, asked by the reader: sent at once when no other send is
-        under way, else from a thread of its own. The reader must never wait for the send
-        lock: its holder (a large stdin write) may be waiting for the guest, which waits
-        for the reader to take its output. A failure to send ends the connection."""
-        data = frame(Kind.SIGNAL, chan, fields([(SignalTag.SIGNO, signal.SIGKILL)]))
-        what = f"SIGNAL to exec {chan}"
+        """SIGKILL to an exec, asked by the reader (see :meth:`post`)."""
+        self.post(frame(Kind.SIGNAL, chan, fields([(SignalTag.SIGNO, signal.SIGKILL)])),
+                  f"SIGNAL to exec {chan}")
+
+    def post(self, data: bytes, what: str) -> None:
+        """A frame sent on behalf of the reader: at once when no other send is under way,
+        else from a thread of its own. The reader must never wait for the send lock: its
+        holder (a large stdin write) may be waiting for the guest, which waits for the
+        reader to take its output. A failure to send ends the connection."""
         with contextlib.suppress(AgentError):
             if self._send(data, what, busy_ok=True):
                 return
@@ -424,5 +502,5 @@ class AgentConnection:
             with contextlib.suppress(AgentError):
                 self._send(data, what)
 
-        threading.Thread(target=send, daemon=True, name=f"banger-agent-kill:{chan}").start()
+        threading.Thread(target=send, daemon=True, name="banger-agent-post").start()
 

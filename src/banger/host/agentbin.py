@@ -22,7 +22,7 @@ from banger.host import runner
 
 AGENT_DIR: Traversable = resources.files("banger.host") / "guest" / "agent"
 # Every *.c and *.h in AGENT_DIR (a unit test checks the list is complete).
-AGENT_SOURCES: tuple[str, ...] = ("banger-agent.c",)
+AGENT_SOURCES: tuple[str, ...] = ("banger-agent.c", "agent.h", "files.c", "listening.c")
 CFLAGS: tuple[str, ...] = ("-std=c11", "-static", "-Os", "-Wall", "-Wextra", "-Werror",
                            "-pedantic", "-s")
 BINARY = "banger-agent"
