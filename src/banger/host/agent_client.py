@@ -70,10 +70,11 @@ DEFAULT_MAX_OUTPUT = 16 << 20
 # Frames of output queued per exec before the reader waits for the consumer: 4 MiB at
 # most, and the wait is what slows a guest that prints faster than banger reads.
 DEFAULT_MAX_QUEUED = 64
-# With flow control: output (and FILE_GET data) the guest may send ahead of the consumer,
+# With flow control: output (and FILE_GET data) the guest may send ahead of the consumer
+# (4 MiB: what the older 64-frame queue held),
 # per chan. This bounds what the host holds per exec; a quarter of it is granted back
 # at a time.
-DEFAULT_WINDOW = 1 << 20
+DEFAULT_WINDOW = 4 << 20
 _RECV = 1 << 16
 _T = TypeVar("_T")
 
