@@ -110,8 +110,10 @@ static void detach_execs(void) {
 }
 
 static void lost_channel(void) {
-    if (fd_mode)
+    if (fd_mode) {
+        files_detach();          /* no half file left behind */
         exit(0);                 /* tests: the host closed its end */
+    }
     detach_execs();
     if (chan_fd >= 0)
         close(chan_fd);
