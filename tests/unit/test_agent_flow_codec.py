@@ -47,10 +47,8 @@ field_lists = st.lists(st.tuples(st.integers(0, 8), st.binary(max_size=40)
 @given(st.binary(max_size=200) | field_lists)
 def test_new_decoders_raise_only_protocol_errors(body: bytes) -> None:
     for parse in (parse_listening, parse_credit, parse_started, parse_hello):
-        try:
+        with contextlib.suppress(ProtocolError):
             parse(body)
-        except ProtocolError:
-            pass
 
 
 def test_listening_entries_merge_per_socket_and_sort_like_ss() -> None:
@@ -72,7 +70,7 @@ def test_started_and_credit_and_features() -> None:
     with pytest.raises(ProtocolError, match="stdin window of 0"):
         parse_started(fields([(1, 7), (2, 0)]))
     assert parse_credit(fields([(1, 5)])) == 5
-    with pytest.raises(ProtocolError, match="not 1..2\\^40"):
+    with pytest.raises(ProtocolError, match=r"not 1\.\.2\^40"):
         parse_credit(fields([(1, 0)]))
     assert parse_hello(CREDIT_HELLO).features == {"credit", "files", "listening"}
     with pytest.raises(ProtocolError, match="features"):
@@ -157,7 +155,7 @@ def test_a_put_waits_for_credit_and_ends_with_done(
     def put() -> None:
         try:
             conn.put_tar("/dest", [b"a" * 300], 5)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:  # reported by the test
             errors.append(exc)
 
     t = threading.Thread(target=put)
