@@ -2,13 +2,17 @@
 
 :class:`AgentConnection` runs over a connected stream socket (QEMU's chardev Unix socket
 in production, a socketpair in tests). One reader thread decodes frames and hands each
-to its chan: an exec (:class:`~banger.host.agent_exec.Exec`) or a pending request.
+to its chan: an exec (:class:`~banger.host.agent_exec.Exec`), a file transfer
+(:mod:`banger.host.agent_files`) or a pending request. Sending is
+:class:`~banger.host.agent_wire.AgentWire`'s.
 
 The guest is hostile (docs/agent-protocol.md, "The host's rules"): every wait has a
 timeout, every send has one too (a guest that stops reading cannot block the daemon),
-each exec's output is capped in total and queued in bounded form, and anything that
-breaks the protocol closes the connection with an error naming the problem. Every
-pending exec and request then ends with that error; nothing waits for good.
+each exec's output is held within the window banger granted (flow control, with an agent
+that announces "credit"; the reader then never waits for a consumer) and optionally capped
+in total, and anything that breaks the protocol closes the connection with an error
+naming the problem. Every pending exec, transfer and request then ends with that error;
+nothing waits for good.
 """
 
 from __future__ import annotations
@@ -16,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import select
-import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import EllipsisType
 from typing import TypeVar
@@ -40,7 +42,6 @@ from banger.host.agent_proto import (
     HelloReqTag,
     Kind,
     ProtocolError,
-    SignalTag,
     TimeSetTag,
     fields,
     frame,
@@ -63,6 +64,7 @@ from banger.host.agent_records import (
     parse_stats,
     safe_text,
 )
+from banger.host.agent_wire import AgentWire
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class _Request:
     error: AgentError | None = None
 
 
-class AgentConnection:
+class AgentConnection(AgentWire):
     """One connection to a guest's agent; thread-safe; close it when done."""
 
     def __init__(self, sock: socket.socket, *, max_output: int | None = DEFAULT_MAX_OUTPUT,
@@ -96,14 +98,10 @@ class AgentConnection:
                  window: int = DEFAULT_WINDOW) -> None:
         if not 4 <= window <= 1 << 30:
             raise ValueError(f"window {window} is not 4 bytes..1 GiB")
-        sock.setblocking(True)
-        self._sock = sock
+        super().__init__(sock, send_timeout)
         self.max_output = max_output
         self.max_queued = max_queued
         self.window = window
-        self._send_timeout = send_timeout
-        self.cond = threading.Condition()
-        self._send_lock = threading.Lock()
         self._next_chan = 1
         self._execs: dict[int, ExecState] = {}
         self._requests: dict[int, _Request] = {}
@@ -111,7 +109,6 @@ class AgentConnection:
         # Chans whose request timed out: one late answer on each is dropped, not an error.
         self._abandoned: set[int] = set()
         self._hello: Hello | None = None
-        self._failure: AgentError | None = None
         # ask_hello: the session starts with the HELLO answering our HELLO_REQ (it carries
         # this token); a HELLO before it is the agent's greeting on opening its end.
         self._token = secrets.randbits(62) if ask_hello else None
@@ -135,18 +132,9 @@ class AgentConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def send_timeout(self) -> float:
-        return self._send_timeout
-
     def features(self) -> frozenset[str]:
         """What the agent announced in its HELLO (empty before it)."""
         return self._hello.features if self._hello is not None else frozenset()
-
-    @property
-    def failure(self) -> AgentError | None:
-        """Why the connection ended (None while it is open)."""
-        return self._failure
 
     def wait_hello(self, timeout: float) -> Hello:
         """The agent's latest HELLO, waiting up to ``timeout`` seconds for the first.
@@ -262,14 +250,6 @@ class AgentConnection:
         if threading.current_thread() is not self._reader:
             self._reader.join()
 
-    def send_request_frame(self, chan: int, kind: Kind, items: Iterable[tuple[int, int]],
-                           what: str) -> None:
-        self._send(frame(kind, chan, fields(items)), f"{kind.name} to {what}")
-
-    def send_data(self, chan: int, kind: Kind, data: bytes, what: str) -> None:
-        """One frame of raw data (at most MAX_BODY bytes)."""
-        self._send(frame(kind, chan, data), f"{kind.name} to {what}")
-
     def alloc_chan(self) -> int:
         """A fresh chan id (with self.cond held)."""
         return self._alloc_chan()
@@ -280,10 +260,6 @@ class AgentConnection:
             raise AgentError("this agent connection has used up its chan ids; reconnect")
         chan, self._next_chan = self._next_chan, self._next_chan + 1
         return chan
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise fresh(self._failure)
 
     def _parsed(self, parse: Callable[[], _T]) -> _T:
         """Parse an answer; a malformed one ends the connection like any protocol error."""
@@ -311,45 +287,6 @@ class AgentConnection:
                 raise fresh(req.error)
             assert req.answer is not None
             return req.answer
-
-    def _send(self, data: bytes, what: str, *, busy_ok: bool = False) -> bool:
-        """Write one whole frame, within the send timeout; a stall closes the connection
-        (a frame cut short leaves the stream unusable anyway). ``busy_ok``: return False
-        at once, sending nothing, when another send holds the lock."""
-        deadline = time.monotonic() + self._send_timeout
-        if busy_ok:
-            if not self._send_lock.acquire(blocking=False):
-                return False
-        elif not self._send_lock.acquire(timeout=self._send_timeout):
-            raise AgentTimeout(f"could not send {what} to the guest agent within "
-                               f"{self._send_timeout} s (another send is stuck)")
-        try:
-            with self.cond:
-                self._raise_failure()
-            view, sent = memoryview(data), 0
-            poller = select.poll()
-            poller.register(self._sock, select.POLLOUT)
-            while sent < len(data):
-                try:
-                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    err: AgentError = AgentDisconnected(
-                        f"the connection to the guest agent failed sending {what}: {exc}")
-                    self._fail(err)
-                    raise fresh(err) from None
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    err = AgentTimeout(f"the guest agent read nothing for {self._send_timeout}"
-                                       f" s while banger sent {what}; connection closed")
-                    self._fail(err)
-                    raise fresh(err)
-                poller.poll(left * 1000)
-        finally:
-            self._send_lock.release()
-        return True
 
     def _fail(self, err: AgentError, *, quiet: bool = False) -> None:
         """End the connection with ``err`` (the first cause wins) and wake every waiter."""
@@ -484,24 +421,3 @@ class AgentConnection:
             self._requests.clear()
             self.transfers.clear()
         self.cond.notify_all()
-
-    def kill(self, chan: int) -> None:
-        """SIGKILL to an exec, asked by the reader (see :meth:`post`)."""
-        self.post(frame(Kind.SIGNAL, chan, fields([(SignalTag.SIGNO, signal.SIGKILL)])),
-                  f"SIGNAL to exec {chan}")
-
-    def post(self, data: bytes, what: str) -> None:
-        """A frame sent on behalf of the reader: at once when no other send is under way,
-        else from a thread of its own. The reader must never wait for the send lock: its
-        holder (a large stdin write) may be waiting for the guest, which waits for the
-        reader to take its output. A failure to send ends the connection."""
-        with contextlib.suppress(AgentError):
-            if self._send(data, what, busy_ok=True):
-                return
-
-        def send() -> None:
-            with contextlib.suppress(AgentError):
-                self._send(data, what)
-
-        threading.Thread(target=send, daemon=True, name="banger-agent-post").start()
-
