@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import socket
 import subprocess
 import tarfile
@@ -212,3 +213,42 @@ def test_a_host_that_leaves_mid_put_or_mid_get(binary: Path, tmp_path: Path) -> 
     assert seen, "the half file was there under a temporary name"
     assert sorted(p.name for p in dest.iterdir()) == [], \
         "the agent removes the half file when the host goes away; no final name"
+
+
+def test_mutated_tars_end_in_done_or_a_clear_error(conn: AgentConnection,
+                                                   tmp_path: Path) -> None:
+    # The agent's tar reader fuzzed: random bytes of a valid archive flipped, cut or
+    # repeated. Each put ends in DONE or ERROR, the agent lives, and nothing is written
+    # outside the destination.
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / ("n" * 120)).write_bytes(b"x" * 3000)
+    os.symlink("/etc", src / "d" / "link")
+    (src / "d" / "f").write_text("f")
+    valid = [tar_of(src / "d", fmt) for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT)]
+    rng = random.Random(4321)
+    outcomes = set()
+    for i in range(300):
+        data = bytearray(rng.choice(valid))
+        for _ in range(rng.randrange(1, 6)):
+            pos = rng.randrange(len(data))
+            choice = rng.random()
+            if choice < 0.6:
+                data[pos] = rng.randrange(256)
+            elif choice < 0.8:
+                data[pos:pos + 8] = rng.choice([b"../../x\0", b"/abs\0\0\0\0", b"7777777\0",
+                                                b"\x80" + bytes(7), b"link/esc"])
+            else:
+                del data[pos:]
+        dest = tmp_path / "out" / str(i)
+        try:
+            conn.put_tar(str(dest), [bytes(data)], timeout=10)
+            outcomes.add("done")
+        except AgentRequestError as exc:
+            assert "refused FILE_PUT" in str(exc)
+            outcomes.add("error")
+    assert outcomes == {"done", "error"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        str(i) for i in range(300))
+    assert conn.ping(5) < 5

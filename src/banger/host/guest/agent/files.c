@@ -142,6 +142,18 @@ static bool path_field(uint32_t chan, const unsigned char *b, size_t n, const ch
     return true;
 }
 
+/* A name for an ERROR message: strings on the wire are UTF-8, a name in a tar or on a
+ * disk is any bytes; every byte outside printable ASCII becomes \xNN. Clipped at 200. */
+static const char *shown(const char *name) {
+    static char buf[4 * 200 + 4];
+    size_t n = 0;
+    for (const unsigned char *c = (const unsigned char *)name; *c && n < 4 * 200; c++)
+        n += (size_t)snprintf(buf + n, sizeof buf - n,
+                              *c >= 0x20 && *c < 0x7f ? "%c" : "\\x%02x", *c);
+    buf[n] = 0;
+    return buf;
+}
+
 /* ---- put ------------------------------------------------------------------------ */
 
 /* mkdir -p: the destination may be new (like `docker cp` to a new name). */
@@ -343,6 +355,7 @@ static void close_parent(struct put *p) {
 static const char *on_header(struct put *p) {
     const char *why = NULL;
     struct tar_entry e = {0};
+    p->e.name[0] = 0;            /* an error now is the stream's, not the last entry's */
     int r = tar_parse_header(p->hdr, &e, &why);
     if (r < 0)
         return why;
@@ -516,7 +529,7 @@ static void put_frame(struct xfer *x, int kind, const unsigned char *b, size_t n
         return;
     }
     send_error(ERROR, x->chan, "%s%s: %s", p->e.name[0] ? "entry " : "",
-               p->e.name[0] ? p->e.name : "the tar stream", err);
+               p->e.name[0] ? shown(p->e.name) : "the tar stream", err);
     release(x);
 }
 
@@ -707,7 +720,7 @@ static void get_pump(struct xfer *x) {
         send_frame(DATA, x->chan);
     }
     if (why) {
-        send_error(ERROR, x->chan, "%s: %s", g->path, why);
+        send_error(ERROR, x->chan, "%s: %s", shown(g->path), why);
         release(x);
     } else if (g->end_done && g->poff >= g->plen) {
         begin();
