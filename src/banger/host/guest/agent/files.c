@@ -21,7 +21,7 @@
 #include "tar.h"
 
 #define MAX_XFERS 16
-#define PUT_WINDOW (256 << 10)   /* DATA a put may have in flight */
+#define PUT_WINDOW (1 << 20)     /* DATA a put may have in flight (written at once) */
 #define PAX_CAP (64 << 10)       /* an extended header's records, at most */
 #define MAX_DEPTH 128            /* directories deep, for a get */
 #define MAX_DEFERRED 65536       /* directories whose mode and mtime are set at the end */
