@@ -9,41 +9,25 @@ import hashlib
 import io
 import os
 import random
-import socket
-import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentconn import running_agent
 
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_records import AgentError, AgentRequestError
-from banger.host.agentbin import ensure_agent
 
 pytestmark = pytest.mark.host
 LONG = "d" * 120 + "/" + "f" * 130  # over ustar's 100 and 155: a pax path
 
 
-@pytest.fixture(scope="module")
-def binary() -> Path:
-    return ensure_agent(Path.home() / ".cache" / "banger-test")
-
-
 @pytest.fixture
-def conn(binary: Path) -> Iterator[AgentConnection]:
-    host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(binary), "--fd", str(guest.fileno())],
-                            pass_fds=[guest.fileno()])
-    guest.close()
-    c = AgentConnection(host, name="files")
-    c.wait_hello(10)
-    try:
+def conn() -> Iterator[AgentConnection]:
+    with running_agent("files") as c:
         yield c
-    finally:
-        c.close()
-        assert proc.wait(timeout=10) == 0
 
 
 def make_tree(root: Path) -> Path:
@@ -183,33 +167,27 @@ def test_a_huge_size_or_a_truncated_stream_leaves_no_file(conn: AgentConnection,
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_host_that_leaves_mid_put_or_mid_get(binary: Path, tmp_path: Path) -> None:
+def test_a_host_that_leaves_mid_put_or_mid_get(tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(os.urandom(8 << 20))
     dest = tmp_path / "dest"
-    host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(binary), "--fd", str(guest.fileno())],
-                            pass_fds=[guest.fileno()])
-    guest.close()
-    c = AgentConnection(host, name="leaving")
-    c.wait_hello(10)
-    it = c.get_tar(str(big), timeout=10)
-    next(it)  # the get is under way, and the guest waits for credit
-    seen: list[str] = []
+    with running_agent("leaving") as c:
+        it = c.get_tar(str(big), timeout=10)
+        next(it)  # the get is under way, and the guest waits for credit
+        seen: list[str] = []
 
-    def source() -> Iterator[bytes]:
-        data = tar_of(big, tarfile.PAX_FORMAT)
-        yield data[:300_000]
-        deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
-            seen.extend(p.name for p in dest.iterdir() if p.name.startswith(".banger-put"))
-            time.sleep(0.05)
-        c.close()  # the host goes away with the file half written
-        yield data[300_000:]
+        def source() -> Iterator[bytes]:
+            data = tar_of(big, tarfile.PAX_FORMAT)
+            yield data[:300_000]
+            deadline = time.monotonic() + 10
+            while not seen and time.monotonic() < deadline:
+                seen.extend(p.name for p in dest.iterdir() if p.name.startswith(".banger-put"))
+                time.sleep(0.05)
+            c.close()  # the host goes away with the file half written
+            yield data[300_000:]
 
-    with pytest.raises(AgentError):
-        c.put_tar(str(dest), source(), timeout=10)
-    assert proc.wait(timeout=10) == 0
+        with pytest.raises(AgentError):
+            c.put_tar(str(dest), source(), timeout=10)
     assert seen, "the half file was there under a temporary name"
     assert sorted(p.name for p in dest.iterdir()) == [], \
         "the agent removes the half file when the host goes away; no final name"

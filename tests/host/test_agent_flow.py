@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from agentconn import running_agent
 
 from banger.host import guestports
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_records import Stream
-from banger.host.agentbin import ensure_agent
 
 pytestmark = pytest.mark.host
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -27,18 +25,8 @@ ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 @pytest.fixture
 def conn() -> Iterator[AgentConnection]:
-    binary = ensure_agent(Path.home() / ".cache" / "banger-test")
-    host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(binary), "--fd", str(guest.fileno())],
-                            pass_fds=[guest.fileno()])
-    guest.close()
-    c = AgentConnection(host, name="flow", window=256 << 10)
-    c.wait_hello(10)
-    try:
+    with running_agent("flow", window=256 << 10) as c:
         yield c
-    finally:
-        c.close()
-        assert proc.wait(timeout=10) == 0
 
 
 def wait_until(cond: object, what: str, timeout: float = 30.0) -> None:

@@ -45,6 +45,8 @@ bool int_field(const unsigned char *b, size_t n, int want, int64_t *x);
 void nonblock(int fd);
 void close_fd(int *fd);
 void send_credit(uint32_t chan, int64_t bytes);
+/* A CREDIT's BYTES; false (and ERROR sent) if missing or out of 1..2^40. */
+bool credit_field(uint32_t chan, const unsigned char *b, size_t n, int64_t *x);
 
 /* listening.c: answer a LISTENING_REQ. */
 void do_listening(uint32_t chan);

@@ -162,6 +162,13 @@ void put_i64(int tag, int64_t v) {
 
 void put_str(int tag, const char *s) { put_field(tag, s, strlen(s)); }
 
+bool credit_field(uint32_t chan, const unsigned char *b, size_t n, int64_t *x) {
+    if (int_field(b, n, 1, x) && *x > 0 && *x <= (1LL << 40))
+        return true;
+    send_error(ERROR, chan, "CREDIT needs BYTES, an i64 in 1..2^40");
+    return false;
+}
+
 void send_credit(uint32_t chan, int64_t bytes) {
     begin();
     put_i64(1, bytes);
@@ -760,9 +767,7 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
         file_get(chan, b, n);
         break;
     case CREDIT:
-        if (!int_field(b, n, 1, &x) || x <= 0 || x > (1LL << 40))
-            send_error(ERROR, chan, "CREDIT needs BYTES, an i64 in 1..2^40");
-        else if (e->credit)
+        if (credit_field(chan, b, n, &x) && e->credit)
             e->out_credit += x;
         break;
     case HELLO_REQ:

@@ -750,9 +750,7 @@ bool file_frame(int kind, uint32_t chan, const unsigned char *b, size_t n) {
     if (!x->get) {
         put_frame(x, kind, b, n);
     } else if (kind == CREDIT) {
-        if (!int_field(b, n, 1, &c) || c <= 0 || c > (1LL << 40))
-            send_error(ERROR, chan, "CREDIT needs BYTES, an i64 in 1..2^40");
-        else
+        if (credit_field(chan, b, n, &c))
             x->g->credit += c;
     } else if (kind == DATA_EOF) {
         send_error(ERROR, chan, "FILE_GET cancelled by the host");
