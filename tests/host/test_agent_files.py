@@ -230,3 +230,14 @@ def test_mutated_tars_end_in_done_or_a_clear_error(conn: AgentConnection,
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         str(i) for i in range(300))
     assert conn.ping(5) < 5
+
+
+def test_numeric_owners_come_from_the_tar_as_root(conn: AgentConnection,
+                                                  tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "the host tests run as root here, like the agent in a guest"
+    info = entry("owned")
+    info.uid, info.gid, info.uname, info.gname = 1234, 5678, "nobody-here", "nogroup-here"
+    info.mtime = 1_500_000_000
+    conn.put_tar(str(tmp_path), [hostile((info, b"mine"))], timeout=10)
+    st = (tmp_path / "owned").stat()
+    assert (st.st_uid, st.st_gid, int(st.st_mtime)) == (1234, 5678, 1_500_000_000)
