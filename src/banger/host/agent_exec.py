@@ -191,24 +191,11 @@ class Exec:
                         raise fresh(st.error)
                     return
                 item = st.queue.popleft()
-                grant = self._consumed(len(item[1]))
+                grant = consumed(st, len(item[1]))
                 cond.notify_all()
             if grant:
                 self._grant(grant)
             yield item
-
-    def _consumed(self, size: int) -> int:
-        """With the lock: count ``size`` bytes as read; the credit to grant back now (a
-        quarter window at a time, so that the guest rarely waits and frames stay few)."""
-        st = self._state
-        if not st.window or st.ended:
-            return 0
-        st.ungranted += size
-        if st.ungranted < st.window // 4:
-            return 0
-        grant, st.ungranted = st.ungranted, 0
-        st.allowed += grant
-        return grant
 
     def _grant(self, grant: int) -> None:
         # A failure ended the connection: the waiters hear of it.
@@ -226,6 +213,19 @@ class Exec:
                 raise AgentTimeout(f"{self.what()} did not end within {timeout} s")
         status = self.wait(max(0.0, deadline - time.monotonic()))
         return status, bytes(out[Stream.STDOUT]), bytes(out[Stream.STDERR])
+
+
+def consumed(st: ExecState, size: int) -> int:
+    """With the lock: count ``size`` bytes of output as read; the credit to grant back now
+    (a quarter window at a time, so that the guest rarely waits and frames stay few)."""
+    if not st.window or st.ended:
+        return 0
+    st.ungranted += size
+    if st.ungranted < st.window // 4:
+        return 0
+    grant, st.ungranted = st.ungranted, 0
+    st.allowed += grant
+    return grant
 
 
 def on_exec_frame(conn: AgentConnection, f: Frame, state: ExecState) -> bool:
@@ -314,7 +314,7 @@ def _on_output(conn: AgentConnection, f: Frame, state: ExecState) -> None:
         state.on_output(stream, f.body)
         if state.window:
             with conn.cond:
-                grant = Exec(conn, f.chan, state)._consumed(len(f.body))
+                grant = consumed(state, len(f.body))
             if grant:  # from the reader: never wait for the send lock here
                 conn.post(frame(Kind.CREDIT, f.chan, fields([(CreditTag.BYTES, grant)])),
                           f"CREDIT to exec {f.chan}")
