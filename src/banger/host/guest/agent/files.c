@@ -1,4 +1,5 @@
-/* FILE_PUT and FILE_GET: files as tar streams (docs/agent-protocol.md, "Files").
+/* FILE_PUT and FILE_GET: files as tar streams (docs/agent-protocol.md, "Files"). This
+ * file: the transfers' table and FILE_PUT; get.c: FILE_GET.
  *
  * A put extracts the host's tar into a directory as its DATA frames arrive; the tar is
  * hostile input: no entry lands outside the destination (absolute names and ".." are
@@ -18,12 +19,12 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "files.h"
 #include "tar.h"
 
 #define MAX_XFERS 16
 #define PUT_WINDOW (1 << 20)     /* DATA a put may have in flight (written at once) */
 #define PAX_CAP (64 << 10)       /* an extended header's records, at most */
-#define MAX_DEPTH 128            /* directories deep, for a get */
 #define MAX_DEFERRED 65536       /* directories whose mode and mtime are set at the end */
 
 struct dirmeta { char *name; uint32_t mode; int64_t mtime, uid, gid; };
@@ -47,28 +48,6 @@ struct put {
     size_t ndirs;
 };
 
-struct walk { DIR *d; size_t len; };  /* an open directory; len: its name's length */
-
-struct get {
-    unsigned char pend[TAR_HEADER_CAP];
-    size_t plen, poff;
-    int fd;                      /* the file whose data goes out now */
-    int64_t left;
-    size_t pad;
-    struct walk stack[MAX_DEPTH];
-    int depth;
-    char path[PATH_CAP + 1];     /* the name in the tar of the entry being walked */
-    bool top_done, walk_done, end_done;
-    int64_t credit;
-};
-
-struct xfer {
-    bool used, get;
-    uint32_t chan;
-    struct put *p;
-    struct get *g;
-};
-
 static struct xfer xfers[MAX_XFERS];
 
 static struct xfer *find(uint32_t chan) {
@@ -78,7 +57,7 @@ static struct xfer *find(uint32_t chan) {
     return NULL;
 }
 
-static struct xfer *slot(uint32_t chan) {
+struct xfer *xfer_slot(uint32_t chan) {
     if (chan == 0 || find(chan)) {
         send_error(ERROR, chan, "chan %u is 0 or already in use", chan);
         return NULL;
@@ -107,29 +86,22 @@ static void end_put(struct put *p) {
     free(p);
 }
 
-static void end_get(struct get *g) {
-    close_fd(&g->fd);
-    for (int i = 0; i < g->depth; i++)
-        closedir(g->stack[i].d);
-    free(g);
-}
-
-static void release(struct xfer *x) {
+void xfer_release(struct xfer *x) {
     if (x->p)
         end_put(x->p);
     if (x->g)
-        end_get(x->g);
+        get_end(x->g);
     *x = (struct xfer){.used = false};
 }
 
 void files_detach(void) {
     for (int i = 0; i < MAX_XFERS; i++)
         if (xfers[i].used)
-            release(&xfers[i]);
+            xfer_release(&xfers[i]);
 }
 
 /* A string field of a request: false (and ERROR sent) if missing or not a path. */
-static bool path_field(uint32_t chan, const unsigned char *b, size_t n, const char *what,
+bool path_field(uint32_t chan, const unsigned char *b, size_t n, const char *what,
                        char *out) {
     const unsigned char *v;
     uint32_t len;
@@ -144,7 +116,7 @@ static bool path_field(uint32_t chan, const unsigned char *b, size_t n, const ch
 
 /* A name for an ERROR message: strings on the wire are UTF-8, a name in a tar or on a
  * disk is any bytes; every byte outside printable ASCII becomes \xNN. Clipped at 200. */
-static const char *shown(const char *name) {
+const char *shown(const char *name) {
     static char buf[4 * 200 + 4];
     size_t n = 0;
     for (const unsigned char *c = (const unsigned char *)name; *c && n < 4 * 200; c++)
@@ -174,7 +146,7 @@ void file_put(uint32_t chan, const unsigned char *b, size_t n) {
     char dest[PATH_CAP + 1];
     if (!path_field(chan, b, n, "FILE_PUT", dest))
         return;
-    struct xfer *x = slot(chan);
+    struct xfer *x = xfer_slot(chan);
     if (!x)
         return;
     struct put *p = calloc(1, sizeof *p);
@@ -525,220 +497,24 @@ static void put_frame(struct xfer *x, int kind, const unsigned char *b, size_t n
         finish_dirs(p);
         begin();
         send_frame(DONE, x->chan);
-        release(x);
+        xfer_release(x);
         return;
     }
     send_error(ERROR, x->chan, "%s%s: %s", p->e.name[0] ? "entry " : "",
                p->e.name[0] ? shown(p->e.name) : "the tar stream", err);
-    release(x);
-}
-
-/* ---- get ------------------------------------------------------------------------ */
-
-void file_get(uint32_t chan, const unsigned char *b, size_t n) {
-    char path[PATH_CAP + 1];
-    int64_t window;
-    if (!path_field(chan, b, n, "FILE_GET", path))
-        return;
-    if (!int_field(b, n, 2, &window) || window <= 0) {
-        send_error(ERROR, chan, "FILE_GET needs WINDOW, a positive i64");
-        return;
-    }
-    struct stat st;
-    if (stat(path, &st) < 0) {    /* the top path is followed, nothing below it */
-        send_error(ERROR, chan, "%s: %s", path, strerror(errno));
-        return;
-    }
-    struct xfer *x = slot(chan);
-    if (!x)
-        return;
-    struct get *g = calloc(1, sizeof *g);
-    if (!g) {
-        send_error(ERROR, chan, "out of memory");
-        *x = (struct xfer){.used = false};
-        return;
-    }
-    g->fd = -1;
-    g->credit = window;
-    x->get = true;
-    x->g = g;
-    /* The top entry: the path's last component (like `tar -C dir name`). */
-    char *base = strrchr(path, '/');
-    while (base && base[1] == 0 && base > path) {
-        *base = 0;
-        base = strrchr(path, '/');
-    }
-    snprintf(g->path, sizeof g->path, "%s", base && base[1] ? base + 1 : ".");
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
-    if (fd < 0) {
-        send_error(ERROR, chan, "%s: %s", path, strerror(errno));
-        release(x);
-        return;
-    }
-    struct tar_entry e = {.mode = st.st_mode & 07777, .mtime = st.st_mtime,
-                          .uid = st.st_uid, .gid = st.st_gid};
-    snprintf(e.name, sizeof e.name, "%s", g->path);
-    if (S_ISDIR(st.st_mode)) {
-        e.type = '5';
-        g->stack[g->depth++] = (struct walk){fdopendir(fd), strlen(g->path)};
-        if (!g->stack[0].d) {
-            close(fd);
-            g->depth = 0;
-        }
-    } else if (S_ISREG(st.st_mode)) {
-        e.type = '0';
-        e.size = st.st_size;
-        fcntl(fd, F_SETFL, 0);
-        g->fd = fd;
-        g->left = st.st_size;
-        g->pad = (size_t)((BLOCK - st.st_size % BLOCK) % BLOCK);
-        g->walk_done = true;
-    } else {
-        close(fd);
-        send_error(ERROR, chan, "%s is not a file or directory", path);
-        release(x);
-        return;
-    }
-    g->plen = tar_write_header(g->pend, &e);
-}
-
-/* The next entry of the walk into g->pend; false at the end of the walk. On an entry
- * that cannot be read the walk stops with *why. */
-static bool next_entry(struct get *g, const char **why) {
-    while (g->depth > 0) {
-        struct walk *w = &g->stack[g->depth - 1];
-        errno = 0;
-        struct dirent *de = readdir(w->d);
-        if (!de) {
-            closedir(w->d);
-            g->depth--;
-            continue;
-        }
-        if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
-            continue;
-        size_t nlen = strlen(de->d_name);
-        if (w->len + 1 + nlen > PATH_CAP) {
-            *why = "a name over 4096 bytes";
-            return false;
-        }
-        g->path[w->len] = '/';
-        memcpy(g->path + w->len + 1, de->d_name, nlen + 1);
-        int dfd = dirfd(w->d);
-        struct stat st;
-        if (fstatat(dfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0)
-            continue;            /* gone meanwhile */
-        struct tar_entry e = {.mode = st.st_mode & 07777, .mtime = st.st_mtime,
-                              .uid = st.st_uid, .gid = st.st_gid};
-        memcpy(e.name, g->path, w->len + 1 + nlen + 1);
-        if (S_ISLNK(st.st_mode)) {
-            e.type = '2';
-            ssize_t n = readlinkat(dfd, de->d_name, e.link, PATH_CAP);
-            if (n < 0)
-                continue;
-            e.link[n] = 0;
-        } else if (S_ISDIR(st.st_mode)) {
-            e.type = '5';
-            if (g->depth >= MAX_DEPTH) {
-                *why = "directories nested over 128 deep";
-                return false;
-            }
-            int fd = openat(dfd, de->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-            DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
-            if (!d) {
-                if (fd >= 0)
-                    close(fd);
-                *why = strerror(errno);
-                return false;
-            }
-            g->stack[g->depth++] = (struct walk){d, w->len + 1 + nlen};
-        } else if (S_ISREG(st.st_mode)) {
-            e.type = '0';
-            e.size = st.st_size;
-            g->fd = openat(dfd, de->d_name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-            if (g->fd < 0) {
-                *why = strerror(errno);
-                return false;
-            }
-            g->left = st.st_size;
-            g->pad = (size_t)((BLOCK - st.st_size % BLOCK) % BLOCK);
-        } else {
-            continue;            /* sockets, fifos, devices: not copied */
-        }
-        g->plen = tar_write_header(g->pend, &e);
-        g->poff = 0;
-        return true;
-    }
-    return false;
-}
-
-/* One DATA frame of at most the credit; at the end DATA_EOF (or ERROR) and release. */
-static void get_pump(struct xfer *x) {
-    struct get *g = x->g;
-    size_t cap = g->credit < MAX_BODY ? (size_t)g->credit : MAX_BODY, n = 0;
-    unsigned char *buf = out + HDR;
-    const char *why = NULL;
-    while (n < cap) {
-        if (g->poff < g->plen) {
-            size_t k = g->plen - g->poff < cap - n ? g->plen - g->poff : cap - n;
-            memcpy(buf + n, g->pend + g->poff, k);
-            g->poff += k;
-            n += k;
-        } else if (g->left > 0) {
-            size_t k = (size_t)g->left < cap - n ? (size_t)g->left : cap - n;
-            ssize_t r = read(g->fd, buf + n, k);
-            if (r < 0 && errno == EINTR)
-                continue;
-            if (r <= 0) {        /* it shrank while we read: pad with zeros, like tar */
-                memset(buf + n, 0, k);
-                r = (ssize_t)k;
-            }
-            g->left -= r;
-            n += (size_t)r;
-        } else if (g->pad > 0) {
-            size_t k = g->pad < cap - n ? g->pad : cap - n;
-            memset(buf + n, 0, k);
-            g->pad -= k;
-            n += k;
-        } else {
-            close_fd(&g->fd);
-            if (!g->walk_done && next_entry(g, &why))
-                continue;
-            if (why)
-                break;
-            g->walk_done = true;
-            if (g->end_done)
-                break;
-            memset(g->pend, 0, 2 * BLOCK);   /* the end of the archive */
-            g->plen = 2 * BLOCK;
-            g->poff = 0;
-            g->end_done = true;
-        }
-    }
-    if (n > 0) {
-        outlen = HDR + n;
-        g->credit -= (int64_t)n;
-        send_frame(DATA, x->chan);
-    }
-    if (why) {
-        send_error(ERROR, x->chan, "%s: %s", shown(g->path), why);
-        release(x);
-    } else if (g->end_done && g->poff >= g->plen) {
-        begin();
-        send_frame(DATA_EOF, x->chan);
-        release(x);
-    }
+    xfer_release(x);
 }
 
 bool files_pending(void) {
     for (int i = 0; i < MAX_XFERS; i++)
-        if (xfers[i].used && xfers[i].get && xfers[i].g->credit > 0)
+        if (xfers[i].used && xfers[i].get && get_wants(xfers[i].g))
             return true;
     return false;
 }
 
 void files_pump(void) {
     for (int i = 0; i < MAX_XFERS && connected; i++)
-        if (xfers[i].used && xfers[i].get && xfers[i].g->credit > 0)
+        if (xfers[i].used && xfers[i].get && get_wants(xfers[i].g))
             get_pump(&xfers[i]);
 }
 
@@ -751,10 +527,10 @@ bool file_frame(int kind, uint32_t chan, const unsigned char *b, size_t n) {
         put_frame(x, kind, b, n);
     } else if (kind == CREDIT) {
         if (credit_field(chan, b, n, &c))
-            x->g->credit += c;
+            get_credit(x->g, c);
     } else if (kind == DATA_EOF) {
         send_error(ERROR, chan, "FILE_GET cancelled by the host");
-        release(x);
+        xfer_release(x);
     }
     return true;
 }
