@@ -516,7 +516,8 @@ def test_random_frames_never_crash_it(agent: Agent) -> None:
     # Not EXEC (random programs), TIME_SET (the clock), POWEROFF or SYNC (slow).
     # Nor HELLO_REQ: it would end the session of the two execs (its own test above).
     kinds = [k for k in range(256) if k not in (Kind.EXEC, Kind.TIME_SET, Kind.POWEROFF,
-                                                  Kind.SYNC, Kind.HELLO_REQ)]
+                                                  Kind.SYNC, Kind.HELLO_REQ,
+                                                  Kind.FILE_PUT, Kind.FILE_GET)]
     def send_all() -> None:  # in a thread: the answers must be read meanwhile
         for _ in range(20000):
             body = bytearray()
@@ -533,7 +534,7 @@ def test_random_frames_never_crash_it(agent: Agent) -> None:
     t.start()
     while (f := agent.recv()).chan != 99:
         assert f.kind in (Kind.ERROR, Kind.STDOUT, Kind.STDERR, Kind.EXIT, Kind.STATS,
-                          Kind.PONG), f
+                          Kind.PONG, Kind.LISTENING), f
     t.join()
     assert f == Frame(Kind.PONG, 99, b"")
     assert agent.proc.poll() is None

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agentconn import running_agent
 
 from banger.host.agent_client import AgentConnection
-from banger.host.agentbin import ensure_agent
 
 pytestmark = pytest.mark.host
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
@@ -22,17 +20,8 @@ ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 @pytest.fixture
 def conn() -> Iterator[AgentConnection]:
-    binary = ensure_agent(Path.home() / ".cache" / "banger-test")
-    host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(binary), "--fd", str(guest.fileno())],
-                            pass_fds=[guest.fileno()])
-    guest.close()
-    c = AgentConnection(host, name="interop")
-    try:
+    with running_agent("interop", hello=False) as c:
         yield c
-    finally:
-        c.close()
-        assert proc.wait(timeout=10) == 0, "the agent exits 0 once the host closed"
 
 
 def test_hello_names_this_boot(conn: AgentConnection) -> None:

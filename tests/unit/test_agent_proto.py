@@ -25,8 +25,10 @@ from banger.host.agent_proto import (
 SPEC_KINDS = {
     "HELLO": 0x01, "PING": 0x02, "EXEC": 0x03, "STDIN": 0x04, "STDIN_EOF": 0x05,
     "SIGNAL": 0x06, "RESIZE": 0x07, "STATS_REQ": 0x08, "SYNC": 0x09, "POWEROFF": 0x0A,
-    "TIME_SET": 0x0B, "HELLO_REQ": 0x0C, "STARTED": 0x10, "STDOUT": 0x11, "STDERR": 0x12,
+    "TIME_SET": 0x0B, "HELLO_REQ": 0x0C, "LISTENING_REQ": 0x0D, "CREDIT": 0x0E,
+    "FILE_PUT": 0x0F, "STARTED": 0x10, "STDOUT": 0x11, "STDERR": 0x12,
     "EXIT": 0x13, "EXEC_ERROR": 0x14, "STATS": 0x20, "PONG": 0x21, "DONE": 0x22, "ERROR": 0x23,
+    "LISTENING": 0x24, "FILE_GET": 0x30, "DATA": 0x31, "DATA_EOF": 0x32,
 }
 
 frames_st = st.builds(Frame, st.integers(0, 255), st.integers(0, 2**32 - 1),

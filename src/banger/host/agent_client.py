@@ -2,13 +2,17 @@
 
 :class:`AgentConnection` runs over a connected stream socket (QEMU's chardev Unix socket
 in production, a socketpair in tests). One reader thread decodes frames and hands each
-to its chan: an exec (:class:`~banger.host.agent_exec.Exec`) or a pending request.
+to its chan: an exec (:class:`~banger.host.agent_exec.Exec`), a file transfer
+(:mod:`banger.host.agent_files`) or a pending request. Sending is
+:class:`~banger.host.agent_wire.AgentWire`'s.
 
 The guest is hostile (docs/agent-protocol.md, "The host's rules"): every wait has a
 timeout, every send has one too (a guest that stops reading cannot block the daemon),
-each exec's output is capped in total and queued in bounded form, and anything that
-breaks the protocol closes the connection with an error naming the problem. Every
-pending exec and request then ends with that error; nothing waits for good.
+each exec's output is held within the window banger granted (flow control, with an agent
+that announces "credit"; the reader then never waits for a consumer) and optionally capped
+in total, and anything that breaks the protocol closes the connection with an error
+naming the problem. Every pending exec, transfer and request then ends with that error;
+nothing waits for good.
 """
 
 from __future__ import annotations
@@ -16,25 +20,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import select
-import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import EllipsisType
 from typing import TypeVar
 
+from banger.host import agent_files
 from banger.host.agent_exec import Exec, ExecState, OutputCallback, on_exec_frame
+from banger.host.agent_files import TarSource, TransferState, on_transfer_frame
 from banger.host.agent_proto import (
+    FEATURE_CREDIT,
+    FEATURE_LISTENING,
     MAX_BODY,
     MAX_CHAN,
     Decoder,
+    ExecTag,
     Frame,
     HelloReqTag,
     Kind,
     ProtocolError,
-    SignalTag,
     TimeSetTag,
     fields,
     frame,
@@ -45,16 +52,19 @@ from banger.host.agent_records import (
     AgentError,
     AgentProtocolError,
     AgentRequestError,
+    AgentSocket,
     AgentTimeout,
     GuestStats,
     Hello,
     exec_fields,
     fresh,
     parse_hello,
+    parse_listening,
     parse_message,
     parse_stats,
     safe_text,
 )
+from banger.host.agent_wire import AgentWire
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,11 @@ DEFAULT_MAX_OUTPUT = 16 << 20
 # Frames of output queued per exec before the reader waits for the consumer: 4 MiB at
 # most, and the wait is what slows a guest that prints faster than banger reads.
 DEFAULT_MAX_QUEUED = 64
+# With flow control: output (and FILE_GET data) the guest may send ahead of the consumer
+# (4 MiB: what the older 64-frame queue held),
+# per chan. This bounds what the host holds per exec; a quarter of it is granted back
+# at a time.
+DEFAULT_WINDOW = 4 << 20
 _RECV = 1 << 16
 _T = TypeVar("_T")
 
@@ -74,26 +89,26 @@ class _Request:
     error: AgentError | None = None
 
 
-class AgentConnection:
+class AgentConnection(AgentWire):
     """One connection to a guest's agent; thread-safe; close it when done."""
 
-    def __init__(self, sock: socket.socket, *, max_output: int = DEFAULT_MAX_OUTPUT,
+    def __init__(self, sock: socket.socket, *, max_output: int | None = DEFAULT_MAX_OUTPUT,
                  max_queued: int = DEFAULT_MAX_QUEUED, send_timeout: float = 30.0,
-                 name: str = "agent", ask_hello: bool = True) -> None:
-        sock.setblocking(True)
-        self._sock = sock
+                 name: str = "agent", ask_hello: bool = True,
+                 window: int = DEFAULT_WINDOW) -> None:
+        if not 4 <= window <= 1 << 30:
+            raise ValueError(f"window {window} is not 4 bytes..1 GiB")
+        super().__init__(sock, send_timeout)
         self.max_output = max_output
         self.max_queued = max_queued
-        self._send_timeout = send_timeout
-        self.cond = threading.Condition()
-        self._send_lock = threading.Lock()
+        self.window = window
         self._next_chan = 1
         self._execs: dict[int, ExecState] = {}
         self._requests: dict[int, _Request] = {}
+        self.transfers: dict[int, TransferState] = {}
         # Chans whose request timed out: one late answer on each is dropped, not an error.
         self._abandoned: set[int] = set()
         self._hello: Hello | None = None
-        self._failure: AgentError | None = None
         # ask_hello: the session starts with the HELLO answering our HELLO_REQ (it carries
         # this token); a HELLO before it is the agent's greeting on opening its end.
         self._token = secrets.randbits(62) if ask_hello else None
@@ -117,10 +132,9 @@ class AgentConnection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def failure(self) -> AgentError | None:
-        """Why the connection ended (None while it is open)."""
-        return self._failure
+    def features(self) -> frozenset[str]:
+        """What the agent announced in its HELLO (empty before it)."""
+        return self._hello.features if self._hello is not None else frozenset()
 
     def wait_hello(self, timeout: float) -> Hello:
         """The agent's latest HELLO, waiting up to ``timeout`` seconds for the first.
@@ -164,23 +178,58 @@ class AgentConnection:
         body = fields([(TimeSetTag.UNIX_NS, unix_ns)])
         self._request(Kind.TIME_SET, body, Kind.DONE, "TIME_SET", timeout)
 
+    def listening(self, timeout: float) -> list[AgentSocket]:
+        """The guest's listening TCP and bound UDP sockets (what ``ss -ltunp`` shows)."""
+        self._need(FEATURE_LISTENING, "list the guest's sockets")
+        answer = self._request(Kind.LISTENING_REQ, b"", Kind.LISTENING, "LISTENING_REQ",
+                               timeout)
+        socks, truncated = self._parsed(lambda: parse_listening(answer.body))
+        if truncated:
+            log.info("the guest has more listening sockets than one LISTENING frame holds")
+        return socks
+
+    def put_tar(self, dest: str, source: TarSource, timeout: float) -> None:
+        """Extract a tar stream (an iterable of bytes, or a binary file) into the guest's
+        directory ``dest`` (created if missing). ``timeout`` bounds each wait."""
+        agent_files.put_tar(self, dest, source, timeout)
+
+    def get_tar(self, path: str, timeout: float) -> Iterator[bytes]:
+        """A tar of the guest's ``path`` (a file, or a directory recursively), in chunks
+        of at most MAX_BODY bytes as the guest sends them; ``timeout`` bounds each wait.
+        Closing the iterator early cancels the transfer."""
+        return agent_files.get_tar(self, path, timeout)
+
+    def _need(self, feature: str, what: str) -> None:
+        if feature not in self.features():
+            raise AgentError(f"the guest's agent cannot {what} (it lacks the {feature!r} "
+                             "feature: an older agent; rebuild the VM's image)")
+
     def exec(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str = "/",
              pty: tuple[int, int] | None = None, *, on_output: OutputCallback | None = None,
-             timeout: float = 10.0) -> Exec:
+             timeout: float = 10.0,
+             max_output: int | EllipsisType | None = ...) -> Exec:
         """Start ``argv`` in the guest (no shell) and return once it started.
 
         ``env`` is the command's whole environment. ``pty=(rows, cols)`` runs it on a new
         pty. Output goes to ``on_output`` (called on the reader thread: a slow callback
-        slows the guest) or, without one, to :meth:`Exec.output`. Raises
-        :class:`AgentRequestError` when the agent cannot start it.
+        slows the guest) or, without one, to :meth:`Exec.output`. ``max_output``: the
+        exec's total output cap (default: the connection's; None: no cap, memory is still
+        bounded by the window). Raises :class:`AgentRequestError` when the agent cannot
+        start it.
         """
         argv = tuple(argv)
         items = exec_fields(argv, env or {}, cwd, pty)
+        credit = FEATURE_CREDIT in self.features()
+        if credit:
+            items.append((ExecTag.WINDOW, self.window))
         body = fields(items)
         if len(body) > MAX_BODY:
             raise ValueError(f"argv, env and cwd take {len(body)} bytes; "
                              f"the agent protocol's cap is {MAX_BODY}")
-        state = ExecState(argv, on_output)
+        state = ExecState(argv, on_output,
+                          max_output=self.max_output if max_output is ... else max_output,
+                          window=self.window if credit else 0,
+                          allowed=self.window if credit else 0)
         with self.cond:
             chan = self._alloc_chan()
             self._execs[chan] = state
@@ -201,13 +250,9 @@ class AgentConnection:
         if threading.current_thread() is not self._reader:
             self._reader.join()
 
-    def send_request_frame(self, chan: int, kind: Kind, items: Iterable[tuple[int, int]],
-                           what: str) -> None:
-        self._send(frame(kind, chan, fields(items)), f"{kind.name} to {what}")
-
-    def send_data(self, chan: int, kind: Kind, data: bytes, what: str) -> None:
-        """One frame of raw data (at most MAX_BODY bytes)."""
-        self._send(frame(kind, chan, data), f"{kind.name} to {what}")
+    def alloc_chan(self) -> int:
+        """A fresh chan id (with self.cond held)."""
+        return self._alloc_chan()
 
     def _alloc_chan(self) -> int:
         self._raise_failure()
@@ -215,10 +260,6 @@ class AgentConnection:
             raise AgentError("this agent connection has used up its chan ids; reconnect")
         chan, self._next_chan = self._next_chan, self._next_chan + 1
         return chan
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise fresh(self._failure)
 
     def _parsed(self, parse: Callable[[], _T]) -> _T:
         """Parse an answer; a malformed one ends the connection like any protocol error."""
@@ -247,45 +288,6 @@ class AgentConnection:
             assert req.answer is not None
             return req.answer
 
-    def _send(self, data: bytes, what: str, *, busy_ok: bool = False) -> bool:
-        """Write one whole frame, within the send timeout; a stall closes the connection
-        (a frame cut short leaves the stream unusable anyway). ``busy_ok``: return False
-        at once, sending nothing, when another send holds the lock."""
-        deadline = time.monotonic() + self._send_timeout
-        if busy_ok:
-            if not self._send_lock.acquire(blocking=False):
-                return False
-        elif not self._send_lock.acquire(timeout=self._send_timeout):
-            raise AgentTimeout(f"could not send {what} to the guest agent within "
-                               f"{self._send_timeout} s (another send is stuck)")
-        try:
-            with self.cond:
-                self._raise_failure()
-            view, sent = memoryview(data), 0
-            poller = select.poll()
-            poller.register(self._sock, select.POLLOUT)
-            while sent < len(data):
-                try:
-                    sent += self._sock.send(view[sent:], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError as exc:
-                    err: AgentError = AgentDisconnected(
-                        f"the connection to the guest agent failed sending {what}: {exc}")
-                    self._fail(err)
-                    raise fresh(err) from None
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    err = AgentTimeout(f"the guest agent read nothing for {self._send_timeout}"
-                                       f" s while banger sent {what}; connection closed")
-                    self._fail(err)
-                    raise fresh(err)
-                poller.poll(left * 1000)
-        finally:
-            self._send_lock.release()
-        return True
-
     def _fail(self, err: AgentError, *, quiet: bool = False) -> None:
         """End the connection with ``err`` (the first cause wins) and wake every waiter."""
         with self.cond:
@@ -298,8 +300,11 @@ class AgentConnection:
                     state.error = fresh(self._failure)
             for req in self._requests.values():
                 req.error = fresh(self._failure)
+            for transfer in self.transfers.values():
+                transfer.error = transfer.error or fresh(self._failure)
             self._execs.clear()
             self._requests.clear()
+            self.transfers.clear()
             self.cond.notify_all()
         # Wakes the reader out of recv(); the reader closes the socket on its way out.
         with contextlib.suppress(OSError):
@@ -338,6 +343,11 @@ class AgentConnection:
         with self.cond:
             state = self._execs.get(f.chan)
             req = self._requests.get(f.chan) if state is None else None
+            transfer = self.transfers.get(f.chan)
+            if transfer is not None:
+                if on_transfer_frame(self, f, transfer):
+                    self.transfers.pop(f.chan, None)
+                return
             if state is None and req is None:
                 if f.chan in self._abandoned:
                     self._abandoned.discard(f.chan)
@@ -405,24 +415,9 @@ class AgentConnection:
                 state.error = state.error or AgentDisconnected(why)
             for req in self._requests.values():
                 req.error = AgentDisconnected(why)
+            for transfer in self.transfers.values():
+                transfer.error = AgentDisconnected(why)
             self._execs.clear()
             self._requests.clear()
+            self.transfers.clear()
         self.cond.notify_all()
-
-    def kill(self, chan: int) -> None:
-        """SIGKILL to an exec, asked by the reader: sent at once when no other send is
-        under way, else from a thread of its own. The reader must never wait for the send
-        lock: its holder (a large stdin write) may be waiting for the guest, which waits
-        for the reader to take its output. A failure to send ends the connection."""
-        data = frame(Kind.SIGNAL, chan, fields([(SignalTag.SIGNO, signal.SIGKILL)]))
-        what = f"SIGNAL to exec {chan}"
-        with contextlib.suppress(AgentError):
-            if self._send(data, what, busy_ok=True):
-                return
-
-        def send() -> None:
-            with contextlib.suppress(AgentError):
-                self._send(data, what)
-
-        threading.Thread(target=send, daemon=True, name=f"banger-agent-kill:{chan}").start()
-

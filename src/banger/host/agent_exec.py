@@ -4,13 +4,17 @@
 output, then EXIT or EXEC_ERROR; anything else out of order is a protocol error).
 
 :class:`Exec` is the handle :meth:`AgentConnection.exec` returns: it holds one exec's
-output (bounded: the connection's reader blocks when it is full, which is the
-backpressure on the guest), its end, and the requests that go to that exec's chan.
+output, its end, and the requests that go to that exec's chan. With an agent that does
+flow control (HELLO's "credit" feature) the output held is bounded by the window the
+host granted: the consumer grants more as it reads, stdin waits for the guest's credit,
+and the reader never waits for anyone. With an older agent the reader blocks when the
+queue is full (which stalls the whole connection: the legacy backpressure).
 The connection (:mod:`banger.host.agent_client`) owns the lock and the socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal as signals
 import time
@@ -21,11 +25,14 @@ from typing import TYPE_CHECKING
 
 from banger.host.agent_proto import (
     MAX_BODY,
+    CreditTag,
     Frame,
     Kind,
     ProtocolError,
     ResizeTag,
     SignalTag,
+    fields,
+    frame,
     kind_name,
 )
 from banger.host.agent_records import (
@@ -37,6 +44,7 @@ from banger.host.agent_records import (
     OutputTooLarge,
     Stream,
     fresh,
+    parse_credit,
     parse_exit,
     parse_message,
     parse_started,
@@ -68,6 +76,13 @@ class ExecState:
     error: AgentError | None = None
     output_bytes: int = 0
     killed: bool = False
+    max_output: int | None = None  # total output before SIGKILL; None: no cap
+    # Flow control (window > 0: the agent does it): output the guest may still send,
+    # output read by the consumer and not granted back yet, stdin the guest will take.
+    window: int = 0
+    allowed: int = 0
+    ungranted: int = 0
+    stdin_credit: int | None = None  # None: the agent grants none (an older agent)
 
     @property
     def ended(self) -> bool:
@@ -91,15 +106,30 @@ class Exec:
         """The command's pid in the guest (known once STARTED came)."""
         return self._state.pid
 
-    def write_stdin(self, data: bytes) -> None:
+    def write_stdin(self, data: bytes, timeout: float | None = None) -> None:
         """Send ``data`` to the command's stdin (split into frames as needed).
 
-        Raises :class:`ExecEnded` once the exec has ended (or was killed), also part way.
+        With flow control each frame waits for the guest's credit (the command reading),
+        at most ``timeout`` seconds (default: the connection's send timeout) per wait;
+        :class:`AgentTimeout` then (the connection stays up). Raises :class:`ExecEnded`
+        once the exec has ended (or was killed), also part way.
         """
-        view = memoryview(data)
-        for start in range(0, len(data), MAX_BODY):
-            self._conn.send_data(self.chan, Kind.STDIN, bytes(view[start:start + MAX_BODY]),
+        view, pos = memoryview(data), 0
+        cond, st = self._conn.cond, self._state
+        limit = self._conn.send_timeout if timeout is None else timeout
+        while pos < len(data):
+            size = min(MAX_BODY, len(data) - pos)
+            if st.stdin_credit is not None:
+                with cond:
+                    if not cond.wait_for(lambda: st.stdin_credit or st.ended
+                                         or self._conn.failure, limit):
+                        raise AgentTimeout(f"{self.what()} took no stdin for {limit} s")
+                    self._live()
+                    size = min(size, st.stdin_credit)
+                    st.stdin_credit -= size
+            self._conn.send_data(self.chan, Kind.STDIN, bytes(view[pos:pos + size]),
                                  self._live())
+            pos += size
 
     def close_stdin(self) -> None:
         """Close the command's stdin (with a pty: the terminal's EOF character)."""
@@ -161,8 +191,17 @@ class Exec:
                         raise fresh(st.error)
                     return
                 item = st.queue.popleft()
+                grant = consumed(st, len(item[1]))
                 cond.notify_all()
+            if grant:
+                self._grant(grant)
             yield item
+
+    def _grant(self, grant: int) -> None:
+        # A failure ended the connection: the waiters hear of it.
+        with contextlib.suppress(AgentError):
+            self._conn.send_request_frame(self.chan, Kind.CREDIT,
+                                          [(CreditTag.BYTES, grant)], self.what())
 
     def collect(self, timeout: float) -> tuple[ExitStatus, bytes, bytes]:
         """Read all output and wait for the end, within ``timeout`` seconds in all."""
@@ -176,15 +215,34 @@ class Exec:
         return status, bytes(out[Stream.STDOUT]), bytes(out[Stream.STDERR])
 
 
+def consumed(st: ExecState, size: int) -> int:
+    """With the lock: count ``size`` bytes of output as read; the credit to grant back now
+    (a quarter window at a time, so that the guest rarely waits and frames stay few)."""
+    if not st.window or st.ended:
+        return 0
+    st.ungranted += size
+    if st.ungranted < st.window // 4:
+        return 0
+    grant, st.ungranted = st.ungranted, 0
+    st.allowed += grant
+    return grant
+
+
 def on_exec_frame(conn: AgentConnection, f: Frame, state: ExecState) -> bool:
     """Apply a frame the agent sent on an exec's chan; True when it ended the chan."""
     kind = f.kind
     if kind == Kind.STARTED:
         if state.started:
             raise ProtocolError(f"a second STARTED on chan {f.chan}")
-        pid = parse_started(f.body)
+        pid, stdin_window = parse_started(f.body)
+        if (stdin_window is None) != (state.window == 0):
+            raise ProtocolError(f"STARTED on chan {f.chan} "
+                                f"{'lacks' if stdin_window is None else 'has'} "
+                                "STDIN_WINDOW but the EXEC "
+                                f"{'had' if state.window else 'had no'} WINDOW")
         with conn.cond:
             state.started, state.pid = True, pid
+            state.stdin_credit = stdin_window
             late = state.error is not None
             conn.cond.notify_all()
         if late:  # exec() gave up on it: it is not to run on unseen
@@ -194,6 +252,14 @@ def on_exec_frame(conn: AgentConnection, f: Frame, state: ExecState) -> bool:
         if not state.started:
             raise ProtocolError(f"{kind_name(kind)} before STARTED on chan {f.chan}")
         _on_output(conn, f, state)
+        return False
+    if kind == Kind.CREDIT:
+        if state.stdin_credit is None:
+            raise ProtocolError(f"CREDIT on exec chan {f.chan}, which has no flow control")
+        credit = parse_credit(f.body)
+        with conn.cond:
+            state.stdin_credit += credit
+            conn.cond.notify_all()
         return False
     if kind == Kind.EXIT:
         if not state.started:
@@ -223,27 +289,41 @@ def on_exec_frame(conn: AgentConnection, f: Frame, state: ExecState) -> bool:
 
 def _on_output(conn: AgentConnection, f: Frame, state: ExecState) -> None:
     state.output_bytes += len(f.body)
-    if state.output_bytes > conn.max_output + _KILL_GRACE:
+    cap = state.max_output
+    if state.window:
+        with conn.cond:
+            state.allowed -= len(f.body)
+        if state.allowed < 0:
+            raise ProtocolError(f"exec {f.chan} sent {-state.allowed} bytes of output past "
+                                "the window banger granted")
+    if cap is not None and state.output_bytes > cap + _KILL_GRACE:
         raise ProtocolError(f"exec {f.chan} kept printing after SIGKILL "
                             f"({state.output_bytes} bytes)")
     stream = Stream.STDOUT if f.kind == Kind.STDOUT else Stream.STDERR
-    if state.output_bytes > conn.max_output and not state.killed:
+    if cap is not None and state.output_bytes > cap and not state.killed:
         with conn.cond:
             state.killed = True
             state.error = state.error or OutputTooLarge(
                 f"exec {f.chan} ({safe_text(' '.join(state.argv), 80)}): its output "
-                f"exceeded {size_text(conn.max_output)}; the command was killed")
+                f"exceeded {size_text(cap)}; the command was killed")
             conn.cond.notify_all()
         conn.kill(f.chan)
     if state.error is not None or not f.body:
         return
     if state.on_output is not None:
         state.on_output(stream, f.body)
+        if state.window:
+            with conn.cond:
+                grant = consumed(state, len(f.body))
+            if grant:  # from the reader: never wait for the send lock here
+                conn.post(frame(Kind.CREDIT, f.chan, fields([(CreditTag.BYTES, grant)])),
+                          f"CREDIT to exec {f.chan}")
         return
     with conn.cond:
-        # The backpressure: wait for the consumer, and so stop reading the guest.
-        while (len(state.queue) >= conn.max_queued and conn.failure is None
-               and state.error is None):
+        # An older agent's backpressure: wait for the consumer, and so stop reading the
+        # guest (every chan waits). With flow control the window bounds the queue.
+        while (not state.window and len(state.queue) >= conn.max_queued
+               and conn.failure is None and state.error is None):
             conn.cond.wait()
         if conn.failure is None and state.error is None:
             state.queue.append((stream, f.body))

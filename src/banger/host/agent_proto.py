@@ -47,6 +47,9 @@ class Kind(IntEnum):
     POWEROFF = 0x0A
     TIME_SET = 0x0B
     HELLO_REQ = 0x0C
+    LISTENING_REQ = 0x0D
+    CREDIT = 0x0E  # both ways
+    FILE_PUT = 0x0F
     STARTED = 0x10
     STDOUT = 0x11
     STDERR = 0x12
@@ -56,6 +59,10 @@ class Kind(IntEnum):
     PONG = 0x21
     DONE = 0x22
     ERROR = 0x23
+    LISTENING = 0x24
+    FILE_GET = 0x30
+    DATA = 0x31  # both ways: a FILE_PUT's or a FILE_GET's tar bytes
+    DATA_EOF = 0x32  # both ways: the end of them
 
 
 # Field tags are per kind: the same number means different things in different kinds.
@@ -64,6 +71,7 @@ class HelloTag(IntEnum):
     VERSION = 2
     BOOT_ID = 3
     TOKEN = 4  # only in the HELLO answering a HELLO_REQ: its TOKEN
+    FEATURE = 5  # repeated: what this agent does beyond protocol 1's first tables
 
 
 class HelloReqTag(IntEnum):
@@ -76,10 +84,30 @@ class ExecTag(IntEnum):
     CWD = 3
     PTY_ROWS = 4
     PTY_COLS = 5
+    WINDOW = 6  # the output credit granted at start: flow control for this exec
+
+
+class CreditTag(IntEnum):
+    BYTES = 1
+
+
+class ListeningTag(IntEnum):
+    SOCKET = 1  # repeated: proto<TAB>address<TAB>port[<TAB>pid<TAB>command]
+    TRUNCATED = 2  # i64 1: more sockets than one frame holds
+
+
+class FilePutTag(IntEnum):
+    DEST = 1
+
+
+class FileGetTag(IntEnum):
+    PATH = 1
+    WINDOW = 2
 
 
 class StartedTag(IntEnum):
     PID = 1
+    STDIN_WINDOW = 2  # with flow control: the stdin credit granted at start
 
 
 class ExitTag(IntEnum):
@@ -121,7 +149,12 @@ class StatsTag(IntEnum):
 
 
 # Kinds whose body is raw bytes rather than fields.
-DATA_KINDS = frozenset({Kind.STDIN, Kind.STDOUT, Kind.STDERR})
+DATA_KINDS = frozenset({Kind.STDIN, Kind.STDOUT, Kind.STDERR, Kind.DATA})
+
+# HELLO's FEATURE values this host uses (an agent without one gets protocol 1's first form).
+FEATURE_CREDIT = "credit"
+FEATURE_LISTENING = "listening"
+FEATURE_FILES = "files"
 
 
 def kind_name(kind: int) -> str:

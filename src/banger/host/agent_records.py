@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from banger.host.agent_proto import (
     PROTOCOL,
     ExecTag,
     ExitTag,
     HelloTag,
+    ListeningTag,
     MessageTag,
     ProtocolError,
     StartedTag,
@@ -28,6 +30,7 @@ from banger.host.agent_proto import (
 
 # What a guest's text may show in an error message: it ends up in logs and terminals.
 _MESSAGE_CHARS = 300
+_MAX_FEATURES = 64
 
 
 class AgentError(Exception):
@@ -77,6 +80,19 @@ class Hello:
     version: str
     boot_id: str
     token: int | None = None  # the TOKEN of the HELLO_REQ this HELLO answers
+    features: frozenset[str] = frozenset()  # FEATURE fields ("credit", "files", …)
+
+
+@dataclass(frozen=True)
+class AgentSocket:
+    """A listening TCP or bound unconnected UDP socket in the guest, as ``ss`` shows it
+    (banger.host.guestports.SsSocket): ``address`` without brackets or scope, ``*`` for a
+    dual-stack wildcard; ``process`` the distinct command names, comma-separated."""
+
+    proto: Literal["tcp", "udp"]
+    address: str
+    port: int
+    process: str | None = None
 
 
 @dataclass(frozen=True)
@@ -155,13 +171,61 @@ def parse_hello(body: bytes) -> Hello:
         raise ProtocolError(f"the agent speaks protocol {protocol}; this banger speaks "
                             f"{PROTOCOL} (rebuild the image's agent, or update banger)")
     token = one(fs, HelloTag.TOKEN, "HELLO")
+    features = fs.get(HelloTag.FEATURE, [])
+    if len(features) > _MAX_FEATURES:
+        raise ProtocolError(f"HELLO names {len(features)} features (cap {_MAX_FEATURES})")
     return Hello(protocol, as_str(need(fs, HelloTag.VERSION, "HELLO")),
                  as_str(need(fs, HelloTag.BOOT_ID, "HELLO")),
-                 None if token is None else as_int(token))
+                 None if token is None else as_int(token),
+                 frozenset(safe_text(as_str(f), 40) for f in features))
 
 
-def parse_started(body: bytes) -> int:
-    return as_int(need(field_map(body), StartedTag.PID, "STARTED"))
+def parse_started(body: bytes) -> tuple[int, int | None]:
+    """The pid, and the stdin window (None: the agent does no flow control)."""
+    fs = field_map(body)
+    window = one(fs, StartedTag.STDIN_WINDOW, "STARTED")
+    value = None if window is None else as_int(window)
+    if value is not None and value <= 0:
+        raise ProtocolError(f"STARTED grants a stdin window of {value} bytes")
+    return as_int(need(fs, StartedTag.PID, "STARTED")), value
+
+
+def parse_credit(body: bytes) -> int:
+    value = as_int(need(field_map(body), 1, "CREDIT"))
+    if not 0 < value <= 1 << 40:
+        raise ProtocolError(f"CREDIT of {value} bytes is not 1..2^40")
+    return value
+
+
+def parse_listening(body: bytes) -> tuple[list[AgentSocket], bool]:
+    """The sockets of a LISTENING answer, once each (one entry per owning process on the
+    wire), sorted like ``parse_ss``; and whether the agent truncated the list."""
+    fs = field_map(body)
+    truncated = one(fs, ListeningTag.TRUNCATED, "LISTENING")
+    seen: dict[tuple[str, str, int], list[str]] = {}
+    for value in fs.get(ListeningTag.SOCKET, []):
+        text = as_str(value)
+        parts = text.split("\t", 4)
+        try:
+            if len(parts) not in (3, 5) or parts[0] not in ("tcp", "udp") or not parts[1]:
+                raise ValueError
+            port = int(parts[2])
+            if not 0 <= port <= 65535 or (len(parts) == 5 and int(parts[3]) <= 0):
+                raise ValueError
+        except ValueError:
+            raise ProtocolError(f"a LISTENING SOCKET field is not 'proto<TAB>address<TAB>"
+                                f"port[<TAB>pid<TAB>command]': {safe_text(text, 80)!r}"
+                                ) from None
+        names = seen.setdefault((parts[0], safe_text(parts[1], 64), port), [])
+        if len(parts) == 5:
+            name = safe_text(parts[4], 64)
+            if name not in names:
+                names.append(name)
+    socks = [AgentSocket("tcp" if proto == "tcp" else "udp", address, port,
+                         ",".join(names) or None)
+             for (proto, address, port), names in seen.items()]
+    socks.sort(key=lambda s: (s.proto, s.port, s.address))
+    return socks, truncated is not None and as_int(truncated) != 0
 
 
 def parse_exit(body: bytes) -> ExitStatus:

@@ -22,7 +22,8 @@ from banger.host import runner
 
 AGENT_DIR: Traversable = resources.files("banger.host") / "guest" / "agent"
 # Every *.c and *.h in AGENT_DIR (a unit test checks the list is complete).
-AGENT_SOURCES: tuple[str, ...] = ("banger-agent.c",)
+AGENT_SOURCES: tuple[str, ...] = ("banger-agent.c", "agent.h", "files.c", "files.h", "get.c",
+                                 "listening.c", "tar.c", "tar.h")
 CFLAGS: tuple[str, ...] = ("-std=c11", "-static", "-Os", "-Wall", "-Wextra", "-Werror",
                            "-pedantic", "-s")
 BINARY = "banger-agent"

@@ -25,25 +25,20 @@
 #include <time.h>
 #include <unistd.h>
 
-#define VERSION "0.1.0"
-#define MAX_BODY 65536
-#define HDR 9                    /* u32 length, u8 kind, u32 chan */
+#include "agent.h"
+
 #define MAX_EXECS 128
 #define STDIN_HOLD (1 << 20)     /* queued stdin above which the channel is not read */
+#define STDIN_WINDOW (256 << 10) /* stdin credit per exec (credit mode) */
 #define DRAIN_MS 250             /* output still read after an exec's process ended */
 #define RETRY_MS 100             /* pause between attempts to (re)open the port */
-
-enum {
-    HELLO = 0x01, PING = 0x02, EXEC = 0x03, STDIN = 0x04, STDIN_EOF = 0x05, SIGNAL = 0x06,
-    RESIZE = 0x07, STATS_REQ = 0x08, SYNC = 0x09, POWEROFF = 0x0a, TIME_SET = 0x0b,
-    HELLO_REQ = 0x0c,
-    STARTED = 0x10, STDOUT = 0x11, STDERR = 0x12, EXIT = 0x13, EXEC_ERROR = 0x14,
-    STATS = 0x20, PONG = 0x21, DONE = 0x22, ERROR = 0x23,
-};
 
 struct exec {
     bool used, pty, reaped, in_eof;
     bool detached;               /* its host went away: nothing more is sent for it */
+    bool credit;                 /* flow control: the host sent WINDOW (section 5) */
+    int64_t out_credit;          /* output bytes the host will still take */
+    size_t in_done;              /* stdin written to the command, not yet credited back */
     uint32_t chan;
     pid_t pid;
     int status;
@@ -55,16 +50,19 @@ struct exec {
 
 static struct exec execs[MAX_EXECS];
 static int chan_fd = -1, selfpipe[2];
-static bool connected, fd_mode, test_poweroff;
+bool connected;
+static bool fd_mode, test_poweroff;
 static const char *port_path;
 static long long next_open;
-static unsigned char inbuf[HDR + MAX_BODY], out[HDR + MAX_BODY];
-static size_t inlen, outlen;
+static unsigned char inbuf[HDR + MAX_BODY];
+unsigned char out[HDR + MAX_BODY];
+size_t outlen;
+static size_t inlen;
 /* EXEC's strings, NUL-terminated: each field costs 5 + n bytes of body and n + 1 here. */
 static char strbuf[MAX_BODY];
 static char *argv_[MAX_BODY / 5 + 1], *envp_[MAX_BODY / 5 + 1];
 
-static void warnx(const char *fmt, ...) {
+void warnx(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fputs("banger-agent: ", stderr);
@@ -73,23 +71,22 @@ static void warnx(const char *fmt, ...) {
     va_end(ap);
 }
 
-static long long now_ms(void) {
+long long now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
 }
 
-static uint32_t be32(const unsigned char *p) {
+uint32_t be32(const unsigned char *p) {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-static void put32(unsigned char *p, uint32_t v) {
+void put32(unsigned char *p, uint32_t v) {
     p[0] = v >> 24; p[1] = v >> 16; p[2] = v >> 8; p[3] = v;
 }
 
 /* ---- the channel ---------------------------------------------------------------- */
 
-static void close_fd(int *fd);
 
 /* A HELLO starts a session (docs/agent-protocol.md): the execs of the session that just
  * ended belong to a host that is gone. They get SIGHUP, as from a terminal that hung up,
@@ -109,11 +106,14 @@ static void detach_execs(void) {
         e->q = NULL;
         e->qlen = e->qcap = 0;
     }
+    files_detach();
 }
 
 static void lost_channel(void) {
-    if (fd_mode)
+    if (fd_mode) {
+        files_detach();          /* no half file left behind */
         exit(0);                 /* tests: the host closed its end */
+    }
     detach_execs();
     if (chan_fd >= 0)
         close(chan_fd);
@@ -142,9 +142,9 @@ static void write_all(const unsigned char *p, size_t n) {
 }
 
 /* The frame being built lives in out[]; a body goes at out + HDR. */
-static void begin(void) { outlen = HDR; }
+void begin(void) { outlen = HDR; }
 
-static void put_field(int tag, const void *v, size_t n) {
+void put_field(int tag, const void *v, size_t n) {
     if (outlen + 5 + n > sizeof out)
         return;                  /* callers stay under MAX_BODY; never overflow */
     out[outlen] = (unsigned char)tag;
@@ -153,16 +153,29 @@ static void put_field(int tag, const void *v, size_t n) {
     outlen += 5 + n;
 }
 
-static void put_i64(int tag, int64_t v) {
+void put_i64(int tag, int64_t v) {
     unsigned char b[8];
     for (int i = 7; i >= 0; i--, v = (int64_t)((uint64_t)v >> 8))
         b[i] = (unsigned char)v;
     put_field(tag, b, 8);
 }
 
-static void put_str(int tag, const char *s) { put_field(tag, s, strlen(s)); }
+void put_str(int tag, const char *s) { put_field(tag, s, strlen(s)); }
 
-static void send_frame(int kind, uint32_t chan) {
+bool credit_field(uint32_t chan, const unsigned char *b, size_t n, int64_t *x) {
+    if (int_field(b, n, 1, x) && *x > 0 && *x <= (1LL << 40))
+        return true;
+    send_error(ERROR, chan, "CREDIT needs BYTES, an i64 in 1..2^40");
+    return false;
+}
+
+void send_credit(uint32_t chan, int64_t bytes) {
+    begin();
+    put_i64(1, bytes);
+    send_frame(CREDIT, chan);
+}
+
+void send_frame(int kind, uint32_t chan) {
     put32(out, (uint32_t)(outlen - 4));
     out[4] = (unsigned char)kind;
     put32(out + 5, chan);
@@ -170,7 +183,7 @@ static void send_frame(int kind, uint32_t chan) {
         write_all(out, outlen);
 }
 
-static void send_error(int kind, uint32_t chan, const char *fmt, ...) {
+void send_error(int kind, uint32_t chan, const char *fmt, ...) {
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
@@ -197,6 +210,9 @@ static void send_hello(int64_t token) {
     put_str(3, id);
     if (token >= 0)
         put_i64(4, token);
+    static const char *features[] = FEATURES;
+    for (size_t i = 0; i < sizeof features / sizeof features[0]; i++)
+        put_str(5, features[i]);
     send_frame(HELLO, 0);
 }
 
@@ -270,7 +286,7 @@ static bool well_formed(const unsigned char *b, size_t n) {
     return r == 0;
 }
 
-static bool as_i64(const unsigned char *v, uint32_t n, int64_t *x) {
+bool as_i64(const unsigned char *v, uint32_t n, int64_t *x) {
     if (n != 8)
         return false;
     uint64_t u = 0;
@@ -281,7 +297,7 @@ static bool as_i64(const unsigned char *v, uint32_t n, int64_t *x) {
 }
 
 /* The first field with that tag; false if absent. */
-static bool find_field(const unsigned char *b, size_t n, int want, const unsigned char **v,
+bool find_field(const unsigned char *b, size_t n, int want, const unsigned char **v,
                        uint32_t *len) {
     struct fields f = {b, b + n};
     int tag;
@@ -292,7 +308,7 @@ static bool find_field(const unsigned char *b, size_t n, int want, const unsigne
 }
 
 /* The first integer field with that tag; false if absent or not 8 bytes. */
-static bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
+bool int_field(const unsigned char *b, size_t n, int want, int64_t *x) {
     const unsigned char *v;
     uint32_t len;
     return find_field(b, n, want, &v, &len) && as_i64(v, len, x);
@@ -309,13 +325,13 @@ static struct exec *find_exec(uint32_t chan) {
     return NULL;
 }
 
-static void close_fd(int *fd) {
+void close_fd(int *fd) {
     if (*fd >= 0)
         close(*fd);
     *fd = -1;
 }
 
-static void nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
+void nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
 /* In the child, between fork and exec: report why it could not start, then die. */
 static _Noreturn void child_fail(int fd, const char *what, const char *arg) {
@@ -351,7 +367,8 @@ static _Noreturn void child(int errfd, const char *slave, int in, int outw, int 
     child_fail(errfd, "execvp", argv_[0]);
 }
 
-static void spawn(struct exec *e, uint32_t chan, const char *cwd, int64_t rows, int64_t cols) {
+static void spawn(struct exec *e, uint32_t chan, const char *cwd, int64_t rows, int64_t cols,
+                  int64_t window) {
     int ep[2], in[2] = {-1, -1}, o[2] = {-1, -1}, er[2] = {-1, -1}, master = -1, dup_in = -1;
     char slave[64] = "", msg[600];
     bool pty = rows >= 0 && cols >= 0;
@@ -394,13 +411,16 @@ static void spawn(struct exec *e, uint32_t chan, const char *cwd, int64_t rows, 
     close_fd(&ep[0]);
     *e = (struct exec){.used = true, .pty = pty, .chan = chan, .pid = pid,
                        .out = pty ? master : o[0], .err = pty ? -1 : er[0],
-                       .in = pty ? dup_in : in[1]};
+                       .in = pty ? dup_in : in[1], .credit = window > 0,
+                       .out_credit = window};
     nonblock(e->out);
     if (!pty)
         nonblock(e->err);
     nonblock(e->in);
     begin();
     put_i64(1, pid);
+    if (e->credit)
+        put_i64(2, STDIN_WINDOW);
     send_frame(STARTED, chan);
     return;
 fail:;
@@ -434,7 +454,7 @@ static void do_exec(uint32_t chan, const unsigned char *b, size_t n) {
     uint32_t len;
     size_t used = 0;
     const char *cwd = "/";
-    int64_t rows = -1, cols = -1;
+    int64_t rows = -1, cols = -1, window = 0;
     while (next_field(&f, &tag, &v, &len) == 1) {
         if (tag >= 1 && tag <= 3) {
             if (memchr(v, 0, len)) {
@@ -458,6 +478,11 @@ static void do_exec(uint32_t chan, const unsigned char *b, size_t n) {
                 return;
             }
             *(tag == 4 ? &rows : &cols) = x;
+        } else if (tag == 6) {
+            if (!as_i64(v, len, &window) || window <= 0) {
+                send_error(ERROR, chan, "WINDOW must be a positive i64");
+                return;
+            }
         }
     }
     if (argc == 0) {
@@ -465,7 +490,7 @@ static void do_exec(uint32_t chan, const unsigned char *b, size_t n) {
         return;
     }
     argv_[argc] = envp_[envc] = NULL;
-    spawn(slot, chan, cwd, rows, cols);
+    spawn(slot, chan, cwd, rows, cols, window);
 }
 
 static void flush_stdin(struct exec *e) {
@@ -474,6 +499,7 @@ static void flush_stdin(struct exec *e) {
         if (w > 0) {
             memmove(e->q, e->q + w, e->qlen - (size_t)w);
             e->qlen -= (size_t)w;
+            e->in_done += (size_t)w;
         } else if (w < 0 && errno == EAGAIN) {
             return;
         } else if (!(w < 0 && errno == EINTR)) {
@@ -483,11 +509,26 @@ static void flush_stdin(struct exec *e) {
     }
     if (e->in_eof && !e->pty)
         close_fd(&e->in);
+    /* Credit back what the command took: once a quarter window, or when it caught up. */
+    if (e->credit && !e->detached && e->in_done > 0 &&
+        (e->in_done >= STDIN_WINDOW / 4 || e->qlen == 0)) {
+        send_credit(e->chan, (int64_t)e->in_done);
+        e->in_done = 0;
+    }
 }
 
 static void queue_stdin(struct exec *e, const void *p, size_t n) {
-    if (n == 0 || e->in < 0 || (e->in_eof && !e->pty))
-        return;                  /* nothing, or stdin already closed: nothing reads it */
+    if (n == 0)
+        return;
+    if (e->in < 0 || (e->in_eof && !e->pty)) {
+        e->in_done += n;         /* nothing reads it: dropped, and credited back */
+        flush_stdin(e);
+        return;
+    }
+    if (e->credit && e->qlen + n > STDIN_WINDOW) {
+        send_error(ERROR, e->chan, "STDIN past the window (%zu bytes queued)", e->qlen);
+        return;
+    }
     if (e->qlen + n > e->qcap) {
         size_t cap = (e->qlen + n) * 2;
         unsigned char *q = realloc(e->q, cap);
@@ -505,9 +546,17 @@ static void queue_stdin(struct exec *e, const void *p, size_t n) {
 
 /* One read of at most MAX_BODY, straight into the frame buffer. */
 static bool pump(struct exec *e, int *fd, int kind) {
-    ssize_t n = read(*fd, out + HDR, MAX_BODY);
+    size_t want = MAX_BODY;
+    if (e->credit && !e->detached) {
+        if (e->out_credit <= 0)
+            return false;        /* the host's consumer is behind: the pipe fills */
+        if ((int64_t)want > e->out_credit)
+            want = (size_t)e->out_credit;
+    }
+    ssize_t n = read(*fd, out + HDR, want);
     if (n > 0) {
         outlen = HDR + (size_t)n;
+        e->out_credit -= n;
         if (!e->detached)
             send_frame(kind, e->chan);
         return true;
@@ -524,6 +573,10 @@ static void maybe_finish(struct exec *e) {
     if (!e->reaped)
         return;
     if (e->out >= 0 || e->err >= 0) {
+        if (e->credit && !e->detached && e->out_credit <= 0) {
+            e->drain_by = now_ms() + DRAIN_MS;   /* waiting for the host is not idle time */
+            return;
+        }
         if (now_ms() < e->drain_by)
             return;
         for (int i = 0; i < 16 && e->out >= 0 && pump(e, &e->out, STDOUT); i++) {}
@@ -644,7 +697,11 @@ static void do_stats(uint32_t chan) {
 }
 
 static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
-    bool data = kind == STDIN;
+    bool data = kind == STDIN || kind == DATA;
+    if ((kind == DATA || kind == DATA_EOF || kind == CREDIT) && file_frame(kind, chan, b, n))
+        return;
+    if (kind == DATA || kind == DATA_EOF)
+        return;                  /* for a transfer that ended (its ERROR crossed them) */
     if (!data && !well_formed(b, n)) {
         send_error(ERROR, chan, "malformed fields in a frame of kind 0x%02x", kind);
         return;
@@ -653,7 +710,8 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
     int64_t x, y;
     const unsigned char *tv;
     uint32_t tlen;
-    bool needs_exec = kind == STDIN || kind == STDIN_EOF || kind == SIGNAL || kind == RESIZE;
+    bool needs_exec = kind == STDIN || kind == STDIN_EOF || kind == SIGNAL || kind == RESIZE ||
+                      kind == CREDIT;
     if (needs_exec && (chan == 0 || !e)) {
         send_error(ERROR, chan, "no exec on chan %u", chan);
         return;
@@ -698,6 +756,19 @@ static void handle(int kind, uint32_t chan, const unsigned char *b, size_t n) {
         break;
     case STATS_REQ:
         do_stats(chan);
+        break;
+    case LISTENING_REQ:
+        do_listening(chan);
+        break;
+    case FILE_PUT:
+        file_put(chan, b, n);
+        break;
+    case FILE_GET:
+        file_get(chan, b, n);
+        break;
+    case CREDIT:
+        if (credit_field(chan, b, n, &x) && e->credit)
+            e->out_credit += x;
         break;
     case HELLO_REQ:
         /* A host that connected again at once may have hidden its hang-up from us
@@ -833,10 +904,11 @@ int main(int argc, char **argv) {
             struct exec *e = &execs[i];
             if (!e->used)
                 continue;
-            hold |= e->qlen > STDIN_HOLD;
+            hold |= !e->credit && e->qlen > STDIN_HOLD;   /* a host without credit */
             int *fds[3] = {&e->out, &e->err, &e->in};
+            bool can_out = !e->credit || e->detached || e->out_credit > 0;
             for (int r = 0; r < 3; r++)
-                if (*fds[r] >= 0 && (r < 2 || e->qlen > 0)) {
+                if (*fds[r] >= 0 && (r < 2 ? can_out : e->qlen > 0)) {
                     who[np] = i * 3 + r;
                     pf[np++] = (struct pollfd){*fds[r], r < 2 ? POLLIN : POLLOUT, 0};
                 }
@@ -847,6 +919,8 @@ int main(int argc, char **argv) {
                     timeout = (int)left;
             }
         }
+        if (connected && files_pending())
+            timeout = 0;
         int chan_at = -1;
         if (connected && !hold) {
             chan_at = np;
@@ -871,6 +945,8 @@ int main(int argc, char **argv) {
         for (int i = 0; i < MAX_EXECS; i++)
             if (execs[i].used)
                 maybe_finish(&execs[i]);
+        if (connected)
+            files_pump();
         /* Requests last: they may start execs and close fds the loop above polled. */
         if (chan_at >= 0 && pf[chan_at].revents)
             read_channel();
