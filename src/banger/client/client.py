@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from banger.api.wire import NDJSON, PREFIX, STREAM_SILENCE_LIMIT
@@ -21,6 +21,7 @@ from banger.client.types import (
     Doctor,
     ErrorBody,
     Health,
+    LogEvent,
     Logs,
     OperationOut,
     ProgressEvent,
@@ -218,6 +219,42 @@ class Client:
     def logs(self, ref: str) -> Logs:
         return Logs.from_json(self._request("GET", f"/vms/{seg(ref)}/logs"))
 
+    def log_stream(self, ref: str, *, follow: bool = False, vmm: bool = False,
+                   lines: int | None = None) -> Iterator[LogEvent]:
+        """The end of a VM's serial log (the VMM's with ``vmm``: its last ``lines`` lines,
+        or its last 256 KiB), then with ``follow`` what it writes, until the VM stops.
+        Heartbeats are not handed out; closing the iterator ends the daemon's stream."""
+        query = f"follow={str(follow).lower()}&vmm={str(vmm).lower()}"
+        if lines is not None:
+            query += f"&lines={lines}"
+        conn = self._connection(STREAM_SILENCE_LIMIT, STREAM_CONNECT_TIMEOUT)
+        try:
+            try:
+                resp = self._send(conn, "GET", f"/vms/{seg(ref)}/logs/stream?{query}", None,
+                                  NDJSON)
+                if not 200 <= resp.status < 300:
+                    raise _api_error(resp.status, resp.read())
+                for line in resp:
+                    if not line.strip():
+                        continue
+                    ev = _parsed(LogEvent, line, "log")
+                    if ev.type == "heartbeat":
+                        continue
+                    yield ev
+                    if ev.type == "end":
+                        return
+            except TimeoutError as exc:
+                raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
+                                        f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
+                                        "heartbeat): it is stuck or gone; see its log"
+                                        ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
+                                        f"{exc or type(exc).__name__}") from exc
+        finally:
+            conn.close()  # what tells the daemon its client went away
+        raise DaemonUnavailable("bangerd ended the log stream without its end line")
+
     def ssh_target(self, ref: str) -> SshTarget:
         return SshTarget.from_json(self._request("GET", f"/vms/{seg(ref)}/ssh"))
 
@@ -250,15 +287,21 @@ def _api_error(status: int, content: bytes) -> ApiError:
     return ApiError(body, status)
 
 
+E = TypeVar("E", ProgressEvent, LogEvent)
+
+
+def _parsed(cls: type[E], line: bytes, what: str) -> E:
+    try:
+        return cls.from_json(json.loads(line))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DaemonUnavailable(f"bangerd sent a {what} line this banger cannot "
+                                f"read ({exc!r}): {line[:100]!r}") from exc
+
+
 def _events(lines: Iterator[bytes] | http.client.HTTPResponse) -> Iterator[ProgressEvent]:
     for line in lines:
         if line.strip():
-            try:
-                ev = ProgressEvent.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise DaemonUnavailable(f"bangerd sent a progress line this banger cannot "
-                                        f"read ({exc!r}): {line[:100]!r}") from exc
-            yield ev
+            yield _parsed(ProgressEvent, line, "progress")
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:
