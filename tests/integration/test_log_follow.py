@@ -191,6 +191,18 @@ def test_escapes_are_shown_unless_raw(daemon: Daemon, box: Path) -> None:
     assert osc52 in raw.out
 
 
+def test_a_daemon_that_stops_ends_the_follow(daemon: Daemon, box: Path) -> None:
+    # uvicorn waits for every response to end before it exits: a follow of a VM that
+    # runs on must end when the daemon stops, or the daemon never would.
+    append(box, b"up\n")
+    f = Follower("-f", "box")
+    f.wait_for(b"up\n")
+    daemon.stopping.set()
+    assert f.end() == 1
+    assert b"bangerd is stopping" in f.err
+    until(lambda: _stream_fds(box) == 0, "the daemon closed the serial log")
+
+
 def _stream_fds(path: Path) -> int:
     n = 0
     for fd in os.listdir("/proc/self/fd"):

@@ -72,6 +72,11 @@ def _stream(client: Client, ref: str, *, follow: bool, lines: int | None, vmm: b
             how_much = f"{ev.count} bytes" if ev.count is not None else "some output"
             print(f"(banger: {how_much} of the log rotated away before it could be shown: "
                   "the guest wrote faster than this terminal read)", file=sys.stderr)
-    if not raw:
-        sys.stdout.write(shown.feed(b"", final=True))
-        sys.stdout.flush()
+        elif ev.type == "end":
+            if not raw:
+                sys.stdout.write(shown.feed(b"", final=True))
+            sys.stdout.flush()
+            if ev.reason == "daemon_stopping":
+                print("banger: bangerd is stopping: the log is no longer followed; "
+                      f"`banger vm logs -f {ref}` again once it is back", file=sys.stderr)
+                sys.exit(1)
