@@ -201,10 +201,10 @@ class Server(uvicorn.Server):
     """
 
     def __init__(self, config: uvicorn.Config, ops: Operations,
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event | None = None) -> None:
         super().__init__(config)
         self._ops = ops
-        self._stopping = stopping
+        self._stopping = stopping or threading.Event()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
