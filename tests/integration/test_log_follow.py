@@ -113,41 +113,38 @@ def test_lines_shows_the_last_n_then_follows(daemon: Daemon, box: Path) -> None:
     assert bytes(once.out) == b"line 99\nline 100\n"
 
 
-def test_follow_reads_through_a_rotation_without_loss_or_repeat(daemon: Daemon,
-                                                                box: Path) -> None:
+A, B, C = b"A" * 50 + b"\n", b"B" * 5000 + b"\n", b"C" * 70 + b"\n"
+
+
+def _rotate_unread(daemon: Daemon, box: Path, cap: int) -> Follower:
+    """A follower has read A; B is written and rotated at ``cap`` before it can read it
+    (it cannot read the live file while the lock is held: B reaches it only through the
+    rotation's copy); then C; then the VM stops."""
     rotated = daemon.service.show("box").paths.serial_log_rotated
-    a, b, c = b"A" * 50 + b"\n", b"B" * 5000 + b"\n", b"C" * 70 + b"\n"
-    append(box, a)
+    append(box, A)
     f = Follower("-f", "--raw", "box")
-    f.wait_for(a)
-    # The follower cannot read the live file while the lock is held: B reaches it only
-    # through the rotation's copy.
+    f.wait_for(A)
     with ROTATIONS.lock:
-        append(box, b)
-        assert _rotate_if_over(box, rotated, len(b) + 10)
-    append(box, c)
-    f.wait_for(c)
+        append(box, B)
+        assert _rotate_if_over(box, rotated, cap)
+    append(box, C)
+    f.wait_for(C)
     daemon.client.stop("box")
     assert f.end() == 0
-    assert bytes(f.out) == a + b + c
+    return f
+
+
+def test_follow_reads_through_a_rotation_without_loss_or_repeat(daemon: Daemon,
+                                                                box: Path) -> None:
+    f = _rotate_unread(daemon, box, len(B) + 10)
+    assert bytes(f.out) == A + B + C
     assert f.err == b""
 
 
 def test_follow_behind_by_more_than_a_rotation_says_what_it_skipped(daemon: Daemon,
                                                                     box: Path) -> None:
-    rotated = daemon.service.show("box").paths.serial_log_rotated
-    a, b, c = b"A" * 50 + b"\n", b"B" * 5000 + b"\n", b"C" * 70 + b"\n"
-    append(box, a)
-    f = Follower("-f", "--raw", "box")
-    f.wait_for(a)
-    with ROTATIONS.lock:
-        append(box, b)
-        assert _rotate_if_over(box, rotated, 1000)  # keeps only B's last 1000 bytes
-    append(box, c)
-    f.wait_for(c)
-    daemon.client.stop("box")
-    assert f.end() == 0
-    assert bytes(f.out) == a + b[-1000:] + c
+    f = _rotate_unread(daemon, box, 1000)  # keeps only B's last 1000 bytes
+    assert bytes(f.out) == A + B[-1000:] + C
     assert b"4001 bytes of the log rotated away" in f.err
 
 
@@ -201,6 +198,33 @@ def test_a_daemon_that_stops_ends_the_follow(daemon: Daemon, box: Path) -> None:
     assert f.end() == 1
     assert b"bangerd is stopping" in f.err
     until(lambda: _stream_fds(box) == 0, "the daemon closed the serial log")
+
+
+def test_follow_into_a_pipe_whose_reader_left_ends_quietly(daemon: Daemon,
+                                                           box: Path) -> None:
+    append(box, b"first\n")
+    proc = subprocess.Popen([sys.executable, "-m", "banger.cli.main", "vm", "logs", "-f",
+                             "box"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"first\n"
+    proc.stdout.close()  # `| head -1`
+    append(box, b"more\n" * 1000)
+    assert proc.wait(WAIT) == 141
+    assert proc.stderr.read() == b""
+    proc.stderr.close()
+    until(lambda: _stream_fds(box) == 0, "the daemon closed the serial log")
+
+
+def test_follow_of_the_vmm_log(daemon: Daemon, box: Path) -> None:
+    vmm_log = daemon.service.show("box").paths.vmm_log
+    vmm_log.write_bytes(b"qemu: one\n")
+    f = Follower("-f", "--vmm", "box")
+    f.wait_for(b"qemu: one\n")
+    append(vmm_log, b"qemu: two\n")
+    f.wait_for(b"qemu: two\n")
+    daemon.client.stop("box")
+    assert f.end() == 0
+    assert bytes(f.out) == b"qemu: one\nqemu: two\n"
 
 
 def _stream_fds(path: Path) -> int:

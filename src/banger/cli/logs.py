@@ -8,6 +8,7 @@ unless --raw, which writes the guest's bytes as they are (for a pipe).
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,14 @@ def vm_logs(ref: str, follow: bool, lines: int | None, vmm: bool, raw: bool) -> 
 
     client = connect()
     if follow or lines is not None:
-        _stream(client, ref, follow=follow, lines=lines, vmm=vmm, raw=raw)
+        try:
+            _stream(client, ref, follow=follow, lines=lines, vmm=vmm, raw=raw)
+        except BrokenPipeError:
+            # `banger vm logs -f box | head`: the reader is done, as `tail -f` would be.
+            # stdout goes to /dev/null so the interpreter's own flush at exit is quiet.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(141)  # 128 + SIGPIPE, as a shell reports `tail -f` killed by it
         return
     from banger.cli.render import err_console
     from banger.cli.safe import printable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -128,25 +129,21 @@ class Client:
             raise DaemonUnavailable(f"bangerd's answer to {method} {PREFIX + path} is not "
                                     f"JSON: {content[:100]!r}") from exc
 
-    def _stream(self, method: str, path: str, on_progress: ProgressFn,
-                body: Any = None) -> VMOut:
-        # No limit on the whole operation (a boot may take minutes), but the daemon sends
-        # a line at least every HEARTBEAT_SECONDS: silence this long means it is gone.
+    @contextlib.contextmanager
+    def _streaming(self, method: str, path: str,
+                   body: Any = None) -> Iterator[http.client.HTTPResponse]:
+        """An NDJSON stream's response; a daemon gone or silent is DaemonUnavailable, and
+        the connection closes at the end, which tells the daemon its client went away."""
+        # No limit on the whole stream (a boot may take minutes, a follow hours), but the
+        # daemon sends a line at least every HEARTBEAT_SECONDS: silence this long means
+        # it is gone.
         conn = self._connection(STREAM_SILENCE_LIMIT, STREAM_CONNECT_TIMEOUT)
         try:
             try:
                 resp = self._send(conn, method, path, body, NDJSON)
                 if not 200 <= resp.status < 300:
                     raise _api_error(resp.status, resp.read())
-                for ev in _events(resp):
-                    if ev.type == "heartbeat":
-                        continue
-                    if ev.type == "progress":
-                        on_progress(ev)
-                    elif ev.type == "error" and ev.error is not None:
-                        raise ApiError(ev.error)
-                    elif ev.type == "result" and ev.result is not None:
-                        return ev.result
+                yield resp
             except TimeoutError as exc:
                 raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
                                         f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
@@ -156,8 +153,18 @@ class Client:
                 raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
                                         f"{exc or type(exc).__name__}") from exc
         finally:
-            # Closing the stream is what tells the daemon its client went away.
             conn.close()
+
+    def _stream(self, method: str, path: str, on_progress: ProgressFn,
+                body: Any = None) -> VMOut:
+        with self._streaming(method, path, body) as resp:
+            for ev in _events(resp):
+                if ev.type == "progress":
+                    on_progress(ev)
+                elif ev.type == "error" and ev.error is not None:
+                    raise ApiError(ev.error)
+                elif ev.type == "result" and ev.result is not None:
+                    return ev.result
         raise DaemonUnavailable("bangerd ended the progress stream without a result")
 
     def health(self) -> Health:
@@ -227,32 +234,16 @@ class Client:
         query = f"follow={str(follow).lower()}&vmm={str(vmm).lower()}"
         if lines is not None:
             query += f"&lines={lines}"
-        conn = self._connection(STREAM_SILENCE_LIMIT, STREAM_CONNECT_TIMEOUT)
-        try:
-            try:
-                resp = self._send(conn, "GET", f"/vms/{seg(ref)}/logs/stream?{query}", None,
-                                  NDJSON)
-                if not 200 <= resp.status < 300:
-                    raise _api_error(resp.status, resp.read())
-                for line in resp:
-                    if not line.strip():
-                        continue
-                    ev = _parsed(LogEvent, line, "log")
-                    if ev.type == "heartbeat":
-                        continue
-                    yield ev
-                    if ev.type == "end":
-                        return
-            except TimeoutError as exc:
-                raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
-                                        f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
-                                        "heartbeat): it is stuck or gone; see its log"
-                                        ) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
-                                        f"{exc or type(exc).__name__}") from exc
-        finally:
-            conn.close()  # what tells the daemon its client went away
+        with self._streaming("GET", f"/vms/{seg(ref)}/logs/stream?{query}") as resp:
+            for line in resp:
+                if not line.strip():
+                    continue
+                ev = _parsed(LogEvent, line, "log")
+                if ev.type == "heartbeat":
+                    continue
+                yield ev
+                if ev.type == "end":
+                    return
         raise DaemonUnavailable("bangerd ended the log stream without its end line")
 
     def ssh_target(self, ref: str) -> SshTarget:

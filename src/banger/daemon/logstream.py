@@ -93,6 +93,9 @@ async def _follow(service: VMService, vm_id: str, follower: LogFollower,
     live = True
     checked = beat = time.monotonic()
     while True:
+        if stopping.is_set():  # first: a flooding guest must not keep the daemon up
+            yield _line(LogEvent(type="end", reason="daemon_stopping"))
+            return
         got = follower.read()
         if isinstance(got, Skipped):
             yield _line(LogEvent(type="skipped", count=got.count))
@@ -105,9 +108,6 @@ async def _follow(service: VMService, vm_id: str, follower: LogFollower,
             continue
         if got == b"" and not live:
             yield _line(LogEvent(type="end", reason="stopped"))
-            return
-        if stopping.is_set():
-            yield _line(LogEvent(type="end", reason="daemon_stopping"))
             return
         now = time.monotonic()
         if live and now - checked >= VM_CHECK_SECONDS:
