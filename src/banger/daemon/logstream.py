@@ -91,7 +91,8 @@ async def _follow(service: VMService, vm_id: str, follower: LogFollower,
             return False
 
     live = True
-    checked = beat = time.monotonic()
+    # Asked at the first quiet moment: the follow of a VM that is not running ends at once.
+    checked, beat = 0.0, time.monotonic()
     while True:
         if stopping.is_set():  # first: a flooding guest must not keep the daemon up
             yield _line(LogEvent(type="end", reason="daemon_stopping"))
