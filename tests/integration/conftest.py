@@ -30,6 +30,7 @@ class Daemon:
     client: Client
     guest: FakeGuest
     http: httpx.Client  # raw requests to the API, for what the CLI never sends
+    stopping: threading.Event  # set: the daemon is stopping (log follows end)
 
 
 @pytest.fixture
@@ -39,11 +40,13 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     layout = Layout.for_user()
     service, _images, _disks, vmm, guest, db = fake_service(tmp_path, layout)
     attach_ssh_config(service)  # as bangerd's main does
+    stopping = threading.Event()
     app = create_app(service, doctor=lambda: Doctor(checks=[Check(name="x", status="pass",
                                                                   detail="ok")]),
                      ssh_key="k", known_hosts="kh",
                      ssh_argv=lambda addr, alias: ["ssh", "-p", str(addr.port),
-                                                   f"root@{addr.host}"])
+                                                   f"root@{addr.host}"],
+                     stopping=stopping)
     sock = bind_socket(layout.daemon_socket).sock
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -55,7 +58,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     client = Client(layout.daemon_socket)
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.daemon_socket)),
                         base_url="http://bangerd", timeout=httpx.Timeout(30.0))
-    yield Daemon(layout, service, vmm, client, guest, http)
+    yield Daemon(layout, service, vmm, client, guest, http, stopping)
     http.close()
     client.close()
     server.should_exit = True

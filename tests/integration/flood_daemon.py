@@ -16,8 +16,11 @@ from banger.api.schema import Doctor
 from banger.daemon.app import create_app
 from banger.daemon.sockets import bind_socket
 from banger.host.guest_ssh import SshGuest
+from banger.host.seriallog import SerialLogCap
 from banger.model.layout import Layout
 from tests.fakes import fake_service
+
+FLOOD_SERIAL_CAP = 1 << 20
 
 
 def main() -> None:
@@ -26,6 +29,8 @@ def main() -> None:
     guest.listening = SshGuest(layout).listening  # type: ignore[method-assign]
     app = create_app(service, doctor=lambda: Doctor(checks=[]), ssh_key="k",
                      known_hosts="kh", ssh_argv=lambda addr, alias: ["ssh"])
+    # As bangerd's: a guest that floods its console is capped (at 1 MiB here).
+    SerialLogCap(layout, lambda: FLOOD_SERIAL_CAP, interval=0.05).start()
     sock = bind_socket(layout.daemon_socket).sock
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -72,5 +73,39 @@ def test_a_guest_printing_a_gib_to_vm_ports_ends_in_a_clear_error(flood_daemon: 
     peak = _status_kib(flood_daemon, "VmHWM")
     assert peak < 200 * 1024, f"daemon peak RSS {peak} KiB"
     # The daemon still answers.
+    r = runner.invoke(cli, ["vm", "list"], catch_exceptions=False)
+    assert r.exit_code == 0 and "box" in r.stdout
+
+
+def test_a_guest_flooding_its_console_costs_a_follow_nothing(flood_daemon: int,
+                                                               tmp_path: Path) -> None:
+    # One client follows and reads, one follows and never reads (its socket fills: the
+    # daemon's stream waits on it), while the "guest" writes 128 MiB to its console and
+    # the cap rotates it: the daemon's memory stays where it was.
+    runner = CliRunner()
+    assert runner.invoke(cli, ["vm", "create", "--name", "box"]).exit_code == 0
+    layout = Layout.for_user()
+    vm_dir = next(layout.vms_dir.iterdir())
+    log = vm_dir / "serial.log"
+    log.write_bytes(b"")
+    stalled = socket.socket(socket.AF_UNIX)
+    stalled.connect(str(layout.daemon_socket))
+    stalled.sendall(b"GET /v1/vms/box/logs/stream?follow=true HTTP/1.1\r\nHost: d\r\n"
+                    b"Accept: application/x-ndjson\r\n\r\n")
+    reader = subprocess.Popen([sys.executable, "-m", "banger.cli.main", "vm", "logs", "-f",
+                               "--raw", "box"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    before = _status_kib(flood_daemon, "VmRSS")
+    line = b"flood " * 20 + b"\n"
+    block = line * ((1 << 20) // len(line))
+    with log.open("ab") as f:
+        for _ in range(128):
+            f.write(block)
+            f.flush()
+    grown = _status_kib(flood_daemon, "VmHWM") - before
+    assert grown < 32 * 1024, f"the daemon grew by {grown} KiB"
+    assert runner.invoke(cli, ["vm", "stop", "box"]).exit_code == 0
+    assert reader.wait(60) == 0, reader.stderr.read() if reader.stderr else ""
+    stalled.close()
     r = runner.invoke(cli, ["vm", "list"], catch_exceptions=False)
     assert r.exit_code == 0 and "box" in r.stdout

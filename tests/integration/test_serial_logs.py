@@ -7,7 +7,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from banger.cli.main import cli
-from banger.daemon.app import LOG_TAIL
+from banger.daemon.logstream import LOG_TAIL
 from tests.integration.conftest import Daemon
 
 

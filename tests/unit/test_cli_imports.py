@@ -36,8 +36,8 @@ def test_the_client_types_read_what_the_schema_writes() -> None:
     from banger.client import types
 
     for name in ("ErrorBody", "Health", "Runtime", "VMOut", "BatchItem", "BatchResponse",
-                 "ProgressEvent", "Logs", "SshTarget", "GuestPortOut", "VMPorts", "SshConfig",
-                 "OperationOut", "Check", "Doctor", "FilesystemOut", "GuestStatsOut",
+                 "ProgressEvent", "Logs", "LogEvent", "SshTarget", "GuestPortOut", "VMPorts",
+                 "SshConfig", "OperationOut", "Check", "Doctor", "FilesystemOut", "GuestStatsOut",
                  "VmmUsageOut", "VMStatsOut"):
         ours = {f.name for f in dataclasses.fields(getattr(types, name))}
         assert ours == set(getattr(schema, name).model_fields), name

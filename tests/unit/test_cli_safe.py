@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from banger.cli.safe import cell, markup, printable, relay_printable
+from banger.cli.safe import PrintableStream, cell, markup, printable, relay_printable
 
 UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
@@ -47,3 +48,22 @@ def test_relay_streams_and_keeps_crlf_across_chunks() -> None:
     relay_printable(Chunks([b"line one\r", b"\nbad \x1b[2J\xe2\x9c", b"\x93 \xff\r"]),
                     out)  # type: ignore[arg-type]
     assert out.getvalue() == "line one\nbad \\x1b[2J✓ \ufffd\\r"
+
+
+@given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=200),
+                                         max_size=10))
+def test_a_stream_shows_the_same_whatever_its_chunks(data: bytes, cuts: list[int]) -> None:
+    # `vm logs -f` gets a guest's bytes in chunks cut anywhere: inside a UTF-8 sequence
+    # (a C1 control is two bytes), an escape or a CRLF. What shows is what the whole
+    # would show, so no cut lets a raw control character through.
+    edges = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    stream = PrintableStream()
+    shown = "".join(stream.feed(data[a:b]) for a, b in itertools.pairwise(edges))
+    shown += stream.feed(b"", final=True)
+    assert shown == printable(data.decode(errors="replace"))
+
+
+def test_a_c1_control_split_between_chunks_is_still_shown_escaped() -> None:
+    stream = PrintableStream()
+    shown = stream.feed(b"x\xc2") + stream.feed(b"\x9b2J\x1b") + stream.feed(b"]52;\x07")
+    assert shown == "x\\x9b2J\\x1b]52;\\x07"

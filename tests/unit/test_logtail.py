@@ -50,7 +50,7 @@ CALLERS = {
                   "log_tail(log)"),
     "host.ssh": ("from banger.host.ssh import _with_tail",
                  "_with_tail('timed out', log)"),
-    "daemon.app": ("from banger.daemon.app import _serial_tail",
+    "daemon.logstream": ("from banger.daemon.logstream import _serial_tail",
                    "_serial_tail(log, log.with_name('rotated'))[0]"),
 }
 

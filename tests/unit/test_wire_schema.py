@@ -127,6 +127,13 @@ def test_streamed_routes_publish_the_event_vocabulary(document: dict[str, Any], 
         assert ref.rsplit("/", 1)[1] in document["components"]["schemas"], ref
 
 
+def test_the_log_stream_publishes_its_line(document: dict[str, Any]) -> None:
+    route = document["paths"]["/v1/vms/{ref}/logs/stream"]["get"]
+    line = route["responses"]["200"]["content"]["application/x-ndjson"]["schema"]
+    assert line["properties"]["type"]["enum"] == ["data", "skipped", "heartbeat", "end"]
+    assert {p["name"] for p in route["parameters"]} == {"ref", "follow", "vmm", "lines"}
+
+
 def test_ssh_config_takes_the_models_names(tmp_path: Path) -> None:
     # banger.local is a stdlib leaf that cannot import the model: its own check of a VM
     # name must accept exactly what the model does.

@@ -195,6 +195,24 @@ class Logs(BaseModel):
     serial_rotated: str | None = None
 
 
+class LogEvent(BaseModel):
+    """One line of a log stream (`GET /vms/{ref}/logs/stream`, NDJSON).
+
+    ``type`` is "data" (``data``: the log's next bytes, base64: a guest writes any bytes,
+    and a chunk may end inside a UTF-8 sequence), "skipped" (``count`` bytes, or an
+    unknown number when null, were rotated away before the stream read them: the guest
+    wrote faster than the client read), "heartbeat" (every HEARTBEAT_SECONDS while
+    nothing else is sent), then one final "end" (``reason``: "stopped", the VM is not
+    running and what it wrote has been sent; "daemon_stopping"; or "done", a stream that
+    did not follow).
+    """
+
+    type: Literal["data", "skipped", "heartbeat", "end"]
+    data: str | None = None
+    count: int | None = None
+    reason: Literal["stopped", "daemon_stopping", "done"] | None = None
+
+
 class SshTarget(BaseModel):
     host: str
     port: int

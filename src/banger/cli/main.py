@@ -12,6 +12,7 @@ from __future__ import annotations
 import click
 
 from banger import __version__
+from banger.cli.logs import vm_logs
 from banger.cli.ssh import ssh_config, vm_ssh
 from banger.cli.stats import vm_stats
 from banger.cli.system import COMPLETE_VAR, completion, doctor, ops
@@ -30,6 +31,7 @@ vm.add_command(vm_ssh)
 vm.add_command(vm_exec)
 vm.add_command(vm_workspace)
 vm.add_command(vm_stats)
+vm.add_command(vm_logs)
 cli.add_command(doctor)
 cli.add_command(ssh_config)
 cli.add_command(ops)

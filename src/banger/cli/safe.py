@@ -67,18 +67,30 @@ def cell(text: str | None, default: str = "-") -> Text:
     return Text(cell_text(text, default))
 
 
+class PrintableStream:
+    """:func:`printable` over a byte stream that arrives in chunks: a UTF-8 sequence or a
+    CRLF split between two chunks is joined first, so a chunk's edge never changes what
+    is shown (an ESC is shown escaped wherever it falls)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""  # a CR at a chunk's end may be the first half of a CRLF
+
+    def feed(self, chunk: bytes, *, final: bool = False) -> str:
+        text = self._held + self._decoder.decode(chunk, final=final)
+        self._held = ""
+        if not final and text.endswith("\r"):
+            text, self._held = text[:-1], "\r"
+        return printable(text)
+
+
 def relay_printable(src: IO[bytes], dst: TextIO) -> None:
     """Copy ``src`` to ``dst`` as it arrives (no more than a chunk in memory), through
     :func:`printable`."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    held = ""  # a CR at a chunk's end may be the first half of a CRLF
+    stream = PrintableStream()
     while True:
         chunk = src.read1(1 << 16) if hasattr(src, "read1") else src.read(1 << 16)
-        text = held + decoder.decode(chunk, final=not chunk)
-        held = ""
-        if chunk and text.endswith("\r"):
-            text, held = text[:-1], "\r"
-        dst.write(printable(text))
+        dst.write(stream.feed(chunk, final=not chunk))
         dst.flush()
         if not chunk:
             return

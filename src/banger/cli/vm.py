@@ -1,5 +1,5 @@
 """`banger vm ...`: create, run and manage VMs (run, create, list, show, the lifecycle
-verbs, kill, set, prune, logs, ports); `vm ssh`, `vm exec` and `vm workspace` join the
+verbs, kill, set, prune, ports); `vm ssh`, `vm exec`, `vm workspace` and `vm logs` join the
 group from their own modules.
 
 Only click is imported at load time: the client, rich and the renderers are imported by
@@ -358,29 +358,6 @@ def vm_prune(force: bool, as_json: bool) -> None:
     # Exactly these (by id), not whatever is not running once the user has answered.
     res = client.prune([v.id for v in listed])
     _report_batch([(r.ref, r.vm, r.error) for r in res.results], "deleted", as_json)
-
-
-@vm.command("logs")
-@VM_REF
-@click.option("--vmm", is_flag=True, help="the VMM's own log instead of the serial console")
-@click.option("--raw", is_flag=True,
-              help="the text as the guest wrote it, terminal escapes included (for a "
-                   "pipe; a guest's escapes can rewrite your terminal and clipboard)")
-@handle_errors
-def vm_logs(ref: str, vmm: bool, raw: bool) -> None:
-    """Print the end of the serial console (or VMM) log, control characters shown
-    escaped (`\\x1b`) unless --raw."""
-    from banger.cli.render import err_console
-    from banger.cli.safe import printable
-    from banger.client.client import connect
-
-    logs = connect().logs(ref)
-    text = logs.vmm if vmm else logs.serial
-    if not vmm and logs.serial_rotated:
-        err_console.print(printable(f"(the serial log was rotated at its cap: older output "
-                                    f"is in {logs.serial_rotated})"),
-                          markup=False, highlight=False, soft_wrap=True)
-    sys.stdout.write(text if raw else printable(text))
 
 
 @vm.command("ports")

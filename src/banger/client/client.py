@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -10,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from banger.api.wire import NDJSON, PREFIX, STREAM_SILENCE_LIMIT
@@ -21,6 +22,7 @@ from banger.client.types import (
     Doctor,
     ErrorBody,
     Health,
+    LogEvent,
     Logs,
     OperationOut,
     ProgressEvent,
@@ -127,25 +129,21 @@ class Client:
             raise DaemonUnavailable(f"bangerd's answer to {method} {PREFIX + path} is not "
                                     f"JSON: {content[:100]!r}") from exc
 
-    def _stream(self, method: str, path: str, on_progress: ProgressFn,
-                body: Any = None) -> VMOut:
-        # No limit on the whole operation (a boot may take minutes), but the daemon sends
-        # a line at least every HEARTBEAT_SECONDS: silence this long means it is gone.
+    @contextlib.contextmanager
+    def _streaming(self, method: str, path: str,
+                   body: Any = None) -> Iterator[http.client.HTTPResponse]:
+        """An NDJSON stream's response; a daemon gone or silent is DaemonUnavailable, and
+        the connection closes at the end, which tells the daemon its client went away."""
+        # No limit on the whole stream (a boot may take minutes, a follow hours), but the
+        # daemon sends a line at least every HEARTBEAT_SECONDS: silence this long means
+        # it is gone.
         conn = self._connection(STREAM_SILENCE_LIMIT, STREAM_CONNECT_TIMEOUT)
         try:
             try:
                 resp = self._send(conn, method, path, body, NDJSON)
                 if not 200 <= resp.status < 300:
                     raise _api_error(resp.status, resp.read())
-                for ev in _events(resp):
-                    if ev.type == "heartbeat":
-                        continue
-                    if ev.type == "progress":
-                        on_progress(ev)
-                    elif ev.type == "error" and ev.error is not None:
-                        raise ApiError(ev.error)
-                    elif ev.type == "result" and ev.result is not None:
-                        return ev.result
+                yield resp
             except TimeoutError as exc:
                 raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
                                         f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
@@ -155,8 +153,18 @@ class Client:
                 raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
                                         f"{exc or type(exc).__name__}") from exc
         finally:
-            # Closing the stream is what tells the daemon its client went away.
             conn.close()
+
+    def _stream(self, method: str, path: str, on_progress: ProgressFn,
+                body: Any = None) -> VMOut:
+        with self._streaming(method, path, body) as resp:
+            for ev in _events(resp):
+                if ev.type == "progress":
+                    on_progress(ev)
+                elif ev.type == "error" and ev.error is not None:
+                    raise ApiError(ev.error)
+                elif ev.type == "result" and ev.result is not None:
+                    return ev.result
         raise DaemonUnavailable("bangerd ended the progress stream without a result")
 
     def health(self) -> Health:
@@ -218,6 +226,26 @@ class Client:
     def logs(self, ref: str) -> Logs:
         return Logs.from_json(self._request("GET", f"/vms/{seg(ref)}/logs"))
 
+    def log_stream(self, ref: str, *, follow: bool = False, vmm: bool = False,
+                   lines: int | None = None) -> Iterator[LogEvent]:
+        """The end of a VM's serial log (the VMM's with ``vmm``: its last ``lines`` lines,
+        or its last 256 KiB), then with ``follow`` what it writes, until the VM stops.
+        Heartbeats are not handed out; closing the iterator ends the daemon's stream."""
+        query = f"follow={str(follow).lower()}&vmm={str(vmm).lower()}"
+        if lines is not None:
+            query += f"&lines={lines}"
+        with self._streaming("GET", f"/vms/{seg(ref)}/logs/stream?{query}") as resp:
+            for line in resp:
+                if not line.strip():
+                    continue
+                ev = _parsed(LogEvent, line, "log")
+                if ev.type == "heartbeat":
+                    continue
+                yield ev
+                if ev.type == "end":
+                    return
+        raise DaemonUnavailable("bangerd ended the log stream without its end line")
+
     def ssh_target(self, ref: str) -> SshTarget:
         return SshTarget.from_json(self._request("GET", f"/vms/{seg(ref)}/ssh"))
 
@@ -250,15 +278,21 @@ def _api_error(status: int, content: bytes) -> ApiError:
     return ApiError(body, status)
 
 
+E = TypeVar("E", ProgressEvent, LogEvent)
+
+
+def _parsed(cls: type[E], line: bytes, what: str) -> E:
+    try:
+        return cls.from_json(json.loads(line))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DaemonUnavailable(f"bangerd sent a {what} line this banger cannot "
+                                f"read ({exc!r}): {line[:100]!r}") from exc
+
+
 def _events(lines: Iterator[bytes] | http.client.HTTPResponse) -> Iterator[ProgressEvent]:
     for line in lines:
         if line.strip():
-            try:
-                ev = ProgressEvent.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise DaemonUnavailable(f"bangerd sent a progress line this banger cannot "
-                                        f"read ({exc!r}): {line[:100]!r}") from exc
-            yield ev
+            yield _parsed(ProgressEvent, line, "progress")
 
 
 def _absolute_paths(env: dict[str, str]) -> dict[str, str]:

@@ -161,6 +161,14 @@ class Logs(_Record):
 
 
 @dataclass
+class LogEvent(_Record):
+    type: str
+    data: str | None = None
+    count: int | None = None
+    reason: str | None = None
+
+
+@dataclass
 class SshTarget(_Record):
     host: str
     port: int

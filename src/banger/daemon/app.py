@@ -42,7 +42,6 @@ from banger.api.schema import (
     GuestPortOut,
     GuestStatsOut,
     Health,
-    Logs,
     OperationOut,
     ProgressEvent,
     Runtime,
@@ -60,7 +59,8 @@ from banger.api.wire import HEARTBEAT_SECONDS, NDJSON, PREFIX
 from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
-from banger.local.logtail import tail_bytes
+from banger.daemon.logstream import add_log_routes
+from banger.daemon.threads import in_thread
 from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
 from banger.model.vm import VM, NetworkMode, VMSpec, VMState
 from banger.ports import Endpoint, WorkspaceRequest
@@ -119,40 +119,6 @@ def workspace_request(body: WorkspaceIn) -> WorkspaceRequest:
                             bootstrap=body.bootstrap)
 
 
-# Every operation thread's name starts so: the daemon waits for them before its lock goes.
-OP_THREAD_PREFIX = "banger-"
-
-
-def in_thread(fn: Callable[[], T], name: str = "banger-op") -> asyncio.Future[T]:
-    """Run ``fn`` on a new thread of its own; its result as a future of the running loop.
-
-    One thread per operation rather than a pool: a pool every stream and boot shares is
-    what let a burst of starts take every thread and stop the daemon answering. Boots are
-    bounded by the service's boot slots, not by the number of threads.
-    """
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def settle(ok: bool, value: object) -> None:
-        if fut.done():
-            return  # the awaiting request went away
-        if ok:
-            fut.set_result(value)  # type: ignore[arg-type]
-        else:
-            fut.set_exception(value)  # type: ignore[arg-type]
-
-    def target() -> None:
-        try:
-            ok, value = True, fn()
-        except BaseException as exc:
-            ok, value = False, exc  # type: ignore[assignment]
-        with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is stopping
-            loop.call_soon_threadsafe(settle, ok, value)
-
-    threading.Thread(target=target, name=name).start()
-    return fut
-
-
 class _Ending:
     """Whichever comes second of "the operation stopped" and "its client went away"
     runs the abandoned-operation cleanup, exactly once."""
@@ -173,30 +139,12 @@ class _Ending:
             return self._stopped
 
 
-# What `vm logs` shows: the end of a log, so the answer stays small whatever a guest wrote.
-LOG_TAIL = 256 * 1024
-
-
-def _tail(path: os.PathLike[str] | str, limit: int = LOG_TAIL) -> bytes:
-    try:
-        return tail_bytes(path, limit)
-    except FileNotFoundError:
-        return b""
-
-
-def _serial_tail(log: Path, rotated: Path) -> tuple[str, str | None]:
-    """The last :data:`LOG_TAIL` bytes of the serial output, reaching back into the
-    rotated file when the current one is shorter; and the rotated file, if any."""
-    current = _tail(log)
-    if not rotated.exists():
-        return current.decode(errors="replace"), None
-    older = _tail(rotated, LOG_TAIL - len(current)) if len(current) < LOG_TAIL else b""
-    return (older + current).decode(errors="replace"), str(rotated)
-
-
 def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                ssh_key: str, known_hosts: str,
-               ssh_argv: Callable[[Endpoint, str], list[str]]) -> FastAPI:
+               ssh_argv: Callable[[Endpoint, str], list[str]],
+               stopping: threading.Event | None = None) -> FastAPI:
+    """``stopping`` is set when the daemon begins to stop: log streams that follow a
+    running VM end then (uvicorn waits for every response to end)."""
     app = FastAPI(title="bangerd", version=__version__,
                   description="banger's daemon API (JSON over a Unix socket)",
                   responses=ERRORS)
@@ -408,13 +356,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         refs = body.refs if body is not None else None
         return await in_thread(lambda: batch_out(service.prune(refs)))
 
-    @app.get(f"{PREFIX}/vms/{{ref}}/logs")
-    def logs(ref: str) -> Logs:
-        paths = service.show(ref).paths
-        serial, rotated = _serial_tail(paths.serial_log, paths.serial_log_rotated)
-        return Logs(serial_log=str(paths.serial_log), serial=serial,
-                    serial_rotated=rotated, vmm_log=str(paths.vmm_log),
-                    vmm=_tail(paths.vmm_log).decode(errors="replace"))
+    add_log_routes(app, service, stopping or threading.Event())
 
     @app.get(f"{PREFIX}/vms/{{ref}}/ssh")
     def ssh_target(ref: str) -> SshTarget:

@@ -20,13 +20,14 @@ from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
 from banger.core.stages import Stage
 from banger.daemon import killpoint, lock
-from banger.daemon.app import OP_THREAD_PREFIX, create_app
+from banger.daemon.app import create_app
 from banger.daemon.doctor import doctor
 from banger.daemon.housekeeping import Housekeeping
 from banger.daemon.names import VmNames
 from banger.daemon.peercred import allowed_uids, peer_checked
 from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
+from banger.daemon.threads import OP_THREAD_PREFIX
 from banger.daemon.wiring import host_ports
 from banger.host import ssh
 from banger.host.scratch import Scratch
@@ -155,6 +156,7 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
     service = build_service(layout, db)
     names = VmNames(service.load_config)
     serial_cap = SerialLogCap(layout, lambda: _serial_max_mib(service) << 20)
+    stopping = threading.Event()
     try:
         names.start()
         serial_cap.start()  # from the first pass, for the VMs that ran on while no daemon did
@@ -172,14 +174,15 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
             ssh_key=str(layout.ssh_key), known_hosts=str(layout.known_hosts),
             ssh_argv=lambda addr, alias: ssh.ssh_base_argv(
                 port=addr.port, host=addr.host, key=layout.ssh_key,
-                known_hosts=layout.known_hosts, alias=alias, user_config=True))
+                known_hosts=layout.known_hosts, alias=alias, user_config=True),
+            stopping=stopping)
         allowed = allowed_uids(_allow_root(layout))
         log.info("bangerd %d serving %s (uids allowed: %s)", os.getpid(), sock_path,
                  sorted(allowed))
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
                                 http=peer_checked(allowed))
         keeper.start()
-        Server(config, service.ops).run(sockets=[bound.sock])
+        Server(config, service.ops, stopping).run(sockets=[bound.sock])
     finally:
         keeper.stop()
         serial_cap.stop()
@@ -197,12 +200,15 @@ class Server(uvicorn.Server):
     half made. Cancelled, each operation rolls back now and its client is told so.
     """
 
-    def __init__(self, config: uvicorn.Config, ops: Operations) -> None:
+    def __init__(self, config: uvicorn.Config, ops: Operations,
+                 stopping: threading.Event | None = None) -> None:
         super().__init__(config)
         self._ops = ops
+        self._stopping = stopping or threading.Event()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
+        self._stopping.set()  # log streams that follow a VM end too
         # A signal handler may run while this thread holds the registry's lock: cancel
         # from a thread of its own.
         threading.Thread(target=self._cancel_all, name="cancel-on-exit", daemon=True).start()

@@ -16,6 +16,11 @@ microseconds-wide window) are lost; everything else is kept. The guest never wai
 any of this: QEMU writes to a file, not a pipe. The serial output is written by QEMU,
 not the daemon, so it survives a daemon restart; while no daemon runs nothing caps it,
 and the first pass of the next daemon does.
+
+:data:`ROTATIONS` records, per log, where the last rotation's copy sits in the log as it
+was before its truncation, under a lock held for the whole copy-and-truncate: a reader
+that follows the log (`vm logs -f`) reads under the same lock, so it tells a truncation
+from a write, and picks up exactly where it was in ``serial.log.1``.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from banger.model.layout import Layout
@@ -37,10 +43,45 @@ log = logging.getLogger(__name__)
 INTERVAL = 0.2
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """The last rotation of one log by this process: the ``seq``-th; its copy holds the
+    log's bytes ``start`` to ``end`` (``end``: the log's size when it was truncated)."""
+
+    seq: int
+    start: int
+    end: int
+
+
+class Rotations:
+    """The last :class:`Rotation` of each log, and the lock every rotation holds from its
+    first read to its record: under it a reader sees the log and the record agree."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._last: dict[Path, Rotation] = {}
+
+    def last(self, path: Path) -> Rotation | None:
+        """Call with :attr:`lock` held."""
+        return self._last.get(path)
+
+    def _record(self, path: Path, start: int, end: int) -> None:
+        prev = self._last.get(path)
+        self._last[path] = Rotation(seq=prev.seq + 1 if prev else 1, start=start, end=end)
+
+
+ROTATIONS = Rotations()
+
+
 def rotate_if_over(path: Path, old: Path, cap: int) -> bool:
     """If ``path`` is bigger than ``cap`` bytes, move its last ``cap`` bytes (plus what
     arrives during the copy) to ``old``, replacing it, and truncate ``path``; True if it
     did."""
+    with ROTATIONS.lock:
+        return _rotate_if_over(path, old, cap)
+
+
+def _rotate_if_over(path: Path, old: Path, cap: int) -> bool:
     try:
         # Opened for writing: the truncation below goes to this very file even if it is
         # renamed meanwhile (new_boot at a VM start).
@@ -52,19 +93,22 @@ def rotate_if_over(path: Path, old: Path, cap: int) -> bool:
         size = os.fstat(src.fileno()).st_size
         if size <= cap:
             return False
-        src.seek(size - cap)
+        start = end = size - cap
+        src.seek(start)
         try:
             with tmp.open("wb") as dst:
                 # Up to the end as it is now, not as it was at fstat: the guest kept
                 # writing. Streamed: the cap may be large.
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
+                    end += len(chunk)
                 # Right after the last read: the window where a write is lost.
                 os.ftruncate(src.fileno(), 0)
             os.replace(tmp, old)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        ROTATIONS._record(path, start, end)
     log.info("serial log %s passed %d bytes: older output moved to %s", path, cap, old)
     return True
 
@@ -73,9 +117,11 @@ def new_boot(path: Path, old: Path) -> None:
     """Before QEMU starts: the previous boot's log becomes ``old``, so each boot starts
     with an empty ``path`` (readiness looks for this boot's sshd marker, and the last
     boot's output is still there to read after a crash)."""
-    with contextlib.suppress(FileNotFoundError):
+    with ROTATIONS.lock, contextlib.suppress(FileNotFoundError):
         if path.stat().st_size > 0:
             os.replace(path, old)
+            # A new file: its rotations count from none (a follower tells it by its inode).
+            ROTATIONS._last.pop(path, None)
 
 
 class SerialLogCap:
