@@ -37,6 +37,10 @@ class FakeExec:
         self.failure: str | None = None
         self.flood_left = 0
         self.handed_out = 0  # output bytes next() returned
+        with self.cond:
+            self._script(request)
+
+    def _script(self, request: ExecRequest) -> None:
         name, args = request.argv[0], request.argv[1:]
         if name == "echo":
             self._out(" ".join(args).encode() + b"\n")

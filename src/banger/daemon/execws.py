@@ -144,6 +144,10 @@ def add_exec_routes(app: FastAPI, service: VMService) -> None:
         except BangerError as exc:
             await _close(ws, _error(exc))
             return
+        except Exception as exc:  # report, never drop the client silently
+            log.exception("exec could not start")
+            await _close(ws, _error(OperationFailed(f"the exec failed in the daemon: {exc!r}")))
+            return
         await ws.send_text(json.dumps({"type": "started"}))
         await _Pump(ws, running).run()
 
