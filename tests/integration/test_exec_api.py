@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,8 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+import uvicorn
 
-from banger.client.execws import Event, ExecFailed, ExecSession, Exit, Output, open_exec
+from banger.client.execws import Event, ExecFailed, ExecLost, ExecSession, Exit, Output, open_exec
+from banger.daemon.main import WS_SETTINGS
+from banger.daemon.peercred import allowed_uids, peer_checked
+from banger.daemon.sockets import bind_socket
 from tests.fake_exec import CHUNK, FakeExec
 from tests.integration.conftest import Daemon
 
@@ -189,25 +192,33 @@ def test_a_stop_during_an_exec_ends_it_saying_so(daemon: Daemon) -> None:
             list(s.receive())
 
 
-def test_a_foreign_uid_is_refused_before_the_upgrade(tmp_path: Path) -> None:
-    from tests.unit.test_daemon_lifetime import _serve
-    from banger.daemon.app import create_app  # noqa: F401  (the real app is not needed)
-    server, thread = _serve(tmp_path / "run" / "d.sock", frozenset({os.geteuid() + 1}))
+@pytest.mark.parametrize("foreign", [True, False], ids=["foreign-uid", "own-uid"])
+def test_the_peer_check_covers_the_websocket(daemon: Daemon, tmp_path: Path,
+                                             foreign: bool) -> None:
+    # The daemon's app served as bangerd serves it (peer-checked h11, wsproto), allowing
+    # only another uid (root, not configured): the upgrade is never read.
+    _running(daemon)
+    allowed = frozenset({os.geteuid() + 1}) if foreign else allowed_uids(False)
+    path = tmp_path / "run" / "d.sock"
+    bound = bind_socket(path)
+    server = uvicorn.Server(uvicorn.Config(daemon.app, log_level="warning",
+                                           http=peer_checked(allowed), **WS_SETTINGS))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [bound.sock]},
+                              daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
     try:
-        with socket.socket(socket.AF_UNIX) as c:
-            c.settimeout(5)
-            c.connect(str(tmp_path / "run" / "d.sock"))
-            try:
-                c.sendall(b"GET /v1/vms/box/exec HTTP/1.1\r\nHost: x\r\nConnection: Upgrade"
-                          b"\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-                answer = c.recv(4096)
-            except (BrokenPipeError, ConnectionResetError):
-                answer = b""
+        if foreign:
+            with pytest.raises(ExecLost):
+                open_exec(str(path), "box", ["echo", "x"], env=None, cwd=None, tty=None)
+            assert _execs(daemon) == []
+        else:
+            s = open_exec(str(path), "box", ["echo", "x"], env=None, cwd=None, tty=None)
+            assert _until_exit(s)[-1] == Exit(0, None, 0)
     finally:
         server.should_exit = True
         thread.join(10)
-    assert answer == b""
 
 
 def test_cli_exec_codes_stdin_and_streams(daemon: Daemon) -> None:
