@@ -183,28 +183,30 @@ class AgentExec:
 
     def next(self, timeout: float) -> ExecOutput | ExecExit | None:
         with self._gen_lock:
-            if self._output is None or self._output_timeout != timeout:
-                self._output, self._output_timeout = self._ex.output(timeout), timeout
-            try:
-                stream, data = next(self._output)
-            except StopIteration:
-                self._output = None
+            for _ in range(2):  # a second pass only to raise (or end) what just ended
+                if self._output is None or self._output_timeout != timeout:
+                    self._output, self._output_timeout = self._ex.output(timeout), timeout
                 try:
-                    st = self._ex.wait(0)
+                    stream, data = next(self._output)
+                except StopIteration:
+                    self._output = None
+                    try:
+                        st = self._ex.wait(0)
+                    except AgentError as exc:
+                        raise self._failed(exc) from exc
+                    return ExecExit(code=st.code, signal=st.signal)
+                except AgentTimeout:
+                    # Nothing within timeout; an exec that ended meanwhile is looked at
+                    # again (its error, or its end, comes at once).
+                    self._output = None
+                    if not self._ended():
+                        return None
+                    continue
                 except AgentError as exc:
+                    self._output = None
                     raise self._failed(exc) from exc
-                return ExecExit(code=st.code, signal=st.signal)
-            except AgentTimeout:
-                # Nothing within timeout (an ended exec's error comes from the next call:
-                # the queue is empty and its error is raised at once).
-                self._output = None
-                if not self._ended():
-                    return None
-                return self.next(timeout)
-            except AgentError as exc:
-                self._output = None
-                raise self._failed(exc) from exc
-            return ExecOutput("stdout" if stream == "stdout" else "stderr", data)
+                return ExecOutput("stdout" if stream == "stdout" else "stderr", data)
+            return None
 
     def _ended(self) -> bool:
         try:
