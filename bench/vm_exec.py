@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import kill_banger_processes, write_result
+from benchlib import remove_home, throwaway_home, write_result
 
 IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
@@ -46,9 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="bgx-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-    env.update(BANGER_HOME=str(home), BANGER_IMAGES_DIR=str(IMAGES))
+    home, env = throwaway_home("bgx-", IMAGES)
     banger = [sys.executable, str(BANGER)]
     commands: dict[str, tuple[list[str], bytes]] = {
         "version": ([*banger, "--version"], b""),
@@ -67,10 +62,7 @@ def main() -> None:
             for name, (argv, stdin) in commands.items():
                 times[name].append(timed(argv, env, stdin))
     finally:
-        kill_banger_processes(home, signal.SIGTERM)
-        time.sleep(1)
-        kill_banger_processes(home, signal.SIGKILL)
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
     med = {k: statistics.median(v) for k, v in times.items()}
     above = med["exec_true"] - med["version"]
     result = {

@@ -8,16 +8,15 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import select
 import signal
 import struct
 import subprocess
 import termios
-import time
 
 import pytest
 
 from tests.e2e.conftest import Banger
+from tests.e2e.test_interrupt_e2e import _drain, _read_until
 
 pytestmark = pytest.mark.e2e
 
@@ -31,28 +30,15 @@ def _in_pty(banger: Banger, *args: str, rows: int = 24, cols: int = 80,
     if pid == 0:  # the child: its terminal gets the size, then it becomes banger
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
         os.execve(banger.python, banger.argv(*args), banger.env)
-    out = bytearray()
-    deadline = time.monotonic() + timeout
-    sent = send is None
     try:
-        while time.monotonic() < deadline:
-            if not sent and after in out:
-                os.write(master, send or b"")
-                sent = True
-            ready, _, _ = select.select([master], [], [], 0.5)
-            if not ready:
-                continue
-            try:
-                data = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            out += data
-        _, status = os.waitpid(pid, 0)
+        out = b""
+        if send is not None:
+            out = _read_until(master, (after,), timeout)
+            os.write(master, send)
+        rest, rc = _drain(master, pid, timeout)
     finally:
         os.close(master)
-    return os.waitstatus_to_exitcode(status), bytes(out)
+    return rc, out + rest
 
 
 def test_exec_through_the_agent(banger: Banger) -> None:
