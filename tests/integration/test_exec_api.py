@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -233,3 +234,38 @@ def test_cli_exec_codes_stdin_and_streams(daemon: Daemon) -> None:
     assert json.loads(r.stdout)["cwd"] == "/root"  # no workspace
     r = _cli(daemon, "vm", "exec", "box", "--", "nosuch")
     assert r.returncode == 1 and b"No such file" in r.stderr
+
+
+def _cli_in_pty(*args: str, rows: int = 30, cols: int = 90) -> tuple[int, bytes, list[Any]]:
+    """The CLI on a real pty: exit status, output, and the terminal's modes after."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from tests.e2e.test_interrupt_e2e import _drain
+    pid, master = pty.fork()
+    if pid == 0:
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        os.execve(sys.executable, [sys.executable, "-m", "banger.cli.main", *args],
+                  {**os.environ, "TERM": "xterm-test"})
+    try:
+        out, rc = _drain(master, pid, 30)
+        after = termios.tcgetattr(master)
+    finally:
+        os.close(master)
+    return rc, out, after
+
+
+def test_a_terminal_gets_a_pty_and_is_put_back_on_every_exit(daemon: Daemon) -> None:
+    import termios
+    _running(daemon)
+    rc, out, modes = _cli_in_pty("vm", "exec", "box", "--", "show", rows=33, cols=99)
+    assert rc == 0, out
+    shown = json.loads(out[out.index(b"{"):].decode().replace("\r\n", "\n"))
+    assert shown["pty"] == [33, 99] and shown["env"]["TERM"] == "xterm-test"
+    assert modes[3] & termios.ECHO and modes[3] & termios.ICANON  # cooked again
+    # The agent goes away mid-exec: an error, and the terminal is still put back.
+    rc, out, modes = _cli_in_pty("vm", "exec", "box", "--", "drop")
+    assert rc == 1 and b"agent" in out, out
+    assert modes[3] & termios.ECHO and modes[3] & termios.ICANON
