@@ -274,6 +274,10 @@ class FakeAgent:
         for ex in self.execs.pop(channel, []):
             ex.release()
 
+    def close(self) -> None:
+        for channel in list(self.execs):
+            self.release(channel=channel)
+
     def stats(self, *, channel: Path, timeout: float) -> GuestStats:
         """Two CPUs, 1 GiB with 768 MiB available, "/" and ``mounts``; each sample 100
         ticks later than the one before, 25 of them busy (a CPU share of 25 %)."""

@@ -407,6 +407,10 @@ class AgentPort(Protocol):
         """Close the connection to ``channel``'s agent (the VM's runtime is released): its
         execs end with an error saying so. Idempotent."""
 
+    def close(self) -> None:
+        """Close every agent connection (the daemon stops; the guests' agents hang up the
+        execs of their sessions)."""
+
 
 class NetPort(Protocol):
     """Host networking for tap mode: bridge, taps, NAT (all idempotent; "already gone" is

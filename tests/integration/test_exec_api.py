@@ -144,7 +144,7 @@ def test_client_gone_mid_exec_ends_the_command(daemon: Daemon) -> None:
         time.sleep(0.05)
     assert ex.abandoned and ex.signals[:1] == [1]  # SIGHUP first
     assert ex.ended
-    assert not [t for t in threading.enumerate() if t.name.startswith("banger-exec-")
+    assert not [t for t in threading.enumerate() if t.name.startswith("exec-")
                 and t.is_alive() and _lingers(t)]
 
 

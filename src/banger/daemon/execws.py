@@ -167,7 +167,7 @@ async def _in_thread(fn: Callable[[], RunningExec]) -> RunningExec:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(_settle, fut, value, None)
 
-    threading.Thread(target=target, name="banger-exec-start", daemon=True).start()
+    threading.Thread(target=target, name="exec-start", daemon=True).start()
     try:
         return await fut
     except asyncio.CancelledError:
@@ -208,10 +208,12 @@ class _Pump:
         self.stop = threading.Event()
 
     async def run(self) -> None:
+        # Not named "banger-…": those are operations, which the daemon's exit waits for;
+        # these end with their WebSocket, which the server's exit closes.
         threads = [threading.Thread(target=self._read_output, daemon=True,
-                                    name="banger-exec-out"),
+                                    name="exec-out"),
                    threading.Thread(target=self._feed_input, daemon=True,
-                                    name="banger-exec-in")]
+                                    name="exec-in")]
         for t in threads:
             t.start()
         sender = asyncio.create_task(self._send())

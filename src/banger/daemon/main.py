@@ -183,6 +183,9 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
         keeper.start()
         Server(config, service.ops).run(sockets=[bound.sock])
     finally:
+        # The kept agent connections (and their reader threads, which the lock's release
+        # waits for: see _wait_for_operations) end with the daemon.
+        service.host.agent.close()
         keeper.stop()
         serial_cap.stop()
         names.stop()

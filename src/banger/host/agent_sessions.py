@@ -252,7 +252,7 @@ class AgentExec:
             return
         self._abandoned = True
         threading.Thread(target=self._reap, daemon=True,
-                         name=f"banger-agent-abandon:{self._ex.chan}").start()
+                         name=f"agent-abandon:{self._ex.chan}").start()
 
     def _reap(self) -> None:
         """SIGHUP, as a terminal that hung up; SIGKILL after ABANDON_GRACE; the output is

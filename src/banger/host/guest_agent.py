@@ -134,6 +134,10 @@ class LocalAgent:
     def release(self, *, channel: Path) -> None:
         self.sessions.release(channel)
 
+    def close(self) -> None:
+        for channel in self.sessions.channels():
+            self.sessions.release(channel)
+
 
 def with_tail(message: str, log: Path) -> str:
     """``message`` and the last lines of the guest's serial log."""
