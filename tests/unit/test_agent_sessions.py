@@ -177,3 +177,14 @@ def test_an_abandoned_exec_gets_sighup_and_the_connection_goes_on(guest: Guest,
     assert done.is_set()
     assert _run(agent, guest, ["echo", "still"])[0] == b"still\n"
     assert guest.channel.accepted == 1
+
+
+def test_close_ends_every_connection_and_its_reader(guest: Guest, tmp_path: Path) -> None:
+    # bangerd's exit waits for threads named banger-…: a kept reader would hold it.
+    agent = _agent()
+    _ready(agent, guest, tmp_path)
+    agent.close()
+    assert agent.sessions.channels() == []
+    guest.agents[0].join()
+    assert not [t for t in threading.enumerate() if t.name.startswith("banger-agent-reader")
+                and (t.join(5) or t.is_alive())]
