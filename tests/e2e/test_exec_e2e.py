@@ -1,7 +1,7 @@
 """Commands through the guest agent and the daemon's exec WebSocket on real VMs
 (`vm exec`, `vm run -- CMD`): exit codes and 128+n, argv intact, stdin piped through,
 output past the agent's old 16 MiB cap, a pty with the terminal's size, Ctrl-C with and
-without a pty, a stop during an exec; and never ssh."""
+without a pty, an agent killed during an exec, a stop during an exec; and never ssh."""
 
 from __future__ import annotations
 
@@ -102,6 +102,12 @@ def test_pty_size_and_ctrl_c(banger: Banger) -> None:
 
 def test_a_stop_during_an_exec_ends_it_with_an_error(banger: Banger) -> None:
     banger.run("vm", "run", "-d", "--name", "st")
+    # The agent killed under its exec (its parent): init respawns it, its new HELLO ends
+    # the exec with a clear error, and the next exec reconnects.
+    proc = banger.run("vm", "exec", "st", "--", "sh", "-c",
+                      "kill -KILL $PPID; exec sleep 30", check=False)
+    assert proc.returncode == 1 and "guest agent restarted" in proc.stderr, proc.stderr
+    assert banger.run("vm", "exec", "st", "--", "echo", "again").stdout == "again\n"
     proc = subprocess.Popen(banger.argv("vm", "exec", "st", "--", "sh", "-c",
                                         "echo ready; exec sleep 300"), env=banger.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
