@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,3 +31,21 @@ def kill_banger_processes(home: Path, sig: int = signal.SIGTERM) -> None:
                 os.kill(int(d.name), sig)
         except OSError:
             pass
+
+
+def throwaway_home(prefix: str, images: Path) -> tuple[Path, dict[str, str]]:
+    """A BANGER_HOME of its own under /tmp (short: socket paths), and the environment
+    that points banger at it and at the prebuilt ``images``."""
+    home = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
+    env.update(BANGER_HOME=str(home), BANGER_IMAGES_DIR=str(images))
+    return home, env
+
+
+def remove_home(home: Path) -> None:
+    """Stop everything started under ``home`` (TERM, then KILL a second later), then
+    delete it."""
+    kill_banger_processes(home, signal.SIGTERM)
+    time.sleep(1)
+    kill_banger_processes(home, signal.SIGKILL)
+    shutil.rmtree(home, ignore_errors=True)

@@ -19,16 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import pty
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchlib import kill_banger_processes, write_result
+from benchlib import remove_home, throwaway_home, write_result
 
 IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
@@ -65,9 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=21)
     args = ap.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="bgl-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BANGER_")}
-    env.update(BANGER_HOME=str(home), BANGER_IMAGES_DIR=str(IMAGES))
+    home, env = throwaway_home("bgl-", IMAGES)
     commands = {
         "floor": [sys.executable, "-c", "import click"],
         "version": [sys.executable, str(BANGER), "--version"],
@@ -92,10 +87,7 @@ def main() -> None:
         loads = {k: heavy_loaded(argv, env) for k, argv in commands.items()
                  if k not in ("floor", "list_tty")}
     finally:
-        kill_banger_processes(home, signal.SIGTERM)
-        time.sleep(1)
-        kill_banger_processes(home, signal.SIGKILL)
-        shutil.rmtree(home, ignore_errors=True)
+        remove_home(home)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = {k: med[k] / med["floor"] for k in commands if k != "floor"}
     result = {

@@ -70,10 +70,12 @@ def baseline(image: imagebuild.ImageArtifacts, accel: str) -> tuple[float, float
             serial_log=d / "serial.log", vmm_log=d / "vmm.log", runtime_dir=d,
             control_socket=d / "qmp.sock")
         pid = qemu.launch(cfg, accel)
-        LocalAgent().wait_hello(channel=qemu_cmdline.agent_socket(cfg), timeout=240,
-                                serial_log=cfg.serial_log,
-                                alive=lambda: vmmproc.pid_alive(pid))
+        agent = LocalAgent()
+        channel = qemu_cmdline.agent_socket(cfg)
+        agent.wait_hello(channel=channel, timeout=240, serial_log=cfg.serial_log,
+                         alive=lambda: vmmproc.pid_alive(pid))
         hello = time.monotonic() - started
+        agent.release(channel=channel)  # the HELLO's connection is kept: close it
         ssh.wait_ready(port=port, key=key, known_hosts=d / "kh", alias="bench",
                        timeout=240, serial_log=cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
         elapsed = time.monotonic() - started

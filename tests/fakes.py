@@ -24,6 +24,7 @@ from banger.ports import (
     Accel,
     AgentHello,
     Endpoint,
+    ExecRequest,
     GuestFilesystem,
     GuestStats,
     HostPorts,
@@ -39,6 +40,7 @@ from banger.ports import (
 )
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
+from tests.fake_exec import KNOWN, FakeExec
 
 
 class FakeImages:
@@ -230,6 +232,9 @@ class FakeAgent:
         self.mounts: tuple[GuestFilesystem, ...] = ()  # more than "/" in stats
         # Called on each poll of the wait (a test kills the VMM mid-wait with it).
         self.on_poll: Callable[[], None] = lambda: None
+        # Every exec started, by channel (the real adapter keeps one connection each).
+        self.execs: dict[Path, list[FakeExec]] = {}
+        self.released: list[Path] = []
 
     def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> AgentHello:
@@ -252,6 +257,26 @@ class FakeAgent:
         (proc,) = [p for p in self.vmm.procs.values()
                    if p.spec.runtime_dir / "agent.sock" == channel]
         return proc
+
+    def exec(self, *, channel: Path, request: ExecRequest, timeout: float) -> FakeExec:
+        """A scripted command (tests/fake_exec.py); a name it does not know fails to
+        start, as execvp would."""
+        self._proc(channel)  # a running VM's channel
+        if request.argv[0] not in KNOWN:
+            raise OperationFailed(f"the guest agent could not start {request.argv[0]}: "
+                                  "execvp: No such file or directory")
+        ex = FakeExec(request)
+        self.execs.setdefault(channel, []).append(ex)
+        return ex
+
+    def release(self, *, channel: Path) -> None:
+        self.released.append(channel)
+        for ex in self.execs.pop(channel, []):
+            ex.release()
+
+    def close(self) -> None:
+        for channel in list(self.execs):
+            self.release(channel=channel)
 
     def stats(self, *, channel: Path, timeout: float) -> GuestStats:
         """Two CPUs, 1 GiB with 768 MiB available, "/" and ``mounts``; each sample 100

@@ -323,9 +323,69 @@ class GuestStats:
     filesystems: tuple[GuestFilesystem, ...] = ()
 
 
+@dataclass(frozen=True)
+class ExecRequest:
+    """A command to run in the guest through its agent: ``argv`` is executed as is (no
+    shell), ``env`` is its whole environment, ``pty`` its window size or None (pipes)."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str = "/"
+    pty: tuple[int, int] | None = None  # (rows, cols)
+
+
+@dataclass(frozen=True)
+class ExecOutput:
+    """A piece of a command's output, as the guest sent it (raw bytes: the user's own)."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ExecExit:
+    """How a command ended: exactly one of ``code`` and ``signal``."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @property
+    def returncode(self) -> int:
+        """The exit code, or 128 + n for signal n (the shell's convention)."""
+        return self.code if self.code is not None else 128 + (self.signal or 0)
+
+
+class GuestExec(Protocol):
+    """One command running in a guest (``AgentPort.exec``). Thread-safe: one thread reads
+    its output while others write its stdin or signal it. Every method raises
+    OperationFailed with the reason once the command can no longer be reached (the
+    agent's connection dropped, the VM was stopped)."""
+
+    def next(self, timeout: float) -> ExecOutput | ExecExit | None:
+        """The next piece of output, or the exit once all output was read; None when
+        nothing came within ``timeout`` seconds. Until it is called the guest waits
+        (backpressure: nothing is buffered past a few MiB)."""
+
+    def write_stdin(self, data: bytes) -> None: ...
+
+    def close_stdin(self) -> None:
+        """End of the command's stdin (with a pty: the terminal's EOF character)."""
+
+    def signal(self, signo: int) -> None:
+        """Send ``signo`` to the command (its process group with a pty); a no-op once it
+        ended."""
+
+    def resize(self, rows: int, cols: int) -> None: ...
+
+    def abandon(self) -> None:
+        """Nobody listens any more (the client went away): SIGHUP now and SIGKILL a moment
+        later unless it ended; returns at once."""
+
+
 class AgentPort(Protocol):
     """The guest agent (``banger-agent``) over the channel a VMM driver serves
-    (``Launched.agent``)."""
+    (``Launched.agent``). The adapter keeps one connection per running VM: the one that
+    got the HELLO at start serves later calls; a dropped one is replaced on next use."""
 
     def stats(self, *, channel: Path, timeout: float) -> GuestStats:
         """One STATS sample; a guest that does not answer within ``timeout`` (or breaks
@@ -335,7 +395,21 @@ class AgentPort(Protocol):
                    alive: Callable[[], bool]) -> AgentHello:
         """Connect to the agent's channel and wait for its HELLO, polling ``alive()``
         throughout (False: the VMM is gone; it may raise to end the wait, e.g. a cancel).
-        A dead VMM or the timeout raise an error carrying the serial log's last lines."""
+        A dead VMM or the timeout raise an error carrying the serial log's last lines.
+        The connection stays open for the calls that follow."""
+
+    def exec(self, *, channel: Path, request: ExecRequest, timeout: float) -> GuestExec:
+        """Start ``request`` in the guest; returns once it runs. A command the guest cannot
+        start (no such file), or an agent that does not answer within ``timeout``, raises
+        OperationFailed naming it."""
+
+    def release(self, *, channel: Path) -> None:
+        """Close the connection to ``channel``'s agent (the VM's runtime is released): its
+        execs end with an error saying so. Idempotent."""
+
+    def close(self) -> None:
+        """Close every agent connection (the daemon stops; the guests' agents hang up the
+        execs of their sessions)."""
 
 
 class NetPort(Protocol):

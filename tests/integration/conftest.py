@@ -11,11 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
 from banger.api.schema import Check, Doctor
 from banger.client.client import Client
 from banger.core.service import VMService
 from banger.daemon.app import create_app
+from banger.daemon.main import WS_SETTINGS
 from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.model.layout import Layout
@@ -31,6 +33,7 @@ class Daemon:
     guest: FakeGuest
     http: httpx.Client  # raw requests to the API, for what the CLI never sends
     stopping: threading.Event  # set: the daemon is stopping (log follows end)
+    app: FastAPI
 
 
 @pytest.fixture
@@ -48,7 +51,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
                                                    f"root@{addr.host}"],
                      stopping=stopping)
     sock = bind_socket(layout.daemon_socket).sock
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **WS_SETTINGS))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -58,7 +61,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     client = Client(layout.daemon_socket)
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.daemon_socket)),
                         base_url="http://bangerd", timeout=httpx.Timeout(30.0))
-    yield Daemon(layout, service, vmm, client, guest, http, stopping)
+    yield Daemon(layout, service, vmm, client, guest, http, stopping, app)
     http.close()
     client.close()
     server.should_exit = True

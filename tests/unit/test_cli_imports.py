@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-HEAVY = ("pydantic", "httpx", "rich")
+# wsproto: only commands that run something in a guest (the exec WebSocket) load it.
+HEAVY = ("pydantic", "httpx", "rich", "wsproto")
 
 
 def imported(*args: str) -> set[str]:

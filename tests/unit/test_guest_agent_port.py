@@ -70,7 +70,7 @@ def test_hello_is_readiness(tmp_path: Path, serial: Path) -> None:
     kept: list[socket.socket] = []
     ch = Channel(tmp_path / "agent.sock", lambda c: (kept.append(c), _hello(c)))
     try:
-        hello = LocalAgent().wait_hello(channel=ch.path, timeout=5, serial_log=serial,
+        hello = _agent().wait_hello(channel=ch.path, timeout=5, serial_log=serial,
                                         alive=lambda: True)
     finally:
         ch.close()
@@ -81,7 +81,7 @@ def test_a_guest_boot_id_is_made_printable(tmp_path: Path, serial: Path) -> None
     ch = Channel(tmp_path / "agent.sock",
                  lambda c: _hello(c, hello_body(boot_id="x\x1b[2J" + "y" * 500)))
     try:
-        hello = LocalAgent().wait_hello(channel=ch.path, timeout=5, serial_log=serial,
+        hello = _agent().wait_hello(channel=ch.path, timeout=5, serial_log=serial,
                                         alive=lambda: True)
     finally:
         ch.close()
@@ -94,7 +94,7 @@ def test_channel_not_there_yet_is_retried(tmp_path: Path, serial: Path) -> None:
     timer = threading.Timer(0.4, lambda: made.append(Channel(path, _hello)))
     timer.start()
     try:
-        hello = LocalAgent().wait_hello(channel=path, timeout=10, serial_log=serial,
+        hello = _agent().wait_hello(channel=path, timeout=10, serial_log=serial,
                                         alive=lambda: True)
     finally:
         timer.join()
@@ -114,7 +114,7 @@ def test_a_dropped_channel_is_reconnected(tmp_path: Path, serial: Path) -> None:
 
     ch = Channel(tmp_path / "agent.sock", answer)
     try:
-        hello = LocalAgent().wait_hello(channel=ch.path, timeout=10, serial_log=serial,
+        hello = _agent().wait_hello(channel=ch.path, timeout=10, serial_log=serial,
                                         alive=lambda: True)
     finally:
         ch.close()
@@ -134,7 +134,7 @@ def test_dead_vmm_ends_the_wait_at_once_with_the_serial_log(tmp_path: Path,
     started = time.monotonic()
     try:
         with pytest.raises(AgentNotReady, match="exited while waiting") as info:
-            LocalAgent().wait_hello(channel=ch.path, timeout=60, serial_log=serial,
+            _agent().wait_hello(channel=ch.path, timeout=60, serial_log=serial,
                                     alive=alive)
     finally:
         ch.close()
@@ -150,7 +150,7 @@ def test_a_raising_alive_ends_the_wait(tmp_path: Path, serial: Path) -> None:
         raise Cancelled("cancelled by the user")
 
     with pytest.raises(Cancelled):
-        LocalAgent().wait_hello(channel=tmp_path / "none.sock", timeout=60,
+        _agent().wait_hello(channel=tmp_path / "none.sock", timeout=60,
                                 serial_log=serial, alive=alive)
 
 
@@ -159,7 +159,7 @@ def test_timeout_names_the_channel_and_the_fix(tmp_path: Path, serial: Path) -> 
     ch = Channel(tmp_path / "agent.sock", kept.append)
     try:
         with pytest.raises(AgentNotReady, match="did not say HELLO within 1 s") as info:
-            LocalAgent().wait_hello(channel=ch.path, timeout=1, serial_log=serial,
+            _agent().wait_hello(channel=ch.path, timeout=1, serial_log=serial,
                                     alive=lambda: True)
     finally:
         ch.close()
@@ -171,16 +171,30 @@ def test_another_protocol_fails_at_once(tmp_path: Path, serial: Path) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(AgentNotReady, match="protocol 2"):
-            LocalAgent().wait_hello(channel=ch.path, timeout=60, serial_log=serial,
+            _agent().wait_hello(channel=ch.path, timeout=60, serial_log=serial,
                                     alive=lambda: True)
     finally:
         ch.close()
     assert time.monotonic() - started < 5
 
 
+_AGENTS: list[LocalAgent] = []
+
+
+def _agent() -> LocalAgent:
+    """A LocalAgent whose kept connections the leak check closes first (as the VM's
+    runtime release does)."""
+    _AGENTS.append(LocalAgent())
+    return _AGENTS[-1]
+
+
 @pytest.fixture(autouse=True)
 def no_reader_left() -> Iterator[None]:
     yield
+    while _AGENTS:
+        agent = _AGENTS.pop()
+        for channel in agent.sessions.channels():
+            agent.release(channel=channel)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(
             t.name.startswith("banger-agent-reader") for t in threading.enumerate()):

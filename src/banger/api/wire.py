@@ -10,3 +10,12 @@ NDJSON = "application/x-ndjson"
 # daemon that is gone (no line for STREAM_SILENCE_LIMIT seconds) from a slow boot.
 HEARTBEAT_SECONDS = 5.0
 STREAM_SILENCE_LIMIT = 60.0
+
+# The exec WebSocket (`/v1/vms/{ref}/exec`, docs/api.md): a binary message is one byte
+# naming its stream, then the bytes.
+EXEC_STDIN = 0
+EXEC_STDOUT = 1
+EXEC_STDERR = 2
+# The largest message either side sends (a client's stdin chunk; the daemon's output
+# messages are the agent's frames, 64 KiB at most).
+EXEC_MAX_MESSAGE = 1 << 20

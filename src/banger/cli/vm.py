@@ -69,6 +69,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
       banger vm run --rm -- cat /etc/os-release
     """
     from banger.cli.common import run_ssh
+    from banger.cli.guestexec import run_in_guest
     from banger.cli.interrupt import Cancelling, cancellable, delete_quietly, raise_on_signal
     from banger.cli.plain import mib, print_json
     from banger.cli.render import Progress, err_console, print_error
@@ -150,7 +151,10 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
                 else:
                     print(printable(vm.name))
                 return
-            rc = run_ssh(client, vm.id, command, tty=not command and sys.stdin.isatty())
+            if command:  # through the guest agent: no ssh for a command
+                rc = run_in_guest(client, vm.id, command, cwd=vm.workspace_guest_path)
+            else:  # a shell for a person: ssh
+                rc = run_ssh(client, vm.id, (), tty=sys.stdin.isatty())
         finally:
             if remove and made is not None:
                 delete_quietly(client, made.id)

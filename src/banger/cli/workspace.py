@@ -13,6 +13,7 @@ from banger.cli.common import SplitAtDashDash, handle_errors
 from banger.cli.complete import complete_vm
 
 if TYPE_CHECKING:
+    from banger.client.client import Client
     from banger.client.types import VMOut
 
 
@@ -25,39 +26,25 @@ if TYPE_CHECKING:
 @click.pass_context
 @handle_errors
 def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: bool) -> None:
-    """Run the command after `--` in the VM's workspace; its exit code is banger's. When the
-    repo pins tools (.mise.toml, .tool-versions) and mise is installed in the guest, the
-    command runs under `mise exec`."""
-    from shlex import quote
-
-    from banger.cli.common import run_ssh
-    from banger.cli.render import Progress, err_console
-    from banger.cli.safe import markup
+    """Run the command after `--` in the VM (no shell: through its guest agent), in its
+    workspace (else /root); its exit code is banger's, a signal n is 128+n. stdin is
+    passed on; on a terminal the command gets a pty. When the repo pins tools
+    (.mise.toml, .tool-versions) and mise is installed in the guest, the command runs
+    under `mise exec`."""
+    from banger.cli.guestexec import run_in_guest
     from banger.client.client import connect
 
     command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if not command:
         raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
     client = connect()
-    if guest_path is None:
-        vm = client.show(ref)
-        if vm.workspace_guest_path is None:
-            raise click.UsageError(f"{ref} has no workspace: pass --guest-path, or use "
-                                   f"`banger vm ssh {ref} -- ...`")
-        moved = _head_moved(vm)
-        if moved and auto_prepare:
-            assert vm.workspace_path is not None
-            err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
-            with Progress() as progress:
-                client.prepare_workspace(ref, {"path": vm.workspace_path,
-                                               "bootstrap": False}, progress)
-        elif moved:
-            err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
-                              f"old tree. `banger vm workspace prepare {markup(vm.name)} "
-                              f"{markup(quote(vm.workspace_path or ''))}` or "
-                              "--auto-prepare re-syncs it.", highlight=False)
-    sys.exit(run_ssh(client, ref, ("sh", "-c", _IN_TOOLS, "banger-exec", *command), tty=False,
-                     workdir=guest_path))
+    vm = client.show(ref)
+    if vm.workspace_guest_path is not None:
+        _follow_head(client, ref, vm, auto_prepare)
+        # The workspace may pin tools: through sh and mise when they are there.
+        command = ("sh", "-c", _IN_TOOLS, "banger-exec", *command)
+    cwd = guest_path or vm.workspace_guest_path or "/root"
+    sys.exit(run_in_guest(client, vm.id, command, cwd=cwd))
 
 
 # Runs the command under mise when the workspace pins tools and mise is there (what the
@@ -65,6 +52,28 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
 _IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || continue; '
              'PATH="/root/.local/bin:$PATH"; command -v mise >/dev/null 2>&1 && '
              'exec mise exec -- "$@"; break; done; exec "$@"')
+
+
+def _follow_head(client: Client, ref: str, vm: VMOut, auto_prepare: bool) -> None:
+    """Re-sync (--auto-prepare) or warn when the host repo's HEAD moved."""
+    moved = _head_moved(vm)
+    if not moved:
+        return
+    from shlex import quote
+
+    from banger.cli.render import Progress, err_console
+    from banger.cli.safe import markup
+    if auto_prepare:
+        assert vm.workspace_path is not None
+        err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
+        with Progress() as progress:
+            client.prepare_workspace(ref, {"path": vm.workspace_path, "bootstrap": False},
+                                     progress)
+    else:
+        err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
+                          f"old tree. `banger vm workspace prepare {markup(vm.name)} "
+                          f"{markup(quote(vm.workspace_path or ''))}` or "
+                          "--auto-prepare re-syncs it.", highlight=False)
 
 
 def _head_moved(vm: VMOut) -> str | None:

@@ -9,9 +9,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from banger.api.wire import NDJSON, PREFIX, STREAM_SILENCE_LIMIT
@@ -36,6 +36,9 @@ from banger.client.types import (
 )
 from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
 from banger.model.layout import EXIT_ALREADY_RUNNING, PATH_ENV, Layout
+
+if TYPE_CHECKING:
+    from banger.client.execws import ExecSession
 
 # Plain (non-streamed) requests never wait forever on a daemon that stopped answering.
 # Reads answer from memory and SQLite. `ports` runs `ss` in the guest, which the daemon
@@ -257,6 +260,14 @@ class Client:
         """A running VM's guest and VMM stats (the daemon samples twice, ~0.5 s apart)."""
         return VMStatsOut.from_json(self._request("GET", f"/vms/{seg(ref)}/stats",
                                                   timeout=GUEST_TIMEOUT))
+
+    def exec(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+             cwd: str | None = None, tty: tuple[int, int] | None = None) -> ExecSession:
+        """Start ``argv`` in running VM ``ref`` (no shell) over the exec WebSocket; returns
+        once it runs (see :mod:`banger.client.execws`). ``tty=(rows, cols)``: on a pty."""
+        from banger.client.execws import open_exec
+
+        return open_exec(str(self.socket_path), seg(ref), argv, env=env, cwd=cwd, tty=tty)
 
     def ssh_config(self) -> SshConfig:
         return SshConfig.from_json(self._request("GET", "/ssh-config"))

@@ -157,7 +157,7 @@ class VMContext:
     def release(self, vm: VM, paths: VMPaths) -> None:
         """Release everything ``vm`` holds at run time (see :func:`release_runtime`)."""
         release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill,
-                        net=host_net(self.host, vm))
+                        net=host_net(self.host, vm), agent=self.host.agent)
 
 
 def read_config(load: Callable[[], Config]) -> Config:

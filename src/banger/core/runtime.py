@@ -15,10 +15,11 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from banger.model.errors import OperationFailed
 from banger.model.layout import VMPaths
-from banger.ports import Endpoint, NetPort, VmmPort
+from banger.ports import AgentPort, Endpoint, NetPort, VmmPort
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,12 @@ class ReleaseFailed(OperationFailed):
 
 
 def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
-                    *, kill_timeout: float = 5.0, net: NetPort | None = None) -> None:
-    """Kill the VMM (if any), remove sockets and handles and, given ``net`` (tap mode),
-    the VM's NAT rules and tap. Idempotent: what is already gone is skipped.
+                    *, kill_timeout: float = 5.0, net: NetPort | None = None,
+                    agent: AgentPort | None = None) -> None:
+    """Close the daemon's connection to the guest agent (given ``agent``: its execs end
+    saying the VM was stopped), kill the VMM (if any), remove sockets and handles and,
+    given ``net`` (tap mode), the VM's NAT rules and tap. Idempotent: what is already
+    gone is skipped.
 
     Every part is attempted even when an earlier one failed (a VMM that will not die
     must not keep its tap and rules alive); then :class:`ReleaseFailed` carries every
@@ -113,6 +117,8 @@ def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
         except Exception as exc:
             errors.append(exc)
 
+    if agent is not None:
+        attempt(lambda: _release_agent(paths, handles, agent))
     attempt(lambda: _kill_vmm(paths, vmm, handles, kill_timeout))
     attempt(lambda: handles.forget(paths))
     attempt(lambda: paths.control_socket.unlink(missing_ok=True))
@@ -122,6 +128,13 @@ def release_runtime(paths: VMPaths, vmm: VmmPort, handles: HandleStore,
         attempt(lambda: net.delete_tap(paths.names.tap))
     if errors:
         raise ReleaseFailed(paths.names.vm_id, errors)
+
+
+def _release_agent(paths: VMPaths, handles: HandleStore, agent: AgentPort) -> None:
+    h = handles.get(paths.names.vm_id)
+    channels = {paths.agent_socket} | ({Path(h.agent)} if h is not None and h.agent else set())
+    for channel in channels:
+        agent.release(channel=channel)
 
 
 def _kill_vmm(paths: VMPaths, vmm: VmmPort, handles: HandleStore, timeout: float) -> None:

@@ -20,6 +20,7 @@ from typing import ParamSpec, TypeVar
 from banger.core import batch, lifecycle, reconcile, views, workspaces
 from banger.core.batch import BatchResult
 from banger.core.context import Timeouts, VMContext
+from banger.core.execs import RunningExec, exec_start
 from banger.core.guestports import GuestSocketView
 from banger.core.operations import (
     BootSlots,
@@ -34,7 +35,7 @@ from banger.core.views import VMView
 from banger.model.config import Config
 from banger.model.layout import Layout
 from banger.model.vm import VM, NetworkMode, VMSpec
-from banger.ports import HostPorts, WorkspaceRequest
+from banger.ports import ExecRequest, HostPorts, WorkspaceRequest
 from banger.store.vms import VMRepository
 
 # The facade's own signatures name these: callers import them from here.
@@ -191,6 +192,9 @@ class VMService:
 
     def stats(self, ref: str, interval: float = SAMPLE_INTERVAL) -> VMStats:
         return vm_stats(self.ctx, ref, interval)
+
+    def exec(self, ref: str, request: ExecRequest) -> RunningExec:
+        return exec_start(self.ctx, ref, request)
 
     @_notifies
     def reconcile(self) -> list[VM]:

@@ -156,7 +156,8 @@ def _preflight(ctx: StartContext) -> None:
 
 
 def _cleanup_runtime(ctx: StartContext) -> None:
-    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, net=host_net(ctx.host, ctx.vm))
+    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, net=host_net(ctx.host, ctx.vm),
+                    agent=ctx.host.agent)
 
 
 def _guest_ip(ctx: StartContext) -> IPv4Address:
@@ -310,7 +311,7 @@ def _net_attachment(ctx: StartContext) -> NetAttachment:
 
 def _undo_launch(ctx: StartContext) -> None:
     # The tap and NAT rules are their own stages' to undo.
-    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles)
+    release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, agent=ctx.host.agent)
 
 
 def _addr(ctx: StartContext) -> Endpoint:

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from banger.core.context import VMContext
-from banger.core.views import view
-from banger.model.errors import ConflictError
-from banger.model.vm import VM, VMState
+from banger.core.views import agent_channel
+from banger.model.vm import VM
 from banger.ports import GuestStats, VmmUsage
 
 SAMPLE_INTERVAL = 0.5  # seconds between the two samples
@@ -38,17 +36,9 @@ class VMStats:
 
 
 def vm_stats(ctx: VMContext, ref: str, interval: float = SAMPLE_INTERVAL) -> VMStats:
-    shown = view(ctx, ctx.resolve(ref))
+    shown, channel = agent_channel(ctx, ref, "its stats are read")
     vm, h = shown.vm, shown.handles
-    if vm.state is not VMState.RUNNING or h is None:
-        raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: its stats "
-                            f"are read from the running guest; start it with "
-                            f"`banger vm start {vm.name}`")
-    if h.agent is None:
-        raise ConflictError(f"VM {vm.name!r} runs without a guest agent channel (it was "
-                            f"started by an older banger): restart it with "
-                            f"`banger vm restart {vm.name}`")
-    channel = Path(h.agent)
+    assert h is not None
     g1 = ctx.host.agent.stats(channel=channel, timeout=AGENT_TIMEOUT)
     v1, t1 = ctx.host.vmm.usage(h.pid), time.monotonic()
     time.sleep(interval)

@@ -5,13 +5,14 @@ as its record says."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from banger.core.context import LIVE_STATES, VMContext
 from banger.core.guestports import GuestSocketView, reachability
 from banger.core.runtime import Handles
 from banger.model.errors import ConflictError, NotFoundError
 from banger.model.layout import VMPaths
-from banger.model.vm import VM
+from banger.model.vm import VM, VMState
 from banger.store.vms import NotFound
 
 
@@ -53,3 +54,20 @@ def ports(ctx: VMContext, ref: str) -> tuple[VM, list[GuestSocketView]]:
                             f"`banger vm start {vm.name}`")
     sockets = ctx.host.guest.listening(addr=addr, alias=shown.paths.names.ssh_alias)
     return vm, reachability(vm, addr, sockets)
+
+
+def agent_channel(ctx: VMContext, ref: str, what: str) -> tuple[VMView, Path]:
+    """A running VM and its guest agent's channel; ConflictError naming the fix when the
+    VM is not running or has no agent channel. ``what`` says what needs the guest ("its
+    stats are read", "a command runs")."""
+    shown = view(ctx, ctx.resolve(ref))
+    vm, h = shown.vm, shown.handles
+    if vm.state is not VMState.RUNNING or h is None:
+        raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: {what} "
+                            f"in the running guest; start it with "
+                            f"`banger vm start {vm.name}`")
+    if h.agent is None:
+        raise ConflictError(f"VM {vm.name!r} runs without a guest agent channel (it was "
+                            f"started by an older banger): restart it with "
+                            f"`banger vm restart {vm.name}`")
+    return shown, Path(h.agent)

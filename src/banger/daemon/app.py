@@ -59,6 +59,7 @@ from banger.api.wire import HEARTBEAT_SECONDS, NDJSON, PREFIX
 from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
+from banger.daemon.execws import add_exec_routes
 from banger.daemon.logstream import add_log_routes
 from banger.daemon.threads import in_thread
 from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
@@ -423,4 +424,5 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         delete are short and run to their end."""
         return op_out(service.ops.cancel(op_id))
 
+    add_exec_routes(app, service)
     return app

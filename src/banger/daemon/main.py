@@ -13,9 +13,11 @@ import sys
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
+from banger.api.wire import EXEC_MAX_MESSAGE
 from banger.core.operations import Operations
 from banger.core.service import Timeouts, VMService
 from banger.core.stages import Stage
@@ -180,14 +182,25 @@ def serve(layout: Layout, sock_path: Path, log_level: str) -> None:
         log.info("bangerd %d serving %s (uids allowed: %s)", os.getpid(), sock_path,
                  sorted(allowed))
         config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False,
-                                http=peer_checked(allowed))
+                                http=peer_checked(allowed), **WS_SETTINGS)
         keeper.start()
         Server(config, service.ops, stopping).run(sockets=[bound.sock])
     finally:
+        # The kept agent connections (and their reader threads, which the lock's release
+        # waits for: see _wait_for_operations) end with the daemon.
+        service.host.agent.close()
         keeper.stop()
         serial_cap.stop()
         names.stop()
         bound.release()
+
+
+# The exec WebSocket (daemon/execws.py): wsproto (the client's library too). No keepalive
+# pings: on a Unix socket a peer that is gone shows as end of file, and a client that
+# reads slowly (output piped into a pager) must not be dropped for a pong stuck behind
+# the output it has not read yet.
+WS_SETTINGS: dict[str, Any] = {"ws": "wsproto", "ws_ping_interval": None,
+                               "ws_max_size": EXEC_MAX_MESSAGE}
 
 
 class Server(uvicorn.Server):

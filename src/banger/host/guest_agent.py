@@ -1,6 +1,7 @@
-"""The agent port on this host: the guest agent's HELLO and its STATS, through
+"""The agent port on this host: the guest agent's HELLO, its STATS and execs, through
 :class:`~banger.host.agent_client.AgentConnection`, over the channel a VMM driver serves
-(QEMU: the Unix socket of the virtio-serial port ``banger.agent``).
+(QEMU: the Unix socket of the virtio-serial port ``banger.agent``). The connection that
+got the HELLO stays open for what follows (:mod:`banger.host.agent_sessions`).
 
 The HELLO is banger's readiness signal: the guest booted, banger's init ran and the agent
 answers. The wait polls the VMM's liveness the whole time (a dead VMM ends it with the
@@ -12,22 +13,27 @@ refused a connection that came too early).
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from banger.host.agent_client import AgentConnection
-from banger.host.agent_records import AgentError, AgentProtocolError, AgentTimeout, safe_text
+from banger.host.agent_records import (
+    AgentError,
+    AgentProtocolError,
+    AgentRequestError,
+    AgentTimeout,
+    safe_text,
+)
+from banger.host.agent_sessions import AgentExec, AgentSessions, connect_channel
 from banger.local.logtail import tail_lines
-from banger.model.errors import OperationFailed
-from banger.ports import AgentHello, GuestFilesystem, GuestStats
+from banger.model.errors import InvalidRequest, OperationFailed
+from banger.ports import AgentHello, ExecRequest, GuestFilesystem, GuestStats
 
 # How often the VMM's liveness (and a cancel) is checked while the guest boots.
 POLL = 0.1
 # Between two connection attempts: the socket is the VMM's, it accepts at once when up.
 RECONNECT_PAUSE = 0.1
-CONNECT_TIMEOUT = 2.0
 TAIL_LINES = 15
 
 
@@ -37,7 +43,10 @@ class AgentNotReady(OperationFailed):
 
 
 class LocalAgent:
-    """Readiness through the guest agent (``AgentPort``)."""
+    """The guest agent (``AgentPort``): readiness, stats and execs."""
+
+    def __init__(self, sessions: AgentSessions | None = None) -> None:
+        self.sessions = sessions or AgentSessions()
 
     def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> AgentHello:
@@ -58,7 +67,7 @@ class LocalAgent:
                         f"/usr/local/sbin/banger-agent (banger's images do)", serial_log))
                 if conn is None:
                     try:
-                        conn = _connect(channel)
+                        conn = connect_channel(channel)
                     except OSError as exc:
                         last = f"cannot connect: {exc.strerror or exc}"
                         time.sleep(min(RECONNECT_PAUSE, left))
@@ -78,6 +87,9 @@ class LocalAgent:
                     conn = None
                     time.sleep(min(RECONNECT_PAUSE, max(0.0, left)))
                     continue
+                # Kept open: stats and execs go over it.
+                self.sessions.adopt(channel, conn, hello)
+                conn = None
                 # Guest strings: printable and short before they reach a record or screen.
                 return AgentHello(boot_id=safe_text(hello.boot_id, 64),
                                   version=safe_text(hello.version, 64))
@@ -89,10 +101,9 @@ class LocalAgent:
     def stats(self, *, channel: Path, timeout: float) -> GuestStats:
         deadline = time.monotonic() + timeout
         try:
-            with _connect(channel) as conn:
-                conn.wait_hello(timeout)
-                raw = conn.stats(max(0.1, deadline - time.monotonic()))
-        except (OSError, AgentError) as exc:
+            session = self.sessions.get(channel, timeout)
+            raw = session.conn.stats(max(0.1, deadline - time.monotonic()))
+        except (OperationFailed, AgentError) as exc:
             raise OperationFailed(f"could not read stats from the guest agent on {channel}: "
                                   f"{exc}") from exc
         return GuestStats(
@@ -105,15 +116,27 @@ class LocalAgent:
                 for f in raw.filesystems))
 
 
-def _connect(channel: Path) -> AgentConnection:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(str(channel))
-    except OSError:
-        sock.close()
-        raise
-    return AgentConnection(sock, name=channel.parent.name)
+    def exec(self, *, channel: Path, request: ExecRequest, timeout: float) -> AgentExec:
+        deadline = time.monotonic() + timeout
+        session = self.sessions.get(channel, timeout)
+        try:
+            ex = session.conn.exec(request.argv, request.env, request.cwd, request.pty,
+                                   timeout=max(0.1, deadline - time.monotonic()))
+        except ValueError as exc:  # NUL in a string, an empty argv, too large
+            raise InvalidRequest(str(exc)) from exc
+        except AgentRequestError as exc:
+            raise OperationFailed(str(exc)) from exc
+        except AgentError as exc:
+            raise OperationFailed(f"could not start {safe_text(request.argv[0], 80)} "
+                                  f"through the guest agent on {channel}: {exc}") from exc
+        return AgentExec(self.sessions, channel, session, ex)
+
+    def release(self, *, channel: Path) -> None:
+        self.sessions.release(channel)
+
+    def close(self) -> None:
+        for channel in self.sessions.channels():
+            self.sessions.release(channel)
 
 
 def with_tail(message: str, log: Path) -> str:

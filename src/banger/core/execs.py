@@ -1,0 +1,97 @@
+"""A command in a running guest, through its agent (`banger vm exec`, `vm run -- CMD`,
+the API's exec WebSocket).
+
+An exec takes no lifecycle lock: it may run for hours, and a stop must not wait for it.
+It resolves the VM, checks that it runs, and starts the command through the agent port;
+from then on the VM may be stopped under it. The stop's release of the runtime closes
+the agent connection, and the exec then ends with an error saying the VM was stopped
+(:class:`RunningExec`), not with the connection's own words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from banger.core.context import VMContext
+from banger.core.views import agent_channel
+from banger.model.errors import InvalidRequest, OperationFailed
+from banger.model.vm import VM, VMState
+from banger.ports import ExecExit, ExecOutput, ExecRequest, GuestExec
+from banger.store.vms import NotFound
+
+# Connect (after a daemon restart), HELLO and STARTED: a guest that says nothing in this
+# long is not going to.
+START_TIMEOUT = 15.0
+# What a command gets unless the caller says otherwise: a PATH that finds the image's
+# tools, root's home, a UTF-8 locale every glibc has.
+DEFAULT_ENV: Mapping[str, str] = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "/root", "LANG": "C.UTF-8", "USER": "root", "LOGNAME": "root",
+}
+
+
+def exec_env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    """:data:`DEFAULT_ENV` with ``extra`` over it."""
+    return {**DEFAULT_ENV, **(extra or {})}
+
+
+@dataclass
+class RunningExec:
+    """A started command: the guest's handle, its VM, and errors said in the VM's terms."""
+
+    vm: VM
+    handle: GuestExec
+    _ctx: VMContext
+
+    def next(self, timeout: float) -> ExecOutput | ExecExit | None:
+        try:
+            return self.handle.next(timeout)
+        except OperationFailed as exc:
+            raise self._why(exc) from exc
+
+    def write_stdin(self, data: bytes) -> None:
+        self._guarded(lambda: self.handle.write_stdin(data))
+
+    def close_stdin(self) -> None:
+        self._guarded(self.handle.close_stdin)
+
+    def signal(self, signo: int) -> None:
+        self._guarded(lambda: self.handle.signal(signo))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._guarded(lambda: self.handle.resize(rows, cols))
+
+    def abandon(self) -> None:
+        self.handle.abandon()
+
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except OperationFailed as exc:
+            raise self._why(exc) from exc
+
+    def _why(self, exc: OperationFailed) -> OperationFailed:
+        """The VM was stopped (or is being stopped) under the command: say so."""
+        name = self.vm.name
+        try:
+            now = self._ctx.repo.get(self.vm.id)
+        except NotFound:
+            return OperationFailed(f"VM {name!r} was deleted while the command ran ({exc})")
+        busy = self._ctx.lock(self.vm.id).locked()
+        if now.state is not VMState.RUNNING or busy or now.boot_id != self.vm.boot_id:
+            return OperationFailed(f"VM {name!r} was stopped while the command ran "
+                                   f"(it is {now.state.value}): {exc}")
+        return exc
+
+
+def exec_start(ctx: VMContext, ref: str, request: ExecRequest) -> RunningExec:
+    """Start ``request`` in VM ``ref``, which must be running; no lock is held after."""
+    if not request.argv or not request.argv[0]:
+        raise InvalidRequest("exec needs a command: argv is empty")
+    if request.pty is not None and not all(0 < n < 1 << 16 for n in request.pty):
+        raise InvalidRequest(f"pty size {request.pty[0]}x{request.pty[1]}: rows and cols "
+                             "must be 1..65535")
+    shown, channel = agent_channel(ctx, ref, "a command runs")
+    handle = ctx.host.agent.exec(channel=channel, request=request, timeout=START_TIMEOUT)
+    return RunningExec(shown.vm, handle, ctx)

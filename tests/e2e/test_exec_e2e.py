@@ -1,0 +1,123 @@
+"""Commands through the guest agent and the daemon's exec WebSocket on real VMs
+(`vm exec`, `vm run -- CMD`): exit codes and 128+n, argv intact, stdin piped through,
+output past the agent's old 16 MiB cap, a pty with the terminal's size, Ctrl-C with and
+without a pty, an agent killed during an exec, a stop during an exec; and never ssh."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import signal
+import struct
+import subprocess
+import termios
+
+import pytest
+
+from tests.e2e.conftest import Banger
+from tests.e2e.test_interrupt_e2e import _drain, _read_until
+
+pytestmark = pytest.mark.e2e
+
+
+def _in_pty(banger: Banger, *args: str, rows: int = 24, cols: int = 80,
+            send: bytes | None = None, after: bytes = b"", timeout: float = 120
+            ) -> tuple[int, bytes]:
+    """Run banger on a real pty of ``rows`` x ``cols``: its exit status and what it
+    printed. ``send`` is typed once ``after`` has been printed."""
+    pid, master = pty.fork()
+    if pid == 0:  # the child: its terminal gets the size, then it becomes banger
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        os.execve(banger.python, banger.argv(*args), banger.env)
+    try:
+        out = b""
+        if send is not None:
+            out = _read_until(master, (after,), timeout)
+            os.write(master, send)
+        rest, rc = _drain(master, pid, timeout)
+    finally:
+        os.close(master)
+    return rc, out + rest
+
+
+def test_exec_through_the_agent(banger: Banger) -> None:
+    banger.run("vm", "run", "-d", "--name", "box")
+    # No ssh anywhere on the CLI's PATH: a command that used ssh would fail.
+    no_ssh = Banger(banger.home, {**banger.env, "PATH": "/nonexistent"})
+    assert no_ssh.run("vm", "exec", "box", "--", "true").returncode == 0
+
+    def code(*argv: str) -> int:
+        return no_ssh.run("vm", "exec", "box", "--", *argv, check=False).returncode
+
+    assert code("false") == 1
+    assert code("sh", "-c", "exit 42") == 42
+    assert code("sh", "-c", "kill -TERM $$") == 128 + signal.SIGTERM
+    proc = no_ssh.run("vm", "exec", "box", "--", "nosuchcommand", check=False)
+    assert proc.returncode == 1 and "nosuchcommand" in proc.stderr
+    # argv arrives intact (no shell on either side); the default env; cwd /root.
+    out = no_ssh.run("vm", "exec", "box", "--", "printf", "%s|", "a b", "c'd", "$HOME")
+    assert out.stdout == "a b|c'd|$HOME|"
+    out = no_ssh.run("vm", "exec", "box", "--", "sh", "-c", 'echo "$HOME $LANG"; pwd')
+    assert out.stdout == "/root C.UTF-8\n/root\n"
+    # stdout and stderr stay apart.
+    both = no_ssh.run("vm", "exec", "box", "--", "sh", "-c", "echo out; echo err >&2")
+    assert both.stdout == "out\n" and both.stderr == "err\n"
+    # stdin is piped through, its end closes the command's.
+    assert no_ssh.run("vm", "exec", "box", "--", "cat", input="data").stdout == "data"
+    big = "x" * 3_000_000
+    assert no_ssh.run("vm", "exec", "box", "--", "wc", "-c", input=big).stdout.strip() \
+        == "3000000"
+    # Output is streamed whole, past the agent client's old per-exec cap (16 MiB).
+    n = 20 << 20
+    proc = subprocess.run(no_ssh.argv("vm", "exec", "box", "--", "head", "-c", str(n),
+                                      "/dev/zero"), env=no_ssh.env, capture_output=True,
+                          timeout=600)
+    assert proc.returncode == 0 and len(proc.stdout) == n, proc.stderr[-500:]
+    # vm run -- CMD goes through the agent too.
+    proc = no_ssh.run("vm", "run", "--rm", "--", "sh", "-c", "exit 7", check=False)
+    assert proc.returncode == 7, proc.stderr
+
+
+def test_pty_size_and_ctrl_c(banger: Banger) -> None:
+    banger.run("vm", "run", "-d", "--name", "tty")
+    rc, out = _in_pty(banger, "vm", "exec", "tty", "--", "stty", "size", rows=37, cols=101)
+    assert rc == 0 and b"37 101" in out, out
+    rc, out = _in_pty(banger, "vm", "exec", "tty", "--", "sh", "-c", "tty; echo $TERM")
+    assert rc == 0 and b"/dev/pts/" in out, out
+    # Ctrl-C is the byte ^C through the pty: the guest's tty driver signals `sleep`.
+    rc, out = _in_pty(banger, "vm", "exec", "tty", "--", "sh", "-c",
+                      "echo ready; exec sleep 100", send=b"\x03", after=b"ready")
+    assert rc == 128 + signal.SIGINT, out
+    # Without a pty, SIGINT to banger is sent to the guest command.
+    proc = subprocess.Popen(banger.argv("vm", "exec", "tty", "--", "sh", "-c",
+                                        "echo ready; exec sleep 100"), env=banger.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"ready\n"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 128 + signal.SIGINT
+
+
+def test_a_stop_during_an_exec_ends_it_with_an_error(banger: Banger) -> None:
+    banger.run("vm", "run", "-d", "--name", "st")
+    # The agent killed under its exec (its parent): init respawns it, its new HELLO ends
+    # the exec with a clear error, and the next exec reconnects.
+    proc = banger.run("vm", "exec", "st", "--", "sh", "-c",
+                      "kill -KILL $PPID; exec sleep 30", check=False)
+    assert proc.returncode == 1 and "guest agent restarted" in proc.stderr, proc.stderr
+    assert banger.run("vm", "exec", "st", "--", "echo", "again").stdout == "again\n"
+    proc = subprocess.Popen(banger.argv("vm", "exec", "st", "--", "sh", "-c",
+                                        "echo ready; exec sleep 300"), env=banger.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline() == b"ready\n"
+    banger.run("vm", "stop", "st")
+    assert proc.wait(60) == 1
+    err = proc.stderr.read().decode()
+    assert "'st' was stopped while the command ran" in err, err
+    # The daemon goes on serving: the VM starts again and runs commands.
+    banger.run("vm", "start", "st")
+    assert banger.run("vm", "exec", "st", "--", "echo", "back").stdout == "back\n"
