@@ -285,7 +285,10 @@ def vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
     yield from _fresh_vm(image, accel)
 
 
-def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
+def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str,
+              kernel: str = "microvm") -> Iterator[Vm]:
+    """``kernel``: "microvm" boots banger's kernel with no initramfs (what the daemon does
+    by default); "cloud" the image's Debian cloud kernel and its initramfs (the fallback)."""
     d = Path(tempfile.mkdtemp(prefix="bvm-", dir="/tmp"))  # short: QMP socket path limit
     key = d / "id_ed25519"
     pub = ssh.ensure_key(key)
@@ -294,7 +297,12 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
         ".ssh/authorized_keys": (f"{pub}\n".encode(), 0o600),
         ".banger/hostname": (b"e2e-box\n", 0o644),
     })
-    cfg = user_spec(d, kernel=image.kernel, initrd=image.initrd, memory_mib=512,
+    if kernel == "cloud":
+        boot_kernel, initrd = image.kernel, image.initrd
+    else:
+        assert image.microvm_kernel is not None, "the image has no microVM kernel"
+        boot_kernel, initrd = image.microvm_kernel, None
+    cfg = user_spec(d, kernel=boot_kernel, initrd=initrd, memory_mib=512,
                     ssh_port=vmmproc.free_port(), hostname="e2e-box", cmdline=image.cmdline,
                     backing=image.rootfs)
     machine = Vm(dir=d, cfg=cfg, accel=accel, key=key, known_hosts=d / "known_hosts",
@@ -307,6 +315,12 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
             vmmproc.kill_and_wait(leftover, signal.SIGKILL, 5)
         shutil.rmtree(d, ignore_errors=True)
         assert leftover is None, f"a QEMU (pid {leftover}) was left running"
+
+
+@pytest.fixture
+def cloud_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
+    """Like ``vm``, booting the Debian cloud kernel and its initramfs (the fallback)."""
+    yield from _fresh_vm(image, accel, kernel="cloud")
 
 
 SYSTEMD_IMAGE_DIR = IMAGES_DIR / "debian-bookworm-systemd"
