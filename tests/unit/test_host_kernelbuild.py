@@ -67,12 +67,12 @@ def test_cache_key_covers_fragment_version_and_recipe() -> None:
 def fake_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A linux-source tarball whose Makefile acts out the recipe's targets in seconds."""
     makefile = (
-        "tinyconfig:\n\tprintf 'CONFIG_64BIT=n\\n' > .config\n"
-        "olddefconfig:\n\ttrue\n"
-        "vmlinux:\n\tfor i in 1 2 3; do echo \"  CC      obj$$i.o\"; done\n"
-        "\tprintf '\\177ELF fake kernel' > vmlinux\n"
-        "kernelrelease:\n\t@echo 6.1.999\n"
-    ).encode()
+        b"tinyconfig:\n\tprintf 'CONFIG_64BIT=n\\n' > .config\n"
+        b"olddefconfig:\n\ttrue\n"
+        b"vmlinux:\n\tfor i in 1 2 3; do echo \"  CC      obj$$i.o\"; done\n"
+        b"\tprintf '\\177ELF fake kernel' > vmlinux\n"
+        b"kernelrelease:\n\t@echo 6.1.999\n"
+    )
     tarball = tmp_path / "linux-source-6.1.tar.xz"
     with tarfile.open(tarball, "w:xz") as tar:
         info = tarfile.TarInfo("linux-source-6.1/Makefile")
@@ -148,7 +148,7 @@ def test_a_missing_build_tool_is_named_with_its_package(fake_source: Path, tmp_p
 
 def test_no_source_package_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernelbuild, "SOURCE_TARBALL", tmp_path / "missing.tar.xz")
-    with pytest.raises(kernelbuild.KernelBuildError, match="linux-source-6.1"):
+    with pytest.raises(kernelbuild.KernelBuildError, match=r"linux-source-6\.1"):
         kernelbuild.source_version()
 
 

@@ -236,8 +236,8 @@ def test_user_network_kernel_args() -> None:
     assert qemu.guest_net_args(spec.net) == "banger.net=user"
     assert qemu.kernel_cmdline(spec, 2_100_000) == (
         "console=ttyS0 root=/dev/vda rootfstype=ext4 rw tsc_early_khz=2100000 quiet "
-        "cryptomgr.notests 8250.nr_uarts=1 random.trust_cpu=on panic=-1 banger.net=user banger.hostname=box "
-        "init=/sbin/banger-init")
+        "cryptomgr.notests 8250.nr_uarts=1 random.trust_cpu=on panic=-1 banger.net=user "
+        "banger.hostname=box init=/sbin/banger-init")
     # Outbound access is the VMM's (restrict=on), not the guest's business.
     assert qemu.guest_net_args(UserNet(2222, outbound=True)) == "banger.net=user"
 

@@ -53,7 +53,7 @@ _INSTALL = ("apt install linux-source-6.1 make gcc bc flex bison libelf-dev xz-u
 # Tools the recipe runs -> the Debian package that provides them.
 _TOOLS: dict[str, str] = {"make": "make", "gcc": "gcc", "bc": "bc", "flex": "flex",
                           "bison": "bison", "tar": "tar", "xz": "xz-utils",
-                          "perl": "perl"}
+                          "perl": "perl-base"}
 # Headers the host tools need (objtool reads ELF) -> their package.
 _HEADERS: dict[str, str] = {"/usr/include/gelf.h": "libelf-dev"}
 _STEP_TIMEOUT = 600.0
