@@ -38,12 +38,27 @@ def test_run_returns_guest_exit_code_and_keeps_vm(banger: Banger) -> None:
     boot_id, release = agent_uname(channel)
     assert boot_id == vm["boot_id"], "the recorded boot id is the guest's own"
     assert release == banger.run("vm", "ssh", "ec", "--", "uname", "-r").stdout.strip()
+    # The default kernel is banger's microVM kernel (kernelbuild's banner), no initramfs.
+    assert vm["kernel"] == "microvm" and not release.endswith("-cloud-amd64")
+    assert "banger@banger" in banger.run("vm", "ssh", "ec", "--", "cat",
+                                         "/proc/version").stdout
     assert vm["state"] == "running", "a VM run with -- cmd and no --rm stays running"
     # argv arrives intact; a signal becomes 128+n.
     out = banger.run("vm", "ssh", "ec", "--", "printf", "%s|", "a b", "c'd", "$HOME")
     assert out.stdout == "a b|c'd|$HOME|"
     sig = banger.run("vm", "ssh", "ec", "--", "sh", "-c", "kill -TERM $$", check=False)
     assert sig.returncode == 128 + signal.SIGTERM
+
+
+def test_cloud_kernel_is_a_choice_the_vm_remembers(banger: Banger) -> None:
+    banger.run("vm", "create", "--name", "ck", "--kernel", "cloud")
+    vm = banger.show("ck")
+    assert vm["kernel"] == "cloud" and vm["state"] == "running"
+    uname = banger.run("vm", "ssh", "ck", "--", "uname", "-r").stdout.strip()
+    assert uname.endswith("-cloud-amd64")
+    banger.run("vm", "stop", "ck")
+    banger.run("vm", "start", "ck")  # the record keeps the choice across restarts
+    assert banger.run("vm", "ssh", "ck", "--", "uname", "-r").stdout.strip() == uname
 
 
 def test_ports_lists_guest_listeners(banger: Banger) -> None:
