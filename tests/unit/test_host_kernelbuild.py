@@ -4,7 +4,9 @@ the e2e tier: tests/e2e/conftest.py builds it once per machine with the images).
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,24 @@ def test_image_recipe_changes_with_the_kernel_config(tmp_path: Path,
     monkeypatch.setattr(kernelbuild, "CONFIG_FRAGMENT", fragment)
     assert imagebuild.recipe_digest() != before
     kernelbuild._version_cache.clear()
+
+
+def test_a_cancelled_compile_stops_make_and_its_children(fake_source: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    pidfile = tmp_path / "child.pid"
+    makefile = (f"vmlinux:\n\t@sleep 60 & echo $$! > {pidfile}; "
+                f"echo '  CC      a.o'; wait\n").encode()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Makefile").write_bytes(makefile)
+
+    def progress(line: str) -> None:
+        raise KeyboardInterrupt  # the operation was cancelled while compiling
+
+    with pytest.raises(KeyboardInterrupt):
+        kernelbuild._make_vmlinux(src, 1, progress)
+    child = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        for _ in range(100):  # killed at once; reaped by init shortly after
+            os.kill(child, 0)
+            time.sleep(0.05)

@@ -22,6 +22,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -230,7 +231,7 @@ def _make_vmlinux(src: Path, jobs: int, on_progress: Callable[[str], None]) -> N
     with log.open("wb") as log_file:
         proc = subprocess.Popen(["make", f"-j{jobs}", VMLINUX], cwd=src, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, start_new_session=True)
         assert proc.stdout is not None
         deadline = time.monotonic() + _BUILD_TIMEOUT
         objects, last = 0, time.monotonic()
@@ -250,7 +251,10 @@ def _make_vmlinux(src: Path, jobs: int, on_progress: Callable[[str], None]) -> N
             rc = proc.wait()
         finally:
             if proc.poll() is None:
-                proc.kill()
+                # A cancelled build (the client went away): make and every compiler it
+                # started, so nothing writes into the tree about to be removed.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     if rc != 0:
         tail = log.read_bytes()[-2000:].decode(errors="replace")
