@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import disks, imagebuild, kvm, qemu_cmdline, ssh, vmmproc
+from banger.host import disks, imagebuild, kernelbuild, kvm, qemu_cmdline, ssh, vmmproc
 from banger.host.agent_client import AgentConnection
 from banger.ports import LaunchSpec
 from tests.vmspec import ssh_port, user_spec
@@ -31,6 +31,24 @@ IMAGES_DIR = Path(os.environ.get("BANGER_TEST_IMAGES_DIR",
                                  Path.home() / ".cache" / "banger-test" / "images"))
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what will not run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Build the microVM kernel once per machine before the first e2e test (~9 min on 2
+    cores, more on a loaded machine), outside any test's timeout; the image fixtures then
+    find it cached in IMAGES_DIR's parent, like the agent."""
+    if not any(item.get_closest_marker("e2e") for item in items):
+        return
+    try:
+        key = kernelbuild.current_key()
+    except kernelbuild.KernelBuildError:
+        return  # cached_image's build names the missing package
+    cache = IMAGES_DIR.parent
+    if kernelbuild.cached(cache, key) is None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        kernelbuild.ensure_kernel(cache, lambda line: reporter.write_line(f"kernel: {line}")
+                                  if reporter is not None else print(f"kernel: {line}"))
 
 
 def qemu_pids(marker: str) -> list[int]:
