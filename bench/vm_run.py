@@ -1,13 +1,16 @@
 """Control-plane overhead: `banger vm run --rm -- true` against a hand-written QEMU start.
 
-Both boot the same kernel, initrd and image to the same readiness point (a successful
-`ssh ... true` with a fresh key); runs are interleaved so machine noise hits both alike.
+Both boot the same kernel (and initrd, for the cloud kernel) and image to the same
+readiness point (a successful `ssh ... true` with a fresh key); runs are interleaved so
+machine noise hits both alike. ``--kernel both`` (the default) interleaves banger's
+microVM kernel (no initramfs) and the Debian cloud kernel (with its initramfs) in the same
+run, each against a hand-written start of the same kernel.
 Each also times the guest agent's HELLO: banger's from the command's start to its
 `wait_agent` stage ending (read off the progress lines as they arrive), the hand-written
 start's from the same start as its ssh time to the HELLO on the agent's socket.
 Writes JSON (medians and the ratio) to stdout and to bench/results/vm_run.json.
 
-    uv run python bench/vm_run.py [--runs 3]
+    uv run python bench/vm_run.py [--runs 3] [--kernel microvm|cloud|both]
 """
 
 from __future__ import annotations
@@ -33,12 +36,13 @@ IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
 
 
-def banger_run(env: dict[str, str]) -> tuple[float, float | None]:
+def banger_run(env: dict[str, str], kernel: str = "microvm") -> tuple[float, float | None]:
     """(seconds to the end of `vm run --rm -- true`, seconds to the agent's HELLO)."""
     started = time.monotonic()
     hello: float | None = None
     proc = subprocess.Popen(
-        [sys.executable, "-m", "banger.cli.main", "vm", "run", "--rm", "--", "true"],
+        [sys.executable, "-m", "banger.cli.main", "vm", "run", "--rm", "--kernel", kernel,
+         "--", "true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     lines = []
@@ -51,7 +55,15 @@ def banger_run(env: dict[str, str]) -> tuple[float, float | None]:
     return time.monotonic() - started, hello
 
 
-def baseline(image: imagebuild.ImageArtifacts, accel: str) -> tuple[float, float]:
+def boot_source(image: imagebuild.ImageArtifacts, kernel: str) -> BootSource:
+    if kernel == "cloud":
+        return BootSource(image.kernel, image.initrd, image.cmdline)
+    assert image.microvm_kernel is not None, "the image has no microVM kernel: rebuild it"
+    return BootSource(image.microvm_kernel, None, image.cmdline)
+
+
+def baseline(image: imagebuild.ImageArtifacts, accel: str,
+             kernel: str = "microvm") -> tuple[float, float]:
     """(seconds to `ssh true`, seconds to the agent's HELLO) of a hand-written start."""
     d = Path(tempfile.mkdtemp(prefix="bb-", dir="/tmp"))
     started = time.monotonic()
@@ -64,7 +76,7 @@ def baseline(image: imagebuild.ImageArtifacts, accel: str) -> tuple[float, float
             ".banger/hostname": (b"bench\n", 0o644)})
         port = vmmproc.free_port()
         cfg = LaunchSpec(
-            vm_id="bench", boot=BootSource(image.kernel, image.initrd, image.cmdline),
+            vm_id="bench", boot=boot_source(image, kernel),
             root=Drive(d / "root.qcow2"), work=Drive(d / "work.ext4"), vcpus=1,
             memory_mib=512, net=UserNet(port), guest=GuestSettings(hostname="bench"),
             serial_log=d / "serial.log", vmm_log=d / "vmm.log", runtime_dir=d,
@@ -88,7 +100,9 @@ def baseline(image: imagebuild.ImageArtifacts, accel: str) -> tuple[float, float
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--kernel", choices=("microvm", "cloud", "both"), default="both")
     args = ap.parse_args()
+    kernels = ["microvm", "cloud"] if args.kernel == "both" else [args.kernel]
     image = imagebuild.load_image(IMAGES / "debian-bookworm")
     accel = kvm.probe_accel().accel
     home = Path(tempfile.mkdtemp(prefix="bgb-", dir="/tmp"))
@@ -96,37 +110,42 @@ def main() -> None:
     env.update(BANGER_HOME=str(home), BANGER_IMAGES_DIR=str(IMAGES))
     try:
         # The first run also starts the daemon (and probes acceleration): reported apart.
-        first, _ = banger_run(env)
-        ours, base, our_hello, base_hello = [], [], [], []
+        first, _ = banger_run(env, kernels[0])
+        runs: dict[str, dict[str, list[float]]] = {
+            k: {"ours": [], "base": [], "our_hello": [], "base_hello": []} for k in kernels}
         for _ in range(args.runs):
-            total, hello = banger_run(env)
-            ours.append(total)
-            if hello is not None:
-                our_hello.append(hello)
-            total, hello = baseline(image, accel)
-            base.append(total)
-            base_hello.append(hello)
-        result = {
-            "accel": accel,
-            "runs": args.runs,
-            "banger_vm_run_rm_true_s": {"runs": ours, "median": statistics.median(ours)},
-            "first_run_with_daemon_start_s": first,
-            "hand_written_qemu_to_ssh_true_s": {"runs": base, "median": statistics.median(base)},
-            "ratio_median": statistics.median(ours) / statistics.median(base),
-            # The agent's HELLO (readiness since wait_agent): from the command's start for
-            # banger, from the disks' creation for the hand-written start.
-            "banger_to_agent_hello_s": {
-                "runs": our_hello,
-                "median": statistics.median(our_hello) if our_hello else None},
-            "hand_written_qemu_to_agent_hello_s": {
-                "runs": base_hello, "median": statistics.median(base_hello)},
-        }
+            for kernel in kernels:
+                r = runs[kernel]
+                total, hello = banger_run(env, kernel)
+                r["ours"].append(total)
+                if hello is not None:
+                    r["our_hello"].append(hello)
+                total, base_hello = baseline(image, accel, kernel)
+                r["base"].append(total)
+                r["base_hello"].append(base_hello)
+        result: dict[str, object] = {"accel": accel, "runs": args.runs,
+                                     "first_run_with_daemon_start_s": first,
+                                     "kernels": {k: summary(runs[k]) for k in kernels}}
     finally:
         subprocess.run([sys.executable, "-m", "banger.cli.main", "vm", "prune", "-f"], env=env,
                        capture_output=True)
         kill_banger_processes(home)
         shutil.rmtree(home, ignore_errors=True)
     write_result("vm_run", result)
+
+
+def summary(r: dict[str, list[float]]) -> dict[str, object]:
+    def med(xs: list[float]) -> dict[str, object]:
+        return {"runs": xs, "median": statistics.median(xs) if xs else None}
+    return {
+        "banger_vm_run_rm_true_s": med(r["ours"]),
+        "hand_written_qemu_to_ssh_true_s": med(r["base"]),
+        "ratio_median": statistics.median(r["ours"]) / statistics.median(r["base"]),
+        # The agent's HELLO (readiness since wait_agent): from the command's start for
+        # banger, from the disks' creation for the hand-written start.
+        "banger_to_agent_hello_s": med(r["our_hello"]),
+        "hand_written_qemu_to_agent_hello_s": med(r["base_hello"]),
+    }
 
 
 if __name__ == "__main__":

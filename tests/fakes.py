@@ -55,7 +55,7 @@ class FakeImages:
     def _info(self) -> ImageInfo:
         d = self.root / "images" / "debian-bookworm"
         return ImageInfo("debian-bookworm", d / "rootfs.ext4", d / "vmlinux", d / "initrd.img",
-                         "init=/sbin/banger-init")
+                         "init=/sbin/banger-init", microvm_kernel=d / "vmlinux-microvm")
 
     def get(self, name: str) -> ImageInfo | None:
         return self._info() if self.built else None
@@ -64,7 +64,8 @@ class FakeImages:
         on_progress("building fake image")
         info = self._info()
         info.rootfs.parent.mkdir(parents=True, exist_ok=True)
-        for p in (info.rootfs, info.kernel, info.initrd):
+        assert info.microvm_kernel is not None
+        for p in (info.rootfs, info.kernel, info.initrd, info.microvm_kernel):
             p.write_bytes(b"x")
         self.built = True
         self.builds += 1

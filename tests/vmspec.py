@@ -8,7 +8,7 @@ from pathlib import Path
 from banger.ports import BootSource, Drive, GuestSettings, LaunchSpec, UserNet
 
 
-def user_spec(d: Path, *, kernel: Path, initrd: Path, ssh_port: int, cmdline: str = "",
+def user_spec(d: Path, *, kernel: Path, initrd: Path | None, ssh_port: int, cmdline: str = "",
               hostname: str = "box", vcpus: int = 1, memory_mib: int = 256,
               backing: Path | None = None, outbound: bool = False,
               serial_log: Path | None = None) -> LaunchSpec:

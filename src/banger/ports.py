@@ -25,6 +25,9 @@ class ImageInfo:
     initrd: Path
     cmdline: str
     kernel_version: str = ""
+    # banger's microVM kernel (built in drivers, no initramfs); None: an image without it.
+    microvm_kernel: Path | None = None
+    microvm_kernel_version: str = ""
 
 
 class ImagePort(Protocol):
@@ -94,10 +97,11 @@ class Accel:
 @dataclass(frozen=True)
 class BootSource:
     """What the guest boots. ``cmdline``: the image's own kernel arguments (they name its
-    init); the driver puts its own, the network's and the guest settings' before them."""
+    init); the driver puts its own, the network's and the guest settings' before them.
+    ``initrd``: None for a kernel with its drivers built in (it mounts /dev/vda itself)."""
 
     kernel: Path
-    initrd: Path
+    initrd: Path | None
     cmdline: str = ""
 
 

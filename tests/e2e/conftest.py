@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import disks, imagebuild, kvm, qemu_cmdline, ssh, vmmproc
+from banger.host import disks, imagebuild, kernelbuild, kvm, qemu_cmdline, ssh, vmmproc
 from banger.host.agent_client import AgentConnection
 from banger.ports import LaunchSpec
 from tests.vmspec import ssh_port, user_spec
@@ -31,6 +31,24 @@ IMAGES_DIR = Path(os.environ.get("BANGER_TEST_IMAGES_DIR",
                                  Path.home() / ".cache" / "banger-test" / "images"))
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` has deselected what will not run
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Build the microVM kernel once per machine before the first e2e test (~9 min on 2
+    cores, more on a loaded machine), outside any test's timeout; the image fixtures then
+    find it cached in IMAGES_DIR's parent, like the agent."""
+    if not any(item.get_closest_marker("e2e") for item in items):
+        return
+    try:
+        key = kernelbuild.current_key()
+    except kernelbuild.KernelBuildError:
+        return  # cached_image's build names the missing package
+    cache = IMAGES_DIR.parent
+    if kernelbuild.cached(cache, key) is None:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        kernelbuild.ensure_kernel(cache, lambda line: reporter.write_line(f"kernel: {line}")
+                                  if reporter is not None else print(f"kernel: {line}"))
 
 
 def qemu_pids(marker: str) -> list[int]:
@@ -285,7 +303,10 @@ def vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
     yield from _fresh_vm(image, accel)
 
 
-def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
+def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str,
+              kernel: str = "microvm") -> Iterator[Vm]:
+    """``kernel``: "microvm" boots banger's kernel with no initramfs (what the daemon does
+    by default); "cloud" the image's Debian cloud kernel and its initramfs (the fallback)."""
     d = Path(tempfile.mkdtemp(prefix="bvm-", dir="/tmp"))  # short: QMP socket path limit
     key = d / "id_ed25519"
     pub = ssh.ensure_key(key)
@@ -294,7 +315,12 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
         ".ssh/authorized_keys": (f"{pub}\n".encode(), 0o600),
         ".banger/hostname": (b"e2e-box\n", 0o644),
     })
-    cfg = user_spec(d, kernel=image.kernel, initrd=image.initrd, memory_mib=512,
+    if kernel == "cloud":
+        boot_kernel, initrd = image.kernel, image.initrd
+    else:
+        assert image.microvm_kernel is not None, "the image has no microVM kernel"
+        boot_kernel, initrd = image.microvm_kernel, None
+    cfg = user_spec(d, kernel=boot_kernel, initrd=initrd, memory_mib=512,
                     ssh_port=vmmproc.free_port(), hostname="e2e-box", cmdline=image.cmdline,
                     backing=image.rootfs)
     machine = Vm(dir=d, cfg=cfg, accel=accel, key=key, known_hosts=d / "known_hosts",
@@ -307,6 +333,12 @@ def _fresh_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
             vmmproc.kill_and_wait(leftover, signal.SIGKILL, 5)
         shutil.rmtree(d, ignore_errors=True)
         assert leftover is None, f"a QEMU (pid {leftover}) was left running"
+
+
+@pytest.fixture
+def cloud_vm(image: imagebuild.ImageArtifacts, accel: str) -> Iterator[Vm]:
+    """Like ``vm``, booting the Debian cloud kernel and its initramfs (the fallback)."""
+    yield from _fresh_vm(image, accel, kernel="cloud")
 
 
 SYSTEMD_IMAGE_DIR = IMAGES_DIR / "debian-bookworm-systemd"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from banger.host import disks, qemu, qemu_cmdline, ssh, vmmproc
+from banger.host import disks, imagebuild, qemu, qemu_cmdline, ssh, vmmproc
 from banger.host.guest_agent import LocalAgent
 
 from .conftest import Vm, agent_uname
@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 BOOT_TIMEOUT = 180.0  # TCG on a loaded 2-core machine
 
 
-def test_boot_ssh_and_poweroff(vm: Vm) -> None:
+def test_boot_ssh_and_poweroff(vm: Vm, image: imagebuild.ImageArtifacts) -> None:
+    # banger's microVM kernel, no initramfs: it mounts /dev/vda itself.
+    assert vm.cfg.boot.initrd is None and vm.cfg.boot.kernel == image.microvm_kernel
     pid = qemu.launch(vm.cfg, vm.accel)
     # The agent says HELLO first (it starts before sshd); then ssh answers too.
     hello = LocalAgent().wait_hello(channel=qemu_cmdline.agent_socket(vm.cfg),
@@ -48,7 +50,9 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     boot_id, release = agent_uname(qemu_cmdline.agent_socket(vm.cfg))
     assert boot_id == hello.boot_id == vm.ssh("cat /proc/sys/kernel/random/boot_id"
                                                ).stdout.strip()
-    assert release == vm.ssh("uname -r").stdout.strip()
+    assert release == vm.ssh("uname -r").stdout.strip() == image.microvm_kernel_version
+    assert "banger@banger" in vm.ssh("cat /proc/version").stdout  # built by kernelbuild
+    assert "banger-initrd" not in vm.cfg.serial_log.read_text()
     # No udev: the port is a devtmpfs node (/dev/vportNp1, N as the virtio devices were
     # enumerated), found by the name sysfs gives it.
     port = vm.ssh("for p in /sys/class/virtio-ports/*; do "
@@ -59,6 +63,21 @@ def test_boot_ssh_and_poweroff(vm: Vm) -> None:
     assert vm.ssh("pkill -KILL -x banger-agent").returncode == 0
     assert agent_uname(qemu_cmdline.agent_socket(vm.cfg)) == (boot_id, release)
 
+    vm.assert_powers_off(pid, "banger-poweroff", within=10)
+
+
+def test_cloud_kernel_fallback_boots_with_its_initramfs(
+        cloud_vm: Vm, image: imagebuild.ImageArtifacts) -> None:
+    vm = cloud_vm
+    assert vm.cfg.boot.initrd == image.initrd
+    pid = qemu.launch(vm.cfg, vm.accel)
+    LocalAgent().wait_hello(channel=qemu_cmdline.agent_socket(vm.cfg), timeout=BOOT_TIMEOUT,
+                            serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
+    _, release = agent_uname(qemu_cmdline.agent_socket(vm.cfg))
+    assert release == image.kernel_version and release.endswith("-cloud-amd64")
+    ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts, alias=vm.alias,
+                   timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
+                   alive=lambda: vmmproc.pid_alive(pid))
     vm.assert_powers_off(pid, "banger-poweroff", within=10)
 
 
@@ -87,7 +106,15 @@ def test_kill_during_boot_is_reported(vm: Vm) -> None:
         killer.wait()
 
 
-def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> None:
+@pytest.mark.parametrize(("machine", "said"), [
+    # banger's kernel mounts the root itself: its panic (panic=-1) ends the VMM.
+    ("vm", "VFS: Unable to mount root fs"),
+    # the cloud kernel's initramfs says so and powers off.
+    ("cloud_vm", "root device /dev/vdz did not appear"),
+])
+def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(
+        machine: str, said: str, request: pytest.FixtureRequest) -> None:
+    vm: Vm = request.getfixturevalue(machine)
     cfg = dataclasses.replace(vm.cfg, boot=dataclasses.replace(
         vm.cfg.boot, cmdline=f"{vm.cfg.boot.cmdline} root=/dev/vdz"))
     pid = qemu.launch(cfg, vm.accel)
@@ -95,7 +122,8 @@ def test_missing_root_disk_is_said_on_the_console_and_ends_the_vm(vm: Vm) -> Non
         ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                        alias=vm.alias, timeout=BOOT_TIMEOUT, serial_log=cfg.serial_log,
                        alive=lambda: vmmproc.pid_alive(pid))
-    assert "root device /dev/vdz did not appear" in str(err.value)
+    assert str(cfg.serial_log) in str(err.value)
+    assert said in cfg.serial_log.read_text()
     assert not vmmproc.pid_alive(pid)
 
 

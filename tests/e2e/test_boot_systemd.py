@@ -17,6 +17,7 @@ BOOT_TIMEOUT = 240.0  # systemd under TCG on a loaded 2-core machine
 def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     vm = systemd_vm
     assert "banger.init=systemd" in vm.cfg.boot.cmdline.split()
+    assert vm.cfg.boot.initrd is None, "the systemd image boots the microVM kernel too"
     pid = qemu.launch(vm.cfg, vm.accel)
     channel = qemu_cmdline.agent_socket(vm.cfg)
     hello = LocalAgent().wait_hello(channel=channel, timeout=BOOT_TIMEOUT,
@@ -30,6 +31,7 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     boot_id, release = agent_uname(channel)
     assert boot_id == hello.boot_id
     assert release == vm.ssh("uname -r").stdout.strip()
+    assert "banger@banger" in vm.ssh("cat /proc/version").stdout  # kernelbuild's banner
     agent_unit = vm.ssh("systemctl is-active banger-agent.service; "
                         "systemctl show -p Restart --value banger-agent.service")
     assert agent_unit.stdout.split() == ["active", "always"], agent_unit.stderr

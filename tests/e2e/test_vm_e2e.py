@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import imagebuild
+from banger.host import imagebuild, kernelbuild
 from tests.e2e.conftest import (
+    IMAGES_DIR,
     Banger,
     assert_nothing_left,
     make_banger,
@@ -39,12 +41,27 @@ def test_run_returns_guest_exit_code_and_keeps_vm(banger: Banger) -> None:
     release = banger.run("vm", "exec", "ec", "--", "uname", "-r").stdout.strip()
     assert boot_id == vm["boot_id"], "the recorded boot id is the guest's own"
     assert release == banger.run("vm", "ssh", "ec", "--", "uname", "-r").stdout.strip()
+    # The default kernel is banger's microVM kernel (kernelbuild's banner), no initramfs.
+    assert vm["kernel"] == "microvm" and not release.endswith("-cloud-amd64")
+    assert "banger@banger" in banger.run("vm", "ssh", "ec", "--", "cat",
+                                         "/proc/version").stdout
     assert vm["state"] == "running", "a VM run with -- cmd and no --rm stays running"
     # argv arrives intact; a signal becomes 128+n.
     out = banger.run("vm", "ssh", "ec", "--", "printf", "%s|", "a b", "c'd", "$HOME")
     assert out.stdout == "a b|c'd|$HOME|"
     sig = banger.run("vm", "ssh", "ec", "--", "sh", "-c", "kill -TERM $$", check=False)
     assert sig.returncode == 128 + signal.SIGTERM
+
+
+def test_cloud_kernel_is_a_choice_the_vm_remembers(banger: Banger) -> None:
+    banger.run("vm", "create", "--name", "ck", "--kernel", "cloud")
+    vm = banger.show("ck")
+    assert vm["kernel"] == "cloud" and vm["state"] == "running"
+    uname = banger.run("vm", "ssh", "ck", "--", "uname", "-r").stdout.strip()
+    assert uname.endswith("-cloud-amd64")
+    banger.run("vm", "stop", "ck")
+    banger.run("vm", "start", "ck")  # the record keeps the choice across restarts
+    assert banger.run("vm", "ssh", "ck", "--", "uname", "-r").stdout.strip() == uname
 
 
 def test_ports_lists_guest_listeners(banger: Banger) -> None:
@@ -249,10 +266,16 @@ def test_non_root_user_builds_image_and_runs(tmp_path: Path) -> None:
     python = _world_readable_install()
     images = Path("/tmp") / f"bg-img-{user}"
     images.mkdir(exist_ok=True)
-    import shutil
     shutil.chown(images, user)
     b = make_banger(user=user, images_dir=images)
     b.python = python
+    # The microVM kernel the e2e tier built once (conftest), in this daemon's cache: the
+    # image build is what this test covers (compiling it again costs ~10 min).
+    key = kernelbuild.current_key()
+    seeded = b.home / "cache" / "kernel" / key
+    shutil.copytree(IMAGES_DIR.parent / "kernel" / key, seeded)
+    for p in (b.home / "cache", *(b.home / "cache").rglob("*")):
+        shutil.chown(p, user)
     try:
         proc = b.run("vm", "run", "--rm", "--", "sh", "-c", "id -u; stat -c %u /root/.ssh "
                      "/root/.ssh/authorized_keys; exit 7", check=False, timeout=1200)

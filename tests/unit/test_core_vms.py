@@ -13,7 +13,7 @@ from banger.core.service import VMService
 from banger.core.startplan import StartContext, start_steps
 from banger.model.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.model.layout import Layout
-from banger.model.vm import VMSpec, VMState
+from banger.model.vm import KernelKind, VMSpec, VMState
 from banger.ports import ListeningSocket, UserNet
 from banger.store.vms import OperationLog, VMRepository
 from tests.fakes import FakeVmm, fake_service
@@ -42,6 +42,20 @@ def assert_no_runtime_leak(svc: VMService, vmm: FakeVmm, vm_id: str) -> None:
     assert not paths.sock_dir.exists()
     assert not paths.handles.exists()
     assert svc.ctx.handles.get(vm_id) is None
+
+
+def test_microvm_kernel_boots_without_initramfs_and_cloud_with_it(  # type: ignore[no-untyped-def]
+        env) -> None:
+    svc, vmm = env[0], env[1]
+    svc.create(name="fast", spec=VMSpec())
+    boot = vmm.launched[-1].boot
+    assert boot.kernel.name == "vmlinux-microvm" and boot.initrd is None
+    slow = svc.create(name="slow", spec=VMSpec(kernel=KernelKind.CLOUD))
+    boot = vmm.launched[-1].boot
+    assert boot.kernel.name == "vmlinux" and boot.initrd is not None
+    assert boot.initrd.name == "initrd.img"
+    assert boot.cmdline == "init=/sbin/banger-init"
+    assert slow.spec.kernel is KernelKind.CLOUD
 
 
 def test_stage_names_are_banger_names(env) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host import bootfiles, imagebuild
+from banger.host import aptsources, bootfiles, imagebuild
 from banger.host.imagebuild import ImageCorrupt, ImageError, load_image, write_manifest
 
 
@@ -152,15 +152,15 @@ Suites: bookworm-security
 Components: main contrib
 Enabled: no
 """
-    assert imagebuild._parse_deb822_sources(deb822) == [
+    assert aptsources.parse_deb822_sources(deb822) == [
         "deb http://mirror.example/debian bookworm main",
         "deb http://mirror.example/debian bookworm-updates main",
     ]
     one = ("deb [signed-by=/k.gpg arch=amd64] http://m/debian bookworm main contrib\n"
            "# deb http://m/debian sid main\ndeb-src http://m/debian bookworm main\n")
-    assert imagebuild._parse_one_line_sources(one) == [
+    assert aptsources.parse_one_line_sources(one) == [
         "deb http://m/debian bookworm main contrib"]
-    assert imagebuild.debian_sources("http://x/debian") == ["deb http://x/debian bookworm main"]
+    assert aptsources.debian_sources("http://x/debian") == ["deb http://x/debian bookworm main"]
 
 
 def test_module_load_order_puts_dependencies_first(tmp_path: Path) -> None:

@@ -121,6 +121,16 @@ def test_tap_is_handed_over_attached() -> None:
         qemu_argv(c, tsc_khz=1)
 
 
+def test_a_kernel_without_initramfs_gets_no_initrd_argument() -> None:
+    fds = dataclasses.replace(FDS, initrd=None)
+    argv = _qemu_argv(cfg(), fds, accel="tcg", tsc_khz=1)
+    assert opt(argv, "-kernel") == ["/proc/self/fd/13"]
+    assert "-initrd" not in argv
+    assert 14 not in fds.all() and None not in fds.all()
+    (append,) = opt(argv, "-append")
+    assert {"root=/dev/vda", "rootfstype=ext4"} <= set(append.split())
+
+
 def test_kernel_cmdline() -> None:
     (append,) = opt(qemu_argv(cfg(), tsc_khz=2_100_000), "-append")
     words = append.split()
@@ -225,9 +235,9 @@ def test_user_network_kernel_args() -> None:
     spec = cfg()
     assert qemu.guest_net_args(spec.net) == "banger.net=user"
     assert qemu.kernel_cmdline(spec, 2_100_000) == (
-        "console=ttyS0 root=/dev/vda rw tsc_early_khz=2100000 quiet cryptomgr.notests "
-        "8250.nr_uarts=1 random.trust_cpu=on panic=-1 banger.net=user banger.hostname=box "
-        "init=/sbin/banger-init")
+        "console=ttyS0 root=/dev/vda rootfstype=ext4 rw tsc_early_khz=2100000 quiet "
+        "cryptomgr.notests 8250.nr_uarts=1 random.trust_cpu=on panic=-1 banger.net=user "
+        "banger.hostname=box init=/sbin/banger-init")
     # Outbound access is the VMM's (restrict=on), not the guest's business.
     assert qemu.guest_net_args(UserNet(2222, outbound=True)) == "banger.net=user"
 

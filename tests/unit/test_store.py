@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.model.vm import VM, VMSpec, VMState
+from banger.model.vm import VM, KernelKind, VMSpec, VMState
 from banger.store.db import MIGRATIONS, Database, MigrationError, applied_versions, migrate
 from banger.store.vms import Conflict, NotFound, OperationLog, VMRepository
 
@@ -60,6 +60,16 @@ def test_vm_roundtrip_and_unique_name(tmp_path: Path) -> None:
     with pytest.raises(NotFound):
         repo.get(vm.id)
     assert repo.list() == []
+
+
+def test_vm_remembers_its_kernel(tmp_path: Path) -> None:
+    repo = VMRepository(Database(tmp_path / "s.db"))
+    default, cloud = _vm(), _vm(name="old", vm_id="cloud0000000")
+    cloud = VM(**{**cloud.__dict__, "spec": VMSpec(kernel=KernelKind.CLOUD)})
+    repo.insert(default)
+    repo.insert(cloud)
+    assert repo.get(default.id).spec.kernel is KernelKind.MICROVM
+    assert repo.get(cloud.id).spec.kernel is KernelKind.CLOUD
 
 
 def test_operation_log(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from banger.model.vm import (
     MIN_VCPUS,
     MIN_WORK_DISK_MIB,
     NAME_PATTERN,
+    KernelKind,
     NetworkMode,
     VMSpec,
     VMState,
@@ -91,6 +92,9 @@ class VMCreate(BaseModel):
         "user: rootless, ssh via a forwarded loopback port; tap: bridge, own address, "
         "<name>.vm (root daemon). None: the daemon's [network] mode"))
     nat: StrictBool = _DEFAULT.nat
+    kernel: KernelKind = Field(default=_DEFAULT.kernel, description=(
+        "microvm: banger's kernel, drivers built in, no initramfs (fast); cloud: Debian's "
+        "cloud kernel with a busybox initramfs (the fallback)"))
     start: StrictBool = True
     workspace: WorkspaceIn | None = None
     delete_on_disconnect: StrictBool = Field(default=False, description=(
@@ -130,6 +134,7 @@ class VMOut(BaseModel):
     disk_mib: int
     network: NetworkMode
     nat: bool
+    kernel: KernelKind
     created_at: float
     updated_at: float
     last_error: str | None = None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from banger.model.vm import NAME_RULE, NetworkMode, VMSpec
+from banger.model.vm import NAME_RULE, KernelKind, NetworkMode, VMSpec
 
 if TYPE_CHECKING:
     import subprocess
@@ -105,6 +105,10 @@ _DEFAULT = VMSpec()
 
 
 def spec_options(fn: F) -> F:
+    fn = click.option("--kernel", type=click.Choice([k.value for k in KernelKind]),
+                      default=_DEFAULT.kernel.value, show_default=True,
+                      help="microvm: banger's kernel, no initramfs (fast); cloud: Debian's "
+                           "cloud kernel with an initramfs (the fallback)")(fn)
     fn = click.option("--nat", is_flag=True, help="give the guest outbound network access")(fn)
     fn = click.option("--network", type=click.Choice([m.value for m in NetworkMode]),
                       default=None,
@@ -123,11 +127,12 @@ def spec_options(fn: F) -> F:
 
 
 def make_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
-                network: str | None, start: bool = True) -> CreateBody:
+                network: str | None, start: bool = True,
+                kernel: str = _DEFAULT.kernel.value) -> CreateBody:
     return {"name": name, "image": image, "vcpus": vcpu,
             "memory_mib": parse_size_mib(memory, "--memory"),
             "disk_mib": parse_size_mib(disk, "--disk-size"), "nat": nat, "start": start,
-            "network": network, "workspace": None, "delete_on_disconnect": False}
+            "network": network, "kernel": kernel, "workspace": None, "delete_on_disconnect": False}
 
 
 def run_ssh(client: Client, ref: str, command: tuple[str, ...], *, tty: bool,

@@ -122,6 +122,7 @@ def vm_detail(v: VMOut) -> Table:
         ("vcpus", str(v.vcpus)), ("memory", mib(v.memory_mib)), ("disk", mib(v.disk_mib)),
         ("network", v.network + (" (nat)" if v.nat else "")
          + (f": {v.guest_ip}, {v.name}.vm" if v.guest_ip else "")),
+        ("kernel", v.kernel),
         ("dir", v.dir), ("serial log", v.serial_log),
     ]
     if v.workspace_path:

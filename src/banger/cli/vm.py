@@ -56,7 +56,7 @@ VM_REFS = click.argument("refs", nargs=-1, required=True, shell_complete=complet
 @click.pass_context
 @handle_errors
 def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: str,
-           disk: str, nat: bool, network: str | None, remove: bool, detach: bool,
+           disk: str, nat: bool, network: str | None, kernel: str, remove: bool, detach: bool,
            as_json: bool, dry_run: bool,
            include_untracked: bool, branch: str | None, from_ref: str | None,
            no_bootstrap: bool, path: str | None) -> None:
@@ -87,7 +87,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
     if path is None and (dry_run or include_untracked or branch or no_bootstrap):
         raise click.UsageError("--dry-run, --include-untracked, --branch and --no-bootstrap "
                                "need a PATH")
-    req = make_create(name, image, vcpu, memory, disk, nat, network)
+    req = make_create(name, image, vcpu, memory, disk, nat, network, kernel=kernel)
     if path is not None:
         req["workspace"] = {"path": os.path.realpath(path), "include_untracked": include_untracked,
                             "branch": branch, "from_ref": from_ref,
@@ -171,7 +171,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
 def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, nat: bool,
-              network: str | None,
+              network: str | None, kernel: str,
               no_start: bool, as_json: bool) -> None:
     """Create a VM (and start it unless --no-start)."""
     from banger.cli.interrupt import streamed
@@ -180,7 +180,8 @@ def vm_create(name: str | None, image: str, vcpu: int, memory: str, disk: str, n
     from banger.client.client import connect
     from banger.client.types import as_json as json_of
 
-    req = make_create(name, image, vcpu, memory, disk, nat, network, start=not no_start)
+    req = make_create(name, image, vcpu, memory, disk, nat, network, start=not no_start,
+                      kernel=kernel)
     client = connect()
     vm = streamed(client, lambda progress: client.create(req, progress),
                   refused=lambda exc: usage_error(exc, req))

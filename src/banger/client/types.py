@@ -87,6 +87,7 @@ class VMOut(_Record):
     updated_at: float
     dir: str
     serial_log: str
+    kernel: str = "microvm"
     last_error: str | None = None
     last_error_stage: str | None = None
     last_op_id: str | None = None
@@ -304,6 +305,7 @@ class CreateBody(TypedDict, total=False):
     disk_mib: int
     network: str | None
     nat: bool
+    kernel: str
     start: bool
     workspace: WorkspaceBody | None
     delete_on_disconnect: bool

@@ -23,7 +23,7 @@ from banger.model import netalloc
 from banger.model.config import Config
 from banger.model.errors import FailpointTriggered, InvalidRequest, OperationFailed
 from banger.model.layout import VMPaths
-from banger.model.vm import VM, NetworkMode
+from banger.model.vm import VM, KernelKind, NetworkMode
 from banger.pipeline import Detail, Step
 from banger.ports import (
     BootSource,
@@ -274,7 +274,7 @@ def _launch(ctx: StartContext) -> None:
     ctx.boot_id = secrets.token_hex(8)
     spec = LaunchSpec(
         vm_id=ctx.vm.id,
-        boot=BootSource(ctx.image.kernel, ctx.image.initrd, ctx.image.cmdline),
+        boot=boot_source(ctx.vm, ctx.image),
         root=Drive(ctx.paths.root_disk, backing=ctx.image.rootfs),
         work=Drive(ctx.paths.work_disk), vcpus=ctx.vm.spec.vcpus,
         memory_mib=ctx.vm.spec.memory_mib, net=_net_attachment(ctx),
@@ -291,6 +291,18 @@ def _launch(ctx: StartContext) -> None:
         accel_reason=up.accel.reason, ssh_host=ctx.ssh_host,
         tap=spec.net.tap if isinstance(spec.net, TapNet) else None,
         agent=None if up.agent is None else str(up.agent)))
+
+
+def boot_source(vm: VM, image: ImageInfo) -> BootSource:
+    """The kernel the VM's record names, from its image: banger's microVM kernel boots
+    with no initramfs (its drivers are built in); the cloud kernel needs its initramfs."""
+    if vm.spec.kernel is KernelKind.CLOUD:
+        return BootSource(image.kernel, image.initrd, image.cmdline)
+    if image.microvm_kernel is None:
+        raise InvalidRequest(f"image {image.name!r} has no microVM kernel: rebuild it (a "
+                             f"current banger builds one) or boot the cloud kernel "
+                             f"(--kernel cloud)")
+    return BootSource(image.microvm_kernel, None, image.cmdline)
 
 
 def _net_attachment(ctx: StartContext) -> NetAttachment:

@@ -98,7 +98,8 @@ def vm_out(view: VMView) -> VMOut:
     return VMOut(
         id=vm.id, name=vm.name, state=vm.state, image=vm.spec.image, vcpus=vm.spec.vcpus,
         memory_mib=vm.spec.memory_mib, disk_mib=vm.spec.work_disk_mib,
-        network=vm.spec.network, nat=vm.spec.nat, created_at=vm.created_at,
+        network=vm.spec.network, nat=vm.spec.nat, kernel=vm.spec.kernel,
+        created_at=vm.created_at,
         updated_at=vm.updated_at, last_error=vm.last_error,
         last_error_stage=vm.last_error_stage, last_op_id=vm.last_op_id, boot_id=vm.boot_id,
         guest_ip=vm.guest_ip, dir=str(view.paths.dir), serial_log=str(view.paths.serial_log),
@@ -263,7 +264,7 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     async def create(body: VMCreate, accept: Accept = None) -> VMOut:
         network = NetworkMode(body.network) if body.network else service.default_network()
         spec = VMSpec(vcpus=body.vcpus, memory_mib=body.memory_mib, work_disk_mib=body.disk_mib,
-                      image=body.image, network=network, nat=body.nat)
+                      image=body.image, network=network, nat=body.nat, kernel=body.kernel)
 
         ws = workspace_request(body.workspace) if body.workspace else None
         made: list[VM] = []

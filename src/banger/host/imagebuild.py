@@ -1,7 +1,9 @@
 """The default guest image (Debian bookworm), built locally, and reading images back.
 
 Owns the build recipe (mmdebstrap from the machine's configured Debian mirror, our own
-init, a kernel cut from Debian's cloud kernel package, a busybox initramfs), the image
+init, banger's microVM kernel (:mod:`banger.host.kernelbuild`, booted with no initramfs),
+and as the fallback a kernel cut from Debian's cloud kernel package with a busybox
+initramfs carrying its virtio modules), the image
 directory layout, and ``manifest.json`` with the sha256 and size of every artifact, which
 :func:`load_image` verifies. Works as root and as an unprivileged user: mmdebstrap's
 unshare mode gives the customize hook a namespace where it is uid 0, and the ext4 image
@@ -27,15 +29,18 @@ from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from banger.host import agentbin, bootfiles
-from banger.host.runner import CommandError, run
+from banger.host import agentbin, aptsources, bootfiles, kernelbuild
+from banger.host.runner import run
 
 IMAGE_NAME = "debian-bookworm"
-SUITE = "bookworm"
+SUITE = aptsources.SUITE
 MANIFEST = "manifest.json"
 ROOTFS = "rootfs.ext4"
 KERNEL = "vmlinux"
 INITRD = "initrd.img"
+# banger's own kernel (host/kernelbuild.py): everything built in, boots without INITRD.
+MICROVM_KERNEL = "vmlinux-microvm"
+ARTIFACTS: tuple[str, ...] = (ROOTFS, KERNEL, INITRD, MICROVM_KERNEL)
 GUEST_INIT = "/sbin/banger-init"
 
 # Image variants: "minimal" boots banger-init and then busybox init (the fast default);
@@ -108,7 +113,8 @@ def image_cmdline(variant: str = MINIMAL) -> str:
 
 def recipe_digest(variant: str = MINIMAL) -> str:
     """What an image variant is built from: packages, dpkg filters, kernel arguments,
-    every guest file it installs and the guest agent's sources (and compiler flags).
+    every guest file it installs, the guest agent's sources (and compiler flags) and the
+    microVM kernel's cache key (its config fragment, source version and build recipe).
 
     Recorded in the manifest; an image whose recipe differs from this banger's (its init,
     sshd config, ...) is stale and is rebuilt rather than booted with a mismatched guest.
@@ -120,6 +126,7 @@ def recipe_digest(variant: str = MINIMAL) -> str:
     for name in guest_files(variant):
         h.update(name.encode() + b"\0" + (guest / name).read_bytes() + b"\0")
     h.update(b"agent\0" + agentbin.source_hash(agentbin.read_sources()).encode())
+    h.update(b"kernel\0" + kernelbuild.current_key().encode())
     return h.hexdigest()[:16]
 
 
@@ -130,7 +137,8 @@ def is_current(dir: Path) -> bool:
         manifest = json.loads((dir / MANIFEST).read_text())
         variant = str(manifest.get("variant", MINIMAL))
         return variant in VARIANTS and bool(manifest.get("recipe") == recipe_digest(variant))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, kernelbuild.KernelBuildError):
+        # No linux-source package: not current; build() then names the package.
         return False
 
 
@@ -152,6 +160,8 @@ class ImageArtifacts:
     init: str  # path of the guest init inside the rootfs: "/sbin/banger-init"
     cmdline: str  # extra kernel args the image needs
     variant: str = MINIMAL  # "minimal" | "systemd"
+    microvm_kernel: Path | None = None  # banger's kernel (None: an image from before it)
+    microvm_kernel_version: str = ""
 
 
 # --- building ---------------------------------------------------------------------
@@ -163,9 +173,10 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
     """Build the default image, or its ``variant``, into ``out_dir`` (replaced only once
     complete).
 
-    ``agent_cache``: banger's cache directory, where the guest agent is built once per
-    source version (:func:`banger.host.agentbin.ensure_agent`); None builds it afresh for
-    this image only."""
+    ``agent_cache``: banger's cache directory, where the guest agent and the microVM kernel
+    are built once per source version (:func:`banger.host.agentbin.ensure_agent`,
+    :func:`banger.host.kernelbuild.ensure_kernel`); None builds them afresh for this image
+    only."""
     _check_variant(variant)
     out_dir = out_dir.absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +200,13 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
         agent = agentbin.ensure_agent(agent_cache or work / "agent-build")
         shutil.copyfile(agent, guest / agentbin.BINARY)
         (guest / agentbin.BINARY).chmod(0o755)
-        sources = debian_sources(mirror)
+        try:
+            sources = aptsources.debian_sources(mirror)
+        except aptsources.AptSourcesError as exc:
+            raise ImageError(str(exc)) from exc
+        # Built first: a missing build dependency fails before the long bootstrap.
+        kernel = kernelbuild.ensure_kernel(agent_cache or work / "kernel-build", on_progress)
+        shutil.copyfile(kernel.vmlinux, image / MICROVM_KERNEL)
         started = time.monotonic()
         on_progress(f"bootstrapping Debian {SUITE} (mmdebstrap, {variant} variant)")
         _mmdebstrap(sources, guest, stage, tmp_root, on_progress, variant)
@@ -212,7 +229,7 @@ def build_default_image(out_dir: Path, *, on_progress: Callable[[str], None],
 
         on_progress("writing manifest.json")
         write_manifest(image, kernel_version=kver, name=VARIANT_IMAGES[variant],
-                       variant=variant)
+                       variant=variant, microvm_kernel_version=kernel.release)
         _install(image, out_dir)
         on_progress(f"image ready in {out_dir} ({time.monotonic() - started:.0f} s)")
     finally:
@@ -231,76 +248,6 @@ def _reachable_tmpdir() -> Path:
             return path
     raise ImageError("no temp directory that mmdebstrap's user namespace can reach "
                      "(tried $TMPDIR, /var/tmp, /tmp)")
-
-
-def debian_sources(mirror: str | None = None) -> list[str]:
-    """One-line apt sources for the bookworm suites.
-
-    With ``mirror``, just ``bookworm main`` from it; otherwise the machine's own Debian
-    entries (main suite, updates, security) as apt is configured.
-    """
-    if mirror is not None:
-        return [f"deb {mirror} {SUITE} main"]
-    found: list[str] = []
-    apt = Path("/etc/apt")
-    files = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
-    for f in files:
-        if f.is_file():
-            found += _parse_one_line_sources(f.read_text())
-    for f in sorted((apt / "sources.list.d").glob("*.sources")):
-        found += _parse_deb822_sources(f.read_text())
-    wanted = [s for s in dict.fromkeys(found) if s.split()[2].startswith(SUITE)]
-    if not wanted:
-        raise ImageError(f"no Debian {SUITE} mirror in the apt configuration under {apt}; "
-                         "pass a mirror explicitly")
-    return wanted
-
-
-def _parse_one_line_sources(text: str) -> list[str]:
-    out = []
-    for line in text.splitlines():
-        words = line.split("#", 1)[0].split()
-        if len(words) >= 4 and words[0] == "deb":
-            # Drop "[signed-by=...]" options: mmdebstrap works out signed-by itself.
-            words = [w for w in words if not (w.startswith("[") or w.endswith("]")
-                                              or "=" in w)]
-            if len(words) >= 4:
-                out.append(f"deb {words[1]} {words[2]} {' '.join(words[3:])}")
-    return out
-
-
-def _parse_deb822_sources(text: str) -> list[str]:
-    out = []
-    for stanza in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in stanza.splitlines():
-            if line.startswith("#") or ":" not in line or line[:1].isspace():
-                continue
-            key, _, value = line.partition(":")
-            fields[key.strip().lower()] = value.strip()
-        if fields.get("enabled", "yes").lower() == "no":
-            continue
-        if "deb" not in fields.get("types", "").split():
-            continue
-        comps = fields.get("components", "")
-        for uri in fields.get("uris", "").split():
-            for suite in fields.get("suites", "").split():
-                out.append(f"deb {uri} {suite} {comps}")
-    return out
-
-
-def _apt_options() -> list[str]:
-    """Carry over the host's date checks: snapshot mirrors serve expired Release files."""
-    opts = []
-    for key in ("Acquire::Check-Valid-Until", "Acquire::Check-Date"):
-        try:
-            res = run(["apt-config", "shell", "V", key], check=False)
-        except CommandError:
-            continue
-        value = res.stdout.strip().removeprefix("V=").strip("'\"")
-        if value.lower() in ("false", "0", "no"):
-            opts.append(f'--aptopt={key} "false"')
-    return opts
 
 
 def _stage_guest_files(dest: Path, variant: str = MINIMAL) -> Path:
@@ -323,7 +270,7 @@ def _mmdebstrap(sources: list[str], guest: Path, stage: Path, tmp_root: Path,
     argv = [
         "mmdebstrap", "--variant=minbase", "--format=null",
         f"--include={','.join(packages(variant))}",
-        *_apt_options(),
+        *aptsources.apt_options(),
         *(f"--dpkgopt={o}" for o in DPKG_EXCLUDES),
         f"--setup-hook={hook}", f"--essential-hook={hook}", f"--customize-hook={hook}",
         SUITE, "/dev/null", *sources,
@@ -415,14 +362,17 @@ def _rmtree(path: Path) -> None:
 
 
 def write_manifest(image: Path, *, kernel_version: str, name: str = IMAGE_NAME,
-                   variant: str = MINIMAL) -> None:
+                   variant: str = MINIMAL, microvm_kernel_version: str = "") -> None:
     artifacts = {}
-    for fname in (ROOTFS, KERNEL, INITRD):
+    for fname in ARTIFACTS:
         p = image / fname
+        if fname == MICROVM_KERNEL and not p.exists():
+            continue
         artifacts[fname] = {"sha256": sha256_file(p), "size": p.stat().st_size}
     manifest = {
         "name": name,
         "kernel_version": kernel_version,
+        "microvm_kernel_version": microvm_kernel_version,
         "variant": _check_variant(variant),
         "init": GUEST_INIT,
         "cmdline": image_cmdline(variant),
@@ -459,6 +409,7 @@ def load_image(dir: Path, *, verify: bool = True) -> ImageArtifacts:
         init = str(manifest["init"])
         cmdline = str(manifest.get("cmdline", ""))
         variant = str(manifest.get("variant", MINIMAL))
+        microvm_version = str(manifest.get("microvm_kernel_version", ""))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageError(f"{dir / MANIFEST}: unreadable manifest: {exc}") from exc
     for fname in (ROOTFS, KERNEL, INITRD):
@@ -467,9 +418,11 @@ def load_image(dir: Path, *, verify: bool = True) -> ImageArtifacts:
     if verify:
         for fname, meta in artifacts.items():
             _verify(dir / fname, str(meta.get("sha256")), meta.get("size"))
+    microvm = dir / MICROVM_KERNEL if MICROVM_KERNEL in artifacts else None
     return ImageArtifacts(dir=dir, rootfs=dir / ROOTFS, kernel=dir / KERNEL,
                           initrd=dir / INITRD, kernel_version=kernel_version, init=init,
-                          cmdline=cmdline, variant=variant)
+                          cmdline=cmdline, variant=variant, microvm_kernel=microvm,
+                          microvm_kernel_version=microvm_version)
 
 
 def _verify(path: Path, want_sha: str, want_size: object) -> None:

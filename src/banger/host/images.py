@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from banger.host import imagebuild
+from banger.host import imagebuild, kernelbuild
 from banger.host.bootid import boot_id
 from banger.ports import ImageInfo
 
@@ -27,7 +27,9 @@ class LocalImages:
 
     def _info(self, a: imagebuild.ImageArtifacts, name: str) -> ImageInfo:
         return ImageInfo(name=name, rootfs=a.rootfs, kernel=a.kernel, initrd=a.initrd,
-                         cmdline=a.cmdline, kernel_version=a.kernel_version)
+                         cmdline=a.cmdline, kernel_version=a.kernel_version,
+                         microvm_kernel=a.microvm_kernel,
+                         microvm_kernel_version=a.microvm_kernel_version)
 
     def get(self, name: str) -> ImageInfo | None:
         d = self.root / name
@@ -36,8 +38,8 @@ class LocalImages:
         # Hashing the 2 GiB rootfs costs ~2 s: verify once per host boot and file identity,
         # recorded next to the image, instead of at every daemon start.
         stamp = d / ".verified.json"
-        key = _identity(d, ["manifest.json", imagebuild.ROOTFS, imagebuild.KERNEL,
-                            imagebuild.INITRD])
+        key = _identity(d, ["manifest.json", *(n for n in imagebuild.ARTIFACTS
+                                               if (d / n).exists())])
         try:
             trusted = json.loads(stamp.read_text()) == key
         except (OSError, ValueError):
@@ -56,11 +58,20 @@ class LocalImages:
             stale = (self.root / name / "manifest.json").exists()
             on_progress(f"image {name!r} " + ("was built from an older recipe: rebuilding it"
                                              if stale else "is not built yet: building it once")
-                        + " (about a minute)")
+                        + " (about a minute" + self._kernel_note() + ")")
             self.root.mkdir(parents=True, exist_ok=True)
             return self._info(imagebuild.build_default_image(
                 self.root / name, on_progress=on_progress,
                 variant=imagebuild.IMAGE_VARIANTS[name], agent_cache=self._cache_dir), name)
+
+    def _kernel_note(self) -> str:
+        cache = self._cache_dir
+        try:
+            if cache is not None and kernelbuild.cached(cache, kernelbuild.current_key()):
+                return ""
+        except kernelbuild.KernelBuildError:
+            pass  # the build itself names the missing package
+        return ", plus about 9 min on 2 cores to build the microVM kernel once"
 
 
 def _identity(d: Path, names: list[str]) -> dict[str, object]:

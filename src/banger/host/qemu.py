@@ -116,14 +116,16 @@ def _open_for_qemu(spec: LaunchSpec, runas: RunAs | None,
         opened.callback(os.close, n)
         return n
 
-    for path in (spec.boot.kernel, spec.boot.initrd):
+    boot_files = [p for p in (spec.boot.kernel, spec.boot.initrd) if p is not None]
+    for path in boot_files:
         # QEMU re-opens these through /proc/self/fd, which checks the file's own mode.
         if runas is not None and not runas.can_access(path, os.R_OK):
             raise VmmError(f"{path} is not readable by QEMU's user {runas.name!r}: "
                            f"QEMU loads the kernel and initrd itself; make them "
                            f"world-readable (chmod o+r {path})")
     rw = os.O_RDWR
-    kernel, initrd = fd(spec.boot.kernel, os.O_RDONLY), fd(spec.boot.initrd, os.O_RDONLY)
+    kernel = fd(spec.boot.kernel, os.O_RDONLY)
+    initrd = None if spec.boot.initrd is None else fd(spec.boot.initrd, os.O_RDONLY)
     root, work = fd(spec.root.path, rw), fd(spec.work.path, rw)
     backing = spec.root.backing
     base = fd(backing, os.O_RDONLY) if backing is not None else None

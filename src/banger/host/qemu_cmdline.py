@@ -55,7 +55,7 @@ class VmmFds:
     work: int    # the work disk, read-write
     serial: int  # the serial log, write-only (append)
     kernel: int
-    initrd: int
+    initrd: int | None  # None: the kernel mounts its root disk itself
     qmp: int     # the bound, listening QMP socket
     qmp_tag: int  # a second descriptor of it, listed with its path (for find_qemu_pid)
     agent: int   # the bound, listening socket of the guest agent's channel
@@ -63,9 +63,9 @@ class VmmFds:
     tap: int | None = None   # the tap, attached (TUNSETIFF) by the daemon
 
     def all(self) -> list[int]:
-        fds = [self.root, self.work, self.serial, self.kernel, self.initrd, self.qmp,
-               self.qmp_tag, self.agent]
-        return fds + [fd for fd in (self.base, self.tap) if fd is not None]
+        fds = [self.root, self.work, self.serial, self.kernel, self.qmp, self.qmp_tag,
+               self.agent]
+        return fds + [fd for fd in (self.initrd, self.base, self.tap) if fd is not None]
 
 
 def opt_value(value: object) -> str:
@@ -109,7 +109,8 @@ def kernel_cmdline(spec: LaunchSpec, tsc_khz: int) -> str:
     the image's (which name its init, e.g. ``init=/sbin/banger-init
     banger.init=systemd``)."""
     args = [
-        "console=ttyS0", "root=/dev/vda", "rw",
+        # rootfstype: a kernel without an initramfs would otherwise try every filesystem.
+        "console=ttyS0", "root=/dev/vda", "rootfstype=ext4", "rw",
         f"tsc_early_khz={tsc_khz}",
         # Boot-time savers under emulation: no crypto self-tests, one UART to probe,
         # quiet console (every character costs an emulated UART write).
@@ -184,7 +185,7 @@ def qemu_argv(spec: LaunchSpec, fds: VmmFds, *, accel: str, tsc_khz: int | None 
         "-no-reboot",
         # Plain file names (not option lists); QEMU re-opens the inherited descriptors.
         "-kernel", f"/proc/self/fd/{fds.kernel}",
-        "-initrd", f"/proc/self/fd/{fds.initrd}",
+        *([] if fds.initrd is None else ["-initrd", f"/proc/self/fd/{fds.initrd}"]),
         "-append", kernel_cmdline(spec, tsc_khz),
         *base,
         # Device order fixes the guest names: root disk /dev/vda, work disk /dev/vdb.

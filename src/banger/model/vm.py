@@ -44,6 +44,15 @@ class NetworkMode(StrEnum):
     TAP = "tap"
 
 
+class KernelKind(StrEnum):
+    """The kernel a VM boots from its image: banger's microVM kernel (drivers built in,
+    no initramfs, the fast default) or Debian's cloud kernel with a busybox initramfs
+    (the fallback)."""
+
+    MICROVM = "microvm"
+    CLOUD = "cloud"
+
+
 def validate_name(name: str) -> str:
     # fullmatch: with match, the pattern's $ would let a trailing newline through.
     if not _LABEL.fullmatch(name):
@@ -71,6 +80,7 @@ class VMSpec:
     image: str = "debian-bookworm"
     network: NetworkMode = NetworkMode.USER
     nat: bool = False
+    kernel: KernelKind = KernelKind.MICROVM
 
     def validated(self) -> VMSpec:
         if not MIN_VCPUS <= self.vcpus <= MAX_VCPUS:

@@ -88,6 +88,14 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ALTER TABLE vms ADD COLUMN pending_workspace TEXT;
         """,
     ),
+    (
+        6,
+        # The kernel a VM boots (KernelKind): banger's microVM kernel unless asked for the
+        # cloud kernel; VMs from before the choice existed get the default.
+        """
+        ALTER TABLE vms ADD COLUMN kernel TEXT NOT NULL DEFAULT 'microvm';
+        """,
+    ),
 )
 
 

@@ -7,7 +7,7 @@ import json
 import sqlite3
 import time
 
-from banger.model.vm import VM, NetworkMode, PendingWorkspace, VMSpec, VMState
+from banger.model.vm import VM, KernelKind, NetworkMode, PendingWorkspace, VMSpec, VMState
 from banger.store.db import Database
 
 
@@ -30,8 +30,8 @@ class VMRepository:
                     "INSERT INTO vms (id, name, image, vcpus, memory_mib, work_disk_mib, network, "
                     "nat, state, created_at, updated_at, last_error, last_error_stage, "
                     "last_op_id, boot_id, guest_ip, workspace_path, workspace_guest_path, "
-                    "workspace_head, pending_workspace) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "workspace_head, pending_workspace, kernel) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     _row(vm),
                 )
         except sqlite3.IntegrityError as exc:
@@ -43,7 +43,8 @@ class VMRepository:
                 "UPDATE vms SET name=?, image=?, vcpus=?, memory_mib=?, work_disk_mib=?, "
                 "network=?, nat=?, state=?, created_at=?, updated_at=?, last_error=?, "
                 "last_error_stage=?, last_op_id=?, boot_id=?, guest_ip=?, workspace_path=?, "
-                "workspace_guest_path=?, workspace_head=?, pending_workspace=? WHERE id=?",
+                "workspace_guest_path=?, workspace_head=?, pending_workspace=?, kernel=? "
+                "WHERE id=?",
                 (*_row(vm)[1:], vm.id),
             )
             if cur.rowcount == 0:
@@ -125,7 +126,8 @@ def _row(vm: VM) -> tuple[object, ...]:
     return (vm.id, vm.name, s.image, s.vcpus, s.memory_mib, s.work_disk_mib, s.network.value,
             int(s.nat), vm.state.value, vm.created_at, vm.updated_at, vm.last_error,
             vm.last_error_stage, vm.last_op_id, vm.boot_id, vm.guest_ip, vm.workspace_path,
-            vm.workspace_guest_path, vm.workspace_head, _pending_json(vm.pending_workspace))
+            vm.workspace_guest_path, vm.workspace_head, _pending_json(vm.pending_workspace),
+            s.kernel.value)
 
 
 def _pending_json(p: PendingWorkspace | None) -> str | None:
@@ -138,7 +140,8 @@ def _pending(text: str | None) -> PendingWorkspace | None:
 
 def _vm(r: sqlite3.Row) -> VM:
     spec = VMSpec(vcpus=r["vcpus"], memory_mib=r["memory_mib"], work_disk_mib=r["work_disk_mib"],
-                  image=r["image"], network=NetworkMode(r["network"]), nat=bool(r["nat"]))
+                  image=r["image"], network=NetworkMode(r["network"]), nat=bool(r["nat"]),
+                  kernel=KernelKind(r["kernel"]))
     return VM(id=r["id"], name=r["name"], spec=spec, state=VMState(r["state"]),
               created_at=r["created_at"], updated_at=r["updated_at"],
               last_error=r["last_error"], last_error_stage=r["last_error_stage"],
