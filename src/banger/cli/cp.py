@@ -93,14 +93,11 @@ def _upload(client: Client, s: Operand, d: Operand, recursive: bool,
         body = progress.counting(_read_chunks(sys.stdin.buffer))
         return client.put_files(d.vm, d.path, body).bytes
     local = Path(s.path)
-    try:
-        st = local.stat()  # a symlink named on the command line is followed
-    except FileNotFoundError:
-        raise CpError(f"{s.path}: no such file or directory") from None
-    is_dir = os.path.isdir(local)
+    if not local.exists():  # a symlink named on the command line is followed
+        raise CpError(f"{s.path}: no such file or directory")
+    is_dir = local.is_dir()
     if is_dir and not recursive:
         raise CpError(f"{s.path} is a directory: copy it with -r")
-    del st
     name = local.resolve().name
     if not name:
         raise CpError(f"{s.path}: copy the directories below / one by one")

@@ -13,10 +13,10 @@ from collections.abc import Generator, Iterable
 from posixpath import normpath
 
 from banger.core.context import VMContext
+from banger.core.execs import stopped_under
 from banger.core.views import agent_channel
 from banger.model.errors import InvalidRequest, OperationFailed
-from banger.model.vm import VM, VMState
-from banger.store.vms import NotFound
+from banger.model.vm import VM
 
 # Each wait of a transfer (the guest's credit, its next chunk, its answer): a guest that
 # says nothing for this long is not going to. Not the whole transfer's limit.
@@ -64,13 +64,4 @@ def _said(ctx: VMContext, vm: VM,
 
 
 def _why(ctx: VMContext, vm: VM, exc: OperationFailed) -> OperationFailed:
-    """A transfer that failed because the VM was stopped (or deleted) under it says so."""
-    try:
-        now = ctx.repo.get(vm.id)
-    except NotFound:
-        return OperationFailed(f"VM {vm.name!r} was deleted during the copy ({exc})")
-    if now.state is not VMState.RUNNING or ctx.lock(vm.id).locked() \
-            or now.boot_id != vm.boot_id:
-        return OperationFailed(f"VM {vm.name!r} was stopped during the copy (it is "
-                               f"{now.state.value}): {exc}")
-    return exc
+    return stopped_under(ctx, vm, exc, "during the copy")
