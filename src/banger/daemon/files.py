@@ -52,7 +52,7 @@ POLL = 0.5
 # transfer ends with its connection, which the server's exit closes.
 THREAD = "files"
 
-GuestPath = Annotated[str, Query(min_length=1, max_length=4096,
+GuestPath = Annotated[str, Query(min_length=1, max_length=4096, pattern="^/",
                                  description="an absolute path in the guest")]
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
