@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -53,51 +53,44 @@ def _guest(path: Path, features: list[str], then: Callable[[socket.socket, Frame
     return t
 
 
-def test_an_agent_without_files_is_told_to_restart(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _agent(tmp_path: Path, features: list[str],
+           then: Callable[[socket.socket, Frame], None]) -> Iterator[tuple[LocalAgent, Path]]:
     path = tmp_path / "agent.sock"
-    t = _guest(path, ["credit"], lambda c, f: None)
+    t = _guest(path, features, then)
     agent = LocalAgent()
     try:
-        with pytest.raises(ConflictError, match="restart the VM"):
-            agent.get_files(channel=path, path="/root", timeout=5)
+        yield agent, path
     finally:
         agent.close()
         t.join(5)
 
 
-def test_a_refusal_is_an_invalid_request(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sock"
+def test_an_agent_without_files_is_told_to_restart(tmp_path: Path) -> None:
+    with _agent(tmp_path, ["credit"], lambda c, f: None) as (agent, path), \
+            pytest.raises(ConflictError, match="restart the VM"):
+        agent.get_files(channel=path, path="/root", timeout=5)
 
+
+def test_a_refusal_is_an_invalid_request(tmp_path: Path) -> None:
     def refuse(conn: socket.socket, f: Frame) -> None:
         assert f.kind == Kind.FILE_GET
         conn.sendall(frame(Kind.ERROR, f.chan, fields([(1, "open /x: No such file")])))
         conn.recv(1 << 16)
 
-    t = _guest(path, ["credit", "files"], refuse)
-    agent = LocalAgent()
-    try:
-        with pytest.raises(InvalidRequest, match="No such file"):
-            agent.get_files(channel=path, path="/x", timeout=5)
-    finally:
-        agent.close()
-        t.join(5)
+    with _agent(tmp_path, ["credit", "files"], refuse) as (agent, path), \
+            pytest.raises(InvalidRequest, match="No such file"):
+        agent.get_files(channel=path, path="/x", timeout=5)
 
 
 def test_a_guest_gone_part_way_fails_the_iteration(tmp_path: Path) -> None:
-    path = tmp_path / "agent.sock"
-
     def half(conn: socket.socket, f: Frame) -> None:
         assert f.kind == Kind.FILE_GET
         conn.sendall(frame(Kind.DATA, f.chan, b"x" * 512))
         conn.close()
 
-    t = _guest(path, ["credit", "files"], half)
-    agent = LocalAgent()
-    try:
+    with _agent(tmp_path, ["credit", "files"], half) as (agent, path):
         chunks = agent.get_files(channel=path, path="/x", timeout=5)
+        assert next(chunks) == b"x" * 512
         with pytest.raises(OperationFailed, match="copying /x out"):
-            assert next(chunks) == b"x" * 512
             next(chunks)
-    finally:
-        agent.close()
-        t.join(5)
