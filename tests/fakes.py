@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -41,6 +41,7 @@ from banger.ports import (
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
 from tests.fake_exec import KNOWN, FakeExec
+from tests.fake_files import FakeGuestFiles
 
 
 class FakeImages:
@@ -236,6 +237,7 @@ class FakeAgent:
         # Every exec started, by channel (the real adapter keeps one connection each).
         self.execs: dict[Path, list[FakeExec]] = {}
         self.released: list[Path] = []
+        self.files = FakeGuestFiles()  # each VM's guest filesystem (tests/fake_files.py)
 
     def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> AgentHello:
@@ -292,6 +294,17 @@ class FakeAgent:
             mem_available_kib=768 << 10, cpu_user_ticks=n // 5, cpu_system_ticks=n // 20,
             cpu_idle_ticks=n * 3 // 4, ncpu=2, filesystems=(
                 GuestFilesystem("/", 4 << 30, 1 << 30, 3 << 30), *self.mounts))
+
+
+    def put_files(self, *, channel: Path, dest: str, source: Iterable[bytes],
+                  timeout: float) -> int:
+        self._proc(channel)
+        return self.files.put(channel, dest, source)
+
+    def get_files(self, *, channel: Path, path: str,
+                  timeout: float) -> Generator[bytes, None, None]:
+        self._proc(channel)
+        return self.files.get(channel, path)
 
 
 class FakeGuest:

@@ -7,7 +7,7 @@ it releases something: "already gone" is success.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
@@ -406,6 +406,25 @@ class AgentPort(Protocol):
         """Start ``request`` in the guest; returns once it runs. A command the guest cannot
         start (no such file), or an agent that does not answer within ``timeout``, raises
         OperationFailed naming it."""
+
+    # --- files (`vm cp`): tar streams through the kept session ---------------------------
+
+    def put_files(self, *, channel: Path, dest: str, source: Iterable[bytes],
+                  timeout: float) -> int:
+        """Extract the tar stream ``source`` into the guest directory ``dest`` (made
+        with its parents if missing); the bytes sent. ``timeout`` bounds each wait (for
+        the guest's credit, its answer), not the transfer. An agent without the "files"
+        feature raises ConflictError; the guest's refusal (an entry it will not write)
+        InvalidRequest; a lost agent OperationFailed. An error raised by ``source`` ends
+        the put (the guest refuses the truncated tar) and propagates."""
+
+    def get_files(self, *, channel: Path, path: str,
+                  timeout: float) -> Generator[bytes, None, None]:
+        """A tar of the guest's ``path`` (a file, or a directory recursively; a symlink
+        at the top is followed, none below), in chunks of at most 64 KiB as the guest
+        sends them; ``timeout`` bounds each wait. The first chunk is fetched before this
+        returns, so a missing path raises here (InvalidRequest). Closing the generator
+        cancels the transfer; a failure part way raises from the iteration."""
 
     def release(self, *, channel: Path) -> None:
         """Close the connection to ``channel``'s agent (the VM's runtime is released): its

@@ -59,7 +59,8 @@ class Home:
             try:
                 cmd = (d / "cmdline").read_bytes().split(b"\0")
                 env = (d / "environ").read_bytes().split(b"\0")
-                state = (d / "stat").read_text().rsplit(") ", 1)[1][0]
+                # Bytes: another process's name (in stat) may be any bytes, not UTF-8.
+                state = (d / "stat").read_bytes().rsplit(b") ", 1)[1][:1].decode()
             except (OSError, IndexError):
                 continue
             if b"banger.daemon.main" in cmd and mine in env and state != "Z":

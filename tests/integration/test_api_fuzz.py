@@ -3,7 +3,9 @@ or a response that breaks the published schema."""
 
 from __future__ import annotations
 
+import io
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import (
     allow_header_conformance,
     positive_data_acceptance,
@@ -37,6 +40,20 @@ def _app(root: Path):  # type: ignore[no-untyped-def]
                                                                detail="")]),
                       ssh_key="k", known_hosts="kh", ssh_argv=lambda p, a: ["ssh"])
 
+
+def _tar(name: str) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"ok"))
+    return buf.getvalue()
+
+
+# The files upload's body (`PUT /v1/vms/{ref}/files`): raw bytes, no JSON schema to
+# generate from; a tar, an absolute name the guest refuses, or garbage.
+schemathesis.openapi.media_type(
+    "application/x-tar", st.sampled_from([_tar("f"), _tar("/etc/x"), b"", b"not a tar"]))
 
 # Its own directory: a fixed path would be shared by concurrent runs (other checkouts).
 _ROOT = Path(tempfile.mkdtemp(prefix="banger-fuzz-"))

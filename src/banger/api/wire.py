@@ -6,6 +6,8 @@ from __future__ import annotations
 API_VERSION = "v1"
 PREFIX = f"/{API_VERSION}"
 NDJSON = "application/x-ndjson"
+# The body of a files upload and the answer of a download (`/v1/vms/{ref}/files`).
+TAR = "application/x-tar"
 # An idle progress stream carries a heartbeat line this often, so a client can tell a
 # daemon that is gone (no line for STREAM_SILENCE_LIMIT seconds) from a slow boot.
 HEARTBEAT_SECONDS = 5.0

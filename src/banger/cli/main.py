@@ -12,6 +12,7 @@ from __future__ import annotations
 import click
 
 from banger import __version__
+from banger.cli.cp import vm_cp
 from banger.cli.logs import vm_logs
 from banger.cli.ssh import ssh_config, vm_ssh
 from banger.cli.stats import vm_stats
@@ -32,6 +33,7 @@ vm.add_command(vm_exec)
 vm.add_command(vm_workspace)
 vm.add_command(vm_stats)
 vm.add_command(vm_logs)
+vm.add_command(vm_cp)
 cli.add_command(doctor)
 cli.add_command(ssh_config)
 cli.add_command(ops)

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
@@ -21,6 +21,7 @@ from banger.client.types import (
     CreateBody,
     Doctor,
     ErrorBody,
+    FilesPut,
     Health,
     LogEvent,
     Logs,
@@ -268,6 +269,20 @@ class Client:
         from banger.client.execws import open_exec
 
         return open_exec(str(self.socket_path), seg(ref), argv, env=env, cwd=cwd, tty=tty)
+
+    def put_files(self, ref: str, dest: str, tar: Iterable[bytes]) -> FilesPut:
+        """Extract the tar stream ``tar`` (streamed, chunked) into the directory ``dest``
+        of running VM ``ref`` (see :mod:`banger.client.files`)."""
+        from banger.client import files
+
+        return FilesPut.from_json(files.put(self.socket_path, seg(ref), dest, tar))
+
+    def get_files(self, ref: str, path: str) -> Iterator[bytes]:
+        """A tar of ``path`` in running VM ``ref``, in chunks; TransferBroken when it is
+        cut short (see :mod:`banger.client.files`)."""
+        from banger.client import files
+
+        return files.get(self.socket_path, seg(ref), path)
 
     def ssh_config(self) -> SshConfig:
         return SshConfig.from_json(self._request("GET", "/ssh-config"))

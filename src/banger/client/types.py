@@ -263,6 +263,14 @@ class SshConfig(_Record):
 
 
 @dataclass
+class FilesPut(_Record):
+    """An upload's answer: the guest directory the tar went into, and its size."""
+
+    path: str
+    bytes: int
+
+
+@dataclass
 class OperationOut(_Record):
     id: str
     kind: str

@@ -72,17 +72,22 @@ class RunningExec:
             raise self._why(exc) from exc
 
     def _why(self, exc: OperationFailed) -> OperationFailed:
-        """The VM was stopped (or is being stopped) under the command: say so."""
-        name = self.vm.name
-        try:
-            now = self._ctx.repo.get(self.vm.id)
-        except NotFound:
-            return OperationFailed(f"VM {name!r} was deleted while the command ran ({exc})")
-        busy = self._ctx.lock(self.vm.id).locked()
-        if now.state is not VMState.RUNNING or busy or now.boot_id != self.vm.boot_id:
-            return OperationFailed(f"VM {name!r} was stopped while the command ran "
-                                   f"(it is {now.state.value}): {exc}")
-        return exc
+        return stopped_under(self._ctx, self.vm, exc, "while the command ran")
+
+
+def stopped_under(ctx: VMContext, vm: VM, exc: OperationFailed,
+                  during: str) -> OperationFailed:
+    """``exc`` said in the VM's terms when the VM was stopped (or is being stopped, or
+    was deleted) under the guest call ``during`` ("while the command ran")."""
+    try:
+        now = ctx.repo.get(vm.id)
+    except NotFound:
+        return OperationFailed(f"VM {vm.name!r} was deleted {during} ({exc})")
+    busy = ctx.lock(vm.id).locked()
+    if now.state is not VMState.RUNNING or busy or now.boot_id != vm.boot_id:
+        return OperationFailed(f"VM {vm.name!r} was stopped {during} "
+                               f"(it is {now.state.value}): {exc}")
+    return exc
 
 
 def exec_start(ctx: VMContext, ref: str, request: ExecRequest) -> RunningExec:

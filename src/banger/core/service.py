@@ -14,10 +14,10 @@ import logging
 import signal as signals
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import ParamSpec, TypeVar
 
-from banger.core import batch, lifecycle, reconcile, views, workspaces
+from banger.core import batch, files, lifecycle, reconcile, views, workspaces
 from banger.core.batch import BatchResult
 from banger.core.context import Timeouts, VMContext
 from banger.core.execs import RunningExec, exec_start
@@ -195,6 +195,12 @@ class VMService:
 
     def exec(self, ref: str, request: ExecRequest) -> RunningExec:
         return exec_start(self.ctx, ref, request)
+
+    def put_files(self, ref: str, dest: str, source: Iterable[bytes]) -> int:
+        return files.put_files(self.ctx, ref, dest, source)
+
+    def get_files(self, ref: str, path: str) -> Generator[bytes, None, None]:
+        return files.get_files(self.ctx, ref, path)
 
     @_notifies
     def reconcile(self) -> list[VM]:

@@ -60,6 +60,7 @@ from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
 from banger.daemon.execws import add_exec_routes
+from banger.daemon.files import add_file_routes
 from banger.daemon.logstream import add_log_routes
 from banger.daemon.threads import in_thread
 from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
@@ -426,4 +427,5 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
         return op_out(service.ops.cancel(op_id))
 
     add_exec_routes(app, service)
+    add_file_routes(app, service)
     return app

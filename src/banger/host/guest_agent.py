@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from pathlib import Path
 
+from banger.host import guest_files
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_records import (
     AgentError,
@@ -137,6 +138,18 @@ class LocalAgent:
     def close(self) -> None:
         for channel in self.sessions.channels():
             self.sessions.release(channel)
+
+    # --- files (`vm cp`): host/guest_files.py ---------------------------------------------
+
+    def put_files(self, *, channel: Path, dest: str, source: Iterable[bytes],
+                  timeout: float) -> int:
+        return guest_files.put_files(self.sessions, channel=channel, dest=dest,
+                                     source=source, timeout=timeout)
+
+    def get_files(self, *, channel: Path, path: str,
+                  timeout: float) -> Generator[bytes, None, None]:
+        return guest_files.get_files(self.sessions, channel=channel, path=path,
+                                     timeout=timeout)
 
 
 def with_tail(message: str, log: Path) -> str:
