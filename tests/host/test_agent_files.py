@@ -278,3 +278,16 @@ def test_a_put_is_not_refused_by_the_temporary_files_of_a_killed_agent(
     assert (dest / "t" / "file").read_text() == "data"
     assert os.readlink(dest / "t" / "link") == "file"
     assert (dest / "t" / "hard").read_text() == "data"
+
+
+def test_a_long_error_cut_inside_a_character_is_still_an_error(conn: AgentConnection,
+                                                               tmp_path: Path) -> None:
+    # An ERROR's message is cut at the agent's buffer (~511 bytes); a path of non-ASCII
+    # characters in it must not be cut inside one: the host would take the answer as a
+    # broken protocol and drop the connection (and every exec on it).
+    (tmp_path / "file").write_text("not a directory")
+    for pad in ("", "a"):
+        dest = str(tmp_path / "file" / (pad + "é" * 300))
+        with pytest.raises(AgentRequestError, match="refused FILE_PUT"):
+            conn.put_tar(dest, [b"\0" * 1024], timeout=10)
+        assert conn.failure is None

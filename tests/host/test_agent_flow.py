@@ -119,3 +119,31 @@ def test_listening_sockets_match_ss(conn: AgentConnection) -> None:
     finally:
         server.kill()
         server.wait(10)
+
+
+def test_a_process_name_cut_inside_a_character_is_listed_not_fatal(
+        conn: AgentConnection) -> None:
+    # The kernel keeps 15 bytes of a command name: a UTF-8 name is cut inside a character
+    # ("überwachungsdämon" -> b"\xc3\xbcberwachungsd\xc3"), and any process may name
+    # itself any bytes. A LISTENING answer must stay UTF-8, or the host takes it as a
+    # broken protocol and drops the connection (and every exec on it).
+    script = (
+        "import ctypes, socket, time\n"
+        "ctypes.CDLL(None).prctl(15, 'überwachungsdämon'.encode(), 0, 0, 0)\n"
+        "t = socket.socket(); t.bind(('127.0.0.1', 0)); t.listen()\n"
+        "print(t.getsockname()[1], flush=True)\n"
+        "time.sleep(60)\n")
+    server = conn.exec(["python3", "-c", script], env=ENV)
+    line = b""
+    for _, data in server.output(20):
+        line += data
+        if line.endswith(b"\n"):
+            break
+    try:
+        got = {(s.proto, s.address, s.port): s.process for s in conn.listening(10)}
+        name = got[("tcp", "127.0.0.1", int(line))]
+        assert name is not None and name.startswith("überwachungsd")
+        assert conn.failure is None
+    finally:
+        server.kill()
+        server.wait(10)
