@@ -249,11 +249,11 @@ def _agent_pid() -> int:
         if not d.name.isdigit():
             continue
         try:
-            stat = (d / "stat").read_text()
+            stat = (d / "stat").read_bytes()  # a name is any bytes
         except OSError:
             continue
-        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
-        if comm == "banger-agent" and int(rest.split()[1]) == os.getpid():
+        comm, rest = stat[stat.index(b"(") + 1:stat.rindex(b")")], stat[stat.rindex(b")") + 2:]
+        if comm == b"banger-agent" and int(rest.split()[1]) == os.getpid():
             return int(d.name)
     raise AssertionError("no banger-agent child")
 
