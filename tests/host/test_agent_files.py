@@ -241,3 +241,53 @@ def test_numeric_owners_come_from_the_tar_as_root(conn: AgentConnection,
     conn.put_tar(str(tmp_path), [hostile((info, b"mine"))], timeout=10)
     st = (tmp_path / "owned").stat()
     assert (st.st_uid, st.st_gid, int(st.st_mtime)) == (1234, 5678, 1_500_000_000)
+
+
+def _agent_pid() -> int:
+    """The pid of this test's banger-agent (a child of this process)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_bytes()  # a name is any bytes
+        except OSError:
+            continue
+        comm, rest = stat[stat.index(b"(") + 1:stat.rindex(b")")], stat[stat.rindex(b")") + 2:]
+        if comm == b"banger-agent" and int(rest.split()[1]) == os.getpid():
+            return int(d.name)
+    raise AssertionError("no banger-agent child")
+
+
+def test_a_put_is_not_refused_by_the_temporary_files_of_a_killed_agent(
+        conn: AgentConnection, tmp_path: Path) -> None:
+    # A VM killed during a put leaves the agent's temporary files; the agent starts early
+    # at every boot, so with the same pid, and its names count from 0 again: the same
+    # copy, tried again, must not fail on them ("File exists").
+    pid = _agent_pid()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    top = tmp_path / "src" / "t"
+    top.mkdir(parents=True)
+    (top / "file").write_text("data")
+    os.symlink("file", top / "link")
+    os.link(top / "file", top / "hard")
+    (dest / "t").mkdir()
+    for n in range(8):
+        (dest / "t" / f".banger-put.{pid}.{n}").write_bytes(b"left by a killed agent")
+    conn.put_tar(str(dest), [tar_of(top, tarfile.PAX_FORMAT)], timeout=10)
+    assert (dest / "t" / "file").read_text() == "data"
+    assert os.readlink(dest / "t" / "link") == "file"
+    assert (dest / "t" / "hard").read_text() == "data"
+
+
+def test_a_long_error_cut_inside_a_character_is_still_an_error(conn: AgentConnection,
+                                                               tmp_path: Path) -> None:
+    # An ERROR's message is cut at the agent's buffer (~511 bytes); a path of non-ASCII
+    # characters in it must not be cut inside one: the host would take the answer as a
+    # broken protocol and drop the connection (and every exec on it).
+    (tmp_path / "file").write_text("not a directory")
+    for pad in ("", "a"):
+        dest = str(tmp_path / "file" / (pad + "é" * 300))
+        with pytest.raises(AgentRequestError, match="refused FILE_PUT"):
+            conn.put_tar(dest, [b"\0" * 1024], timeout=10)
+        assert conn.failure is None

@@ -17,6 +17,7 @@ from agentconn import running_agent
 
 from banger.host import guestports
 from banger.host.agent_client import AgentConnection
+from banger.host.agent_exec import Exec
 from banger.host.agent_records import Stream
 
 pytestmark = pytest.mark.host
@@ -54,6 +55,10 @@ def test_a_stalled_consumer_stalls_nobody_else(conn: AgentConnection) -> None:
         if seen > 4 * conn.window:
             break
     flood.kill()
+    # What it printed before the SIGKILL is still in the pipe and the window: the agent
+    # sends EXIT after it, within the credit that reading grants (Exec.wait's rule).
+    for _ in flood.output(10):
+        pass
     assert flood.wait(10).returncode == 137
 
 
@@ -90,6 +95,17 @@ def test_output_without_a_total_cap_through_a_callback(conn: AgentConnection) ->
     assert got[0] == 40 << 20
 
 
+def _listener(conn: AgentConnection, script: str) -> tuple[Exec, bytes]:
+    """``script`` run by python3 in the guest, and the first line it prints (its ports)."""
+    server = conn.exec(["python3", "-c", script], env=ENV)
+    line = b""
+    for _, data in server.output(20):
+        line += data
+        if line.endswith(b"\n"):
+            break
+    return server, line
+
+
 def test_listening_sockets_match_ss(conn: AgentConnection) -> None:
     script = (
         "import socket, sys, time\n"
@@ -100,22 +116,41 @@ def test_listening_sockets_match_ss(conn: AgentConnection) -> None:
         "d.listen()\n"
         "print(t.getsockname()[1], u.getsockname()[1], d.getsockname()[1], flush=True)\n"
         "time.sleep(60)\n")
-    server = conn.exec(["python3", "-c", script], env=ENV)
-    line = b""
-    for _, data in server.output(20):
-        line += data
-        if line.endswith(b"\n"):
-            break
+    server, line = _listener(conn, script)
     tcp, udp, dual = (int(p) for p in line.split())
     try:
         ours = {("tcp", "127.0.0.1", tcp), ("udp", "::1", udp), ("tcp", "*", dual)}
         got = {(s.proto, s.address, s.port): s.process for s in conn.listening(10)}
         assert ours <= set(got)
         assert {got[k] for k in ours} == {"python3"}
+        # errors="replace": a process of this machine may have a name that is not UTF-8.
         ss = subprocess.run(["ss", "-H", "-l", "-n", "-t", "-u", "-p"], capture_output=True,
-                            text=True, check=True).stdout
+                            text=True, errors="replace", check=True).stdout
         theirs = {(s.proto, s.address, s.port): s.process for s in guestports.parse_ss(ss)}
         assert {k: theirs[k] for k in ours} == {k: got[k] for k in ours}
+    finally:
+        server.kill()
+        server.wait(10)
+
+
+def test_a_process_name_cut_inside_a_character_is_listed_not_fatal(
+        conn: AgentConnection) -> None:
+    # The kernel keeps 15 bytes of a command name: a UTF-8 name is cut inside a character
+    # ("überwachungsdämon" -> b"\xc3\xbcberwachungsd\xc3"), and any process may name
+    # itself any bytes. A LISTENING answer must stay UTF-8, or the host takes it as a
+    # broken protocol and drops the connection (and every exec on it).
+    script = (
+        "import ctypes, socket, time\n"
+        "ctypes.CDLL(None).prctl(15, 'überwachungsdämon'.encode(), 0, 0, 0)\n"
+        "t = socket.socket(); t.bind(('127.0.0.1', 0)); t.listen()\n"
+        "print(t.getsockname()[1], flush=True)\n"
+        "time.sleep(60)\n")
+    server, line = _listener(conn, script)
+    try:
+        got = {(s.proto, s.address, s.port): s.process for s in conn.listening(10)}
+        name = got[("tcp", "127.0.0.1", int(line))]
+        assert name is not None and name.startswith("überwachungsd")
+        assert conn.failure is None
     finally:
         server.kill()
         server.wait(10)

@@ -4,6 +4,7 @@ are this process's)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -46,13 +47,32 @@ class Follower:
               f" (stderr {bytes(self.err)!r})")
 
     def end(self) -> int:
-        rc = self.proc.wait(WAIT)
+        try:
+            rc = self.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            where = _process_state(self.proc.pid)
+            self.proc.kill()
+            raise AssertionError(f"the CLI did not exit within {WAIT} s: {where}; stderr "
+                                 f"{bytes(self.err[-500:])!r}") from None
         for t in self._readers:
             t.join(WAIT)
         for pipe in (self.proc.stdout, self.proc.stderr):
             assert pipe is not None
             pipe.close()
         return rc
+
+
+def _process_state(pid: int) -> str:
+    """Where a process that does not exit is: its state, kernel wait channel and signal
+    masks (a SIGINT pending but blocked or ignored shows here), for a failure's message."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append("wchan=" + Path(f"/proc/{pid}/wchan").read_text())
+    with contextlib.suppress(OSError):
+        parts += [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if line.startswith(("State", "Threads", "SigPnd", "ShdPnd", "SigBlk",
+                                      "SigIgn", "SigCgt", "VmSwap"))]
+    return ", ".join(parts)
 
 
 def until(ok: Callable[[], bool], what: str) -> None:

@@ -192,3 +192,50 @@ def test_an_older_agent_gets_no_window_and_no_files() -> None:
     finally:
         conn.close()
         guest.close()
+
+
+def test_a_guest_that_reads_nothing_while_it_prints_costs_one_sending_thread() -> None:
+    # The guest grants stdin credit and then reads nothing: a stdin write waits on the
+    # socket. Meanwhile it prints; the reader hands the output on and grants credit back
+    # for each quarter window, from a thread when the send lock is busy. One such thread
+    # for the connection, however much the guest prints (not one each).
+    host, guest = socket.socketpair()
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = AgentConnection(host, name="raw", ask_hello=False, window=1024, send_timeout=20)
+    g = RawGuest(guest)
+    g.send(Kind.HELLO, 0, CREDIT_HELLO)
+    conn.wait_hello(5)
+    seen: list[int] = []
+    box: list[object] = []
+    t = threading.Thread(target=lambda: box.append(conn.exec(
+        ["x"], max_output=None, on_output=lambda _s, data: seen.append(len(data)))))
+    t.start()
+    f = g.recv()
+    g.send(Kind.STARTED, f.chan, fields([(1, 42), (2, 1 << 30)]))
+    t.join(5)
+    ex = box[0]
+
+    def write() -> None:
+        with contextlib.suppress(AgentError):
+            ex.write_stdin(b"s" * (8 << 20))  # type: ignore[attr-defined]
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    for _ in range(50):  # until the write holds the send lock, waiting on the socket
+        if conn._send_lock.locked():
+            break
+        threading.Event().wait(0.1)
+    try:
+        for _ in range(300):
+            g.send(Kind.STDOUT, f.chan, b"o" * 256)  # a quarter window: a grant each
+        deadline = 50
+        while len(seen) < 300 and deadline:
+            threading.Event().wait(0.1)
+            deadline -= 1
+        assert len(seen) == 300
+        posting = [th for th in threading.enumerate() if th.name == "banger-agent-post"]
+        assert len(posting) <= 1, f"{len(posting)} threads wait to send a CREDIT"
+    finally:
+        conn.close()
+        guest.close()
+        writer.join(30)

@@ -3,6 +3,7 @@ the e2e tier: tests/e2e/conftest.py builds it once per machine with the images).
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import tarfile
@@ -185,3 +186,33 @@ def test_a_cancelled_compile_stops_make_and_its_children(fake_source: Path, tmp_
         for _ in range(100):  # killed at once; reaped by init shortly after
             os.kill(child, 0)
             time.sleep(0.05)
+
+
+def test_a_build_removes_the_trees_of_killed_builds_but_not_of_live_ones(
+        fake_source: Path, tmp_path: Path) -> None:
+    # A daemon killed while it built left its ~1 GiB tree; another build (or the make of
+    # a killed one, which holds its directory) is still at work in its own.
+    parent = tmp_path / "cache" / "kernel"
+    dead, live = parent / ".build-dead", parent / ".build-live"
+    for d in (dead, live):
+        (d / "linux-source-6.1").mkdir(parents=True)
+        (d / "linux-source-6.1" / "Makefile").write_text("x")
+        os.utime(d, (0, 0))
+    fd = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        kernel = kernelbuild.ensure_kernel(tmp_path / "cache", lambda _: None)
+        assert sorted(p.name for p in parent.iterdir()) == sorted([".build-live",
+                                                                   kernel.key])
+    finally:
+        os.close(fd)
+
+
+def test_make_holds_its_build_directory(tmp_path: Path) -> None:
+    # Its parent's (the daemon's) death leaves make running: make keeps the directory held.
+    src = tmp_path / "build" / "src"
+    src.mkdir(parents=True)
+    (src / "Makefile").write_text(
+        f"vmlinux:\n\t@for f in /proc/$$PPID/fd/*; do readlink $$f; done > {tmp_path}/fds\n")
+    kernelbuild._make_vmlinux(src, 1, lambda _: None)
+    assert str(src.parent) in (tmp_path / "fds").read_text().splitlines()

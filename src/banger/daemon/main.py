@@ -6,9 +6,11 @@ Unix socket only its owner (and root where configured) can use.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -203,6 +205,10 @@ WS_SETTINGS: dict[str, Any] = {"ws": "wsproto", "ws_ping_interval": None,
                                "ws_max_size": EXEC_MAX_MESSAGE}
 
 
+# How long a stopping daemon waits for a client whose unsent output does not go down.
+STALLED_CLIENT_SECONDS = 2.0
+
+
 class Server(uvicorn.Server):
     """uvicorn's server that, told to stop (SIGTERM, SIGINT), also cancels every
     operation in flight.
@@ -229,6 +235,39 @@ class Server(uvicorn.Server):
     def _cancel_all(self) -> None:
         for op in self._ops.in_flight():
             op.control.cancel("cancelled: bangerd is stopping")
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        watch = asyncio.create_task(self._drop_stalled_clients())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            watch.cancel()
+
+    async def _drop_stalled_clients(self) -> None:
+        """While the server stops: cut a connection whose client reads nothing.
+
+        uvicorn waits for every connection to end, and one whose client stopped reading
+        (`vm logs -f box | less` waiting at a full screen, a suspended CLI, an exec's
+        output nobody takes) keeps unsent bytes that a close waits to flush: the stop
+        would wait for that reader forever. A connection whose unsent bytes did not go
+        down in :data:`STALLED_CLIENT_SECONDS` is aborted; a client that reads gets its
+        stream's end as before."""
+        unsent: dict[int, int] = {}
+        while True:
+            await asyncio.sleep(STALLED_CLIENT_SECONDS)
+            now: dict[int, int] = {}
+            for conn in list(self.server_state.connections):
+                transport = getattr(conn, "transport", None)
+                if transport is None:
+                    continue
+                size = transport.get_write_buffer_size()
+                if size and unsent.get(id(conn), 0) and size >= unsent[id(conn)]:
+                    log.info("stopping: dropped a client that read nothing for %.0f s "
+                             "(%d bytes unsent)", STALLED_CLIENT_SECONDS, size)
+                    transport.abort()
+                    continue
+                now[id(conn)] = size
+            unsent = now
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 
 from banger.host.agent_proto import Kind, SignalTag, fields, frame
@@ -31,6 +32,11 @@ class AgentWire:
         self.cond = threading.Condition()
         self._send_lock = threading.Lock()
         self._failure: AgentError | None = None
+        # Frames the reader posted while a send was under way, and the one thread that
+        # sends them (see post).
+        self._posts: deque[tuple[bytes, str]] = deque()
+        self._posts_lock = threading.Lock()
+        self._poster: threading.Thread | None = None
 
     def _fail(self, err: AgentError, *, quiet: bool = False) -> None:
         """End the connection with ``err`` (the connection's reader and waiters)."""
@@ -103,15 +109,32 @@ class AgentWire:
 
     def post(self, data: bytes, what: str) -> None:
         """A frame sent on behalf of the reader: at once when no other send is under way,
-        else from a thread of its own. The reader must never wait for the send lock: its
-        holder (a large stdin write) may be waiting for the guest, which waits for the
-        reader to take its output. A failure to send ends the connection."""
+        else queued for one sending thread of the connection's. The reader must never
+        wait for the send lock: its holder (a large stdin write) may be waiting for the
+        guest, which waits for the reader to take its output. One thread, not one per
+        frame: a guest that reads nothing while it prints makes the reader post a CREDIT
+        per quarter window, each of which would wait the send timeout. A failure to send
+        ends the connection."""
+        with self._posts_lock:
+            if self._poster is not None:  # after the frames queued before it
+                self._posts.append((data, what))
+                return
         with contextlib.suppress(AgentError):
             if self._send(data, what, busy_ok=True):
                 return
+        with self._posts_lock:
+            self._posts.append((data, what))
+            if self._poster is None:
+                self._poster = threading.Thread(target=self._send_posts, daemon=True,
+                                                name="banger-agent-post")
+                self._poster.start()
 
-        def send() -> None:
+    def _send_posts(self) -> None:
+        while True:
+            with self._posts_lock:
+                if not self._posts:
+                    self._poster = None
+                    return
+                data, what = self._posts.popleft()
             with contextlib.suppress(AgentError):
                 self._send(data, what)
-
-        threading.Thread(target=send, daemon=True, name="banger-agent-post").start()

@@ -12,12 +12,15 @@ Built once per machine (~9 min on 2 cores) and cached like the agent
 (:mod:`banger.host.agentbin`): ``<cache_dir>/kernel/<key>/`` where the key is the sha256
 of the fragment, the source package's version and :data:`RECIPE`; the build runs in a
 temporary directory renamed into place whole, so a killed build leaves nothing behind
-that looks finished.
+that looks finished. That directory (a ~1 GiB kernel tree) is locked while its build
+works in it, by make too (which outlives a killed daemon); the next build removes the
+ones nobody holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -61,6 +64,9 @@ _STEP_TIMEOUT = 600.0
 _BUILD_TIMEOUT = 3 * 3600.0
 _PROGRESS_EVERY = 10.0  # seconds between "n objects compiled" lines
 _OBJECT_LINE = re.compile(rb"^\s+(CC|AS)\s")
+_BUILD_PREFIX = ".build-"
+# A build directory younger than this may not be locked by its builder yet.
+_STALE_AFTER = 60.0
 
 
 class KernelBuildError(RuntimeError):
@@ -166,7 +172,9 @@ def ensure_kernel(cache_dir: Path, on_progress: Callable[[str], None]) -> Kernel
                                f"not installed: apt install {' '.join(missing)}")
     final = cache_dir / "kernel" / key
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    _remove_stale_builds(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_BUILD_PREFIX, dir=final.parent))
+    held = _hold(tmp)
     try:
         out = tmp / "out"
         out.mkdir()
@@ -180,9 +188,37 @@ def ensure_kernel(cache_dir: Path, on_progress: Callable[[str], None]) -> Kernel
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(tmp)
+        os.close(held)
     kernel = cached(cache_dir, key)
     assert kernel is not None
     return kernel
+
+
+def _hold(build_dir: Path) -> int:
+    """A shared lock on ``build_dir`` for as long as the returned fd (or a copy a child
+    inherited) is open: the directory is in use."""
+    fd = os.open(build_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _remove_stale_builds(parent: Path) -> None:
+    """Build directories nobody holds (a daemon killed part way, and its make done):
+    each is a kernel tree of ~1 GiB that nothing else would ever remove."""
+    for d in parent.glob(_BUILD_PREFIX + "*"):
+        try:
+            if time.time() - d.lstat().st_mtime < _STALE_AFTER:
+                continue
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a build works in it (or the make of a killed one still does)
+        finally:
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _build(tmp: Path, out: Path, fragment: str, on_progress: Callable[[str], None]) -> None:
@@ -228,10 +264,14 @@ def _make_vmlinux(src: Path, jobs: int, on_progress: Callable[[str], None]) -> N
     """``make vmlinux``, reporting how many objects are compiled every few seconds."""
     env = {**os.environ, **_BUILD_ENV}
     log = src / "build.log"
-    with log.open("wb") as log_file:
+    # make holds the build directory too: if the daemon is killed, make (a session of its
+    # own) runs on, and its tree must not be removed under it.
+    held = _hold(src.parent)
+    with log.open("wb") as log_file, contextlib.closing(_Fd(held)):
         proc = subprocess.Popen(["make", f"-j{jobs}", VMLINUX], cwd=src, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                pass_fds=(held,))
         assert proc.stdout is not None
         deadline = time.monotonic() + _BUILD_TIMEOUT
         objects, last = 0, time.monotonic()
@@ -260,3 +300,11 @@ def _make_vmlinux(src: Path, jobs: int, on_progress: Callable[[str], None]) -> N
         tail = log.read_bytes()[-2000:].decode(errors="replace")
         raise KernelBuildError(f"microVM kernel: make vmlinux failed (exit {rc}; build "
                                f"deps: {_INSTALL}):\n{tail}")
+
+
+class _Fd:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)

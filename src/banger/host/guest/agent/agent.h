@@ -35,6 +35,10 @@ void begin(void);
 void put_field(int tag, const void *v, size_t n);
 void put_i64(int tag, int64_t v);
 void put_str(int tag, const char *s);
+/* Make s valid UTF-8 in place (strings on the wire are): every byte of an invalid or cut
+ * sequence becomes '?'. A kernel name, a mount point or a message cut to a buffer may
+ * be any bytes. */
+void utf8_clean(char *s);
 void send_frame(int kind, uint32_t chan);
 void send_error(int kind, uint32_t chan, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

@@ -162,6 +162,37 @@ void put_i64(int tag, int64_t v) {
 
 void put_str(int tag, const char *s) { put_field(tag, s, strlen(s)); }
 
+/* The length of the valid UTF-8 sequence at s (1..4), or 0 (as Python's decoder:
+ * no overlong forms, no surrogates, nothing over U+10FFFF). */
+static int utf8_seq(const unsigned char *s) {
+    unsigned c = s[0];
+    if (c < 0x80)
+        return 1;
+    int n = c >= 0xc2 && c <= 0xdf ? 2 : c >= 0xe0 && c <= 0xef ? 3
+            : c >= 0xf0 && c <= 0xf4 ? 4 : 0;
+    if (!n)
+        return 0;
+    unsigned lo = c == 0xe0 ? 0xa0 : c == 0xf0 ? 0x90 : 0x80;
+    unsigned hi = c == 0xed ? 0x9f : c == 0xf4 ? 0x8f : 0xbf;
+    if (s[1] < lo || s[1] > hi)
+        return 0;
+    for (int i = 2; i < n; i++)
+        if (s[i] < 0x80 || s[i] > 0xbf)
+            return 0;
+    return n;
+}
+
+void utf8_clean(char *s) {
+    unsigned char *u = (unsigned char *)s;
+    while (*u) {
+        int n = utf8_seq(u);
+        if (n)
+            u += n;
+        else
+            *u++ = '?';
+    }
+}
+
 bool credit_field(uint32_t chan, const unsigned char *b, size_t n, int64_t *x) {
     if (int_field(b, n, 1, x) && *x > 0 && *x <= (1LL << 40))
         return true;
@@ -189,6 +220,7 @@ void send_error(int kind, uint32_t chan, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
+    utf8_clean(msg);             /* cut at the buffer, maybe inside a character */
     begin();
     put_str(1, msg);
     send_frame(kind, chan);
@@ -683,6 +715,7 @@ static void do_stats(uint32_t chan) {
         unescape(mnt);
         if (strpbrk(mnt, "\t\n") || statvfs(mnt, &sv) < 0)
             continue;            /* a tab would break the field's format */
+        utf8_clean(mnt);         /* shown, not opened again: any bytes, made UTF-8 */
         int n = snprintf(fs, sizeof fs, "%s\t%llu\t%llu\t%llu", mnt,
                          (unsigned long long)sv.f_blocks * sv.f_frsize,
                          (unsigned long long)(sv.f_blocks - sv.f_bfree) * sv.f_frsize,

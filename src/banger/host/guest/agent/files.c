@@ -246,8 +246,6 @@ static const char *start_entry(struct put *p) {
     if (parent < 0)
         return perr;
     p->parent = parent;
-    static unsigned counter;
-    snprintf(p->tmp, sizeof p->tmp, ".banger-put.%d.%u", (int)getpid(), counter++);
     int r = 0;
     struct stat st;
     if (e->type == '5') {
@@ -267,23 +265,38 @@ static const char *start_entry(struct put *p) {
                 return "out of memory";
             p->dirs[p->ndirs++] = (struct dirmeta){copy, e->mode, e->mtime, e->uid, e->gid};
         }
-    } else if (e->type == '2') {
-        r = symlinkat(e->link, parent, p->tmp);
-    } else if (e->type == '1') {
-        char target[PATH_CAP + 1], *tlast;
-        snprintf(target, sizeof target, "%s", e->link);
-        if ((bad = bad_name(target)) || !target[0])
-            return snprintf(why, sizeof why, "a hard link to %s", bad ? bad : "nothing"), why;
-        int tdir = open_parent(p->root, target, &tlast, &perr);
-        if (tdir < 0)
-            return perr;
-        r = linkat(tdir, tlast, parent, p->tmp, 0);
-        if (tdir != p->root)
-            close(tdir);
     } else {
-        p->fd = openat(parent, p->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                       0600);
-        r = p->fd < 0 ? -1 : 0;
+        char target[PATH_CAP + 1], *tlast = NULL;
+        int tdir = -1;
+        if (e->type == '1') {
+            snprintf(target, sizeof target, "%s", e->link);
+            if ((bad = bad_name(target)) || !target[0])
+                return snprintf(why, sizeof why, "a hard link to %s", bad ? bad : "nothing"),
+                       why;
+            if ((tdir = open_parent(p->root, target, &tlast, &perr)) < 0)
+                return perr;
+        }
+        /* A temporary name nobody uses: an agent killed part way (a VM killed during a
+         * put) left its own, and the agent's pid is the same at every boot. */
+        static unsigned counter;
+        for (int tries = 0;; tries++) {
+            snprintf(p->tmp, sizeof p->tmp, ".banger-put.%d.%u", (int)getpid(), counter++);
+            if (e->type == '2') {
+                r = symlinkat(e->link, parent, p->tmp);
+            } else if (e->type == '1') {
+                r = linkat(tdir, tlast, parent, p->tmp, 0);
+            } else {
+                p->fd = openat(parent, p->tmp,
+                               O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+                r = p->fd < 0 ? -1 : 0;
+            }
+            if (r == 0 || errno != EEXIST || tries >= 1000)
+                break;
+        }
+        int err = errno;
+        if (tdir >= 0 && tdir != p->root)
+            close(tdir);
+        errno = err;
     }
     if (r < 0)
         return strerror(errno);

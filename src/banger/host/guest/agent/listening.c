@@ -104,6 +104,7 @@ static void find_owners(void) {
                     if (c)
                         fclose(c);
                     comm[strcspn(comm, "\n")] = 0;
+                    utf8_clean(comm);   /* 15 bytes of any name: maybe cut in a character */
                 }
                 bool seen = false;
                 long pid = atol(pe->d_name);
