@@ -1,6 +1,6 @@
-"""Reading VMs: a VM as shown to users, observed against the host, and a running guest's
-listening ports. Reads never wait for a VM's lock: a VM busy with an operation is shown
-as its record says."""
+"""Reading VMs: a VM as shown to users, observed against the host, a running guest's
+listening ports, and its sshd for a person's ssh. Reads never wait for a VM's lock: a VM
+busy with an operation is shown as its record says."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from banger.core.context import LIVE_STATES, VMContext
 from banger.core.guestports import GuestSocketView, reachability
 from banger.core.runtime import Handles
-from banger.model.errors import ConflictError, NotFoundError
+from banger.model.errors import ConflictError, NotFoundError, OperationFailed
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, VMState
 from banger.store.vms import NotFound
@@ -44,16 +44,40 @@ def list_views(ctx: VMContext) -> list[VMView]:
 
 
 def ports(ctx: VMContext, ref: str) -> tuple[VM, list[GuestSocketView]]:
-    """The running guest's listening sockets and where the host reaches each one."""
+    """The running guest's listening sockets (from its agent) and where the host reaches
+    each one."""
+    shown, channel = agent_channel(ctx, ref, "its ports are read")
+    sockets = ctx.host.agent.listening(channel=channel)
+    assert shown.handles is not None
+    return shown.vm, reachability(shown.vm, shown.handles.endpoint, sockets)
+
+
+def ssh_view(ctx: VMContext, ref: str) -> VMView:
+    """A running VM whose sshd takes banger's key, for a person's ssh (`vm ssh`, `vm run`
+    without a command). A start ends at the agent's HELLO, before sshd may be up: the
+    first ask after a boot waits for sshd (``timeouts.sshd``), later ones do not."""
     shown = view(ctx, ctx.resolve(ref))
-    vm = shown.vm
-    addr = ctx.endpoint_of(vm, shown.handles)
-    if addr is None:
-        raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: its ports "
-                            f"are read from the running guest; start it with "
-                            f"`banger vm start {vm.name}`")
-    sockets = ctx.host.guest.listening(addr=addr, alias=shown.paths.names.ssh_alias)
-    return vm, reachability(vm, addr, sockets)
+    vm, h = shown.vm, shown.handles
+    addr = None if h is None else h.endpoint
+    if vm.state is not VMState.RUNNING or h is None or addr is None:
+        raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: start it "
+                            f"with `banger vm start {vm.name}`")
+    seen = (vm.id, h.boot_id or "")
+    if seen in ctx.sshd_ready:
+        return shown
+    paths, vmm, timeout = shown.paths, ctx.host.vmm, ctx.timeouts.sshd
+    try:
+        ctx.host.guest.wait_ready(
+            addr=addr, alias=paths.names.ssh_alias, timeout=timeout,
+            serial_log=paths.serial_log,
+            alive=lambda: vmm.alive(h.pid, paths.control_socket))
+    except Exception as exc:
+        raise OperationFailed(
+            f"sshd in VM {vm.name!r} did not take banger's key within {timeout:g} s: ssh "
+            f"needs it (banger's own commands do not: `banger vm exec {vm.name} -- CMD` "
+            f"works without sshd): {exc}") from exc
+    ctx.sshd_ready.add(seen)
+    return shown
 
 
 def agent_channel(ctx: VMContext, ref: str, what: str) -> tuple[VMView, Path]:
