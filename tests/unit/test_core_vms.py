@@ -638,3 +638,43 @@ def test_delete_survives_a_serial_log_copy_landing_during_it(env, monkeypatch) -
     monkeypatch.setattr(service_module.shutil, "rmtree", rmtree_while_the_cap_copies)
     svc.delete("noisy")
     assert not paths.dir.exists() and svc.list_vms() == []
+
+
+def test_ssh_target_waits_for_sshd_once_per_boot(env) -> None:  # type: ignore[no-untyped-def]
+    # A start ends at the agent's HELLO; a person's ssh waits for sshd the first time
+    # after each boot, and not again.
+    svc, vmm, guest, *_ = env
+    vm = svc.create(name="s", spec=VMSpec())
+    assert guest.ready_waits == []
+    shown = svc.ssh_view("s")
+    assert shown.handles is not None and guest.ready_waits == [shown.handles.endpoint]
+    svc.ssh_view("s")
+    assert len(guest.ready_waits) == 1, "seen ready on this boot: no second wait"
+    svc.restart("s")
+    svc.ssh_view("s")
+    assert len(guest.ready_waits) == 2, "a new boot waits again"
+    guest.ready_error = RuntimeError("SSH on 127.0.0.1:1 not ready after 30 s\nlast lines")
+    svc.restart("s")
+    with pytest.raises(OperationFailed, match=r"sshd in VM 's' did not take banger's key "
+                                              r"within 30 s(.|\n)*vm exec s(.|\n)*last lines"):
+        svc.ssh_view("s")
+    svc.stop("s")
+    with pytest.raises(ConflictError, match="'s' is stopped, not running"):
+        svc.ssh_view("s")
+    assert vm.name == "s"
+
+
+def test_ssh_config_answer_waits_for_each_running_vms_sshd_once(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.create(name="a", spec=VMSpec())
+    svc.create(name="b", spec=VMSpec())
+    svc.create(name="idle", spec=VMSpec(), start=False)
+    svc.await_sshd()
+    assert len(guest.ready_waits) == 2, "each running VM's sshd, not the stopped one's"
+    svc.await_sshd()
+    assert len(guest.ready_waits) == 2
+    guest.ready_error = RuntimeError("no sshd in this image")
+    svc.restart("a")
+    svc.await_sshd()  # no error: the config is still answered
+    svc.await_sshd()
+    assert len(guest.ready_waits) == 3, "a VM without sshd is passed over once a boot"

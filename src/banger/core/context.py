@@ -58,8 +58,8 @@ class VMContext:
     handles: HandleStore = field(default_factory=HandleStore)
     # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
-    # (VM id, boot id) of the boots whose sshd took banger's key (views.ssh_view).
-    sshd_ready: set[tuple[str, str]] = field(default_factory=set)
+    # (VM id, boot id) -> whether that boot's sshd took banger's key (core.views).
+    sshd_ready: dict[tuple[str, str], bool] = field(default_factory=dict)
     # Address choice and insert of a new VM happen under it: no two share an address.
     create_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock, init=False,

@@ -4,6 +4,8 @@ busy with an operation is shown as its record says."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,26 +60,48 @@ def ssh_view(ctx: VMContext, ref: str) -> VMView:
     first ask after a boot waits for sshd (``timeouts.sshd``), later ones do not."""
     shown = view(ctx, ctx.resolve(ref))
     vm, h = shown.vm, shown.handles
-    addr = None if h is None else h.endpoint
-    if vm.state is not VMState.RUNNING or h is None or addr is None:
+    if vm.state is not VMState.RUNNING or h is None or h.endpoint is None:
         raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: start it "
                             f"with `banger vm start {vm.name}`")
+    _wait_sshd(ctx, shown, ctx.timeouts.sshd)
+    return shown
+
+
+def await_sshd(ctx: VMContext, budget: float = 10.0) -> None:
+    """Wait, ``budget`` s at most in all, for the sshd of every running VM whose sshd was
+    not looked at yet on this boot (banger's ssh_config names them: `ssh <name>.vm`
+    right after a start). A VM whose sshd does not answer is passed over, once a boot."""
+    deadline = time.monotonic() + budget
+    for shown in list_views(ctx):
+        h = shown.handles
+        if shown.vm.state is not VMState.RUNNING or h is None or h.endpoint is None:
+            continue
+        if (shown.vm.id, h.boot_id or "") in ctx.sshd_ready:
+            continue
+        with contextlib.suppress(OperationFailed):
+            _wait_sshd(ctx, shown, max(0.1, deadline - time.monotonic()))
+
+
+def _wait_sshd(ctx: VMContext, shown: VMView, timeout: float) -> None:
+    """Wait for ``shown``'s sshd unless it took banger's key before on this boot."""
+    vm, h, paths = shown.vm, shown.handles, shown.paths
+    assert h is not None and h.endpoint is not None
     seen = (vm.id, h.boot_id or "")
-    if seen in ctx.sshd_ready:
-        return shown
-    paths, vmm, timeout = shown.paths, ctx.host.vmm, ctx.timeouts.sshd
+    if ctx.sshd_ready.get(seen):
+        return
+    vmm = ctx.host.vmm
     try:
         ctx.host.guest.wait_ready(
-            addr=addr, alias=paths.names.ssh_alias, timeout=timeout,
+            addr=h.endpoint, alias=paths.names.ssh_alias, timeout=timeout,
             serial_log=paths.serial_log,
             alive=lambda: vmm.alive(h.pid, paths.control_socket))
     except Exception as exc:
+        ctx.sshd_ready[seen] = False
         raise OperationFailed(
             f"sshd in VM {vm.name!r} did not take banger's key within {timeout:g} s: ssh "
             f"needs it (banger's own commands do not: `banger vm exec {vm.name} -- CMD` "
             f"works without sshd): {exc}") from exc
-    ctx.sshd_ready.add(seen)
-    return shown
+    ctx.sshd_ready[seen] = True
 
 
 def agent_channel(ctx: VMContext, ref: str, what: str) -> tuple[VMView, Path]:

@@ -400,6 +400,9 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     @app.get(f"{PREFIX}/ssh-config")
     def ssh_config() -> SshConfig:
+        """banger's ssh_config, once the sshd of each VM it names answered (or was given
+        up on) on this boot: a start ends before sshd may be up."""
+        service.await_sshd()
         path = service.layout.ssh_config
         try:
             text = path.read_text()
