@@ -238,6 +238,20 @@ class FakeAgent:
         self.execs: dict[Path, list[FakeExec]] = {}
         self.released: list[Path] = []
         self.files = FakeGuestFiles()  # each VM's guest filesystem (tests/fake_files.py)
+        # banger's own calls, by channel: workspace pushes (with the tree's top names),
+        # file syncs, git identities sent, bootstraps, socket listings.
+        self.pushed: list[tuple[Path, str, list[str]]] = []
+        self.push_error: Exception | None = None
+        self.synced: list[tuple[Path, list[FileSync]]] = []
+        self.identity_sent: list[dict[str, str] | None] = []
+        self.bootstraps: list[tuple[Path, str, str]] = []
+        self.listening_asked: list[Path] = []
+        self.poweroff_works = True
+        # What every running guest reports as listening (settable per test).
+        self.sockets: list[ListeningSocket] = [
+            ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
+            ListeningSocket("tcp", "::", 22, "sshd"),
+        ]
 
     def wait_hello(self, *, channel: Path, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> AgentHello:
@@ -271,6 +285,36 @@ class FakeAgent:
         ex = FakeExec(request)
         self.execs.setdefault(channel, []).append(ex)
         return ex
+
+    def push_tree(self, *, channel: Path, tree: Path, guest_path: str) -> None:
+        self._proc(channel)
+        if self.push_error is not None:
+            raise self.push_error
+        self.pushed.append((channel, guest_path, sorted(p.name for p in tree.iterdir())))
+
+    def sync_files(self, *, channel: Path, entries: Sequence[FileSync],
+                   identity: Mapping[str, str] | None) -> list[str]:
+        self._proc(channel)
+        self.synced.append((channel, list(entries)))
+        self.identity_sent.append(dict(identity) if identity else None)
+        return [f"file_sync: {e.host} does not exist on the host: skipped"
+                for e in entries if not e.host.exists()]
+
+    def start_bootstrap(self, *, channel: Path, workdir: str, installer_url: str) -> str:
+        self._proc(channel)
+        self.bootstraps.append((channel, workdir, installer_url))
+        return "/root/.banger/bootstrap.log"
+
+    def listening(self, *, channel: Path) -> list[ListeningSocket]:
+        self._proc(channel)
+        self.listening_asked.append(channel)
+        return list(self.sockets)
+
+    def poweroff(self, *, channel: Path, timeout: float) -> None:
+        proc = self._proc(channel)
+        if not self.poweroff_works:
+            raise OperationFailed("the guest agent did not power off: the channel closed")
+        del self.vmm.procs[proc.pid]
 
     def release(self, *, channel: Path) -> None:
         self.released.append(channel)
@@ -308,24 +352,17 @@ class FakeAgent:
 
 
 class FakeGuest:
+    """sshd, for people: readiness (``ready_delay``, ``ready_error``), keys, the host
+    user's git identity."""
+
     def __init__(self, vmm: FakeVmm) -> None:
         self.vmm = vmm
         self.ready_error: Exception | None = None
-        self.poweroff_works = True
         self.forgotten: list[str] = []
         self.trusted: dict[str, str] = {}
-        self.pushed: list[tuple[str, str, list[str]]] = []
-        self.synced: list[tuple[str, list[FileSync]]] = []
         self.identity: dict[str, str] = {}
-        self.identity_sent: list[dict[str, str] | None] = []
-        self.bootstraps: list[tuple[str, str, str]] = []
-        # What every running guest reports as listening (settable per test).
-        self.sockets: list[ListeningSocket] = [
-            ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
-            ListeningSocket("tcp", "::", 22, "sshd"),
-        ]
-        self.listening_asked: list[Endpoint] = []
-        # A slow guest: readiness takes this long, polling alive() as the real wait does.
+        # Every sshd wait, by endpoint; a slow sshd takes ready_delay, polling alive().
+        self.ready_waits: list[Endpoint] = []
         self.ready_delay = 0.0
         self.identity_delay = 0.0  # reading the host's git identity (work_disk, post_start)
 
@@ -334,6 +371,7 @@ class FakeGuest:
 
     def wait_ready(self, *, addr: Endpoint, alias: str, timeout: float, serial_log: Path,
                    alive: Callable[[], bool]) -> float:
+        self.ready_waits.append(addr)
         until = time.monotonic() + self.ready_delay
         while time.monotonic() < until:
             if not alive():
@@ -345,37 +383,9 @@ class FakeGuest:
             raise self.ready_error
         return 0.1
 
-    def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None:
-        if not self.poweroff_works:
-            raise RuntimeError("ssh: connection refused")
-        for pid, p in list(self.vmm.procs.items()):
-            if p.ssh == addr:
-                del self.vmm.procs[pid]
-
     def git_identity(self) -> dict[str, str]:
         time.sleep(self.identity_delay)
         return dict(self.identity)
-
-    def sync_files(self, *, addr: Endpoint, alias: str, entries: Sequence[FileSync],
-                   identity: Mapping[str, str] | None) -> list[str]:
-        self.synced.append((alias, list(entries)))
-        self.identity_sent.append(dict(identity) if identity else None)
-        return [f"file_sync: {e.host} does not exist on the host: skipped"
-                for e in entries if not e.host.exists()]
-
-    def push_tree(self, *, addr: Endpoint, alias: str, tree: Path, guest_path: str) -> None:
-        self.pushed.append((alias, guest_path, sorted(p.name for p in tree.iterdir())))
-
-    def start_bootstrap(self, *, addr: Endpoint, alias: str, workdir: str,
-                        installer_url: str) -> str:
-        self.bootstraps.append((alias, workdir, installer_url))
-        return "/root/.banger/bootstrap.log"
-
-    def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
-        if not any(p.ssh == addr for p in self.vmm.procs.values()):
-            raise RuntimeError(f"ssh: connect to {addr}: connection refused")
-        self.listening_asked.append(addr)
-        return list(self.sockets)
 
     def new_host_key(self) -> tuple[bytes, str]:
         return b"PRIVATE", "ssh-ed25519 AAAAhost banger-guest"
@@ -456,3 +466,10 @@ def fake_service(root: Path, layout: Layout, *, load_config: Callable[[], Config
     svc = VMService(repo=VMRepository(db), ops=Operations(OperationLog(db)), host=host,
                     layout=layout, load_config=load_config)
     return svc, images, disks, vmm, guest, db
+
+
+def agent_of(svc: VMService) -> FakeAgent:
+    """The FakeAgent behind a :func:`fake_service` (its host ports are typed as ports)."""
+    agent = svc.host.agent
+    assert isinstance(agent, FakeAgent)
+    return agent

@@ -257,13 +257,16 @@ class ListeningSocket:
 
 
 class GuestPort(Protocol):
+    """What is about sshd, for people (``vm ssh``, ``ssh <name>.vm``): banger's key, the
+    guests' host keys, sshd's readiness; and the host user's git identity."""
+
     def ensure_key(self) -> str:
         """The managed public key (created on first use)."""
 
     def wait_ready(self, *, addr: Endpoint, alias: str, timeout: float, serial_log: Path,
-                   alive: Callable[[], bool]) -> float: ...
-
-    def poweroff(self, *, addr: Endpoint, alias: str, timeout: float) -> None: ...
+                   alive: Callable[[], bool]) -> float:
+        """Wait until sshd at ``addr`` takes banger's key; the seconds waited. A timeout
+        or ``alive()`` False raise an error carrying the serial log's last lines."""
 
     def new_host_key(self) -> tuple[bytes, str]:
         """A fresh guest host key: (private key file bytes, public key line)."""
@@ -275,22 +278,6 @@ class GuestPort(Protocol):
 
     def git_identity(self) -> dict[str, str]:
         """The host user's git identity ({"user.name": ..., "user.email": ...}, as set)."""
-
-    def sync_files(self, *, addr: Endpoint, alias: str, entries: Sequence[FileSync],
-                   identity: Mapping[str, str] | None) -> list[str]:
-        """Copy ``[[file_sync]]`` entries and, if given, set the git identity in a running
-        guest; return warnings (a missing host file); raise on anything else."""
-
-    def push_tree(self, *, addr: Endpoint, alias: str, tree: Path, guest_path: str) -> None:
-        """Replace ``guest_path`` in a running guest with ``tree`` (one stream)."""
-
-    def start_bootstrap(self, *, addr: Endpoint, alias: str, workdir: str,
-                        installer_url: str) -> str:
-        """Start the tool installer for ``workdir`` in the guest's background; return the
-        guest path of its log."""
-
-    def listening(self, *, addr: Endpoint, alias: str) -> list[ListeningSocket]:
-        """The guest's listening TCP and UDP sockets, each (proto, address, port) once."""
 
 
 @dataclass(frozen=True)
@@ -406,6 +393,27 @@ class AgentPort(Protocol):
         """Start ``request`` in the guest; returns once it runs. A command the guest cannot
         start (no such file), or an agent that does not answer within ``timeout``, raises
         OperationFailed naming it."""
+
+    def push_tree(self, *, channel: Path, tree: Path, guest_path: str) -> None:
+        """Replace ``guest_path`` in the guest with the contents of ``tree`` (owned by
+        root); a push that fails leaves the old tree in place."""
+
+    def sync_files(self, *, channel: Path, entries: Sequence[FileSync],
+                   identity: Mapping[str, str] | None) -> list[str]:
+        """Copy ``[[file_sync]]`` entries (with their modes) and, if given, set the git
+        identity in the guest; return warnings (a missing host file, no git in the
+        guest); raise OperationFailed on anything else."""
+
+    def start_bootstrap(self, *, channel: Path, workdir: str, installer_url: str) -> str:
+        """Start the tool installer for ``workdir`` detached in the guest (it outlives the
+        agent's session); return the guest path of its log."""
+
+    def listening(self, *, channel: Path) -> list[ListeningSocket]:
+        """The guest's listening TCP and UDP sockets, each (proto, address, port) once."""
+
+    def poweroff(self, *, channel: Path, timeout: float) -> None:
+        """Ask the guest to sync and power off; returns once the agent accepted (the VMM
+        then exits)."""
 
     # --- files (`vm cp`): tar streams through the kept session ---------------------------
 

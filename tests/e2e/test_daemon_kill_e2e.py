@@ -55,7 +55,7 @@ def left_behind(b: Banger, point: str) -> None:
         assert work_disk.exists() and qemu_pids(str(b.home)) != []
 
 
-@pytest.mark.parametrize("point", ["created", "work_disk_build", "run:wait_ssh", "running"])
+@pytest.mark.parametrize("point", ["created", "work_disk_build", "run:wait_agent", "running"])
 def test_daemon_killed_during_vm_run_repo(image_dir: Path, repo: Path, point: str) -> None:
     b = make_banger(images_dir=image_dir, extra_env={"BANGER_KILLPOINT": point})
     try:

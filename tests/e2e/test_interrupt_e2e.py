@@ -16,7 +16,7 @@ from tests.e2e.conftest import Banger, assert_nothing_left, qemu_pids
 
 pytestmark = pytest.mark.e2e
 
-BOOT_STAGES = (b"qemu_launch", b"wait_ssh")
+BOOT_STAGES = (b"qemu_launch", b"wait_agent")
 
 
 def _read_until(fd: int, needles: tuple[bytes, ...], timeout: float) -> bytes:
@@ -110,7 +110,7 @@ def test_a_second_ctrl_c_leaves_at_once_and_the_daemon_deletes_the_vm(
         argv = banger.argv("vm", "run", "--rm", "--name", "twice", "--", "true")
         os.execvpe(argv[0], argv, banger.env)
     try:
-        _read_until(fd, (b"wait_ssh",), 300)
+        _read_until(fd, (b"wait_agent",), 300)
         os.write(fd, b"\x03")
         _read_until(fd, (b"cancelling op-",), 30)
         os.write(fd, b"\x03")  # impatient: leave now

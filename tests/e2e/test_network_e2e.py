@@ -175,11 +175,11 @@ def test_kill_and_failed_start_leave_no_tap_rule_or_name(tapns: tuple[Banger, st
     assert_network_clean(ns, ["victim"])
     # A start that fails after its tap and NAT rules exist rolls them back.
     b.stop_daemon()
-    b.env["BANGER_FAILPOINT"] = "wait_ssh"
+    b.env["BANGER_FAILPOINT"] = "wait_agent"
     failed = b.run("vm", "start", "victim", check=False)
-    assert failed.returncode != 0 and "wait_ssh" in failed.stderr
+    assert failed.returncode != 0 and "wait_agent" in failed.stderr
     assert_network_clean(ns, ["victim"])
-    assert b.show("victim")["last_error_stage"] == "wait_ssh"
+    assert b.show("victim")["last_error_stage"] == "wait_agent"
     b.stop_daemon()
     del b.env["BANGER_FAILPOINT"]
     b.run("vm", "delete", "victim")

@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import ss_reference
 from agentconn import running_agent
 
-from banger.host import guestports
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_exec import Exec
 from banger.host.agent_records import Stream
@@ -126,7 +126,7 @@ def test_listening_sockets_match_ss(conn: AgentConnection) -> None:
         # errors="replace": a process of this machine may have a name that is not UTF-8.
         ss = subprocess.run(["ss", "-H", "-l", "-n", "-t", "-u", "-p"], capture_output=True,
                             text=True, errors="replace", check=True).stdout
-        theirs = {(s.proto, s.address, s.port): s.process for s in guestports.parse_ss(ss)}
+        theirs = {(s.proto, s.address, s.port): s.process for s in ss_reference.parse_ss(ss)}
         assert {k: theirs[k] for k in ours} == {k: got[k] for k in ours}
     finally:
         server.kill()

@@ -21,7 +21,7 @@ from banger.daemon.main import WS_SETTINGS
 from banger.daemon.sockets import bind_socket
 from banger.daemon.sshconfig import attach as attach_ssh_config
 from banger.model.layout import Layout
-from tests.fakes import FakeGuest, FakeVmm, fake_service
+from tests.fakes import FakeAgent, FakeGuest, FakeVmm, agent_of, fake_service
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Daemon:
     http: httpx.Client  # raw requests to the API, for what the CLI never sends
     stopping: threading.Event  # set: the daemon is stopping (log follows end)
     app: FastAPI
+    agent: FakeAgent
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daemon]:
     client = Client(layout.daemon_socket)
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.daemon_socket)),
                         base_url="http://bangerd", timeout=httpx.Timeout(30.0))
-    yield Daemon(layout, service, vmm, client, guest, http, stopping, app)
+    yield Daemon(layout, service, vmm, client, guest, http, stopping, app, agent_of(service))
     http.close()
     client.close()
     server.should_exit = True

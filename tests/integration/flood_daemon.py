@@ -1,6 +1,5 @@
 """A bangerd for one test, in its own process so its memory is its own: the real app,
-real SQLite, fake VMM, and the real ssh adapter (host runner) for listing a guest's
-sockets, so whatever ``ssh`` is first on PATH plays the guest.
+real SQLite, fake VMM.
 
 Run as ``python -m tests.integration.flood_daemon`` with BANGER_HOME set.
 """
@@ -15,7 +14,6 @@ import uvicorn
 from banger.api.schema import Doctor
 from banger.daemon.app import create_app
 from banger.daemon.sockets import bind_socket
-from banger.host.guest_ssh import SshGuest
 from banger.host.seriallog import SerialLogCap
 from banger.model.layout import Layout
 from tests.fakes import fake_service
@@ -25,8 +23,7 @@ FLOOD_SERIAL_CAP = 1 << 20
 
 def main() -> None:
     layout = Layout.for_user()
-    service, _images, _disks, _vmm, guest, _db = fake_service(Path(sys.argv[1]), layout)
-    guest.listening = SshGuest(layout).listening  # type: ignore[method-assign]
+    service, _images, _disks, _vmm, _guest, _db = fake_service(Path(sys.argv[1]), layout)
     app = create_app(service, doctor=lambda: Doctor(checks=[]), ssh_key="k",
                      known_hosts="kh", ssh_argv=lambda addr, alias: ["ssh"])
     # As bangerd's: a guest that floods its console is capped (at 1 MiB here).

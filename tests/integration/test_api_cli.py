@@ -34,7 +34,7 @@ def test_lifecycle_through_cli(daemon: Daemon) -> None:
     assert code == 0, err
     vm = json.loads(out)
     assert vm["state"] == "running" and vm["runtime"]["accel"] == "tcg"
-    assert "wait_ssh" in err  # plain progress lines off a TTY
+    assert "wait_agent" in err and "wait_ssh" not in err  # plain progress off a TTY
     code, out, _ = banger("vm", "list", "--json")
     assert [v["name"] for v in json.loads(out)] == ["box"]
     code, out, _ = banger("vm", "show", "box")
@@ -122,7 +122,7 @@ def test_ports_route_and_cli(daemon: Daemon) -> None:
     r = daemon.http.get("/v1/vms/web/ports")
     assert r.status_code == 409 and r.json()["error"]["code"] == "conflict"
     assert banger("vm", "start", "web")[0] == 0
-    daemon.guest.sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
+    daemon.agent.sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
                             ListeningSocket("tcp", "*", 8080, "busybox"),
                             ListeningSocket("udp", "127.0.0.53", 53, None)]
     port = daemon.vmm.launched[-1].net.ssh_port  # type: ignore[union-attr]
@@ -144,7 +144,7 @@ def test_ports_route_and_cli(daemon: Daemon) -> None:
     assert lines[0].split() == ["PROTO", "ADDRESS", "PORT", "PROCESS", "ENDPOINT"]
     assert lines[1].split()[:5] == ["tcp", "0.0.0.0", "22", "sshd", f"127.0.0.1:{port}"]
     assert "guest loopback only" in lines[3]
-    daemon.guest.sockets = []
+    daemon.agent.sockets = []
     assert banger("vm", "ports", "web")[1] == "web: nothing is listening\n"
     code, _, err = banger("vm", "ports", "nope")
     assert code == 1 and "no VM named 'nope'" in err

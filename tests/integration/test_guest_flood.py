@@ -31,14 +31,7 @@ def _status_kib(pid: int, field: str) -> int:
 def flood_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     home = tmp_path / "h"
     monkeypatch.setenv("BANGER_HOME", str(home))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # The "guest": 1 GiB on stdout for any ssh command.
-    fake_ssh = bin_dir / "ssh"
-    fake_ssh.write_text("#!/bin/sh\nexec head -c 1073741824 /dev/zero\n")
-    fake_ssh.chmod(0o755)
-    env = dict(os.environ, BANGER_HOME=str(home),
-               PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, BANGER_HOME=str(home), PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "tests.integration.flood_daemon",
                              str(tmp_path / "host")], env=env, cwd=ROOT)
     client = Client(Layout.for_user().daemon_socket)
@@ -57,24 +50,6 @@ def flood_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[in
     finally:
         proc.terminate()
         proc.wait(10)
-
-
-def test_a_guest_printing_a_gib_to_vm_ports_ends_in_a_clear_error(flood_daemon: int) -> None:
-    runner = CliRunner()
-    r = runner.invoke(cli, ["vm", "create", "--name", "box"], catch_exceptions=False)
-    assert r.exit_code == 0, r.stderr
-    started = time.monotonic()
-    r = runner.invoke(cli, ["vm", "ports", "box"], catch_exceptions=False)
-    took = time.monotonic() - started
-    assert r.exit_code == 1
-    assert "could not list the guest's sockets" in r.stderr
-    assert "exceeded 1 MiB; the command was killed" in r.stderr
-    assert took < 30
-    peak = _status_kib(flood_daemon, "VmHWM")
-    assert peak < 200 * 1024, f"daemon peak RSS {peak} KiB"
-    # The daemon still answers.
-    r = runner.invoke(cli, ["vm", "list"], catch_exceptions=False)
-    assert r.exit_code == 0 and "box" in r.stdout
 
 
 def test_a_guest_flooding_its_console_costs_a_follow_nothing(flood_daemon: int,

@@ -20,7 +20,7 @@ from tests.integration.conftest import Daemon
 
 BURST = 16
 ROUNDS = 20
-READY_DELAY = 0.5  # a slow guest: each boot waits this long for "ssh"
+READY_DELAY = 0.5  # a slow guest: each boot waits this long for its agent
 
 
 def _start(client: Client, name: str, barrier: threading.Barrier,
@@ -48,9 +48,9 @@ def test_burst_of_streamed_starts_all_finish_and_reads_and_stop_answer(daemon: D
     began = time.monotonic()
     slowest = {"reads": 0.0, "stop": 0.0, "burst": 0.0}
     for rnd in range(ROUNDS):
-        daemon.guest.ready_delay = 0.0
+        daemon.agent.hello_delay = 0.0
         assert quick.post("/v1/vms/other/start").status_code == 200
-        daemon.guest.ready_delay = READY_DELAY
+        daemon.agent.hello_delay = READY_DELAY
         barrier = threading.Barrier(BURST + 1)
         results: dict[str, VMOut | Exception] = {}
         kinds: dict[str, list[str]] = {n: [] for n in names}
@@ -119,9 +119,9 @@ def _wait_until(cond, what: str, timeout: float = 10.0) -> None:  # type: ignore
 
 
 def test_an_ephemeral_create_whose_client_leaves_is_deleted(daemon: Daemon) -> None:
-    daemon.guest.ready_delay = 30.0
+    daemon.agent.hello_delay = 30.0
     name = _stream_then_leave(daemon, {"name": "eph", "delete_on_disconnect": True},
-                              "wait_ssh")
+                              "wait_agent")
     assert name == "eph"
     _wait_until(lambda: daemon.client.list_vms() == [], "the ephemeral VM is deleted")
     _wait_until(lambda: daemon.client.operations() == [], "the operation ended")
@@ -144,8 +144,8 @@ def test_an_ephemeral_create_that_finished_as_its_client_left_is_deleted(
 
 
 def test_a_create_whose_client_leaves_is_cancelled_and_rolled_back(daemon: Daemon) -> None:
-    daemon.guest.ready_delay = 30.0
-    _stream_then_leave(daemon, {"name": "kept"}, "wait_ssh")
+    daemon.agent.hello_delay = 30.0
+    _stream_then_leave(daemon, {"name": "kept"}, "wait_agent")
     _wait_until(lambda: daemon.client.operations() == [], "the operation was cancelled")
     vm = daemon.client.show("kept")
     assert vm.state == VMState.STOPPED.value and "cancelled" in (vm.last_error or "")
@@ -155,12 +155,12 @@ def test_a_create_whose_client_leaves_is_cancelled_and_rolled_back(daemon: Daemo
 
 
 def test_cancel_route_rolls_back_and_the_stream_says_cancelled(daemon: Daemon) -> None:
-    daemon.guest.ready_delay = 30.0
+    daemon.agent.hello_delay = 30.0
     kinds: list[str] = []
 
     def on_progress(ev: ClientEvent) -> None:
         kinds.append(f"{ev.kind}:{ev.stage}")
-        if ev.kind == "run" and ev.stage == "wait_ssh" and ev.op_id:
+        if ev.kind == "run" and ev.stage == "wait_agent" and ev.op_id:
             assert Client(daemon.layout.daemon_socket).cancel(ev.op_id).cancelled
 
     try:
@@ -178,7 +178,7 @@ def test_an_idle_stream_carries_heartbeats(daemon: Daemon, monkeypatch) -> None:
     import banger.daemon.app as app_module
     assert app_module.HEARTBEAT_SECONDS <= 10
     monkeypatch.setattr(app_module, "HEARTBEAT_SECONDS", 0.2)
-    daemon.guest.ready_delay = 1.0
+    daemon.agent.hello_delay = 1.0
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.layout.daemon_socket)),
                         base_url="http://bangerd", timeout=httpx.Timeout(30.0))
     types = []
@@ -195,10 +195,10 @@ def test_the_cli_shows_a_queued_start(daemon: Daemon) -> None:
     daemon.service.ctx.boots = BootSlots(1)
     for name in ("first", "second"):
         daemon.client.create({"name": name, "start": False}, lambda _: None)
-    daemon.guest.ready_delay = 1.5
+    daemon.agent.hello_delay = 1.5
     first = threading.Thread(target=daemon.client.start, args=("first", lambda _: None))
     first.start()
-    _wait_until(lambda: any(o.stage == "wait_ssh" for o in daemon.client.operations()),
+    _wait_until(lambda: any(o.stage == "wait_agent" for o in daemon.client.operations()),
                 "the first boot holds the only slot")
     code, out, err = banger("vm", "start", "second")
     first.join(10)
@@ -252,11 +252,11 @@ def test_a_stopping_daemon_cancels_its_boots_instead_of_waiting_for_them(
     from banger.daemon.main import Server
     from banger.daemon.sockets import bind_socket
     from banger.model.layout import Layout
-    from tests.fakes import fake_service
+    from tests.fakes import agent_of, fake_service
 
     monkeypatch.setenv("BANGER_HOME", str(tmp_path / "h"))
     layout = Layout.for_user()
-    service, _images, _disks, vmm, guest, db = fake_service(tmp_path, layout)
+    service, _images, _disks, vmm, _guest, db = fake_service(tmp_path, layout)
     app = create_app(service, doctor=lambda: None,  # type: ignore[arg-type,return-value]
                      ssh_key="k", known_hosts="kh", ssh_argv=lambda addr, alias: [])
     server = Server(uvicorn.Config(app, log_level="warning"), service.ops)
@@ -265,7 +265,7 @@ def test_a_stopping_daemon_cancels_its_boots_instead_of_waiting_for_them(
                               daemon=True)
     thread.start()
     _wait_until(lambda: server.started, "the server started")
-    guest.ready_delay = 60.0
+    agent_of(service).hello_delay = 60.0
     outcome: list[object] = []
 
     def create() -> None:
@@ -276,8 +276,8 @@ def test_a_stopping_daemon_cancels_its_boots_instead_of_waiting_for_them(
             outcome.append(exc)
 
     threading.Thread(target=create, daemon=True).start()
-    _wait_until(lambda: any(o.stage == "wait_ssh" for o in service.ops.in_flight()),
-                "the boot is waiting for ssh")
+    _wait_until(lambda: any(o.stage == "wait_agent" for o in service.ops.in_flight()),
+                "the boot is waiting for the agent")
     t0 = time.monotonic()
     server.handle_exit(signal.SIGTERM, None)
     thread.join(20)

@@ -58,7 +58,7 @@ def test_serial_log_escaped_and_raw_on_request(daemon: Daemon) -> None:
 
 
 def test_guest_process_names_in_vm_ports(daemon: Daemon) -> None:
-    daemon.guest.sockets = [ListeningSocket("tcp", "0.0.0.0", 8080, f"web{HOSTILE}\nudp x")]
+    daemon.agent.sockets = [ListeningSocket("tcp", "0.0.0.0", 8080, f"web{HOSTILE}\nudp x")]
     assert banger("vm", "create", "--name", "web")[0] == 0
     code, out, err = banger("vm", "ports", "web")
     assert code == 0, err
@@ -69,14 +69,14 @@ def test_guest_process_names_in_vm_ports(daemon: Daemon) -> None:
 
 
 def test_guest_error_message_in_progress_and_error(daemon: Daemon) -> None:
-    daemon.guest.ready_error = RuntimeError(f"ssh said: {HOSTILE}")
+    daemon.agent.hello_error = RuntimeError(f"the guest said: {HOSTILE}")
     code, out, err = banger("vm", "create", "--name", "bad")
     assert code == 1
     assert_clean(out, err)
-    assert "ssh said: \\x1b]52;" in err and "[bold red]markup[/]" in err
+    assert "the guest said: \\x1b]52;" in err and "[bold red]markup[/]" in err
     # The same error, stored, in `vm show` and `vm list`.
     code, out, err = banger("vm", "show", "bad")
-    assert code == 0 and "ssh said: \\x1b]52;" in out
+    assert code == 0 and "the guest said: \\x1b]52;" in out
     assert_clean(out, err)
 
 

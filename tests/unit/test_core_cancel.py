@@ -12,7 +12,7 @@ from banger.core.operations import BootSlots, OpControl, Progress
 from banger.model.errors import Cancelled, NotFoundError
 from banger.model.layout import Layout
 from banger.model.vm import VMSpec, VMState
-from tests.fakes import fake_service
+from tests.fakes import agent_of, fake_service
 from tests.unit.test_core_vms import assert_no_runtime_leak, stage_names
 
 
@@ -63,26 +63,9 @@ def test_cancel_between_steps_rolls_back_everything(env, fresh: bool) -> None:  
         assert_no_runtime_leak(svc, vmm, vm.id)
 
 
-def test_cancel_during_the_readiness_wait_ends_it_at_once(env) -> None:  # type: ignore[no-untyped-def]
-    svc, vmm, guest, *_ = env
-    guest.ready_delay = 30.0
-    control, log = OpControl(), []
-    started = time.monotonic()
-    with pytest.raises(Cancelled) as info:
-        svc.create(name="slow", spec=VMSpec(), sink=cancel_when(control, "run", "wait_ssh", log),
-                   control=control)
-    assert time.monotonic() - started < 5, "the readiness wait polls the cancel"
-    assert info.value.stage == "wait_ssh"
-    assert [p.kind for p in log if p.stage == "qemu_launch"][-2:] == ["undo", "undone"]
-    vm = svc.resolve("slow")
-    assert_no_runtime_leak(svc, vmm, vm.id)
-    assert not svc.layout.vm(vm.id).work_disk.exists()
-    assert not svc.layout.vm(vm.id).root_disk.exists()
-
-
 def test_cancel_while_waiting_for_the_agent_ends_it_at_once(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
-    svc.host.agent.hello_delay = 30.0  # type: ignore[attr-defined]
+    agent_of(svc).hello_delay = 30.0
     control, log = OpControl(), []
     started = time.monotonic()
     with pytest.raises(Cancelled) as info:
@@ -96,12 +79,12 @@ def test_cancel_while_waiting_for_the_agent_ends_it_at_once(env) -> None:  # typ
 
 def test_cancel_through_the_registry_by_op_id(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
-    guest.ready_delay = 30.0
+    agent_of(svc).hello_delay = 30.0
     log: list[Progress] = []
 
     def sink(p: Progress) -> None:
         log.append(p)
-        if p.kind == "run" and p.stage == "wait_ssh":
+        if p.kind == "run" and p.stage == "wait_agent":
             svc.ops.cancel(p.op_id)
 
     with pytest.raises(Cancelled):
@@ -114,7 +97,7 @@ def test_boots_beyond_the_limit_queue_in_order_and_a_queued_one_cancels(env) -> 
     svc.ctx.boots = BootSlots(1)
     for name in ("a", "b", "c", "d"):
         svc.create(name=name, spec=VMSpec(), start=False)
-    guest.ready_delay = 1.0  # each boot holds the only slot while the others line up
+    agent_of(svc).hello_delay = 1.0  # each boot holds the only slot while the others line up
     order: list[str] = []
     queued: dict[str, list[str]] = {"a": [], "b": [], "c": [], "d": []}
     results: dict[str, object] = {}
@@ -200,7 +183,7 @@ def test_stop_kill_delete_of_a_booting_vm_cancel_its_start(env, action: str) -> 
 
     svc, vmm, guest, *_ = env
     svc.create(name="box", spec=VMSpec(), start=False)
-    guest.ready_delay = 10.0
+    agent_of(svc).hello_delay = 10.0
     outcome: list[object] = []
 
     def boot() -> None:
@@ -212,7 +195,7 @@ def test_stop_kill_delete_of_a_booting_vm_cancel_its_start(env, action: str) -> 
     booting = threading.Thread(target=boot)
     booting.start()
     deadline = time.monotonic() + 5
-    while not any(o.stage == "wait_ssh" for o in svc.ops.in_flight()):
+    while not any(o.stage == "wait_agent" for o in svc.ops.in_flight()):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     t0 = time.monotonic()
@@ -229,14 +212,14 @@ def test_a_kill_during_a_restarts_stop_half_cancels_its_start_half(env) -> None:
 
     svc, vmm, guest, *_ = env
     svc.create(name="box", spec=VMSpec())
-    real_poweroff = guest.poweroff
+    real_poweroff = agent_of(svc).poweroff
 
     def slow_poweroff(**kw: object) -> None:
         time.sleep(0.5)
         real_poweroff(**kw)
 
-    guest.poweroff = slow_poweroff
-    guest.ready_delay = 10.0
+    agent_of(svc).poweroff = slow_poweroff  # type: ignore[method-assign]
+    agent_of(svc).hello_delay = 10.0
     outcome: list[object] = []
 
     def restart() -> None:  # as `banger vm restart a b` runs it: no control of its own

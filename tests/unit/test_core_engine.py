@@ -15,7 +15,7 @@ from banger.model.errors import OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import NetworkMode, VMSpec, VMState
 from banger.ports import WorkspaceRequest
-from tests.fakes import FakeNet, fake_service
+from tests.fakes import FakeNet, agent_of, fake_service
 from tests.unit.test_core_vms import assert_no_runtime_leak
 
 
@@ -47,7 +47,7 @@ def test_stop_powers_off_and_releases(env) -> None:  # type: ignore[no-untyped-d
 def test_stop_escalation_is_reported_step_by_step(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
     svc.create(name="a", spec=VMSpec())
-    guest.poweroff_works = False
+    agent_of(svc).poweroff_works = False
     seen: list[Progress] = []
     svc.stop("a", sink=seen.append)
     assert steps_of(seen) == [("run", "guest_poweroff"), ("failed", "guest_poweroff"),
@@ -55,7 +55,7 @@ def test_stop_escalation_is_reported_step_by_step(env) -> None:  # type: ignore[
                               ("run", "release_runtime"), ("ok", "release_runtime")]
     failed = next(e for e in seen if e.kind == "failed")
     assert "did not power off" in (failed.message or "")
-    assert "connection refused" in (failed.message or ""), "the reason is said"
+    assert "the channel closed" in (failed.message or ""), "the reason is said"
     svc.start("a")
     vmm.ignore_quit = True
     seen.clear()
@@ -85,7 +85,7 @@ def test_restart_is_the_stop_steps_then_the_start_steps(env) -> None:  # type: i
     ran = [s for k, s in steps_of(seen) if k == "run"]
     assert ran == ["guest_poweroff", "release_runtime", "preflight", "cleanup_runtime",
                    "socket_dir", "system_overlay", "work_disk", "port_forward",
-                   "qemu_launch", "wait_agent", "wait_ssh", "post_start_features"]
+                   "qemu_launch", "wait_agent", "post_start_features"]
     ops = {svc.ctx.ops._oplog.get(e.op_id)["kind"]  # type: ignore[attr-defined]
            for e in seen}
     assert ops == {"stop", "start"}
@@ -155,10 +155,7 @@ def test_a_failed_copy_names_its_stage_and_leaves_no_staged_copy(env) -> None:  
     (repo / ".git").mkdir(parents=True)
     svc.create(name="p", spec=VMSpec())
 
-    def refused(**_: object) -> None:
-        raise RuntimeError("ssh: connection reset")
-
-    guest.push_tree = refused
+    agent_of(svc).push_error = OperationFailed("the guest agent: connection reset")
     with pytest.raises(OperationFailed, match="connection reset") as info:
         svc.prepare_workspace("p", WorkspaceRequest(repo))
     assert info.value.stage == "workspace_copy" and info.value.op_id
@@ -176,7 +173,7 @@ def test_a_vmm_that_will_not_die_still_lets_go_of_everything_else(env) -> None: 
     vm = svc.create(name="stuck", spec=VMSpec(network=NetworkMode.TAP, nat=True))
     paths = svc.layout.vm(vm.id)
     vmm.unkillable = vmm.ignore_quit = True
-    guest.poweroff_works = False
+    agent_of(svc).poweroff_works = False
     net.fail.add("remove_nat")
     with pytest.raises(OperationFailed) as info:
         svc.stop("stuck")
@@ -206,7 +203,7 @@ def test_a_start_rollback_reports_every_release_failure(env) -> None:  # type: i
     svc, vmm, guest, net, _ = env
     svc.create(name="x", spec=VMSpec(network=NetworkMode.TAP), start=False)
     vmm.unkillable = True
-    svc.ctx.failpoint = "wait_ssh"
+    svc.ctx.failpoint = "wait_agent"
     with pytest.raises(OperationFailed) as info:
         svc.start("x")
     message = str(info.value)
@@ -261,7 +258,7 @@ def test_a_restart_whose_stop_half_fails_does_not_start(env) -> None:  # type: i
     svc, vmm, guest, net, _ = env
     svc.create(name="r", spec=VMSpec())
     vmm.unkillable = vmm.ignore_quit = True
-    guest.poweroff_works = False
+    agent_of(svc).poweroff_works = False
     launched = len(vmm.launched)
     seen: list[Progress] = []
     with pytest.raises(OperationFailed) as info:

@@ -17,7 +17,7 @@ from banger.model.errors import OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import PendingWorkspace, VMSpec, VMState
 from banger.ports import WorkspaceRequest
-from tests.fakes import FakeDisks, FakeGuest, FakeWorkspace, fake_service
+from tests.fakes import FakeDisks, FakeGuest, FakeWorkspace, agent_of, fake_service
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_prepare_on_never_started_vm_survives_a_restart(tmp_path: Path,
     svc, disks, guest = daemon(tmp_path, layout)
     svc.start("p")
     assert disks.work_trees[layout.vm(vm.id).work_disk][0] == "repo"
-    assert guest.pushed == []
+    assert agent_of(svc).pushed == []
 
 
 def test_start_cut_off_by_daemon_death_keeps_the_request(tmp_path: Path,
@@ -139,7 +139,7 @@ def test_work_disk_made_before_the_death_is_not_made_again(tmp_path: Path,
 def test_failed_first_start_keeps_the_request_on_disk(tmp_path: Path, layout: Layout) -> None:
     first, *_ = daemon(tmp_path, layout)
     repo = make_repo(tmp_path)
-    first.ctx.failpoint = "wait_ssh"  # after the work disk was made: its undo removes it
+    first.ctx.failpoint = "wait_agent"  # after the work disk was made: its undo removes it
     with pytest.raises(OperationFailed):
         first.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo))
     assert first.resolve("ws").pending_workspace is not None
@@ -166,7 +166,7 @@ def test_tool_install_still_started_after_a_start_killed_past_the_work_disk(
     svc.ctx.load_config = lambda: Config(installer_url="http://10.0.2.2:9/i.sh")
     svc.start("t")
     assert disks.work_trees == {}  # not made again
-    assert [b[1] for b in guest.bootstraps] == ["/root/repo"]
+    assert [b[1] for b in agent_of(svc).bootstraps] == ["/root/repo"]
     assert svc.resolve("t").pending_workspace is None
 
 

@@ -44,11 +44,10 @@ def test_tap_stages_follow_bangers_order(env) -> None:  # type: ignore[no-untype
     svc, *_ = env
     assert stage_names(svc, TAP) == ["preflight", "cleanup_runtime", "bridge", "socket_dir",
                                "system_overlay", "work_disk", "tap", "qemu_launch",
-                               "wait_agent", "wait_ssh", "post_start_features"]
+                               "wait_agent", "post_start_features"]
     assert stage_names(svc, TAP_NAT) == ["preflight", "cleanup_runtime", "bridge", "socket_dir",
                                    "system_overlay", "work_disk", "prepare_host_features",
-                                   "tap", "qemu_launch", "wait_agent", "wait_ssh",
-                                   "post_start_features"]
+                                   "tap", "qemu_launch", "wait_agent", "post_start_features"]
 
 
 def test_tap_vm_gets_its_address_tap_and_nat(env) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from banger.model.layout import Layout
 from banger.model.vm import KernelKind, VMSpec, VMState
 from banger.ports import ListeningSocket, UserNet
 from banger.store.vms import OperationLog, VMRepository
-from tests.fakes import FakeVmm, fake_service
+from tests.fakes import FakeVmm, agent_of, fake_service
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_stage_names_are_banger_names(env) -> None:  # type: ignore[no-untyped-d
     svc = env[0]
     assert stage_names(svc) == ["preflight", "cleanup_runtime", "socket_dir", "system_overlay",
                                 "work_disk", "port_forward", "qemu_launch", "wait_agent",
-                                "wait_ssh", "post_start_features"]
+                                "post_start_features"]
 
 
 def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped-def]
@@ -71,7 +71,8 @@ def test_create_start_stop_start_delete(env) -> None:  # type: ignore[no-untyped
     vm = svc.create(name="box", spec=VMSpec(vcpus=2, memory_mib=1024), sink=events.append)
     assert vm.state is VMState.RUNNING and vm.boot_id
     oks = [e.stage for e in events if e.kind == "ok"]
-    assert oks[-3:] == ["wait_agent", "wait_ssh", "post_start_features"]
+    assert oks[-2:] == ["wait_agent", "post_start_features"]
+    assert guest.ready_waits == [], "a start never waits for sshd"
     paths = layout.vm(vm.id)
     files = disks.work_files[paths.work_disk]
     assert files[".banger/hostname"][0] == b"box\n"
@@ -155,26 +156,9 @@ def test_readiness_is_the_agents_hello_and_its_boot_id_is_the_guests(env) -> Non
     h = svc.ctx.handles.get(vm.id)
     assert h is not None and h.boot_id == vm.boot_id and h.agent == str(paths.agent_socket)
     kinds = [(e.kind, e.stage) for e in events]
-    assert kinds.index(("ok", "wait_agent")) < kinds.index(("run", "wait_ssh"))
+    assert kinds.index(("ok", "wait_agent")) < kinds.index(("run", "post_start_features"))
     (said,) = [e.message for e in events if e.kind == "detail" and e.stage == "wait_agent"]
     assert said is not None and "said hello after" in said and vm.boot_id in said
-
-
-def test_agent_and_ssh_waits_share_one_ready_timeout(env) -> None:  # type: ignore[no-untyped-def]
-    svc, vmm, guest, *_ = env
-    svc.ctx.timeouts = replace(svc.ctx.timeouts, ready=30.0)
-    svc.host.agent.hello_delay = 0.5  # type: ignore[attr-defined]
-    given: list[float] = []
-    wait_ready = guest.wait_ready
-
-    def recording(**kw):  # type: ignore[no-untyped-def]
-        given.append(kw["timeout"])
-        return wait_ready(**kw)
-
-    guest.wait_ready = recording
-    svc.create(name="budget", spec=VMSpec())
-    (timeout,) = given
-    assert 20.0 < timeout <= 29.5, "ssh gets what the agent's wait left, not a fresh 30 s"
 
 
 def test_vmm_dies_while_waiting_for_the_agent(env) -> None:  # type: ignore[no-untyped-def]
@@ -259,7 +243,7 @@ def test_bad_input_creates_nothing(env) -> None:  # type: ignore[no-untyped-def]
 def test_stop_escalates_poweroff_then_quit_then_kill(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
     svc.create(name="a", spec=VMSpec())
-    guest.poweroff_works = False
+    agent_of(svc).poweroff_works = False
     svc.stop("a")
     assert vmm.quits == 1 and vmm.procs == {}
     svc.start("a")
@@ -379,7 +363,7 @@ def test_in_flight_operations_listed(env) -> None:  # type: ignore[no-untyped-de
     seen: list[list[str]] = []
 
     def sink(p: Progress) -> None:
-        if p.stage == "wait_ssh" and p.kind == "run":
+        if p.stage == "wait_agent" and p.kind == "run":
             seen.append([o.kind for o in svc.ops.in_flight()])
 
     svc.create(name="f", spec=VMSpec(), sink=sink)
@@ -420,7 +404,7 @@ def test_workspace_survives_a_failed_first_start(env, tmp_path: Path) -> None:  
     svc, vmm, guest, disks, *_ = env
     repo = tmp_path / "proj"
     (repo / ".git").mkdir(parents=True)
-    svc.ctx.failpoint = "wait_ssh"
+    svc.ctx.failpoint = "wait_agent"
     with pytest.raises(OperationFailed):
         svc.create(name="ws", spec=VMSpec(), workspace=WorkspaceRequest(repo))
     svc.ctx.failpoint = None
@@ -437,11 +421,11 @@ def test_prepare_workspace_on_running_vm(env, tmp_path: Path) -> None:  # type: 
     svc.create(name="p", spec=VMSpec())
     vm = svc.prepare_workspace("p", WorkspaceRequest(repo))
     assert vm.workspace_guest_path == "/root/repo"
-    assert guest.pushed == [(svc.layout.vm(vm.id).names.ssh_alias, "/root/repo",
-                             [".git", "a.txt"])]
+    assert agent_of(svc).pushed == [(svc.layout.vm(vm.id).agent_socket, "/root/repo",
+                                     [".git", "a.txt"])]
     op = svc.ops._oplog.get(vm.last_op_id)  # type: ignore[attr-defined]
     assert op["kind"] == "workspace_prepare" and op["status"] == "ok"
-    assert guest.bootstraps == []  # no tool files
+    assert agent_of(svc).bootstraps == []  # no tool files
 
 
 def test_prepare_workspace_on_stopped_vm_lands_at_next_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -454,7 +438,7 @@ def test_prepare_workspace_on_stopped_vm_lands_at_next_start(env, tmp_path: Path
     svc.stop("p")
     seen: list[Progress] = []
     svc.prepare_workspace("p", WorkspaceRequest(repo), sink=seen.append)
-    assert guest.pushed == []
+    assert agent_of(svc).pushed == []
     assert any("next starts" in (e.message or "") for e in seen)
     pending = svc.layout.vm(vm.id).pending_workspace
     # What the host had at prepare time is what lands, not what it has at start time.
@@ -463,12 +447,12 @@ def test_prepare_workspace_on_stopped_vm_lands_at_next_start(env, tmp_path: Path
     stages: list[str] = []
     svc.start("p", sink=lambda e: stages.append(e.stage) if e.kind == "ok" else None)
     assert "workspace_sync" in stages
-    assert stages.index("workspace_sync") > stages.index("wait_ssh")
-    assert guest.pushed == [(svc.layout.vm(vm.id).names.ssh_alias, "/root/repo",
-                             [".git", "a.txt"])]
+    assert stages.index("workspace_sync") > stages.index("wait_agent")
+    assert agent_of(svc).pushed == [(svc.layout.vm(vm.id).agent_socket, "/root/repo",
+                                     [".git", "a.txt"])]
     assert not pending.exists()
     svc.restart("p")  # pushed once, not at every start
-    assert len(guest.pushed) == 1
+    assert len(agent_of(svc).pushed) == 1
 
 
 def test_prepare_workspace_failed_sync_is_kept_for_the_next_start(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -479,8 +463,8 @@ def test_prepare_workspace_failed_sync_is_kept_for_the_next_start(env, tmp_path:
     vm = svc.create(name="p", spec=VMSpec())
     svc.stop("p")
     svc.prepare_workspace("p", WorkspaceRequest(repo))
-    svc.ctx.failpoint = "wait_ssh"
-    with pytest.raises(OperationFailed, match="wait_ssh"):
+    svc.ctx.failpoint = "wait_agent"
+    with pytest.raises(OperationFailed, match="wait_agent"):
         svc.start("p")
     svc.ctx.failpoint = None
     assert svc.layout.vm(vm.id).pending_workspace.exists()
@@ -498,7 +482,7 @@ def test_prepare_workspace_on_never_started_vm_goes_on_the_work_disk(env, tmp_pa
     svc.prepare_workspace("p", WorkspaceRequest(repo))
     svc.start("p")
     assert disks.work_trees[svc.layout.vm(vm.id).work_disk][0] == "repo"
-    assert guest.pushed == []
+    assert agent_of(svc).pushed == []
 
 
 def _tool_repo(tmp_path: Path) -> Path:
@@ -516,7 +500,7 @@ def test_bootstrap_without_network_refused_before_anything_exists(env, tmp_path:
         svc.create(name="t", spec=VMSpec(), workspace=WorkspaceRequest(repo))
     assert svc.list_vms() == [] and vmm.launched == []
     svc.create(name="t", spec=VMSpec(), workspace=WorkspaceRequest(repo, bootstrap=False))
-    assert guest.bootstraps == []
+    assert agent_of(svc).bootstraps == []
 
 
 def test_bootstrap_started_after_the_workspace_lands(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -528,18 +512,18 @@ def test_bootstrap_started_after_the_workspace_lands(env, tmp_path: Path) -> Non
     stages: list[str] = []
     vm = svc.create(name="t", spec=VMSpec(nat=True), workspace=WorkspaceRequest(repo),
                     sink=lambda e: stages.append(e.stage) if e.kind == "ok" else None)
-    alias = svc.layout.vm(vm.id).names.ssh_alias
+    channel = svc.layout.vm(vm.id).agent_socket
     assert stages[-1] == "tool_bootstrap"
-    assert guest.bootstraps == [(alias, "/root/repo", "http://10.0.2.2:9/i.sh")]
+    assert agent_of(svc).bootstraps == [(channel, "/root/repo", "http://10.0.2.2:9/i.sh")]
     svc.restart("t")  # installs once, not at every start
-    assert len(guest.bootstraps) == 1
+    assert len(agent_of(svc).bootstraps) == 1
     svc.prepare_workspace("t", WorkspaceRequest(repo))  # running: push, then install
-    assert len(guest.bootstraps) == 2
+    assert len(agent_of(svc).bootstraps) == 2
     svc.stop("t")
     svc.prepare_workspace("t", WorkspaceRequest(repo))  # stopped: at the next start
-    assert len(guest.bootstraps) == 2
+    assert len(agent_of(svc).bootstraps) == 2
     svc.start("t")
-    assert len(guest.bootstraps) == 3
+    assert len(agent_of(svc).bootstraps) == 3
     assert not svc.layout.vm(vm.id).pending_workspace.exists()
     # A VM without network refuses a prepare that would need one.
     svc.create(name="offline", spec=VMSpec())
@@ -557,7 +541,7 @@ def test_file_sync_at_every_start_and_bad_config_aborts(env, tmp_path: Path) -> 
     seen: list[Progress] = []
     svc.create(name="fs", spec=VMSpec(), sink=seen.append)
     svc.restart("fs")
-    assert [len(e) for _, e in guest.synced] == [2, 2]  # at every start
+    assert [len(e) for _, e in agent_of(svc).synced] == [2, 2]  # at every start
     assert any(p.kind == "detail" and "does not exist" in (p.message or "") for p in seen)
 
     def broken() -> Config:
@@ -578,24 +562,24 @@ def test_git_identity_on_the_work_disk_and_resent_only_when_changed(env) -> None
     files = disks.work_files[svc.layout.vm(vm.id).work_disk]
     assert files[".gitconfig"][0] == b'[user]\n\temail = "ada@x"\n\tname = "Ada"\n'
     svc.restart("id")
-    assert guest.synced == [], "nothing changed: no ssh session at start"
+    assert agent_of(svc).synced == [], "nothing changed: nothing sent at start"
     guest.identity = {"user.name": "Ada L", "user.email": "ada@x"}
     svc.restart("id")
-    assert guest.identity_sent == [{"user.name": "Ada L", "user.email": "ada@x"}]
+    assert agent_of(svc).identity_sent == [{"user.name": "Ada L", "user.email": "ada@x"}]
     svc.restart("id")
-    assert len(guest.identity_sent) == 1
+    assert len(agent_of(svc).identity_sent) == 1
 
 
 def test_ports_of_a_running_vm(env) -> None:  # type: ignore[no-untyped-def]
     svc, vmm, guest, *_ = env
     svc.create(name="web", spec=VMSpec())
-    guest.sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
-                     ListeningSocket("tcp", "*", 8080, "busybox"),
-                     ListeningSocket("tcp", "127.0.0.1", 5432, "postgres")]
+    agent_of(svc).sockets = [ListeningSocket("tcp", "0.0.0.0", 22, "sshd"),
+                             ListeningSocket("tcp", "*", 8080, "busybox"),
+                             ListeningSocket("tcp", "127.0.0.1", 5432, "postgres")]
     vm, views = svc.ports("web")
     assert vm.name == "web"
     port = vmm.launched[-1].net.ssh_port  # type: ignore[union-attr]
-    assert guest.listening_asked[-1].port == port
+    assert agent_of(svc).listening_asked == [svc.layout.vm(vm.id).agent_socket]
     got = {v.socket.port: v for v in views}
     assert got[22].endpoint == f"127.0.0.1:{port}"
     assert got[8080].endpoint is None and "user networking" in (got[8080].note or "")
@@ -612,12 +596,12 @@ def test_ports_refuses_a_vm_that_is_not_running(env) -> None:  # type: ignore[no
     svc.stop("idle")
     with pytest.raises(ConflictError, match="stopped, not running"):
         svc.ports("idle")
-    # A VMM that died behind banger's back is observed, not asked over ssh.
+    # A VMM that died behind banger's back is observed, not asked through its agent.
     svc.start("idle")
     vmm.procs.clear()
     with pytest.raises(ConflictError, match="`banger vm start idle`"):
         svc.ports("idle")
-    assert guest.listening_asked == []
+    assert agent_of(svc).listening_asked == []
     with pytest.raises(NotFoundError):
         svc.ports("nope")
 
@@ -630,7 +614,7 @@ def test_prune_keeps_a_vm_that_started_while_prune_waited_for_it(env) -> None:  
 
     svc, vmm, guest, *_ = env
     svc.create(name="dev", spec=VMSpec(), start=False)
-    guest.ready_delay = 0.5
+    agent_of(svc).hello_delay = 0.5
     booting = threading.Thread(target=svc.start, args=("dev",))
     booting.start()
     deadline = time.monotonic() + 10
@@ -668,3 +652,43 @@ def test_delete_survives_a_serial_log_copy_landing_during_it(env, monkeypatch) -
     monkeypatch.setattr(service_module.shutil, "rmtree", rmtree_while_the_cap_copies)
     svc.delete("noisy")
     assert not paths.dir.exists() and svc.list_vms() == []
+
+
+def test_ssh_target_waits_for_sshd_once_per_boot(env) -> None:  # type: ignore[no-untyped-def]
+    # A start ends at the agent's HELLO; a person's ssh waits for sshd the first time
+    # after each boot, and not again.
+    svc, vmm, guest, *_ = env
+    vm = svc.create(name="s", spec=VMSpec())
+    assert guest.ready_waits == []
+    shown = svc.ssh_view("s")
+    assert shown.handles is not None and guest.ready_waits == [shown.handles.endpoint]
+    svc.ssh_view("s")
+    assert len(guest.ready_waits) == 1, "seen ready on this boot: no second wait"
+    svc.restart("s")
+    svc.ssh_view("s")
+    assert len(guest.ready_waits) == 2, "a new boot waits again"
+    guest.ready_error = RuntimeError("SSH on 127.0.0.1:1 not ready after 30 s\nlast lines")
+    svc.restart("s")
+    with pytest.raises(OperationFailed, match=r"sshd in VM 's' did not take banger's key "
+                                              r"within 30 s(.|\n)*vm exec s(.|\n)*last lines"):
+        svc.ssh_view("s")
+    svc.stop("s")
+    with pytest.raises(ConflictError, match="'s' is stopped, not running"):
+        svc.ssh_view("s")
+    assert vm.name == "s"
+
+
+def test_ssh_config_answer_waits_for_each_running_vms_sshd_once(env) -> None:  # type: ignore[no-untyped-def]
+    svc, vmm, guest, *_ = env
+    svc.create(name="a", spec=VMSpec())
+    svc.create(name="b", spec=VMSpec())
+    svc.create(name="idle", spec=VMSpec(), start=False)
+    svc.await_sshd()
+    assert len(guest.ready_waits) == 2, "each running VM's sshd, not the stopped one's"
+    svc.await_sshd()
+    assert len(guest.ready_waits) == 2
+    guest.ready_error = RuntimeError("no sshd in this image")
+    svc.restart("a")
+    svc.await_sshd()  # no error: the config is still answered
+    svc.await_sshd()
+    assert len(guest.ready_waits) == 3, "a VM without sshd is passed over once a boot"

@@ -34,13 +34,13 @@ print("survived")
 
 
 @pytest.mark.parametrize(("point", "events"), [("created", 0), ("run:preflight", 1),
-                                               ("ok:preflight", 2), ("ok:wait_ssh", 2)])
+                                               ("ok:preflight", 2), ("ok:wait_agent", 2)])
 def test_dies_right_after_the_point(tmp_path: Path, point: str, events: int) -> None:
     db_path = tmp_path / "state.db"
     proc = subprocess.run([sys.executable, "-c", INSERT, str(db_path), point],
                           capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).parents[2])
-    reached = point != "ok:wait_ssh"  # a real point this script never reaches
+    reached = point != "ok:wait_agent"  # a real point this script never reaches
     assert proc.returncode == (-9 if reached else 0), proc.stderr
     assert ("survived" in proc.stdout) is not reached
     db = Database(db_path)
@@ -56,10 +56,10 @@ def test_unset_wraps_nothing_and_a_bad_point_is_refused(tmp_path: Path) -> None:
     assert type(repo) is VMRepository and type(oplog) is OperationLog and same is host
     with pytest.raises(SystemExit, match="BANGER_KILLPOINT='nowhere'"):
         killpoint.armed("nowhere", db, host)
-    for misspelt in ("run:wait_sh", "done:wait_ssh", "run:", ":wait_ssh"):
+    for misspelt in ("run:wait_sh", "done:wait_agent", "run:", ":wait_agent"):
         with pytest.raises(SystemExit, match="<event>:<stage>"):
             killpoint.armed(misspelt, db, host)
-    killpoint.armed("run:wait_ssh", db, host)  # a real one is armed
+    killpoint.armed("run:wait_agent", db, host)  # a real one is armed
 
 
 def test_a_failpoint_must_name_a_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,5 +74,5 @@ def test_a_failpoint_must_name_a_stage(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("BANGER_FAILPOINT", "qemu_lunch")
     with pytest.raises(SystemExit, match="BANGER_FAILPOINT='qemu_lunch' is not a stage"):
         build_service(layout, db)
-    monkeypatch.setenv("BANGER_FAILPOINT", "wait_ssh")
-    assert build_service(layout, db).ctx.failpoint == "wait_ssh"
+    monkeypatch.setenv("BANGER_FAILPOINT", "wait_agent")
+    assert build_service(layout, db).ctx.failpoint == "wait_agent"

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from banger.core.operations import BootSlots, Operations
 from banger.core.runtime import Handles, HandleStore, release_runtime
@@ -22,7 +23,7 @@ from banger.model.config import Config, ConfigError
 from banger.model.errors import ConflictError, InvalidRequest, NotFoundError
 from banger.model.layout import Layout, VMPaths
 from banger.model.vm import VM, NetworkMode, VMState
-from banger.ports import Endpoint, HostPorts, NetPort
+from banger.ports import HostPorts, NetPort
 from banger.store.vms import NotFound, VMRepository
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,9 @@ class Timeouts:
     guest_poweroff: float = 10.0
     vmm_quit: float = 5.0
     kill: float = 5.0
+    # sshd, for a person's `vm ssh`, when it was not seen ready yet on this boot: it
+    # starts right after the agent, so a running guest's sshd is at most a few s away.
+    sshd: float = 30.0
 
 
 @dataclass
@@ -54,6 +58,8 @@ class VMContext:
     handles: HandleStore = field(default_factory=HandleStore)
     # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
+    # (VM id, boot id) -> whether that boot's sshd took banger's key (core.views).
+    sshd_ready: dict[tuple[str, str], bool] = field(default_factory=dict)
     # Address choice and insert of a new VM happen under it: no two share an address.
     create_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _locks_guard: threading.Lock = field(default_factory=threading.Lock, init=False,
@@ -140,14 +146,15 @@ class VMContext:
         return demoted
 
     @staticmethod
-    def endpoint_of(vm: VM, h: Handles | None) -> Endpoint | None:
-        """A running VM's ssh endpoint; None when it is not running."""
+    def channel_of(vm: VM, h: Handles | None) -> Path | None:
+        """A running VM's guest agent channel; None when it is not running."""
         if vm.state is not VMState.RUNNING:
             return None
-        if h is None or h.endpoint is None:
-            raise ConflictError(f"VM {vm.name!r} is running but banger has no ssh "
-                                f"endpoint for it: `banger vm restart {vm.name}`")
-        return h.endpoint
+        if h is None or h.agent is None:
+            raise ConflictError(f"VM {vm.name!r} runs without a guest agent channel (it "
+                                f"was started by an older banger): restart it with "
+                                f"`banger vm restart {vm.name}`")
+        return Path(h.agent)
 
     # ---- shared helpers -------------------------------------------------------------
 

@@ -187,6 +187,12 @@ class VMService:
     def view(self, vm: VM) -> VMView:
         return views.view(self.ctx, vm)
 
+    def ssh_view(self, ref: str) -> VMView:
+        return views.ssh_view(self.ctx, ref)
+
+    def await_sshd(self) -> None:
+        views.await_sshd(self.ctx)
+
     def ports(self, ref: str) -> tuple[VM, list[GuestSocketView]]:
         return views.ports(self.ctx, ref)
 

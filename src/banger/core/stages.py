@@ -36,7 +36,6 @@ class Stage(StrEnum):
     QEMU_LAUNCH = "qemu_launch"  # the launch is the driver's: see launch_stage
     FIRECRACKER_LAUNCH = "firecracker_launch"
     WAIT_AGENT = "wait_agent"
-    WAIT_SSH = "wait_ssh"
     WORKSPACE_SYNC = "workspace_sync"
     POST_START_FEATURES = "post_start_features"
     TOOL_BOOTSTRAP = "tool_bootstrap"
@@ -64,7 +63,6 @@ LABELS: dict[Stage, str] = {
     Stage.QEMU_LAUNCH: "launching QEMU",
     Stage.FIRECRACKER_LAUNCH: "launching Firecracker",
     Stage.WAIT_AGENT: "waiting for the guest agent",
-    Stage.WAIT_SSH: "waiting for ssh",
     Stage.WORKSPACE_SYNC: f"copying the prepared workspace to {WORKSPACE_GUEST_PATH}",
     Stage.POST_START_FEATURES: "syncing files and git identity",
     Stage.TOOL_BOOTSTRAP: "starting the tool install in the background",

@@ -28,7 +28,6 @@ from banger.pipeline import Detail, Step
 from banger.ports import (
     BootSource,
     Drive,
-    Endpoint,
     GuestSettings,
     HostPorts,
     ImageInfo,
@@ -40,8 +39,6 @@ from banger.ports import (
 )
 
 MIB = 1024 * 1024
-# The least time sshd gets after the agent's HELLO, whatever is left of the ready timeout.
-SSH_GRACE = 10.0
 
 
 @dataclass
@@ -55,7 +52,7 @@ class StartContext:
     failpoint: str | None = None
     workspace: WorkspaceSelection | None = None  # copied in when the work disk is made
     load_config: Callable[[], Config] = Config
-    # The git identity each VM has (by id), so a start that changes nothing costs no ssh.
+    # The git identity each VM has (by id), so a start that changes nothing sends nothing.
     identities: dict[str, dict[str, str]] = field(default_factory=dict)
     # Details of the step running now (the pipeline points it at each step in turn).
     detail: Detail = field(default_factory=lambda: Detail(lambda stage, msg: None))
@@ -68,9 +65,6 @@ class StartContext:
     ssh_host: str = "127.0.0.1"
     pid: int | None = None
     agent: Path | None = None  # the guest agent's channel (Launched.agent)
-    # When readiness (the agent's HELLO, then sshd) must be reached: one ready_timeout
-    # for both waits (time.monotonic()).
-    ready_by: float | None = None
     boot_id: str | None = None
     config: Config = field(default_factory=Config)
 
@@ -98,7 +92,6 @@ def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
     steps += [
         step(launch_stage(ctx.host.vmm.name), _launch, _undo_launch),
         step(Stage.WAIT_AGENT, _wait_agent),
-        step(Stage.WAIT_SSH, _wait_ssh),
     ]
     if (ctx.paths.pending_workspace / WORKSPACE_DIR).exists():
         steps.append(step(Stage.WORKSPACE_SYNC, _workspace_sync))
@@ -326,9 +319,11 @@ def _undo_launch(ctx: StartContext) -> None:
     release_runtime(ctx.paths, ctx.host.vmm, ctx.handles, agent=ctx.host.agent)
 
 
-def _addr(ctx: StartContext) -> Endpoint:
-    assert ctx.ssh_port is not None
-    return Endpoint(ctx.ssh_host, ctx.ssh_port)
+def _channel(ctx: StartContext) -> Path:
+    """The guest agent's channel, once the agent said HELLO on it (banger's own calls into
+    the guest all go there)."""
+    assert ctx.agent is not None
+    return ctx.agent
 
 
 def _vmm_alive(ctx: StartContext) -> Callable[[], bool]:
@@ -361,7 +356,6 @@ def _wait_agent(ctx: StartContext) -> None:
         raise OperationFailed(f"the {ctx.host.vmm.name} driver gave no guest agent "
                               f"channel: banger cannot tell when the guest is ready")
     started = time.monotonic()
-    ctx.ready_by = started + ctx.ready_timeout
     hello = ctx.host.agent.wait_hello(
         channel=ctx.agent, timeout=ctx.ready_timeout, serial_log=ctx.paths.serial_log,
         alive=_vmm_alive(ctx))
@@ -373,23 +367,15 @@ def _wait_agent(ctx: StartContext) -> None:
         ctx.handles.put(ctx.paths, replace(h, boot_id=hello.boot_id))
 
 
-def _wait_ssh(ctx: StartContext) -> None:
-    # What the agent's wait left of the ready timeout (a few seconds at least: sshd
-    # starts right after the agent, a guest that said hello is up).
-    left = ctx.ready_timeout if ctx.ready_by is None else ctx.ready_by - time.monotonic()
-    ctx.host.guest.wait_ready(
-        addr=_addr(ctx), alias=ctx.paths.names.ssh_alias, timeout=max(left, SSH_GRACE),
-        serial_log=ctx.paths.serial_log, alive=_vmm_alive(ctx))
-
-
 def _post_start(ctx: StartContext) -> None:
     guest = ctx.host.guest
     identity = guest.git_identity()
     changed = identity if identity and ctx.identities.get(ctx.vm.id) != identity else None
     if not ctx.config.file_sync and changed is None:
-        return  # nothing to send: no ssh session on this start
-    for warning in guest.sync_files(addr=_addr(ctx), alias=ctx.paths.names.ssh_alias,
-                                    entries=ctx.config.file_sync, identity=changed):
+        return  # nothing to send
+    for warning in ctx.host.agent.sync_files(channel=_channel(ctx),
+                                             entries=ctx.config.file_sync,
+                                             identity=changed):
         ctx.detail(warning)
     ctx.identities[ctx.vm.id] = identity
 
@@ -419,25 +405,24 @@ def check_bootstrap(ws: WorkspaceSelection, nat: bool, vm_name: str | None) -> N
 
 def _workspace_sync(ctx: StartContext) -> None:
     pending = ctx.paths.pending_workspace
-    ctx.host.guest.push_tree(addr=_addr(ctx), alias=ctx.paths.names.ssh_alias,
-                             tree=pending / WORKSPACE_DIR, guest_path=WORKSPACE_GUEST_PATH)
+    ctx.host.agent.push_tree(channel=_channel(ctx), tree=pending / WORKSPACE_DIR,
+                             guest_path=WORKSPACE_GUEST_PATH)
     # Gone once it is in the guest; a bootstrap mark stays until the install started.
     shutil.rmtree(pending / WORKSPACE_DIR)
     if not (pending / BOOTSTRAP_MARK).exists():
         shutil.rmtree(pending, ignore_errors=True)
 
 
-def launch_bootstrap(host: HostPorts, addr: Endpoint, paths: VMPaths, installer_url: str,
+def launch_bootstrap(host: HostPorts, channel: Path, installer_url: str,
                      detail: Callable[[str], None]) -> None:
     """Start the repo's tool install in the guest's background and say where its log is."""
-    log = host.guest.start_bootstrap(addr=addr, alias=paths.names.ssh_alias,
-                                     workdir=WORKSPACE_GUEST_PATH, installer_url=installer_url)
-    detail(f"installing the repo's tools in the background; "
-                                f"log in the guest: {log}")
+    log = host.agent.start_bootstrap(channel=channel, workdir=WORKSPACE_GUEST_PATH,
+                                     installer_url=installer_url)
+    detail(f"installing the repo's tools in the background; log in the guest: {log}")
 
 
 def _tool_bootstrap(ctx: StartContext) -> None:
-    launch_bootstrap(ctx.host, _addr(ctx), ctx.paths, ctx.config.installer_url, ctx.detail)
+    launch_bootstrap(ctx.host, _channel(ctx), ctx.config.installer_url, ctx.detail)
     shutil.rmtree(ctx.paths.pending_workspace, ignore_errors=True)
 
 

@@ -1,10 +1,10 @@
 """The stop and kill step lists, and running them as an operation of one VM.
 
-Stop escalates: the guest is asked to power off, then the VMM to quit, each given a short
-deadline; whatever still runs is killed when the runtime is released. The first two are
-best-effort steps (a guest that does not power off in time is reported, and the next step
-takes over) that note in the context once the VMM is gone, so that the later ones are
-passed over. Kill signals the VMM and releases the runtime.
+Stop escalates: the guest is asked to power off (through its agent), then the VMM to
+quit, each given a short deadline; whatever still runs is killed when the runtime is
+released. The first two are best-effort steps (a guest that does not power off in time
+is reported, and the next step takes over) that note in the context once the VMM is gone,
+so that the later ones are passed over. Kill signals the VMM and releases the runtime.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal as signals
 from dataclasses import dataclass
+from pathlib import Path
 
 from banger.core.context import VMContext
 from banger.core.operations import OpControl, ProgressSink
@@ -44,7 +45,7 @@ def stop_steps() -> list[Step[StopContext]]:
     return [
         step(Stage.GUEST_POWEROFF, _guest_poweroff, best_effort=True,
              when=lambda c: not c.gone and c.handles is not None
-             and c.handles.endpoint is not None),
+             and c.handles.agent is not None),
         step(Stage.VMM_QUIT, _vmm_quit, best_effort=True, when=lambda c: not c.gone),
         step(Stage.RELEASE_RUNTIME, _release),
     ]
@@ -75,12 +76,11 @@ def stop_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl |
 
 
 def _guest_poweroff(c: StopContext) -> None:
-    assert c.handles is not None and c.handles.endpoint is not None
+    assert c.handles is not None and c.handles.agent is not None
     timeout = c.core.timeouts.guest_poweroff
     why = ""
     try:
-        c.core.host.guest.poweroff(addr=c.handles.endpoint, alias=c.paths.names.ssh_alias,
-                                   timeout=timeout)
+        c.core.host.agent.poweroff(channel=Path(c.handles.agent), timeout=timeout)
     except Exception as exc:  # the next deadline takes over; say why
         log.info("guest poweroff of %s failed: %s", c.vm.name, exc)
         why = f" ({exc})"

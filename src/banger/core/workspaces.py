@@ -1,8 +1,9 @@
 """Workspace use cases: re-sync a VM's /root/repo from the host repo, and the dry run.
 
-A running VM gets the repo at once, as one stream over ssh; a stopped one at its next start,
-from a copy staged now (or, never started, when its work disk is made). Each case is a step
-list run by the pipeline, as the operation "workspace_prepare" under the VM's lock.
+A running VM gets the repo at once, as one tar stream through its agent; a stopped one at
+its next start, from a copy staged now (or, never started, when its work disk is made).
+Each case is a step list run by the pipeline, as the operation "workspace_prepare" under
+the VM's lock.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from banger.core.startplan import BOOTSTRAP_MARK, check_bootstrap, launch_bootst
 from banger.model.layout import VMPaths
 from banger.model.vm import VM, PendingWorkspace
 from banger.pipeline import Detail, Step
-from banger.ports import Endpoint, WorkspaceRequest, WorkspaceSelection
+from banger.ports import WorkspaceRequest, WorkspaceSelection
 
 
 @dataclass
@@ -32,7 +33,7 @@ class PrepareContext:
     paths: VMPaths
     selection: WorkspaceSelection
     detail: Detail
-    addr: Endpoint | None = None  # the running guest's ssh endpoint
+    channel: Path | None = None  # the running guest's agent channel
     # The staged copy of the repo (running VM), removed when the prepare ends.
     staging: ExitStack = field(default_factory=ExitStack)
     tree: Path | None = None
@@ -42,7 +43,7 @@ class PrepareContext:
 
 def prepare_steps(c: PrepareContext) -> list[Step[PrepareContext]]:
     """The steps for where the VM is: running, stopped, or never started."""
-    if c.addr is not None:
+    if c.channel is not None:
         steps = [step(Stage.WORKSPACE_STAGE, _stage_for_copy),
                  step(Stage.WORKSPACE_COPY, _copy)]
         if c.selection.request.bootstrap and c.selection.tool_files:
@@ -56,15 +57,15 @@ def prepare_steps(c: PrepareContext) -> list[Step[PrepareContext]]:
 def prepare_workspace(ctx: VMContext, ref: str, req: WorkspaceRequest,
                       sink: ProgressSink) -> VM:
     """Re-sync a VM's /root/repo from the host repo: a running VM at once, as one
-    stream over ssh; a stopped one at its next start, from a copy staged now."""
+    stream through its agent; a stopped one at its next start, from a copy staged now."""
     vm = ctx.resolve(ref)
     selection = ctx.host.workspace.select(req)
     check_bootstrap(selection, vm.spec.nat, vm.name)
     with ctx.locked(vm) as vm:
-        addr = ctx.endpoint_of(vm, ctx.handles.get(vm.id))
+        channel = ctx.channel_of(vm, ctx.handles.get(vm.id))
         with ctx.ops.track("workspace_prepare", vm.id, vm.name, sink) as op:
             c = PrepareContext(ctx, vm, ctx.layout.vm(vm.id), selection,
-                               details(ctx.ops, op, vm.name), addr)
+                               details(ctx.ops, op, vm.name), channel)
             with c.staging:
                 run_as(ctx.ops, op, "workspace prepare", prepare_steps(c), c, c.detail)
             updated = replace(vm, workspace_path=str(selection.repo),
@@ -80,15 +81,15 @@ def _stage_for_copy(c: PrepareContext) -> None:
 
 
 def _copy(c: PrepareContext) -> None:
-    assert c.addr is not None and c.tree is not None
-    c.core.host.guest.push_tree(addr=c.addr, alias=c.paths.names.ssh_alias, tree=c.tree,
+    assert c.channel is not None and c.tree is not None
+    c.core.host.agent.push_tree(channel=c.channel, tree=c.tree,
                                 guest_path=WORKSPACE_GUEST_PATH)
     c.staging.close()  # in the guest now: the staged copy goes
 
 
 def _bootstrap(c: PrepareContext) -> None:
-    assert c.addr is not None
-    launch_bootstrap(c.core.host, c.addr, c.paths, c.core.config().installer_url, c.detail)
+    assert c.channel is not None
+    launch_bootstrap(c.core.host, c.channel, c.core.config().installer_url, c.detail)
 
 
 def _stage_for_next_start(c: PrepareContext) -> None:

@@ -63,8 +63,8 @@ from banger.daemon.execws import add_exec_routes
 from banger.daemon.files import add_file_routes
 from banger.daemon.logstream import add_log_routes
 from banger.daemon.threads import in_thread
-from banger.model.errors import BangerError, ConflictError, InvalidRequest, OperationFailed
-from banger.model.vm import VM, NetworkMode, VMSpec, VMState
+from banger.model.errors import BangerError, InvalidRequest, OperationFailed
+from banger.model.vm import VM, NetworkMode, VMSpec
 from banger.ports import Endpoint, WorkspaceRequest
 
 log = logging.getLogger(__name__)
@@ -363,11 +363,11 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     @app.get(f"{PREFIX}/vms/{{ref}}/ssh")
     def ssh_target(ref: str) -> SshTarget:
-        view = service.show(ref)
-        addr = view.handles.endpoint if view.handles else None
-        if view.vm.state is not VMState.RUNNING or addr is None:
-            raise ConflictError(f"VM {view.vm.name!r} is {view.vm.state.value}, not running: "
-                                f"start it with `banger vm start {view.vm.name}`")
+        """Where a person's ssh reaches the VM; waits for its sshd the first time after
+        a boot (a start ends before sshd may be up)."""
+        view = service.ssh_view(ref)
+        assert view.handles is not None and view.handles.endpoint is not None
+        addr = view.handles.endpoint
         return SshTarget(host=addr.host, port=addr.port, user="root", key=ssh_key,
                          known_hosts=known_hosts, alias=view.paths.names.ssh_alias,
                          vm=view.vm.name, workdir=view.vm.workspace_guest_path,
@@ -402,6 +402,9 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     @app.get(f"{PREFIX}/ssh-config")
     def ssh_config() -> SshConfig:
+        """banger's ssh_config, once the sshd of each VM it names answered (or was given
+        up on) on this boot: a start ends before sshd may be up."""
+        service.await_sshd()
         path = service.layout.ssh_config
         try:
             text = path.read_text()

@@ -8,7 +8,7 @@ tests), nothing is wrapped. The points:
 - ``created``: right after a VM's record was written (before its start began);
 - ``work_disk_build``: in the middle of a work disk's build: the image made under its
   temporary name, not yet renamed into place;
-- ``<event>:<stage>``, e.g. ``ok:work_disk`` or ``run:wait_ssh``: right after that
+- ``<event>:<stage>``, e.g. ``ok:work_disk`` or ``run:wait_agent``: right after that
   progress event of an operation was logged;
 - ``running``: right after a VM's record says it runs (before its client is told).
 """
@@ -43,7 +43,7 @@ def armed(point: str | None, db: Database,
     if point not in NAMED and not _is_step_event(point):
         # A misspelt point would never be reached: the test would wait for nothing.
         raise SystemExit(f"bangerd: BANGER_KILLPOINT={point!r}: use one of "
-                         f"{', '.join(NAMED)} or <event>:<stage> (e.g. run:wait_ssh; "
+                         f"{', '.join(NAMED)} or <event>:<stage> (e.g. run:wait_agent; "
                          f"events: {', '.join(STEP_EVENT_KINDS)}; stages: banger.core.stages)")
     log.warning("BANGER_KILLPOINT=%s: this daemon SIGKILLs itself there (a test hook)", point)
     return (_Repository(db, point), _OpLog(db, point),

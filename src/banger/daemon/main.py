@@ -50,7 +50,7 @@ def build_service(layout: Layout, db: Database) -> VMService:
     if failpoint is not None and failpoint not in {s.value for s in Stage}:
         # A misspelt stage would never fail: the test would pass for the wrong reason.
         raise SystemExit(f"bangerd: BANGER_FAILPOINT={failpoint!r} is not a stage of "
-                         f"banger.core.stages (e.g. qemu_launch, wait_ssh)")
+                         f"banger.core.stages (e.g. qemu_launch, wait_agent)")
     ready = float(os.environ.get("BANGER_READY_TIMEOUT", "180"))
     try:
         max_boots = load_config(layout.config_file, Path.home()).max_concurrent_boots

@@ -1,4 +1,5 @@
-"""The agent port on this host: the guest agent's HELLO, its STATS and execs, through
+"""The agent port on this host: the guest agent's HELLO, its STATS, execs and what banger
+itself does in a guest (:mod:`banger.host.agent_guestops`), through
 :class:`~banger.host.agent_client.AgentConnection`, over the channel a VMM driver serves
 (QEMU: the Unix socket of the virtio-serial port ``banger.agent``). The connection that
 got the HELLO stays open for what follows (:mod:`banger.host.agent_sessions`).
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
-from banger.host import guest_files
+from banger.host import agent_guestops, guest_files
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_records import (
     AgentError,
@@ -28,14 +30,19 @@ from banger.host.agent_records import (
 )
 from banger.host.agent_sessions import AgentExec, AgentSessions, connect_channel
 from banger.local.logtail import tail_lines
+from banger.model.config import FileSync
 from banger.model.errors import InvalidRequest, OperationFailed
-from banger.ports import AgentHello, ExecRequest, GuestFilesystem, GuestStats
+from banger.ports import AgentHello, ExecRequest, GuestFilesystem, GuestStats, ListeningSocket
 
 # How often the VMM's liveness (and a cancel) is checked while the guest boots.
 POLL = 0.1
 # Between two connection attempts: the socket is the VMM's, it accepts at once when up.
 RECONNECT_PAUSE = 0.1
 TAIL_LINES = 15
+# Connect (after a daemon restart) and HELLO before one of banger's own guest calls.
+SESSION_TIMEOUT = 15.0
+LISTENING_TIMEOUT = 30.0
+_T = TypeVar("_T")
 
 
 class AgentNotReady(OperationFailed):
@@ -131,6 +138,43 @@ class LocalAgent:
             raise OperationFailed(f"could not start {safe_text(request.argv[0], 80)} "
                                   f"through the guest agent on {channel}: {exc}") from exc
         return AgentExec(self.sessions, channel, session, ex)
+
+    def _on_session(self, channel: Path, what: str,
+                    fn: Callable[[AgentConnection], _T]) -> _T:
+        """``fn`` over the VM's kept connection; agent errors said as ``what`` failing."""
+        session = self.sessions.get(channel, SESSION_TIMEOUT)
+        try:
+            return fn(session.conn)
+        except AgentError as exc:
+            raise OperationFailed(f"{what} through the guest agent on {channel} failed: "
+                                  f"{exc}") from exc
+
+    def push_tree(self, *, channel: Path, tree: Path, guest_path: str) -> None:
+        self._on_session(channel, f"copying {tree} to {guest_path}",
+                         lambda c: agent_guestops.push_tree(c, tree, guest_path))
+
+    def sync_files(self, *, channel: Path, entries: Sequence[FileSync],
+                   identity: Mapping[str, str] | None) -> list[str]:
+        return self._on_session(channel, "file_sync",
+                                lambda c: agent_guestops.sync_files(c, entries,
+                                                                    identity or {}))
+
+    def start_bootstrap(self, *, channel: Path, workdir: str, installer_url: str) -> str:
+        return self._on_session(channel, "starting the tool bootstrap",
+                                lambda c: agent_guestops.start_bootstrap(c, workdir,
+                                                                         installer_url))
+
+    def listening(self, *, channel: Path) -> list[ListeningSocket]:
+        return self._on_session(channel, "listing the guest's sockets",
+                                lambda c: agent_guestops.listening(c, LISTENING_TIMEOUT))
+
+    def poweroff(self, *, channel: Path, timeout: float) -> None:
+        session = self.sessions.get(channel, min(timeout, SESSION_TIMEOUT))
+        try:
+            session.conn.poweroff(timeout)
+        except AgentError as exc:
+            raise OperationFailed(f"the guest agent on {channel} did not power off: "
+                                  f"{exc}") from exc
 
     def release(self, *, channel: Path) -> None:
         self.sessions.release(channel)

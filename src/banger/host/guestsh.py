@@ -1,16 +1,14 @@
-"""The shell programs banger runs in a guest over ssh, kept as files in guest/sh/ beside
-the other guest files (banger-init, banger-poweroff, banger-bootstrap) and read as
-package data.
+"""The shell programs banger runs in a guest, kept as files in guest/sh/ beside the other
+guest files (banger-init, banger-poweroff, banger-bootstrap) and read as package data.
 
-ssh hands its command line to the guest user's login shell. Each program goes there as
-``sh -c '<program>' <name> <arg>...``, every word quoted, so arguments reach the program
-as "$1", "$2"... and nothing a path or URL holds is parsed by a shell.
+Each program runs as the argv ``sh -c '<program>' <name> <arg>...`` through the guest
+agent (no shell on the host, none parsing the arguments in the guest): they reach the
+program as "$1", "$2"...
 """
 
 from __future__ import annotations
 
 import functools
-import shlex
 from importlib import resources
 
 
@@ -20,6 +18,6 @@ def program(name: str) -> str:
     return (resources.files("banger.host") / "guest" / "sh" / name).read_text()
 
 
-def command(name: str, *args: str) -> str:
-    """The ssh command line that runs the guest program ``name`` with ``args``."""
-    return shlex.join(["sh", "-c", program(name), name, *args])
+def argv(name: str, *args: str) -> list[str]:
+    """The argv that runs the guest program ``name`` with ``args``."""
+    return ["sh", "-c", program(name), name, *args]

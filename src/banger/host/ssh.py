@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 
-from banger.host import guestsh
 from banger.host.runner import CommandError, run
 from banger.local.logtail import tail_lines
 from banger.local.sshconfig import LOCKDOWN
@@ -43,9 +40,9 @@ TAIL_LINES = 15
 # was up (retried only after seconds): reconnecting then is free and much faster.
 SSHD_MARKER = b"banger: "
 SSHD_MARKER_TEXT = b"sshd started"
-# Output cap for guest commands whose output banger only reads for an error message
-# (readiness probe, poweroff, bootstrap start, tar extraction): the guest chooses what
-# comes back, and the runner kills an ssh that brings more.
+# Output cap for the readiness probe, whose output banger only reads for an error
+# message: the guest chooses what comes back, and the runner kills an ssh that brings
+# more.
 CHATTER_CAP = 64 << 10
 # RFC 4253: the identification line is at most 255 bytes, and the lines a server may
 # send before it are short too. More than this without a line end is not an SSH server,
@@ -293,65 +290,3 @@ def remove_known_host(known_hosts: Path, alias: str) -> None:
     old = known_hosts.with_name(known_hosts.name + ".old")
     if old.exists():
         old.unlink()
-
-
-def push_tree(*, port: int, key: Path, known_hosts: Path, alias: str, tree: Path,
-              guest_path: str, timeout: float = 3600, host: str = "127.0.0.1") -> None:
-    """Replace ``guest_path`` in the guest with the contents of ``tree``, as one tar stream
-    over one SSH session (cost scales with bytes, not files). Everything lands owned by
-    root; the old directory is swapped out only after the new one is complete."""
-    ssh_argv = [*ssh_base_argv(port=port, key=key, known_hosts=known_hosts, alias=alias,
-                               host=host), guestsh.command("push-tree", guest_path)]
-    _tar_over_ssh(tree, ["."], ssh_argv, guest_path, timeout)
-
-
-BOOTSTRAP_LOG = "/root/.banger/bootstrap.log"
-
-
-def start_bootstrap(argv: list[str], *, workdir: str, installer_url: str,
-                    timeout: float = 60) -> str:
-    """Start ``banger-bootstrap`` (the repo's tool install) detached in the guest and
-    return at once with the guest path of its log. ``argv`` is :func:`ssh_base_argv`'s
-    output. The script travels on stdin, so the image needs nothing for it."""
-    script = (resources.files("banger.host") / "guest" / "banger-bootstrap").read_bytes()
-    remote = guestsh.command("start-bootstrap", installer_url, workdir, BOOTSTRAP_LOG)
-    try:
-        run([*argv, remote], input=script, timeout=timeout, max_output=CHATTER_CAP)
-    except CommandError as exc:
-        raise SshError(f"could not start the tool bootstrap in the guest: {exc}") from exc
-    return BOOTSTRAP_LOG
-
-
-def push_files(*, argv: list[str], root: Path, members: list[str],
-               timeout: float = 600) -> None:
-    """Extract ``members`` (paths relative to ``root``) at / in the guest, owned by root.
-    ``argv`` is :func:`ssh_base_argv`'s output."""
-    _tar_over_ssh(root, members, [*argv, guestsh.command("push-files")], "/", timeout)
-
-
-def _tar_over_ssh(root: Path, members: list[str], ssh_argv: list[str], guest_path: str,
-                  timeout: float) -> None:
-    tree = root
-    tar_argv = ["tar", "-c", "-f", "-", "-C", str(root), "--numeric-owner", "--owner=0",
-                "--group=0", "--", *members]
-    with subprocess.Popen(tar_argv, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE) as tar:
-        try:
-            # Through the runner: what the guest says back is capped.
-            assert tar.stdout is not None
-            ssh_error = None
-            try:
-                run(ssh_argv, stdin=tar.stdout, timeout=timeout, max_output=CHATTER_CAP)
-            except CommandError as exc:
-                ssh_error = exc
-        finally:
-            assert tar.stdout is not None
-            tar.stdout.close()
-        # tar's own stderr is the host's (file names it could not read): bounded by the
-        # tree, read once tar is done.
-        tar_err = tar.stderr.read().decode(errors="replace") if tar.stderr else ""
-        tar_rc = tar.wait()
-    if tar_rc != 0:
-        raise SshError(f"tar of {tree} failed (status {tar_rc}): {tar_err.strip()}")
-    if ssh_error is not None:
-        raise SshError(f"copying into {guest_path} over ssh failed: {ssh_error}")

