@@ -193,8 +193,8 @@ class VMService:
     def stats(self, ref: str, interval: float = SAMPLE_INTERVAL) -> VMStats:
         return vm_stats(self.ctx, ref, interval)
 
-    def exec(self, ref: str, request: ExecRequest) -> RunningExec:
-        return exec_start(self.ctx, ref, request)
+    def exec(self, ref: str, request: ExecRequest, *, workspace: bool = False) -> RunningExec:
+        return exec_start(self.ctx, ref, request, workspace=workspace)
 
     @_notifies
     def reconcile(self) -> list[VM]:
