@@ -74,10 +74,10 @@ def _warn_if_moved(vm: Started) -> None:
 
 def _head_moved(path: str | None, copied: str | None) -> str | None:
     """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
-    import subprocess
-
     if not path or not copied:
         return None
+    import subprocess
+
     proc = subprocess.run(["git", "-C", path, "rev-parse", "-q", "--verify", "HEAD"],
                           capture_output=True, text=True, check=False)
     head = proc.stdout.strip()

@@ -21,7 +21,7 @@ import base64
 import hashlib
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -52,8 +52,7 @@ def upgrade_request(target: str, key: str, host: str = "bangerd") -> bytes:
             "Sec-WebSocket-Version: 13\r\n\r\n").encode("ascii")
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(NamedTuple):
     """An HTTP response's status and headers (names lower-cased)."""
 
     status: int
