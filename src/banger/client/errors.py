@@ -1,14 +1,12 @@
 """What every path of the client shares without loading :mod:`http.client`: the errors a
 command reports (the daemon's answer, a daemon not answering) and a ref as a URL path
 segment. The exec WebSocket (:mod:`banger.client.execws`) goes straight to the socket
-and needs nothing more; :mod:`banger.client.client` re-exports these names.
-
-No :mod:`urllib.parse` either (it loads :mod:`ipaddress`, ~3 ms of every `vm exec`):
-:func:`seg` percent-encodes as ``quote(ref, safe="")`` does (a test holds them equal)."""
+and needs nothing more; :mod:`banger.client.client` re-exports these names."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 if TYPE_CHECKING:  # its ~30 dataclasses cost `vm exec` ~8 ms to import: only on an error
     from banger.client.types import ErrorBody
@@ -37,15 +35,6 @@ def seg(ref: str) -> str:
         from banger.client.types import ErrorBody
         raise ApiError(ErrorBody(code="not_found", message="an empty name or id names no "
                                  "VM (see `banger vm list`)"), 404)
-    q = quote(ref)
+    q = quote(ref, safe="")
     return q.replace(".", "%2E") if q in (".", "..") else q
 
-
-# RFC 3986's unreserved characters: the only bytes quote(safe="") leaves as they are.
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
-
-
-def quote(text: str) -> str:
-    """``urllib.parse.quote(text, safe="")``: UTF-8, every byte but the unreserved ones
-    as %XX."""
-    return "".join(chr(b) if b in _UNRESERVED else f"%{b:02X}" for b in text.encode())
