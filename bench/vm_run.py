@@ -5,6 +5,9 @@ Both boot the same kernel, initrd and image to the same readiness point (a succe
 Each also times the guest agent's HELLO: banger's from the command's start to its
 `wait_agent` stage ending (read off the progress lines as they arrive), the hand-written
 start's from the same start as its ssh time to the HELLO on the agent's socket.
+Also where banger's seconds go: its phases read off the progress lines (to the first
+line, to the agent's HELLO, to "ready", then the exec and the delete), and the same work
+as three commands timed apart (`vm run -d`, `vm exec -- true`, `vm delete -f`).
 Writes JSON (medians and the ratio) to stdout and to bench/results/vm_run.json.
 
     uv run python bench/vm_run.py [--runs 3]
@@ -33,10 +36,19 @@ IMAGES = Path(os.environ.get("BANGER_IMAGES_DIR",
                              Path.home() / ".cache" / "banger-test" / "images"))
 
 
+# Where `vm run --rm -- true`'s seconds go, read off its progress lines as they come:
+# the CLI's start to its first line; the boot's stages; "ready" (the create stream's
+# end) to the command's exit (the exec, then the delete).
+PHASES: dict[str, list[float]] = {"to_first_line": [], "to_wait_agent_done": [],
+                                  "to_ready": [], "ready_to_exit": []}
+
+
 def banger_run(env: dict[str, str]) -> tuple[float, float | None]:
     """(seconds to the end of `vm run --rm -- true`, seconds to the agent's HELLO)."""
     started = time.monotonic()
     hello: float | None = None
+    first: float | None = None
+    ready: float | None = None
     proc = subprocess.Popen(
         [sys.executable, "-m", "banger.cli.main", "vm", "run", "--rm", "--", "true"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -44,11 +56,35 @@ def banger_run(env: dict[str, str]) -> tuple[float, float | None]:
     lines = []
     for line in proc.stderr:  # non-tty progress: one line per event, as it happens
         lines.append(line)
+        now = time.monotonic() - started
+        first = now if first is None else first
         if hello is None and line.startswith("✓ wait_agent"):
-            hello = time.monotonic() - started
+            hello = now
+        if " ready in " in line:
+            ready = now
     if proc.wait() != 0:
         raise SystemExit(f"banger vm run failed:\n{''.join(lines)}")
-    return time.monotonic() - started, hello
+    total = time.monotonic() - started
+    if first is not None and hello is not None and ready is not None:
+        for key, value in (("to_first_line", first), ("to_wait_agent_done", hello),
+                           ("to_ready", ready), ("ready_to_exit", total - ready)):
+            PHASES[key].append(value)
+    return total, hello
+
+
+def split_run(env: dict[str, str]) -> dict[str, float]:
+    """The same work as three commands, each timed whole: `vm run -d` (create and
+    start), `vm exec -- true`, `vm delete -f` (stop and delete)."""
+    banger = [sys.executable, "-m", "banger.cli.main"]
+    times: dict[str, float] = {}
+    for key, argv in (("run_d", ["vm", "run", "-d", "--name", "split"]),
+                      ("exec_true", ["vm", "exec", "split", "--", "true"]),
+                      ("delete", ["vm", "delete", "-f", "split"])):
+        t0 = time.monotonic()
+        subprocess.run([*banger, *argv], env=env, check=True, capture_output=True,
+                       timeout=600)
+        times[key] = time.monotonic() - t0
+    return times
 
 
 def baseline(image: imagebuild.ImageArtifacts, accel: str) -> tuple[float, float]:
@@ -98,7 +134,10 @@ def main() -> None:
         # The first run also starts the daemon (and probes acceleration): reported apart.
         first, _ = banger_run(env)
         ours, base, our_hello, base_hello = [], [], [], []
+        split: dict[str, list[float]] = {}
         for _ in range(args.runs):
+            for key, value in split_run(env).items():
+                split.setdefault(key, []).append(value)
             total, hello = banger_run(env)
             ours.append(total)
             if hello is not None:
@@ -120,6 +159,12 @@ def main() -> None:
                 "median": statistics.median(our_hello) if our_hello else None},
             "hand_written_qemu_to_agent_hello_s": {
                 "runs": base_hello, "median": statistics.median(base_hello)},
+            # Medians, seconds from the command's start (ready_to_exit: exec + delete).
+            "banger_phases_median_s": {k: round(statistics.median(v), 3)
+                                       for k, v in PHASES.items() if v},
+            # The same work as `vm run -d`, `vm exec -- true`, `vm delete -f`.
+            "split_commands_median_s": {k: round(statistics.median(v), 3)
+                                        for k, v in split.items()},
         }
     finally:
         subprocess.run([sys.executable, "-m", "banger.cli.main", "vm", "prune", "-f"], env=env,
