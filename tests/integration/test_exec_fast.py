@@ -5,6 +5,7 @@ that misbehave (stall, refuse, break the protocol), each a clear error within a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -150,10 +151,8 @@ def fake_daemon(tmp_path: Path) -> Iterator[Callable[[Serve], str]]:
         def run() -> None:
             conn, _ = srv.accept()
             socks.append(conn)
-            try:
+            with contextlib.suppress(OSError):
                 serve(conn)
-            except OSError:
-                pass
         t = threading.Thread(target=run, daemon=True)
         t.start()
         threads.append(t)
@@ -196,7 +195,10 @@ def _open(path: str) -> None:
 def test_a_daemon_that_stalls_in_the_handshake(fake_daemon: Callable[[Serve], str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(execws, "HANDSHAKE_TIMEOUT", 0.3)
-    path = fake_daemon(lambda c: (_read_request(c), _stall(c)) and None)
+    def serve(c: socket.socket) -> None:
+        _read_request(c)
+        _stall(c)
+    path = fake_daemon(serve)
     with pytest.raises(ExecLost, match="did not take the exec"):
         _open(path)
 
@@ -204,7 +206,10 @@ def test_a_daemon_that_stalls_in_the_handshake(fake_daemon: Callable[[Serve], st
 def test_a_daemon_that_stalls_before_started(fake_daemon: Callable[[Serve], str],
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(execws, "START_TIMEOUT", 0.3)
-    path = fake_daemon(lambda c: (_accept(c, _read_request(c)), _stall(c)) and None)
+    def serve(c: socket.socket) -> None:
+        _accept(c, _read_request(c))
+        _stall(c)
+    path = fake_daemon(serve)
     with pytest.raises(ExecLost, match="did not start within"):
         _open(path)
 
@@ -246,7 +251,7 @@ def test_hostile_frames_after_the_upgrade(fake_daemon: Callable[[Serve], str],
         _accept(c, _read_request(c))
         c.sendall(frame)
         _stall(c)
-    with pytest.raises(ExecLost, match="broke the WebSocket protocol|not JSON"):
+    with pytest.raises(ExecLost, match=r"broke the WebSocket protocol|not JSON"):
         _open(fake_daemon(serve))
 
 

@@ -23,7 +23,7 @@ from banger.api.wire import NDJSON, PREFIX, STREAM_SILENCE_LIMIT
 from banger.client.errors import ApiError as ApiError  # re-exported: the CLI names them here
 from banger.client.errors import DaemonUnavailable as DaemonUnavailable
 from banger.client.errors import seg as seg
-from banger.client.peer import Untrusted, check_peer
+from banger.client.peer import check_peer, check_runtime_dir
 from banger.client.types import (
     BatchResponse,
     CreateBody,
@@ -42,7 +42,7 @@ from banger.client.types import (
     VMStatsOut,
     WorkspaceBody,
 )
-from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
+from banger.local.trust import without_agent_env
 from banger.model.layout import EXIT_ALREADY_RUNNING, PATH_ENV, Layout
 
 if TYPE_CHECKING:
@@ -335,10 +335,7 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
     on 2 busy cores took up to 23 s here).
     """
     layout = layout or Layout.for_user()
-    try:
-        private_dir(layout.runtime_dir, what="runtime directory")
-    except UnsafeDirectory as exc:
-        raise Untrusted(str(exc)) from exc
+    check_runtime_dir(layout)
     client = Client(layout.daemon_socket)
     try:
         client.health()

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from banger.api.wire import EXEC_MAX_MESSAGE, EXEC_STDERR, EXEC_STDIN, EXEC_STDOUT, PREFIX
 from banger.client import wsframe
 from banger.client.errors import ApiError, DaemonUnavailable, seg
-from banger.client.peer import Untrusted, check_peer
-from banger.local.trust import UnsafeDirectory, private_dir
+from banger.client.peer import check_peer, check_runtime_dir
 from banger.model.layout import Layout
 
 if TYPE_CHECKING:  # imported on an error only (its dataclasses cost ~8 ms)
@@ -236,10 +235,7 @@ def start_exec(ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
     The runtime directory is verified as ``connect()`` does before its socket is used;
     a running daemon then costs this one connection and no other request."""
     layout = layout or Layout.for_user()
-    try:
-        private_dir(layout.runtime_dir, what="runtime directory")
-    except UnsafeDirectory as exc:
-        raise Untrusted(str(exc)) from exc
+    check_runtime_dir(layout)
     path = str(layout.daemon_socket)
     kw: dict[str, Any] = {"env": env, "cwd": cwd, "tty": tty, "in_workspace": in_workspace}
     try:

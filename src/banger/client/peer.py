@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 import socket
 
-from banger.local.trust import PeerCred, peer_cred, who
+from banger.local.trust import PeerCred, UnsafeDirectory, peer_cred, private_dir, who
+from banger.model.layout import Layout
 
 
 class Untrusted(Exception):
@@ -44,3 +45,12 @@ def check_peer(sock: socket.socket, path: str) -> None:
     if peer.uid not in trusted_uids():
         sock.close()
         raise UntrustedDaemon(path, peer)
+
+
+def check_runtime_dir(layout: Layout) -> None:
+    """Refuse a runtime directory (the socket's) that is not ours, 0700, a real
+    directory: before its socket is used."""
+    try:
+        private_dir(layout.runtime_dir, what="runtime directory")
+    except UnsafeDirectory as exc:
+        raise Untrusted(str(exc)) from exc
