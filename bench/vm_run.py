@@ -7,7 +7,7 @@ Each also times the guest agent's HELLO: banger's from the command's start to it
 start's from the same start as its ssh time to the HELLO on the agent's socket.
 Also where banger's seconds go: its phases read off the progress lines (to the first
 line, to the agent's HELLO, to "ready", then the exec and the delete), and the same work
-as three commands timed apart (`vm run -d`, `vm exec -- true`, `vm delete -f`).
+as three commands timed apart (`vm run -d`, `vm exec -- true`, `vm delete`).
 Writes JSON (medians and the ratio) to stdout and to bench/results/vm_run.json.
 
     uv run python bench/vm_run.py [--runs 3]
@@ -74,12 +74,12 @@ def banger_run(env: dict[str, str]) -> tuple[float, float | None]:
 
 def split_run(env: dict[str, str]) -> dict[str, float]:
     """The same work as three commands, each timed whole: `vm run -d` (create and
-    start), `vm exec -- true`, `vm delete -f` (stop and delete)."""
+    start), `vm exec -- true`, `vm delete` (stop and delete)."""
     banger = [sys.executable, "-m", "banger.cli.main"]
     times: dict[str, float] = {}
     for key, argv in (("run_d", ["vm", "run", "-d", "--name", "split"]),
                       ("exec_true", ["vm", "exec", "split", "--", "true"]),
-                      ("delete", ["vm", "delete", "-f", "split"])):
+                      ("delete", ["vm", "delete", "split"])):
         t0 = time.monotonic()
         subprocess.run([*banger, *argv], env=env, check=True, capture_output=True,
                        timeout=600)
@@ -162,7 +162,7 @@ def main() -> None:
             # Medians, seconds from the command's start (ready_to_exit: exec + delete).
             "banger_phases_median_s": {k: round(statistics.median(v), 3)
                                        for k, v in PHASES.items() if v},
-            # The same work as `vm run -d`, `vm exec -- true`, `vm delete -f`.
+            # The same work as `vm run -d`, `vm exec -- true`, `vm delete`.
             "split_commands_median_s": {k: round(statistics.median(v), 3)
                                         for k, v in split.items()},
         }
