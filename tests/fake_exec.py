@@ -6,7 +6,9 @@ Commands (argv[0]): ``echo ARGS…``; ``exit N``; ``cat`` (stdin to stdout until
 ``err TEXT`` (TEXT on stderr, exit 3); ``sleep`` (until a signal; a pty's ^C byte is
 SIGINT, as the guest's tty driver makes it); ``flood N`` (N chunks of 64 KiB, produced
 only as fast as ``next`` takes them, then exit 0); ``show`` (prints its request as JSON);
-``drop`` (the agent goes away after STARTED); anything else fails to start.
+``drop`` (the agent goes away after STARTED); anything else fails to start. A command
+under the workspace's tools wrapper (``sh -c IN_TOOLS banger-exec CMD…``, no tools
+pinned) runs as CMD would, as sh's ``exec "$@"`` makes it; ``show`` prints the wrapper.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from banger.ports import ExecExit, ExecOutput, ExecRequest
 
 KNOWN = {"echo", "exit", "cat", "err", "sleep", "flood", "show", "drop"}
 CHUNK = 1 << 16
+
+
+def command(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """The command ``argv`` runs: itself, or what the workspace's wrapper runs."""
+    if argv[:2] == ("sh", "-c") and argv[3:4] == ("banger-exec",):
+        return argv[4:]
+    return argv
 
 
 class FakeExec:
@@ -41,7 +50,8 @@ class FakeExec:
             self._script(request)
 
     def _script(self, request: ExecRequest) -> None:
-        name, args = request.argv[0], request.argv[1:]
+        argv = command(request.argv)
+        name, args = argv[0], argv[1:]
         if name == "echo":
             self._out(" ".join(args).encode() + b"\n")
             self._exit(code=0)
@@ -90,7 +100,7 @@ class FakeExec:
         with self.cond:
             self._check()
             self.stdin += data
-            if self.request.argv[0] == "cat" and not self.ended:
+            if command(self.request.argv)[0] == "cat" and not self.ended:
                 self._out(data)
             if self.request.pty is not None and b"\x03" in data:
                 self._signal(signals.SIGINT)
@@ -100,7 +110,7 @@ class FakeExec:
         with self.cond:
             self._check()
             self.stdin_closed = True
-            if self.request.argv[0] == "cat":
+            if command(self.request.argv)[0] == "cat":
                 self._exit(code=0)
 
     def signal(self, signo: int) -> None:
@@ -110,7 +120,7 @@ class FakeExec:
 
     def _signal(self, signo: int) -> None:
         self.signals.append(signo)
-        if self.request.argv[0] in ("sleep", "cat", "flood"):
+        if command(self.request.argv)[0] in ("sleep", "cat", "flood"):
             self.flood_left = 0
             self._exit(signal=signo)
 

@@ -40,7 +40,7 @@ from banger.ports import (
 )
 from banger.store.db import Database
 from banger.store.vms import OperationLog, VMRepository
-from tests.fake_exec import KNOWN, FakeExec
+from tests.fake_exec import KNOWN, FakeExec, command
 from tests.fake_files import FakeGuestFiles
 
 
@@ -279,7 +279,7 @@ class FakeAgent:
         """A scripted command (tests/fake_exec.py); a name it does not know fails to
         start, as execvp would."""
         self._proc(channel)  # a running VM's channel
-        if request.argv[0] not in KNOWN:
+        if command(request.argv)[0] not in KNOWN:
             raise OperationFailed(f"the guest agent could not start {request.argv[0]}: "
                                   "execvp: No such file or directory")
         ex = FakeExec(request)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-# wsproto: only commands that run something in a guest (the exec WebSocket) load it.
+# wsproto: no CLI command loads it (the exec WebSocket has its own framer, and
+# tests/integration/test_exec_fast.py pins what `vm exec` loads).
 HEAVY = ("pydantic", "httpx", "rich", "wsproto")
 
 

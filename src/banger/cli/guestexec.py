@@ -22,12 +22,12 @@ import os
 import select
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from banger.client.client import Client
-    from banger.client.execws import Event, ExecSession
+    from banger.client.execws import Event, ExecSession, Started
 
 # Stop reading stdin while this much of it waits for the daemon (it reads as fast as
 # the guest command does).
@@ -50,12 +50,26 @@ def wants_pty() -> bool:
         return False
 
 
-def run_in_guest(client: Client, ref: str, argv: Sequence[str], *, cwd: str | None) -> int:
-    """Run ``argv`` in VM ``ref``; its exit status (128 + n for signal n)."""
+def run_in_guest(client: Client | None, ref: str, argv: Sequence[str], *, cwd: str | None,
+                 in_workspace: bool = False,
+                 on_started: Callable[[Started], None] | None = None) -> int:
+    """Run ``argv`` in VM ``ref``; its exit status (128 + n for signal n).
+
+    Without a ``client``, straight to the daemon's socket (one connection; bangerd is
+    started first if it is not running): what `vm exec` costs above `--version` is that
+    connection, not the HTTP client's imports. ``on_started`` sees the VM the command
+    runs in before any of its output is written."""
     pty = wants_pty()
     env = {"TERM": os.environ.get("TERM") or "xterm-256color"} if pty else None
-    session = client.exec(ref, argv, env=env, cwd=cwd, tty=terminal_size() if pty else None)
+    tty = terminal_size() if pty else None
+    if client is not None:
+        session = client.exec(ref, argv, env=env, cwd=cwd, tty=tty, in_workspace=in_workspace)
+    else:
+        from banger.client.execws import start_exec
+        session = start_exec(ref, argv, env=env, cwd=cwd, tty=tty, in_workspace=in_workspace)
     try:
+        if on_started is not None:
+            on_started(session.started)
         return _Loop(session, pty=pty).run()
     finally:
         session.close()

@@ -13,8 +13,7 @@ from banger.cli.common import SplitAtDashDash, handle_errors
 from banger.cli.complete import complete_vm
 
 if TYPE_CHECKING:
-    from banger.client.client import Client
-    from banger.client.types import VMOut
+    from banger.client.execws import Started
 
 
 @click.command("exec", cls=SplitAtDashDash)
@@ -32,63 +31,60 @@ def vm_exec(ctx: click.Context, ref: str, guest_path: str | None, auto_prepare: 
     (.mise.toml, .tool-versions) and mise is installed in the guest, the command runs
     under `mise exec`."""
     from banger.cli.guestexec import run_in_guest
-    from banger.client.client import connect
 
     command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if not command:
         raise click.UsageError("give the command after --, e.g. banger vm exec box -- make")
+    if not auto_prepare:
+        # One connection: the daemon runs it in the workspace (cwd, pinned tools) and
+        # its "started" names the workspace, whose HEAD is checked as the command runs.
+        sys.exit(run_in_guest(None, ref, command, cwd=guest_path, in_workspace=True,
+                              on_started=_warn_if_moved))
+    from banger.client.client import connect
+
     client = connect()
     vm = client.show(ref)
-    if vm.workspace_guest_path is not None:
-        _follow_head(client, ref, vm, auto_prepare)
-        # The workspace may pin tools: through sh and mise when they are there.
-        command = ("sh", "-c", _IN_TOOLS, "banger-exec", *command)
-    cwd = guest_path or vm.workspace_guest_path or "/root"
-    sys.exit(run_in_guest(client, vm.id, command, cwd=cwd))
-
-
-# Runs the command under mise when the workspace pins tools and mise is there (what the
-# tool bootstrap installed); as itself otherwise.
-_IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || continue; '
-             'PATH="/root/.local/bin:$PATH"; command -v mise >/dev/null 2>&1 && '
-             'exec mise exec -- "$@"; break; done; exec "$@"')
-
-
-def _follow_head(client: Client, ref: str, vm: VMOut, auto_prepare: bool) -> None:
-    """Re-sync (--auto-prepare) or warn when the host repo's HEAD moved."""
-    moved = _head_moved(vm)
-    if not moved:
-        return
-    from shlex import quote
-
-    from banger.cli.render import Progress, err_console
-    from banger.cli.safe import markup
-    if auto_prepare:
+    moved = _head_moved(vm.workspace_path, vm.workspace_head)
+    if moved:  # re-synced before the command runs
+        from banger.cli.render import Progress, err_console
+        from banger.cli.safe import markup
         assert vm.workspace_path is not None
         err_console.print(f"{markup(moved)}: re-syncing", highlight=False)
         with Progress() as progress:
             client.prepare_workspace(ref, {"path": vm.workspace_path, "bootstrap": False},
                                      progress)
-    else:
-        err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
-                          f"old tree. `banger vm workspace prepare {markup(vm.name)} "
-                          f"{markup(quote(vm.workspace_path or ''))}` or "
-                          "--auto-prepare re-syncs it.", highlight=False)
+    sys.exit(run_in_guest(client, vm.id, command, cwd=guest_path, in_workspace=True))
 
 
-def _head_moved(vm: VMOut) -> str | None:
+def _warn_if_moved(vm: Started) -> None:
+    """Warn (the command runs meanwhile, on the old tree) when the host repo's HEAD
+    moved since the workspace was copied."""
+    moved = _head_moved(vm.workspace_path, vm.workspace_head)
+    if not moved:
+        return
+    from shlex import quote
+
+    from banger.cli.render import err_console
+    from banger.cli.safe import markup
+    err_console.print(f"[yellow]warning:[/yellow] {markup(moved)}; the VM has the "
+                      f"old tree. `banger vm workspace prepare {markup(vm.name or '')} "
+                      f"{markup(quote(vm.workspace_path or ''))}` or "
+                      "--auto-prepare re-syncs it.", highlight=False)
+
+
+def _head_moved(path: str | None, copied: str | None) -> str | None:
     """Why the workspace is stale, if the host repo's HEAD moved since it was copied."""
+    if not path or not copied:
+        return None
     import subprocess
 
-    if not vm.workspace_path or not vm.workspace_head:
-        return None
-    proc = subprocess.run(["git", "-C", vm.workspace_path, "rev-parse", "-q", "--verify",
-                           "HEAD"], capture_output=True, text=True, check=False)
+    proc = subprocess.run(["git", "-C", path, "rev-parse", "-q", "--verify", "HEAD"],
+                          capture_output=True, text=True, check=False)
     head = proc.stdout.strip()
-    if proc.returncode != 0 or not head or head == vm.workspace_head:
+    if proc.returncode != 0 or not head or head == copied:
         return None
     return (f"the host repo's HEAD moved since the workspace was copied "
-            f"({vm.workspace_head[:12]} -> {head[:12]})")
+            f"({copied[:12]} -> {head[:12]})")
 
 
 @click.group("workspace")

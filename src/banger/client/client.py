@@ -1,4 +1,9 @@
-"""Typed client for bangerd's API over its Unix socket; starts the daemon on first use."""
+"""Typed client for bangerd's API over its Unix socket; starts the daemon on first use.
+
+The stdlib's :mod:`http.client` carries the requests: the CLI sends one request per
+connection and reads JSON or an NDJSON stream back, which needs nothing more, and it
+loads in a few milliseconds where httpx took a quarter of a second per command. Every
+connection's peer is checked before a byte is sent (:mod:`banger.client.peer`)."""
 
 from __future__ import annotations
 
@@ -12,10 +17,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
 
 from banger.api.wire import NDJSON, PREFIX, STREAM_SILENCE_LIMIT
-from banger.client.peer import PeerCheckedConnection, Untrusted
+from banger.client.errors import ApiError as ApiError  # re-exported: the CLI names them here
+from banger.client.errors import DaemonUnavailable as DaemonUnavailable
+from banger.client.errors import seg as seg
+from banger.client.httpconn import PeerCheckedConnection
+from banger.client.peer import check_runtime_dir
 from banger.client.types import (
     BatchResponse,
     CreateBody,
@@ -35,7 +43,7 @@ from banger.client.types import (
     VMStatsOut,
     WorkspaceBody,
 )
-from banger.local.trust import UnsafeDirectory, private_dir, without_agent_env
+from banger.local.trust import without_agent_env
 from banger.model.layout import EXIT_ALREADY_RUNNING, PATH_ENV, Layout
 
 if TYPE_CHECKING:
@@ -53,32 +61,6 @@ READ_TIMEOUT = 30.0
 GUEST_TIMEOUT = 90.0
 CHANGE_TIMEOUT = 600.0
 STREAM_CONNECT_TIMEOUT = 10.0
-
-
-class ApiError(Exception):
-    """An error the daemon reported: code, message, and where known the stage and op id."""
-
-    def __init__(self, body: ErrorBody, status: int = 500) -> None:
-        super().__init__(body.message)
-        self.body = body
-        self.status = status
-
-
-class DaemonUnavailable(Exception):
-    pass
-
-
-def seg(ref: str) -> str:
-    """``ref`` as one URL path segment: `banger vm start 'box/stop?'` must not stop box.
-
-    '.' and '..' are encoded too, or a server could resolve them as dot segments. An
-    empty ref is refused here: as an empty segment, `GET /v1/vms/` is answered with a
-    redirect to the list, which is no answer about a VM."""
-    if not ref:
-        raise ApiError(ErrorBody(code="not_found", message="an empty name or id names no "
-                                 "VM (see `banger vm list`)"), 404)
-    q = quote(ref, safe="")
-    return q.replace(".", "%2E") if q in (".", "..") else q
 
 
 ProgressFn = Callable[[ProgressEvent], None]
@@ -263,12 +245,15 @@ class Client:
                                                   timeout=GUEST_TIMEOUT))
 
     def exec(self, ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-             cwd: str | None = None, tty: tuple[int, int] | None = None) -> ExecSession:
+             cwd: str | None = None, tty: tuple[int, int] | None = None,
+             in_workspace: bool = False) -> ExecSession:
         """Start ``argv`` in running VM ``ref`` (no shell) over the exec WebSocket; returns
-        once it runs (see :mod:`banger.client.execws`). ``tty=(rows, cols)``: on a pty."""
+        once it runs (see :mod:`banger.client.execws`). ``tty=(rows, cols)``: on a pty;
+        ``in_workspace``: in the VM's workspace, under its pinned tools (docs/api.md)."""
         from banger.client.execws import open_exec
 
-        return open_exec(str(self.socket_path), seg(ref), argv, env=env, cwd=cwd, tty=tty)
+        return open_exec(str(self.socket_path), seg(ref), argv, env=env, cwd=cwd, tty=tty,
+                         in_workspace=in_workspace)
 
     def put_files(self, ref: str, dest: str, tar: Iterable[bytes]) -> FilesPut:
         """Extract the tar stream ``tar`` (streamed, chunked) into the directory ``dest``
@@ -341,10 +326,7 @@ def connect(layout: Layout | None = None, *, autostart: bool = True,
     on 2 busy cores took up to 23 s here).
     """
     layout = layout or Layout.for_user()
-    try:
-        private_dir(layout.runtime_dir, what="runtime directory")
-    except UnsafeDirectory as exc:
-        raise Untrusted(str(exc)) from exc
+    check_runtime_dir(layout)
     client = Client(layout.daemon_socket)
     try:
         client.health()

@@ -1,9 +1,13 @@
 """The client's side of the exec WebSocket (``/v1/vms/{ref}/exec``, docs/api.md): a
 command in a running guest, over the daemon's peer-checked Unix socket.
 
-wsproto does the framing (sans-IO: this module owns the socket, so the peer check and
-the timeouts are the client's own, as for every request). Only commands that run
-something in a guest load it; `banger --version` and `vm list` do not.
+One connection, one round trip before the command runs: the upgrade, then the start
+message, whose "started" answer also carries what `vm exec` needs to know about the VM
+(its workspace). The framing is :mod:`banger.client.wsframe` (stdlib; why not wsproto:
+see there), and this module owns the socket, so the peer check and the timeouts are the
+client's own, as for every request. Nothing here loads :mod:`http.client`: only a
+daemon that is not running yet sends :func:`start_exec` through ``connect()``'s
+autostart.
 
 :class:`ExecSession` is non-blocking on its socket: what it has to send waits in a buffer
 (:meth:`pending`) until the socket can take it, so a caller that also reads the daemon's
@@ -15,32 +19,27 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+from banger.api.wire import EXEC_MAX_MESSAGE, EXEC_STDERR, EXEC_STDIN, EXEC_STDOUT, PREFIX
+from banger.client import wsframe
+from banger.client.errors import ApiError, DaemonUnavailable, seg
+from banger.client.peer import check_peer, check_runtime_dir
+from banger.model.layout import Layout
 
-from banger.api.wire import EXEC_STDERR, EXEC_STDIN, EXEC_STDOUT, PREFIX
-from banger.client.client import ApiError, DaemonUnavailable
-from banger.client.peer import check_peer
-from banger.client.types import ErrorBody
+if TYPE_CHECKING:  # imported on an error only (its dataclasses cost ~8 ms)
+    from banger.client.types import ErrorBody
 
 RECV = 1 << 16
 HANDSHAKE_TIMEOUT = 10.0
 # How long the daemon may take to start the command (reconnect to the agent, STARTED).
 START_TIMEOUT = 60.0
+# A refusal's body (an error's JSON) is short; more is not read.
+MAX_REJECT_BODY = 64 << 10
+# The daemon's messages: its output messages are the agent's frames (64 KiB), the rest
+# short JSON; a tag byte and some room on top.
+MAX_MESSAGE = EXEC_MAX_MESSAGE + 1024
 
 
 class ExecFailed(ApiError):
@@ -54,17 +53,31 @@ class ExecLost(DaemonUnavailable):
     """The connection to the daemon broke during an exec."""
 
 
-@dataclass(frozen=True)
-class Output:
+class NotListening(DaemonUnavailable):
+    """Nothing accepts on the daemon's socket (bangerd is not running)."""
+
+
+# NamedTuples, not dataclasses: a frozen dataclass costs ~0.5 ms to define, 1/7 of that.
+class Output(NamedTuple):
     stream: str  # "stdout" | "stderr"
     data: bytes
 
 
-@dataclass(frozen=True)
-class Exit:
+class Exit(NamedTuple):
     code: int | None
     signal: int | None
     returncode: int
+
+
+class Started(NamedTuple):
+    """The VM the command runs in, as the daemon's "started" message says (an older
+    daemon sends none of it: None)."""
+
+    id: str | None = None
+    name: str | None = None
+    workspace_path: str | None = None
+    workspace_guest_path: str | None = None
+    workspace_head: str | None = None
 
 
 Event = Output | Exit
@@ -74,11 +87,12 @@ class ExecSession:
     """One exec: open it with :func:`open_exec`, then pump :meth:`receive` and the
     ``send_*`` methods (and :meth:`flush` when :meth:`pending`) from a select loop."""
 
-    def __init__(self, sock: socket.socket, ws: WSConnection) -> None:
+    def __init__(self, sock: socket.socket, decoder: wsframe.Decoder) -> None:
         self.sock = sock
-        self._ws = ws
+        self._decoder = decoder
         self._out = bytearray()
-        self._parts: list[bytes | str] = []
+        self._messages: list[tuple[int, bytes]] = []
+        self.started = Started()
         self.closed = False
 
     def fileno(self) -> int:
@@ -87,7 +101,7 @@ class ExecSession:
     # ---- sending ----------------------------------------------------------------------
 
     def send_stdin(self, data: bytes) -> None:
-        self._queue(BytesMessage(data=bytes((EXEC_STDIN,)) + data))
+        self._queue(wsframe.OP_BINARY, bytes((EXEC_STDIN,)) + data)
 
     def send_eof(self) -> None:
         self._control({"type": "eof"})
@@ -99,15 +113,12 @@ class ExecSession:
         self._control({"type": "signal", "signal": signo})
 
     def _control(self, msg: Mapping[str, Any]) -> None:
-        self._queue(TextMessage(data=json.dumps(msg)))
+        self._queue(wsframe.OP_TEXT, json.dumps(msg).encode())
 
-    def _queue(self, event: Any) -> None:
+    def _queue(self, opcode: int, payload: bytes) -> None:
         if self.closed:
             return
-        try:
-            self._out += self._ws.send(event)
-        except LocalProtocolError:
-            return  # closing: the exec's end is on its way
+        self._out += wsframe.encode(opcode, payload)
         self.flush()
 
     def pending(self) -> int:
@@ -130,7 +141,11 @@ class ExecSession:
     def buffered(self) -> Iterator[Event]:
         """What arrived with the "started" message (a short command's whole output and
         exit may): call it once before waiting on the socket."""
-        yield from self._events()
+        messages, self._messages = self._messages, []
+        for opcode, payload in messages:
+            yield from self._message(opcode, payload)
+            if self.closed:
+                return
 
     def receive(self) -> Iterator[Event]:
         """Read what the socket has (it was readable) and yield what it completes.
@@ -145,39 +160,34 @@ class ExecSession:
         if not data:
             self.closed = True
             raise ExecLost("bangerd closed the exec's connection before the command ended")
-        self._ws.receive_data(data)
-        yield from self._events()
+        self._messages += self._decode(data)
+        yield from self.buffered()
 
-    def _events(self) -> Iterator[Event]:
+    def _decode(self, data: bytes) -> list[tuple[int, bytes]]:
         try:
-            for event in self._ws.events():
-                if isinstance(event, Ping):
-                    self._out += self._ws.send(event.response())
-                    self.flush()
-                elif isinstance(event, CloseConnection):
-                    self.closed = True
-                    raise ExecLost("bangerd closed the exec without saying how the "
-                                   f"command ended (code {event.code})")
-                elif isinstance(event, (BytesMessage, TextMessage)):
-                    self._parts.append(bytes(event.data) if isinstance(event.data, bytearray)
-                                       else event.data)
-                    if event.message_finished:
-                        parts, self._parts = self._parts, []
-                        yield from self._message(parts)
-                        if self.closed:  # that was the exit: the rest is the close
-                            return
-        except RemoteProtocolError as exc:
+            return self._decoder.feed(data)
+        except wsframe.ProtocolError as exc:
+            self._close()
             raise ExecLost(f"bangerd broke the WebSocket protocol: {exc}") from exc
 
-    def _message(self, parts: list[bytes | str]) -> Iterator[Event]:
-        if isinstance(parts[0], bytes):
-            data = b"".join(p for p in parts if isinstance(p, bytes))
-            if data[:1] == bytes((EXEC_STDOUT,)):
-                yield Output("stdout", data[1:])
-            elif data[:1] == bytes((EXEC_STDERR,)):
-                yield Output("stderr", data[1:])
+    def _message(self, opcode: int, payload: bytes) -> Iterator[Event]:
+        if opcode == wsframe.OP_BINARY:
+            if payload[:1] == bytes((EXEC_STDOUT,)):
+                yield Output("stdout", payload[1:])
+            elif payload[:1] == bytes((EXEC_STDERR,)):
+                yield Output("stderr", payload[1:])
             return
-        msg = json.loads("".join(p for p in parts if isinstance(p, str)))
+        if opcode == wsframe.OP_PING:
+            self._queue(wsframe.OP_PONG, payload)
+            return
+        if opcode == wsframe.OP_CLOSE:
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self._close()
+            raise ExecLost("bangerd closed the exec without saying how the command ended "
+                           f"(code {code})")
+        if opcode != wsframe.OP_TEXT:
+            return  # a pong: nothing to do
+        msg = _json(payload)
         kind = msg.get("type")
         if kind == "exit":
             self._close()
@@ -185,9 +195,8 @@ class ExecSession:
                        returncode=int(msg["returncode"]))
         elif kind == "error":
             self._close()
-            raise ExecFailed(ErrorBody(code=str(msg.get("code", "error")),
-                                       message=str(msg.get("message", ""))))
-        # "started", or a kind this client does not know: nothing to do
+            raise _failed(msg)
+        # "started" comes before (open_exec), or a kind this client does not know
 
     def _close(self) -> None:
         self.closed = True
@@ -199,27 +208,72 @@ class ExecSession:
             self.sock.close()
 
 
+def _json(payload: bytes) -> dict[str, Any]:
+    try:
+        msg = json.loads(payload.decode())
+    except ValueError as exc:  # UnicodeDecodeError too
+        raise ExecLost(f"bangerd sent a text message that is not JSON: {payload[:100]!r}"
+                       ) from exc
+    if not isinstance(msg, dict):
+        raise ExecLost(f"bangerd sent a message that is not an object: {payload[:100]!r}")
+    return msg
+
+
+def _failed(msg: Mapping[str, Any]) -> ExecFailed:
+    from banger.client.types import ErrorBody
+    return ExecFailed(ErrorBody(code=str(msg.get("code", "error")),
+                                message=str(msg.get("message", ""))))
+
+
+def start_exec(ref: str, argv: Sequence[str], *, env: Mapping[str, str] | None,
+               cwd: str | None, tty: tuple[int, int] | None, in_workspace: bool = False,
+               layout: Layout | None = None,
+               connect: Callable[[Layout], Any] | None = None) -> ExecSession:
+    """:func:`open_exec` on the user's daemon, which is started first when it is not
+    running (through ``connect()``, whose autostart is the one every command has).
+
+    The runtime directory is verified as ``connect()`` does before its socket is used;
+    a running daemon then costs this one connection and no other request."""
+    layout = layout or Layout.for_user()
+    check_runtime_dir(layout)
+    path = str(layout.daemon_socket)
+    kw: dict[str, Any] = {"env": env, "cwd": cwd, "tty": tty, "in_workspace": in_workspace}
+    try:
+        return open_exec(path, seg(ref), argv, **kw)
+    except NotListening:
+        pass
+    if connect is None:
+        from banger.client.client import connect as connect_daemon
+        connect = connect_daemon
+    connect(layout)
+    return open_exec(path, seg(ref), argv, **kw)
+
+
 def open_exec(socket_path: str, ref_segment: str, argv: Sequence[str], *,
               env: Mapping[str, str] | None, cwd: str | None,
-              tty: tuple[int, int] | None) -> ExecSession:
+              tty: tuple[int, int] | None, in_workspace: bool = False) -> ExecSession:
     """Connect (peer-checked), upgrade, send the start message and wait until the
-    command runs; raises :class:`ExecFailed` when the daemon refuses it."""
+    command runs; raises :class:`ExecFailed` when the daemon refuses it,
+    :class:`NotListening` when nothing accepts on ``socket_path``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
             sock.connect(socket_path)
         except OSError as exc:
-            raise DaemonUnavailable(f"bangerd is not answering on {socket_path}: "
-                                    f"{exc.strerror or exc}") from exc
+            raise NotListening(f"bangerd is not answering on {socket_path}: "
+                               f"{exc.strerror or exc}") from exc
         check_peer(sock, socket_path)
-        ws = WSConnection(ConnectionType.CLIENT)
-        sock.sendall(ws.send(Request(host="bangerd", target=f"{PREFIX}/vms/{ref_segment}/exec")))
-        _handshake(sock, ws)
-        start = {"argv": list(argv), "env": dict(env) if env else None, "cwd": cwd,
-                 "tty": None if tty is None else {"rows": tty[0], "cols": tty[1]}}
-        sock.sendall(ws.send(TextMessage(data=json.dumps(start))))
-        session = ExecSession(sock, ws)
+        key = wsframe.new_key()
+        sock.sendall(wsframe.upgrade_request(f"{PREFIX}/vms/{ref_segment}/exec", key))
+        session = ExecSession(sock, wsframe.Decoder(MAX_MESSAGE))
+        session._messages = session._decode(_handshake(sock, key))
+        start: dict[str, Any] = {
+            "argv": list(argv), "env": dict(env) if env else None, "cwd": cwd,
+            "tty": None if tty is None else {"rows": tty[0], "cols": tty[1]}}
+        if in_workspace:  # only then: an older daemon refuses a field it does not know
+            start["in_workspace"] = True
+        sock.sendall(wsframe.encode(wsframe.OP_TEXT, json.dumps(start).encode()))
         sock.settimeout(START_TIMEOUT)
         _wait_started(session)
     except (TimeoutError, ConnectionError) as exc:
@@ -232,28 +286,43 @@ def open_exec(socket_path: str, ref_segment: str, argv: Sequence[str], *,
     return session
 
 
-def _handshake(sock: socket.socket, ws: WSConnection) -> None:
-    reject: list[bytes] = []
-    status = 0
+def _handshake(sock: socket.socket, key: str) -> bytes:
+    """Read the upgrade's answer; the bytes after it (frames already sent)."""
+    buf = bytearray()
     while True:
         data = sock.recv(RECV)
         if not data:
             raise ExecLost("bangerd closed the connection during the WebSocket handshake")
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, AcceptConnection):
-                return
-            if isinstance(event, RejectConnection):
-                status = event.status_code
-                if not event.has_body:
-                    _rejected(status, b"")
-            elif isinstance(event, RejectData):
-                reject.append(event.data)
-                if event.body_finished:
-                    _rejected(status, b"".join(reject))
+        buf += data
+        try:
+            parsed = wsframe.parse_head(buf)
+            if parsed is None:
+                continue
+            head, rest = parsed
+            if head.status == 101:
+                wsframe.check_accept(head, key)
+                return rest
+        except wsframe.ProtocolError as exc:
+            raise ExecLost(f"bangerd broke the WebSocket handshake: {exc}") from exc
+        _rejected(head.status, _body(sock, head, rest))
+
+
+def _body(sock: socket.socket, head: wsframe.Head, rest: bytes) -> bytes:
+    """A refusal's body: Content-Length's worth, or up to the close; capped."""
+    length = head.headers.get("content-length", "")
+    want = min(int(length), MAX_REJECT_BODY) if length.isdigit() else MAX_REJECT_BODY
+    body = bytearray(rest)
+    with contextlib.suppress(OSError):
+        while len(body) < want:
+            data = sock.recv(RECV)
+            if not data:
+                break
+            body += data
+    return bytes(body[:want])
 
 
 def _rejected(status: int, body: bytes) -> None:
+    from banger.client.types import ErrorBody
     try:
         err = json.loads(body)["error"]
         raise ExecFailed(ErrorBody(code=str(err["code"]), message=str(err["message"])))
@@ -265,23 +334,31 @@ def _rejected(status: int, body: bytes) -> None:
 
 
 def _wait_started(session: ExecSession) -> None:
-    """Blocking, before the socket turns non-blocking: until "started" (or the error)."""
-    ws = session._ws
+    """Blocking, before the socket turns non-blocking: until "started" (or the error).
+    What came after "started" stays for :meth:`ExecSession.buffered`."""
     while True:
+        while session._messages:
+            opcode, payload = session._messages.pop(0)
+            if opcode == wsframe.OP_TEXT:
+                msg = _json(payload)
+                if msg.get("type") == "started":
+                    vm = msg.get("vm")
+                    if isinstance(vm, dict):
+                        session.started = Started(**{
+                            k: (str(vm[k]) if vm.get(k) is not None else None)
+                            for k in ("id", "name", "workspace_path",
+                                      "workspace_guest_path", "workspace_head")})
+                    return
+                if msg.get("type") == "error":
+                    raise _failed(msg)
+            elif opcode == wsframe.OP_CLOSE:
+                raise ExecLost("bangerd closed the exec before the command started")
+            elif opcode == wsframe.OP_PING:
+                session._queue(wsframe.OP_PONG, payload)
         try:
             data = session.sock.recv(RECV)
         except TimeoutError as exc:
             raise ExecLost(f"the command did not start within {START_TIMEOUT:.0f} s") from exc
         if not data:
             raise ExecLost("bangerd closed the connection before the command started")
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, TextMessage):
-                msg = json.loads(event.data)
-                if msg.get("type") == "started":
-                    return
-                if msg.get("type") == "error":
-                    raise ExecFailed(ErrorBody(code=str(msg.get("code", "error")),
-                                               message=str(msg.get("message", ""))))
-            elif isinstance(event, CloseConnection):
-                raise ExecLost("bangerd closed the exec before the command started")
+        session._messages += session._decode(data)

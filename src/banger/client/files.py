@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from banger.api.wire import PREFIX, TAR
-from banger.client.peer import PeerCheckedConnection
+from banger.client.httpconn import PeerCheckedConnection
 
 # Each read or write: the daemon waits at most 60 s for the guest at each step.
 FILE_TIMEOUT = 120.0

@@ -5,18 +5,17 @@ The CLI runs the ssh argv the daemon sends back (``vm ssh``, ``vm run``), so a s
 served by another local user must be refused before the first request, not after: every
 new connection's peer (SO_PEERCRED) must be this user or root.
 
-The stdlib's :mod:`http.client` carries the requests: the CLI sends one request per
-connection and reads JSON or an NDJSON stream back, which needs nothing more, and it
-loads in a few milliseconds where httpx took a quarter of a second per command.
+The check is here, apart from :mod:`http.client`: the exec WebSocket
+(:mod:`banger.client.execws`) uses it on its own socket without loading HTTP's client.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import socket
 
-from banger.local.trust import PeerCred, peer_cred, who
+from banger.local.trust import PeerCred, UnsafeDirectory, peer_cred, private_dir, who
+from banger.model.layout import Layout
 
 
 class Untrusted(Exception):
@@ -48,25 +47,10 @@ def check_peer(sock: socket.socket, path: str) -> None:
         raise UntrustedDaemon(path, peer)
 
 
-class PeerCheckedConnection(http.client.HTTPConnection):
-    """An HTTP connection to ``uds``: ``connect_timeout`` bounds the connect, ``timeout``
-    every later read and write (the silence allowed between two bytes of the answer)."""
-
-    def __init__(self, uds: str, *, timeout: float, connect_timeout: float) -> None:
-        super().__init__("bangerd", timeout=timeout)
-        self.uds = uds
-        self.connect_timeout = connect_timeout
-        self.connected = False  # set once the socket is connected and its peer checked
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.connect_timeout)
-            sock.connect(self.uds)
-            check_peer(sock, self.uds)
-        except BaseException:
-            sock.close()
-            raise
-        sock.settimeout(self.timeout)
-        self.sock = sock
-        self.connected = True
+def check_runtime_dir(layout: Layout) -> None:
+    """Refuse a runtime directory (the socket's) that is not ours, 0700, a real
+    directory: before its socket is used."""
+    try:
+        private_dir(layout.runtime_dir, what="runtime directory")
+    except UnsafeDirectory as exc:
+        raise Untrusted(str(exc)) from exc

@@ -6,12 +6,16 @@ It resolves the VM, checks that it runs, and starts the command through the agen
 from then on the VM may be stopped under it. The stop's release of the runtime closes
 the agent connection, and the exec then ends with an error saying the VM was stopped
 (:class:`RunningExec`), not with the connection's own words.
+
+An exec "in the workspace" (`vm exec`) runs in the VM's checkout when it has one (the
+cwd unless given) and under the tools the repo pins: through sh and ``mise exec`` when
+the workspace has .mise.toml/.tool-versions and mise is there, as itself otherwise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from banger.core.context import VMContext
 from banger.core.views import agent_channel
@@ -29,6 +33,14 @@ DEFAULT_ENV: Mapping[str, str] = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root", "LANG": "C.UTF-8", "USER": "root", "LOGNAME": "root",
 }
+
+
+# Runs the command under mise when the workspace pins tools and mise is there (what the
+# tool bootstrap installed); as itself otherwise.
+IN_TOOLS = ('for f in .mise.toml mise.toml .tool-versions; do [ -f "$f" ] || continue; '
+            'PATH="/root/.local/bin:$PATH"; command -v mise >/dev/null 2>&1 && '
+            'exec mise exec -- "$@"; break; done; exec "$@"')
+HOME = "/root"
 
 
 def exec_env(extra: Mapping[str, str] | None) -> dict[str, str]:
@@ -90,13 +102,26 @@ def stopped_under(ctx: VMContext, vm: VM, exc: OperationFailed,
     return exc
 
 
-def exec_start(ctx: VMContext, ref: str, request: ExecRequest) -> RunningExec:
-    """Start ``request`` in VM ``ref``, which must be running; no lock is held after."""
+def in_workspace(vm: VM, request: ExecRequest) -> ExecRequest:
+    """``request`` in ``vm``'s workspace: its cwd unless one was given (an empty cwd is
+    none), under the pinned tools; a VM without one runs it as is, in HOME."""
+    if vm.workspace_guest_path is None:
+        return replace(request, cwd=request.cwd or HOME)
+    return replace(request, argv=("sh", "-c", IN_TOOLS, "banger-exec", *request.argv),
+                   cwd=request.cwd or vm.workspace_guest_path)
+
+
+def exec_start(ctx: VMContext, ref: str, request: ExecRequest, *,
+               workspace: bool = False) -> RunningExec:
+    """Start ``request`` in VM ``ref``, which must be running; no lock is held after.
+    ``workspace``: see :func:`in_workspace`."""
     if not request.argv or not request.argv[0]:
         raise InvalidRequest("exec needs a command: argv is empty")
     if request.pty is not None and not all(0 < n < 1 << 16 for n in request.pty):
         raise InvalidRequest(f"pty size {request.pty[0]}x{request.pty[1]}: rows and cols "
                              "must be 1..65535")
     shown, channel = agent_channel(ctx, ref, "a command runs")
+    if workspace:
+        request = in_workspace(shown.vm, request)
     handle = ctx.host.agent.exec(channel=channel, request=request, timeout=START_TIMEOUT)
     return RunningExec(shown.vm, handle, ctx)

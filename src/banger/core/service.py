@@ -199,8 +199,8 @@ class VMService:
     def stats(self, ref: str, interval: float = SAMPLE_INTERVAL) -> VMStats:
         return vm_stats(self.ctx, ref, interval)
 
-    def exec(self, ref: str, request: ExecRequest) -> RunningExec:
-        return exec_start(self.ctx, ref, request)
+    def exec(self, ref: str, request: ExecRequest, *, workspace: bool = False) -> RunningExec:
+        return exec_start(self.ctx, ref, request, workspace=workspace)
 
     def put_files(self, ref: str, dest: str, source: Iterable[bytes]) -> int:
         return files.put_files(self.ctx, ref, dest, source)

@@ -28,9 +28,10 @@ from starlette.websockets import WebSocketState
 
 from banger.api.schema import ErrorBody, ErrorResponse
 from banger.api.wire import EXEC_STDERR, EXEC_STDIN, EXEC_STDOUT, PREFIX
-from banger.core.execs import RunningExec, exec_env
+from banger.core.execs import HOME, RunningExec, exec_env
 from banger.core.service import VMService
 from banger.model.errors import BangerError, InvalidRequest, OperationFailed
+from banger.model.vm import VM
 from banger.ports import ExecExit, ExecOutput, ExecRequest
 
 log = logging.getLogger(__name__)
@@ -50,13 +51,17 @@ A command in the running VM `ref`, through its guest agent: a **WebSocket** (upg
 this GET; a plain GET answers 426). Messages:
 
 - client, first, text: `{"argv": [...], "env": {...} | null, "cwd": str | null,
-  "tty": {"rows": n, "cols": n} | null}` (no shell: argv runs as is; env goes over the
-  default PATH, HOME=/root, LANG=C.UTF-8; cwd defaults to /root; tty runs the command
-  on a pty of that size);
+  "tty": {"rows": n, "cols": n} | null, "in_workspace": bool}` (no shell: argv runs
+  as is; env goes over the default PATH, HOME=/root, LANG=C.UTF-8; cwd defaults to
+  /root; tty runs the command on a pty of that size; in_workspace, default false: in
+  the VM's workspace when it has one, i.e. cwd defaults to its guest path and the
+  command runs under the tools the repo pins, `mise exec` when mise is there);
 - client, binary: byte 0 = 0 (stdin), then bytes for the command's stdin;
 - client, text: `{"type": "eof"}` (close its stdin), `{"type": "resize", "rows": n,
   "cols": n}`, `{"type": "signal", "signal": n}`;
-- server, text: `{"type": "started"}` once it runs;
+- server, text: `{"type": "started", "vm": {"id", "name", "workspace_path",
+  "workspace_guest_path", "workspace_head"}}` once it runs (the VM it runs in: a client
+  needs no other request, e.g. to see that the host repo's HEAD moved);
 - server, binary: byte 0 = 1 (stdout) or 2 (stderr), then the command's bytes (with a
   pty, everything is stdout);
 - server, text, last: `{"type": "exit", "code": n | null, "signal": n | null,
@@ -80,6 +85,7 @@ class ExecStart(BaseModel):
     env: dict[str, str] | None = None
     cwd: str | None = None
     tty: TtySize | None = None
+    in_workspace: bool = False
 
 
 class ExecControl(BaseModel):
@@ -94,14 +100,24 @@ def _invalid(exc: ValidationError, what: str) -> InvalidRequest:
     return InvalidRequest(f"invalid {what}: {msg}")
 
 
-def start_request(text: str) -> ExecRequest:
+def start_request(text: str) -> tuple[ExecRequest, bool]:
+    """The request, and whether it runs in the workspace (its cwd then stays empty
+    unless given: core picks the workspace's)."""
     try:
         start = ExecStart.model_validate_json(text)
     except ValidationError as exc:
         raise _invalid(exc, "exec start message") from exc
     return ExecRequest(argv=tuple(start.argv), env=exec_env(start.env),
-                       cwd=start.cwd or "/root",
-                       pty=None if start.tty is None else (start.tty.rows, start.tty.cols))
+                       cwd=start.cwd or ("" if start.in_workspace else HOME),
+                       pty=None if start.tty is None else (start.tty.rows, start.tty.cols)
+                       ), start.in_workspace
+
+
+def _started(vm: VM) -> str:
+    return json.dumps({"type": "started", "vm": {
+        "id": vm.id, "name": vm.name, "workspace_path": vm.workspace_path,
+        "workspace_guest_path": vm.workspace_guest_path,
+        "workspace_head": vm.workspace_head}})
 
 
 def _error(exc: BangerError) -> str:
@@ -136,8 +152,9 @@ def add_exec_routes(app: FastAPI, service: VMService) -> None:
                 return
             if msg.get("text") is None:
                 raise InvalidRequest("the first message must be the exec's start (JSON text)")
-            request = start_request(msg["text"])
-            running = await _in_thread(lambda: service.exec(ref, request))
+            request, workspace = start_request(msg["text"])
+            running = await _in_thread(lambda: service.exec(ref, request,
+                                                            workspace=workspace))
         except TimeoutError:
             await _close(ws, _error(InvalidRequest(f"no start message within {START_WAIT} s")))
             return
@@ -148,7 +165,7 @@ def add_exec_routes(app: FastAPI, service: VMService) -> None:
             log.exception("exec could not start")
             await _close(ws, _error(OperationFailed(f"the exec failed in the daemon: {exc!r}")))
             return
-        await ws.send_text(json.dumps({"type": "started"}))
+        await ws.send_text(_started(running.vm))
         await _Pump(ws, running).run()
 
 
