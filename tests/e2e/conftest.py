@@ -24,7 +24,8 @@ import pytest
 
 from banger.host import disks, imagebuild, kernelbuild, kvm, qemu_cmdline, ssh, vmmproc
 from banger.host.agent_client import AgentConnection
-from banger.ports import LaunchSpec
+from banger.host.guest_agent import LocalAgent
+from banger.ports import AgentHello, LaunchSpec
 from tests.vmspec import ssh_port, user_spec
 
 IMAGES_DIR = Path(os.environ.get("BANGER_TEST_IMAGES_DIR",
@@ -214,6 +215,19 @@ def finish(b: Banger, extra_check: Callable[[], None] | None = None) -> None:
 
 AGENT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
              "LC_ALL": "C"}
+
+
+def wait_agent_hello(channel: Path, pid: int, serial_log: Path,
+                     timeout: float = 180.0) -> AgentHello:
+    """The guest agent's HELLO, as the daemon's start waits for it; the connection that got
+    it is closed again (the adapter keeps it for later calls, and the VMM's socket serves
+    one client at a time: a test's next connection would wait behind it)."""
+    agent = LocalAgent()
+    try:
+        return agent.wait_hello(channel=channel, timeout=timeout, serial_log=serial_log,
+                                alive=lambda: vmmproc.pid_alive(pid))
+    finally:
+        agent.release(channel=channel)
 
 
 def agent_uname(channel: Path) -> tuple[str, str]:

@@ -10,9 +10,8 @@ import time
 import pytest
 
 from banger.host import disks, imagebuild, qemu, qemu_cmdline, ssh, vmmproc
-from banger.host.guest_agent import LocalAgent
 
-from .conftest import Vm, agent_uname
+from .conftest import Vm, agent_uname, wait_agent_hello
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -24,9 +23,7 @@ def test_boot_ssh_and_poweroff(vm: Vm, image: imagebuild.ImageArtifacts) -> None
     assert vm.cfg.boot.initrd is None and vm.cfg.boot.kernel == image.microvm_kernel
     pid = qemu.launch(vm.cfg, vm.accel)
     # The agent says HELLO first (it starts before sshd); then ssh answers too.
-    hello = LocalAgent().wait_hello(channel=qemu_cmdline.agent_socket(vm.cfg),
-                                    timeout=BOOT_TIMEOUT, serial_log=vm.cfg.serial_log,
-                                    alive=lambda: vmmproc.pid_alive(pid))
+    hello = wait_agent_hello(qemu_cmdline.agent_socket(vm.cfg), pid, vm.cfg.serial_log)
     print(f"boot to the agent's hello: guest boot id {hello.boot_id}")
     waited = ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
@@ -71,8 +68,7 @@ def test_cloud_kernel_fallback_boots_with_its_initramfs(
     vm = cloud_vm
     assert vm.cfg.boot.initrd == image.initrd
     pid = qemu.launch(vm.cfg, vm.accel)
-    LocalAgent().wait_hello(channel=qemu_cmdline.agent_socket(vm.cfg), timeout=BOOT_TIMEOUT,
-                            serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
+    wait_agent_hello(qemu_cmdline.agent_socket(vm.cfg), pid, vm.cfg.serial_log)
     _, release = agent_uname(qemu_cmdline.agent_socket(vm.cfg))
     assert release == image.kernel_version and release.endswith("-cloud-amd64")
     ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts, alias=vm.alias,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from banger.host import qemu, qemu_cmdline, ssh, vmmproc
-from banger.host.guest_agent import LocalAgent
 
-from .conftest import Vm, agent_uname
+from .conftest import Vm, agent_uname, wait_agent_hello
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -20,9 +19,7 @@ def test_systemd_image_boots_runs_and_powers_off(systemd_vm: Vm) -> None:
     assert vm.cfg.boot.initrd is None, "the systemd image boots the microVM kernel too"
     pid = qemu.launch(vm.cfg, vm.accel)
     channel = qemu_cmdline.agent_socket(vm.cfg)
-    hello = LocalAgent().wait_hello(channel=channel, timeout=BOOT_TIMEOUT,
-                                    serial_log=vm.cfg.serial_log,
-                                    alive=lambda: vmmproc.pid_alive(pid))
+    hello = wait_agent_hello(channel, pid, vm.cfg.serial_log)
     waited = ssh.wait_ready(port=vm.ssh_port, key=vm.key, known_hosts=vm.known_hosts,
                             alias=vm.alias, timeout=BOOT_TIMEOUT,
                             serial_log=vm.cfg.serial_log, alive=lambda: vmmproc.pid_alive(pid))
