@@ -4,8 +4,9 @@ docs/api.md ("Exec"); a plain GET of the path answers 426 and carries that descr
 into the OpenAPI document (FastAPI leaves WebSocket routes out of it).
 
 The agent's side is synchronous (a thread per blocking wait), the socket's is the event
-loop: two threads per exec (the output and the input pumps) hand messages across through
-bounded asyncio queues, so every side waits for the slower one and memory stays bounded
+loop: three threads per exec (output; stdin and EOF; signal and resize) hand messages
+across through bounded asyncio queues (stdin bounded in bytes by the client's window),
+so every side waits for the slower one and memory stays bounded
 whatever a command prints (the guest waits; nothing is dropped, nothing is capped).
 The peer check (SO_PEERCRED) applies as to every connection: it runs in the HTTP
 protocol before the upgrade request is read.
@@ -56,10 +57,12 @@ this GET; a plain GET answers 426). Messages:
   /root; tty runs the command on a pty of that size; in_workspace, default false: in
   the VM's workspace when it has one, i.e. cwd defaults to its guest path and the
   command runs under the tools the repo pins, `mise exec` when mise is there);
-- client, binary: byte 0 = 0 (stdin), then bytes for the command's stdin;
+- client, binary: byte 0 = 0 (stdin), then bytes for the command's stdin: at most
+  `stdin_window` bytes (from `started`) not yet acknowledged by the server's
+  `{"type": "stdin_ack", "bytes": n}` (n bytes reached the command);
 - client, text: `{"type": "eof"}` (close its stdin), `{"type": "resize", "rows": n,
   "cols": n}`, `{"type": "signal", "signal": n}`;
-- server, text: `{"type": "started", "vm": {"id", "name", "workspace_path",
+- server, text: `{"type": "started", "stdin_window": n, "vm": {"id", "name", "workspace_path",
   "workspace_guest_path", "workspace_head"}}` once it runs (the VM it runs in: a client
   needs no other request, e.g. to see that the host repo's HEAD moved);
 - server, binary: byte 0 = 1 (stdout) or 2 (stderr), then the command's bytes (with a
@@ -69,7 +72,9 @@ this GET; a plain GET answers 426). Messages:
   "code": str, "message": str}` (the command could not start, the VM was stopped, the
   agent went away); then the server closes.
 
-A client that goes away ends the command (SIGHUP, then SIGKILL). See docs/api.md.
+Signal, resize and a hang-up are applied at once, whatever stdin waits for the command
+to read. A client that goes away ends the command (SIGHUP, then SIGKILL). See
+docs/api.md.
 """
 
 
