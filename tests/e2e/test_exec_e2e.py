@@ -1,7 +1,8 @@
 """Commands through the guest agent and the daemon's exec WebSocket on real VMs
 (`vm exec`, `vm run -- CMD`): exit codes and 128+n, argv intact, stdin piped through,
 output past the agent's old 16 MiB cap, a pty with the terminal's size, Ctrl-C with and
-without a pty, an agent killed during an exec, a stop during an exec; and never ssh."""
+without a pty, an agent killed during an exec, a stop during an exec, Ctrl-C and a late
+reader with stdin waiting; and never ssh."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import signal
 import struct
 import subprocess
 import termios
+import time
 
 import pytest
 
@@ -121,3 +123,39 @@ def test_a_stop_during_an_exec_ends_it_with_an_error(banger: Banger) -> None:
     # The daemon goes on serving: the VM starts again and runs commands.
     banger.run("vm", "start", "st")
     assert banger.run("vm", "exec", "st", "--", "echo", "back").stdout == "back\n"
+
+
+def test_ctrl_c_and_a_late_reader_with_stdin_waiting(banger: Banger) -> None:
+    # `yes | banger vm exec box -- sleep 600`, then Ctrl-C: stdin the command never reads
+    # must not hold back the signal; the command ends in the guest.
+    banger.run("vm", "run", "-d", "--name", "in")
+    yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
+    try:
+        proc = subprocess.Popen(banger.argv("vm", "exec", "in", "--", "sh", "-c",
+                                            "echo ready; exec sleep 600"), env=banger.env,
+                                stdin=yes.stdout, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 128 + signal.SIGINT
+    finally:
+        yes.kill()
+        yes.wait()
+    deadline = time.monotonic() + 30
+    left = banger.run("vm", "exec", "in", "--", "pgrep", "-x", "sleep", check=False)
+    while left.returncode == 0 and time.monotonic() < deadline:
+        time.sleep(1)
+        left = banger.run("vm", "exec", "in", "--", "pgrep", "-x", "sleep", check=False)
+    assert left.returncode == 1, left.stdout  # pgrep: no such process
+    # A command that reads its stdin only after the host's old 30 s credit limit still
+    # gets all of it (`seq 1e9 | vm exec -- sh -c 'sleep 40; wc -l'` used to hang).
+    head = subprocess.Popen(["head", "-c", "50M", "/dev/zero"], stdout=subprocess.PIPE)
+    try:
+        proc = subprocess.run(banger.argv("vm", "exec", "in", "--", "sh", "-c",
+                                          "sleep 35; wc -c"), env=banger.env,
+                              stdin=head.stdout, capture_output=True, timeout=600)
+    finally:
+        head.kill()
+        head.wait()
+    assert proc.returncode == 0 and proc.stdout.strip() == b"52428800", proc.stderr[-500:]
