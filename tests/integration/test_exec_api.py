@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from banger.client import wsframe
 from banger.client.execws import Event, ExecFailed, ExecLost, ExecSession, Exit, Output, open_exec
 from banger.daemon.main import WS_SETTINGS
 from banger.daemon.peercred import allowed_uids, peer_checked
@@ -217,6 +219,41 @@ def test_a_late_reader_gets_all_of_a_big_stdin(daemon: Daemon) -> None:
     s.close()
     out = b"".join(e.data for e in events if isinstance(e, Output))
     assert out == b"%d\n" % (16 << 20) and events[-1] == Exit(0, None, 0)
+
+
+def test_a_client_gone_during_a_slow_start_ends_the_command(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client hangs up while the command starts (a reconnect to the agent): the
+    # command that then starts must not run on unheard.
+    _running(daemon)
+    gate, asked = threading.Event(), threading.Event()
+    real = daemon.agent.exec
+
+    def slow_exec(**kw: Any) -> FakeExec:
+        asked.set()
+        gate.wait(10)
+        return real(**kw)
+
+    monkeypatch.setattr(daemon.agent, "exec", slow_exec)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.layout.daemon_socket))
+    key = wsframe.new_key()
+    sock.sendall(wsframe.upgrade_request("/v1/vms/box/exec", key))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert b" 101 " in head.split(b"\r\n", 1)[0]
+    start = json.dumps({"argv": ["sleep"]}).encode()
+    sock.sendall(wsframe.encode(wsframe.OP_TEXT, start, key=os.urandom(4)))
+    assert asked.wait(10)
+    sock.close()
+    time.sleep(0.5)  # the daemon sees the close before the start answers
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not (_execs(daemon) and _execs(daemon)[0].abandoned) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (ex,) = _execs(daemon)
+    assert ex.abandoned and ex.ended
 
 
 def test_signal_and_resize_reach_the_command(daemon: Daemon) -> None:
