@@ -26,8 +26,12 @@ class Follower:
     """`banger vm logs ARGS...` as a process, its output collected as it comes."""
 
     def __init__(self, *args: str) -> None:
+        # SIGINT as a terminal's Ctrl-C finds it: a test run started in the background of
+        # a non-interactive shell (`pytest &`) has SIGINT ignored, and its children inherit
+        # that (the CLI, rightly, keeps an ignored SIGINT ignored).
         self.proc = subprocess.Popen([sys.executable, "-m", "banger.cli.main", "vm", "logs",
-                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     preexec_fn=_default_sigint)
         self.out = bytearray()
         self.err = bytearray()
         self._readers = [threading.Thread(target=self._read, args=(s, b), daemon=True)
@@ -73,6 +77,10 @@ def _process_state(pid: int) -> str:
                   if line.startswith(("State", "Threads", "SigPnd", "ShdPnd", "SigBlk",
                                       "SigIgn", "SigCgt", "VmSwap"))]
     return ", ".join(parts)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def until(ok: Callable[[], bool], what: str) -> None:
