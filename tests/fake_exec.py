@@ -6,7 +6,9 @@ Commands (argv[0]): ``echo ARGS…``; ``exit N``; ``cat`` (stdin to stdout until
 ``err TEXT`` (TEXT on stderr, exit 3); ``sleep`` (until a signal; a pty's ^C byte is
 SIGINT, as the guest's tty driver makes it); ``flood N`` (N chunks of 64 KiB, produced
 only as fast as ``next`` takes them, then exit 0); ``show`` (prints its request as JSON);
-``drop`` (the agent goes away after STARTED); anything else fails to start. A command
+``drop`` (the agent goes away after STARTED); ``hold`` (reads no stdin, its writers wait,
+until ``take_stdin()``; then at EOF prints how many bytes it read, exit 0; a signal ends
+it); anything else fails to start. A command
 under the workspace's tools wrapper (``sh -c IN_TOOLS banger-exec CMD…``, no tools
 pinned) runs as CMD would, as sh's ``exec "$@"`` makes it; ``show`` prints the wrapper.
 """
@@ -21,7 +23,7 @@ from collections import deque
 from banger.model.errors import OperationFailed
 from banger.ports import ExecExit, ExecOutput, ExecRequest
 
-KNOWN = {"echo", "exit", "cat", "err", "sleep", "flood", "show", "drop"}
+KNOWN = {"echo", "exit", "cat", "err", "sleep", "flood", "show", "drop", "hold"}
 CHUNK = 1 << 16
 
 
@@ -46,6 +48,7 @@ class FakeExec:
         self.failure: str | None = None
         self.flood_left = 0
         self.handed_out = 0  # output bytes next() returned
+        self.reading = command(request.argv)[0] != "hold"
         with self.cond:
             self._script(request)
 
@@ -96,8 +99,18 @@ class FakeExec:
                 self.handed_out += len(item.data)
             return item
 
+    def take_stdin(self) -> None:
+        """``hold`` starts reading its stdin."""
+        with self.cond:
+            self.reading = True
+            self.cond.notify_all()
+
     def write_stdin(self, data: bytes) -> None:
         with self.cond:
+            # As the agent's credit wait: until the command reads, it ends, or it fails.
+            self.cond.wait_for(lambda: self.reading or self.ended or self.failure)
+            if self.ended:
+                return
             self._check()
             self.stdin += data
             if command(self.request.argv)[0] == "cat" and not self.ended:
@@ -112,6 +125,9 @@ class FakeExec:
             self.stdin_closed = True
             if command(self.request.argv)[0] == "cat":
                 self._exit(code=0)
+            elif command(self.request.argv)[0] == "hold" and not self.ended:
+                self._out(b"%d\n" % len(self.stdin))
+                self._exit(code=0)
 
     def signal(self, signo: int) -> None:
         with self.cond:
@@ -120,7 +136,7 @@ class FakeExec:
 
     def _signal(self, signo: int) -> None:
         self.signals.append(signo)
-        if command(self.request.argv)[0] in ("sleep", "cat", "flood"):
+        if command(self.request.argv)[0] in ("sleep", "cat", "flood", "hold"):
             self.flood_left = 0
             self._exit(signal=signo)
 

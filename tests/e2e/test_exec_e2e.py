@@ -14,6 +14,7 @@ import struct
 import subprocess
 import termios
 import time
+from typing import Any
 
 import pytest
 
@@ -92,14 +93,19 @@ def test_pty_size_and_ctrl_c(banger: Banger) -> None:
                       "echo ready; exec sleep 100", send=b"\x03", after=b"ready")
     assert rc == 128 + signal.SIGINT, out
     # Without a pty, SIGINT to banger is sent to the guest command.
-    proc = subprocess.Popen(banger.argv("vm", "exec", "tty", "--", "sh", "-c",
-                                        "echo ready; exec sleep 100"), env=banger.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
+    assert _interrupted(banger, "tty", subprocess.DEVNULL) == 128 + signal.SIGINT
+
+
+def _interrupted(banger: Banger, vm: str, stdin: Any) -> int:
+    """`vm exec VM -- sleep` (``stdin`` piped to it) sent SIGINT once it runs: banger's
+    exit status."""
+    proc = subprocess.Popen(banger.argv("vm", "exec", vm, "--", "sh", "-c",
+                                        "echo ready; exec sleep 600"), env=banger.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"ready\n"
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 128 + signal.SIGINT
+    return proc.wait(60)
 
 
 def test_a_stop_during_an_exec_ends_it_with_an_error(banger: Banger) -> None:
@@ -131,14 +137,7 @@ def test_ctrl_c_and_a_late_reader_with_stdin_waiting(banger: Banger) -> None:
     banger.run("vm", "run", "-d", "--name", "in")
     yes = subprocess.Popen(["yes"], stdout=subprocess.PIPE)
     try:
-        proc = subprocess.Popen(banger.argv("vm", "exec", "in", "--", "sh", "-c",
-                                            "echo ready; exec sleep 600"), env=banger.env,
-                                stdin=yes.stdout, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(30) == 128 + signal.SIGINT
+        assert _interrupted(banger, "in", yes.stdout) == 128 + signal.SIGINT
     finally:
         yes.kill()
         yes.wait()

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import uvicorn
 
+from banger.client import wsframe
 from banger.client.execws import Event, ExecFailed, ExecLost, ExecSession, Exit, Output, open_exec
 from banger.daemon.main import WS_SETTINGS
 from banger.daemon.peercred import allowed_uids, peer_checked
@@ -151,6 +155,105 @@ def test_client_gone_mid_exec_ends_the_command(daemon: Daemon) -> None:
 def _lingers(t: threading.Thread) -> bool:
     t.join(3)
     return t.is_alive()
+
+
+def _pump(s: ExecSession, seconds: float = 15.0,
+          tick: Callable[[], None] | None = None) -> list[Event]:
+    """Send and receive (non-blocking, as the CLI does) until the exit or ``seconds``."""
+    events = list(s.buffered())
+    end = time.monotonic() + seconds
+    while not any(isinstance(e, Exit) for e in events) and time.monotonic() < end:
+        readable, writable, _ = select.select([s], [s] if s.wants_write() else [], [], 0.1)
+        if writable:
+            s.flush()
+        if readable:
+            events += list(s.receive())
+        if tick is not None:
+            tick()
+    return events
+
+
+def _held(daemon: Daemon, argv: list[str] | None = None) -> tuple[ExecSession, FakeExec]:
+    """``hold`` (reads no stdin until told) with 4 MiB of stdin sent at it."""
+    _running(daemon)
+    s = open_exec(str(daemon.layout.daemon_socket), "box", argv or ["hold"], env=None,
+                  cwd=None, tty=None)
+    (ex,) = _execs(daemon)
+    s.send_stdin(bytes(4 << 20))
+    _pump(s, 1.0)  # as much as the daemon takes
+    return s, ex
+
+
+def test_a_signal_reaches_a_command_that_reads_no_stdin(daemon: Daemon) -> None:
+    # Ctrl-C on `yes | banger vm exec box -- sleep 600`: the signal must not wait
+    # behind stdin the command never reads (in the client or the daemon).
+    s, ex = _held(daemon)
+    assert not ex.stdin and s.pending(), "stdin waits for the command"
+    s.signal(2)
+    events = _pump(s)
+    s.close()
+    assert events[-1:] == [Exit(None, 2, 130)] and ex.signals == [2]
+
+
+def test_a_client_that_leaves_while_stdin_waits_ends_the_command(daemon: Daemon) -> None:
+    s, ex = _held(daemon)
+    s.close()
+    deadline = time.monotonic() + 10
+    while not ex.abandoned and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ex.abandoned and ex.ended, "the daemon saw the hang-up behind waiting stdin"
+    assert not [t for t in threading.enumerate() if t.name.startswith("exec-")
+                and t.is_alive() and _lingers(t)]
+
+
+def test_a_late_reader_gets_all_of_a_big_stdin(daemon: Daemon) -> None:
+    # `seq 1e9 | vm exec -- sh -c 'sleep 40; wc -l'`: stdin waits (bounded), then all
+    # of it arrives once the command reads.
+    s, ex = _held(daemon)
+    s.send_stdin(bytes(12 << 20))
+    s.send_eof()
+    _pump(s, 1.0)
+    assert not ex.stdin and not ex.ended
+    ex.take_stdin()
+    events = _pump(s, 40)
+    s.close()
+    out = b"".join(e.data for e in events if isinstance(e, Output))
+    assert out == b"%d\n" % (16 << 20) and events[-1] == Exit(0, None, 0)
+
+
+def test_a_client_gone_during_a_slow_start_ends_the_command(
+        daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client hangs up while the command starts (a reconnect to the agent): the
+    # command that then starts must not run on unheard.
+    _running(daemon)
+    gate, asked = threading.Event(), threading.Event()
+    real = daemon.agent.exec
+
+    def slow_exec(**kw: Any) -> FakeExec:
+        asked.set()
+        gate.wait(10)
+        return real(**kw)
+
+    monkeypatch.setattr(daemon.agent, "exec", slow_exec)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.layout.daemon_socket))
+    key = wsframe.new_key()
+    sock.sendall(wsframe.upgrade_request("/v1/vms/box/exec", key))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert b" 101 " in head.split(b"\r\n", 1)[0]
+    start = json.dumps({"argv": ["sleep"]}).encode()
+    sock.sendall(wsframe.encode(wsframe.OP_TEXT, start, key=os.urandom(4)))
+    assert asked.wait(10)
+    sock.close()
+    time.sleep(0.5)  # the daemon sees the close before the start answers
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not (_execs(daemon) and _execs(daemon)[0].abandoned) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (ex,) = _execs(daemon)
+    assert ex.abandoned and ex.ended
 
 
 def test_signal_and_resize_reach_the_command(daemon: Daemon) -> None:

@@ -132,6 +132,38 @@ def test_stdin_waits_for_the_guests_credit_and_reading_grants_output(
     assert not t.is_alive()
 
 
+def test_stdin_until_the_end_outlasts_the_send_timeout() -> None:
+    # A command that reads its stdin late (`sleep 40; wc -l`) still gets all of it.
+    host, guest = socket.socketpair()
+    conn = AgentConnection(host, name="raw", ask_hello=False, window=1024,
+                           send_timeout=0.2)
+    g = RawGuest(guest)
+    try:
+        g.send(Kind.HELLO, 0, CREDIT_HELLO)
+        conn.wait_hello(5)
+        chan, ex = _start(conn, g)
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                ex.write_stdin(b"s" * 250, until_end=True)  # type: ignore[attr-defined]
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=write)
+        t.start()
+        assert g.recv().body == b"s" * 100
+        t.join(1.0)  # five send timeouts without credit
+        assert t.is_alive() and not errors
+        g.send(Kind.CREDIT, chan, fields([(1, 1000)]))
+        assert g.recv().body == b"s" * 150
+        t.join(5)
+        assert not t.is_alive() and not errors
+    finally:
+        conn.close()
+        guest.close()
+
+
 def test_a_get_streams_chunks_and_an_error_ends_it(
         raw: tuple[AgentConnection, RawGuest]) -> None:
     conn, g = raw

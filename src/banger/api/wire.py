@@ -21,3 +21,8 @@ EXEC_STDERR = 2
 # The largest message either side sends (a client's stdin chunk; the daemon's output
 # messages are the agent's frames, 64 KiB at most).
 EXEC_MAX_MESSAGE = 1 << 20
+# The client's stdin in flight: it sends no more than this many bytes the daemon has not
+# acknowledged (`{"type": "stdin_ack", "bytes": n}` once they reached the guest), so the
+# daemon always reads the socket (a signal or a hang-up never waits behind stdin) and
+# holds at most this much of it.
+EXEC_STDIN_WINDOW = 1 << 20

@@ -109,7 +109,7 @@ class _Loop:
             reads: list[int] = [s.fileno(), wake]
             if self.stdin_open and s.pending() < STDIN_HIGH:
                 reads.append(0)
-            writes = [s.fileno()] if s.pending() else []
+            writes = [s.fileno()] if s.wants_write() else []
             readable, writable, _ = select.select(reads, writes, [])
             if wake in readable:
                 with contextlib.suppress(OSError):

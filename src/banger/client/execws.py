@@ -12,6 +12,9 @@ autostart.
 :class:`ExecSession` is non-blocking on its socket: what it has to send waits in a buffer
 (:meth:`pending`) until the socket can take it, so a caller that also reads the daemon's
 output never deadlocks against a guest that neither reads its stdin nor stops printing.
+Stdin goes out within the daemon's window (acknowledged as the guest reads it), and a
+control message (signal, resize) goes before any stdin still waiting: Ctrl-C reaches a
+command that reads nothing.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ MAX_REJECT_BODY = 64 << 10
 # The daemon's messages: its output messages are the agent's frames (64 KiB), the rest
 # short JSON; a tag byte and some room on top.
 MAX_MESSAGE = EXEC_MAX_MESSAGE + 1024
+# The largest stdin message this client sends.
+STDIN_CHUNK = 1 << 16
 
 
 class ExecFailed(ApiError):
@@ -90,7 +95,14 @@ class ExecSession:
     def __init__(self, sock: socket.socket, decoder: wsframe.Decoder) -> None:
         self.sock = sock
         self._decoder = decoder
-        self._out = bytearray()
+        self._out = bytearray()  # the frame being sent (partly, maybe)
+        self._ctl: list[bytes] = []  # control frames: they go before stdin
+        self._stdin = bytearray()  # stdin not sent yet
+        self._eof = False  # EOF after it
+        self._eof_sent = False
+        # The daemon's stdin window (its "started" says; None: an older daemon, no acks).
+        self._window: int | None = None
+        self._unacked = 0
         self._messages: list[tuple[int, bytes]] = []
         self.started = Started()
         self.closed = False
@@ -101,10 +113,15 @@ class ExecSession:
     # ---- sending ----------------------------------------------------------------------
 
     def send_stdin(self, data: bytes) -> None:
-        self._queue(wsframe.OP_BINARY, bytes((EXEC_STDIN,)) + data)
+        if not self.closed and not self._eof:
+            self._stdin += data
+            self.flush()
 
     def send_eof(self) -> None:
-        self._control({"type": "eof"})
+        """Close the command's stdin, after what :meth:`send_stdin` took."""
+        if not self.closed and not self._eof:
+            self._eof = True
+            self.flush()
 
     def resize(self, rows: int, cols: int) -> None:
         self._control({"type": "resize", "rows": rows, "cols": cols})
@@ -116,18 +133,45 @@ class ExecSession:
         self._queue(wsframe.OP_TEXT, json.dumps(msg).encode())
 
     def _queue(self, opcode: int, payload: bytes) -> None:
+        """A control frame: sent before any stdin still waiting."""
         if self.closed:
             return
-        self._out += wsframe.encode(opcode, payload)
+        self._ctl.append(wsframe.encode(opcode, payload))
         self.flush()
 
     def pending(self) -> int:
-        """Bytes waiting for the socket."""
-        return len(self._out)
+        """Bytes waiting for the socket (or for the daemon's window)."""
+        return len(self._out) + sum(map(len, self._ctl)) + len(self._stdin)
+
+    def _room(self) -> int:
+        return STDIN_CHUNK if self._window is None else min(
+            STDIN_CHUNK, self._window - self._unacked)
+
+    def wants_write(self) -> bool:
+        """Something the socket can take now (stdin beyond the window waits for acks)."""
+        return bool(self._out or self._ctl or (self._stdin and self._room() > 0)
+                    or (self._eof and not self._stdin and not self._eof_sent))
+
+    def _next_frame(self) -> bool:
+        if self._ctl:
+            self._out += self._ctl.pop(0)
+            return True
+        room = self._room()
+        if self._stdin and room > 0:
+            chunk = bytes(self._stdin[:room])
+            del self._stdin[:room]
+            self._unacked += len(chunk)
+            self._out += wsframe.encode(wsframe.OP_BINARY, bytes((EXEC_STDIN,)) + chunk)
+            return True
+        if self._eof and not self._stdin and not self._eof_sent:
+            self._eof_sent = True
+            self._out += wsframe.encode(wsframe.OP_TEXT, b'{"type": "eof"}')
+            return True
+        return False
 
     def flush(self) -> None:
         """Send what the socket takes now without blocking."""
-        while self._out:
+        while self._out or self._next_frame():
             try:
                 n = self.sock.send(self._out)
             except (BlockingIOError, InterruptedError):
@@ -196,6 +240,10 @@ class ExecSession:
         elif kind == "error":
             self._close()
             raise _failed(msg)
+        elif kind == "stdin_ack":
+            # Room in the window again (the guest read that much).
+            self._unacked = max(0, self._unacked - _int(msg.get("bytes")))
+            self.flush()
         # "started" comes before (open_exec), or a kind this client does not know
 
     def _close(self) -> None:
@@ -217,6 +265,10 @@ def _json(payload: bytes) -> dict[str, Any]:
     if not isinstance(msg, dict):
         raise ExecLost(f"bangerd sent a message that is not an object: {payload[:100]!r}")
     return msg
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def _failed(msg: Mapping[str, Any]) -> ExecFailed:
@@ -342,6 +394,8 @@ def _wait_started(session: ExecSession) -> None:
             if opcode == wsframe.OP_TEXT:
                 msg = _json(payload)
                 if msg.get("type") == "started":
+                    window = _int(msg.get("stdin_window"))
+                    session._window = window if window > 0 else None
                     vm = msg.get("vm")
                     if isinstance(vm, dict):
                         session.started = Started(**{

@@ -4,8 +4,9 @@ docs/api.md ("Exec"); a plain GET of the path answers 426 and carries that descr
 into the OpenAPI document (FastAPI leaves WebSocket routes out of it).
 
 The agent's side is synchronous (a thread per blocking wait), the socket's is the event
-loop: two threads per exec (the output and the input pumps) hand messages across through
-bounded asyncio queues, so every side waits for the slower one and memory stays bounded
+loop: three threads per exec (output; stdin and EOF; signal and resize) hand messages
+across through bounded asyncio queues (stdin bounded in bytes by the client's window),
+so every side waits for the slower one and memory stays bounded
 whatever a command prints (the guest waits; nothing is dropped, nothing is capped).
 The peer check (SO_PEERCRED) applies as to every connection: it runs in the HTTP
 protocol before the upgrade request is read.
@@ -27,7 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.websockets import WebSocketState
 
 from banger.api.schema import ErrorBody, ErrorResponse
-from banger.api.wire import EXEC_STDERR, EXEC_STDIN, EXEC_STDOUT, PREFIX
+from banger.api.wire import EXEC_STDERR, EXEC_STDIN, EXEC_STDIN_WINDOW, EXEC_STDOUT, PREFIX
 from banger.core.execs import HOME, RunningExec, exec_env
 from banger.core.service import VMService
 from banger.model.errors import BangerError, InvalidRequest, OperationFailed
@@ -56,10 +57,12 @@ this GET; a plain GET answers 426). Messages:
   /root; tty runs the command on a pty of that size; in_workspace, default false: in
   the VM's workspace when it has one, i.e. cwd defaults to its guest path and the
   command runs under the tools the repo pins, `mise exec` when mise is there);
-- client, binary: byte 0 = 0 (stdin), then bytes for the command's stdin;
+- client, binary: byte 0 = 0 (stdin), then bytes for the command's stdin: at most
+  `stdin_window` bytes (from `started`) not yet acknowledged by the server's
+  `{"type": "stdin_ack", "bytes": n}` (n bytes reached the command);
 - client, text: `{"type": "eof"}` (close its stdin), `{"type": "resize", "rows": n,
   "cols": n}`, `{"type": "signal", "signal": n}`;
-- server, text: `{"type": "started", "vm": {"id", "name", "workspace_path",
+- server, text: `{"type": "started", "stdin_window": n, "vm": {"id", "name", "workspace_path",
   "workspace_guest_path", "workspace_head"}}` once it runs (the VM it runs in: a client
   needs no other request, e.g. to see that the host repo's HEAD moved);
 - server, binary: byte 0 = 1 (stdout) or 2 (stderr), then the command's bytes (with a
@@ -69,7 +72,9 @@ this GET; a plain GET answers 426). Messages:
   "code": str, "message": str}` (the command could not start, the VM was stopped, the
   agent went away); then the server closes.
 
-A client that goes away ends the command (SIGHUP, then SIGKILL). See docs/api.md.
+Signal, resize and a hang-up are applied at once, whatever stdin waits for the command
+to read. A client that goes away ends the command (SIGHUP, then SIGKILL). See
+docs/api.md.
 """
 
 
@@ -114,7 +119,7 @@ def start_request(text: str) -> tuple[ExecRequest, bool]:
 
 
 def _started(vm: VM) -> str:
-    return json.dumps({"type": "started", "vm": {
+    return json.dumps({"type": "started", "stdin_window": EXEC_STDIN_WINDOW, "vm": {
         "id": vm.id, "name": vm.name, "workspace_path": vm.workspace_path,
         "workspace_guest_path": vm.workspace_guest_path,
         "workspace_head": vm.workspace_head}})
@@ -165,7 +170,13 @@ def add_exec_routes(app: FastAPI, service: VMService) -> None:
             log.exception("exec could not start")
             await _close(ws, _error(OperationFailed(f"the exec failed in the daemon: {exc!r}")))
             return
-        await ws.send_text(_started(running.vm))
+        try:
+            await ws.send_text(_started(running.vm))
+        except Exception:  # the client closed during a slow start: nobody hears it
+            log.info("exec in %s: its client left before it started; ending the command",
+                     running.vm.name)
+            running.abandon()
+            return
         await _Pump(ws, running).run()
 
 
@@ -185,12 +196,8 @@ async def _in_thread(fn: Callable[[], RunningExec]) -> RunningExec:
             loop.call_soon_threadsafe(_settle, fut, value, None)
 
     threading.Thread(target=target, name="exec-start", daemon=True).start()
-    try:
-        return await fut
-    except asyncio.CancelledError:
-        # The client left during the start: the command must not run on unheard.
-        fut.add_done_callback(lambda f: None if f.exception() else f.result().abandon())
-        raise
+    # Cancelled (the client left during the start): _settle abandons what starts later.
+    return await fut
 
 
 def _settle(fut: asyncio.Future[RunningExec], value: RunningExec | None,
@@ -214,14 +221,33 @@ async def _close(ws: WebSocket, last: str | None = None, code: int = 1000) -> No
             await ws.close(code)
 
 
+class _Ack:
+    """``n`` bytes of the client's stdin reached the guest (or were dropped)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
 class _Pump:
-    """One exec's streams between the WebSocket and the agent."""
+    """One exec's streams between the WebSocket and the agent.
+
+    Three threads: output (agent to loop), stdin (bytes and EOF, in order, each waiting
+    for the guest to read), control (signal, resize: at once, never behind stdin). The
+    socket is read all the time, so a signal or the client's hang-up is seen whatever
+    stdin waits; stdin is bounded by the client's window (acknowledged as delivered)."""
 
     def __init__(self, ws: WebSocket, running: RunningExec) -> None:
         self.ws, self.running = ws, running
         self.loop = asyncio.get_running_loop()
-        self.out: asyncio.Queue[Item] = asyncio.Queue(QUEUE)
-        self.inp: asyncio.Queue[Input] = asyncio.Queue(QUEUE)
+        # Output items and acks; QUEUE output items at most (out_room), acks are small.
+        self.out: asyncio.Queue[Item | _Ack] = asyncio.Queue()
+        self.out_room = asyncio.Semaphore(QUEUE)
+        self.inp: asyncio.Queue[Input] = asyncio.Queue()  # bounded by `held`
+        self.ctl: asyncio.Queue[Input] = asyncio.Queue(QUEUE)
+        self.held = 0  # stdin bytes received, not yet delivered
+        self.room = asyncio.Event()
         self.stop = threading.Event()
 
     async def run(self) -> None:
@@ -229,8 +255,10 @@ class _Pump:
         # these end with their WebSocket, which the server's exit closes.
         threads = [threading.Thread(target=self._read_output, daemon=True,
                                     name="exec-out"),
-                   threading.Thread(target=self._feed_input, daemon=True,
-                                    name="exec-in")]
+                   threading.Thread(target=self._apply, args=(self.inp, True),
+                                    daemon=True, name="exec-in"),
+                   threading.Thread(target=self._apply, args=(self.ctl, False),
+                                    daemon=True, name="exec-ctl")]
         for t in threads:
             t.start()
         sender = asyncio.create_task(self._send())
@@ -254,6 +282,10 @@ class _Pump:
     async def _send(self) -> None:
         while True:
             item = await self.out.get()
+            if isinstance(item, _Ack):
+                await self.ws.send_text(json.dumps({"type": "stdin_ack", "bytes": item.n}))
+                continue
+            self.out_room.release()
             if isinstance(item, ExecOutput):
                 tag = EXEC_STDOUT if item.stream == "stdout" else EXEC_STDERR
                 await self.ws.send_bytes(bytes((tag,)) + item.data)
@@ -266,6 +298,17 @@ class _Pump:
             await _close(self.ws, last)
             return
 
+    async def _put_output(self, item: Item) -> None:
+        await self.out_room.acquire()  # full: the output pump waits (backpressure)
+        self.out.put_nowait(item)
+
+    def _delivered(self, n: int) -> None:
+        """On the loop: ``n`` stdin bytes left the daemon."""
+        self.held -= n
+        self.out.put_nowait(_Ack(n))
+        if self.held <= EXEC_STDIN_WINDOW:
+            self.room.set()
+
     async def _receive(self) -> None:
         while True:
             msg = await self.ws.receive()
@@ -277,8 +320,20 @@ class _Pump:
             except InvalidRequest as exc:
                 await _close(self.ws, _error(exc), code=1008)
                 return
-            if item is not None:
-                await self.inp.put(item)  # full: stop reading the client (backpressure)
+            if item is None:
+                continue
+            if isinstance(item, bytes) or item.type == "eof":
+                # In order, behind the stdin before it.
+                self.inp.put_nowait(item)
+                if isinstance(item, bytes):
+                    self.held += len(item)
+                while self.held > EXEC_STDIN_WINDOW:
+                    # Past the window (a client that does not count acks): stop reading
+                    # it until the guest takes some, as backpressure.
+                    self.room.clear()
+                    await self.room.wait()
+            else:
+                await self.ctl.put(item)  # signal, resize: applied at once
 
     @staticmethod
     def _parse(data: bytes | None, text: str | None) -> Input | None:
@@ -327,27 +382,37 @@ class _Pump:
                 item = OperationFailed(f"the exec failed in the daemon: {exc!r}")
             if item is None:
                 continue
-            self._on_loop(lambda i=item: self.out.put(i))  # type: ignore[misc]
+            self._on_loop(lambda i=item: self._put_output(i))  # type: ignore[misc]
             if not isinstance(item, ExecOutput):
                 return
 
-    def _feed_input(self) -> None:
+    def _apply(self, queue: asyncio.Queue[Input], stdin: bool) -> None:
+        """Apply what ``queue`` brings (stdin and EOF, or signal and resize) in order;
+        once one fails, the rest is dropped (the exec's end says what happened)."""
+        failed = False
         while not self.stop.is_set():
-            item = self._on_loop(self.inp.get)
+            item = self._on_loop(queue.get)
             if item is None:
                 return
-            try:
-                if isinstance(item, bytes):
-                    self.running.write_stdin(item)
-                elif item.type == "eof":
-                    self.running.close_stdin()
-                elif item.type == "resize":
-                    assert item.rows is not None and item.cols is not None
-                    self.running.resize(item.rows, item.cols)
-                else:
-                    assert item.signal is not None
-                    self.running.signal(item.signal)
-            except BangerError as exc:
-                # The exec's own end (through the output pump) says what happened.
-                log.info("exec in %s: input not delivered: %s", self.running.vm.name, exc)
-                return
+            if not failed:
+                try:
+                    self._deliver(item)
+                except BangerError as exc:
+                    log.info("exec in %s: input not delivered: %s",
+                             self.running.vm.name, exc)
+                    failed = True
+            if stdin and isinstance(item, bytes):
+                with contextlib.suppress(RuntimeError):  # the loop closed: stopping
+                    self.loop.call_soon_threadsafe(self._delivered, len(item))
+
+    def _deliver(self, item: Input) -> None:
+        if isinstance(item, bytes):
+            self.running.write_stdin(item)  # as long as the guest takes to read it
+        elif item.type == "eof":
+            self.running.close_stdin()
+        elif item.type == "resize":
+            assert item.rows is not None and item.cols is not None
+            self.running.resize(item.rows, item.cols)
+        else:
+            assert item.signal is not None
+            self.running.signal(item.signal)

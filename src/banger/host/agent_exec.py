@@ -106,17 +106,21 @@ class Exec:
         """The command's pid in the guest (known once STARTED came)."""
         return self._state.pid
 
-    def write_stdin(self, data: bytes, timeout: float | None = None) -> None:
+    def write_stdin(self, data: bytes, timeout: float | None = None, *,
+                    until_end: bool = False) -> None:
         """Send ``data`` to the command's stdin (split into frames as needed).
 
         With flow control each frame waits for the guest's credit (the command reading),
         at most ``timeout`` seconds (default: the connection's send timeout) per wait;
-        :class:`AgentTimeout` then (the connection stays up). Raises :class:`ExecEnded`
-        once the exec has ended (or was killed), also part way.
+        :class:`AgentTimeout` then (the connection stays up). ``until_end``: no limit,
+        the wait lasts as long as the exec and its connection (a command may read its
+        stdin late: `sleep 40; wc -l`). Raises :class:`ExecEnded` once the exec has
+        ended (or was killed), also part way.
         """
         view, pos = memoryview(data), 0
         cond, st = self._conn.cond, self._state
-        limit = self._conn.send_timeout if timeout is None else timeout
+        limit = None if until_end else (self._conn.send_timeout if timeout is None
+                                        else timeout)
         while pos < len(data):
             size = min(MAX_BODY, len(data) - pos)
             if st.stdin_credit is not None:

@@ -218,8 +218,11 @@ class AgentExec:
         return True
 
     def write_stdin(self, data: bytes) -> None:
+        # No time limit on the guest's credit: a command that reads its stdin late
+        # (`sleep 40; wc -l`) gets all of it. The wait ends with the exec (an abandoned
+        # one is killed) or its connection.
         try:
-            self._ex.write_stdin(data)
+            self._ex.write_stdin(data, until_end=True)
         except ExecEnded:
             pass  # it ended (or stopped reading): its exit comes through next()
         except AgentError as exc:
