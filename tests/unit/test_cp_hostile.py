@@ -64,7 +64,7 @@ def test_the_copy_takes_the_guest_paths_name(tmp_path: Path) -> None:
     assert not (into / "other").exists()
 
 
-def _later_umask(tmp_path: Path) -> None:
+def test_modes_from_the_guest_go_through_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         _copy_out(_tar([("t", None, 0o777), ("t/f", b"x", 0o666), ("t/x", b"#!", 0o777)]),

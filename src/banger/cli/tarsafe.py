@@ -11,9 +11,10 @@ kept as links), and extracting one **from the guest**, which is hostile input.
   way is an error);
 - symlinks are kept as links whatever their target (they are text; nothing is written
   through them), hard links, devices, fifos and other kinds are refused;
-- modes keep their permission bits (exec bits included) but never setuid, setgid or
-  sticky; directories get theirs at the end, deepest first (a read-only one can still be
-  filled);
+- modes keep their permission bits (exec bits included) less the process's umask, as
+  cp, scp and tar do for a user (a guest cannot make the host's copy world-writable), and
+  never setuid, setgid or sticky; directories get theirs at the end, deepest first (a
+  read-only one can still be filled);
 - extension headers (pax, GNU long names) over :data:`MAX_HEADER` are refused before
   they are read, so a tar cannot make banger hold more than that.
 
@@ -70,6 +71,7 @@ class Extracted:
     entries: int = 0
     bytes: int = 0
     top_kind: str | None = None  # "dir", "file" or "symlink": the first entry's
+    umask: int = 0o022
     _dirs: list[tuple[tuple[str, ...], int, float]] = field(default_factory=list)
 
 
@@ -105,7 +107,7 @@ def extract(source: IO[bytes], dest: Path, *, top: str | None = None,
     ``top``: the first component of every name is replaced by it (the copy's new name),
     and every entry must share the first entry's first component. ``on_first`` is told
     the first entry's kind before anything is written (it may raise to refuse)."""
-    done = Extracted()
+    done = Extracted(umask=_umask())
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with tarfile.open(fileobj=source, mode="r|", tarinfo=_GuardedInfo,
@@ -138,6 +140,21 @@ def extract(source: IO[bytes], dest: Path, *, top: str | None = None,
     return done
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for
+    every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
 def _open_path(root: int, comps: Iterable[str], *, m_name: str, make: bool) -> int:
     """A directory fd for ``comps`` under ``root``, one component at a time, never
     through a symlink; missing directories are made (0700 until their own entry or the
@@ -168,7 +185,7 @@ def _one(tar: tarfile.TarFile, m: tarfile.TarInfo, kind: str, root: int,
          comps: tuple[str, ...], done: Extracted) -> None:
     parent = _open_path(root, comps[:-1], m_name=m.name, make=True)
     name = comps[-1]
-    mode = m.mode & 0o777  # never setuid, setgid or sticky
+    mode = m.mode & 0o777 & ~done.umask  # never setuid, setgid or sticky
     try:
         if kind == "dir":
             try:
