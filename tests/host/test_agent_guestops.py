@@ -107,3 +107,32 @@ def test_listening_is_the_agents_answer(conn: AgentConnection) -> None:
         found = agent_guestops.listening(conn, 10)
     assert any(x.proto == "tcp" and x.port == port and x.address == "127.0.0.1"
                for x in found)
+
+
+def _running(argv: list[str]) -> bool:
+    want = "\0".join(argv).encode() + b"\0"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == want:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_a_guest_command_that_hangs_is_killed_at_its_timeout(conn: AgentConnection) -> None:
+    """A guest whose `mv` or `git` never ends: banger gives up and the command goes too
+    (it would otherwise hold its chan and run on for ever)."""
+    import time
+
+    from banger.host.agent_records import AgentError
+
+    argv = ["sleep", "3600.4242"]
+    with pytest.raises(AgentError):
+        agent_guestops.run(conn, argv, timeout=1.0)
+    deadline = time.monotonic() + 20
+    while _running(argv) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(argv)
+    code, _ = agent_guestops.run(conn, ["true"])  # the connection still serves
+    assert code == 0

@@ -44,7 +44,14 @@ def run(conn: AgentConnection, argv: Sequence[str], *,
     """Run ``argv`` in the guest; (its status, its stderr made printable). A command the
     guest cannot start raises AgentRequestError."""
     ex = conn.exec(argv, ENV, "/", timeout=timeout, max_output=CHATTER_CAP)
-    status, _, err = ex.collect(timeout)
+    try:
+        status, _, err = ex.collect(timeout)
+    except BaseException:
+        # A guest command that hangs (a `mv` or `git` the guest made never end) would
+        # run on and hold its chan: it goes with the timeout.
+        with contextlib.suppress(AgentError, OSError):
+            ex.kill()
+        raise
     return status.returncode, safe_text(err.decode(errors="replace").strip(), 2000)
 
 
