@@ -75,3 +75,32 @@ def test_modes_from_the_guest_go_through_the_umask(tmp_path: Path) -> None:
     assert out.stat().st_mode & 0o777 == 0o755
     assert (out / "f").stat().st_mode & 0o777 == 0o644
     assert (out / "x").stat().st_mode & 0o777 == 0o755  # exec bits kept
+
+
+class _Probe:
+    """A client whose guest answers the kind probe of an upload's DST with a pax header
+    that claims 1 GiB, then zeros for as long as they are read."""
+
+    def __init__(self) -> None:
+        self.chunks_read = 0
+
+    def get_files(self, vm: str, path: str) -> object:
+        header = tarfile.TarInfo("x")
+        header.type, header.size = tarfile.XHDTYPE, 1 << 30
+        first = header.tobuf(format=tarfile.USTAR_FORMAT)
+
+        def gen() -> object:
+            yield first
+            while True:
+                self.chunks_read += 1
+                yield bytes(1 << 20)
+        return gen()
+
+
+def test_the_kind_probe_holds_no_huge_header_from_the_guest() -> None:
+    """`vm cp ./f box:/root/x` asks what /root/x is; a hostile guest's answer is read
+    under the extraction's header cap, not into memory whole."""
+    probe = _Probe()
+    with pytest.raises(cp.CpError, match="extension header"):
+        cp._guest_kind(probe, "box", "/root/x")  # type: ignore[arg-type]
+    assert probe.chunks_read <= 2

@@ -134,10 +134,16 @@ def _guest_kind(client: Client, vm: str, path: str) -> str | None:
                                           or "Not a directory" in exc.body.message):
             return None
         raise
+    from banger.cli import tarsafe
+
     try:
         stream = _ChunkReader(itertools.chain([first], chunks)).io()
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        # The guest's header caps, as for an extraction: a pax header claiming GiBs
+        # would otherwise be read into memory whole.
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=tarsafe.GuardedInfo) as tar:
             member = tar.next()
+    except tarsafe.UnsafeTar as exc:
+        raise CpError(f"refused what the guest sent for {vm}:{path}: {exc}") from exc
     except tarfile.TarError:
         return None
     finally:

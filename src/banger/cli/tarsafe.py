@@ -53,7 +53,7 @@ def shown(name: str) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-class _GuardedInfo(tarfile.TarInfo):
+class GuardedInfo(tarfile.TarInfo):
     """A TarInfo that refuses extension headers too large to hold."""
 
     def _proc_member(self, tar: tarfile.TarFile) -> Any:
@@ -110,7 +110,7 @@ def extract(source: IO[bytes], dest: Path, *, top: str | None = None,
     done = Extracted(umask=_umask())
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with tarfile.open(fileobj=source, mode="r|", tarinfo=_GuardedInfo,
+        with tarfile.open(fileobj=source, mode="r|", tarinfo=GuardedInfo,
                           errorlevel=2, bufsize=COPY) as tar:
             first: str | None = None
             for m in tar:
