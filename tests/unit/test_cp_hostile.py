@@ -104,3 +104,27 @@ def test_the_kind_probe_holds_no_huge_header_from_the_guest() -> None:
     with pytest.raises(cp.CpError, match="extension header"):
         cp._guest_kind(probe, "box", "/root/x")  # type: ignore[arg-type]
     assert probe.chunks_read <= 2
+
+
+class _Recorder:
+    """A client that takes an upload's tar (DST given with a trailing /: no probe)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def put_files(self, vm: str, into: str, body: object) -> None:
+        data = b"".join(body)  # type: ignore[call-overload]
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            self.names = tar.getnames()
+
+
+def test_a_symlink_named_on_the_command_line_is_copied_under_its_own_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """cp and scp: `cp ./current box:/root/` makes /root/current, not /root/v1.2.3."""
+    (tmp_path / "v1.2.3").write_bytes(b"release")
+    (tmp_path / "current").symlink_to("v1.2.3")
+    monkeypatch.chdir(tmp_path)
+    s, d = pair("./current", "box:/root/")
+    client = _Recorder()
+    cp._upload(client, s, d, False, cp._Progress())  # type: ignore[arg-type]
+    assert client.names == ["current"]

@@ -101,7 +101,9 @@ def _upload(client: Client, s: Operand, d: Operand, recursive: bool,
     is_dir = local.is_dir()
     if is_dir and not recursive:
         raise CpError(f"{s.path} is a directory: copy it with -r")
-    name = local.resolve().name
+    # The operand's own name, as cp and scp do (a symlink's, not its target's); `.`,
+    # `..` and the like are named by the directory they are.
+    name = local.name if local.name not in ("", ".", "..") else local.resolve().name
     if not name:
         raise CpError(f"{s.path}: copy the directories below / one by one")
     kind = "dir" if d.dir_hint else _guest_kind(client, d.vm, d.path)
