@@ -128,3 +128,15 @@ def test_a_symlink_named_on_the_command_line_is_copied_under_its_own_name(
     client = _Recorder()
     cp._upload(client, s, d, False, cp._Progress())  # type: ignore[arg-type]
     assert client.names == ["current"]
+
+
+@pytest.mark.parametrize("mtime", ["1e300", "nan", "-1e300"])
+def test_an_impossible_mtime_is_a_refusal_not_a_crash(tmp_path: Path, mtime: str) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("f")
+        info.size, info.pax_headers = 1, {"mtime": mtime}
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(cp.CpError, match="mtime"):
+        _copy_out(buf.getvalue(), "box:/root/f", str(tmp_path / "f"))
+    assert os.listdir(tmp_path) == []

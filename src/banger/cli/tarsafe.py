@@ -15,6 +15,7 @@ kept as links), and extracting one **from the guest**, which is hostile input.
   cp, scp and tar do for a user (a guest cannot make the host's copy world-writable), and
   never setuid, setgid or sticky; directories get theirs at the end, deepest first (a
   read-only one can still be filled);
+- an mtime no file can have (NaN, 1e300: a pax header is text) is refused;
 - extension headers (pax, GNU long names) over :data:`MAX_HEADER` are refused before
   they are read, so a tar cannot make banger hold more than that.
 
@@ -27,6 +28,7 @@ still opens parents by path.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import stat
@@ -39,6 +41,8 @@ from typing import IO, Any
 # A pax header or GNU long name larger than this is refused (the agent's own cap).
 MAX_HEADER = 64 * 1024
 COPY = 1 << 20
+# The mtimes an entry may have (about ±292 years around 1970: what a time_t in ns holds).
+MAX_MTIME = (1 << 63) // 10**9
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -183,6 +187,10 @@ def _open_path(root: int, comps: Iterable[str], *, m_name: str, make: bool) -> i
 
 def _one(tar: tarfile.TarFile, m: tarfile.TarInfo, kind: str, root: int,
          comps: tuple[str, ...], done: Extracted) -> None:
+    if not (isinstance(m.mtime, int) or math.isfinite(m.mtime)) \
+            or not -MAX_MTIME <= m.mtime <= MAX_MTIME:
+        # os.utime would raise OverflowError or ValueError: a crash, not a refusal.
+        raise UnsafeTar(f"entry {shown(m.name)}: an impossible mtime ({m.mtime!r})")
     parent = _open_path(root, comps[:-1], m_name=m.name, make=True)
     name = comps[-1]
     mode = m.mode & 0o777 & ~done.umask  # never setuid, setgid or sticky
