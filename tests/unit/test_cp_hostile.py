@@ -140,3 +140,18 @@ def test_an_impossible_mtime_is_a_refusal_not_a_crash(tmp_path: Path, mtime: str
     with pytest.raises(cp.CpError, match="mtime"):
         _copy_out(buf.getvalue(), "box:/root/f", str(tmp_path / "f"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("pax", [{"path": "t/a\0b"}, {"linkpath": "x\0y"}])
+def test_a_nul_in_a_name_or_link_is_a_refusal_not_a_crash(tmp_path: Path,
+                                                          pax: dict[str, str]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        top = tarfile.TarInfo("t")
+        top.type = tarfile.DIRTYPE
+        tar.addfile(top)
+        info = tarfile.TarInfo("t/l")
+        info.type, info.linkname, info.pax_headers = tarfile.SYMTYPE, "ok", pax
+        tar.addfile(info)
+    with pytest.raises(cp.CpError, match="NUL"):
+        _copy_out(buf.getvalue(), "box:/root/t", str(tmp_path / "t"))

@@ -2,7 +2,7 @@
 kept as links), and extracting one **from the guest**, which is hostile input.
 
 :func:`extract` writes nothing outside its destination directory, whatever the tar says:
-- names that are absolute, empty or hold a `..` component are refused;
+- names that are absolute, empty or hold a `..` component or a NUL are refused;
 - every parent directory is opened one component at a time from the destination with
   ``O_NOFOLLOW``, so no entry is ever written through a symlink (one that was there, or
   one the same tar made just before);
@@ -81,6 +81,8 @@ class Extracted:
 
 def parts(name: str) -> tuple[str, ...]:
     """``name``'s components; UnsafeTar when it is absolute, empty or climbs out."""
+    if "\0" in name:  # a pax header is text: os would raise ValueError on it
+        raise UnsafeTar(f"entry {shown(name)}: a NUL in its name")
     if name.startswith("/"):
         raise UnsafeTar(f"entry {shown(name)}: an absolute name")
     comps = tuple(c for c in name.split("/") if c not in ("", "."))
@@ -97,6 +99,8 @@ def _kind(m: tarfile.TarInfo) -> str:
     if m.isdir():
         return "dir"
     if m.issym():
+        if "\0" in m.linkname:
+            raise UnsafeTar(f"entry {shown(m.name)}: a NUL in its link's target")
         return "symlink"
     what = ("a hard link" if m.islnk() else "a device node" if m.ischr() or m.isblk()
             else "a fifo" if m.isfifo() else f"an entry of type {m.type!r}")
