@@ -155,3 +155,28 @@ def test_a_nul_in_a_name_or_link_is_a_refusal_not_a_crash(tmp_path: Path,
         tar.addfile(info)
     with pytest.raises(cp.CpError, match="NUL"):
         _copy_out(buf.getvalue(), "box:/root/t", str(tmp_path / "t"))
+
+
+def test_a_tar_from_the_guest_is_never_written_to_a_terminal(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vm cp box:/x -` with stdout a terminal: the guest's bytes (escape sequences
+    included) would go to it raw; refused before asking, as GNU tar does."""
+    class Tty(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+    class Out:
+        buffer = Tty()
+
+        def isatty(self) -> bool:
+            return True
+
+    class NoClient:
+        def get_files(self, vm: str, path: str) -> object:
+            raise AssertionError("asked the guest")
+
+    monkeypatch.setattr(cp.sys, "stdout", Out())
+    s, d = pair("box:/root/x", "-")
+    with pytest.raises(cp.CpError, match="terminal"):
+        cp._download(NoClient(), s, d, True, cp._Progress())  # type: ignore[arg-type]
+    assert Out.buffer.getvalue() == b""

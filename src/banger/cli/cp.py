@@ -6,7 +6,8 @@ cp's semantics: a directory needs `-r`; a copy into an existing directory goes i
 under its own name, a copy to a new name takes that name (its parent must exist); a
 trailing `/` on DST means a directory (made if missing). Modes (exec bits), mtimes and
 symlinks (as links) are kept. `-` as SRC sends a tar from stdin to extract into box:DST;
-`-` as DST writes the tar of box:SRC to stdout. What the guest sends is extracted on the
+`-` as DST writes the tar of box:SRC to stdout (never to a terminal). What the guest sends
+is extracted on the
 host by :func:`banger.cli.tarsafe.extract` (nothing outside DST, and the copy is named
 by SRC or DST, never by the guest: every entry must be below that one name). Never a
 shell.
@@ -204,6 +205,10 @@ def _write_all(out: Any, data: bytes) -> None:
 def _download(client: Client, s: Operand, d: Operand, recursive: bool,
               progress: _Progress) -> int:
     assert s.vm is not None
+    if d.stream and sys.stdout.isatty():
+        # The guest's bytes, raw, would reach the terminal (escape sequences and all).
+        raise CpError("refusing to write a tar to a terminal: redirect stdout "
+                      "(`> out.tar`) or pipe it (`| tar -x`)")
     chunks = client.get_files(s.vm, s.path)
     try:
         if d.stream:
