@@ -7,10 +7,9 @@ under its own name, a copy to a new name takes that name (its parent must exist)
 trailing `/` on DST means a directory (made if missing). Modes (exec bits), mtimes and
 symlinks (as links) are kept. `-` as SRC sends a tar from stdin to extract into box:DST;
 `-` as DST writes the tar of box:SRC to stdout (never to a terminal). What the guest sends
-is extracted on the
-host by :func:`banger.cli.tarsafe.extract` (nothing outside DST, and the copy is named
-by SRC or DST, never by the guest: every entry must be below that one name). Never a
-shell.
+is extracted on the host by :func:`banger.cli.tarsafe.extract` (nothing outside DST, and
+the copy is named by SRC or DST, never by the guest: every entry must be below that one
+name). Never a shell.
 """
 
 from __future__ import annotations
