@@ -107,3 +107,55 @@ def test_listening_is_the_agents_answer(conn: AgentConnection) -> None:
         found = agent_guestops.listening(conn, 10)
     assert any(x.proto == "tcp" and x.port == port and x.address == "127.0.0.1"
                for x in found)
+
+
+def _running(argv: list[str]) -> bool:
+    want = "\0".join(argv).encode() + b"\0"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == want:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def test_a_guest_command_that_hangs_is_killed_at_its_timeout(conn: AgentConnection) -> None:
+    """A guest whose `mv` or `git` never ends: banger gives up and the command goes too
+    (it would otherwise hold its chan and run on for ever)."""
+    import time
+
+    from banger.host.agent_records import AgentError
+
+    argv = ["sleep", "3600.4242"]
+    with pytest.raises(AgentError):
+        agent_guestops.run(conn, argv, timeout=1.0)
+    deadline = time.monotonic() + 20
+    while _running(argv) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(argv)
+    code, _ = agent_guestops.run(conn, ["true"])  # the connection still serves
+    assert code == 0
+
+
+def test_a_push_whose_swap_times_out_leaves_the_old_tree_in_place(
+        conn: AgentConnection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second `mv` (new tree into place) hangs and is given up: the old tree is
+    moved back, nothing is left beside it."""
+    from banger.host.agent_records import AgentTimeout
+
+    target = tmp_path / "guest" / "repo"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("kept")
+    real = agent_guestops.run
+
+    def run(c: AgentConnection, argv: list[str], **kw: float) -> tuple[int, str]:
+        if argv[:2] == ["mv", "-T"] and argv[-1] == str(target) and "-new-" in argv[-2]:
+            raise AgentTimeout("exec 3 (mv) did not end within 60 s")
+        return real(c, argv, **kw)
+
+    monkeypatch.setattr(agent_guestops, "run", run)
+    with pytest.raises(Exception, match="did not end"):
+        agent_guestops.push_tree(conn, _tree(tmp_path / "host"), str(target))
+    assert (target / "old.txt").read_text() == "kept"
+    assert os.listdir(tmp_path / "guest") == ["repo"]

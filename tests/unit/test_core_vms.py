@@ -692,3 +692,31 @@ def test_ssh_config_answer_waits_for_each_running_vms_sshd_once(env) -> None:  #
     svc.await_sshd()  # no error: the config is still answered
     svc.await_sshd()
     assert len(guest.ready_waits) == 3, "a VM without sshd is passed over once a boot"
+
+
+def test_a_guest_that_never_answers_poweroff_costs_one_deadline(env, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A guest that takes POWEROFF and never answers: the step's deadline covers the ask
+    and the wait for the VMM's exit together (not one each), then the VMM is quit."""
+    import dataclasses
+    import time
+
+    svc, vmm, *_ = env
+    svc.create(name="p", spec=VMSpec())
+    svc.ctx.timeouts = dataclasses.replace(svc.ctx.timeouts, guest_poweroff=0.2)
+    waits: list[float] = []
+
+    def silent(*, channel: Path, timeout: float) -> None:
+        time.sleep(timeout)
+        raise OperationFailed("POWEROFF: no answer")
+
+    real_wait = vmm.wait_exit
+
+    def wait_exit(pid: int, timeout: float) -> bool:
+        waits.append(timeout)
+        return real_wait(pid, timeout)
+
+    monkeypatch.setattr(agent_of(svc), "poweroff", silent)
+    monkeypatch.setattr(vmm, "wait_exit", wait_exit)
+    svc.stop("p")
+    assert vmm.quits == 1 and vmm.procs == {}
+    assert waits[0] < 0.2  # what was left of the poweroff step's deadline

@@ -6,13 +6,16 @@ cp's semantics: a directory needs `-r`; a copy into an existing directory goes i
 under its own name, a copy to a new name takes that name (its parent must exist); a
 trailing `/` on DST means a directory (made if missing). Modes (exec bits), mtimes and
 symlinks (as links) are kept. `-` as SRC sends a tar from stdin to extract into box:DST;
-`-` as DST writes the tar of box:SRC to stdout. What the guest sends is extracted on the
-host by :func:`banger.cli.tarsafe.extract` (nothing outside DST). Never a shell.
+`-` as DST writes the tar of box:SRC to stdout (never to a terminal). What the guest sends
+is extracted on the host by :func:`banger.cli.tarsafe.extract` (nothing outside DST, and
+the copy is named by SRC or DST, never by the guest: every entry must be below that one
+name). Never a shell.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import sys
 import threading
 import time
@@ -98,7 +101,9 @@ def _upload(client: Client, s: Operand, d: Operand, recursive: bool,
     is_dir = local.is_dir()
     if is_dir and not recursive:
         raise CpError(f"{s.path} is a directory: copy it with -r")
-    name = local.resolve().name
+    # The operand's own name, as cp and scp do (a symlink's, not its target's); `.`,
+    # `..` and the like are named by the directory they are.
+    name = local.name if local.name not in ("", ".", "..") else local.resolve().name
     if not name:
         raise CpError(f"{s.path}: copy the directories below / one by one")
     kind = "dir" if d.dir_hint else _guest_kind(client, d.vm, d.path)
@@ -131,10 +136,16 @@ def _guest_kind(client: Client, vm: str, path: str) -> str | None:
                                           or "Not a directory" in exc.body.message):
             return None
         raise
+    from banger.cli import tarsafe
+
     try:
         stream = _ChunkReader(itertools.chain([first], chunks)).io()
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        # The guest's header caps, as for an extraction: a pax header claiming GiBs
+        # would otherwise be read into memory whole.
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=tarsafe.GuardedInfo) as tar:
             member = tar.next()
+    except tarsafe.UnsafeTar as exc:
+        raise CpError(f"refused what the guest sent for {vm}:{path}: {exc}") from exc
     except tarfile.TarError:
         return None
     finally:
@@ -193,6 +204,10 @@ def _write_all(out: Any, data: bytes) -> None:
 def _download(client: Client, s: Operand, d: Operand, recursive: bool,
               progress: _Progress) -> int:
     assert s.vm is not None
+    if d.stream and sys.stdout.isatty():
+        # The guest's bytes, raw, would reach the terminal (escape sequences and all).
+        raise CpError("refusing to write a tar to a terminal: redirect stdout "
+                      "(`> out.tar`) or pipe it (`| tar -x`)")
     chunks = client.get_files(s.vm, s.path)
     try:
         if d.stream:
@@ -211,19 +226,26 @@ def _extract(chunks: Iterator[bytes], s: Operand, d: Operand, recursive: bool,
     from banger.cli import tarsafe
 
     local = Path(d.path)
+    # The copy's name is decided here, never by the guest: inside an existing directory
+    # it is the guest path's last component, and every entry must be below it (a guest
+    # answering `cp box:/root/log ~/` with ~/.bashrc is refused).
+    name = posixpath.basename(s.path.rstrip("/"))
+    if not name:
+        raise CpError(f"{s.vm}:{s.path}: copy the directories below / one by one")
     if d.dir_hint:
         local.mkdir(parents=True, exist_ok=True)
-    if local.is_dir():
-        into, top = local, None
-    else:
+    renamed = not local.is_dir()
+    if renamed:
         into, top = local.parent, local.name
         if not into.is_dir():
             raise CpError(f"{d.path}: its directory {into} does not exist")
+    else:
+        into, top = local, name
 
     def first(kind: str) -> None:
         if kind == "dir" and not recursive:
             raise CpError(f"{s.vm}:{s.path} is a directory: copy it with -r")
-        if kind == "dir" and top is not None and local.exists():
+        if kind == "dir" and renamed and local.exists():
             raise CpError(f"{d.path} exists and is not a directory: cannot overwrite it "
                           f"with the directory {s.vm}:{s.path}")
 

@@ -2,7 +2,7 @@
 kept as links), and extracting one **from the guest**, which is hostile input.
 
 :func:`extract` writes nothing outside its destination directory, whatever the tar says:
-- names that are absolute, empty or hold a `..` component are refused;
+- names that are absolute, empty or hold a `..` component or a NUL are refused;
 - every parent directory is opened one component at a time from the destination with
   ``O_NOFOLLOW``, so no entry is ever written through a symlink (one that was there, or
   one the same tar made just before);
@@ -11,9 +11,11 @@ kept as links), and extracting one **from the guest**, which is hostile input.
   way is an error);
 - symlinks are kept as links whatever their target (they are text; nothing is written
   through them), hard links, devices, fifos and other kinds are refused;
-- modes keep their permission bits (exec bits included) but never setuid, setgid or
-  sticky; directories get theirs at the end, deepest first (a read-only one can still be
-  filled);
+- modes keep their permission bits (exec bits included) less the process's umask, as
+  cp, scp and tar do for a user (a guest cannot make the host's copy world-writable), and
+  never setuid, setgid or sticky; directories get theirs at the end, deepest first (a
+  read-only one can still be filled);
+- an mtime no file can have (NaN, 1e300: a pax header is text) is refused;
 - extension headers (pax, GNU long names) over :data:`MAX_HEADER` are refused before
   they are read, so a tar cannot make banger hold more than that.
 
@@ -26,6 +28,7 @@ still opens parents by path.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import stat
@@ -38,6 +41,8 @@ from typing import IO, Any
 # A pax header or GNU long name larger than this is refused (the agent's own cap).
 MAX_HEADER = 64 * 1024
 COPY = 1 << 20
+# The mtimes an entry may have (about ±292 years around 1970: what a time_t in ns holds).
+MAX_MTIME = (1 << 63) // 10**9
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -52,7 +57,7 @@ def shown(name: str) -> str:
     return text if len(text) <= 200 else text[:200] + "…"
 
 
-class _GuardedInfo(tarfile.TarInfo):
+class GuardedInfo(tarfile.TarInfo):
     """A TarInfo that refuses extension headers too large to hold."""
 
     def _proc_member(self, tar: tarfile.TarFile) -> Any:
@@ -70,11 +75,14 @@ class Extracted:
     entries: int = 0
     bytes: int = 0
     top_kind: str | None = None  # "dir", "file" or "symlink": the first entry's
+    umask: int = 0o022
     _dirs: list[tuple[tuple[str, ...], int, float]] = field(default_factory=list)
 
 
 def parts(name: str) -> tuple[str, ...]:
     """``name``'s components; UnsafeTar when it is absolute, empty or climbs out."""
+    if "\0" in name:  # a pax header is text: os would raise ValueError on it
+        raise UnsafeTar(f"entry {shown(name)}: a NUL in its name")
     if name.startswith("/"):
         raise UnsafeTar(f"entry {shown(name)}: an absolute name")
     comps = tuple(c for c in name.split("/") if c not in ("", "."))
@@ -91,6 +99,8 @@ def _kind(m: tarfile.TarInfo) -> str:
     if m.isdir():
         return "dir"
     if m.issym():
+        if "\0" in m.linkname:
+            raise UnsafeTar(f"entry {shown(m.name)}: a NUL in its link's target")
         return "symlink"
     what = ("a hard link" if m.islnk() else "a device node" if m.ischr() or m.isblk()
             else "a fifo" if m.isfifo() else f"an entry of type {m.type!r}")
@@ -105,10 +115,10 @@ def extract(source: IO[bytes], dest: Path, *, top: str | None = None,
     ``top``: the first component of every name is replaced by it (the copy's new name),
     and every entry must share the first entry's first component. ``on_first`` is told
     the first entry's kind before anything is written (it may raise to refuse)."""
-    done = Extracted()
+    done = Extracted(umask=_umask())
     root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with tarfile.open(fileobj=source, mode="r|", tarinfo=_GuardedInfo,
+        with tarfile.open(fileobj=source, mode="r|", tarinfo=GuardedInfo,
                           errorlevel=2, bufsize=COPY) as tar:
             first: str | None = None
             for m in tar:
@@ -136,6 +146,21 @@ def extract(source: IO[bytes], dest: Path, *, top: str | None = None,
     finally:
         os.close(root)
     return done
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, for a moment, for
+    every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 def _open_path(root: int, comps: Iterable[str], *, m_name: str, make: bool) -> int:
@@ -166,9 +191,13 @@ def _open_path(root: int, comps: Iterable[str], *, m_name: str, make: bool) -> i
 
 def _one(tar: tarfile.TarFile, m: tarfile.TarInfo, kind: str, root: int,
          comps: tuple[str, ...], done: Extracted) -> None:
+    if not (isinstance(m.mtime, int) or math.isfinite(m.mtime)) \
+            or not -MAX_MTIME <= m.mtime <= MAX_MTIME:
+        # os.utime would raise OverflowError or ValueError: a crash, not a refusal.
+        raise UnsafeTar(f"entry {shown(m.name)}: an impossible mtime ({m.mtime!r})")
     parent = _open_path(root, comps[:-1], m_name=m.name, make=True)
     name = comps[-1]
-    mode = m.mode & 0o777  # never setuid, setgid or sticky
+    mode = m.mode & 0o777 & ~done.umask  # never setuid, setgid or sticky
     try:
         if kind == "dir":
             try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal as signals
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +79,17 @@ def stop_locked(ctx: VMContext, vm: VM, sink: ProgressSink, control: OpControl |
 def _guest_poweroff(c: StopContext) -> None:
     assert c.handles is not None and c.handles.agent is not None
     timeout = c.core.timeouts.guest_poweroff
+    # One deadline for the ask and the wait: a guest that never answers POWEROFF must not
+    # cost it twice before the VMM is asked to quit.
+    deadline = time.monotonic() + timeout
     why = ""
     try:
         c.core.host.agent.poweroff(channel=Path(c.handles.agent), timeout=timeout)
     except Exception as exc:  # the next deadline takes over; say why
         log.info("guest poweroff of %s failed: %s", c.vm.name, exc)
         why = f" ({exc})"
-    c.gone = c.core.host.vmm.wait_exit(c.handles.pid, timeout)
+    c.gone = c.core.host.vmm.wait_exit(c.handles.pid,
+                                       max(0.0, deadline - time.monotonic()))
     if not c.gone:
         raise StillRunning(f"the guest did not power off within {timeout:g} s{why}")
 

@@ -69,6 +69,8 @@ from banger.ports import Endpoint, WorkspaceRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# The thread of an sshd wait (the ssh target, the ssh_config answer).
+SSHD_WAIT_THREAD = "sshd-wait"
 
 # Module level: FastAPI resolves annotations by name, and closures are out of its reach.
 Accept = Annotated[str | None, Header()]
@@ -362,10 +364,13 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     add_log_routes(app, service, stopping or threading.Event())
 
     @app.get(f"{PREFIX}/vms/{{ref}}/ssh")
-    def ssh_target(ref: str) -> SshTarget:
+    async def ssh_target(ref: str) -> SshTarget:
         """Where a person's ssh reaches the VM; waits for its sshd the first time after
         a boot (a start ends before sshd may be up)."""
-        view = service.ssh_view(ref)
+        # A thread of its own, not the server's shared pool: waits of up to
+        # timeouts.sshd each must not stop the daemon answering (daemon/threads.py). Not
+        # "banger-": the daemon's exit does not wait for a wait.
+        view = await in_thread(lambda: service.ssh_view(ref), SSHD_WAIT_THREAD)
         assert view.handles is not None and view.handles.endpoint is not None
         addr = view.handles.endpoint
         return SshTarget(host=addr.host, port=addr.port, user="root", key=ssh_key,
@@ -401,10 +406,10 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
                          for f in g.filesystems]))
 
     @app.get(f"{PREFIX}/ssh-config")
-    def ssh_config() -> SshConfig:
+    async def ssh_config() -> SshConfig:
         """banger's ssh_config, once the sshd of each VM it names answered (or was given
         up on) on this boot: a start ends before sshd may be up."""
-        service.await_sshd()
+        await in_thread(service.await_sshd, SSHD_WAIT_THREAD)
         path = service.layout.ssh_config
         try:
             text = path.read_text()

@@ -44,7 +44,14 @@ def run(conn: AgentConnection, argv: Sequence[str], *,
     """Run ``argv`` in the guest; (its status, its stderr made printable). A command the
     guest cannot start raises AgentRequestError."""
     ex = conn.exec(argv, ENV, "/", timeout=timeout, max_output=CHATTER_CAP)
-    status, _, err = ex.collect(timeout)
+    try:
+        status, _, err = ex.collect(timeout)
+    except BaseException:
+        # A guest command that hangs (a `mv` or `git` the guest made never end) would
+        # run on and hold its chan: it goes with the timeout.
+        with contextlib.suppress(AgentError, OSError):
+            ex.kill()
+        raise
     return status.returncode, safe_text(err.decode(errors="replace").strip(), 2000)
 
 
@@ -74,18 +81,32 @@ def push_tree(conn: AgentConnection, tree: Path, guest_path: str) -> None:
     # Moved aside, not removed, until the new tree is in place. A guest_path that does not
     # exist fails this mv, and the next one then succeeds; one that exists and could not
     # be moved makes the next one fail (mv -T never moves into a directory).
-    moved_code, moved_err = run(conn, ["mv", "-T", "--", guest_path, old])
-    code, err = run(conn, ["mv", "-T", "--", new, guest_path])
+    # Either mv may also fail to end (killed at its timeout): the old tree is then put
+    # back too, so that no failure leaves guest_path empty.
+    moved_code, moved_err = -1, ""
+    try:
+        moved_code, moved_err = run(conn, ["mv", "-T", "--", guest_path, old])
+        code, err = run(conn, ["mv", "-T", "--", new, guest_path])
+    except BaseException:
+        _put_back(conn, guest_path, old, new, moved_code == 0)
+        raise
     if code != 0:
-        with contextlib.suppress(AgentError, OperationFailed):
-            if moved_code == 0:
-                run(conn, ["mv", "-T", "--", old, guest_path])
-            run(conn, ["rm", "-rf", "--", new])
+        _put_back(conn, guest_path, old, new, moved_code == 0)
         raise OperationFailed(f"could not put {tree} in place at {guest_path} in the "
                               f"guest: {err or moved_err or f'mv status {code}'}")
     if moved_code == 0:
         with contextlib.suppress(AgentError, OperationFailed):
             run(conn, ["rm", "-rf", "--", old])
+
+
+def _put_back(conn: AgentConnection, guest_path: str, old: str, new: str,
+              moved: bool) -> None:
+    """After a failed swap: the old tree back at ``guest_path`` (when it was moved
+    aside), the new one removed; best effort."""
+    with contextlib.suppress(AgentError, OperationFailed):
+        if moved:
+            run(conn, ["mv", "-T", "--", old, guest_path])
+        run(conn, ["rm", "-rf", "--", new])
 
 
 def sync_files(conn: AgentConnection, entries: Sequence[FileSync],

@@ -169,9 +169,10 @@ class LocalAgent:
                                 lambda c: agent_guestops.listening(c, LISTENING_TIMEOUT))
 
     def poweroff(self, *, channel: Path, timeout: float) -> None:
+        deadline = time.monotonic() + timeout  # the reconnect and the answer together
         session = self.sessions.get(channel, min(timeout, SESSION_TIMEOUT))
         try:
-            session.conn.poweroff(timeout)
+            session.conn.poweroff(max(0.1, deadline - time.monotonic()))
         except AgentError as exc:
             raise OperationFailed(f"the guest agent on {channel} did not power off: "
                                   f"{exc}") from exc
