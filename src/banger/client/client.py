@@ -50,8 +50,10 @@ if TYPE_CHECKING:
     from banger.client.execws import ExecSession
 
 # Plain (non-streamed) requests never wait forever on a daemon that stopped answering.
-# Reads answer from memory and SQLite. `ports` runs `ss` in the guest, which the daemon
-# caps at 30 s; `stats` asks the guest's agent twice (10 s each at most). Changes (stop,
+# Reads answer from memory and SQLite. `ports` asks the guest's agent, `stats` asks it
+# twice (10 s each at most); `ssh` waits for the guest's sshd the first time after a boot
+# (core Timeouts.sshd, 30 s), so it gets GUEST_TIMEOUT, never the plain read's 30 s: the
+# daemon must get to say what is wrong before the client gives up. Changes (stop,
 # kill, delete, set, batch, prune) may first wait for the VM's lock, which a start holds
 # up to its readiness timeout (core Timeouts.ready: 180 s, BANGER_READY_TIMEOUT), then
 # power the guest off (10 s, then QMP quit 5 s, then kill 5 s): ten minutes covers both
@@ -233,7 +235,8 @@ class Client:
         raise DaemonUnavailable("bangerd ended the log stream without its end line")
 
     def ssh_target(self, ref: str) -> SshTarget:
-        return SshTarget.from_json(self._request("GET", f"/vms/{seg(ref)}/ssh"))
+        return SshTarget.from_json(self._request("GET", f"/vms/{seg(ref)}/ssh",
+                                                 timeout=GUEST_TIMEOUT))
 
     def ports(self, ref: str) -> VMPorts:
         return VMPorts.from_json(self._request("GET", f"/vms/{seg(ref)}/ports",
