@@ -68,14 +68,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
       banger vm run ./repo -- make test
       banger vm run --rm -- cat /etc/os-release
     """
-    from banger.cli.common import run_ssh
-    from banger.cli.guestexec import run_in_guest
-    from banger.cli.interrupt import Cancelling, cancellable, delete_quietly, raise_on_signal
-    from banger.cli.plain import mib, print_json
-    from banger.cli.render import Progress, err_console, print_error
-    from banger.cli.safe import markup, printable
     from banger.client.client import ApiError, connect
-    from banger.client.types import as_json as json_of
 
     command: tuple[str, ...] = ctx.meta.get("guest_command", ())
     if detach and remove:
@@ -99,14 +92,37 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
             lines = client.workspace_dry_run(req["workspace"])
         except ApiError as exc:
             raise usage_error(exc, req) or exc from exc
+        from banger.cli.safe import printable
+
         # File names and symlink targets are the repo's choice.
         for line in lines:
             print(printable(line, one_line=True))
         return
-    err_console.print(f"{req['vcpus']} vcpu · {mib(req['memory_mib'])} memory · "
-                      f"{mib(req['disk_mib'])} disk · image {markup(req['image'])}",
-                      highlight=False)
     req["delete_on_disconnect"] = remove
+    # Sent before the imports below (rich alone is ~70 ms): the daemon starts the VM
+    # meanwhile. A CLI that dies before reading closes the stream, which the daemon
+    # takes as its client gone (with --rm: the VM is deleted).
+    pending = client.begin_create(req)
+    try:
+        from banger.cli.common import run_ssh
+        from banger.cli.guestexec import run_in_guest
+        from banger.cli.interrupt import (
+            Cancelling,
+            cancellable,
+            delete_quietly,
+            raise_on_signal,
+        )
+        from banger.cli.plain import mib, print_json
+        from banger.cli.render import Progress, err_console, print_error
+        from banger.cli.safe import markup, printable
+        from banger.client.types import as_json as json_of
+
+        err_console.print(f"{req['vcpus']} vcpu · {mib(req['memory_mib'])} memory · "
+                          f"{mib(req['disk_mib'])} disk · image {markup(req['image'])}",
+                          highlight=False)
+    except BaseException:
+        pending.close()
+        raise
     progress = Progress()
     state = Cancelling()
     made: VMOut | None = None
@@ -117,7 +133,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         try:
             try:
                 with cancellable(client, progress) as state:
-                    made = vm = client.create(req, progress)
+                    made = vm = pending.result(progress)
             except ApiError as exc:
                 refused = usage_error(exc, req)
                 if refused is not None:

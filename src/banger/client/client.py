@@ -122,38 +122,35 @@ class Client:
                    body: Any = None) -> Iterator[http.client.HTTPResponse]:
         """An NDJSON stream's response; a daemon gone or silent is DaemonUnavailable, and
         the connection closes at the end, which tells the daemon its client went away."""
+        pending = self._begin_stream(method, path, body)
+        with contextlib.closing(pending), pending.translated():
+            yield pending.response()
+
+    def _begin_stream(self, method: str, path: str, body: Any = None) -> PendingStream:
+        """Send an NDJSON stream's request now; its response is read later
+        (:class:`PendingStream`)."""
         # No limit on the whole stream (a boot may take minutes, a follow hours), but the
         # daemon sends a line at least every HEARTBEAT_SECONDS: silence this long means
         # it is gone.
         conn = self._connection(STREAM_SILENCE_LIMIT, STREAM_CONNECT_TIMEOUT)
-        try:
+        pending = PendingStream(self.socket_path, conn)
+        with pending.translated():
             try:
-                resp = self._send(conn, method, path, body, NDJSON)
-                if not 200 <= resp.status < 300:
-                    raise _api_error(resp.status, resp.read())
-                yield resp
-            except TimeoutError as exc:
-                raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
-                                        f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
-                                        "heartbeat): it is stuck or gone; see its log"
-                                        ) from exc
-            except (OSError, http.client.HTTPException) as exc:
-                raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
-                                        f"{exc or type(exc).__name__}") from exc
-        finally:
-            conn.close()
+                headers = {"Accept": NDJSON}
+                data = None
+                if body is not None:
+                    data = json.dumps(body).encode()
+                    headers["Content-Type"] = "application/json"
+                conn.request(method, PREFIX + path, body=data, headers=headers)
+            except BaseException:
+                conn.close()
+                raise
+        return pending
 
     def _stream(self, method: str, path: str, on_progress: ProgressFn,
                 body: Any = None) -> VMOut:
-        with self._streaming(method, path, body) as resp:
-            for ev in _events(resp):
-                if ev.type == "progress":
-                    on_progress(ev)
-                elif ev.type == "error" and ev.error is not None:
-                    raise ApiError(ev.error)
-                elif ev.type == "result" and ev.result is not None:
-                    return ev.result
-        raise DaemonUnavailable("bangerd ended the progress stream without a result")
+        pending = self._begin_stream(method, path, body)
+        return pending.result(on_progress)
 
     def health(self) -> Health:
         return Health.from_json(self._request("GET", "/health"))
@@ -169,6 +166,11 @@ class Client:
 
     def create(self, req: CreateBody, on_progress: ProgressFn) -> VMOut:
         return self._stream("POST", "/vms", on_progress, body=req)
+
+    def begin_create(self, req: CreateBody) -> PendingStream:
+        """Send the create now, read its progress later (``.result(on_progress)``): the
+        daemon starts the VM while the CLI loads what it shows progress with."""
+        return self._begin_stream("POST", "/vms", req)
 
     def start(self, ref: str, on_progress: ProgressFn) -> VMOut:
         return self._stream("POST", f"/vms/{seg(ref)}/start", on_progress)
@@ -301,6 +303,55 @@ def _parsed(cls: type[E], line: bytes, what: str) -> E:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DaemonUnavailable(f"bangerd sent a {what} line this banger cannot "
                                 f"read ({exc!r}): {line[:100]!r}") from exc
+
+
+class PendingStream:
+    """A progress stream whose request is sent and whose response is not read yet.
+    ``result`` reads it to its result (and closes it); ``close`` abandons it, which the
+    daemon takes as its client gone."""
+
+    def __init__(self, socket_path: Path, conn: PeerCheckedConnection) -> None:
+        self.socket_path = socket_path
+        self.conn = conn
+
+    @contextlib.contextmanager
+    def translated(self) -> Iterator[None]:
+        """A daemon gone or silent as DaemonUnavailable."""
+        try:
+            yield
+        except TimeoutError as exc:
+            raise DaemonUnavailable(f"bangerd on {self.socket_path} sent nothing for "
+                                    f"{STREAM_SILENCE_LIMIT:.0f} s (not even its "
+                                    "heartbeat): it is stuck or gone; see its log"
+                                    ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonUnavailable(f"lost bangerd on {self.socket_path}: "
+                                    f"{exc or type(exc).__name__}") from exc
+
+    def response(self) -> http.client.HTTPResponse:
+        """The response once its status is in; an error status is raised as ApiError."""
+        with self.translated():
+            resp = self.conn.getresponse()
+            if not 200 <= resp.status < 300:
+                raise _api_error(resp.status, resp.read())
+            return resp
+
+    def result(self, on_progress: ProgressFn) -> VMOut:
+        """Each progress event to ``on_progress``, then the result (or its ApiError)."""
+        with contextlib.closing(self):
+            resp = self.response()
+            with self.translated():
+                for ev in _events(resp):
+                    if ev.type == "progress":
+                        on_progress(ev)
+                    elif ev.type == "error" and ev.error is not None:
+                        raise ApiError(ev.error)
+                    elif ev.type == "result" and ev.result is not None:
+                        return ev.result
+        raise DaemonUnavailable("bangerd ended the progress stream without a result")
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def _events(lines: Iterator[bytes] | http.client.HTTPResponse) -> Iterator[ProgressEvent]:

@@ -81,7 +81,7 @@ DPKG_EXCLUDES: tuple[str, ...] = (
     "path-exclude=/usr/share/info/*",
 )
 GUEST_FILES: tuple[str, ...] = (
-    "banger-init", "banger-poweroff", "customize-hook", "initrd-init", "inittab",
+    "banger-init", "banger-poweroff", "customize-hook", "fstab", "initrd-init", "inittab",
     "sshd_config",
 )
 # Guest files only a variant uses (installed by customize-hook for that variant).
@@ -90,7 +90,7 @@ VARIANT_GUEST_FILES: dict[str, tuple[str, ...]] = {
     SYSTEMD: ("systemd-tune", "banger-agent.service", "banger-sshd-ready.service",
               "journald-banger.conf", "ssh-banger.conf"),
 }
-_DATA_FILES = ("inittab", "sshd_config")  # installed 0644; everything else is a script
+_DATA_FILES = ("fstab", "inittab", "sshd_config")  # installed 0644; everything else is a script
 
 
 def _check_variant(variant: str) -> str:
