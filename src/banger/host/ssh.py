@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from banger.host import knownhosts
 from banger.host.runner import CommandError, run
 from banger.local.logtail import tail_lines
 from banger.local.sshconfig import LOCKDOWN
@@ -283,10 +284,4 @@ def _with_tail(message: str, serial_log: Path) -> str:
 
 def remove_known_host(known_hosts: Path, alias: str) -> None:
     """Forget ``alias``'s host key; a missing file or entry is fine."""
-    if not known_hosts.exists():
-        return
-    run(["ssh-keygen", "-q", "-R", alias, "-f", str(known_hosts)], check=False)
-    # ssh-keygen -R keeps the previous version as FILE.old: that is a leak here.
-    old = known_hosts.with_name(known_hosts.name + ".old")
-    if old.exists():
-        old.unlink()
+    knownhosts.remove(known_hosts, alias)

@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import os
 import re
+import select
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -182,13 +183,30 @@ def kill_and_wait(pid: int, sig: int, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
-    while True:
-        _reap(pid)
-        if not pid_alive(pid):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
+    # Woken the moment it exits (a pidfd polls readable once the whole thread group is
+    # gone), not on the next tick of a sleep loop: a --rm delete waits on this.
+    pidfd = -1
+    if timeout > 0:
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid)
+    watch = select.poll()
+    if pidfd >= 0:
+        watch.register(pidfd, select.POLLIN)
+    try:
+        while True:
+            _reap(pid)
+            if not pid_alive(pid):
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if pidfd >= 0:
+                watch.poll(min(left, 0.1) * 1000)
+            else:
+                time.sleep(0.02)
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 def _reap(pid: int) -> None:
