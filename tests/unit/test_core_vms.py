@@ -720,3 +720,27 @@ def test_a_guest_that_never_answers_poweroff_costs_one_deadline(env, monkeypatch
     svc.stop("p")
     assert vmm.quits == 1 and vmm.procs == {}
     assert waits[0] < 0.2  # what was left of the poweroff step's deadline
+
+
+def test_what_was_seen_of_a_boots_sshd_goes_with_the_boot(env) -> None:  # type: ignore[no-untyped-def]
+    # The daemon lives for weeks: a stopped or deleted VM's boots leave nothing behind.
+    svc, _vmm, guest, *_ = env
+    svc.create(name="s", spec=VMSpec())
+    other = svc.create(name="o", spec=VMSpec())
+    svc.ssh_view("s")
+    svc.ssh_view("o")
+    assert len(svc.ctx.sshd_ready) == 2
+    svc.stop("s")
+    assert [k[0] for k in svc.ctx.sshd_ready] == [other.id], "only the running VM's boot"
+    svc.start("s")
+    svc.ssh_view("s")
+    svc.restart("s")
+    assert [k[0] for k in svc.ctx.sshd_ready] == [other.id]
+    svc.delete("o")
+    svc.ssh_view("s")
+    guest.ready_error = RuntimeError("no sshd")  # a boot seen without sshd is kept too
+    svc.restart("s")
+    svc.await_sshd()
+    assert list(svc.ctx.sshd_ready.values()) == [False]
+    svc.delete("s")
+    assert svc.ctx.sshd_ready == {}
