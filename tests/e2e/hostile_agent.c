@@ -11,6 +11,8 @@
  *   badmsg     a well-formed EXEC_ERROR / ERROR whose message is terminal escapes
  *   nochan     STDOUT for a chan the host never opened
  *   badfields  STARTED whose only field claims to be 2 GiB long
+ *   mute       a frame header whose length is absurd, then silence for N seconds: the
+ *              host's next connection gets no HELLO
  *   stall      a header announcing 1000 bytes, 10 of them, then silence for ever
  *   hello-proto, hello-huge
  *              a HELLO that lies (PROTOCOL 2 with an escape-laden VERSION; a VERSION
@@ -38,7 +40,8 @@ enum {
 
 static int fd = -1;
 static char mode[32] = "honest";
-static time_t lie_until;
+static time_t until;       /* when a hello-* or mute mode ends */
+static int forever;         /* silent for good (after a stall) */
 static char boot_id[64] = "00000000-0000-0000-0000-000000000000";
 static unsigned char out[MAX_FRAME + 64];
 static size_t olen;
@@ -91,7 +94,7 @@ static void send_frame(int kind, uint32_t chan) {
 static int lying(void) {
     if (strncmp(mode, "hello-", 6))
         return 0;
-    if (time(NULL) < lie_until)
+    if (time(NULL) < until)
         return 1;
     strcpy(mode, "honest");
     return 0;
@@ -115,6 +118,16 @@ static void hello(int64_t token) {
         field_i64(4, token);
     field_str(5, "files");
     send_frame(HELLO, 0);
+}
+
+/* Answering nothing at all, not even HELLO_REQ (after a stall: for ever). */
+static int silent(void) {
+    if (strcmp(mode, "silent"))
+        return 0;
+    if (forever || time(NULL) < until)
+        return 1;
+    strcpy(mode, "honest");
+    return 0;
 }
 
 /* A HELLO that lies, while the mode asks for it: true if it was sent. */
@@ -163,7 +176,12 @@ static void misbehave(int kind, uint32_t chan) {
         memset(b + 9, 'y', 10);
         raw(b, 19);
         strcpy(mode, "silent");
-    } else if (!strcmp(mode, "silent")) {
+        forever = 1;
+    } else if (!strcmp(mode, "mute")) {
+        put32(b, 0xfffffff0u);       /* the host drops the connection, and its next */
+        raw(b, 4);                   /* one gets no HELLO while the silence lasts */
+        strcpy(mode, "silent");
+    } else if (silent()) {
         /* the stall goes on */
     } else if (kind == POWEROFF) {
         begin();
@@ -191,14 +209,14 @@ static int control(uint32_t chan, const unsigned char *b, size_t n) {
         i += 5 + len;
     }
     if (argc < 2 || lens[0] != 12 || memcmp(args[0], "hostile-mode", 12) ||
-        lens[1] >= sizeof mode || !strcmp(mode, "silent"))
+        lens[1] >= sizeof mode || silent())
         return 0;
     memcpy(mode, args[1], lens[1]);
     mode[lens[1]] = 0;
     int secs = 0;
     for (uint32_t k = 0; argc > 2 && k < lens[2] && k < 3; k++)
         secs = secs * 10 + (args[2][k] - '0');
-    lie_until = time(NULL) + (secs > 0 ? secs : 1);
+    until = time(NULL) + (secs > 0 ? secs : 1);
     begin();
     field_i64(1, 1);
     send_frame(STARTED, chan);
@@ -216,7 +234,7 @@ static void on_frame(int kind, uint32_t chan, const unsigned char *b, size_t n) 
             for (int i = 0; i < 8; i++)
                 token = token << 8 | b[5 + i];
         }
-        if (!lie(token) && strcmp(mode, "silent"))
+        if (!lie(token) && !silent())
             hello(token);
         return;
     }
@@ -265,7 +283,7 @@ int main(void) {
             }
             /* A host is there: greet it like the agent does on each (re)open. */
             struct pollfd w = {fd, POLLOUT, 0};
-            if (poll(&w, 1, 0) == 1 && !(w.revents & POLLHUP) && strcmp(mode, "silent"))
+            if (poll(&w, 1, 0) == 1 && !(w.revents & POLLHUP) && !silent())
                 hello(-1);
         }
         struct pollfd pf = {fd, POLLIN, 0};

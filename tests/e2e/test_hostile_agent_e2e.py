@@ -150,6 +150,16 @@ def test_a_hostile_agent_costs_the_daemon_nothing(banger: Banger, hostile_agent:
             if hello:
                 assert time.monotonic() - since < LIE, "too slow: the lie was over"
                 time.sleep(max(0.0, LIE + 1 - (time.monotonic() - since)))
+        # A connection broken, then no HELLO on the next one: that wait holds only this
+        # VM's channel (the neighbour goes on meanwhile).
+        set_mode(banger, "mute", str(MUTE))
+        since = time.monotonic()
+        print("mute", fails_clearly(run(banger, "vm", "stats", "bad"), 20,
+                                    "broke the protocol"))
+        print("mute", fails_clearly(run(banger, "vm", "exec", "bad", "--", "true"), 25,
+                                    "did not answer", "no HELLO"))
+        assert time.monotonic() - since < MUTE, "too slow: the silence was over"
+        time.sleep(max(0.0, MUTE + 1 - (time.monotonic() - since)))
         # Last: a frame cut short, then silence. Each wait ends at its timeout.
         set_mode(banger, "stall")
         print("stall", fails_clearly(run(banger, "vm", "exec", "bad", "--", "true"), 25,
@@ -176,6 +186,7 @@ def threads_of(pid: int) -> int:
 
 
 LIE = 12  # seconds
+MUTE = 20  # seconds: the exec waits 15 s for a HELLO
 
 # (mode, what the error must say)
 CASES = [
