@@ -18,7 +18,7 @@ from banger.host.agent_proto import Decoder, Kind, as_int, fields, frame, parse_
 from banger.host.guest_agent import LocalAgent
 from banger.model.errors import OperationFailed
 from banger.ports import ExecExit, ExecOutput, ExecRequest
-from tests.fake_agent import FakeAgent
+from tests.fake_agent import FakeAgent, hello_body
 from tests.unit.test_guest_agent_port import Channel, _agent, no_reader_left
 
 pytestmark = pytest.mark.timeout(60)
@@ -124,6 +124,27 @@ def test_an_older_agent_is_told_apart(tmp_path: Path) -> None:
     try:
         with pytest.raises(OperationFailed, match="restart the VM to get the current agent"):
             _agent().stats(channel=ch.path, timeout=5)
+    finally:
+        ch.close()
+
+
+def test_a_hello_of_another_protocol_is_no_older_agent(tmp_path: Path) -> None:
+    # A HELLO that lies (another protocol, a field past its frame) is said as it is: the
+    # advice for an agent from before HELLO_REQ (restart the VM) does not apply to it.
+    def liar(conn: socket.socket) -> None:
+        conn.settimeout(5)
+        Decoder().feed(conn.recv(1 << 16))
+        conn.sendall(frame(Kind.HELLO, 0, hello_body(protocol=2)))
+        kept.append(conn)
+
+    kept: list[socket.socket] = []
+    ch = Channel(tmp_path / "agent.sock", liar)
+    try:
+        with pytest.raises(OperationFailed) as info:
+            _agent().stats(channel=ch.path, timeout=5)
+        assert "did not start a session" in str(info.value)
+        assert "speaks protocol 2" in str(info.value)
+        assert "older" not in str(info.value) and "restart" not in str(info.value)
     finally:
         ch.close()
 

@@ -14,7 +14,7 @@ from banger.core.startplan import StartContext, start_steps
 from banger.model.errors import ConflictError, InvalidRequest, NotFoundError, OperationFailed
 from banger.model.layout import Layout
 from banger.model.vm import KernelKind, VMSpec, VMState
-from banger.ports import ListeningSocket, UserNet
+from banger.ports import ExecRequest, ListeningSocket, UserNet
 from banger.store.vms import OperationLog, VMRepository
 from tests.fakes import FakeVmm, agent_of, fake_service
 
@@ -720,3 +720,52 @@ def test_a_guest_that_never_answers_poweroff_costs_one_deadline(env, monkeypatch
     svc.stop("p")
     assert vmm.quits == 1 and vmm.procs == {}
     assert waits[0] < 0.2  # what was left of the poweroff step's deadline
+
+
+def test_what_was_seen_of_a_boots_sshd_goes_with_the_boot(env) -> None:  # type: ignore[no-untyped-def]
+    # The daemon lives for weeks: a stopped or deleted VM's boots leave nothing behind.
+    svc, _vmm, guest, *_ = env
+    svc.create(name="s", spec=VMSpec())
+    other = svc.create(name="o", spec=VMSpec())
+    svc.ssh_view("s")
+    svc.ssh_view("o")
+    assert len(svc.ctx.sshd_ready) == 2
+    svc.stop("s")
+    assert [k[0] for k in svc.ctx.sshd_ready] == [other.id], "only the running VM's boot"
+    svc.start("s")
+    svc.ssh_view("s")
+    svc.restart("s")
+    assert [k[0] for k in svc.ctx.sshd_ready] == [other.id]
+    svc.delete("o")
+    svc.ssh_view("s")
+    guest.ready_error = RuntimeError("no sshd")  # a boot seen without sshd is kept too
+    svc.restart("s")
+    svc.await_sshd()
+    assert list(svc.ctx.sshd_ready.values()) == [False]
+    svc.delete("s")
+    assert svc.ctx.sshd_ready == {}
+
+
+def test_a_guest_agents_errors_name_the_vm(env) -> None:  # type: ignore[no-untyped-def]
+    # The agent port knows only its channel; a user with several VMs is told which one
+    # broke the protocol, stalled or refused.
+    svc, *_ = env
+    vm = svc.create(name="box", spec=VMSpec())
+    agent = agent_of(svc)
+    with pytest.raises(OperationFailed, match=r"^VM 'box': the guest agent could not start "
+                                              r"nosuch"):
+        svc.exec("box", ExecRequest(("nosuch",), {}))
+    ran = svc.exec("box", ExecRequest(("sleep",), {}))
+    (ex,) = agent.execs[svc.layout.vm(vm.id).agent_socket]
+    ex.failure = "the guest agent broke the protocol: STDOUT on chan 9"
+    with pytest.raises(OperationFailed, match=r"^VM 'box': the guest agent broke the "
+                                              r"protocol: STDOUT on chan 9$"):
+        ran.next(5)
+    agent.stats_error = OperationFailed("could not read stats from the guest agent on "
+                                        "/run/x: no answer within 10 s")
+    with pytest.raises(OperationFailed, match=r"^VM 'box': could not read stats"):
+        svc.stats("box", interval=0.0)
+    with pytest.raises(InvalidRequest, match=r"^VM 'box': the guest agent refused FILE_PUT"):
+        svc.put_files("box", "/root", [b"not a tar" * 100])
+    with pytest.raises(InvalidRequest, match=r"^VM 'box': the guest agent refused FILE_GET"):
+        b"".join(svc.get_files("box", "/nope"))

@@ -162,7 +162,10 @@ class VMContext:
         return read_config(self.load_config)
 
     def release(self, vm: VM, paths: VMPaths) -> None:
-        """Release everything ``vm`` holds at run time (see :func:`release_runtime`)."""
+        """Release everything ``vm`` holds at run time (see :func:`release_runtime`), and
+        forget what was seen of its boots (their sshd): a released VM's boot is over."""
+        for seen in [k for k in list(self.sshd_ready) if k[0] == vm.id]:
+            self.sshd_ready.pop(seen, None)
         release_runtime(paths, self.host.vmm, self.handles, kill_timeout=self.timeouts.kill,
                         net=host_net(self.host, vm), agent=self.host.agent)
 

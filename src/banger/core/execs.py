@@ -87,6 +87,14 @@ class RunningExec:
         return stopped_under(self._ctx, self.vm, exc, "while the command ran")
 
 
+def in_vm(vm: VM, exc: OperationFailed) -> OperationFailed:
+    """``exc`` naming ``vm``: a guest's error (its agent broke the protocol, stalled,
+    refused) says which VM it came from; the agent port knows only its channel."""
+    if f"VM {vm.name!r}" in str(exc):
+        return exc
+    return OperationFailed(f"VM {vm.name!r}: {exc}")
+
+
 def stopped_under(ctx: VMContext, vm: VM, exc: OperationFailed,
                   during: str) -> OperationFailed:
     """``exc`` said in the VM's terms when the VM was stopped (or is being stopped, or
@@ -99,7 +107,7 @@ def stopped_under(ctx: VMContext, vm: VM, exc: OperationFailed,
     if now.state is not VMState.RUNNING or busy or now.boot_id != vm.boot_id:
         return OperationFailed(f"VM {vm.name!r} was stopped {during} "
                                f"(it is {now.state.value}): {exc}")
-    return exc
+    return in_vm(vm, exc)
 
 
 def in_workspace(vm: VM, request: ExecRequest) -> ExecRequest:
@@ -123,5 +131,8 @@ def exec_start(ctx: VMContext, ref: str, request: ExecRequest, *,
     shown, channel = agent_channel(ctx, ref, "a command runs")
     if workspace:
         request = in_workspace(shown.vm, request)
-    handle = ctx.host.agent.exec(channel=channel, request=request, timeout=START_TIMEOUT)
+    try:
+        handle = ctx.host.agent.exec(channel=channel, request=request, timeout=START_TIMEOUT)
+    except OperationFailed as exc:
+        raise in_vm(shown.vm, exc) from exc
     return RunningExec(shown.vm, handle, ctx)

@@ -42,6 +42,8 @@ def put_files(ctx: VMContext, ref: str, dest: str, source: Iterable[bytes]) -> i
                                         timeout=FILE_TIMEOUT)
     except OperationFailed as exc:
         raise _why(ctx, shown.vm, exc) from exc
+    except InvalidRequest as exc:  # the guest refused (a bad entry, no permission)
+        raise _refused(shown.vm, exc) from exc
 
 
 def get_files(ctx: VMContext, ref: str, path: str) -> Generator[bytes, None, None]:
@@ -49,7 +51,12 @@ def get_files(ctx: VMContext, ref: str, path: str) -> Generator[bytes, None, Non
     ``AgentPort.get_files``); errors before the first chunk raise here."""
     path = guest_path(path)
     shown, channel = agent_channel(ctx, ref, "files are copied")
-    chunks = ctx.host.agent.get_files(channel=channel, path=path, timeout=FILE_TIMEOUT)
+    try:  # the port starts the transfer at once: errors before its first chunk
+        chunks = ctx.host.agent.get_files(channel=channel, path=path, timeout=FILE_TIMEOUT)
+    except OperationFailed as exc:
+        raise _why(ctx, shown.vm, exc) from exc
+    except InvalidRequest as exc:
+        raise _refused(shown.vm, exc) from exc
     return _said(ctx, shown.vm, chunks)
 
 
@@ -59,9 +66,15 @@ def _said(ctx: VMContext, vm: VM,
         yield from chunks
     except OperationFailed as exc:
         raise _why(ctx, vm, exc) from exc
+    except InvalidRequest as exc:
+        raise _refused(vm, exc) from exc
     finally:
         chunks.close()
 
 
 def _why(ctx: VMContext, vm: VM, exc: OperationFailed) -> OperationFailed:
     return stopped_under(ctx, vm, exc, "during the copy")
+
+
+def _refused(vm: VM, exc: InvalidRequest) -> InvalidRequest:
+    return InvalidRequest(f"VM {vm.name!r}: {exc}")

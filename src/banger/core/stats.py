@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass
 
 from banger.core.context import VMContext
+from banger.core.execs import in_vm
 from banger.core.views import agent_channel
+from banger.model.errors import OperationFailed
 from banger.model.vm import VM
 from banger.ports import GuestStats, VmmUsage
 
@@ -39,10 +41,13 @@ def vm_stats(ctx: VMContext, ref: str, interval: float = SAMPLE_INTERVAL) -> VMS
     shown, channel = agent_channel(ctx, ref, "its stats are read")
     vm, h = shown.vm, shown.handles
     assert h is not None
-    g1 = ctx.host.agent.stats(channel=channel, timeout=AGENT_TIMEOUT)
-    v1, t1 = ctx.host.vmm.usage(h.pid), time.monotonic()
-    time.sleep(interval)
-    g2 = ctx.host.agent.stats(channel=channel, timeout=AGENT_TIMEOUT)
+    try:
+        g1 = ctx.host.agent.stats(channel=channel, timeout=AGENT_TIMEOUT)
+        v1, t1 = ctx.host.vmm.usage(h.pid), time.monotonic()
+        time.sleep(interval)
+        g2 = ctx.host.agent.stats(channel=channel, timeout=AGENT_TIMEOUT)
+    except OperationFailed as exc:
+        raise in_vm(vm, exc) from exc
     v2, t2 = ctx.host.vmm.usage(h.pid), time.monotonic()
     vmm_pct = None
     if v1 is not None and v2 is not None and t2 > t1:

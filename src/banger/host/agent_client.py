@@ -152,7 +152,7 @@ class AgentConnection(AgentWire):
                 if self._hello is not None:
                     return self._hello
                 if self._greetings <= self._reasked:
-                    raise AgentTimeout(f"no HELLO from the guest agent within {timeout} s")
+                    raise AgentTimeout(f"no HELLO from the guest agent within {timeout:.3g} s")
                 self._reasked += 1
             # Here, not on the reader: a send may block, and the reader must keep reading.
             self._ask_hello()
@@ -238,7 +238,8 @@ class AgentConnection(AgentWire):
         with self.cond:
             if not self.cond.wait_for(lambda: state.started or state.ended, timeout):
                 # Keep the chan: a late STARTED gets SIGKILL, its output is dropped.
-                state.error = AgentTimeout(f"{handle.what()} was not started within {timeout} s")
+                state.error = AgentTimeout(f"{handle.what()} was not started within "
+                                           f"{timeout:.3g} s")
             if not state.started and state.error is not None:
                 raise fresh(state.error)
         return handle
@@ -282,7 +283,7 @@ class AgentConnection(AgentWire):
                 del self._requests[chan]
                 self._abandoned.add(chan)
                 raise AgentTimeout(f"no answer ({expect.name}) from the guest agent to "
-                                   f"{what} within {timeout} s")
+                                   f"{what} within {timeout:.3g} s")
             if req.error is not None:
                 raise fresh(req.error)
             assert req.answer is not None

@@ -173,7 +173,7 @@ class Exec:
             if not cond.wait_for(lambda: st.ended, timeout):
                 full = (" (its output queue is full: read Exec.output() or pass on_output)"
                         if len(st.queue) >= self._conn.max_queued else "")
-                raise AgentTimeout(f"{self.what()} did not end within {timeout} s{full}")
+                raise AgentTimeout(f"{self.what()} did not end within {timeout:.3g} s{full}")
             if st.error is not None:
                 raise fresh(st.error)
             assert st.status is not None
@@ -189,7 +189,7 @@ class Exec:
         while True:
             with cond:
                 if not cond.wait_for(lambda: st.queue or st.ended, timeout):
-                    raise AgentTimeout(f"{self.what()} printed nothing for {timeout} s")
+                    raise AgentTimeout(f"{self.what()} printed nothing for {timeout:.3g} s")
                 if not st.queue:
                     if st.error is not None:
                         raise fresh(st.error)
@@ -214,7 +214,7 @@ class Exec:
         for stream, data in self.output(timeout):
             out[stream] += data
             if time.monotonic() > deadline:
-                raise AgentTimeout(f"{self.what()} did not end within {timeout} s")
+                raise AgentTimeout(f"{self.what()} did not end within {timeout:.3g} s")
         status = self.wait(max(0.0, deadline - time.monotonic()))
         return status, bytes(out[Stream.STDOUT]), bytes(out[Stream.STDERR])
 

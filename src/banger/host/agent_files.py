@@ -120,7 +120,7 @@ def put_tar(conn: AgentConnection, dest: str, source: TarSource, timeout: float)
                     if not cond.wait_for(lambda: st.credit > 0 or st.ended or conn.failure,
                                          timeout):
                         raise AgentTimeout(f"the guest agent took no data of {st.what} for "
-                                           f"{timeout} s")
+                                           f"{timeout:.3g} s")
                     _raise(conn, st)
                     size = min(st.credit, MAX_BODY, len(chunk) - pos)
                     st.credit -= size
@@ -130,7 +130,7 @@ def put_tar(conn: AgentConnection, dest: str, source: TarSource, timeout: float)
         with cond:
             if not cond.wait_for(lambda: st.ended or conn.failure, timeout):
                 raise AgentTimeout(f"no answer (DONE) from the guest agent to {st.what} "
-                                   f"within {timeout} s")
+                                   f"within {timeout:.3g} s")
             finished = st.done
             _raise(conn, st)
     finally:
@@ -166,7 +166,7 @@ def _stream(conn: AgentConnection, chan: int, st: TransferState,
             with cond:
                 if not cond.wait_for(lambda: st.chunks or st.ended or conn.failure, timeout):
                     raise AgentTimeout(f"the guest agent sent nothing of {st.what} for "
-                                       f"{timeout} s")
+                                       f"{timeout:.3g} s")
                 if not st.chunks:
                     if st.done:
                         finished = True

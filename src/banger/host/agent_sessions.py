@@ -153,7 +153,11 @@ def _reconnect(channel: Path, timeout: float) -> tuple[AgentConnection, Hello]:
         return conn, conn.wait_hello(timeout)
     except AgentProtocolError as exc:
         conn.close()
-        # An agent older than HELLO_REQ answers it with ERROR on chan 0.
+        # An agent older than HELLO_REQ answers it with ERROR on chan 0; anything else
+        # (another protocol, garbage) is no older agent, and a restart may not help.
+        if "ERROR on chan 0" not in str(exc):
+            raise OperationFailed(f"the guest agent on {channel} did not start a "
+                                  f"session: {exc}") from exc
         raise OperationFailed(
             f"the guest agent on {channel} did not start a session ({exc}); an agent "
             "older than this banger does that: restart the VM to get the current "
