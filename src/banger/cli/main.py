@@ -9,6 +9,11 @@ tests/unit/test_cli_imports.py keeps it so.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from typing import NoReturn
+
 import click
 
 from banger import __version__
@@ -41,9 +46,34 @@ cli.add_command(completion)
 
 
 def main() -> None:
-    # The completion variable is banger's whatever the program is called
-    # (`python -m banger.cli.main` would otherwise read _MAIN.PY_COMPLETE).
-    cli.main(complete_var=COMPLETE_VAR)
+    try:
+        # The completion variable is banger's whatever the program is called
+        # (`python -m banger.cli.main` would otherwise read _MAIN.PY_COMPLETE).
+        cli.main(complete_var=COMPLETE_VAR)
+    except SystemExit as exc:
+        exit_now(exc.code)
+    exit_now(0)
+
+
+def exit_now(code: object) -> NoReturn:
+    """End the process without Python's finalization: tearing down the modules a command
+    loaded took 40-90 ms after every `vm run` here, on the user's clock. Everything a
+    command leaves is written by the time it returns (its files closed, its deletes
+    answered), so only the standard streams are flushed. ``code`` as for SystemExit."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        status = status or 120  # what Python exits with when its own final flush fails
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(status & 0xFF)
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def vm_run(ctx: click.Context, name: str | None, image: str, vcpu: int, memory: 
         from banger.cli.plain import mib, print_json
         from banger.cli.render import Progress, err_console, print_error
         from banger.cli.safe import markup, printable
+        from banger.client import execws  # noqa: F401  loaded now, not after the boot
         from banger.client.types import as_json as json_of
 
         err_console.print(f"{req['vcpus']} vcpu · {mib(req['memory_mib'])} memory · "
