@@ -365,6 +365,7 @@ class FakeGuest:
         self.ready_waits: list[Endpoint] = []
         self.ready_delay = 0.0
         self.identity_delay = 0.0  # reading the host's git identity (work_disk, post_start)
+        self.identity_asked = 0
 
     def ensure_key(self) -> str:
         return "ssh-ed25519 AAAAfake banger"
@@ -384,6 +385,7 @@ class FakeGuest:
         return 0.1
 
     def git_identity(self) -> dict[str, str]:
+        self.identity_asked += 1
         time.sleep(self.identity_delay)
         return dict(self.identity)
 

@@ -561,7 +561,9 @@ def test_git_identity_on_the_work_disk_and_resent_only_when_changed(env) -> None
     vm = svc.create(name="id", spec=VMSpec())
     files = disks.work_files[svc.layout.vm(vm.id).work_disk]
     assert files[".gitconfig"][0] == b'[user]\n\temail = "ada@x"\n\tname = "Ada"\n'
+    assert guest.identity_asked == 1, "a fresh work disk's identity is not asked again"
     svc.restart("id")
+    assert guest.identity_asked == 2, "a restart asks: the host's may have changed"
     assert agent_of(svc).synced == [], "nothing changed: nothing sent at start"
     guest.identity = {"user.name": "Ada L", "user.email": "ada@x"}
     svc.restart("id")

@@ -369,7 +369,12 @@ def _wait_agent(ctx: StartContext) -> None:
 
 def _post_start(ctx: StartContext) -> None:
     guest = ctx.host.guest
-    identity = guest.git_identity()
+    # A work disk made by this start holds the identity read moments ago: not asked
+    # again on the way to "ready". One from an earlier boot may be stale.
+    if Stage.WORK_DISK in ctx.created and ctx.vm.id in ctx.identities:
+        identity = ctx.identities[ctx.vm.id]
+    else:
+        identity = guest.git_identity()
     changed = identity if identity and ctx.identities.get(ctx.vm.id) != identity else None
     if not ctx.config.file_sync and changed is None:
         return  # nothing to send

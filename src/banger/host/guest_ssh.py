@@ -39,11 +39,18 @@ class SshGuest:
 
     def git_identity(self) -> dict[str, str]:
         """user.name and user.email from the host user's global git config, where set."""
-        out = {}
-        for key in ("user.name", "user.email"):
-            res = run(["git", "config", "--global", "--get", key], check=False, timeout=10)
-            if res.returncode == 0 and res.stdout.strip():
-                out[key] = res.stdout.strip()
+        # One git process for both (a start asks on its path to the boot). -z: each
+        # entry is "key\nvalue\0", whatever the value holds; the last one set wins,
+        # as for `git config --get`.
+        res = run(["git", "config", "--global", "-z", "--get-regexp",
+                   r"^user\.(name|email)$"], check=False, timeout=10)
+        out: dict[str, str] = {}
+        if res.returncode != 0:
+            return out
+        for entry in res.stdout.split("\0"):
+            key, _, value = entry.partition("\n")
+            if key in ("user.name", "user.email") and value.strip():
+                out[key] = value.strip()
         return out
 
     def new_host_key(self) -> tuple[bytes, str]:
