@@ -41,6 +41,15 @@ class Guest:
     def path(self) -> Path:
         return self.channel.path
 
+    def agent(self, i: int) -> FakeAgent:
+        """The agent of the ``i``th connection: the accepting thread lists it only once
+        the agent runs, which may be after it answered the host's HELLO_REQ."""
+        for _ in range(500):
+            if len(self.agents) > i:
+                return self.agents[i]
+            threading.Event().wait(0.01)
+        raise AssertionError(f"no agent on connection {i}")
+
 
 @pytest.fixture
 def guest(tmp_path: Path) -> Iterator[Guest]:
@@ -92,7 +101,7 @@ def test_a_dropped_connection_is_replaced_on_next_use(guest: Guest, tmp_path: Pa
     agent = _agent()
     _ready(agent, guest, tmp_path)
     guest.conns[0].shutdown(socket.SHUT_RDWR)  # the agent went away
-    guest.agents[0].join()
+    guest.agent(0).join()
     assert _run(agent, guest, ["echo", "again"])[0] == b"again\n"
     assert guest.channel.accepted == 2
 
@@ -102,7 +111,7 @@ def test_a_second_hello_voids_the_session(guest: Guest, tmp_path: Path) -> None:
     agent = _agent()
     _ready(agent, guest, tmp_path)
     session = agent.sessions.get(guest.path, 5)
-    guest.agents[0].send(Kind.HELLO, 0, hello_body(boot_id="rebooted"))
+    guest.agent(0).send(Kind.HELLO, 0, hello_body(boot_id="rebooted"))
     for _ in range(100):
         if not session.usable():
             break
@@ -157,7 +166,7 @@ def test_release_ends_the_execs_saying_the_vm_was_stopped(guest: Guest,
     agent.release(channel=guest.path)
     with pytest.raises(OperationFailed, match="the VM was stopped"):
         ex.next(5)
-    guest.agents[0].join()  # the agent saw the hang-up
+    guest.agent(0).join()  # the agent saw the hang-up
     assert guest.conns[0].fileno() == -1
     agent.release(channel=guest.path)  # idempotent
 
@@ -188,7 +197,7 @@ def test_an_abandoned_exec_gets_sighup_and_the_connection_goes_on(guest: Guest,
 
     def signalled() -> bool:
         return any(f.kind == Kind.SIGNAL and as_int(dict(parse_fields(f.body))[1])
-                   == signal.SIGHUP for f in guest.agents[0].received)
+                   == signal.SIGHUP for f in guest.agent(0).received)
 
     for _ in range(100):
         if signalled():
@@ -206,6 +215,22 @@ def test_close_ends_every_connection_and_its_reader(guest: Guest, tmp_path: Path
     _ready(agent, guest, tmp_path)
     agent.close()
     assert agent.sessions.channels() == []
-    guest.agents[0].join()
+    guest.agent(0).join()
     assert not [t for t in threading.enumerate() if t.name.startswith("banger-agent-reader")
                 and (t.join(5) or t.is_alive())]
+
+
+def test_a_request_that_never_left_goes_again_on_a_new_connection(
+        guest: Guest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from banger.host.agent_records import AgentDisconnected
+    from banger.host.agent_sessions import Session
+    agent = _agent()
+    _ready(agent, guest, tmp_path)
+    kept = agent.sessions.get(guest.path, 5)
+    # Broken the way a vanished agent's connection is before this side's reader noticed:
+    # the session still looks usable, and nothing of the next request can leave.
+    monkeypatch.setattr(Session, "usable", lambda self: not self.released)
+    kept.conn._fail(AgentDisconnected("the guest agent closed the connection"))
+    assert _run(agent, guest, ["echo", "again"])[0] == b"again\n"
+    assert guest.channel.accepted == 2
+    assert agent.sessions.get(guest.path, 5) is not kept

@@ -63,6 +63,7 @@ from banger.host.agent_records import (
     parse_message,
     parse_stats,
     safe_text,
+    unsent,
 )
 from banger.host.agent_wire import AgentWire
 
@@ -256,7 +257,8 @@ class AgentConnection(AgentWire):
         return self._alloc_chan()
 
     def _alloc_chan(self) -> int:
-        self._raise_failure()
+        if self._failure is not None:  # broken before this request: none of it was sent
+            raise unsent(fresh(self._failure))
         if self._next_chan > MAX_CHAN:
             raise AgentError("this agent connection has used up its chan ids; reconnect")
         chan, self._next_chan = self._next_chan, self._next_chan + 1

@@ -36,6 +36,10 @@ _MAX_FEATURES = 64
 class AgentError(Exception):
     """Talking to the guest agent failed."""
 
+    # Set on the error that ends a request none of which left the host (the connection
+    # was found broken first): the agent never saw it, so it may go again on a new one.
+    unsent: bool = False
+
 
 class AgentTimeout(AgentError):
     """The agent did not answer in time; the message names what was awaited."""
@@ -59,6 +63,12 @@ class OutputTooLarge(AgentError):
 
 class ExecEnded(AgentError):
     """A request for an exec that has already ended."""
+
+
+def unsent(err: AgentError) -> AgentError:
+    """``err``, marked as ending a request none of which was sent (see AgentError)."""
+    err.unsent = True
+    return err
 
 
 def fresh(err: AgentError) -> AgentError:

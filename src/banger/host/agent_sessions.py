@@ -21,9 +21,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_exec import Exec
@@ -39,6 +40,7 @@ from banger.model.errors import OperationFailed
 from banger.ports import ExecExit, ExecOutput
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 CONNECT_TIMEOUT = 2.0
 # A streamed exec's output has no total cap (a `make test` may print 100 MB): what it
@@ -120,6 +122,21 @@ class AgentSessions:
             s = Session(*_reconnect(channel, timeout))
             self._sessions[channel] = s
             return s
+
+    def call(self, channel: Path, timeout: float, fn: Callable[[Session], _T]) -> _T:
+        """``fn`` on the channel's session; once more on a new connection when the kept
+        one turns out broken before the request left (``AgentError.unsent``: the agent
+        went away and this side had not noticed yet)."""
+        deadline = time.monotonic() + timeout
+        session = self.get(channel, timeout)
+        try:
+            return fn(session)
+        except AgentError as exc:
+            if not exc.unsent:
+                raise
+            log.info("agent connection %s was broken (%s): reconnecting", channel, exc)
+            self.discard(channel, session)
+        return fn(self.get(channel, max(0.1, deadline - time.monotonic())))
 
     def discard(self, channel: Path, session: Session) -> None:
         """Drop ``session`` (broken, or stuck on an abandoned exec) if it is still the

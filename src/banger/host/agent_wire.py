@@ -19,7 +19,13 @@ from collections import deque
 from collections.abc import Iterable
 
 from banger.host.agent_proto import Kind, SignalTag, fields, frame
-from banger.host.agent_records import AgentDisconnected, AgentError, AgentTimeout, fresh
+from banger.host.agent_records import (
+    AgentDisconnected,
+    AgentError,
+    AgentTimeout,
+    fresh,
+    unsent,
+)
 
 
 class AgentWire:
@@ -76,7 +82,9 @@ class AgentWire:
                                f"{self._send_timeout} s (another send is stuck)")
         try:
             with self.cond:
-                self._raise_failure()
+                if self._failure is not None:
+                    # Broken before this request: none of it was sent.
+                    raise unsent(fresh(self._failure))
             view, sent = memoryview(data), 0
             poller = select.poll()
             poller.register(self._sock, select.POLLOUT)
@@ -90,7 +98,7 @@ class AgentWire:
                     err: AgentError = AgentDisconnected(
                         f"the connection to the guest agent failed sending {what}: {exc}")
                     self._fail(err)
-                    raise fresh(err) from None
+                    raise (unsent(fresh(err)) if sent == 0 else fresh(err)) from None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     err = AgentTimeout(f"the guest agent read nothing for {self._send_timeout}"

@@ -28,7 +28,7 @@ from banger.host.agent_records import (
     AgentTimeout,
     safe_text,
 )
-from banger.host.agent_sessions import AgentExec, AgentSessions, connect_channel
+from banger.host.agent_sessions import AgentExec, AgentSessions, Session, connect_channel
 from banger.local.logtail import tail_lines
 from banger.model.config import FileSync
 from banger.model.errors import InvalidRequest, OperationFailed
@@ -109,8 +109,8 @@ class LocalAgent:
     def stats(self, *, channel: Path, timeout: float) -> GuestStats:
         deadline = time.monotonic() + timeout
         try:
-            session = self.sessions.get(channel, timeout)
-            raw = session.conn.stats(max(0.1, deadline - time.monotonic()))
+            raw = self.sessions.call(channel, timeout, lambda session: session.conn.stats(
+                max(0.1, deadline - time.monotonic())))
         except (OperationFailed, AgentError) as exc:
             raise OperationFailed(f"could not read stats from the guest agent on {channel}: "
                                   f"{exc}") from exc
@@ -126,10 +126,14 @@ class LocalAgent:
 
     def exec(self, *, channel: Path, request: ExecRequest, timeout: float) -> AgentExec:
         deadline = time.monotonic() + timeout
-        session = self.sessions.get(channel, timeout)
-        try:
+
+        def start(session: Session) -> AgentExec:
             ex = session.conn.exec(request.argv, request.env, request.cwd, request.pty,
                                    timeout=max(0.1, deadline - time.monotonic()))
+            return AgentExec(self.sessions, channel, session, ex)
+
+        try:
+            return self.sessions.call(channel, timeout, start)
         except ValueError as exc:  # NUL in a string, an empty argv, too large
             raise InvalidRequest(str(exc)) from exc
         except AgentRequestError as exc:
@@ -137,14 +141,13 @@ class LocalAgent:
         except AgentError as exc:
             raise OperationFailed(f"could not start {safe_text(request.argv[0], 80)} "
                                   f"through the guest agent on {channel}: {exc}") from exc
-        return AgentExec(self.sessions, channel, session, ex)
 
     def _on_session(self, channel: Path, what: str,
                     fn: Callable[[AgentConnection], _T]) -> _T:
         """``fn`` over the VM's kept connection; agent errors said as ``what`` failing."""
-        session = self.sessions.get(channel, SESSION_TIMEOUT)
         try:
-            return fn(session.conn)
+            return self.sessions.call(channel, SESSION_TIMEOUT,
+                                      lambda session: fn(session.conn))
         except AgentError as exc:
             raise OperationFailed(f"{what} through the guest agent on {channel} failed: "
                                   f"{exc}") from exc
