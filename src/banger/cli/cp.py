@@ -17,11 +17,10 @@ from __future__ import annotations
 import os
 import posixpath
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, cast
 
 import click
 
@@ -161,41 +160,20 @@ def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:
 
 
 def _tar_of(local: Path, arcname: str) -> Iterator[bytes]:
-    """The tar of ``local``, built on a thread into a pipe as it is read. A failure
-    (a file unreadable or gone) raises at the end instead of ending the tar: the upload
-    then goes without its last chunk and the daemon cancels the guest's side."""
-    from banger.cli import tarsafe
+    """The tar of ``local`` (followed if it is a symlink, nothing below it is), made on a
+    thread as it is read; sockets, fifos and devices below it are left out, hard links go
+    in as files again (as the guest sends them). A failure (a file unreadable or gone)
+    raises instead of ending the tar: the upload then goes without its last chunk and
+    the daemon cancels the guest's side."""
+    from banger.local.tarwrite import tar_stream, walk
 
-    r, w = os.pipe()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            with os.fdopen(w, "wb", buffering=0) as out:
-                tarsafe.build(local, arcname, lambda b: _write_all(out, b))
-        except BaseException as exc:  # handed to the reader
-            failure.append(exc)
-
-    t = threading.Thread(target=produce, name="cp-tar", daemon=True)
-    t.start()
-    with os.fdopen(r, "rb", buffering=0) as f:
-        while True:
-            data = f.read(PIPE_READ)
-            if not data:
-                break
-            yield data
-    t.join()
-    if failure:
-        exc = failure[0]
-        if isinstance(exc, OSError):
-            raise exc
-        raise CpError(f"reading {local} failed: {exc}")
-
-
-def _write_all(out: Any, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[out.write(view):]
+    items = walk(local.resolve(), arcname, skip_special=True)
+    try:
+        yield from tar_stream(items, root_owned=False, hard_links=False)
+    except OSError:
+        raise
+    except Exception as exc:
+        raise CpError(f"reading {local} failed: {exc}") from exc
 
 
 # --- out of the guest ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The host's side of `vm cp`'s tar streams: building one from local files (PAX, links
-kept as links), and extracting one **from the guest**, which is hostile input.
+"""The host's side of `vm cp`'s tar streams from the guest: extracting one, which is
+hostile input (the tars `vm cp` sends are made by :mod:`banger.local.tarwrite`).
 
 :func:`extract` writes nothing outside its destination directory, whatever the tar says:
 - names that are absolute, empty or hold a `..` component or a NUL are refused;
@@ -33,7 +33,7 @@ import os
 import secrets
 import stat
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -252,60 +252,3 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-# --- building a tar from local files ----------------------------------------------------
-
-
-class _Sink:
-    """A write-only file object handing what it is given to ``out``, in pieces of at
-    least :data:`COPY` bytes (fewer, larger HTTP chunks)."""
-
-    def __init__(self, out: Callable[[bytes], None]) -> None:
-        self.out, self.buf = out, bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.buf += data
-        if len(self.buf) >= COPY:
-            self.flush()
-        return len(data)
-
-    def flush(self) -> None:
-        if self.buf:
-            self.out(bytes(self.buf))
-            self.buf.clear()
-
-
-def build(path: Path, arcname: str, out: Callable[[bytes], None]) -> None:
-    """A PAX tar of ``path`` (a file, or a directory recursively) named ``arcname``,
-    handed to ``out`` in pieces. ``path`` itself is followed if it is a symlink, nothing
-    below it (links go in as links); hard links go in as separate files. Sockets, fifos
-    and devices below ``path`` are skipped, like the guest's agent does."""
-    sink = _Sink(out)
-    with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT,  # type: ignore[call-overload]
-                      bufsize=COPY) as tar:
-        for full, name in _walk(path.resolve(), arcname):
-            info = tar.gettarinfo(str(full), arcname=name)
-            if info.islnk():  # one inode twice: its bytes again, as the guest does
-                info.type, info.linkname = tarfile.REGTYPE, ""
-                info.size = full.lstat().st_size
-            if info.isreg():
-                with open(full, "rb") as f:
-                    tar.addfile(info, f)
-            elif info.isdir() or info.issym():
-                tar.addfile(info)
-    sink.flush()
-
-
-def _walk(path: Path, arcname: str) -> Iterator[tuple[Path, str]]:
-    """``path`` (never a symlink: the top is resolved, only real directories are
-    entered) and what is below it, sorted by name."""
-    yield path, arcname
-    if not path.is_dir():
-        return
-    for entry in sorted(os.scandir(path), key=lambda e: e.name):
-        name = f"{arcname}/{entry.name}"
-        if entry.is_dir(follow_symlinks=False):
-            yield from _walk(Path(entry.path), name)
-        elif entry.is_file(follow_symlinks=False) or entry.is_symlink():
-            yield Path(entry.path), name

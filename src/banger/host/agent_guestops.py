@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
 from banger.host import guestsh
 from banger.host.agent_client import AgentConnection
 from banger.host.agent_records import AgentError, AgentRequestError, safe_text
-from banger.host.tarstream import TarItem, tar_stream, tree_items
+from banger.local.tarwrite import TarItem, tar_stream, walk
 from banger.model.config import FileSync
 from banger.model.errors import OperationFailed
 from banger.ports import ListeningSocket
@@ -55,6 +55,11 @@ def run(conn: AgentConnection, argv: Sequence[str], *,
     return status.returncode, safe_text(err.decode(errors="replace").strip(), 2000)
 
 
+def _tar(items: Iterable[TarItem]) -> Iterator[bytes]:
+    """What the guest's /root gets: owned by root, hard links kept."""
+    return tar_stream(items, root_owned=True, hard_links=True)
+
+
 def _checked(conn: AgentConnection, argv: Sequence[str], what: str) -> None:
     code, err = run(conn, argv)
     if code != 0:
@@ -71,7 +76,7 @@ def push_tree(conn: AgentConnection, tree: Path, guest_path: str) -> None:
     new = str(target.with_name(f".{target.name}.banger-new-{tag}"))
     old = str(target.with_name(f".{target.name}.banger-old-{tag}"))
     try:
-        conn.put_tar(new, tar_stream(tree_items(tree)), TRANSFER_WAIT)
+        conn.put_tar(new, _tar(walk(tree)), TRANSFER_WAIT)
     except BaseException as exc:
         with contextlib.suppress(AgentError, OperationFailed):
             run(conn, ["rm", "-rf", "--", new])
@@ -131,7 +136,7 @@ def sync_files(conn: AgentConnection, entries: Sequence[FileSync],
         items.append(TarItem(e.host, e.guest.lstrip("/"), mode))
     if items:
         try:
-            conn.put_tar("/", tar_stream(items), TRANSFER_WAIT)
+            conn.put_tar("/", _tar(items), TRANSFER_WAIT)
         except (AgentError, OSError) as exc:
             raise OperationFailed(f"file_sync: copying into the guest failed: {exc}") from exc
     for key, value in sorted(identity.items()):
@@ -150,7 +155,7 @@ def start_bootstrap(conn: AgentConnection, workdir: str, installer_url: str) -> 
     guest path of its log."""
     script = resources.files("banger.host") / "guest" / "banger-bootstrap"
     with resources.as_file(script) as path:
-        conn.put_tar(BOOTSTRAP_DIR, tar_stream([TarItem(path, "banger-bootstrap", 0o755)]),
+        conn.put_tar(BOOTSTRAP_DIR, _tar([TarItem(path, "banger-bootstrap", 0o755)]),
                      TRANSFER_WAIT)
     _checked(conn, guestsh.argv("start-bootstrap", installer_url, workdir, BOOTSTRAP_LOG),
              "starting the tool bootstrap")

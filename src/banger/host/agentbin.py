@@ -22,8 +22,9 @@ from banger.host import runner
 
 AGENT_DIR: Traversable = resources.files("banger.host") / "guest" / "agent"
 # Every *.c and *.h in AGENT_DIR (a unit test checks the list is complete).
-AGENT_SOURCES: tuple[str, ...] = ("banger-agent.c", "agent.h", "files.c", "files.h", "get.c",
-                                 "listening.c", "tar.c", "tar.h")
+AGENT_SOURCES: tuple[str, ...] = ("banger-agent.c", "agent.h", "exec.c", "exec.h", "files.c",
+                                 "files.h", "get.c", "listening.c", "put.c", "tar.c", "tar.h",
+                                 "wire.c")
 CFLAGS: tuple[str, ...] = ("-std=c11", "-static", "-Os", "-Wall", "-Wextra", "-Werror",
                            "-pedantic", "-s")
 BINARY = "banger-agent"

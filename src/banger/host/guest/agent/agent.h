@@ -1,6 +1,7 @@
 /* What the parts of banger-agent share: the protocol's constants, the frame being built
- * (out[], outlen) and the helpers that fill and send it (banger-agent.c), and the entry
- * points of the other parts (listening.c, files.c). */
+ * (out[], outlen), the helpers that fill it and read a body's fields (wire.c), those that
+ * send it (banger-agent.c), and the entry points of the other parts (listening.c,
+ * files.c; exec.c has exec.h). */
 #ifndef BANGER_AGENT_H
 #define BANGER_AGENT_H
 #include <stdbool.h>
@@ -42,6 +43,12 @@ void utf8_clean(char *s);
 void send_frame(int kind, uint32_t chan);
 void send_error(int kind, uint32_t chan, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* A frame's fields, read in order with next_field(): 1 a field (tag, value, length), 0
+ * the end, -1 truncated (the frame is malformed). */
+struct fields { const unsigned char *p, *end; };
+int next_field(struct fields *f, int *tag, const unsigned char **v, uint32_t *n);
+/* Every field of a body is whole. */
+bool well_formed(const unsigned char *b, size_t n);
 bool as_i64(const unsigned char *v, uint32_t n, int64_t *x);
 bool find_field(const unsigned char *b, size_t n, int want, const unsigned char **v,
                 uint32_t *len);

@@ -1,4 +1,4 @@
-/* What files.c (the transfers' table, FILE_PUT) and get.c (FILE_GET) share. */
+/* What files.c (the transfers' table), put.c (FILE_PUT) and get.c (FILE_GET) share. */
 #ifndef BANGER_FILES_H
 #define BANGER_FILES_H
 #include <stdbool.h>
@@ -23,6 +23,11 @@ void xfer_release(struct xfer *x);
 bool path_field(uint32_t chan, const unsigned char *b, size_t n, const char *what, char *out);
 /* A name fit for an ERROR message (printable ASCII; a static buffer). */
 const char *shown(const char *name);
+
+/* FILE_PUT's side (put.c): end a put (its temporary file removed); DATA, DATA_EOF or
+ * CREDIT on its chan. */
+void put_end(struct put *p);
+void put_frame(struct xfer *x, int kind, const unsigned char *b, size_t n);
 
 void get_end(struct get *g);
 bool get_wants(const struct get *g);
