@@ -1,0 +1,218 @@
+"""OCI images on this host: pulled or imported with skopeo into the shared layout, their
+layers applied into a rootfs, banger's boot path added, an ext4 root disk built, and the
+whole image directory renamed into place only once complete.
+
+``<root>/layout`` is the OCI layout (blobs by digest, shared by every image: a pull that
+failed half way leaves only whole, verified blobs behind, which the next pull reuses);
+``<root>/images/<name>/`` is one image: ``rootfs.ext4``, ``vmlinux-microvm`` (banger's
+kernel, copied in so the image stays bootable when the kernel is rebuilt), and
+``manifest.json`` with the source, the OCI digests, the image config (Env, WorkingDir,
+Entrypoint, Cmd, User) and every artifact's sha256.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from banger.host import agentbin, kernelbuild, ocidisk, ocilayout
+from banger.host.imagebuild import sha256_file
+from banger.host.ocilayers import LayerError, Rootfs
+from banger.host.ocilayout import ImageConfig, OciError
+
+KIND = "oci"
+MANIFEST = "manifest.json"
+ROOTFS = "rootfs.ext4"
+KERNEL = "vmlinux-microvm"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
+_NAME = re.compile(NAME_PATTERN)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class OciImage:
+    name: str
+    dir: Path
+    rootfs: Path
+    kernel: Path
+    kernel_version: str
+    cmdline: str
+    source: str
+    manifest_digest: str
+    config: ImageConfig
+    size_bytes: int
+
+
+def name_from_ref(ref: str) -> str:
+    """``docker.io/library/python:3.12-slim`` -> ``python-3.12-slim``."""
+    ref = ref.removeprefix("docker://").split("@", 1)[0]
+    last = ref.rsplit("/", 1)[-1]
+    name = re.sub(r"[^a-z0-9._-]+", "-", last.replace(":", "-").lower()).strip("-._")
+    return name[:63] or "image"
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise OciError(f"image name {name!r}: {NAME_RULE}")
+    return name
+
+
+class OciImages:
+    def __init__(self, root: Path, cache_dir: Path, kernel_caches: tuple[Path, ...] = ()) -> None:
+        self.root = root
+        self.layout = root / "layout"
+        self.images = root / "images"
+        self._cache_dir = cache_dir
+        # Where a built microVM kernel may already be (the images' cache, a shared one).
+        self._kernel_caches = (*kernel_caches, cache_dir)
+
+    def names(self) -> list[str]:
+        if not self.images.is_dir():
+            return []
+        return sorted(p.name for p in self.images.iterdir()
+                      if _NAME.match(p.name) and (p / MANIFEST).is_file())
+
+    def get(self, name: str, *, verify: bool = False) -> OciImage | None:
+        d = self.images / name
+        if not _NAME.match(name) or not (d / MANIFEST).is_file():
+            return None
+        try:
+            m = json.loads((d / MANIFEST).read_text())
+            arts = m["artifacts"]
+            if verify:
+                for fname, meta in arts.items():
+                    if sha256_file(d / fname) != meta["sha256"]:
+                        raise OciError(f"image {name!r}: {fname} does not match its manifest")
+            return OciImage(name=name, dir=d, rootfs=d / ROOTFS, kernel=d / KERNEL,
+                            kernel_version=str(m.get("kernel_version", "")),
+                            cmdline=str(m.get("cmdline", ocidisk.CMDLINE)),
+                            source=str(m.get("source", "")),
+                            manifest_digest=str(m.get("manifest_digest", "")),
+                            config=ImageConfig.from_json(m.get("config", {})),
+                            size_bytes=sum(int(a.get("size", 0)) for a in arts.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise OciError(f"image {name!r}: unreadable manifest: {exc}") from exc
+
+    def delete(self, name: str) -> bool:
+        d = self.images / check_name(name)
+        if not d.exists():
+            return False
+        with self._locked():
+            trash = Path(tempfile.mkdtemp(prefix=f".{name}.del-", dir=self.images))
+            os.replace(d, trash / name)
+            shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def pull(self, ref: str, name: str, on_progress: Progress, *, archive: bool = False
+             ) -> OciImage:
+        """Fetch ``ref`` (a registry reference, or with ``archive`` a local archive or
+        layout) and make image ``name`` from it."""
+        check_name(name)
+        src, opts = ocilayout.source(ref, archive=archive)
+        with self._locked():
+            started = time.monotonic()
+            on_progress(f"copying {src} into the layer cache (skopeo)")
+            ocilayout.copy(src, opts, self.layout, name)
+            image = ocilayout.read(self.layout, name)
+            on_progress(f"{len(image.layers)} layer(s) verified "
+                        f"({sum(la.size for la in image.layers) >> 20} MiB compressed)")
+            self.images.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=self.images))
+            try:
+                built = self._build(work, image, name, src, on_progress)
+                final = self.images / name
+                if final.exists():
+                    old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=self.images))
+                    os.replace(final, old / name)
+                    os.replace(built, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(built, final)
+            finally:
+                _rmtree(work)
+            on_progress(f"image {name!r} ready ({time.monotonic() - started:.1f} s)")
+        found = self.get(name)
+        assert found is not None
+        return found
+
+    def _build(self, work: Path, image: ocilayout.Image, name: str, src: str,
+               on_progress: Progress) -> Path:
+        rootfs = Rootfs(work / "rootfs")
+        for i, layer in enumerate(image.layers, 1):
+            on_progress(f"applying layer {i}/{len(image.layers)} {layer.digest[:19]} "
+                        f"({layer.size / (1 << 20):.1f} MiB)")
+            try:
+                rootfs.apply(ocilayout.blob_path(self.layout, layer.digest), layer.media_type,
+                             label=layer.digest[:19])
+            except LayerError as exc:
+                raise OciError(str(exc)) from exc
+        rootfs.finish()
+        agent = agentbin.ensure_agent(self._cache_dir)
+        kernel = self._kernel(on_progress)
+        out = work / "image"
+        out.mkdir()
+        on_progress("adding banger's boot path (/.banger: init, busybox, agent)")
+        ocidisk.inject_boot_path(rootfs.root, agent)
+        on_progress("building rootfs.ext4 (mke2fs -d)")
+        used = ocidisk.build_ext4(rootfs.root, out / ROOTFS, rootfs.owners)
+        on_progress(f"rootfs.ext4 built ({used} MiB of files)")
+        _rmtree(rootfs.root)
+        shutil.copyfile(kernel.vmlinux, out / KERNEL)
+        arts = {f: {"sha256": sha256_file(out / f), "size": (out / f).stat().st_size}
+                for f in (ROOTFS, KERNEL)}
+        manifest = {"kind": KIND, "name": name, "source": src,
+                    "manifest_digest": image.manifest_digest,
+                    "config_digest": image.config_digest,
+                    "layers": [la.digest for la in image.layers],
+                    "config": image.config.to_json(), "cmdline": ocidisk.CMDLINE,
+                    "kernel_version": kernel.release, "artifacts": arts,
+                    "built_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        return out
+
+    def _kernel(self, on_progress: Progress) -> kernelbuild.Kernel:
+        try:
+            key = kernelbuild.current_key()
+        except kernelbuild.KernelBuildError as exc:
+            raise OciError(str(exc)) from exc
+        for cache in self._kernel_caches:
+            found = kernelbuild.cached(cache, key)
+            if found is not None:
+                return found
+        on_progress("building banger's microVM kernel once (about 9 min on 2 cores)")
+        return kernelbuild.ensure_kernel(self._cache_dir, on_progress)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One pull or delete at a time per state directory (across processes too)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def _rmtree(path: Path) -> None:
+    if not path.exists():
+        return
+    for parent, dirs, _ in os.walk(path):
+        for d in dirs:
+            p = os.path.join(parent, d)
+            if not os.path.islink(p):
+                with suppress(OSError):
+                    os.chmod(p, 0o700)
+    shutil.rmtree(path, ignore_errors=True)
