@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from banger.host import ocidisk, ocilayout
-from banger.host.ociimages import name_from_ref
 from banger.host.ocilayout import OciError
+from banger.model.images import image_name_from_ref as name_from_ref
 from tests import ocimake
 
 
@@ -73,6 +73,7 @@ def test_only_loopback_registries_skip_tls_verification(ref: str, loopback: bool
 def test_names_from_refs() -> None:
     assert name_from_ref("docker.io/library/python:3.12-slim") == "python-3.12-slim"
     assert name_from_ref("127.0.0.1:5000/Two_Layer@sha256:ab") == "two_layer"
+    assert name_from_ref("./dist/app.tar") == "app"
 
 
 def test_the_root_disk_keeps_owners_without_root(tmp_path: Path) -> None:

@@ -290,6 +290,9 @@ def boot_source(vm: VM, image: ImageInfo) -> BootSource:
     """The kernel the VM's record names, from its image: banger's microVM kernel boots
     with no initramfs (its drivers are built in); the cloud kernel needs its initramfs."""
     if vm.spec.kernel is KernelKind.CLOUD:
+        if not image.cloud_kernel:
+            raise InvalidRequest(f"image {image.name!r} (OCI) boots banger's microVM kernel "
+                                 "only: drop --kernel cloud")
         return BootSource(image.kernel, image.initrd, image.cmdline)
     if image.microvm_kernel is None:
         raise InvalidRequest(f"image {image.name!r} has no microVM kernel: rebuild it (a "

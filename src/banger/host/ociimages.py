@@ -29,14 +29,13 @@ from banger.host import agentbin, kernelbuild, ocidisk, ocilayout
 from banger.host.imagebuild import sha256_file
 from banger.host.ocilayers import LayerError, Rootfs
 from banger.host.ocilayout import ImageConfig, OciError
+from banger.model.images import IMAGE_NAME_PATTERN, IMAGE_NAME_RULE
 
 KIND = "oci"
 MANIFEST = "manifest.json"
 ROOTFS = "rootfs.ext4"
 KERNEL = "vmlinux-microvm"
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-NAME_RULE = "1-63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit"
-_NAME = re.compile(NAME_PATTERN)
+_NAME = re.compile(IMAGE_NAME_PATTERN)
 
 Progress = Callable[[str], None]
 
@@ -52,20 +51,12 @@ class OciImage:
     source: str
     manifest_digest: str
     config: ImageConfig
-    size_bytes: int
-
-
-def name_from_ref(ref: str) -> str:
-    """``docker.io/library/python:3.12-slim`` -> ``python-3.12-slim``."""
-    ref = ref.removeprefix("docker://").split("@", 1)[0]
-    last = ref.rsplit("/", 1)[-1]
-    name = re.sub(r"[^a-z0-9._-]+", "-", last.replace(":", "-").lower()).strip("-._")
-    return name[:63] or "image"
+    size_bytes: int  # on disk (the root disk is sparse)
 
 
 def check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise OciError(f"image name {name!r}: {NAME_RULE}")
+        raise OciError(f"image name {name!r}: {IMAGE_NAME_RULE}")
     return name
 
 
@@ -101,7 +92,7 @@ class OciImages:
                             source=str(m.get("source", "")),
                             manifest_digest=str(m.get("manifest_digest", "")),
                             config=ImageConfig.from_json(m.get("config", {})),
-                            size_bytes=sum(int(a.get("size", 0)) for a in arts.values()))
+                            size_bytes=sum((d / f).stat().st_blocks * 512 for f in arts))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OciError(f"image {name!r}: unreadable manifest: {exc}") from exc
 
