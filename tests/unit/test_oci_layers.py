@@ -62,12 +62,13 @@ def test_layers_apply_in_order_with_whiteouts_and_opaque_dirs(tmp_path: Path) ->
                   ("bin/sh", "sym", "busybox"), ("bin/ls", "hard", "bin/busybox"),
                   ("home/u/f", "file", (b"u", 0o600, 1000, 1001))])
     upper = _tar([("etc/.wh.a", "file", b""), ("etc/b", "file", b"b2"),
-                  ("opt/x/3", "file", b"3"), ("opt/x/.wh..wh..opq", "file", b""),
+                  ("opt/x/3", "file", b"3"), ("opt/x/sub/4", "file", b"4"),
+                  ("opt/x/.wh..wh..opq", "file", b""),
                   ("etc/a.d", "dir", None)])
     fs = _apply(root, lower, upper)
     assert not (root / "etc/a").exists()
     assert (root / "etc/b").read_bytes() == b"b2"
-    assert sorted(os.listdir(root / "opt/x")) == ["3"]  # the lower's gone, this layer's kept
+    assert sorted(os.listdir(root / "opt/x")) == ["3", "sub"]  # the lower's gone, this layer's kept
     assert os.readlink(root / "bin/sh") == "busybox"
     assert os.stat(root / "bin/ls").st_ino == os.stat(root / "bin/busybox").st_ino
     assert stat.S_IMODE(os.stat(root / "bin/busybox").st_mode) == 0o4755

@@ -85,3 +85,11 @@ def test_the_root_disk_keeps_owners_without_root(tmp_path: Path) -> None:
     stat = subprocess.run(["debugfs", "-R", "stat /home/u/f", str(out)], capture_output=True,
                           text=True, check=True).stdout
     assert "User:  1000" in stat and "Group:  1001" in stat
+
+
+def test_owners_that_debugfs_cannot_set_fail_the_build(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ocidisk.DiskError, match="nope"):
+        ocidisk.build_ext4(root, tmp_path / "disk.ext4", {"nope": (1, 1)})
+    assert not (tmp_path / "disk.ext4").exists()

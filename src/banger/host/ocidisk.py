@@ -88,9 +88,15 @@ def build_ext4(rootfs: Path, out: Path, owners: Mapping[str, tuple[int, int]]) -
             script = out.with_name(out.name + ".owners")
             script.write_text("".join(_owner_cmds(owners)))
             try:
-                run(["debugfs", "-w", "-f", str(script), str(out)], timeout=1800)
+                done = run(["debugfs", "-w", "-f", str(script), str(out)], timeout=1800)
             finally:
                 script.unlink(missing_ok=True)
+            # debugfs exits 0 whatever its commands did: its complaints are on stderr.
+            bad = [ln for ln in done.stderr.splitlines()
+                   if ln.strip() and not ln.startswith("debugfs ")]
+            if bad:
+                out.unlink(missing_ok=True)
+                raise DiskError(f"could not set owners on the root disk: {bad[0][:300]}")
     except CommandError as exc:
         out.unlink(missing_ok=True)
         raise DiskError(f"could not build the root disk: {exc}") from exc

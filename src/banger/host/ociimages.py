@@ -120,6 +120,8 @@ class OciImages:
             on_progress(f"{len(image.layers)} layer(s) verified "
                         f"({sum(la.size for la in image.layers) >> 20} MiB compressed)")
             self.images.mkdir(parents=True, exist_ok=True)
+            for stale in self.images.glob(".*.build-*"):  # a pull the daemon's death cut
+                _rmtree(stale)
             work = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=self.images))
             try:
                 built = self._build(work, image, name, src, on_progress)

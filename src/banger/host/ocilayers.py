@@ -157,7 +157,8 @@ class Rootfs:
 
     def _write(self, tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int, parent: int,
                rel: str, base: str) -> None:
-        self._layer.add(rel)
+        parts = rel.split("/")
+        self._layer.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
         if (m.uid, m.gid) != (0, 0):
             self.owners[rel] = (m.uid, m.gid)
         else:
