@@ -93,3 +93,18 @@ def test_owners_that_debugfs_cannot_set_fail_the_build(tmp_path: Path) -> None:
     with pytest.raises(ocidisk.DiskError, match="nope"):
         ocidisk.build_ext4(root, tmp_path / "disk.ext4", {"nope": (1, 1)})
     assert not (tmp_path / "disk.ext4").exists()
+
+
+def test_the_sparse_digest_is_the_contents_not_the_holes(tmp_path: Path) -> None:
+    from banger.host.ociimages import sparse_sha256
+    sparse, dense, other = tmp_path / "s", tmp_path / "d", tmp_path / "o"
+    with sparse.open("wb") as f:
+        f.truncate(5 << 20)
+        f.seek(3 << 20)
+        f.write(b"data")
+    dense.write_bytes(bytes(3 << 20) + b"data" + bytes((2 << 20) - 4))
+    other.write_bytes(bytes(3 << 20) + b"dat!" + bytes((2 << 20) - 4))
+    assert sparse_sha256(sparse) == sparse_sha256(dense) != sparse_sha256(other)
+    grown = tmp_path / "g"
+    grown.write_bytes(dense.read_bytes() + bytes(1))
+    assert sparse_sha256(grown) != sparse_sha256(dense)
