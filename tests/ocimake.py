@@ -1,5 +1,6 @@
-"""Test images made locally: OCI layout directories written from tar layers (no registry,
-no network), then handed to skopeo like any other source."""
+"""Test images made locally: OCI layout directories written from tar layers (no network),
+handed to skopeo like any other source or pushed into a registry on loopback (Debian's
+docker-registry, its storage in a temp dir, on 127.0.0.1 at a free port)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import gzip
 import hashlib
 import io
 import json
+import socket
+import subprocess
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: runs with no libc
@@ -60,7 +65,7 @@ def write_layout(dest: Path, layers: list[bytes], *, tag: str = "latest",
     layer_descs, diff_ids = [], []
     for raw in layers:
         diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
-        d, n = put(gzip.compress(raw, mtime=0))
+        d, n = put(gzip.compress(raw, compresslevel=1, mtime=0))
         layer_descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                             "digest": d, "size": n})
     config = {"architecture": "amd64", "os": "linux",
@@ -80,3 +85,52 @@ def write_layout(dest: Path, layers: list[bytes], *, tag: str = "latest",
                        "digest": md, "size": mn,
                        "annotations": {"org.opencontainers.image.ref.name": tag}}]}))
     return dest
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = root / "config.yml"
+        config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+                          f"    rootdirectory: {root / 'data'}\n"
+                          f"http:\n  addr: 127.0.0.1:{self.port}\n")
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise AssertionError("docker-registry did not start") from None
+                time.sleep(0.1)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def push(self, layers: list[bytes], repo: str, tmp: Path, **config: object) -> str:
+        layout = write_layout(tmp / repo, layers, **config)  # type: ignore[arg-type]
+        ref = f"{self.host}/{repo}:1"
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+                        f"oci:{layout}:latest", f"docker://{ref}"], check=True, timeout=120)
+        return ref
+
+    def blob(self, digest: str) -> Path:
+        hexd = digest.split(":", 1)[1]
+        return (self.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
+                / hexd[:2] / hexd / "data")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,56 +22,9 @@ import pytest
 
 from tests import ocimake
 from tests.e2e.conftest import Banger, finish, make_banger
+from tests.ocimake import Registry
 
 pytestmark = pytest.mark.e2e
-
-
-class Registry:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = root / "config.yml"
-        config.write_text(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-                          f"    rootdirectory: {root / 'data'}\n"
-                          f"http:\n  addr: 127.0.0.1:{self.port}\n")
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise AssertionError("docker-registry did not start") from None
-                time.sleep(0.1)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def push(self, layers: list[bytes], repo: str, tmp: Path, **config: object) -> str:
-        layout = ocimake.write_layout(tmp / repo, layers, **config)  # type: ignore[arg-type]
-        ref = f"{self.host}/{repo}:1"
-        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-                        f"oci:{layout}:latest", f"docker://{ref}"], check=True, timeout=120)
-        return ref
-
-    def blob(self, digest: str) -> Path:
-        hexd = digest.split(":", 1)[1]
-        return (self.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256"
-                / hexd[:2] / hexd / "data")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

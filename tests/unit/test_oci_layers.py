@@ -4,6 +4,7 @@ directories, links and modes kept; hostile entries refused with the entry named.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import stat
@@ -91,11 +92,15 @@ def test_gzip_and_zstd_layers(tmp_path: Path) -> None:
     zst = tmp_path / "l.zst"
     zst.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True,
                                    check=True).stdout)
-    for blob in (gz, zst):
+    plain = tmp_path / "l.tar"
+    plain.write_bytes(raw)
+    for blob in (gz, zst, plain):
         root = tmp_path / ("r" + blob.suffix)
-        fs = Rootfs(root)
-        fs.apply(blob)
+        digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+        Rootfs(root).apply(blob, digest=digest)
         assert (root / "a").read_bytes() == b"A"
+        with pytest.raises(LayerError, match="does not match its digest"):
+            Rootfs(tmp_path / ("bad" + blob.suffix)).apply(blob, digest="sha256:" + "0" * 64)
 
 
 @pytest.mark.parametrize(("entries", "named"), [

@@ -28,10 +28,15 @@ def test_read_checks_every_blob_and_keeps_the_config(tmp_path: Path) -> None:
     assert len(image.layers) == 1
     assert image.config.env == ("PATH=/bin", "X=1")
     assert (image.config.working_dir, image.config.cmd) == ("/w", ("top",))
-    blob = ocilayout.blob_path(layout, image.layers[0].digest)
-    data = blob.read_bytes()
-    blob.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    config = ocilayout.blob_path(layout, image.config_digest)
+    data = config.read_bytes()
+    config.write_bytes(bytes([data[0] ^ 1]) + data[1:])
     with pytest.raises(OciError, match="does not match its digest"):
+        ocilayout.read(layout, "latest")
+    config.write_bytes(data)
+    layer = ocilayout.blob_path(layout, image.layers[0].digest)
+    layer.write_bytes(layer.read_bytes() + b"x")
+    with pytest.raises(OciError, match="manifest says"):
         ocilayout.read(layout, "latest")
 
 

@@ -149,7 +149,7 @@ class OciImages:
                         f"({layer.size / (1 << 20):.1f} MiB)")
             try:
                 rootfs.apply(ocilayout.blob_path(self.layout, layer.digest), layer.media_type,
-                             label=layer.digest[:19])
+                             label=layer.digest[:19], digest=layer.digest)
             except LayerError as exc:
                 raise OciError(str(exc)) from exc
         rootfs.finish()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import os
 import shutil
 import stat
@@ -27,7 +28,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from banger.host.runner import CommandError, run
 
@@ -84,11 +85,24 @@ class Rootfs:
 
     # --- public -------------------------------------------------------------------
 
-    def apply(self, blob: Path, media_type: str = "", label: str = "") -> None:
-        """Apply one layer blob (compression from ``media_type``, else sniffed)."""
+    def apply(self, blob: Path, media_type: str = "", label: str = "",
+              digest: str | None = None) -> None:
+        """Apply one layer blob (compression from ``media_type``, else sniffed). With
+        ``digest`` ("sha256:<hex>") the blob is hashed as it is read, in the same pass,
+        and a blob that does not match is refused once read (the caller then drops the
+        rootfs)."""
         label = label or blob.name
-        with self._open(blob, media_type, label) as stream:
-            self.apply_stream(stream, label)
+        with blob.open("rb") as f:
+            hasher = _Hashing(f)
+            with self._open(hasher, blob, media_type, label) as stream:
+                self.apply_stream(stream, label)
+            if digest is not None:
+                while hasher.read(1 << 20):
+                    pass  # what the tar reader left: padding, the gzip trailer
+                got = "sha256:" + hasher.h.hexdigest()
+                if got != digest:
+                    raise LayerError(f"layer {label}: the blob does not match its digest "
+                                     f"{digest} ({got}): refused")
 
     def apply_stream(self, stream: IO[bytes], label: str) -> None:
         self._layer = set()
@@ -255,14 +269,15 @@ class Rootfs:
     # --- decompression ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _open(self, blob: Path, media_type: str, label: str) -> Iterator[IO[bytes]]:
-        with blob.open("rb") as f:
-            magic = f.read(4)
+    def _open(self, raw: _Hashing, blob: Path, media_type: str, label: str
+              ) -> Iterator[IO[bytes]]:
+        magic = raw.peek4()
         zstd = media_type.endswith("+zstd") or magic == b"\x28\xb5\x2f\xfd"
         gz = media_type.endswith("+gzip") or magic[:2] == b"\x1f\x8b"
         if zstd:
             # The zstd CLI (no Python binding in banger's dependencies), through the one
-            # runner, into a scratch file read back as a stream.
+            # runner, into a scratch file read back as a stream; the blob itself is then
+            # hashed by the caller's drain.
             with tempfile.TemporaryDirectory(prefix="banger-layer-") as tmp:
                 out = Path(tmp) / "layer.tar"
                 try:
@@ -270,14 +285,31 @@ class Rootfs:
                 except CommandError as exc:
                     raise LayerError(f"layer {label}: zstd could not decompress it: "
                                      f"{exc}") from exc
-                with out.open("rb") as raw:
-                    yield raw
+                with out.open("rb") as tar:
+                    yield tar
         elif gz:
-            with gzip.open(blob, "rb") as g:
-                yield g  # type: ignore[misc]
+            with gzip.GzipFile(fileobj=cast(IO[bytes], raw), mode="rb") as g:
+                yield cast(IO[bytes], g)
         else:
-            with blob.open("rb") as raw:
-                yield raw
+            yield cast(IO[bytes], raw)
+
+
+class _Hashing:
+    """A file read once, front to back, hashed as it goes."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+
+    def peek4(self) -> bytes:
+        head = self.f.read(4)
+        self.f.seek(0)
+        return head
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
 
 
 def _is_link(dir_fd: int, name: str) -> bool:

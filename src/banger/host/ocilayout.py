@@ -4,8 +4,9 @@
 an archive (``docker save`` tar, OCI archive, OCI layout directory) into the layout under
 banger's state directory: blobs are stored once by digest and shared by every image, and
 skopeo verifies them as it copies. Reading back walks index -> manifest (the linux/amd64
-one of a manifest list) -> config -> layers, and checks every blob's size and sha256 again
-(the cache is a directory anyone with the user's rights could have touched). TLS is
+one of a manifest list) -> config -> layers, and checks every blob again (the cache is a
+directory anyone with the user's rights could have touched): the index, manifest and config
+here, a layer's size here and its sha256 as it is applied (host/ocilayers.py, one read). TLS is
 verified except for registries on loopback (the tests' local registry).
 """
 
@@ -142,7 +143,7 @@ def read(layout: Path, tag: str) -> Image:
     layers = []
     for ld in manifest.get("layers", ()):
         layer = Layer(str(ld.get("digest")), str(ld.get("mediaType", "")), int(ld.get("size", -1)))
-        verify_blob(layout, layer.digest, layer.size, "layer")
+        _check_size(layout, layer)  # its digest is checked as it is applied (one read)
         layers.append(layer)
     return Image(manifest_digest=str(desc["digest"]), config_digest=str(cdesc["digest"]),
                  layers=tuple(layers), config=parse_config(config))
@@ -189,6 +190,17 @@ def verify_blob(layout: Path, digest: str, size: int, what: str) -> Path:
         raise OciError(f"{what} {digest}: the cached blob does not match its digest "
                        f"({n} bytes, sha256:{h.hexdigest()}): refused")
     return path
+
+
+def _check_size(layout: Path, layer: Layer) -> None:
+    try:
+        size = blob_path(layout, layer.digest).stat().st_size
+    except OSError as exc:
+        raise OciError(f"layer {layer.digest}: missing from the cache ({exc.strerror})"
+                       ) from exc
+    if size != layer.size:
+        raise OciError(f"layer {layer.digest}: {size} bytes in the cache, the manifest says "
+                       f"{layer.size}: refused")
 
 
 def _platform(index: dict[str, Any]) -> dict[str, Any]:
