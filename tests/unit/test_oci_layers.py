@@ -159,3 +159,27 @@ def test_no_hostile_tar_writes_outside_the_root(tmp_path: Path,
     assert sorted(os.listdir(base)) == ["out", "root"]
     assert os.listdir(base / "out") == ["keep"]
     assert (base / "out" / "keep").read_bytes() == b"keep"
+
+
+_VALID = gzip.compress(_tar([("d", "dir", None), ("d/f", "file", b"x" * 3000),
+                             ("d/l", "sym", "f"), ("d/h", "hard", "d/f")]), mtime=0)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=len(_VALID) - 1),
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, len(_VALID) - 1),
+                                           st.integers(1, 255))))
+def test_a_truncated_or_damaged_layer_fails_only_as_a_refusal(
+        tmp_path: Path, cut: int, flip: tuple[int, int] | None) -> None:
+    data = bytearray(_VALID[:cut] if flip is None else _VALID)
+    if flip is not None:
+        data[flip[0]] ^= flip[1]
+    blob = tmp_path / "layer.gz"
+    blob.write_bytes(bytes(data))
+    digest = "sha256:" + hashlib.sha256(_VALID).hexdigest()
+    root = tmp_path / "root"
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    with pytest.raises(LayerError, match=r"^layer L: "):
+        Rootfs(root).apply(blob, "application/vnd.oci.image.layer.v1.tar+gzip", "L",
+                           digest=digest)

@@ -26,6 +26,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, cast
@@ -116,7 +117,7 @@ class Rootfs:
                     entry = "(header after " + member.name + ")"
         except _Refused as exc:
             raise LayerError(f"layer {label}: entry {entry!r} refused: {exc}") from None
-        except (tarfile.TarError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise LayerError(f"layer {label}: entry {entry!r}: unreadable or truncated "
                              f"tar ({exc})") from exc
 
