@@ -4,7 +4,7 @@ locally (tar layers -> an OCI layout -> pushed with skopeo), pulled by banger, b
 and a command run in them through the agent.
 
 - a busybox-only image (static busybox, no libc, no init, no sshd, no Python) boots and
-  runs `vm run -- CMD` and `vm exec`, with the image's Env and WorkingDir;
+  runs `vm exec` with the image's Env and WorkingDir, and `vm cp` both ways;
 - a two-layer image whose second layer deletes (whiteout), empties (opaque directory) and
   replaces files of the first shows only the second layer's view;
 - a blob the registry serves with the wrong content is refused, and neither an image nor
@@ -58,6 +58,13 @@ def test_a_busybox_only_image_pulls_boots_and_runs_commands(
     assert _exec(b, "bb", "sh", "-c", 'echo "$GREETING $PWD"') == "hello-oci /etc\n"
     assert b.run("vm", "exec", "bb", "--", "ls", "/lib", check=False, timeout=120).returncode
     assert _exec(b, "bb", "ls", "/.banger") == "banger-agent\nbin\nbusybox\ninit\n"
+    # Files in and out through the agent alone (no tar, no shell of the image's needed).
+    note = tmp_path / "note.txt"
+    note.write_text("through the agent\n")
+    b.run("vm", "cp", str(note), "bb:/root/note.txt", timeout=120)
+    assert _exec(b, "bb", "cat", "/root/note.txt") == "through the agent\n"
+    b.run("vm", "cp", "bb:/etc/motd", str(tmp_path / "motd"), timeout=120)
+    assert (tmp_path / "motd").read_text() == "from the busybox layer\n"
 
 
 def test_a_second_layer_deletes_empties_and_replaces_the_firsts_files(
@@ -74,6 +81,9 @@ def test_a_second_layer_deletes_empties_and_replaces_the_firsts_files(
     ref = registry.push([ocimake.busybox_layer(), lower, upper], "twolayer", tmp_path,
                         env=["PATH=/bin"])
     b.run("image", "pull", ref, "--name", "twolayer")
+    once = b.run("vm", "run", "--rm", "--name", "once", "--image", "twolayer", "--",
+                 "cat", "/etc/motd", timeout=300)
+    assert once.stdout == "upper\n"
     b.run("vm", "run", "--name", "two", "--image", "twolayer", "-d", timeout=300)
     assert _exec(b, "two", "cat", "/etc/motd") == "upper\n"
     assert _exec(b, "two", "ls", "/opt/old") == "new\n"
