@@ -58,6 +58,9 @@ def test_a_busybox_only_image_pulls_boots_and_runs_commands(
     assert _exec(b, "bb", "sh", "-c", 'echo "$GREETING $PWD"') == "hello-oci /etc\n"
     assert b.run("vm", "exec", "bb", "--", "ls", "/lib", check=False, timeout=120).returncode
     assert _exec(b, "bb", "ls", "/.banger") == "banger-agent\nbin\nbusybox\ninit\n"
+    # No sshd in it: `vm ssh` says so at once rather than waiting for one.
+    ssh = b.run("vm", "ssh", "bb", "--", "true", check=False, timeout=20)
+    assert ssh.returncode != 0 and "starts no sshd" in ssh.stderr, ssh.stderr
     # Files in and out through the agent alone (no tar, no shell of the image's needed).
     note = tmp_path / "note.txt"
     note.write_text("through the agent\n")

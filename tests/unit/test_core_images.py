@@ -10,7 +10,7 @@ import pytest
 
 from banger.core.execs import DEFAULT_ENV, HOME, with_image_config
 from banger.core.startplan import boot_source
-from banger.model.errors import InvalidRequest
+from banger.model.errors import ConflictError, InvalidRequest
 from banger.model.layout import Layout
 from banger.model.vm import VM, KernelKind, VMSpec, VMState
 from banger.ports import ExecRequest, ImageInfo, ImageRecord
@@ -42,7 +42,7 @@ def test_an_oci_image_boots_the_microvm_kernel_only(tmp_path: Path) -> None:
         boot_source(cloud, info)
 
 
-def test_pull_names_the_image_from_its_ref_and_an_exec_gets_its_config(
+def test_pull_names_the_image_from_its_ref_an_exec_gets_its_config_and_ssh_says_no(
         tmp_path: Path) -> None:
     layout = Layout.for_user({"BANGER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)})
     svc, images, *_ = fake_service(tmp_path, layout)
@@ -61,3 +61,6 @@ def test_pull_names_the_image_from_its_ref_and_an_exec_gets_its_config(
     ex.abandon()
     (sent,) = [e for execs in agent_of(svc).execs.values() for e in execs]
     assert sent.request.env["FOO"] == "bar" and sent.request.cwd == "/srv"
+
+    with pytest.raises(ConflictError, match="starts no sshd"):
+        svc.ssh_view("box")
