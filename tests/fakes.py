@@ -100,6 +100,14 @@ class FakeDisks:
         if self.fail_overlay:
             raise OSError("overlay: disk full")
 
+    def backing_of(self, overlay: Path) -> Path | None:
+        try:
+            data = overlay.read_bytes()
+        except OSError:
+            return None
+        prefix = b"qcow2 over "
+        return Path(data[len(prefix):].decode()) if data.startswith(prefix) else None
+
     def build_work_disk(self, path: Path, size_bytes: int,
                         files: Mapping[str, tuple[bytes, int]],
                         trees: Mapping[str, Path] | None = None) -> None:

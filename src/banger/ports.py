@@ -71,6 +71,9 @@ class ImagePort(Protocol):
 class DiskPort(Protocol):
     def create_overlay(self, base: Path, overlay: Path) -> None: ...
 
+    def backing_of(self, overlay: Path) -> Path | None:
+        """The base file ``overlay`` was made over (None: no overlay, or none recorded)."""
+
     def build_work_disk(self, path: Path, size_bytes: int,
                         files: Mapping[str, tuple[bytes, int]],
                         trees: Mapping[str, Path] | None = None) -> None:

@@ -93,6 +93,10 @@ def test_a_second_layer_deletes_empties_and_replaces_the_firsts_files(
     gone = b.run("vm", "exec", "two", "--", "ls", "/etc/gone", check=False, timeout=120)
     assert gone.returncode != 0
     assert _exec(b, "two", "busybox", "stat", "-c", "%a", "/etc/motd") == "600\n"
+    # Pulled again under the same name: the VM made from the first pull still boots.
+    b.run("image", "pull", ref, "--name", "twolayer")
+    b.run("vm", "restart", "two", timeout=300)
+    assert _exec(b, "two", "cat", "/etc/motd") == "upper\n"
 
 
 def test_a_blob_with_a_wrong_digest_is_refused_and_nothing_is_left(
@@ -113,8 +117,8 @@ def test_a_blob_with_a_wrong_digest_is_refused_and_nothing_is_left(
     listed = [i["name"] for i in json.loads(b.run("image", "list", "--json").stdout)]
     assert "corrupt" not in listed
     oci = b.home / "state" / "oci"
-    images = oci / "images"
-    assert not images.exists() or list(images.iterdir()) == []
+    for made in (oci / "images", oci / "builds"):
+        assert not made.exists() or list(made.iterdir()) == [], list(made.iterdir())
     for blob in (oci / "layout" / "blobs" / "sha256").glob("*"):
         assert hashlib.sha256(blob.read_bytes()).hexdigest() == blob.name, blob
     assert not (oci / "layout" / "blobs" / "sha256" / digest.split(":", 1)[1]).exists()

@@ -64,3 +64,24 @@ def test_pull_names_the_image_from_its_ref_an_exec_gets_its_config_and_ssh_says_
 
     with pytest.raises(ConflictError, match="starts no sshd"):
         svc.ssh_view("box")
+
+
+def test_a_restart_keeps_the_base_its_overlay_was_made_over(tmp_path: Path) -> None:
+    layout = Layout.for_user({"BANGER_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)})
+    svc, images, _disks, vmm, *_ = fake_service(tmp_path, layout)
+    first = images._info()
+    first.rootfs.parent.mkdir(parents=True, exist_ok=True)
+    first.rootfs.write_bytes(b"first build")
+    svc.create(name="box", spec=VMSpec())
+    assert vmm.launched[-1].root.backing == first.rootfs
+    second = tmp_path / "builds" / "second" / "rootfs.ext4"
+    second.parent.mkdir(parents=True)
+    second.write_bytes(b"second build")
+    images._info = lambda: replace(first, rootfs=second)  # type: ignore[method-assign]
+    svc.stop("box")
+    svc.start("box")
+    assert vmm.launched[-1].root.backing == first.rootfs  # the image moved on; the VM not
+    svc.stop("box")
+    first.rootfs.unlink()  # the old base gone (a built-in image rebuilt): the current one
+    svc.start("box")
+    assert vmm.launched[-1].root.backing == second

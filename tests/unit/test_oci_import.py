@@ -87,3 +87,14 @@ def test_the_port_boots_it_microvm_only_and_refuses_it_damaged(
         f.write(b"x")
     with pytest.raises(OperationFailed, match="damaged"):
         LocalImages(tmp_path / "builtin", KERNEL_CACHE, oci_root=images.root).get("app")
+
+
+def test_a_new_pull_of_a_name_leaves_the_old_build_for_the_vms_made_from_it(
+        tmp_path: Path, src: Path, images: OciImages) -> None:
+    first = images.pull(str(src), "app", lambda _: None, archive=True)
+    second = images.pull(str(src), "app", lambda _: None, archive=True)
+    assert first.rootfs.is_file() and second.rootfs.is_file()
+    assert first.dir != second.dir and images.get("app") == second
+    assert images.names() == ["app"]
+    (images.images / "evil").symlink_to("/etc")  # only links into builds/ are images
+    assert images.get("evil") is None and images.names() == ["app"]

@@ -113,3 +113,14 @@ def test_the_sparse_digest_is_the_contents_not_the_holes(tmp_path: Path) -> None
     grown = tmp_path / "g"
     grown.write_bytes(dense.read_bytes() + bytes(1))
     assert sparse_sha256(grown) != sparse_sha256(dense)
+
+
+def test_the_backing_file_is_read_from_the_overlays_header(tmp_path: Path) -> None:
+    from banger.host import disks
+    base = tmp_path / "base with space.ext4"
+    base.write_bytes(b"\0" * 4096)
+    overlay = tmp_path / "root.qcow2"
+    disks.create_overlay(base, overlay)
+    assert disks.backing_of(overlay) == base
+    assert disks.backing_of(tmp_path / "none") is None
+    assert disks.backing_of(base) is None  # raw: no qcow2 header

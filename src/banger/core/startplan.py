@@ -268,7 +268,7 @@ def _launch(ctx: StartContext) -> None:
     spec = LaunchSpec(
         vm_id=ctx.vm.id,
         boot=boot_source(ctx.vm, ctx.image),
-        root=Drive(ctx.paths.root_disk, backing=ctx.image.rootfs),
+        root=Drive(ctx.paths.root_disk, backing=_backing(ctx)),
         work=Drive(ctx.paths.work_disk), vcpus=ctx.vm.spec.vcpus,
         memory_mib=ctx.vm.spec.memory_mib, net=_net_attachment(ctx),
         guest=GuestSettings(hostname=ctx.vm.name), serial_log=ctx.paths.serial_log,
@@ -284,6 +284,17 @@ def _launch(ctx: StartContext) -> None:
         accel_reason=up.accel.reason, ssh_host=ctx.ssh_host,
         tap=spec.net.tap if isinstance(spec.net, TapNet) else None,
         agent=None if up.agent is None else str(up.agent)))
+
+
+def _backing(ctx: StartContext) -> Path:
+    """The base the VM's root overlay was made over while that file is there (an OCI image
+    pulled again under its name keeps its earlier build for the VMs made from it); the
+    image's current root disk otherwise."""
+    assert ctx.image is not None
+    recorded = ctx.host.disks.backing_of(ctx.paths.root_disk)
+    if recorded is not None and recorded != ctx.image.rootfs and recorded.is_file():
+        return recorded
+    return ctx.image.rootfs
 
 
 def boot_source(vm: VM, image: ImageInfo) -> BootSource:

@@ -4,10 +4,12 @@ whole image directory renamed into place only once complete.
 
 ``<root>/layout`` is the OCI layout (blobs by digest, shared by every image: a pull that
 failed half way leaves only whole, verified blobs behind, which the next pull reuses);
-``<root>/images/<name>/`` is one image: ``rootfs.ext4``, ``vmlinux-microvm`` (banger's
-kernel, copied in so the image stays bootable when the kernel is rebuilt), and
-``manifest.json`` with the source, the OCI digests, the image config (Env, WorkingDir,
-Entrypoint, Cmd, User) and every artifact's sha256.
+``<root>/images/<name>`` is a symlink to one build, ``<root>/builds/<name>-<digest>-<ns>/``,
+swapped whole by the next pull of that name while the old build stays (VMs made from it
+keep their backing file; removing unused builds is for a prune): ``rootfs.ext4``,
+``vmlinux-microvm`` (banger's kernel, copied in so the image stays bootable when the kernel
+is rebuilt), and ``manifest.json`` with the source, the OCI digests, the image config (Env,
+WorkingDir, Entrypoint, Cmd, User) and every artifact's size and sparse sha256.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ class OciImages:
     def __init__(self, root: Path, cache_dir: Path, kernel_caches: tuple[Path, ...] = ()) -> None:
         self.root = root
         self.layout = root / "layout"
-        self.images = root / "images"
+        self.images = root / "images"  # <name> -> ../builds/<build>, swapped whole
+        self.builds = root / "builds"
         self._cache_dir = cache_dir
         # Where a built microVM kernel may already be (the images' cache, a shared one).
         self._kernel_caches = (*kernel_caches, cache_dir)
@@ -73,12 +76,22 @@ class OciImages:
     def names(self) -> list[str]:
         if not self.images.is_dir():
             return []
-        return sorted(p.name for p in self.images.iterdir()
-                      if _NAME.match(p.name) and (p / MANIFEST).is_file())
+        return sorted(p.name for p in self.images.iterdir() if self._dir(p.name) is not None)
+
+    def _dir(self, name: str) -> Path | None:
+        """The build ``images/<name>`` points to (never a path outside ``builds/``)."""
+        link = self.images / name
+        if not _NAME.match(name) or not link.is_symlink():
+            return None
+        target = os.readlink(link)
+        if "/" in target.removeprefix("../builds/") or not target.startswith("../builds/"):
+            return None
+        d = self.builds / target.removeprefix("../builds/")
+        return d if (d / MANIFEST).is_file() else None
 
     def get(self, name: str, *, verify: bool = False) -> OciImage | None:
-        d = self.images / name
-        if not _NAME.match(name) or not (d / MANIFEST).is_file():
+        d = self._dir(name)
+        if d is None:
             return None
         try:
             m = json.loads((d / MANIFEST).read_text())
@@ -97,16 +110,6 @@ class OciImages:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OciError(f"image {name!r}: unreadable manifest: {exc}") from exc
 
-    def delete(self, name: str) -> bool:
-        d = self.images / check_name(name)
-        if not d.exists():
-            return False
-        with self._locked():
-            trash = Path(tempfile.mkdtemp(prefix=f".{name}.del-", dir=self.images))
-            os.replace(d, trash / name)
-            shutil.rmtree(trash, ignore_errors=True)
-        return True
-
     def pull(self, ref: str, name: str, on_progress: Progress, *, archive: bool = False
              ) -> OciImage:
         """Fetch ``ref`` (a registry reference, or with ``archive`` a local archive or
@@ -121,19 +124,21 @@ class OciImages:
             on_progress(f"{len(image.layers)} layer(s) verified "
                         f"({sum(la.size for la in image.layers) >> 20} MiB compressed)")
             self.images.mkdir(parents=True, exist_ok=True)
-            for stale in self.images.glob(".*.build-*"):  # a pull the daemon's death cut
+            self.builds.mkdir(parents=True, exist_ok=True)
+            for stale in self.builds.glob(".*.build-*"):  # a pull the daemon's death cut
                 _rmtree(stale)
-            work = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=self.images))
+            work = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=self.builds))
             try:
                 built = self._build(work, image, name, src, on_progress)
-                final = self.images / name
-                if final.exists():
-                    old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=self.images))
-                    os.replace(final, old / name)
-                    os.replace(built, final)
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.replace(built, final)
+                # A build is never replaced: VMs made from an earlier pull of this name
+                # keep booting from theirs (their root overlays name it as backing file).
+                build_id = (f"{name}-{image.manifest_digest.split(':')[-1][:12]}-"
+                            f"{time.time_ns()}")
+                os.replace(built, self.builds / build_id)
+                tmp_link = self.images / f".{name}.link-{os.getpid()}"
+                tmp_link.unlink(missing_ok=True)
+                tmp_link.symlink_to(f"../builds/{build_id}")
+                os.replace(tmp_link, self.images / name)
             finally:
                 _rmtree(work)
             on_progress(f"image {name!r} ready ({time.monotonic() - started:.1f} s)")
