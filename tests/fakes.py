@@ -29,6 +29,7 @@ from banger.ports import (
     GuestStats,
     HostPorts,
     ImageInfo,
+    ImageRecord,
     Launched,
     LaunchSpec,
     ListeningSocket,
@@ -49,9 +50,10 @@ class FakeImages:
         self.root = root
         self.built = built
         self.builds = 0
+        self.pulled: dict[str, ImageRecord] = {}
 
     def known(self) -> list[str]:
-        return ["debian-bookworm"]
+        return ["debian-bookworm", *self.pulled]
 
     def _info(self) -> ImageInfo:
         d = self.root / "images" / "debian-bookworm"
@@ -60,6 +62,20 @@ class FakeImages:
 
     def get(self, name: str) -> ImageInfo | None:
         return self._info() if self.built else None
+
+    def describe(self, name: str) -> ImageRecord | None:
+        if name in self.pulled:
+            return self.pulled[name]
+        return ImageRecord(name, "built-in", self.built) if name in self.known() else None
+
+    def records(self) -> list[ImageRecord]:
+        return [r for n in self.known() if (r := self.describe(n)) is not None]
+
+    def pull(self, ref: str, name: str, *, archive: bool,
+             on_progress: Callable[[str], None]) -> ImageRecord:
+        on_progress(f"pulling {ref}")
+        self.pulled[name] = ImageRecord(name, "oci", True, source=ref)
+        return self.pulled[name]
 
     def build(self, name: str, on_progress: Callable[[str], None]) -> ImageInfo:
         on_progress("building fake image")
@@ -83,6 +99,14 @@ class FakeDisks:
         overlay.write_bytes(b"qcow2 over " + str(base).encode())
         if self.fail_overlay:
             raise OSError("overlay: disk full")
+
+    def backing_of(self, overlay: Path) -> Path | None:
+        try:
+            data = overlay.read_bytes()
+        except OSError:
+            return None
+        prefix = b"qcow2 over "
+        return Path(data[len(prefix):].decode()) if data.startswith(prefix) else None
 
     def build_work_disk(self, path: Path, size_bytes: int,
                         files: Mapping[str, tuple[bytes, int]],

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 
 from banger.api.wire import API_VERSION
 from banger.model.events import EventKind
+from banger.model.images import IMAGE_NAME_PATTERN
 from banger.model.vm import (
     MAX_MEMORY_MIB,
     MAX_VCPUS,
@@ -321,3 +322,48 @@ class Check(BaseModel):
 
 class Doctor(BaseModel):
     checks: list[Check]
+
+
+class ImageOut(BaseModel):
+    """An image: ``kind`` "built-in" (built on first use) or "oci" (pulled or imported),
+    with its OCI config's Env, WorkingDir, Entrypoint, Cmd and User."""
+
+    name: str
+    kind: Literal["built-in", "oci"]
+    built: bool
+    source: str = ""
+    digest: str = ""
+    size_bytes: int = 0
+    env: list[str] = []
+    workdir: str = ""
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    user: str = ""
+
+
+class ImagePull(BaseModel):
+    """``ref``: a registry reference (``docker.io/library/busybox:1.36``; TLS verified
+    except on loopback). ``name``: the image's name (default: from the reference)."""
+
+    model_config = ConfigDict(extra="forbid")
+    ref: str = Field(min_length=1, max_length=4096)
+    name: str | None = Field(default=None, pattern=IMAGE_NAME_PATTERN)
+
+
+class ImageImport(BaseModel):
+    """``path``: an absolute path on the daemon's host: a ``docker save`` tar, an OCI
+    archive or an OCI layout directory."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^/")
+    name: str | None = Field(default=None, pattern=IMAGE_NAME_PATTERN)
+
+
+class ImageProgress(BaseModel):
+    """One line of an image pull's NDJSON stream: "progress" (``message``), "heartbeat",
+    then exactly one "result" (``image``) or "error" (``error``)."""
+
+    type: Literal["progress", "heartbeat", "result", "error"]
+    message: str | None = None
+    image: ImageOut | None = None
+    error: ErrorBody | None = None

@@ -18,6 +18,7 @@ import click
 
 from banger import __version__
 from banger.cli.cp import vm_cp
+from banger.cli.image import image
 from banger.cli.logs import vm_logs
 from banger.cli.ssh import ssh_config, vm_ssh
 from banger.cli.stats import vm_stats
@@ -33,6 +34,7 @@ def cli() -> None:
 
 
 cli.add_command(vm)
+cli.add_command(image)
 vm.add_command(vm_ssh)
 vm.add_command(vm_exec)
 vm.add_command(vm_workspace)

@@ -31,6 +31,8 @@ from banger.client.types import (
     ErrorBody,
     FilesPut,
     Health,
+    ImageOut,
+    ImageProgress,
     LogEvent,
     Logs,
     OperationOut,
@@ -151,6 +153,30 @@ class Client:
                 body: Any = None) -> VMOut:
         pending = self._begin_stream(method, path, body)
         return pending.result(on_progress)
+
+    def images(self) -> list[ImageOut]:
+        return [ImageOut.from_json(i) for i in self._request("GET", "/images")]
+
+    def image(self, name: str) -> ImageOut:
+        return ImageOut.from_json(self._request("GET", f"/images/{seg(name)}"))
+
+    def pull_image(self, body: dict[str, Any], on_progress: Callable[[str], None], *,
+                   archive: bool = False) -> ImageOut:
+        """Pull (``{"ref", "name"?}``) or import (``{"path", "name"?}``) an image; its
+        progress lines go to ``on_progress``."""
+        path = "/images/import" if archive else "/images/pull"
+        with self._streaming("POST", path, body) as resp:
+            for line in resp:
+                if not line.strip():
+                    continue
+                ev = _parsed(ImageProgress, line, "image progress")
+                if ev.type == "progress" and ev.message is not None:
+                    on_progress(ev.message)
+                elif ev.type == "error" and ev.error is not None:
+                    raise ApiError(ev.error)
+                elif ev.type == "result" and ev.image is not None:
+                    return ev.image
+        raise DaemonUnavailable("bangerd ended the image stream without a result")
 
     def health(self) -> Health:
         return Health.from_json(self._request("GET", "/health"))
@@ -294,7 +320,7 @@ def _api_error(status: int, content: bytes) -> ApiError:
     return ApiError(body, status)
 
 
-E = TypeVar("E", ProgressEvent, LogEvent)
+E = TypeVar("E", ProgressEvent, LogEvent, ImageProgress)
 
 
 def _parsed(cls: type[E], line: bytes, what: str) -> E:

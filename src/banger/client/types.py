@@ -10,7 +10,7 @@ their one validator.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypedDict, TypeVar
 
 from banger.api.wire import API_VERSION
@@ -323,3 +323,33 @@ class SetBody(TypedDict, total=False):
     vcpus: int
     memory_mib: int
     disk_mib: int
+
+
+@dataclass
+class ImageOut(_Record):
+    name: str
+    kind: str
+    built: bool
+    source: str = ""
+    digest: str = ""
+    size_bytes: int = 0
+    env: list[str] = field(default_factory=list)
+    workdir: str = ""
+    entrypoint: list[str] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)
+    user: str = ""
+
+
+@dataclass
+class ImageProgress(_Record):
+    type: str
+    message: str | None = None
+    image: ImageOut | None = None
+    error: ErrorBody | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ImageProgress:
+        known = _known(cls, data)
+        known["image"] = _opt(ImageOut, known.get("image"))
+        known["error"] = _opt(ErrorBody, known.get("error"))
+        return cls(**known)

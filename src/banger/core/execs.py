@@ -21,7 +21,7 @@ from banger.core.context import VMContext
 from banger.core.views import agent_channel
 from banger.model.errors import InvalidRequest, OperationFailed
 from banger.model.vm import VM, VMState
-from banger.ports import ExecExit, ExecOutput, ExecRequest, GuestExec
+from banger.ports import ExecExit, ExecOutput, ExecRequest, GuestExec, ImageRecord
 from banger.store.vms import NotFound
 
 # Connect (after a daemon restart), HELLO and STARTED: a guest that says nothing in this
@@ -119,6 +119,20 @@ def in_workspace(vm: VM, request: ExecRequest) -> ExecRequest:
                    cwd=request.cwd or vm.workspace_guest_path)
 
 
+def with_image_config(request: ExecRequest, image: ImageRecord | None) -> ExecRequest:
+    """An OCI image's Env over :data:`DEFAULT_ENV` (what the caller set itself still
+    wins), and its WorkingDir as the cwd of a command given none (HOME otherwise)."""
+    if image is None or image.kind != "oci":
+        return request
+    env = dict(DEFAULT_ENV)
+    env.update(e.partition("=")[::2] for e in image.env if "=" in e)
+    env.update((k, v) for k, v in request.env.items() if DEFAULT_ENV.get(k) != v)
+    cwd = request.cwd
+    if image.workdir and cwd in ("", HOME):
+        cwd = image.workdir
+    return replace(request, env=env, cwd=cwd)
+
+
 def exec_start(ctx: VMContext, ref: str, request: ExecRequest, *,
                workspace: bool = False) -> RunningExec:
     """Start ``request`` in VM ``ref``, which must be running; no lock is held after.
@@ -129,6 +143,8 @@ def exec_start(ctx: VMContext, ref: str, request: ExecRequest, *,
         raise InvalidRequest(f"pty size {request.pty[0]}x{request.pty[1]}: rows and cols "
                              "must be 1..65535")
     shown, channel = agent_channel(ctx, ref, "a command runs")
+    if shown.vm.workspace_guest_path is None:
+        request = with_image_config(request, ctx.host.images.describe(shown.vm.spec.image))
     if workspace:
         request = in_workspace(shown.vm, request)
     try:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import ParamSpec, TypeVar
 
-from banger.core import batch, files, lifecycle, reconcile, views, workspaces
+from banger.core import batch, files, images, lifecycle, reconcile, views, workspaces
 from banger.core.batch import BatchResult
 from banger.core.context import Timeouts, VMContext
 from banger.core.execs import RunningExec, exec_start
@@ -35,7 +35,7 @@ from banger.core.views import VMView
 from banger.model.config import Config
 from banger.model.layout import Layout
 from banger.model.vm import VM, NetworkMode, VMSpec
-from banger.ports import ExecRequest, HostPorts, WorkspaceRequest
+from banger.ports import ExecRequest, HostPorts, ImageRecord, WorkspaceRequest
 from banger.store.vms import VMRepository
 
 # The facade's own signatures name these: callers import them from here.
@@ -198,6 +198,17 @@ class VMService:
 
     def stats(self, ref: str, interval: float = SAMPLE_INTERVAL) -> VMStats:
         return vm_stats(self.ctx, ref, interval)
+
+    def images(self) -> list[ImageRecord]:
+        return images.list_images(self.ctx)
+
+    def image(self, name: str) -> ImageRecord:
+        return images.show_image(self.ctx, name)
+
+    def pull_image(self, ref: str, name: str | None, *, archive: bool,
+                   on_progress: Callable[[str], None]) -> ImageRecord:
+        return images.pull_image(self.ctx, ref, name, archive=archive,
+                                 on_progress=on_progress)
 
     def exec(self, ref: str, request: ExecRequest, *, workspace: bool = False) -> RunningExec:
         return exec_start(self.ctx, ref, request, workspace=workspace)

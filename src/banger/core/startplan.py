@@ -268,7 +268,7 @@ def _launch(ctx: StartContext) -> None:
     spec = LaunchSpec(
         vm_id=ctx.vm.id,
         boot=boot_source(ctx.vm, ctx.image),
-        root=Drive(ctx.paths.root_disk, backing=ctx.image.rootfs),
+        root=Drive(ctx.paths.root_disk, backing=_backing(ctx)),
         work=Drive(ctx.paths.work_disk), vcpus=ctx.vm.spec.vcpus,
         memory_mib=ctx.vm.spec.memory_mib, net=_net_attachment(ctx),
         guest=GuestSettings(hostname=ctx.vm.name), serial_log=ctx.paths.serial_log,
@@ -286,10 +286,24 @@ def _launch(ctx: StartContext) -> None:
         agent=None if up.agent is None else str(up.agent)))
 
 
+def _backing(ctx: StartContext) -> Path:
+    """The base the VM's root overlay was made over while that file is there (an OCI image
+    pulled again under its name keeps its earlier build for the VMs made from it); the
+    image's current root disk otherwise."""
+    assert ctx.image is not None
+    recorded = ctx.host.disks.backing_of(ctx.paths.root_disk)
+    if recorded is not None and recorded != ctx.image.rootfs and recorded.is_file():
+        return recorded
+    return ctx.image.rootfs
+
+
 def boot_source(vm: VM, image: ImageInfo) -> BootSource:
     """The kernel the VM's record names, from its image: banger's microVM kernel boots
     with no initramfs (its drivers are built in); the cloud kernel needs its initramfs."""
     if vm.spec.kernel is KernelKind.CLOUD:
+        if not image.cloud_kernel:
+            raise InvalidRequest(f"image {image.name!r} (OCI) boots banger's microVM kernel "
+                                 "only: drop --kernel cloud")
         return BootSource(image.kernel, image.initrd, image.cmdline)
     if image.microvm_kernel is None:
         raise InvalidRequest(f"image {image.name!r} has no microVM kernel: rebuild it (a "

@@ -63,6 +63,12 @@ def ssh_view(ctx: VMContext, ref: str) -> VMView:
     if vm.state is not VMState.RUNNING or h is None or h.endpoint is None:
         raise ConflictError(f"VM {vm.name!r} is {vm.state.value}, not running: start it "
                             f"with `banger vm start {vm.name}`")
+    image = ctx.host.images.describe(vm.spec.image)
+    if image is not None and image.kind == "oci":
+        # banger's init in an OCI image starts the agent only: no sshd to wait 30 s for.
+        raise ConflictError(f"VM {vm.name!r} boots the OCI image {image.name!r}, where banger "
+                            f"starts no sshd: run commands with `banger vm exec {vm.name} -- "
+                            "CMD` (a shell through the agent is not there yet)")
     _wait_sshd(ctx, shown, ctx.timeouts.sshd)
     return shown
 
@@ -76,6 +82,9 @@ def await_sshd(ctx: VMContext, budget: float = 10.0) -> None:
         h = shown.handles
         if shown.vm.state is not VMState.RUNNING or h is None or h.endpoint is None:
             continue
+        image = ctx.host.images.describe(shown.vm.spec.image)
+        if image is not None and image.kind == "oci":
+            continue  # no sshd there (ssh_view)
         if (shown.vm.id, h.boot_id or "") in ctx.sshd_ready:
             continue
         with contextlib.suppress(OperationFailed):

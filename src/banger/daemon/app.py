@@ -61,6 +61,7 @@ from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
 from banger.daemon.execws import add_exec_routes
 from banger.daemon.files import add_file_routes
+from banger.daemon.images import add_image_routes
 from banger.daemon.logstream import add_log_routes
 from banger.daemon.threads import in_thread
 from banger.model.errors import BangerError, InvalidRequest, OperationFailed
@@ -436,4 +437,5 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
 
     add_exec_routes(app, service)
     add_file_routes(app, service)
+    add_image_routes(app, service)
     return app

@@ -98,6 +98,9 @@ class _Disks:
     def create_overlay(self, base: Path, overlay: Path) -> None:
         self._inner.create_overlay(base, overlay)
 
+    def backing_of(self, overlay: Path) -> Path | None:
+        return self._inner.backing_of(overlay)
+
     def build_work_disk(self, path: Path, size_bytes: int,
                         files: Mapping[str, tuple[bytes, int]],
                         trees: Mapping[str, Path] | None = None) -> None:

@@ -15,7 +15,8 @@ from banger.ports import HostPorts
 
 
 def host_ports(layout: Layout) -> HostPorts:
-    return HostPorts(images=LocalImages(layout.images_dir, layout.cache_dir),
+    return HostPorts(images=LocalImages(layout.images_dir, layout.cache_dir,
+                                         layout.state_dir / "oci"),
                      disks=LocalDisks(), vmm=QemuVmm(layout.state_dir / "accel.json"),
                      workspace=LocalWorkspace(Scratch(layout.state_dir)),
                      guest=SshGuest(layout), net=LocalNet(layout.state_dir / "ip_forward.orig"),

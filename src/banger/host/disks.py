@@ -76,6 +76,25 @@ def tool(name: str) -> str:
     return found
 
 
+def backing_of(overlay: Path) -> Path | None:
+    """The backing file a qcow2 overlay records, read from its header (qcow2 spec:
+    offset 8, u64 backing_file_offset; 16, u32 backing_file_size), no process needed."""
+    try:
+        with overlay.open("rb") as f:
+            head = f.read(20)
+            if len(head) < 20 or head[:4] != b"QFI\xfb":
+                return None
+            offset = int.from_bytes(head[8:16], "big")
+            size = int.from_bytes(head[16:20], "big")
+            if offset == 0 or not 0 < size <= 1023:
+                return None
+            f.seek(offset)
+            name = f.read(size)
+    except OSError:
+        return None
+    return Path(os.fsdecode(name)) if len(name) == size else None
+
+
 def create_overlay(base: Path, overlay: Path) -> None:
     """Create a qcow2 overlay backed by the raw image ``base``; refuses to overwrite."""
     base = base.absolute()

@@ -14,6 +14,9 @@ class LocalDisks:
     def create_overlay(self, base: Path, overlay: Path) -> None:
         disks.create_overlay(base, overlay)
 
+    def backing_of(self, overlay: Path) -> Path | None:
+        return disks.backing_of(overlay)
+
     def build_work_disk(self, path: Path, size_bytes: int,
                         files: Mapping[str, tuple[bytes, int]],
                         trees: Mapping[str, Path] | None = None) -> None:

@@ -1,0 +1,188 @@
+"""OCI layers applied into a rootfs directory (host/ocilayers.py): order, whiteouts, opaque
+directories, links and modes kept; hostile entries refused with the entry named."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from banger.host.ocilayers import LayerError, Rootfs
+
+Entry = tuple[str, str, object]  # (name, kind, payload)
+
+
+def _tar(entries: list[Entry], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_000_000
+            info.mode = 0o755 if kind == "dir" else 0o644
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, str(payload)
+            elif kind == "hard":
+                info.type, info.linkname = tarfile.LNKTYPE, str(payload)
+            elif kind == "chr":
+                info.type = tarfile.CHRTYPE
+            else:
+                data = payload if isinstance(payload, bytes) else b""
+                if isinstance(payload, tuple):
+                    data, info.mode, info.uid, info.gid = payload
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def _apply(root: Path, *layers: bytes) -> Rootfs:
+    fs = Rootfs(root)
+    for i, layer in enumerate(layers):
+        fs.apply_stream(io.BytesIO(layer), f"L{i}")
+    fs.finish()
+    return fs
+
+
+def test_layers_apply_in_order_with_whiteouts_and_opaque_dirs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    lower = _tar([("etc", "dir", None), ("etc/a", "file", b"a1"), ("etc/b", "file", b"b1"),
+                  ("opt/x/1", "file", b"1"), ("opt/x/2", "file", b"2"),
+                  ("bin/busybox", "file", (b"BB", 0o4755, 0, 0)),
+                  ("bin/sh", "sym", "busybox"), ("bin/ls", "hard", "bin/busybox"),
+                  ("home/u/f", "file", (b"u", 0o600, 1000, 1001))])
+    upper = _tar([("etc/.wh.a", "file", b""), ("etc/b", "file", b"b2"),
+                  ("opt/x/3", "file", b"3"), ("opt/x/sub/4", "file", b"4"),
+                  ("opt/x/.wh..wh..opq", "file", b""),
+                  ("etc/a.d", "dir", None)])
+    fs = _apply(root, lower, upper)
+    assert not (root / "etc/a").exists()
+    assert (root / "etc/b").read_bytes() == b"b2"
+    assert sorted(os.listdir(root / "opt/x")) == ["3", "sub"]  # the lower's gone, this layer's kept
+    assert os.readlink(root / "bin/sh") == "busybox"
+    assert os.stat(root / "bin/ls").st_ino == os.stat(root / "bin/busybox").st_ino
+    assert stat.S_IMODE(os.stat(root / "bin/busybox").st_mode) == 0o4755
+    assert stat.S_IMODE(os.stat(root / "home/u/f").st_mode) == 0o600
+    assert os.stat(root / "etc/b").st_mtime == 1_000_000
+    assert fs.owners == {"home/u/f": (1000, 1001)}
+
+
+def test_a_later_layer_replaces_a_dir_with_a_file_and_back(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    _apply(root, _tar([("d/f", "file", b"x")]), _tar([("d", "file", b"now a file")]),
+           _tar([("d", "dir", None), ("d/g", "file", b"g")]))
+    assert os.listdir(root / "d") == ["g"]
+
+
+def test_gzip_and_zstd_layers(tmp_path: Path) -> None:
+    raw = _tar([("a", "file", b"A")])
+    gz = tmp_path / "l.gz"
+    gz.write_bytes(gzip.compress(raw))
+    zst = tmp_path / "l.zst"
+    zst.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True,
+                                   check=True).stdout)
+    plain = tmp_path / "l.tar"
+    plain.write_bytes(raw)
+    for blob in (gz, zst, plain):
+        root = tmp_path / ("r" + blob.suffix)
+        digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+        Rootfs(root).apply(blob, digest=digest)
+        assert (root / "a").read_bytes() == b"A"
+        with pytest.raises(LayerError, match="does not match its digest"):
+            Rootfs(tmp_path / ("bad" + blob.suffix)).apply(blob, digest="sha256:" + "0" * 64)
+
+
+@pytest.mark.parametrize(("entries", "named"), [
+    ([("../evil", "file", b"x")], "../evil"),
+    ([("/abs", "file", b"x")], "/abs"),
+    ([("a/../../evil", "file", b"x")], "a/../../evil"),
+    ([("link", "sym", "/tmp"), ("link/evil", "file", b"x")], "link/evil"),
+    ([("link", "sym", ".."), ("link/.wh.x", "file", b"")], "link/.wh.x"),
+    ([("h", "hard", "../../etc/passwd")], "h"),
+    ([("s", "sym", "/etc"), ("h", "hard", "s/passwd")], "h"),
+    ([("dev/sda", "chr", None)], "dev/sda"),
+])
+def test_hostile_entries_are_refused_by_name(tmp_path: Path, entries: list[Entry],
+                                             named: str) -> None:
+    with pytest.raises(LayerError) as err:
+        _apply(tmp_path / "root", _tar(entries))
+    assert repr(named) in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["root"]
+
+
+def test_a_huge_pax_header_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, 8 << 30
+    blob = header.tobuf(tarfile.GNU_FORMAT)  # no body: reading it would need 8 GiB
+    with pytest.raises(LayerError, match="extended header"):
+        _apply(tmp_path / "root", blob)
+
+
+def test_a_truncated_layer_is_refused_naming_the_entry(tmp_path: Path) -> None:
+    layer = _tar([("big", "file", b"x" * 100_000)])
+    with pytest.raises(LayerError, match=r"'big'.*truncated"):
+        _apply(tmp_path / "root", layer[:50_000])
+
+
+_names = st.one_of(
+    st.sampled_from(["a", "a/b", "a/b/c", "b", "a/.wh.b", "a/.wh..wh..opq", "../out/x",
+                     "/abs", "./a/../../out"]),
+    st.lists(st.sampled_from(["a", "b", "..", ".", "", "/", "out", ".wh.a",
+                              ".wh..wh..opq"]), min_size=1, max_size=4).map("/".join))
+_entry = st.tuples(_names, st.sampled_from(["file", "dir", "sym", "hard"]),
+                   st.sampled_from(["../out", "../../out", "..", "/", "a", "a/b", "b",
+                                    "../out/keep"]))
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layers=st.lists(st.lists(_entry, max_size=6), min_size=1, max_size=3))
+def test_no_hostile_tar_writes_outside_the_root(tmp_path: Path,
+                                                layers: list[list[Entry]]) -> None:
+    base = tmp_path / "case"
+    subprocess.run(["rm", "-rf", str(base)], check=True)
+    (base / "out").mkdir(parents=True)
+    (base / "out" / "keep").write_bytes(b"keep")
+    root = base / "root"
+    try:
+        _apply(root, *(_tar(e) for e in layers))
+    except LayerError as exc:
+        assert "entry " in str(exc)
+    assert sorted(os.listdir(base)) == ["out", "root"]
+    assert os.listdir(base / "out") == ["keep"]
+    assert (base / "out" / "keep").read_bytes() == b"keep"
+
+
+_VALID = gzip.compress(_tar([("d", "dir", None), ("d/f", "file", b"x" * 3000),
+                             ("d/l", "sym", "f"), ("d/h", "hard", "d/f")]), mtime=0)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cut=st.integers(min_value=0, max_value=len(_VALID) - 1),
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, len(_VALID) - 1),
+                                           st.integers(1, 255))))
+def test_a_truncated_or_damaged_layer_fails_only_as_a_refusal(
+        tmp_path: Path, cut: int, flip: tuple[int, int] | None) -> None:
+    data = bytearray(_VALID[:cut] if flip is None else _VALID)
+    if flip is not None:
+        data[flip[0]] ^= flip[1]
+    blob = tmp_path / "layer.gz"
+    blob.write_bytes(bytes(data))
+    digest = "sha256:" + hashlib.sha256(_VALID).hexdigest()
+    root = tmp_path / "root"
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    with pytest.raises(LayerError, match=r"^layer L: "):
+        Rootfs(root).apply(blob, "application/vnd.oci.image.layer.v1.tar+gzip", "L",
+                           digest=digest)
