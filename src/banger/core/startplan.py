@@ -18,6 +18,7 @@ from pathlib import Path
 from banger.core.context import host_net, read_config
 from banger.core.runtime import Handles, HandleStore, release_runtime
 from banger.core.stages import WORKSPACE_DIR, WORKSPACE_GUEST_PATH, Stage, launch_stage, step
+from banger.core.workinputs import WorkInputsFetch
 from banger.local.logtail import tail_lines
 from banger.model import netalloc
 from banger.model.config import Config
@@ -67,6 +68,7 @@ class StartContext:
     agent: Path | None = None  # the guest agent's channel (Launched.agent)
     boot_id: str | None = None
     config: Config = field(default_factory=Config)
+    work_inputs: WorkInputsFetch | None = None  # asked for at preflight (workinputs.py)
 
 
 def start_steps(ctx: StartContext) -> list[Step[StartContext]]:
@@ -146,6 +148,8 @@ def _preflight(ctx: StartContext) -> None:
     accel = ctx.host.vmm.accel()
     ctx.detail(f"acceleration: {accel.accel} ({accel.reason})")
     ctx.paths.dir.mkdir(parents=True, exist_ok=True)
+    if not ctx.paths.work_disk.exists():
+        ctx.work_inputs = WorkInputsFetch(ctx.host.guest)
 
 
 def _cleanup_runtime(ctx: StartContext) -> None:
@@ -217,14 +221,15 @@ def _work_disk(ctx: StartContext) -> None:
         return
     guest = ctx.host.guest
     pubkey = guest.ensure_key()
-    host_private, host_public = guest.new_host_key()
+    inputs = (ctx.work_inputs or WorkInputsFetch(guest)).result()
+    host_private, host_public, identity = (inputs.host_private, inputs.host_public,
+                                           inputs.identity)
     files = {
         ".ssh/authorized_keys": (pubkey.strip().encode() + b"\n", 0o600),
         ".banger/hostname": (ctx.vm.name.encode() + b"\n", 0o644),
         ".banger/ssh_host_ed25519_key": (host_private, 0o600),
         ".banger/ssh_host_ed25519_key.pub": (host_public.encode() + b"\n", 0o644),
     }
-    identity = guest.git_identity()
     if identity:
         files[".gitconfig"] = (gitconfig(identity).encode(), 0o644)
     ctx.created.add(Stage.WORK_DISK)
