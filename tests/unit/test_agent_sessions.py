@@ -234,3 +234,20 @@ def test_a_request_that_never_left_goes_again_on_a_new_connection(
     assert _run(agent, guest, ["echo", "again"])[0] == b"again\n"
     assert guest.channel.accepted == 2
     assert agent.sessions.get(guest.path, 5) is not kept
+
+
+def test_a_released_session_is_not_reconnected_by_a_late_request(
+        guest: Guest, tmp_path: Path) -> None:
+    # The VM is being stopped or deleted: its runtime release closed the kept connection
+    # while a request held it. That request fails; nothing reconnects behind the stop.
+    agent = _agent()
+    _ready(agent, guest, tmp_path)
+
+    def late(session: object) -> object:
+        agent.sessions.release(guest.path)
+        return session.conn.stats(5)  # type: ignore[attr-defined]
+
+    with pytest.raises(Exception, match="closed by banger"):
+        agent.sessions.call(guest.path, 5, late)  # type: ignore[arg-type]
+    assert guest.channel.accepted == 1
+    assert agent.sessions.channels() == []

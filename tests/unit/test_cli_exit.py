@@ -60,3 +60,14 @@ def test_a_closed_stdout_is_a_failure_not_a_success() -> None:
     os.close(w)
     assert proc.returncode == 120, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_closed_standard_streams_keep_the_status() -> None:
+    # `banger ... >&- 2>&-` (cron, units): Python starts with sys.stdout/stderr None.
+    for args, status in ((("--version",), 0), (("vm", "nosuchcommand"), 2)):
+        proc = subprocess.run(
+            [sys.executable, "-c", "import os, runpy, sys; os.close(1); os.close(2); "
+             "sys.stdout = sys.stderr = None; sys.argv = ['banger', *sys.argv[1:]]; "
+             "runpy.run_module('banger.cli.main', run_name='__main__')", *args],
+            timeout=60)
+        assert proc.returncode == status, args

@@ -67,14 +67,19 @@ def exit_now(code: object) -> NoReturn:
     elif isinstance(code, int):
         status = code
     else:
-        print(code, file=sys.stderr)
+        if sys.stderr is not None:
+            with contextlib.suppress(OSError, ValueError):
+                print(code, file=sys.stderr)
         status = 1
-    try:
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        status = status or 120  # what Python exits with when its own final flush fails
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.flush()
+    # A stream closed before the start is None here (`banger ... >&-`): nothing to flush.
+    if sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            status = status or 120  # what Python exits with when its final flush fails
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
     os._exit(status & 0xFF)
 
 

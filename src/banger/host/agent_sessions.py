@@ -126,13 +126,15 @@ class AgentSessions:
     def call(self, channel: Path, timeout: float, fn: Callable[[Session], _T]) -> _T:
         """``fn`` on the channel's session; once more on a new connection when the kept
         one turns out broken before the request left (``AgentError.unsent``: the agent
-        went away and this side had not noticed yet)."""
+        went away and this side had not noticed yet). ``fn`` must send one request
+        only: one of several frames (a push, a swap) could find the break after an
+        earlier one went, and must not be started over."""
         deadline = time.monotonic() + timeout
         session = self.get(channel, timeout)
         try:
             return fn(session)
         except AgentError as exc:
-            if not exc.unsent:
+            if not exc.unsent or session.released:  # released: the VM is going away
                 raise
             log.info("agent connection %s was broken (%s): reconnecting", channel, exc)
             self.discard(channel, session)

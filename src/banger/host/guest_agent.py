@@ -145,9 +145,9 @@ class LocalAgent:
     def _on_session(self, channel: Path, what: str,
                     fn: Callable[[AgentConnection], _T]) -> _T:
         """``fn`` over the VM's kept connection; agent errors said as ``what`` failing."""
+        session = self.sessions.get(channel, SESSION_TIMEOUT)
         try:
-            return self.sessions.call(channel, SESSION_TIMEOUT,
-                                      lambda session: fn(session.conn))
+            return fn(session.conn)  # several requests: never started over (sessions.call)
         except AgentError as exc:
             raise OperationFailed(f"{what} through the guest agent on {channel} failed: "
                                   f"{exc}") from exc

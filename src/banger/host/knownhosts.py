@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -32,10 +33,10 @@ def _hashed_match(pattern: str, alias: bytes) -> bool:
 
 def names(line: str, alias: str) -> bool:
     """True when the known_hosts ``line`` is a (non-marker) entry for ``alias``."""
-    fields = line.split(None, 1)
-    if not fields or fields[0].startswith(("#", "@")):
+    # Fields are separated by spaces and tabs only, as ssh splits them.
+    hosts = line.lstrip(" \t").replace("\t", " ").split(" ", 1)[0]
+    if not hosts or hosts.startswith(("#", "@")):
         return False
-    hosts = fields[0]
     if hosts.startswith("|"):
         return _hashed_match(hosts, alias.encode())
     return alias in hosts.split(",")
@@ -47,17 +48,21 @@ def remove(known_hosts: Path, alias: str) -> None:
         data = known_hosts.read_bytes()
     except FileNotFoundError:
         return
-    lines = data.decode("utf-8", "surrogateescape").splitlines(keepends=True)
-    kept = [line for line in lines if not names(line, alias)]
+    # Lines end at "\n" only, as ssh reads them (str.splitlines would also split at
+    # \x0b, \x85, U+2028 ... and mangle another host's line).
+    lines = data.split(b"\n")
+    kept = [line for line in lines
+            if not names(line.decode("utf-8", "surrogateescape"), alias)]
     if len(kept) == len(lines):
         return
-    tmp = known_hosts.with_name(f".{known_hosts.name}.{os.getpid()}.tmp")
     mode = known_hosts.stat().st_mode & 0o7777
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 mode)
+    fd, name = tempfile.mkstemp(prefix=f".{known_hosts.name}.", suffix=".tmp",
+                                dir=known_hosts.parent)
+    tmp = Path(name)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write("".join(kept).encode("utf-8", "surrogateescape"))
+            f.write(b"\n".join(kept))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, known_hosts)

@@ -109,8 +109,13 @@ def trust_host_key(known_hosts: Path, alias: str, public_key: str) -> None:
     remove_known_host(known_hosts, alias)
     keytype, blob = public_key.split()[:2]
     known_hosts.parent.mkdir(parents=True, exist_ok=True)
-    with known_hosts.open("a") as f:
-        f.write(f"{alias} {keytype} {blob}\n")
+    with known_hosts.open("a+b") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # a last line without its newline: the pin starts a line of its own
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(f"{alias} {keytype} {blob}\n".encode())
 
 
 def ssh_base_argv(*, port: int, key: Path, known_hosts: Path, alias: str,

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import select
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -177,36 +178,51 @@ def find_qemu_pid(qmp_socket: Path) -> int | None:
 
 
 def kill_and_wait(pid: int, sig: int, timeout: float) -> bool:
-    """Send ``sig`` and wait up to ``timeout`` s for the process to go; True if gone."""
+    """Send ``sig`` and wait up to ``timeout`` s for the process to go; True if gone.
+
+    Through a pidfd opened before the signal where the kernel has them: the signal goes
+    to that very process (not to one that took its pid after a reap), and the wait
+    ends the moment its whole thread group is gone (the pidfd polls readable), not on
+    the next tick of a sleep loop (a --rm delete waits on this)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return _kill_and_poll(pid, sig, timeout)
+    try:
+        try:
+            signal.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            _reap(pid)
+            return True
+        deadline = time.monotonic() + timeout
+        watch = select.poll()
+        watch.register(pidfd, select.POLLIN)
+        while True:
+            if watch.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                _reap(pid)
+                return True
+            if time.monotonic() >= deadline:
+                return False
+    finally:
+        os.close(pidfd)
+
+
+def _kill_and_poll(pid: int, sig: int, timeout: float) -> bool:
+    """kill_and_wait without a pidfd: ``pid_alive`` polled."""
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
         return True
     deadline = time.monotonic() + timeout
-    # Woken the moment it exits (a pidfd polls readable once the whole thread group is
-    # gone), not on the next tick of a sleep loop: a --rm delete waits on this.
-    pidfd = -1
-    if timeout > 0:
-        with contextlib.suppress(OSError):
-            pidfd = os.pidfd_open(pid)
-    watch = select.poll()
-    if pidfd >= 0:
-        watch.register(pidfd, select.POLLIN)
-    try:
-        while True:
-            _reap(pid)
-            if not pid_alive(pid):
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if pidfd >= 0:
-                watch.poll(min(left, 0.1) * 1000)
-            else:
-                time.sleep(0.02)
-    finally:
-        if pidfd >= 0:
-            os.close(pidfd)
+    while True:
+        _reap(pid)
+        if not pid_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 def _reap(pid: int) -> None:
