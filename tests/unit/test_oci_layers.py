@@ -186,3 +186,64 @@ def test_a_truncated_or_damaged_layer_fails_only_as_a_refusal(
     with pytest.raises(LayerError, match=r"^layer L: "):
         Rootfs(root).apply(blob, "application/vnd.oci.image.layer.v1.tar+gzip", "L",
                            digest=digest)
+
+
+def _old_gnu_sparse(name: str, blocks: int) -> bytes:
+    """A GNU 'S' member whose header says "extended" and ``blocks`` extension blocks that
+    each say so again: tarfile would read them all into one list."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[-512 + 482] = 1
+    h = memoryview(head)[-512:]
+    h[148:156] = b"        "
+    h[148:155] = b"%06o\0" % sum(h)
+    ext = bytes(504) + b"\x01" + bytes(7)
+    return bytes(head) + ext * blocks + bytes(512) * 2
+
+
+def _pax_sparse(name: str, version: str, n: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    body = b""
+    if version == "0.0":
+        info.pax_headers = {"GNU.sparse.size": str(n),
+                            "GNU.sparse.numblocks": str(n)}
+    elif version == "0.1":
+        info.pax_headers = {"GNU.sparse.name": name, "GNU.sparse.realsize": str(n),
+                            "GNU.sparse.map": ",".join(["0", "1"] * n)}
+    else:
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": name, "GNU.sparse.realsize": str(n)}
+        body = f"{n}\n".encode() + b"0\n1\n" * n
+        body += bytes(-len(body) % 512)
+    info.size = len(body)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["s", "a/s", "usr/lib/x.so"]),
+       kind=st.sampled_from(["S", "0.0", "0.1", "1.0"]), n=st.integers(1, 300))
+def test_a_sparse_member_is_refused_before_tarfile_maps_it(
+        tmp_path: Path, name: str, kind: str, n: int) -> None:
+    layer = _old_gnu_sparse(name, n) if kind == "S" else _pax_sparse(name, kind, n)
+    root = tmp_path / "root"
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    with pytest.raises(LayerError, match="refused: a sparse member") as err:
+        _apply(root, layer)
+    assert repr(name) in str(err.value)
+
+
+@pytest.mark.parametrize("mtime", ["nan", "inf"])
+def test_a_header_tarfile_cannot_make_sense_of_is_a_refusal(tmp_path: Path,
+                                                             mtime: str) -> None:
+    info = tarfile.TarInfo("d")
+    info.type, info.pax_headers = tarfile.DIRTYPE, {"mtime": mtime}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info)
+    with pytest.raises(LayerError, match="damaged tar header"):
+        _apply(tmp_path / "root", buf.getvalue())

@@ -52,13 +52,28 @@ class _Refused(Exception):
 
 
 class _CappedTarInfo(tarfile.TarInfo):
-    """Refuses a PAX or GNU header bigger than MAX_META before tarfile reads it into
-    memory."""
+    """Refuses a PAX or GNU header bigger than MAX_META, and every sparse member (GNU 'S'
+    with its extension blocks, PAX sparse 0.0/0.1/1.0), before tarfile reads it into
+    memory: tarfile builds the sparse map as an unbounded list, and no image needs one."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
         if self.type in _META_TYPES and self.size > MAX_META:
             raise _Refused(f"a {self.size}-byte extended header (cap {MAX_META})")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> Any:
+        raise _Refused(f"a sparse member {self.name!r}")
+
+    def _proc_gnusparse_00(self, next_: tarfile.TarInfo, pax: dict[str, str],
+                           buf: bytes) -> None:
+        raise _Refused(f"a sparse member {pax.get('path', next_.name)!r}")
+
+    def _proc_gnusparse_01(self, next_: tarfile.TarInfo, pax: dict[str, str]) -> None:
+        raise _Refused(f"a sparse member {pax.get('GNU.sparse.name', next_.name)!r}")
+
+    def _proc_gnusparse_10(self, next_: tarfile.TarInfo, pax: dict[str, str],
+                           tarfile_: tarfile.TarFile) -> None:
+        raise _Refused(f"a sparse member {pax.get('GNU.sparse.name', next_.name)!r}")
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -120,6 +135,9 @@ class Rootfs:
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise LayerError(f"layer {label}: entry {entry!r}: unreadable or truncated "
                              f"tar ({exc})") from exc
+        except (ValueError, IndexError, UnicodeError, OverflowError) as exc:  # a damaged header
+            raise LayerError(f"layer {label}: entry {entry!r}: a damaged tar header, "
+                             f"refused ({exc})") from exc
 
     def finish(self) -> None:
         """Directory modes and mtimes, deepest first (kept writable until now)."""
