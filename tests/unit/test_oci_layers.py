@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from banger.host import ocilayers
 from banger.host.ocilayers import LayerError, Rootfs
 
 Entry = tuple[str, str, object]  # (name, kind, payload)
@@ -247,3 +248,52 @@ def test_a_header_tarfile_cannot_make_sense_of_is_a_refusal(tmp_path: Path,
         tar.addfile(info)
     with pytest.raises(LayerError, match="damaged tar header"):
         _apply(tmp_path / "root", buf.getvalue())
+
+
+def _zstd(raw: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True,
+                          check=True).stdout
+
+
+def test_a_zstd_layer_is_streamed_never_written_to_a_scratch_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-scratch-here"))
+    blob = tmp_path / "l.zst"
+    blob.write_bytes(_zstd(_tar([("a", "file", b"A" * 5000)])))
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    Rootfs(tmp_path / "root").apply(blob, digest=digest)
+    assert (tmp_path / "root/a").read_bytes() == b"A" * 5000
+    assert not (tmp_path / "no-scratch-here").exists()
+
+
+def test_the_bytes_all_layers_write_are_capped(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ocilayers, "MAX_TOTAL", 10_000)
+    first = tmp_path / "1.zst"
+    first.write_bytes(_zstd(_tar([("a", "file", b"A" * 6000)])))
+    bomb = tmp_path / "2.zst"  # a few hundred bytes that would unpack to 256 MiB
+    bomb.write_bytes(_zstd(_tar([("b", "file", bytes(256 << 20))])))
+    fs = Rootfs(tmp_path / "root")
+    fs.apply(first)
+    with pytest.raises(LayerError, match=r"entry 'b' refused: the layers write more than "
+                                         r"10000 bytes"):
+        fs.apply(bomb)
+    assert not (tmp_path / "root/b").exists()
+
+
+def test_a_member_the_disk_has_no_room_for_is_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ocilayers, "MIN_FREE", 1 << 60)
+    with pytest.raises(LayerError, match=r"entry 'a' refused: it needs \d+ MiB free"):
+        _apply(tmp_path / "root", _tar([("a", "file", b"A")]))
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.9])
+def test_a_damaged_zstd_layer_is_a_refusal(tmp_path: Path, cut: float) -> None:
+    data = _zstd(_tar([("a", "file", os.urandom(300_000))]))
+    blob = tmp_path / "l.zst"
+    blob.write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(LayerError, match=r"^layer L: "):
+        Rootfs(tmp_path / "root").apply(blob, "application/vnd.oci.image.layer.v1.tar+zstd",
+                                        "L", digest="sha256:" + "0" * 64)

@@ -6,7 +6,10 @@ hostile: its name is taken apart component by component and each parent is opene
 through a symlink, whatever an earlier entry or layer put there. Refused, with the entry
 named: absolute names, ``..``, NULs, a path through a symlink or a non-directory, a hard
 link to something that is not a file inside the root, character and block devices, and
-absurd headers (a name, link or PAX/GNU header over its cap, a member over the size cap).
+absurd headers (a name, link or PAX/GNU header over its cap, a member over the size cap),
+sparse members, more file bytes than MAX_TOTAL over all layers, and a member the build
+directory's filesystem has no room for (MIN_FREE kept free). A zstd layer is streamed
+through ``zstd -dc``, never unpacked whole to a scratch file.
 
 Whiteouts follow the OCI image spec: ``.wh.NAME`` removes NAME from the layers below, and
 ``.wh..wh..opq`` in a directory removes everything the layers below put there (what this
@@ -25,19 +28,26 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
-from banger.host.runner import CommandError, run
+from banger.host.runner import CommandError, size_text, stream
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_NAME = 4096            # bytes of an entry's name or link target
 MAX_META = 1 << 20         # a PAX or GNU long-name header
-MAX_MEMBER = 64 << 30      # one file
+MAX_MEMBER = 32 << 30      # one file
+# All the file bytes the layers of one image write (a later layer's rewrite counts again):
+# a hostile image cannot fill the disk. 32 GiB is far above any dev image (a big CUDA
+# image is ~15 GiB unpacked) and below what a developer's disk can lose without harm.
+MAX_TOTAL = 32 << 30
+# Free space kept on the build directory's filesystem: a member is refused when writing
+# it would leave less (the root disk is built next to it later, and the host needs room).
+MIN_FREE = 1 << 30
 _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -98,6 +108,7 @@ class Rootfs:
         self.owners: dict[str, tuple[int, int]] = {}  # "a/b" -> (uid, gid) when not 0:0
         self._dir_meta: dict[str, tuple[int, int]] = {}  # "a/b" -> (mode, mtime)
         self._layer: set[str] = set()  # what the current layer wrote
+        self.written = 0  # file bytes written by every layer so far (capped: MAX_TOTAL)
 
     # --- public -------------------------------------------------------------------
 
@@ -238,6 +249,7 @@ class Rootfs:
         elif m.isfifo():
             os.mkfifo(base, mode, dir_fd=parent)
         elif m.isreg():
+            self._room(parent, m.size)
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=parent)
             with os.fdopen(fd, "wb") as out:
@@ -249,6 +261,20 @@ class Rootfs:
                 os.utime(out.fileno(), (m.mtime, m.mtime))
         else:
             raise _Refused(f"an entry of unsupported type {m.type!r}")
+
+    def _room(self, parent: int, size: int) -> None:
+        """Count ``size`` more bytes against MAX_TOTAL and check the disk has them."""
+        if self.written + size > MAX_TOTAL:
+            raise _Refused(f"the layers write more than {size_text(MAX_TOTAL)} of files "
+                           f"(the cap of one image)")
+        self.written += size
+        st = os.fstatvfs(parent)
+        free = st.f_bavail * st.f_frsize
+        if size + MIN_FREE > free:
+            raise _Refused(f"it needs {_mib(size + MIN_FREE)} MiB free (its "
+                           f"{_mib(size)} MiB and {_mib(MIN_FREE)} MiB kept free) on the "
+                           f"build directory's filesystem, which has {_mib(free)} MiB: "
+                           "free some space and pull again")
 
     def _opaque(self, parent: int, prefix: str) -> None:
         """Remove what the layers below put in this directory."""
@@ -294,18 +320,28 @@ class Rootfs:
         zstd = media_type.endswith("+zstd") or magic == b"\x28\xb5\x2f\xfd"
         gz = media_type.endswith("+gzip") or magic[:2] == b"\x1f\x8b"
         if zstd:
-            # The zstd CLI (no Python binding in banger's dependencies), through the one
-            # runner, into a scratch file read back as a stream; the blob itself is then
-            # hashed by the caller's drain.
-            with tempfile.TemporaryDirectory(prefix="banger-layer-") as tmp:
-                out = Path(tmp) / "layer.tar"
-                try:
-                    run(["zstd", "-d", "-q", "-o", str(out), "--", str(blob)], timeout=1800)
-                except CommandError as exc:
-                    raise LayerError(f"layer {label}: zstd could not decompress it: "
-                                     f"{exc}") from exc
-                with out.open("rb") as tar:
+            # The zstd CLI (no Python binding in banger's dependencies) as a stream: the
+            # blob already open is read once, hashed as it goes, into zstd's stdin by a
+            # thread; its output is the tar, never written whole anywhere.
+            r, w = os.pipe()
+            feeder = threading.Thread(target=_feed, args=(raw, w), daemon=True,
+                                      name=f"zstd-feed-{label}")
+            try:
+                with stream(["zstd", "-d", "-c", "-q"], stdin=r, timeout=1800) as tar:
+                    os.close(r)
+                    r = -1
+                    feeder.start()
                     yield tar
+            except CommandError as exc:
+                raise LayerError(f"layer {label}: zstd could not decompress it: "
+                                 f"{exc}") from exc
+            finally:
+                if r >= 0:
+                    os.close(r)
+                if feeder.ident is not None:
+                    feeder.join()
+                else:
+                    os.close(w)
         elif gz:
             with gzip.GzipFile(fileobj=cast(IO[bytes], raw), mode="rb") as g:
                 yield cast(IO[bytes], g)
@@ -329,6 +365,18 @@ class _Hashing:
         data = self.f.read(n)
         self.h.update(data)
         return data
+
+
+def _mib(n: int) -> int:
+    return (n + (1 << 20) - 1) >> 20
+
+
+def _feed(src: _Hashing, w: int) -> None:
+    """Copy ``src`` into the pipe ``w`` and close it (a reader that stopped early ends
+    it with EPIPE)."""
+    with contextlib.suppress(OSError), os.fdopen(w, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
 
 
 def _is_link(dir_fd: int, name: str) -> bool:
