@@ -4,6 +4,7 @@ root disk holds the layers' files, banger's boot path and the owners the layers 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -98,3 +99,20 @@ def test_a_new_pull_of_a_name_leaves_the_old_build_for_the_vms_made_from_it(
     assert images.names() == ["app"]
     (images.images / "evil").symlink_to("/etc")  # only links into builds/ are images
     assert images.get("evil") is None and images.names() == ["app"]
+
+
+def test_a_stale_build_too_deep_for_python_is_removed_and_never_blocks(
+        tmp_path: Path) -> None:
+    from banger.host import ociimages
+    stale = tmp_path / ".x.build-1"
+    stale.mkdir()
+    fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):  # deeper than os.walk / shutil.rmtree can recurse
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    os.chmod(stale, 0o500)  # a layer's read-only directory
+    ociimages._rmtree(stale)
+    assert not os.path.lexists(stale)

@@ -297,3 +297,15 @@ def test_a_damaged_zstd_layer_is_a_refusal(tmp_path: Path, cut: float) -> None:
     with pytest.raises(LayerError, match=r"^layer L: "):
         Rootfs(tmp_path / "root").apply(blob, "application/vnd.oci.image.layer.v1.tar+zstd",
                                         "L", digest="sha256:" + "0" * 64)
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("/".join(["d"] * 129), "129 levels deep"),
+    ("a/" + "x" * 256, "component over 255 bytes"),
+])
+def test_a_name_too_deep_or_long_to_walk_is_refused_by_name(tmp_path: Path, name: str,
+                                                            why: str) -> None:
+    with pytest.raises(LayerError, match=why) as err:
+        _apply(tmp_path / "root", _tar([(name, "file", b"x")]))
+    assert repr(name) in str(err.value)
+    assert os.listdir(tmp_path / "root") == []

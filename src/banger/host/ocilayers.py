@@ -39,6 +39,8 @@ from banger.host.runner import CommandError, size_text, stream
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_NAME = 4096            # bytes of an entry's name or link target
+MAX_DEPTH = 128            # components of an entry's name: no tree too deep to walk or remove
+MAX_COMPONENT = 255        # bytes of one component (NAME_MAX)
 MAX_META = 1 << 20         # a PAX or GNU long-name header
 MAX_MEMBER = 32 << 30      # one file
 # All the file bytes the layers of one image write (a later layer's rewrite counts again):
@@ -96,6 +98,10 @@ def _parts(name: str) -> tuple[str, ...]:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise _Refused("'..' in the name")
+    if len(parts) > MAX_DEPTH:
+        raise _Refused(f"a name {len(parts)} levels deep (cap {MAX_DEPTH})")
+    if any(len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for p in parts):
+        raise _Refused(f"a name with a component over {MAX_COMPONENT} bytes")
     return parts
 
 
