@@ -309,3 +309,38 @@ def test_a_name_too_deep_or_long_to_walk_is_refused_by_name(tmp_path: Path, name
         _apply(tmp_path / "root", _tar([(name, "file", b"x")]))
     assert repr(name) in str(err.value)
     assert os.listdir(tmp_path / "root") == []
+
+
+def test_owners_of_removed_paths_are_forgotten(tmp_path: Path) -> None:
+    owned = (b"x", 0o644, 1000, 1000)
+    lower = _tar([("home/u/.cache/a/f", "file", owned), ("home/u/keep", "file", owned),
+                  ("opt/x/sub/f", "file", owned), ("d/f", "file", owned),
+                  ("x/shadow", "file", owned)])
+    upper = _tar([("home/u/.wh..cache", "file", b""), ("opt/x/.wh..wh..opq", "file", b""),
+                  ("d", "file", b"now a file"), ("x", "sym", "/etc")])
+    fs = _apply(tmp_path / "root", lower, upper)
+    assert fs.owners == {"home/u/keep": (1000, 1000)}
+
+
+_small = st.lists(st.sampled_from(["a", "b", ".wh.a", ".wh.b", ".wh..wh..opq"]),
+                  min_size=1, max_size=3).map("/".join)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layers=st.lists(st.lists(st.tuples(_small, st.sampled_from(["file", "dir", "sym"]),
+                                          st.booleans()), max_size=6), min_size=1,
+                       max_size=3))
+def test_every_recorded_owner_is_a_path_that_is_there(
+        tmp_path: Path, layers: list[list[tuple[str, str, bool]]]) -> None:
+    root = tmp_path / "root"
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    tars = [_tar([(n, k, (b"x", 0o644, 1000 if own else 0, 1000 if own else 0))
+                  if k == "file" else (n, k, "a") for n, k, own in layer])
+            for layer in layers]
+    try:
+        fs = _apply(root, *tars)
+    except LayerError:
+        return
+    for rel in fs.owners:
+        assert os.path.lexists(root / rel), rel

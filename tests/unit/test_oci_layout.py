@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -124,3 +125,32 @@ def test_the_backing_file_is_read_from_the_overlays_header(tmp_path: Path) -> No
     assert disks.backing_of(overlay) == base
     assert disks.backing_of(tmp_path / "none") is None
     assert disks.backing_of(base) is None  # raw: no qcow2 header
+
+
+def _owner_of(disk: Path, path: bytes) -> str:
+    out = subprocess.run([b"debugfs", b"-R", b'stat "' + path + b'"', bytes(disk)],
+                         capture_output=True, check=True).stdout.decode(errors="replace")
+    return " ".join(out.split()[out.split().index("User:"):][:4])
+
+
+def test_an_owner_behind_a_symlink_is_not_set_through_it(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/shadow").write_text("root:x")
+    (root / "x").symlink_to("/etc")  # a later layer made x a link; x/shadow was 1000's
+    (root / "real").mkdir()
+    (root / "real/f").write_text("f")
+    out = tmp_path / "disk.ext4"
+    ocidisk.build_ext4(root, out, {"x/shadow": (1000, 1000), "real/f": (5, 6)})
+    assert _owner_of(out, b"/etc/shadow") == "User: 0 Group: 0"
+    assert _owner_of(out, b"/real/f") == "User: 5 Group: 6"
+
+
+def test_an_owner_of_a_name_that_is_not_utf8_is_set(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    name = b"caf\xe9"
+    (Path(os.fsdecode(bytes(root) + b"/" + name))).write_text("x")
+    out = tmp_path / "disk.ext4"
+    ocidisk.build_ext4(root, out, {os.fsdecode(name): (1000, 1001)})
+    assert _owner_of(out, b"/" + name) == "User: 1000 Group: 1001"

@@ -114,6 +114,7 @@ class Rootfs:
         self.owners: dict[str, tuple[int, int]] = {}  # "a/b" -> (uid, gid) when not 0:0
         self._dir_meta: dict[str, tuple[int, int]] = {}  # "a/b" -> (mode, mtime)
         self._layer: set[str] = set()  # what the current layer wrote
+        self._kids: dict[str, set[str]] = {}  # "a" -> {"a/b", ...} recorded at or under
         self.written = 0  # file bytes written by every layer so far (capped: MAX_TOTAL)
 
     # --- public -------------------------------------------------------------------
@@ -197,7 +198,8 @@ class Rootfs:
                     gone = base[len(WHITEOUT):]
                     if gone in ("", ".", ".."):
                         raise _Refused("a whiteout of nothing")
-                    _remove(parent, gone)
+                    self._removed(f"{prefix}/{gone}" if prefix else gone,
+                                  _remove(parent, gone))
                 else:
                     self._write(tar, m, root_fd, parent, "/".join(parts), base)
             finally:
@@ -209,30 +211,27 @@ class Rootfs:
                rel: str, base: str) -> None:
         parts = rel.split("/")
         self._layer.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-        if (m.uid, m.gid) != (0, 0):
-            self.owners[rel] = (m.uid, m.gid)
-        else:
-            self.owners.pop(rel, None)
         mode = m.mode & 0o7777
         if m.isdir():
+            self._own(rel, m)
             try:
                 st = os.lstat(base, dir_fd=parent)
                 if not stat.S_ISDIR(st.st_mode):
-                    _remove(parent, base)
+                    _remove(parent, base)  # not a directory: nothing under it
                     os.mkdir(base, 0o700, dir_fd=parent)
             except FileNotFoundError:
                 os.mkdir(base, 0o700, dir_fd=parent)
             os.chmod(base, 0o700 | mode, dir_fd=parent, follow_symlinks=False)
             self._dir_meta[rel] = (mode, int(m.mtime))
+            self._index(rel)
             return
-        _remove(parent, base)
-        self._dir_meta.pop(rel, None)
+        self._removed(rel, _remove(parent, base))
         if m.issym():
             if len(m.linkname.encode("utf-8", "surrogateescape")) > MAX_NAME or \
                     "\0" in m.linkname:
                 raise _Refused("an absurd symlink target")
             os.symlink(m.linkname, base, dir_fd=parent)
-        elif m.islnk():
+        elif m.islnk():  # a hard link shares its target's owner
             target = _parts(m.linkname)
             if not target:
                 raise _Refused("a hard link to the root")
@@ -248,10 +247,9 @@ class Rootfs:
             finally:
                 os.close(tparent)
             owner = self.owners.get("/".join(target))
-            if owner is None:
-                self.owners.pop(rel, None)
-            else:
+            if owner is not None:
                 self.owners[rel] = owner
+                self._index(rel)
         elif m.isfifo():
             os.mkfifo(base, mode, dir_fd=parent)
         elif m.isreg():
@@ -267,6 +265,37 @@ class Rootfs:
                 os.utime(out.fileno(), (m.mtime, m.mtime))
         else:
             raise _Refused(f"an entry of unsupported type {m.type!r}")
+        if not m.islnk():
+            self._own(rel, m)
+
+    def _own(self, rel: str, m: tarfile.TarInfo) -> None:
+        if (m.uid, m.gid) != (0, 0):
+            self.owners[rel] = (m.uid, m.gid)
+            self._index(rel)
+        else:
+            self.owners.pop(rel, None)
+
+    def _index(self, rel: str) -> None:
+        """Note ``rel`` under each of its parents in ``_kids``."""
+        while rel:
+            parent = rel.rpartition("/")[0]
+            kids = self._kids.setdefault(parent, set())
+            if rel in kids:
+                return
+            kids.add(rel)
+            rel = parent
+
+    def _removed(self, rel: str, tree: bool) -> None:
+        """Forget what was recorded for ``rel`` (and, when a directory went, for all under
+        it, found through ``_kids`` at the cost of what went): an owner left for a path
+        that is gone fails the disk build, or lands on what a later layer puts there."""
+        todo = [rel]
+        while todo:
+            key = todo.pop()
+            self.owners.pop(key, None)
+            self._dir_meta.pop(key, None)
+            if tree:
+                todo.extend(self._kids.pop(key, ()))
 
     def _room(self, parent: int, size: int) -> None:
         """Count ``size`` more bytes against MAX_TOTAL and check the disk has them."""
@@ -287,7 +316,7 @@ class Rootfs:
         for name in os.listdir(parent):
             rel = f"{prefix}/{name}" if prefix else name
             if rel not in self._layer:
-                _remove(parent, name)
+                self._removed(rel, _remove(parent, name))
 
     def _walk(self, root_fd: int, parts: tuple[str, ...], *, create: bool,
               what: str = "path") -> int:
@@ -392,12 +421,13 @@ def _is_link(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _remove(parent: int, name: str) -> None:
-    """Remove ``name`` (a tree too) from the directory ``parent``; absent is fine."""
+def _remove(parent: int, name: str) -> bool:
+    """Remove ``name`` (a tree too) from the directory ``parent``; absent is fine. True
+    when a directory went."""
     try:
         st = os.lstat(name, dir_fd=parent)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISDIR(st.st_mode):
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         try:
@@ -405,8 +435,9 @@ def _remove(parent: int, name: str) -> None:
         finally:
             os.close(fd)
         shutil.rmtree(name, dir_fd=parent)
-    else:
-        os.unlink(name, dir_fd=parent)
+        return True
+    os.unlink(name, dir_fd=parent)
+    return False
 
 
 def _open_up(fd: int) -> None:
