@@ -154,3 +154,17 @@ def test_an_owner_of_a_name_that_is_not_utf8_is_set(tmp_path: Path) -> None:
     out = tmp_path / "disk.ext4"
     ocidisk.build_ext4(root, out, {os.fsdecode(name): (1000, 1001)})
     assert _owner_of(out, b"/" + name) == "User: 1000 Group: 1001"
+
+
+def test_a_tree_of_many_empty_files_gets_the_inodes_it_needs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for d in range(70):  # 70,000 empty files: more than a 1 GiB ext4's default inodes
+        sub = root / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(1000):
+            (sub / str(i)).touch()
+    out = tmp_path / "disk.ext4"
+    ocidisk.build_ext4(root, out, {})
+    listing = subprocess.run(["debugfs", "-R", "ls /d69", str(out)], capture_output=True,
+                             text=True, check=True).stdout
+    assert "999" in listing.split()

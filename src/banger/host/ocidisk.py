@@ -77,11 +77,12 @@ def inject_boot_path(rootfs: Path, agent: Path, busybox: Path = BUSYBOX_HOST) ->
 def build_ext4(rootfs: Path, out: Path, owners: Mapping[str, tuple[int, int]]) -> int:
     """ext4 at ``out`` holding ``rootfs``, every file root's but ``owners``; returns the
     MiB of files."""
-    used = _used_bytes(rootfs)
+    used, entries = _used(rootfs)
     size_mib = max(1024, used * 3 // 2 // (1 << 20) + 256)  # sparse: headroom is free
+    inodes = entries * 5 // 4 + 4096  # by count too: many small files outrun the bytes
     out.unlink(missing_ok=True)
-    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-m", "0", "-d", str(rootfs),
-            str(out), f"{size_mib}M"]
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-m", "0", "-N", str(inodes),
+            "-d", str(rootfs), str(out), f"{size_mib}M"]
     if os.geteuid() != 0:
         mkfs = ["unshare", "-r", *mkfs]  # uid 0 inside: files recorded as root's
     try:
@@ -143,13 +144,15 @@ def _real_parents(rootfs: Path, rel: str, real_dirs: set[str]) -> bool:
     return True
 
 
-def _used_bytes(root: Path) -> int:
-    total = 0
+def _used(root: Path) -> tuple[int, int]:
+    """Bytes the tree takes on disk, and how many entries it has."""
+    total = count = 0
     for parent, dirs, files in os.walk(root):
         for n in files + dirs:
+            count += 1
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(parent, n)).st_blocks * 512
-    return total
+    return total, count
 
 
 def _applets(busybox: Path) -> list[str]:
