@@ -119,3 +119,19 @@ def test_a_stale_build_too_deep_for_python_is_removed_and_never_blocks(
         assert not os.path.lexists(stale)
     finally:  # pytest's own cleanup could not remove it either
         subprocess.run(["rm", "-rf", "--", str(stale)], check=True)
+
+
+def test_a_damaged_cached_layer_is_dropped_so_the_next_pull_fetches_it(
+        src: Path, images: OciImages) -> None:
+    first = images.pull(str(src), "app", lambda _: None, archive=True)
+    import json
+    digest = json.loads((first.dir / "manifest.json").read_text())["layers"][-1]
+    blob = images.layout / "blobs" / "sha256" / digest.split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: skopeo would reuse it as it is
+    blob.write_bytes(bytes(data))
+    with pytest.raises(OciError, match=r"does not match its digest.*pull again"):
+        images.pull(str(src), "app", lambda _: None, archive=True)
+    assert not blob.exists()
+    again = images.pull(str(src), "app", lambda _: None, archive=True)
+    assert "app" in _debugfs(again.rootfs, "cat /home/app")

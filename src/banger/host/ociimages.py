@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from banger.host import agentbin, kernelbuild, ocidisk, ocilayout
-from banger.host.ocilayers import LayerError, Rootfs
+from banger.host.ocilayers import BlobMismatch, LayerError, Rootfs
 from banger.host.ocilayout import ImageConfig, OciError
 from banger.host.runner import CommandError, run
 from banger.model.images import IMAGE_NAME_PATTERN, IMAGE_NAME_RULE
@@ -155,9 +155,13 @@ class OciImages:
         for i, layer in enumerate(image.layers, 1):
             on_progress(f"applying layer {i}/{len(image.layers)} {layer.digest[:19]} "
                         f"({layer.size / (1 << 20):.1f} MiB)")
+            blob = ocilayout.blob_path(self.layout, layer.digest)
             try:
-                rootfs.apply(ocilayout.blob_path(self.layout, layer.digest), layer.media_type,
-                             label=layer.digest[:19], digest=layer.digest)
+                rootfs.apply(blob, layer.media_type, label=layer.digest[:19],
+                             digest=layer.digest)
+            except BlobMismatch as exc:
+                ocilayout.drop_blob(blob)  # under the pull's lock
+                raise OciError(f"{exc}; removed from the cache, pull again") from exc
             except LayerError as exc:
                 raise OciError(str(exc)) from exc
         rootfs.finish()

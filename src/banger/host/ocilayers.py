@@ -59,6 +59,10 @@ class LayerError(Exception):
     """A layer could not be applied; the message names the layer and the entry."""
 
 
+class BlobMismatch(LayerError):
+    """The blob read is not the one its digest names (damaged in the cache)."""
+
+
 class _Refused(Exception):
     pass
 
@@ -124,19 +128,20 @@ class Rootfs:
         """Apply one layer blob (compression from ``media_type``, else sniffed). With
         ``digest`` ("sha256:<hex>") the blob is hashed as it is read, in the same pass,
         and a blob that does not match is refused once read (the caller then drops the
-        rootfs)."""
+        rootfs). A layer refused while its blob does not match (damaged in the cache,
+        not hostile) raises :class:`BlobMismatch` instead."""
         label = label or blob.name
         with blob.open("rb") as f:
             hasher = _Hashing(f)
-            with self._open(hasher, blob, media_type, label) as stream:
-                self.apply_stream(stream, label)
+            try:
+                with self._open(hasher, blob, media_type, label) as stream:
+                    self.apply_stream(stream, label)
+            except LayerError:
+                if digest is not None:
+                    _check_digest(hasher, digest, label)
+                raise
             if digest is not None:
-                while hasher.read(1 << 20):
-                    pass  # what the tar reader left: padding, the gzip trailer
-                got = "sha256:" + hasher.h.hexdigest()
-                if got != digest:
-                    raise LayerError(f"layer {label}: the blob does not match its digest "
-                                     f"{digest} ({got}): refused")
+                _check_digest(hasher, digest, label)
 
     def apply_stream(self, stream: IO[bytes], label: str) -> None:
         self._layer = set()
@@ -400,6 +405,15 @@ class _Hashing:
         data = self.f.read(n)
         self.h.update(data)
         return data
+
+
+def _check_digest(hasher: _Hashing, digest: str, label: str) -> None:
+    while hasher.read(1 << 20):
+        pass  # what the tar reader left: padding, the gzip trailer; or all after an error
+    got = "sha256:" + hasher.h.hexdigest()
+    if got != digest:
+        raise BlobMismatch(f"layer {label}: the blob does not match its digest {digest} "
+                           f"({got}): refused")
 
 
 def _mib(n: int) -> int:
