@@ -171,3 +171,13 @@ def test_a_tree_of_many_empty_files_gets_the_inodes_it_needs(tmp_path: Path) -> 
     listing = subprocess.run(["debugfs", "-R", "ls /d69", str(out)], capture_output=True,
                              text=True, check=True).stdout
     assert "999" in listing.split()
+
+
+def test_an_import_path_with_a_colon_is_refused_clearly(tmp_path: Path) -> None:
+    odd = tmp_path / "a:b.tar"
+    odd.write_bytes(b"")
+    with pytest.raises(OciError, match="with ':' in it cannot be imported"):
+        ocilayout.source(str(odd), archive=True)
+    plain = tmp_path / "layout"
+    plain.mkdir()
+    assert ocilayout.source(str(plain), archive=True) == (f"oci:{plain}", [])

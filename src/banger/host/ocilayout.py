@@ -93,6 +93,11 @@ def source(ref_or_path: str, *, archive: bool) -> tuple[str, list[str]]:
         if ref_or_path.startswith(TRANSPORTS[1:]):
             return ref_or_path, []
         p = Path(ref_or_path)
+        if ":" in str(p.absolute()):
+            # skopeo splits "oci:PATH:TAG" at the colon: the path would be cut short.
+            raise OciError(f"{p.absolute()}: a path with ':' in it cannot be imported "
+                           "(skopeo reads what follows the ':' as a tag); rename it or "
+                           "copy it to a path without ':'")
         if p.is_dir():
             return f"oci:{p.absolute()}", []
         if not p.is_file():
