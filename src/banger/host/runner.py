@@ -224,7 +224,13 @@ def stream(argv: Sequence[str], *, stdin: int, timeout: float,
 
     reader = threading.Thread(target=collect, name=f"stderr-{proc.pid}", daemon=True)
     reader.start()
-    timer = threading.Timer(timeout, proc.kill)
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
     timer.daemon = True
     timer.start()
     assert proc.stdout is not None
@@ -242,5 +248,5 @@ def stream(argv: Sequence[str], *, stdin: int, timeout: float,
             reader.join(5)
     stderr = _text(bytes(err))
     if proc.returncode != 0:
-        reason = f"timed out after {timeout} s" if proc.returncode == -9 else None
+        reason = f"timed out after {timeout} s" if timed_out.is_set() else None
         raise CommandError(argv, proc.returncode, "", stderr, reason=reason)
