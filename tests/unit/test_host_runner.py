@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from banger.host.runner import CommandError, OutputTooLarge, run
+from banger.host.runner import CommandError, OutputTooLarge, run, stream
 
 
 def test_output_over_the_cap_kills_the_command_with_a_clear_error() -> None:
@@ -77,3 +77,19 @@ def test_one_gib_of_output_keeps_memory_low() -> None:
     assert "exceeded 16 MiB; the command was killed" in out
     rss_kib = int(out.split("maxrss_kib")[1])
     assert rss_kib < 200 * 1024, f"peak RSS {rss_kib} KiB"
+
+
+def test_stream_reads_stdout_as_it_comes_and_judges_the_exit(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.write_bytes(b"abc" * 100_000)
+    with src.open("rb") as f, stream(["cat"], stdin=f.fileno(), timeout=30) as out:
+        assert out.read(3) == b"abc"  # the rest is read and dropped on leaving
+    with src.open("rb") as f, pytest.raises(CommandError, match=r"status 3(.|\n)*oops"), \
+            stream([sys.executable, "-c", "import sys; sys.stderr.write('oops'); "
+                    "sys.exit(3)"], stdin=f.fileno(), timeout=30) as out:
+        out.read()
+    started = time.monotonic()
+    with src.open("rb") as f, pytest.raises(CommandError, match="timed out"), \
+            stream(["sleep", "30"], stdin=f.fileno(), timeout=0.5) as out:
+        out.read()
+    assert time.monotonic() - started < 10

@@ -4,6 +4,7 @@ root disk holds the layers' files, banger's boot path and the owners the layers 
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -98,3 +99,39 @@ def test_a_new_pull_of_a_name_leaves_the_old_build_for_the_vms_made_from_it(
     assert images.names() == ["app"]
     (images.images / "evil").symlink_to("/etc")  # only links into builds/ are images
     assert images.get("evil") is None and images.names() == ["app"]
+
+
+def test_a_stale_build_too_deep_for_python_is_removed_and_never_blocks(
+        tmp_path: Path) -> None:
+    from banger.host import ociimages
+    stale = tmp_path / ".x.build-1"
+    stale.mkdir()
+    fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):  # deeper than os.walk / shutil.rmtree can recurse
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    os.chmod(stale, 0o500)  # a layer's read-only directory
+    try:
+        ociimages._rmtree(stale)
+        assert not os.path.lexists(stale)
+    finally:  # pytest's own cleanup could not remove it either
+        subprocess.run(["rm", "-rf", "--", str(stale)], check=True)
+
+
+def test_a_damaged_cached_layer_is_dropped_so_the_next_pull_fetches_it(
+        src: Path, images: OciImages) -> None:
+    first = images.pull(str(src), "app", lambda _: None, archive=True)
+    import json
+    digest = json.loads((first.dir / "manifest.json").read_text())["layers"][-1]
+    blob = images.layout / "blobs" / "sha256" / digest.split(":")[1]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: skopeo would reuse it as it is
+    blob.write_bytes(bytes(data))
+    with pytest.raises(OciError, match=r"does not match its digest.*pull again"):
+        images.pull(str(src), "app", lambda _: None, archive=True)
+    assert not blob.exists()
+    again = images.pull(str(src), "app", lambda _: None, archive=True)
+    assert "app" in _debugfs(again.rootfs, "cat /home/app")

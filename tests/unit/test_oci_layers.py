@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from banger.host import ocilayers
 from banger.host.ocilayers import LayerError, Rootfs
 
 Entry = tuple[str, str, object]  # (name, kind, payload)
@@ -186,3 +187,160 @@ def test_a_truncated_or_damaged_layer_fails_only_as_a_refusal(
     with pytest.raises(LayerError, match=r"^layer L: "):
         Rootfs(root).apply(blob, "application/vnd.oci.image.layer.v1.tar+gzip", "L",
                            digest=digest)
+
+
+def _old_gnu_sparse(name: str, blocks: int) -> bytes:
+    """A GNU 'S' member whose header says "extended" and ``blocks`` extension blocks that
+    each say so again: tarfile would read them all into one list."""
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.GNUTYPE_SPARSE
+    head = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    head[-512 + 482] = 1
+    h = memoryview(head)[-512:]
+    h[148:156] = b"        "
+    h[148:155] = b"%06o\0" % sum(h)
+    ext = bytes(504) + b"\x01" + bytes(7)
+    return bytes(head) + ext * blocks + bytes(512) * 2
+
+
+def _pax_sparse(name: str, version: str, n: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    body = b""
+    if version == "0.0":
+        info.pax_headers = {"GNU.sparse.size": str(n),
+                            "GNU.sparse.numblocks": str(n)}
+    elif version == "0.1":
+        info.pax_headers = {"GNU.sparse.name": name, "GNU.sparse.realsize": str(n),
+                            "GNU.sparse.map": ",".join(["0", "1"] * n)}
+    else:
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": name, "GNU.sparse.realsize": str(n)}
+        body = f"{n}\n".encode() + b"0\n1\n" * n
+        body += bytes(-len(body) % 512)
+    info.size = len(body)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(body))
+    return buf.getvalue()
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(name=st.sampled_from(["s", "a/s", "usr/lib/x.so"]),
+       kind=st.sampled_from(["S", "0.0", "0.1", "1.0"]), n=st.integers(1, 300))
+def test_a_sparse_member_is_refused_before_tarfile_maps_it(
+        tmp_path: Path, name: str, kind: str, n: int) -> None:
+    layer = _old_gnu_sparse(name, n) if kind == "S" else _pax_sparse(name, kind, n)
+    root = tmp_path / "root"
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    with pytest.raises(LayerError, match="refused: a sparse member") as err:
+        _apply(root, layer)
+    assert repr(name) in str(err.value)
+
+
+@pytest.mark.parametrize("mtime", ["nan", "inf"])
+def test_a_header_tarfile_cannot_make_sense_of_is_a_refusal(tmp_path: Path,
+                                                             mtime: str) -> None:
+    info = tarfile.TarInfo("d")
+    info.type, info.pax_headers = tarfile.DIRTYPE, {"mtime": mtime}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info)
+    with pytest.raises(LayerError, match="damaged tar header"):
+        _apply(tmp_path / "root", buf.getvalue())
+
+
+def _zstd(raw: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c"], input=raw, capture_output=True,
+                          check=True).stdout
+
+
+def test_a_zstd_layer_is_streamed_never_written_to_a_scratch_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-scratch-here"))
+    blob = tmp_path / "l.zst"
+    blob.write_bytes(_zstd(_tar([("a", "file", b"A" * 5000)])))
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    Rootfs(tmp_path / "root").apply(blob, digest=digest)
+    assert (tmp_path / "root/a").read_bytes() == b"A" * 5000
+    assert not (tmp_path / "no-scratch-here").exists()
+
+
+def test_the_bytes_all_layers_write_are_capped(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ocilayers, "MAX_TOTAL", 10_000)
+    first = tmp_path / "1.zst"
+    first.write_bytes(_zstd(_tar([("a", "file", b"A" * 6000)])))
+    bomb = tmp_path / "2.zst"  # a few hundred bytes that would unpack to 256 MiB
+    bomb.write_bytes(_zstd(_tar([("b", "file", bytes(256 << 20))])))
+    fs = Rootfs(tmp_path / "root")
+    fs.apply(first)
+    with pytest.raises(LayerError, match=r"entry 'b' refused: the layers write more than "
+                                         r"10000 bytes"):
+        fs.apply(bomb)
+    assert not (tmp_path / "root/b").exists()
+
+
+def test_a_member_the_disk_has_no_room_for_is_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ocilayers, "MIN_FREE", 1 << 60)
+    with pytest.raises(LayerError, match=r"entry 'a' refused: it needs \d+ MiB free"):
+        _apply(tmp_path / "root", _tar([("a", "file", b"A")]))
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.9])
+def test_a_damaged_zstd_layer_is_a_refusal(tmp_path: Path, cut: float) -> None:
+    data = _zstd(_tar([("a", "file", os.urandom(300_000))]))
+    blob = tmp_path / "l.zst"
+    blob.write_bytes(data[:int(len(data) * cut)])
+    with pytest.raises(LayerError, match=r"^layer L: "):
+        Rootfs(tmp_path / "root").apply(blob, "application/vnd.oci.image.layer.v1.tar+zstd",
+                                        "L", digest="sha256:" + "0" * 64)
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("/".join(["d"] * 129), "129 levels deep"),
+    ("a/" + "x" * 256, "component over 255 bytes"),
+])
+def test_a_name_too_deep_or_long_to_walk_is_refused_by_name(tmp_path: Path, name: str,
+                                                            why: str) -> None:
+    with pytest.raises(LayerError, match=why) as err:
+        _apply(tmp_path / "root", _tar([(name, "file", b"x")]))
+    assert repr(name) in str(err.value)
+    assert os.listdir(tmp_path / "root") == []
+
+
+def test_owners_of_removed_paths_are_forgotten(tmp_path: Path) -> None:
+    owned = (b"x", 0o644, 1000, 1000)
+    lower = _tar([("home/u/.cache/a/f", "file", owned), ("home/u/keep", "file", owned),
+                  ("opt/x/sub/f", "file", owned), ("d/f", "file", owned),
+                  ("x/shadow", "file", owned)])
+    upper = _tar([("home/u/.wh..cache", "file", b""), ("opt/x/.wh..wh..opq", "file", b""),
+                  ("d", "file", b"now a file"), ("x", "sym", "/etc")])
+    fs = _apply(tmp_path / "root", lower, upper)
+    assert fs.owners == {"home/u/keep": (1000, 1000)}
+
+
+_small = st.lists(st.sampled_from(["a", "b", ".wh.a", ".wh.b", ".wh..wh..opq"]),
+                  min_size=1, max_size=3).map("/".join)
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layers=st.lists(st.lists(st.tuples(_small, st.sampled_from(["file", "dir", "sym"]),
+                                          st.booleans()), max_size=6), min_size=1,
+                       max_size=3))
+def test_every_recorded_owner_is_a_path_that_is_there(
+        tmp_path: Path, layers: list[list[tuple[str, str, bool]]]) -> None:
+    root = tmp_path / "root"
+    subprocess.run(["rm", "-rf", str(root)], check=True)
+    tars = [_tar([(n, k, (b"x", 0o644, 1000 if own else 0, 1000 if own else 0))
+                  if k == "file" else (n, k, "a") for n, k, own in layer])
+            for layer in layers]
+    try:
+        fs = _apply(root, *tars)
+    except LayerError:
+        return
+    for rel in fs.owners:
+        assert os.path.lexists(root / rel), rel

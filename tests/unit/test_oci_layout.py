@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -31,13 +32,16 @@ def test_read_checks_every_blob_and_keeps_the_config(tmp_path: Path) -> None:
     config = ocilayout.blob_path(layout, image.config_digest)
     data = config.read_bytes()
     config.write_bytes(bytes([data[0] ^ 1]) + data[1:])
-    with pytest.raises(OciError, match="does not match its digest"):
+    with pytest.raises(OciError, match=r"does not match its digest.*removed from the cache, "
+                                       "pull again"):
         ocilayout.read(layout, "latest")
+    assert not config.exists()  # so the next pull fetches it again
     config.write_bytes(data)
     layer = ocilayout.blob_path(layout, image.layers[0].digest)
     layer.write_bytes(layer.read_bytes() + b"x")
-    with pytest.raises(OciError, match="manifest says"):
+    with pytest.raises(OciError, match=r"manifest says.*pull again"):
         ocilayout.read(layout, "latest")
+    assert not layer.exists()
 
 
 def test_a_manifest_list_gives_the_linux_amd64_image(tmp_path: Path) -> None:
@@ -124,3 +128,56 @@ def test_the_backing_file_is_read_from_the_overlays_header(tmp_path: Path) -> No
     assert disks.backing_of(overlay) == base
     assert disks.backing_of(tmp_path / "none") is None
     assert disks.backing_of(base) is None  # raw: no qcow2 header
+
+
+def _owner_of(disk: Path, path: bytes) -> str:
+    out = subprocess.run([b"debugfs", b"-R", b'stat "' + path + b'"', bytes(disk)],
+                         capture_output=True, check=True).stdout.decode(errors="replace")
+    return " ".join(out.split()[out.split().index("User:"):][:4])
+
+
+def test_an_owner_behind_a_symlink_is_not_set_through_it(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/shadow").write_text("root:x")
+    (root / "x").symlink_to("/etc")  # a later layer made x a link; x/shadow was 1000's
+    (root / "real").mkdir()
+    (root / "real/f").write_text("f")
+    out = tmp_path / "disk.ext4"
+    ocidisk.build_ext4(root, out, {"x/shadow": (1000, 1000), "real/f": (5, 6)})
+    assert _owner_of(out, b"/etc/shadow") == "User: 0 Group: 0"
+    assert _owner_of(out, b"/real/f") == "User: 5 Group: 6"
+
+
+def test_an_owner_of_a_name_that_is_not_utf8_is_set(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    name = b"caf\xe9"
+    (Path(os.fsdecode(bytes(root) + b"/" + name))).write_text("x")
+    out = tmp_path / "disk.ext4"
+    ocidisk.build_ext4(root, out, {os.fsdecode(name): (1000, 1001)})
+    assert _owner_of(out, b"/" + name) == "User: 1000 Group: 1001"
+
+
+def test_a_tree_of_many_empty_files_gets_the_inodes_it_needs(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    for d in range(70):  # 70,000 empty files: more than a 1 GiB ext4's default inodes
+        sub = root / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(1000):
+            (sub / str(i)).touch()
+    out = tmp_path / "disk.ext4"
+    ocidisk.build_ext4(root, out, {})
+    listing = subprocess.run(["debugfs", "-R", "ls /d69", str(out)], capture_output=True,
+                             text=True, check=True).stdout
+    assert "999" in listing.split()
+
+
+def test_an_import_path_with_a_colon_is_refused_clearly(tmp_path: Path) -> None:
+    odd = tmp_path / "a:b.tar"
+    odd.write_bytes(b"")
+    with pytest.raises(OciError, match="with ':' in it cannot be imported"):
+        ocilayout.source(str(odd), archive=True)
+    plain = tmp_path / "layout"
+    plain.mkdir()
+    assert ocilayout.source(str(plain), archive=True) == (f"oci:{plain}", [])

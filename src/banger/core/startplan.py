@@ -292,14 +292,22 @@ def _launch(ctx: StartContext) -> None:
 
 
 def _backing(ctx: StartContext) -> Path:
-    """The base the VM's root overlay was made over while that file is there (an OCI image
-    pulled again under its name keeps its earlier build for the VMs made from it); the
-    image's current root disk otherwise."""
+    """The base the VM's root overlay was made over (an OCI image pulled again under its
+    name keeps its earlier build for the VMs made from it); the image's current root disk
+    when the overlay names none. A recorded base that is gone is refused: the overlay holds
+    only the blocks the VM changed, and over another base its filesystem is corrupt."""
     assert ctx.image is not None
     recorded = ctx.host.disks.backing_of(ctx.paths.root_disk)
-    if recorded is not None and recorded != ctx.image.rootfs and recorded.is_file():
-        return recorded
-    return ctx.image.rootfs
+    if recorded is None or recorded == ctx.image.rootfs:
+        return ctx.image.rootfs
+    if not recorded.is_file():
+        raise OperationFailed(
+            f"VM {ctx.vm.name!r}: its root disk was made over {recorded}, which is gone "
+            f"(image {ctx.image.name!r} rebuilt or pulled again and its old build removed); "
+            "booting it over the image's current root disk would corrupt its filesystem. "
+            "Put that file back, or delete the VM (banger vm delete "
+            f"{ctx.vm.name}) and create it again.")
+    return recorded
 
 
 def boot_source(vm: VM, image: ImageInfo) -> BootSource:

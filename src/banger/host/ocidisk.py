@@ -14,6 +14,7 @@ records every file as root (run in a user namespace when banger is not root) and
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import stat
@@ -28,6 +29,7 @@ INIT = f"/{BOOT_DIR}/init"
 CMDLINE = f"init={INIT}"
 BUSYBOX_HOST = Path("/bin/busybox")  # Debian's busybox-static: no libc needed in the image
 MOUNTPOINTS = ("proc", "sys", "dev", "run", "tmp", "root", "etc")
+log = logging.getLogger(__name__)
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -75,18 +77,19 @@ def inject_boot_path(rootfs: Path, agent: Path, busybox: Path = BUSYBOX_HOST) ->
 def build_ext4(rootfs: Path, out: Path, owners: Mapping[str, tuple[int, int]]) -> int:
     """ext4 at ``out`` holding ``rootfs``, every file root's but ``owners``; returns the
     MiB of files."""
-    used = _used_bytes(rootfs)
+    used, entries = _used(rootfs)
     size_mib = max(1024, used * 3 // 2 // (1 << 20) + 256)  # sparse: headroom is free
+    inodes = entries * 5 // 4 + 4096  # by count too: many small files outrun the bytes
     out.unlink(missing_ok=True)
-    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-m", "0", "-d", str(rootfs),
-            str(out), f"{size_mib}M"]
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "banger-root", "-m", "0", "-N", str(inodes),
+            "-d", str(rootfs), str(out), f"{size_mib}M"]
     if os.geteuid() != 0:
         mkfs = ["unshare", "-r", *mkfs]  # uid 0 inside: files recorded as root's
     try:
         run(mkfs, timeout=1800)
         if owners:
             script = out.with_name(out.name + ".owners")
-            script.write_text("".join(_owner_cmds(owners)))
+            script.write_bytes(b"".join(_owner_cmds(rootfs, owners)))
             try:
                 done = run(["debugfs", "-w", "-f", str(script), str(out)], timeout=1800)
             finally:
@@ -103,22 +106,53 @@ def build_ext4(rootfs: Path, out: Path, owners: Mapping[str, tuple[int, int]]) -
     return used >> 20
 
 
-def _owner_cmds(owners: Mapping[str, tuple[int, int]]) -> list[str]:
+def _owner_cmds(rootfs: Path, owners: Mapping[str, tuple[int, int]]) -> list[bytes]:
+    """debugfs commands setting ``owners``, as bytes (a name need not be UTF-8). A name
+    with a symlink or a non-directory along its path in ``rootfs`` is skipped (debugfs
+    follows links mid-path: it would set the owner of what the link points to)."""
     cmds = []
+    real_dirs: set[str] = {""}
     for rel, (uid, gid) in sorted(owners.items()):
-        if any(c in rel for c in '"\n\r\\') or rel == BOOT_DIR or rel.startswith(BOOT_DIR + "/"):
-            continue  # debugfs cannot quote it; it stays root's
-        cmds.append(f'sif "/{rel}" uid {int(uid)}\nsif "/{rel}" gid {int(gid)}\n')
+        if rel == BOOT_DIR or rel.startswith(BOOT_DIR + "/"):
+            continue
+        if any(c in rel for c in '"\n\r\\'):
+            log.info("owner of %r not set: debugfs cannot quote it (it stays root's)", rel)
+            continue
+        if not _real_parents(rootfs, rel, real_dirs):
+            log.info("owner of %r not set: a symlink or a file along its path", rel)
+            continue
+        path = os.fsencode("/" + rel)
+        cmds.append(b'sif "%s" uid %d\nsif "%s" gid %d\n' % (path, int(uid), path, int(gid)))
     return cmds
 
 
-def _used_bytes(root: Path) -> int:
-    total = 0
+def _real_parents(rootfs: Path, rel: str, real_dirs: set[str]) -> bool:
+    """Every parent of ``rel`` is a directory in ``rootfs``, not a symlink (each checked
+    with lstat after its own parent was, so no lstat goes through a link)."""
+    parts = rel.split("/")
+    for i in range(1, len(parts)):
+        prefix = "/".join(parts[:i])
+        if prefix in real_dirs:
+            continue
+        try:
+            st = os.lstat(rootfs / prefix)
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            return False
+        real_dirs.add(prefix)
+    return True
+
+
+def _used(root: Path) -> tuple[int, int]:
+    """Bytes the tree takes on disk, and how many entries it has."""
+    total = count = 0
     for parent, dirs, files in os.walk(root):
         for n in files + dirs:
+            count += 1
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(parent, n)).st_blocks * 512
-    return total
+    return total, count
 
 
 def _applets(busybox: Path) -> list[str]:

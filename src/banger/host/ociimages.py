@@ -18,20 +18,22 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from banger.host import agentbin, kernelbuild, ocidisk, ocilayout
-from banger.host.ocilayers import LayerError, Rootfs
+from banger.host.ocilayers import BlobMismatch, LayerError, Rootfs
 from banger.host.ocilayout import ImageConfig, OciError
+from banger.host.runner import CommandError, run
 from banger.model.images import IMAGE_NAME_PATTERN, IMAGE_NAME_RULE
 
 KIND = "oci"
@@ -39,6 +41,7 @@ MANIFEST = "manifest.json"
 ROOTFS = "rootfs.ext4"
 KERNEL = "vmlinux-microvm"
 _NAME = re.compile(IMAGE_NAME_PATTERN)
+log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
@@ -152,9 +155,13 @@ class OciImages:
         for i, layer in enumerate(image.layers, 1):
             on_progress(f"applying layer {i}/{len(image.layers)} {layer.digest[:19]} "
                         f"({layer.size / (1 << 20):.1f} MiB)")
+            blob = ocilayout.blob_path(self.layout, layer.digest)
             try:
-                rootfs.apply(ocilayout.blob_path(self.layout, layer.digest), layer.media_type,
-                             label=layer.digest[:19], digest=layer.digest)
+                rootfs.apply(blob, layer.media_type, label=layer.digest[:19],
+                             digest=layer.digest)
+            except BlobMismatch as exc:
+                ocilayout.drop_blob(blob)  # under the pull's lock
+                raise OciError(f"{exc}; removed from the cache, pull again") from exc
             except LayerError as exc:
                 raise OciError(str(exc)) from exc
         rootfs.finish()
@@ -243,12 +250,16 @@ def sparse_sha256(path: Path) -> str:
 
 
 def _rmtree(path: Path) -> None:
-    if not path.exists():
+    """Remove a build tree however deep or read-only a layer left it (GNU chmod and rm
+    walk without recursion limits); a failure is logged, never raised: a tree left behind
+    must not stop this pull or the next."""
+    if not os.path.lexists(path):
         return
-    for parent, dirs, _ in os.walk(path):
-        for d in dirs:
-            p = os.path.join(parent, d)
-            if not os.path.islink(p):
-                with suppress(OSError):
-                    os.chmod(p, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.islink(path):  # chmod would follow a link named on its command line
+        path.unlink()
+        return
+    for argv in (["chmod", "-R", "u+rwx", "--", str(path)], ["rm", "-rf", "--", str(path)]):
+        try:
+            run(argv, timeout=1800, check=argv[0] == "rm")
+        except CommandError as exc:
+            log.warning("could not remove %s (left for the next pull): %s", path, exc)

@@ -6,7 +6,10 @@ hostile: its name is taken apart component by component and each parent is opene
 through a symlink, whatever an earlier entry or layer put there. Refused, with the entry
 named: absolute names, ``..``, NULs, a path through a symlink or a non-directory, a hard
 link to something that is not a file inside the root, character and block devices, and
-absurd headers (a name, link or PAX/GNU header over its cap, a member over the size cap).
+absurd headers (a name, link or PAX/GNU header over its cap, a member over the size cap),
+sparse members, more file bytes than MAX_TOTAL over all layers, and a member the build
+directory's filesystem has no room for (MIN_FREE kept free). A zstd layer is streamed
+through ``zstd -dc``, never unpacked whole to a scratch file.
 
 Whiteouts follow the OCI image spec: ``.wh.NAME`` removes NAME from the layers below, and
 ``.wh..wh..opq`` in a directory removes everything the layers below put there (what this
@@ -25,19 +28,28 @@ import os
 import shutil
 import stat
 import tarfile
-import tempfile
+import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
-from banger.host.runner import CommandError, run
+from banger.host.runner import CommandError, size_text, stream
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_NAME = 4096            # bytes of an entry's name or link target
+MAX_DEPTH = 128            # components of an entry's name: no tree too deep to walk or remove
+MAX_COMPONENT = 255        # bytes of one component (NAME_MAX)
 MAX_META = 1 << 20         # a PAX or GNU long-name header
-MAX_MEMBER = 64 << 30      # one file
+MAX_MEMBER = 32 << 30      # one file
+# All the file bytes the layers of one image write (a later layer's rewrite counts again):
+# a hostile image cannot fill the disk. 32 GiB is far above any dev image (a big CUDA
+# image is ~15 GiB unpacked) and below what a developer's disk can lose without harm.
+MAX_TOTAL = 32 << 30
+# Free space kept on the build directory's filesystem: a member is refused when writing
+# it would leave less (the root disk is built next to it later, and the host needs room).
+MIN_FREE = 1 << 30
 _META_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
                tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -47,18 +59,37 @@ class LayerError(Exception):
     """A layer could not be applied; the message names the layer and the entry."""
 
 
+class BlobMismatch(LayerError):
+    """The blob read is not the one its digest names (damaged in the cache)."""
+
+
 class _Refused(Exception):
     pass
 
 
 class _CappedTarInfo(tarfile.TarInfo):
-    """Refuses a PAX or GNU header bigger than MAX_META before tarfile reads it into
-    memory."""
+    """Refuses a PAX or GNU header bigger than MAX_META, and every sparse member (GNU 'S'
+    with its extension blocks, PAX sparse 0.0/0.1/1.0), before tarfile reads it into
+    memory: tarfile builds the sparse map as an unbounded list, and no image needs one."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> Any:
         if self.type in _META_TYPES and self.size > MAX_META:
             raise _Refused(f"a {self.size}-byte extended header (cap {MAX_META})")
         return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+    def _proc_sparse(self, tarfile_: tarfile.TarFile) -> Any:
+        raise _Refused(f"a sparse member {self.name!r}")
+
+    def _proc_gnusparse_00(self, next_: tarfile.TarInfo, pax: dict[str, str],
+                           buf: bytes) -> None:
+        raise _Refused(f"a sparse member {pax.get('path', next_.name)!r}")
+
+    def _proc_gnusparse_01(self, next_: tarfile.TarInfo, pax: dict[str, str]) -> None:
+        raise _Refused(f"a sparse member {pax.get('GNU.sparse.name', next_.name)!r}")
+
+    def _proc_gnusparse_10(self, next_: tarfile.TarInfo, pax: dict[str, str],
+                           tarfile_: tarfile.TarFile) -> None:
+        raise _Refused(f"a sparse member {pax.get('GNU.sparse.name', next_.name)!r}")
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -71,6 +102,10 @@ def _parts(name: str) -> tuple[str, ...]:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise _Refused("'..' in the name")
+    if len(parts) > MAX_DEPTH:
+        raise _Refused(f"a name {len(parts)} levels deep (cap {MAX_DEPTH})")
+    if any(len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT for p in parts):
+        raise _Refused(f"a name with a component over {MAX_COMPONENT} bytes")
     return parts
 
 
@@ -83,6 +118,8 @@ class Rootfs:
         self.owners: dict[str, tuple[int, int]] = {}  # "a/b" -> (uid, gid) when not 0:0
         self._dir_meta: dict[str, tuple[int, int]] = {}  # "a/b" -> (mode, mtime)
         self._layer: set[str] = set()  # what the current layer wrote
+        self._kids: dict[str, set[str]] = {}  # "a" -> {"a/b", ...} recorded at or under
+        self.written = 0  # file bytes written by every layer so far (capped: MAX_TOTAL)
 
     # --- public -------------------------------------------------------------------
 
@@ -91,19 +128,20 @@ class Rootfs:
         """Apply one layer blob (compression from ``media_type``, else sniffed). With
         ``digest`` ("sha256:<hex>") the blob is hashed as it is read, in the same pass,
         and a blob that does not match is refused once read (the caller then drops the
-        rootfs)."""
+        rootfs). A layer refused while its blob does not match (damaged in the cache,
+        not hostile) raises :class:`BlobMismatch` instead."""
         label = label or blob.name
         with blob.open("rb") as f:
             hasher = _Hashing(f)
-            with self._open(hasher, blob, media_type, label) as stream:
-                self.apply_stream(stream, label)
+            try:
+                with self._open(hasher, blob, media_type, label) as stream:
+                    self.apply_stream(stream, label)
+            except LayerError:
+                if digest is not None:
+                    _check_digest(hasher, digest, label)
+                raise
             if digest is not None:
-                while hasher.read(1 << 20):
-                    pass  # what the tar reader left: padding, the gzip trailer
-                got = "sha256:" + hasher.h.hexdigest()
-                if got != digest:
-                    raise LayerError(f"layer {label}: the blob does not match its digest "
-                                     f"{digest} ({got}): refused")
+                _check_digest(hasher, digest, label)
 
     def apply_stream(self, stream: IO[bytes], label: str) -> None:
         self._layer = set()
@@ -120,6 +158,9 @@ class Rootfs:
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             raise LayerError(f"layer {label}: entry {entry!r}: unreadable or truncated "
                              f"tar ({exc})") from exc
+        except (ValueError, IndexError, UnicodeError, OverflowError) as exc:  # a damaged header
+            raise LayerError(f"layer {label}: entry {entry!r}: a damaged tar header, "
+                             f"refused ({exc})") from exc
 
     def finish(self) -> None:
         """Directory modes and mtimes, deepest first (kept writable until now)."""
@@ -162,7 +203,8 @@ class Rootfs:
                     gone = base[len(WHITEOUT):]
                     if gone in ("", ".", ".."):
                         raise _Refused("a whiteout of nothing")
-                    _remove(parent, gone)
+                    self._removed(f"{prefix}/{gone}" if prefix else gone,
+                                  _remove(parent, gone))
                 else:
                     self._write(tar, m, root_fd, parent, "/".join(parts), base)
             finally:
@@ -174,30 +216,27 @@ class Rootfs:
                rel: str, base: str) -> None:
         parts = rel.split("/")
         self._layer.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
-        if (m.uid, m.gid) != (0, 0):
-            self.owners[rel] = (m.uid, m.gid)
-        else:
-            self.owners.pop(rel, None)
         mode = m.mode & 0o7777
         if m.isdir():
+            self._own(rel, m)
             try:
                 st = os.lstat(base, dir_fd=parent)
                 if not stat.S_ISDIR(st.st_mode):
-                    _remove(parent, base)
+                    _remove(parent, base)  # not a directory: nothing under it
                     os.mkdir(base, 0o700, dir_fd=parent)
             except FileNotFoundError:
                 os.mkdir(base, 0o700, dir_fd=parent)
             os.chmod(base, 0o700 | mode, dir_fd=parent, follow_symlinks=False)
             self._dir_meta[rel] = (mode, int(m.mtime))
+            self._index(rel)
             return
-        _remove(parent, base)
-        self._dir_meta.pop(rel, None)
+        self._removed(rel, _remove(parent, base))
         if m.issym():
             if len(m.linkname.encode("utf-8", "surrogateescape")) > MAX_NAME or \
                     "\0" in m.linkname:
                 raise _Refused("an absurd symlink target")
             os.symlink(m.linkname, base, dir_fd=parent)
-        elif m.islnk():
+        elif m.islnk():  # a hard link shares its target's owner
             target = _parts(m.linkname)
             if not target:
                 raise _Refused("a hard link to the root")
@@ -213,13 +252,13 @@ class Rootfs:
             finally:
                 os.close(tparent)
             owner = self.owners.get("/".join(target))
-            if owner is None:
-                self.owners.pop(rel, None)
-            else:
+            if owner is not None:
                 self.owners[rel] = owner
+                self._index(rel)
         elif m.isfifo():
             os.mkfifo(base, mode, dir_fd=parent)
         elif m.isreg():
+            self._room(parent, m.size)
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=parent)
             with os.fdopen(fd, "wb") as out:
@@ -231,13 +270,58 @@ class Rootfs:
                 os.utime(out.fileno(), (m.mtime, m.mtime))
         else:
             raise _Refused(f"an entry of unsupported type {m.type!r}")
+        if not m.islnk():
+            self._own(rel, m)
+
+    def _own(self, rel: str, m: tarfile.TarInfo) -> None:
+        if (m.uid, m.gid) != (0, 0):
+            self.owners[rel] = (m.uid, m.gid)
+            self._index(rel)
+        else:
+            self.owners.pop(rel, None)
+
+    def _index(self, rel: str) -> None:
+        """Note ``rel`` under each of its parents in ``_kids``."""
+        while rel:
+            parent = rel.rpartition("/")[0]
+            kids = self._kids.setdefault(parent, set())
+            if rel in kids:
+                return
+            kids.add(rel)
+            rel = parent
+
+    def _removed(self, rel: str, tree: bool) -> None:
+        """Forget what was recorded for ``rel`` (and, when a directory went, for all under
+        it, found through ``_kids`` at the cost of what went): an owner left for a path
+        that is gone fails the disk build, or lands on what a later layer puts there."""
+        todo = [rel]
+        while todo:
+            key = todo.pop()
+            self.owners.pop(key, None)
+            self._dir_meta.pop(key, None)
+            if tree:
+                todo.extend(self._kids.pop(key, ()))
+
+    def _room(self, parent: int, size: int) -> None:
+        """Count ``size`` more bytes against MAX_TOTAL and check the disk has them."""
+        if self.written + size > MAX_TOTAL:
+            raise _Refused(f"the layers write more than {size_text(MAX_TOTAL)} of files "
+                           f"(the cap of one image)")
+        self.written += size
+        st = os.fstatvfs(parent)
+        free = st.f_bavail * st.f_frsize
+        if size + MIN_FREE > free:
+            raise _Refused(f"it needs {_mib(size + MIN_FREE)} MiB free (its "
+                           f"{_mib(size)} MiB and {_mib(MIN_FREE)} MiB kept free) on the "
+                           f"build directory's filesystem, which has {_mib(free)} MiB: "
+                           "free some space and pull again")
 
     def _opaque(self, parent: int, prefix: str) -> None:
         """Remove what the layers below put in this directory."""
         for name in os.listdir(parent):
             rel = f"{prefix}/{name}" if prefix else name
             if rel not in self._layer:
-                _remove(parent, name)
+                self._removed(rel, _remove(parent, name))
 
     def _walk(self, root_fd: int, parts: tuple[str, ...], *, create: bool,
               what: str = "path") -> int:
@@ -276,18 +360,28 @@ class Rootfs:
         zstd = media_type.endswith("+zstd") or magic == b"\x28\xb5\x2f\xfd"
         gz = media_type.endswith("+gzip") or magic[:2] == b"\x1f\x8b"
         if zstd:
-            # The zstd CLI (no Python binding in banger's dependencies), through the one
-            # runner, into a scratch file read back as a stream; the blob itself is then
-            # hashed by the caller's drain.
-            with tempfile.TemporaryDirectory(prefix="banger-layer-") as tmp:
-                out = Path(tmp) / "layer.tar"
-                try:
-                    run(["zstd", "-d", "-q", "-o", str(out), "--", str(blob)], timeout=1800)
-                except CommandError as exc:
-                    raise LayerError(f"layer {label}: zstd could not decompress it: "
-                                     f"{exc}") from exc
-                with out.open("rb") as tar:
+            # The zstd CLI (no Python binding in banger's dependencies) as a stream: the
+            # blob already open is read once, hashed as it goes, into zstd's stdin by a
+            # thread; its output is the tar, never written whole anywhere.
+            r, w = os.pipe()
+            feeder = threading.Thread(target=_feed, args=(raw, w), daemon=True,
+                                      name=f"zstd-feed-{label}")
+            try:
+                with stream(["zstd", "-d", "-c", "-q"], stdin=r, timeout=1800) as tar:
+                    os.close(r)
+                    r = -1
+                    feeder.start()
                     yield tar
+            except CommandError as exc:
+                raise LayerError(f"layer {label}: zstd could not decompress it: "
+                                 f"{exc}") from exc
+            finally:
+                if r >= 0:
+                    os.close(r)
+                if feeder.ident is not None:
+                    feeder.join()
+                else:
+                    os.close(w)
         elif gz:
             with gzip.GzipFile(fileobj=cast(IO[bytes], raw), mode="rb") as g:
                 yield cast(IO[bytes], g)
@@ -313,6 +407,27 @@ class _Hashing:
         return data
 
 
+def _check_digest(hasher: _Hashing, digest: str, label: str) -> None:
+    while hasher.read(1 << 20):
+        pass  # what the tar reader left: padding, the gzip trailer; or all after an error
+    got = "sha256:" + hasher.h.hexdigest()
+    if got != digest:
+        raise BlobMismatch(f"layer {label}: the blob does not match its digest {digest} "
+                           f"({got}): refused")
+
+
+def _mib(n: int) -> int:
+    return (n + (1 << 20) - 1) >> 20
+
+
+def _feed(src: _Hashing, w: int) -> None:
+    """Copy ``src`` into the pipe ``w`` and close it (a reader that stopped early ends
+    it with EPIPE)."""
+    with contextlib.suppress(OSError), os.fdopen(w, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+
+
 def _is_link(dir_fd: int, name: str) -> bool:
     try:
         return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
@@ -320,12 +435,13 @@ def _is_link(dir_fd: int, name: str) -> bool:
         return False
 
 
-def _remove(parent: int, name: str) -> None:
-    """Remove ``name`` (a tree too) from the directory ``parent``; absent is fine."""
+def _remove(parent: int, name: str) -> bool:
+    """Remove ``name`` (a tree too) from the directory ``parent``; absent is fine. True
+    when a directory went."""
     try:
         st = os.lstat(name, dir_fd=parent)
     except FileNotFoundError:
-        return
+        return False
     if stat.S_ISDIR(st.st_mode):
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
         try:
@@ -333,8 +449,9 @@ def _remove(parent: int, name: str) -> None:
         finally:
             os.close(fd)
         shutil.rmtree(name, dir_fd=parent)
-    else:
-        os.unlink(name, dir_fd=parent)
+        return True
+    os.unlink(name, dir_fd=parent)
+    return False
 
 
 def _open_up(fd: int) -> None:

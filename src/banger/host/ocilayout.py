@@ -93,6 +93,11 @@ def source(ref_or_path: str, *, archive: bool) -> tuple[str, list[str]]:
         if ref_or_path.startswith(TRANSPORTS[1:]):
             return ref_or_path, []
         p = Path(ref_or_path)
+        if ":" in str(p.absolute()):
+            # skopeo splits "oci:PATH:TAG" at the colon: the path would be cut short.
+            raise OciError(f"{p.absolute()}: a path with ':' in it cannot be imported "
+                           "(skopeo reads what follows the ':' as a tag); rename it or "
+                           "copy it to a path without ':'")
         if p.is_dir():
             return f"oci:{p.absolute()}", []
         if not p.is_file():
@@ -187,9 +192,17 @@ def verify_blob(layout: Path, digest: str, size: int, what: str) -> Path:
     except OSError as exc:
         raise OciError(f"{what} {digest}: missing from the cache ({exc.strerror})") from exc
     if n != size or "sha256:" + h.hexdigest() != digest:
+        drop_blob(path)
         raise OciError(f"{what} {digest}: the cached blob does not match its digest "
-                       f"({n} bytes, sha256:{h.hexdigest()}): refused")
+                       f"({n} bytes, sha256:{h.hexdigest()}): removed from the cache, "
+                       "pull again")
     return path
+
+
+def drop_blob(path: Path) -> None:
+    """Remove a damaged blob (the caller holds the layout's lock): skopeo would reuse it
+    on every later pull; without it, the next pull fetches it again."""
+    path.unlink(missing_ok=True)
 
 
 def _check_size(layout: Path, layer: Layer) -> None:
@@ -199,8 +212,9 @@ def _check_size(layout: Path, layer: Layer) -> None:
         raise OciError(f"layer {layer.digest}: missing from the cache ({exc.strerror})"
                        ) from exc
     if size != layer.size:
+        drop_blob(blob_path(layout, layer.digest))
         raise OciError(f"layer {layer.digest}: {size} bytes in the cache, the manifest says "
-                       f"{layer.size}: refused")
+                       f"{layer.size}: removed from the cache, pull again")
 
 
 def _platform(index: dict[str, Any]) -> dict[str, Any]:

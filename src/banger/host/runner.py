@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -197,3 +197,56 @@ def _text(data: bytes | str | None) -> str:
     if isinstance(data, str):
         return data
     return data.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def stream(argv: Sequence[str], *, stdin: int, timeout: float,
+           max_stderr: int = 1 << 16) -> Iterator[IO[bytes]]:
+    """Run ``argv`` reading the descriptor ``stdin`` and yield its stdout to be read as a
+    stream (a decompressor's output, never held whole). Killed once ``timeout`` passes or
+    when the caller leaves early; when the caller leaves normally the rest of the output is
+    read and dropped, and a non-zero exit raises :class:`CommandError`. Its stderr is
+    collected in a thread, capped at ``max_stderr``."""
+    argv = [os.fspath(a) for a in argv]
+    log.debug("run (stream): %s", shlex.join(argv))
+    try:
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    except FileNotFoundError as exc:
+        raise CommandError(argv, None, "", "", reason=f"command not found: {argv[0]}") from exc
+    err = bytearray()
+
+    def collect() -> None:
+        assert proc.stderr is not None
+        while chunk := proc.stderr.read(_CHUNK):
+            if len(err) < max_stderr:
+                err.extend(chunk[:max_stderr - len(err)])
+
+    reader = threading.Thread(target=collect, name=f"stderr-{proc.pid}", daemon=True)
+    reader.start()
+    timed_out = threading.Event()
+
+    def expire() -> None:
+        timed_out.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    assert proc.stdout is not None
+    with proc:
+        try:
+            yield proc.stdout
+            while proc.stdout.read(_CHUNK):
+                pass  # what the reader did not need: the command must finish to be judged
+        except BaseException:
+            proc.kill()  # the caller gave up: it is not to run on unread
+            raise
+        finally:
+            proc.wait()
+            timer.cancel()
+            reader.join(5)
+    stderr = _text(bytes(err))
+    if proc.returncode != 0:
+        reason = f"timed out after {timeout} s" if timed_out.is_set() else None
+        raise CommandError(argv, proc.returncode, "", stderr, reason=reason)
