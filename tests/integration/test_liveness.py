@@ -175,9 +175,9 @@ def test_cancel_route_rolls_back_and_the_stream_says_cancelled(daemon: Daemon) -
 
 
 def test_an_idle_stream_carries_heartbeats(daemon: Daemon, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    import banger.daemon.app as app_module
-    assert app_module.HEARTBEAT_SECONDS <= 10
-    monkeypatch.setattr(app_module, "HEARTBEAT_SECONDS", 0.2)
+    import banger.daemon.ndjson as ndjson_module  # the streams' heartbeat (app, images)
+    assert ndjson_module.HEARTBEAT_SECONDS <= 10
+    monkeypatch.setattr(ndjson_module, "HEARTBEAT_SECONDS", 0.2)
     daemon.agent.hello_delay = 1.0
     http = httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.layout.daemon_socket)),
                         base_url="http://bangerd", timeout=httpx.Timeout(30.0))

@@ -55,7 +55,7 @@ from banger.api.schema import (
     VMStatsOut,
     WorkspaceIn,
 )
-from banger.api.wire import HEARTBEAT_SECONDS, NDJSON, PREFIX
+from banger.api.wire import NDJSON, PREFIX
 from banger.core.batch import BatchResult
 from banger.core.operations import OpControl, Operation, Progress, ProgressSink
 from banger.core.service import VMService, VMView
@@ -63,6 +63,7 @@ from banger.daemon.execws import add_exec_routes
 from banger.daemon.files import add_file_routes
 from banger.daemon.images import add_image_routes
 from banger.daemon.logstream import add_log_routes
+from banger.daemon.ndjson import queued_lines
 from banger.daemon.threads import in_thread
 from banger.model.errors import BangerError, InvalidRequest, OperationFailed
 from banger.model.vm import VM, NetworkMode, VMSpec
@@ -179,7 +180,6 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
     async def call(fn: Callable[[], VM]) -> VMOut:
         return await in_thread(lambda: out(fn()))
 
-    heartbeat = ProgressEvent(type="heartbeat").model_dump_json(exclude_none=True).encode()
 
     def streamed(fn: Callable[[ProgressSink, OpControl], VM],
                  on_abandoned: Callable[[], None] | None = None) -> StreamingResponse:
@@ -227,18 +227,11 @@ def create_app(service: VMService, *, doctor: Callable[[], Doctor],
             in_thread(work)
             delivered = False  # the final line (result or error) went out
             try:
-                while True:
-                    try:
-                        item = await asyncio.wait_for(q.get(), HEARTBEAT_SECONDS)
-                    except TimeoutError:
-                        yield heartbeat + b"\n"
-                        continue
-                    if item is None:
-                        break
-                    yield item.model_dump_json(exclude_none=True).encode() + b"\n"
+                async for line, item in queued_lines(q, ProgressEvent(type="heartbeat")):
+                    yield line
                     # A client hangs up as soon as it has the final line: from here on
                     # its going away is no news.
-                    delivered = item.type in ("result", "error")
+                    delivered = item is not None and item.type in ("result", "error")
             finally:
                 # Closed or cancelled before the final line went out: the client is gone.
                 if not delivered:

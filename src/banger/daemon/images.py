@@ -16,8 +16,9 @@ from fastapi import FastAPI, Header
 from fastapi.responses import StreamingResponse
 
 from banger.api.schema import ErrorBody, ImageImport, ImageOut, ImageProgress, ImagePull
-from banger.api.wire import HEARTBEAT_SECONDS, NDJSON, PREFIX
+from banger.api.wire import NDJSON, PREFIX
 from banger.core.service import VMService
+from banger.daemon.ndjson import queued_lines
 from banger.daemon.threads import in_thread
 from banger.model.errors import BangerError, OperationFailed
 from banger.ports import ImageRecord
@@ -88,18 +89,9 @@ def _streamed(fn: Callable[[Callable[[str], None]], ImageRecord]) -> StreamingRe
         finally:
             put(None)
 
-    heartbeat = ImageProgress(type="heartbeat").model_dump_json(exclude_none=True).encode()
-
     async def lines() -> AsyncIterator[bytes]:
         in_thread(work, THREAD)
-        while True:
-            try:
-                item = await asyncio.wait_for(q.get(), HEARTBEAT_SECONDS)
-            except TimeoutError:
-                yield heartbeat + b"\n"
-                continue
-            if item is None:
-                break
-            yield item.model_dump_json(exclude_none=True).encode() + b"\n"
+        async for line, _ in queued_lines(q, ImageProgress(type="heartbeat")):
+            yield line
 
     return StreamingResponse(lines(), media_type=NDJSON)
